@@ -1,0 +1,1 @@
+"""Cohort contract, simulator, omics preprocessing, splits and the tile-bag loader."""
