@@ -1,0 +1,100 @@
+"""Orbax checkpoints of a run: train state, loader iterator states, step metadata.
+
+Layout: RUN_DIR/checkpoints/<step>/{state, loader, meta}. Orbax writes each step into a
+`<step>.orbax-checkpoint-tmp*` directory and renames it when complete, so a crash mid-save
+leaves a tmp directory that is never listed as a step (tested). Saves are asynchronous; the
+device→host copy is done before `save` returns, so the next step may donate the state.
+
+Restore always targets an abstract state carrying the *current* mesh's shardings, so a
+checkpoint written on a (4×2) mesh restores onto (8×1), 2 devices or 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as cm
+
+from mmfm.train.config import TrainConfig
+
+ITEMS = ("state", "loader", "meta")
+
+
+def abstract_target(abstract_state, shardings):
+    """ShapeDtypeStructs that carry the target shardings (what orbax restores into)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-able object, in process order (loader states differ per process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    n = multihost_utils.process_allgather(np.array([len(data)], np.int32)).reshape(-1)
+    buf = np.zeros(int(n.max()), np.uint8)
+    buf[: len(data)] = data
+    allb = multihost_utils.process_allgather(buf).reshape(len(n), -1)
+    return [json.loads(allb[i, : n[i]].tobytes().decode()) for i in range(len(n))]
+
+
+class Checkpointer:
+    """Keep the last `keep_last` steps plus the best one by `best_metric` (when set)."""
+
+    def __init__(self, run_dir: str | Path, cfg: TrainConfig, *, read_only: bool = False):
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.cfg = cfg
+        policies = [cm.LatestN(max(1, cfg.keep_last))]
+        if cfg.best_metric:
+            key = cfg.best_metric
+            policies.append(cm.BestN(get_metric_fn=lambda m: m[key], reverse=cfg.best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=cfg.async_checkpoint and not read_only,
+            create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, loader_states: list, meta: dict, metrics: dict | None = None) -> None:
+        """Save (async); `loader_states` = every process's loader state (see `gather_json`)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            loader=ocp.args.JsonSave({"per_process": loader_states}),
+            meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
+            metrics=metrics, force=True)
+
+    def restore(self, step: int, target):
+        """→ (state on the target shardings, this process's loader state, meta)."""
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        per = got["loader"]["per_process"]
+        if len(per) != jax.process_count():
+            raise ValueError(f"{self.directory / str(step)}: saved by {len(per)} process(es), resuming with "
+                             f"{jax.process_count()}; loader state cannot be mapped")
+        return got["state"], per[jax.process_index()], got["meta"]
+
+    def restore_state(self, step: int, target):
+        """Model/optimizer state only (inference on any process count)."""
+        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return got["state"]
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
