@@ -50,7 +50,7 @@ class TrainConfig:
     best_metric: str = ""              # eval.jsonl key (e.g. "recall@5/slide->rna") whose best ckpt is kept
     best_mode: Literal["max", "min"] = "max"
     async_checkpoint: bool = True
-    sharding: list[list[str]] = field(default_factory=lambda: [[r"(^|/)(t|b|bias|scale|embedding)$", "replicate"],
+    sharding: list[list[str]] = field(default_factory=lambda: [[r"(^|/)(bias|scale|embedding|log_t)$", "replicate"],
                                                               [r".*", "fsdp"]])
     shard_min_size: int = 2 ** 16      # arrays with fewer elements stay replicated (cheaper than gathering)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -115,6 +115,8 @@ def _convert(value, tp, key: str):
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
+    if origin is tuple and isinstance(value, dict) and args and typing.get_origin(args[0]) is tuple:
+        value = [list(kv) for kv in value.items()]  # {a-b: w} for a tuple of (key, value) pairs
     if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
