@@ -1,0 +1,194 @@
+"""Tile encoders: the field's timm architectures, their preprocessing, pooling, precision and offline weights.
+
+Weights come from an explicit file (safetensors, or a state dict read with `torch.load(weights_only=True)`) or
+from an already-populated Hugging Face cache; nothing is ever downloaded. Untrained weights only on request
+(`random_init=True`), and the caller records that in the bag so such features are never mistaken for real ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import SwiGLUPacked
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class EncoderError(RuntimeError):
+    """Unknown encoder, unusable weights file, or weights not available offline."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    arch: str  # timm architecture name
+    dim: int  # output feature size after pooling
+    kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs (published model configs)
+    input_size: int = 224  # centre crop fed to the network
+    resize: int = 224  # tiles are resized to this before the crop (GigaPath: 256 → 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    precision: str = "fp32"  # autocast dtype the authors run inference with
+    pooling: str = "model"  # "model": timm's pooled output; "cls_mean": CLS ‖ mean of patch tokens
+    hf_repo: str | None = None  # where an offline HF cache may hold the weights
+
+
+_VIT_TEST = dict(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+
+REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in [
+    EncoderSpec("uni", "vit_large_patch16_224", 1024, precision="fp16", hf_repo="MahmoodLab/UNI",
+                kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)),
+    EncoderSpec("uni2-h", "vit_giant_patch14_224", 1536, precision="bf16", hf_repo="MahmoodLab/UNI2-h",
+                kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                            mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=SwiGLUPacked,
+                            act_layer=torch.nn.SiLU, reg_tokens=8, dynamic_img_size=True)),
+    EncoderSpec("virchow2", "vit_huge_patch14_224", 2560, precision="fp16", pooling="cls_mean",
+                hf_repo="paige-ai/Virchow2",
+                kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
+                            dynamic_img_size=True, reg_tokens=4, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)),
+    EncoderSpec("h-optimus-0", "vit_giant_patch14_reg4_dinov2", 1536, precision="fp16",
+                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, hf_repo="bioptimus/H-optimus-0",
+                kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token")),
+    EncoderSpec("gigapath", "vit_giant_patch14_dinov2", 1536, precision="fp16", resize=256,
+                hf_repo="prov-gigapath/prov-gigapath",
+                kwargs=dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
+                            init_values=1e-5, mlp_ratio=5.33334, num_classes=0)),
+    # ViT-Ti/16 (timm's augreg weights if cached) and a 2-block 64-d ViT: CPU tests and benchmarks.
+    EncoderSpec("vit-tiny", "vit_tiny_patch16_224", 192, kwargs=dict(num_classes=0),
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), hf_repo="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    EncoderSpec("vit-test", "vit_tiny_patch16_224", 64, kwargs=_VIT_TEST),
+]}
+
+
+def get_spec(name: str) -> EncoderSpec:
+    if name not in REGISTRY:
+        raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def build_model(spec: EncoderSpec) -> torch.nn.Module:
+    """The architecture with freshly initialised weights (no download: pretrained=False)."""
+    return timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch state dict (never unpickles arbitrary objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise various types for bad files
+        raise EncoderError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EncoderError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def cached_weights(spec: EncoderSpec) -> Path | None:
+    """The weights file in the local Hugging Face cache, if one was populated beforehand (no network)."""
+    if spec.hf_repo is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        got = try_to_load_from_cache(spec.hf_repo, fname)
+        if isinstance(got, str):
+            return Path(got)
+    return None
+
+
+class TileEncoder(torch.nn.Module):
+    """uint8 tiles [B, H, W, 3] → float features [B, dim]: resize, centre-crop, normalise, forward, pool."""
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, weights: str, random_init: bool):
+        super().__init__()
+        self.spec, self.model = spec, model.eval()
+        self.weights, self.random_init = weights, random_init
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.permute(0, 3, 1, 2).float()
+        s = self.spec
+        if x.shape[-1] != s.resize or x.shape[-2] != s.resize:
+            x = F.interpolate(x, size=(s.resize, s.resize), mode="bicubic", antialias=True, align_corners=False)
+        if s.resize != s.input_size:
+            o = (s.resize - s.input_size) // 2
+            x = x[..., o: o + s.input_size, o: o + s.input_size]
+        return (x - self.mean) / self.std
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        out = self.model(self.preprocess(tiles))
+        if self.spec.pooling == "cls_mean":  # [B, T, D] tokens; skip CLS + register tokens for the mean
+            n = self.model.num_prefix_tokens
+            out = torch.cat([out[:, 0], out[:, n:].mean(1)], dim=-1)
+        return out
+
+
+def load_encoder(name: str, weights: str | Path | None = None, *, random_init: bool = False,
+                 seed: int = 0) -> TileEncoder:
+    """Build `name` with weights from `weights`, else the offline HF cache, else (if asked) random init."""
+    spec = get_spec(name)
+    if weights is None and not random_init:
+        weights = cached_weights(spec)
+        if weights is None:
+            where = f"the Hugging Face cache for {spec.hf_repo}" if spec.hf_repo else "no public weights exist"
+            raise EncoderError(f"encoder {name!r}: no weights (pass --weights FILE; looked in {where}); "
+                               "use --random-init only for tests, features are then flagged untrained")
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    source = "random-init"
+    if weights is not None:
+        sd = read_state_dict(weights)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise EncoderError(f"{weights}: does not match {name} ({spec.arch}): {str(e)[:500]}") from e
+        source, random_init = str(weights), False
+    return TileEncoder(spec, model, source, random_init)
+
+
+def autocast_dtype(encoder: TileEncoder, device: torch.device, precision: str = "auto",
+                   sample: torch.Tensor | None = None) -> torch.dtype:
+    """The dtype to autocast to. `auto`: the authors' precision on accelerators; on CPU bf16 only when a timed
+    trial on `sample` shows it is faster than fp32 (CPUs without bf16 units run it slower)."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise EncoderError(f"precision {precision!r} not in {sorted(PRECISIONS)} or 'auto'")
+        return PRECISIONS[precision]
+    want = PRECISIONS[encoder.spec.precision]
+    if device.type != "cpu":
+        return want
+    if want == torch.float32 or sample is None:
+        return torch.float32
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):  # second round is the timed one
+        t0 = time.perf_counter()
+        encode(encoder, sample, dtype)
+        times[dtype] = time.perf_counter() - t0
+    return torch.bfloat16 if times[torch.bfloat16] < times[torch.float32] else torch.float32
+
+
+def encode(encoder: TileEncoder, tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Features as float32 on the encoder's device, computed under autocast(`dtype`) and inference mode."""
+    device = encoder.mean.device
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return encoder(tiles.to(device, non_blocking=True)).float()

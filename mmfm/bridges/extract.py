@@ -1,0 +1,389 @@
+"""`mmfm extract`: a folder of whole-slide images → a cohort of TRIDENT-compatible tile-feature bags.
+
+Per slide: open (OpenSlide → tiffslide → plain image), segment tissue on a thumbnail, lay the tile grid, then one
+DataLoader for the whole shard streams tile batches (workers read, each with its own slide handles) into the
+encoder. Batches never cross slides, so a slide's bag is written (atomically) as soon as its last batch is encoded.
+
+Robustness: a complete bag (readable, same encoder and tile geometry) is skipped on re-runs and anything else is
+redone; `--shard i/n` takes every n-th slide of the sorted list; a slide that fails is recorded with its reason in
+`extract_summary_<i>-of-<n>.json` and the rest go on; the exit code is non-zero if any slide failed.
+`slides.csv` / `cases.csv` are merged under a file lock so array jobs can finish in any order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mmfm.bridges.encoders import EncoderError, TileEncoder, autocast_dtype, encode, get_spec, load_encoder
+from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
+from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
+from mmfm.data.bags import read_header, write_bag
+from mmfm.io import atomic_path, write_json, write_text
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    wsi_dir: Path
+    out: Path
+    encoder: str
+    weights: Path | None = None
+    random_init: bool = False
+    mag: float = 20.0
+    patch_size: int = 256
+    mpp: float | None = None  # level-0 µm/px for slides whose files carry none (plain images)
+    shard: tuple[int, int] = (0, 1)
+    workers: int = 0
+    batch_size: int = 64
+    case_map: Path | None = None  # CSV with slide_id, case_id
+    device: str = "auto"
+    precision: str = "auto"
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    progress: bool = True
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    path: str
+    status: str  # ok | skipped | failed
+    reason: str = ""
+    n_tiles: int = 0
+    n_fragments: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything the workers need to read one slide's tiles."""
+
+    slide_id: str
+    path: Path
+    mpp: float
+    coords: np.ndarray
+    fragment: np.ndarray
+    size_level0: int
+    attrs: dict
+
+
+def list_slides(wsi_dir: Path) -> list[Path]:
+    """Slide files in `wsi_dir`, sorted by name; two files with one stem would collide in `bags/`."""
+    if not wsi_dir.is_dir():
+        raise FileNotFoundError(f"--wsi-dir {wsi_dir}: not a directory")
+    files = sorted(p for p in wsi_dir.iterdir()
+                   if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES + IMAGE_SUFFIXES)
+    seen: dict[str, Path] = {}
+    for p in files:
+        if p.stem in seen:
+            raise ValueError(f"slide id {p.stem!r} is used by both {seen[p.stem].name} and {p.name}")
+        seen[p.stem] = p
+    return files
+
+
+def shard_of(items: list, shard: tuple[int, int]) -> list:
+    """Deterministic round-robin split of an already-sorted list (SLURM array task i of n)."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {i}/{n}: need 0 <= i < n")
+    return items[i::n]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 0/4") from e
+    shard_of([], (i, n))
+    return i, n
+
+
+def bag_is_complete(path: Path, cfg: ExtractConfig, dim: int) -> bool:
+    """A bag counts as done only if it opens and matches this run's encoder and tile geometry."""
+    try:
+        h = read_header(path)
+    except Exception:  # truncated / not HDF5 / missing datasets: redo
+        return False
+    return (h.n_tiles > 0 and h.dim == dim and h.feature_attrs.get("encoder") == cfg.encoder
+            and h.coord_attrs.get("patch_size") == cfg.patch_size
+            and np.isclose(float(h.coord_attrs.get("target_magnification", -1)), cfg.mag))
+
+
+def ensure_cohort_yaml(out: Path, cfg: ExtractConfig, dim: int) -> None:
+    """Write cohort.yaml if missing; refuse to mix bags of another encoder or tile geometry into a cohort."""
+    path = out / "cohort.yaml"
+    want = {"tile_encoder": {"name": cfg.encoder, "feature_dim": dim},
+            "target_magnification": float(cfg.mag), "patch_size": int(cfg.patch_size)}
+    if path.exists():
+        have = yaml.safe_load(path.read_text()) or {}
+        for key, val in want.items():
+            if have.get(key) != val:
+                raise ValueError(f"{path}: {key} is {have.get(key)!r} but this run would write {val!r}; "
+                                 "use another --out for a different encoder or tile geometry")
+        return
+    doc = {"name": out.resolve().name, "version": "1",
+           "description": f"tile features extracted by mmfm extract from {cfg.wsi_dir}", **want}
+    write_text(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_case_map(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    df = pd.read_csv(path, dtype=str)
+    missing = {"slide_id", "case_id"} - set(df.columns)
+    if missing:
+        raise ValueError(f"--case-map {path}: missing column(s) {sorted(missing)}")
+    bad = df[df["slide_id"].isna() | df["case_id"].isna()]
+    if len(bad):
+        raise ValueError(f"--case-map {path}: empty slide_id/case_id in row {int(bad.index[0]) + 2}")
+    return dict(zip(df["slide_id"], df["case_id"]))
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    with open(out / ".extract.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update_tables(out: Path, done: list[str], case_map: dict[str, str]) -> None:
+    """Merge the finished slides into slides.csv and their cases into cases.csv (atomic, under a lock)."""
+    with _locked(out):
+        spath, cpath = out / "slides.csv", out / "cases.csv"
+        slides = pd.read_csv(spath, dtype=str, keep_default_na=False) if spath.exists() else \
+            pd.DataFrame(columns=["slide_id", "case_id", "path"])
+        new = pd.DataFrame({"slide_id": done, "case_id": [case_map.get(s, s) for s in done],
+                            "path": [f"bags/{s}.h5" for s in done]})
+        slides = pd.concat([slides[~slides["slide_id"].isin(done)], new]).sort_values("slide_id")
+        with atomic_path(spath, suffix=".csv") as tmp:
+            slides.to_csv(tmp, index=False)
+        cases = pd.read_csv(cpath, dtype=str, keep_default_na=False) if cpath.exists() else \
+            pd.DataFrame(columns=["case_id", "site"])
+        add = sorted(set(slides["case_id"]) - set(cases["case_id"]))
+        cases = pd.concat([cases, pd.DataFrame({"case_id": add})]).fillna("").sort_values("case_id")
+        with atomic_path(cpath, suffix=".csv") as tmp:
+            cases.to_csv(tmp, index=False)
+
+
+def plan_slide(path: Path, cfg: ExtractConfig, out: Path) -> SlidePlan:
+    """Open, segment, lay the grid and write the QC picture; raises SlideError for unusable slides."""
+    with open_slide(path, mpp=cfg.mpp) as reader:
+        size0 = patch_size_level0(cfg.patch_size, cfg.mag, reader.mpp)
+        thumb, _ = reader.thumbnail(cfg.tissue.thumb_mpp)
+        thumb_mpp = reader.mpp * reader.dimensions[0] / thumb.shape[1]
+        tissue = segment_tissue(thumb, thumb_mpp, cfg.tissue)
+        grid = tile_grid(tissue, reader.dimensions, size0, cfg.tissue.min_tissue_fraction)
+        write_qc(out / "qc" / f"{path.stem}.png", thumb, tissue, grid, reader.dimensions, size0)
+        if len(grid.coords) == 0:
+            raise SlideError(f"{path}: no tissue found (saturation threshold {tissue.threshold:.3f}, "
+                             f"min tissue fraction {cfg.tissue.min_tissue_fraction})")
+        W, H = reader.dimensions
+        attrs = {"patch_size": int(cfg.patch_size), "target_magnification": float(cfg.mag),
+                 "level0_magnification": 10.0 / reader.mpp, "level0_mpp": float(reader.mpp),
+                 "level0_width": int(W), "level0_height": int(H), "overlap": 0, "name": path.stem,
+                 "n_fragments": tissue.n_fragments, "n_holes": tissue.n_holes, "reader": reader.backend}
+        return SlidePlan(path.stem, path, reader.mpp, grid.coords, grid.fragment, size0, attrs)
+
+
+class TileBatches(torch.utils.data.Dataset):
+    """Item k = one batch of one slide's tiles as uint8 [n, P, P, 3]. Each worker opens its own slide handles
+    (kept for the slide it is on); a read error is returned, not raised, so one slide cannot stop the loader."""
+
+    def __init__(self, plans: list[SlidePlan], batch_size: int, patch_size: int):
+        self.plans, self.patch_size = plans, patch_size
+        self.keys = [(p, s, min(s + batch_size, len(plan.coords)))
+                     for p, plan in enumerate(plans) for s in range(0, len(plan.coords), batch_size)]
+        self._open: tuple[int, object] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self):  # slide handles never cross process boundaries
+        return {**self.__dict__, "_open": None}
+
+    def _reader(self, p: int):
+        if self._open is None or self._open[0] != p:
+            if self._open is not None:
+                self._open[1].close()
+            plan = self.plans[p]
+            self._open = (p, open_slide(plan.path, mpp=plan.mpp))
+        return self._open[1]
+
+    def __getitem__(self, k: int) -> dict:
+        p, s, e = self.keys[k]
+        plan = self.plans[p]
+        try:
+            reader = self._reader(p)
+            tiles = np.stack([reader.read_tile(xy, plan.size_level0, self.patch_size) for xy in plan.coords[s:e]])
+            return {"slide": p, "start": s, "tiles": torch.from_numpy(tiles), "error": ""}
+        except Exception as e:  # corrupt tile data etc.: the slide fails, the loader goes on
+            self._open = None
+            return {"slide": p, "start": s, "tiles": torch.zeros(0, dtype=torch.uint8),
+                    "error": f"{plan.path}: reading tiles {s}..{e}: {type(e).__name__}: {e}"}
+
+
+def _mp_context(workers: int) -> str | None:
+    # fork is cheapest, but forking a process in which JAX started its threads can deadlock
+    return None if workers == 0 else ("spawn" if "jax" in sys.modules else "fork")
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
+    """Run the extraction for this shard and return the run summary (also written as JSON)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_spec(cfg.encoder)
+    case_map = read_case_map(cfg.case_map)
+    slides = shard_of(list_slides(Path(cfg.wsi_dir)), cfg.shard)
+    ensure_cohort_yaml(out, cfg, spec.dim)
+    t_start = time.time()
+    results: dict[str, SlideResult] = {}
+    todo: list[Path] = []
+    for path in slides:
+        bag = out / "bags" / f"{path.stem}.h5"
+        if bag.exists() and bag_is_complete(bag, cfg, spec.dim):
+            results[path.stem] = SlideResult(path.stem, str(path), "skipped", "complete bag exists")
+        else:
+            todo.append(path)
+            for stale in bag.parent.glob(f".{bag.name}.*"):  # temp files of an interrupted run
+                stale.unlink()
+    if todo and encoder is None:  # weights problems surface before any slide work
+        encoder = load_encoder(cfg.encoder, cfg.weights, random_init=cfg.random_init)
+    plans: list[SlidePlan] = []
+    for path in todo:
+        t0 = time.time()
+        try:
+            plan = plan_slide(path, cfg, out)
+        except Exception as e:  # one bad slide never stops the batch; the summary says why
+            msg = str(e) if isinstance(e, SlideError) else f"{path}: {type(e).__name__}: {e}"
+            results[path.stem] = SlideResult(path.stem, str(path), "failed", msg, seconds=time.time() - t0)
+            continue
+        plans.append(plan)
+        results[path.stem] = SlideResult(path.stem, str(path), "failed", "not encoded",
+                                         n_fragments=plan.attrs["n_fragments"], seconds=time.time() - t0)
+
+    device = _device(cfg.device)
+    precision = None
+    n_encoded = 0
+    if plans:
+        encoder = encoder.to(device)
+        data = TileBatches(plans, cfg.batch_size, cfg.patch_size)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+            multiprocessing_context=_mp_context(cfg.workers), prefetch_factor=4 if cfg.workers else None)
+        feats: dict[int, list[torch.Tensor]] = {}
+        failed: set[int] = set()
+        total = sum(len(p.coords) for p in plans)
+        t_enc = time.time()
+        with tqdm(total=total, unit="tile", disable=not cfg.progress, desc=f"extract {cfg.encoder}") as bar:
+            for item in loader:
+                p = item["slide"]
+                plan = plans[p]
+                n = len(plan.coords)
+                bar.update(min(cfg.batch_size, n - item["start"]))
+                if p in failed:
+                    continue
+                if item["error"]:
+                    failed.add(p)
+                    results[plan.slide_id].reason = item["error"]
+                    continue
+                if precision is None:
+                    precision = autocast_dtype(encoder, device, cfg.precision, item["tiles"])
+                t0 = time.time()
+                feats.setdefault(p, []).append(encode(encoder, item["tiles"], precision).cpu())
+                results[plan.slide_id].seconds += time.time() - t0
+                if item["start"] + cfg.batch_size >= n:
+                    features = torch.cat(feats.pop(p)).numpy()
+                    _write_slide_bag(out, plan, features, encoder, precision)
+                    r = results[plan.slide_id]
+                    r.status, r.reason, r.n_tiles = "ok", "", n
+                    n_encoded += n
+        encode_seconds = time.time() - t_enc
+    else:
+        encode_seconds = 0.0
+
+    done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
+    if done:
+        update_tables(out, done, case_map)
+    i, n = cfg.shard
+    summary = {
+        "shard": f"{i}/{n}", "encoder": cfg.encoder, "weights": encoder.weights if encoder else None,
+        "random_init_weights": bool(encoder.random_init) if encoder else None,
+        "device": str(device), "precision": str(precision).replace("torch.", "") if precision else None,
+        "mag": cfg.mag, "patch_size": cfg.patch_size, "workers": cfg.workers, "batch_size": cfg.batch_size,
+        "n_slides": len(slides), "n_ok": sum(r.status == "ok" for r in results.values()),
+        "n_skipped": sum(r.status == "skipped" for r in results.values()),
+        "n_failed": sum(r.status == "failed" for r in results.values()),
+        "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if encode_seconds else None,
+        "seconds": time.time() - t_start, "slides": [asdict(r) for r in results.values()],
+    }
+    write_json(out / f"extract_summary_{i}-of-{n}.json", summary)
+    return summary
+
+
+def _write_slide_bag(out: Path, plan: SlidePlan, features: np.ndarray, encoder: TileEncoder,
+                     precision: torch.dtype) -> None:
+    write_bag(out / "bags" / f"{plan.slide_id}.h5", features.astype(np.float32), plan.coords,
+              patch_size_level0=plan.size_level0, encoder=encoder.spec.name, fragment=plan.fragment,
+              coord_attrs={k: v for k, v in plan.attrs.items() if k not in ("n_fragments", "n_holes", "reader")},
+              feature_attrs={"name": plan.slide_id, "weights": encoder.weights, "arch": encoder.spec.arch,
+                             "autocast": str(precision).replace("torch.", ""), "reader": plan.attrs["reader"],
+                             "n_fragments": plan.attrs["n_fragments"], "n_holes": plan.attrs["n_holes"]},
+              root_attrs={"random_init_weights": bool(encoder.random_init)})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wsi-dir", type=Path, required=True, help="folder of slides (SVS, NDPI, MRXS, TIFF, PNG, …)")
+    p.add_argument("--out", type=Path, required=True, help="cohort directory to create or update")
+    p.add_argument("--encoder", required=True, help="tile encoder name (see mmfm.bridges.encoders.REGISTRY)")
+    p.add_argument("--weights", type=Path, help="weights file (.safetensors or a torch state dict)")
+    p.add_argument("--random-init", action="store_true", help="untrained weights (tests only; flagged in bags)")
+    p.add_argument("--mag", type=float, default=20.0, help="target magnification (20 = 0.5 µm/px)")
+    p.add_argument("--patch-size", type=int, default=256, help="tile size in px at the target magnification")
+    p.add_argument("--mpp", type=float, help="level-0 µm/px for slides whose files carry none")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's share of the sorted slides")
+    p.add_argument("--workers", type=int, default=2, help="tile-reading worker processes")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--case-map", type=Path, help="CSV with slide_id, case_id (default: case_id = slide stem)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (autocast dtype)")
+    p.add_argument("--min-tissue", type=float, default=TissueConfig.min_tissue_fraction,
+                   help="minimum tissue fraction per tile")
+    p.add_argument("--fill-holes", action="store_true", help="count tiles inside tissue holes as tissue")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = ExtractConfig(
+        wsi_dir=args.wsi_dir, out=args.out, encoder=args.encoder, weights=args.weights,
+        random_init=args.random_init, mag=args.mag, patch_size=args.patch_size, mpp=args.mpp, shard=args.shard,
+        workers=args.workers, batch_size=args.batch_size, case_map=args.case_map, device=args.device,
+        precision=args.precision, progress=not args.no_progress,
+        tissue=TissueConfig(min_tissue_fraction=args.min_tissue, fill_holes=args.fill_holes))
+    try:
+        summary = extract(cfg)
+    except (EncoderError, ValueError, OSError) as e:  # configuration errors: weights, cohort.yaml, case map
+        print(f"mmfm extract: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    for r in summary["slides"]:
+        if r["status"] == "failed":
+            print(f"FAILED {r['slide_id']}: {r['reason']}", file=sys.stderr)
+    print(json.dumps({k: summary[k] for k in ("shard", "n_ok", "n_skipped", "n_failed", "tiles_per_s")}))
+    return 1 if summary["n_failed"] else 0

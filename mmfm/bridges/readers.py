@@ -1,0 +1,189 @@
+"""Whole-slide readers: one small interface over OpenSlide, tiffslide and plain images.
+
+Magnification is derived from microns per pixel exactly (no 20×/40× bucketing): a tile of `patch_size` px at
+`target_mag` covers `round(patch_size × (10 / target_mag) / mpp)` level-0 pixels, read from the coarsest pyramid
+level that is still at least as fine as needed and resized to `patch_size`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MPP_PER_MAG = 10.0  # 10× ⇔ 1 µm/px, the field's convention (20× = 0.5 µm/px)
+
+
+class SlideError(RuntimeError):
+    """A slide that cannot be used; the message names the file and the reason."""
+
+
+def mag_to_mpp(mag: float) -> float:
+    return MPP_PER_MAG / float(mag)
+
+
+def patch_size_level0(patch_size: int, target_mag: float, level0_mpp: float) -> int:
+    """Level-0 pixels spanned by one tile; exact from MPP (TRIDENT's mag buckets make this imprecise)."""
+    return max(1, int(round(patch_size * mag_to_mpp(target_mag) / level0_mpp)))
+
+
+def best_level(downsamples: tuple[float, ...], needed: float, rtol: float = 1e-3) -> int:
+    """The coarsest level whose downsample ≤ `needed` (reading coarser than needed would lose detail)."""
+    ok = [i for i, d in enumerate(downsamples) if d <= needed * (1 + rtol)]
+    return max(ok, key=lambda i: downsamples[i]) if ok else 0
+
+
+@dataclass
+class SlideReader:
+    """Backend-neutral slide handle. `mpp` is level-0 µm/px or None when the file does not say."""
+
+    path: Path
+    backend: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    _handle: object = None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    def read_region(self, xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 [h, w, 3]; `xy` is the level-0 top-left, `size` is at `level`. Outside the slide is white."""
+        x, y = int(xy[0]), int(xy[1])
+        w, h = int(size[0]), int(size[1])
+        if self.backend == "image":
+            img = self._handle
+            out = np.full((h, w, 3), 255, np.uint8)
+            W, H = self.dimensions
+            x1, y1 = min(x + w, W), min(y + h, H)
+            if x1 > x and y1 > y:
+                out[: y1 - y, : x1 - x] = img[y:y1, x:x1]
+            return out
+        region = self._handle.read_region((x, y), level, (w, h))
+        rgba = np.asarray(region)
+        if rgba.shape[-1] == 4:  # transparent = outside the scanned area: composite onto white
+            alpha = rgba[..., 3:4].astype(np.uint16)
+            rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
+            return rgb.astype(np.uint8)
+        return np.ascontiguousarray(rgba[..., :3])
+
+    def read_tile(self, xy: tuple[int, int], size_level0: int, out_size: int) -> np.ndarray:
+        """A square tile of `size_level0` level-0 px from the best level, resized to `out_size`."""
+        level = best_level(self.level_downsamples, size_level0 / out_size)
+        ds = self.level_downsamples[level]
+        n = max(1, int(round(size_level0 / ds)))
+        tile = self.read_region(xy, level, (n, n))
+        if n != out_size:
+            tile = np.asarray(Image.fromarray(tile).resize((out_size, out_size), Image.BILINEAR))
+        return tile
+
+    def thumbnail(self, mpp: float) -> tuple[np.ndarray, tuple[int, int]]:
+        """RGB image of the whole slide at about `mpp` µm/px (read from the best level) and its (w, h)."""
+        W, H = self.dimensions
+        scale = self.mpp / mpp
+        tw, th = max(1, int(round(W * scale))), max(1, int(round(H * scale)))
+        level = best_level(self.level_downsamples, W / tw)
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region((0, 0), level, (lw, lh))
+        if (lw, lh) != (tw, th):
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BOX))
+        return img, (tw, th)
+
+    def close(self) -> None:
+        if self.backend != "image" and self._handle is not None:
+            self._handle.close()
+        self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _float_or_none(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _open_openslide(path: Path) -> SlideReader:
+    import openslide
+
+    s = openslide.OpenSlide(str(path))
+    props = s.properties
+    mx, my = _float_or_none(props.get("openslide.mpp-x")), _float_or_none(props.get("openslide.mpp-y"))
+    mpp = (mx + my) / 2 if mx and my else (mx or my)
+    return SlideReader(path, "openslide", tuple(s.level_dimensions), tuple(float(d) for d in s.level_downsamples),
+                       mpp, s)
+
+
+def _open_tiffslide(path: Path) -> SlideReader:
+    import tiffslide
+
+    s = tiffslide.TiffSlide(str(path))
+    props = s.properties
+    mx, my = _float_or_none(props.get("tiffslide.mpp-x")), _float_or_none(props.get("tiffslide.mpp-y"))
+    mpp = (mx + my) / 2 if mx and my else (mx or my)
+    return SlideReader(path, "tiffslide", tuple(s.level_dimensions), tuple(float(d) for d in s.level_downsamples),
+                       mpp, _TiffSlideHandle(s))
+
+
+class _TiffSlideHandle:
+    """tiffslide returns arrays when asked; keep the OpenSlide call shape in `SlideReader`."""
+
+    def __init__(self, s):
+        self._s = s
+
+    def read_region(self, xy, level, size):
+        return self._s.read_region(xy, level, size, as_array=True)
+
+    def close(self):
+        self._s.close()
+
+
+def _open_image(path: Path) -> SlideReader:
+    with Image.open(path) as im:
+        img = np.asarray(im.convert("RGB"))
+    h, w = img.shape[:2]
+    return SlideReader(path, "image", ((w, h),), (1.0,), None, img)
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+    """Open a slide with OpenSlide, falling back to tiffslide; PNG/JPEG as single-level images.
+
+    `mpp` is used only when the file carries none; a slide with neither is a `SlideError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: file not found")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            reader = _open_image(path)
+        except Exception as e:  # PIL raises several unrelated types for bad files
+            raise SlideError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    else:
+        errors = []
+        reader = None
+        for opener in (_open_openslide, _open_tiffslide):
+            try:
+                reader = opener(path)
+                break
+            except Exception as e:  # each backend has its own error types; report both
+                errors.append(f"{opener.__name__[6:]}: {type(e).__name__}: {e}")
+        if reader is None:
+            raise SlideError(f"{path}: unsupported or corrupt slide ({'; '.join(errors)})")
+    if reader.mpp is None:
+        if mpp is None:
+            reader.close()
+            raise SlideError(f"{path}: no microns-per-pixel in the file; pass --mpp (µm/px at level 0)")
+        reader.mpp = float(mpp)
+    return reader
