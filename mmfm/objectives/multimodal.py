@@ -178,8 +178,9 @@ def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Arra
     emb: modality → [B, E] L2-normalised embeddings (any float dtype; the loss runs in float32).
     present: modality → [B] bool. case_index: [B] int32, −1 = padding row.
     norms: optional modality → [B] embedding norms before L2 normalisation, for `norm/<m>`.
-    mesh, axis: for impl 'ring'/'gather', the mesh (default: the one set by `jax.set_mesh`) and the
-    axis name(s) the batch is sharded over; B must divide by their size. Ignored for 'global'.
+    mesh, axis: for impl 'ring'/'gather', the mesh (default: the one set by `jax.set_mesh`; with
+    neither, the global computation runs) and the axis name(s) the batch is sharded over; B must
+    divide by their size. Ignored for 'global'.
     Returns (scalar float32 loss, flat dict of float32 scalar diagnostics).
     """
     missing = [m for m in emb if m not in present]
@@ -198,15 +199,14 @@ def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Arra
     case_index = jnp.asarray(case_index, jnp.int32)
     log_t, bias = logit_params.values()
 
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    impl = "global" if mesh.empty else cfg.impl  # no mesh = one device, where every impl is the global one
     fn = partial(_objective, pairs=pairs, slots=tuple(logit_params.slot(p) for p in pairs),
                  weights=tuple(weight_of.get(pair_name(*p), 1.0) for p in pairs),
-                 kind=KINDS[cfg.kind], sweep=sharded.SWEEPS[cfg.impl])
-    if cfg.impl == "global":
+                 kind=KINDS[cfg.kind], sweep=sharded.SWEEPS[impl])
+    if impl == "global":
         loss, diag = fn(emb, present, case_index, log_t, bias, axis=None)
     else:
-        mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-        if mesh is None or mesh.empty:
-            raise ValueError(f"objective.impl={cfg.impl!r} needs a mesh (pass mesh= or use jax.set_mesh)")
         names = axis if isinstance(axis, tuple) else (axis,)
         size = math.prod(mesh.shape[n] for n in names)
         if case_index.shape[0] % size:
