@@ -1,0 +1,334 @@
+"""The pretraining loader: fixed-shape multimodal batches (`mmfm/data/batch.py`) as a pure function of the step.
+
+Rows are cases. Global batch `s` belongs to epoch e = s // steps_per_epoch and holds the cases at
+positions [(s mod steps_per_epoch)·B, +B) of epoch e's case permutation (seeded by (seed, e); the
+epoch's last partial batch is dropped, so a batch never repeats a case). Row r draws its slide and
+tiles from an RNG seeded by (seed, e, case_index). Hence a batch depends only on (seed, step):
+  * resume is exact and the state is just the step (JSON; orbax: `ocp.args.JsonSave(state)`),
+  * process i of P computes only rows [i·B/P, (i+1)·B/P) of every global batch, every process
+    runs the same steps, and a run may resume on a different process count,
+  * grain workers (`workers > 0`, spawned processes) are a pure speed-up: same batches for any count.
+Only the sampled tile rows are read (`mmfm.data.sampling`). Omics are transformed once, at
+construction, with transforms fitted on this loader's cases unless given (e.g. restored from a run).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import grain
+import numpy as np
+
+from mmfm import MODALITIES
+from mmfm.data.batch import BatchShapes
+from mmfm.data.sampling import BagReader, sample_tiles
+
+log = logging.getLogger(__name__)
+
+_ORDER_STREAM = 0x5EED  # keeps the case-permutation RNG stream apart from the per-case streams
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 32  # global rows per step, split contiguously over processes
+    tiles_per_slide: int = 2048
+    multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides
+    modalities: tuple[str, ...] = MODALITIES  # emitted if the cohort has them
+    n_genes: int = 2000
+    report_max_len: int = 128
+    workers: int = 0  # grain worker processes; 0 = in this process
+    seed: int = 0
+    shuffle: bool = True
+    feature_dtype: str = "float16"
+    prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
+
+    def __post_init__(self):
+        if self.multi_slide not in ("sample", "pool"):
+            raise ValueError(f"LoaderConfig.multi_slide must be 'sample' or 'pool', got {self.multi_slide!r}")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"LoaderConfig.modalities: unknown {sorted(unknown)}; known {list(MODALITIES)}")
+        for key in ("batch_size", "tiles_per_slide"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"LoaderConfig.{key} must be ≥ 1, got {getattr(self, key)}")
+
+
+@dataclass
+class _Tables:
+    """Everything a batch needs, indexed by the loader's case number; plain arrays so it pickles cheaply."""
+
+    case_index: np.ndarray  # [n] int32, row of Cohort.cases
+    slide_start: np.ndarray  # [n + 1] CSR into the slide arrays (slides with ≥ 1 tile only)
+    slide_path: list[str]
+    slide_tiles: np.ndarray  # [n_slides] int64
+    slide_patch: np.ndarray  # [n_slides] int64, patch_size_level0
+    dense: dict[str, np.ndarray]  # batch key -> [n, ...] per-case array (omics, report, mutation, presence)
+
+
+class _MakeBatch:
+    """step -> this process's rows of global batch `step`. Pure: runs identically in any worker."""
+
+    def __init__(self, tables: _Tables, cfg: LoaderConfig, feature_dim: int, emit_slide: bool,
+                 process_index: int, process_count: int):
+        self.t, self.cfg, self.dim, self.emit_slide = tables, cfg, feature_dim, emit_slide
+        self.rows = cfg.batch_size // process_count
+        self.first_row = process_index * self.rows
+        self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
+        self.reader = BagReader()
+        self._order = (-1, None)
+
+    def cases(self, step: int) -> tuple[int, np.ndarray]:
+        """(epoch, loader case numbers of this process's rows) for global step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._order[0] != epoch:
+            n = len(self.t.case_index)
+            perm = (np.random.default_rng([self.cfg.seed, epoch, _ORDER_STREAM]).permutation(n)
+                    if self.cfg.shuffle else np.arange(n))
+            self._order = (epoch, perm)
+        start = i * self.cfg.batch_size + self.first_row
+        return epoch, self._order[1][start: start + self.rows]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, cases = self.cases(int(step))
+        out = {"case_index": self.t.case_index[cases]}
+        if self.emit_slide:
+            out.update(self._slides(epoch, cases))
+        out.update({k: v[cases] for k, v in self.t.dense.items()})
+        return out
+
+    def _slides(self, epoch: int, cases: np.ndarray) -> dict[str, np.ndarray]:
+        b, k, t = len(cases), self.cfg.tiles_per_slide, self.t
+        feats = np.zeros((b, k, self.dim), self.cfg.feature_dtype)
+        coords = np.zeros((b, k, 2), np.int32)
+        fragment = np.zeros((b, k), np.int32)
+        tile_mask = np.zeros((b, k), bool)
+        present = np.zeros(b, bool)
+        for r, c in enumerate(cases):
+            slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
+            if not len(slides):
+                continue
+            rng = np.random.default_rng([self.cfg.seed, epoch, int(t.case_index[c])])
+            if self.cfg.multi_slide == "sample":
+                slides = slides[[rng.integers(len(slides))]]
+            ends = np.cumsum(t.slide_tiles[slides])
+            rows, tile_mask[r] = sample_tiles(int(ends[-1]), k, rng)
+            which = np.searchsorted(ends, rows, side="right")
+            local = rows - (ends - t.slide_tiles[slides])[which]
+            frag_base = 0  # pooled slides never share a fragment id
+            for q, s in enumerate(slides):
+                pos = np.flatnonzero(which == q)
+                if not len(pos):
+                    continue
+                got = self.reader.read(t.slide_path[s], local[pos])
+                if got["features"].shape[1] != self.dim:
+                    raise ValueError(f"{t.slide_path[s]}: features have dim {got['features'].shape[1]}, "
+                                     f"cohort.yaml tile_encoder.feature_dim is {self.dim}")
+                feats[r, pos] = got["features"]
+                coords[r, pos] = got["coords"] // t.slide_patch[s]
+                frag = got.get("fragment")
+                if frag is not None:
+                    fragment[r, pos] = frag + frag_base
+                    frag_base += int(frag.max()) + 1
+                else:
+                    fragment[r, pos] = frag_base
+                    frag_base += 1
+            present[r] = True
+        return {"slide/features": feats, "slide/coords": coords, "slide/tile_mask": tile_mask,
+                "slide/fragment": fragment, "slide/present": present}
+
+
+def _omics(adata, case_ids: list[str], transform, fit_kwargs: dict):
+    """(fitted transform, values [n, G], mask [n, G]) for the loader's cases; absent cases all-masked."""
+    from mmfm.data.omics import OmicsTransform
+
+    obs = {c: i for i, c in enumerate(adata.obs_names)}
+    have = [c for c in case_ids if c in obs]
+    if transform is None:
+        transform = OmicsTransform.fit(adata, have, **fit_kwargs)
+    values, mask = transform.transform(adata)
+    n, g = len(case_ids), values.shape[1]
+    out_v, out_m = np.zeros((n, g), np.float32), np.zeros((n, g), bool)
+    present = np.array([c in obs for c in case_ids])
+    rows = [obs[c] for c in have]
+    out_v[present], out_m[present] = np.asarray(values, np.float32)[rows], np.asarray(mask, bool)[rows]
+    return transform, out_v, out_m
+
+
+class TileBagLoader:
+    """Iterator of fixed-shape batch dicts (`mmfm/data/batch.py`) over `case_ids` of a `Cohort`.
+
+    Infinite (epochs follow one another); `steps_per_epoch` tells where they turn. Emits the
+    modalities in `cfg.modalities` that the cohort has; cases with none of them present are
+    skipped (listed in `.skipped_cases`). `shapes.batch_size` is the global batch size; each
+    batch holds `local_batch_size` rows.
+    """
+
+    def __init__(self, cohort, cfg: LoaderConfig, case_ids, transforms: dict | None = None,
+                 process_index: int = 0, process_count: int = 1):
+        if cfg.batch_size % process_count:
+            raise ValueError(f"LoaderConfig.batch_size={cfg.batch_size} is not divisible by "
+                             f"process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+        self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
+        case_ids = [str(c) for c in case_ids]
+        unknown = [c for c in case_ids if c not in cohort.case_index]
+        if unknown:
+            raise ValueError(f"{cohort.root}: case_ids not in cases.csv: {unknown[:10]}"
+                             + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else ""))
+        if len(set(case_ids)) != len(case_ids):
+            raise ValueError(f"{cohort.root}: case_ids contain duplicates")
+
+        presence = cohort.presence()
+        slides = cohort.slides[cohort.slides["n_tiles"] > 0]
+        available = {"slide": len(slides) > 0, "rna": cohort.rna is not None,
+                     "protein": cohort.protein is not None, "report": cohort.reports is not None,
+                     "mutation": len(cohort.mutation_columns) > 0}
+        self.modalities = tuple(m for m in MODALITIES if m in cfg.modalities and available[m])
+        missing = [m for m in cfg.modalities if not available[m]]
+        if missing:
+            log.warning("%s: cohort has no %s; not emitted", cohort.root, ", ".join(missing))
+        has_slide = presence["slide"].reindex(case_ids, fill_value=False).to_numpy(bool)
+        has_slide &= np.isin(case_ids, slides["case_id"].astype(str).to_numpy())
+        present = {m: (has_slide if m == "slide" else
+                       presence[m].reindex(case_ids, fill_value=False).to_numpy(bool))
+                   for m in self.modalities}
+        keep = np.logical_or.reduce([present[m] for m in self.modalities]) if self.modalities \
+            else np.zeros(len(case_ids), bool)
+        self.skipped_cases = [c for c, k in zip(case_ids, keep) if not k]
+        if self.skipped_cases:
+            log.warning("%s: %d cases have none of %s; skipped", cohort.root, len(self.skipped_cases),
+                        self.modalities)
+        self.case_ids = [c for c, k in zip(case_ids, keep) if k]
+        present = {m: p[keep] for m, p in present.items()}
+        if len(self.case_ids) < cfg.batch_size:
+            raise ValueError(f"LoaderConfig.batch_size={cfg.batch_size} exceeds the {len(self.case_ids)} "
+                             f"usable cases of {cohort.root}")
+
+        dense: dict[str, np.ndarray] = {}
+        self.transforms = dict(transforms or {})
+        self.gene_names: list[str] = []
+        self.protein_names: list[str] = []
+        self.mutation_names: list[str] = []
+        if "rna" in self.modalities:
+            self.transforms["rna"], v, m = _omics(cohort.rna, self.case_ids, self.transforms.get("rna"),
+                                                    {"n_top_genes": cfg.n_genes})
+            dense.update({"rna/values": v, "rna/gene_mask": m})
+            self.gene_names = [str(g) for g in self.transforms["rna"].genes]
+        if "protein" in self.modalities:
+            self.transforms["protein"], v, m = _omics(cohort.protein, self.case_ids,
+                                                        self.transforms.get("protein"), {})
+            dense.update({"protein/values": v, "protein/mask": m})
+            self.protein_names = [str(g) for g in self.transforms["protein"].genes]
+        if "report" in self.modalities:
+            from mmfm.models.text import tokenize
+
+            texts = cohort.reports.reindex(self.case_ids)
+            ids, mask = tokenize(texts.fillna("").astype(str).tolist(), cfg.report_max_len)
+            ids[~present["report"]], mask[~present["report"]] = 0, 0
+            dense.update({"report/input_ids": ids.astype(np.int32), "report/attention_mask": mask.astype(np.int32)})
+        if "mutation" in self.modalities:
+            cols = list(cohort.mutation_columns)
+            flags = cohort.cases.loc[self.case_ids, cols].apply(lambda s: s.astype(float)).to_numpy(np.float64)
+            known = ~np.isnan(flags)
+            dense.update({"mutation/values": np.where(known, flags, 0.0).astype(np.float32),
+                          "mutation/mask": known})
+            self.mutation_names = [c.removeprefix("mut_") for c in cols]
+        for m in self.modalities:
+            if m != "slide":
+                dense[f"{m}/present"] = present[m]
+
+        by_case = slides.groupby(slides["case_id"].astype(str)).groups if "slide" in self.modalities else {}
+        has = present.get("slide", np.zeros(len(self.case_ids), bool))
+        per_case = [list(by_case.get(c, [])) if h else [] for c, h in zip(self.case_ids, has)]
+        order = [s for ids in per_case for s in ids]
+        self._tables = _Tables(
+            case_index=np.array([cohort.case_index[c] for c in self.case_ids], np.int32),
+            slide_start=np.concatenate([[0], np.cumsum([len(ids) for ids in per_case])]).astype(np.int64),
+            slide_path=[str(p) for p in slides.loc[order, "path"]],
+            slide_tiles=slides.loc[order, "n_tiles"].to_numpy(np.int64),
+            slide_patch=slides.loc[order, "patch_size_level0"].to_numpy(np.int64),
+            dense=dense)
+        feature_dim = int(cohort.spec.feature_dim)
+        self._make = _MakeBatch(self._tables, cfg, feature_dim, "slide" in self.modalities,
+                                process_index, process_count)
+        self.steps_per_epoch = self._make.steps_per_epoch
+        self.local_batch_size = self._make.rows
+        self.shapes = BatchShapes(
+            batch_size=cfg.batch_size,
+            tiles_per_slide=cfg.tiles_per_slide if "slide" in self.modalities else 0,
+            feature_dim=feature_dim if "slide" in self.modalities else 0,
+            n_genes=len(self.gene_names), n_proteins=len(self.protein_names),
+            report_len=cfg.report_max_len if "report" in self.modalities else 0,
+            n_mutations=len(self.mutation_names))
+        self._step = 0
+        self._it = None
+
+    # -- iteration ---------------------------------------------------------------------------
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch `step`, computed directly (no prefetch, no workers)."""
+        return self._make(step)
+
+    def _pipeline(self, start: int):
+        ds = grain.MapDataset.range(start, sys.maxsize).map(self._make)
+        threads = 1 if self.cfg.prefetch > 0 else 0
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.cfg.prefetch))
+        if self.cfg.workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag unparsed (google/grain#1355)
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.cfg.workers, per_worker_buffer_size=max(1, self.cfg.prefetch)))
+        return iter(it)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._pipeline(self._step)
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    def close(self):
+        """Stop prefetch threads / worker processes and close bag files."""
+        if self._it is not None:
+            close = getattr(self._it, "close", None)
+            if close is not None:
+                close()
+            self._it = None
+        self._make.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- state -------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        c = self.cfg
+        return {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
+                "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids)}
+
+    def get_state(self) -> dict:
+        """JSON-able; `set_state` on a loader built with the same config and cases resumes exactly."""
+        return {"step": self._step, **self._identity()}
+
+    def set_state(self, state: dict) -> None:
+        ours = self._identity()
+        bad = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) != v}
+        if bad:
+            raise ValueError("loader state does not match this loader (key: saved, current): "
+                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in bad.items()))
+        if self._it is not None:
+            self.close()
+        self._step = int(state["step"])
+
+    @property
+    def step(self) -> int:
+        return self._step
