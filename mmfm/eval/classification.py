@@ -1,0 +1,100 @@
+"""Linear probe for classification and mutation tasks (Patho-Bench protocol).
+
+sklearn LogisticRegression, lbfgs, max_iter 10000, random_state 0, NO feature scaling (embeddings are compared as
+they come out of the encoder). C is fixed (0.5 with balanced class weights, the shipped Patho-Bench/THREADS setting)
+or chosen from a grid by inner cross-validation on the training fold only: public splits have no validation fold,
+and picking C on the test fold is leakage.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (balanced_accuracy_score, cohen_kappa_score, f1_score, log_loss,
+                             roc_auc_score)
+from sklearn.model_selection import StratifiedKFold
+
+C_GRID = tuple(float(c) for c in np.logspace(-5, 6, 45))
+"""Patho-Bench's 'auto' sweep: 45 log-spaced costs between 1e-5 and 1e6."""
+
+METRICS = ("auroc", "bacc", "kappa", "f1")
+
+
+def _logreg(C: float, balanced: bool) -> LogisticRegression:
+    return LogisticRegression(C=C, max_iter=10000, random_state=0, class_weight="balanced" if balanced else None)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, balanced: bool) -> LogisticRegression:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return _logreg(C, balanced).fit(x, y)
+
+
+def _proba(model: LogisticRegression, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities over ALL classes 0..n_classes-1 (a class absent from training gets 0)."""
+    p = np.zeros((len(x), n_classes))
+    p[:, model.classes_] = model.predict_proba(x)
+    return p
+
+
+def select_C(x: np.ndarray, y: np.ndarray, grid, *, balanced: bool, inner_folds: int = 3, seed: int = 0) -> float:
+    """C with the lowest mean validation log-loss over stratified inner folds of the TRAINING data."""
+    counts = np.bincount(y)
+    n_splits = min(inner_folds, int(counts[counts > 0].min()))
+    if n_splits < 2:
+        raise ValueError(f"cannot sweep C: a class has {counts[counts > 0].min()} training sample(s); fix C instead")
+    folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(x, y))
+    classes = np.unique(y)
+    losses = []
+    for C in grid:
+        loss = 0.0
+        for tr, va in folds:
+            m = _fit(x[tr], y[tr], C, balanced)
+            p = np.zeros((len(va), len(classes)))
+            p[:, np.searchsorted(classes, m.classes_)] = m.predict_proba(x[va])
+            loss += log_loss(y[va], p, labels=classes)
+        losses.append(loss)
+    return float(grid[int(np.argmin(losses))])
+
+
+def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, *,
+                C: float | str = 0.5, balanced: bool = True, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Fit on the training fold, return (test probabilities [n_test, n_classes], the C used).
+
+    `C='auto'` sweeps `C_GRID`; a list sweeps that list; both by inner CV on the training fold.
+    """
+    if isinstance(C, str) or np.ndim(C) > 0:
+        C = select_C(x_train, y_train, C_GRID if isinstance(C, str) else tuple(C), balanced=balanced, seed=seed)
+    model = _fit(x_train, y_train, float(C), balanced)
+    return _proba(model, x_test, n_classes), float(C)
+
+
+def auroc(y: np.ndarray, proba: np.ndarray) -> float:
+    """Binary AUROC on the positive column; multiclass macro one-vs-rest. NaN when undefined (one class in y)."""
+    n_classes = proba.shape[1]
+    present = np.unique(y)
+    if present.size < 2:
+        return float("nan")
+    if n_classes == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    if present.size < n_classes:  # sklearn's OvR needs every class in y_true
+        return float("nan")
+    return float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=np.arange(n_classes)))
+
+
+def metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Patho-Bench classification metrics: macro-OvR AUROC, balanced accuracy, quadratic kappa, macro F1."""
+    pred = proba.argmax(1)
+    labels = np.arange(proba.shape[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bacc warns when a predicted class is absent from y
+        kappa = cohen_kappa_score(y, pred, weights="quadratic", labels=labels)
+        return {
+            "auroc": auroc(y, proba),
+            "bacc": float(balanced_accuracy_score(y, pred)),
+            "kappa": float(kappa) if np.isfinite(kappa) else float("nan"),
+            "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        }

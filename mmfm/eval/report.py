@@ -1,0 +1,201 @@
+"""Probe outputs: results.csv / bootstrap.csv, summary.md (one table per task, baselines as rows) and PNG plots.
+
+Plots use matplotlib's object API (`Figure` + Agg canvas), so nothing depends on a display or pyplot state.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sksurv.nonparametric import kaplan_meier_estimator
+
+from mmfm.eval import stats
+from mmfm.io import atomic_path, write_text
+
+GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
+BOOKKEEPING = {"C", "alpha", "n_test", "n_queries"}  # in results.csv, not in the summary tables
+PRIMARY = {"classification": "auroc", "mutation": "auroc", "fewshot": "bacc", "survival": "c_index",
+           "retrieval": None, "robustness": None}
+
+
+def slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(p for p in parts if p)).strip("_")
+
+
+def summarize(results: pd.DataFrame, boot: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, target, embedding, model, shots, metric).
+
+    Bootstrapped groups (single fold) → bootstrap mean and 95% percentile CI; otherwise mean ± SE over the fold
+    rows (for few-shot, over folds × draws); 'pooled'/'all' rows (log-rank p, robustness) are shown as is.
+    """
+    res = results[~results.metric.isin(BOOKKEEPING)]
+    booted = {k: g.value.to_numpy() for k, g in boot.groupby(GROUP, sort=False)} if len(boot) else {}
+    rows = []
+    for k, g in res.groupby(GROUP, sort=False):
+        if k in booted:
+            est = stats.percentile_ci(booted[k])
+        elif g.fold.isin(["pooled", "all"]).all():
+            est = stats.Estimate(float(g.value.iloc[0]), n=1)
+        else:
+            est = stats.mean_se(g.value)
+        rows.append({**dict(zip(GROUP, k)), "mean": est.mean, "se": est.se, "lo": est.lo, "hi": est.hi,
+                     "n": est.n, "text": est.format()})
+    return pd.DataFrame(rows, columns=GROUP + ["mean", "se", "lo", "hi", "n", "text"])
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def task_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows = (target, embedding, model, shots) — model embeddings and baselines side by side; columns = metrics."""
+    rows = ["target", "embedding", "model", "shots"]
+    wide = summary.pivot_table(index=rows, columns="metric", values="text", aggfunc="first", sort=False)
+    wide = wide[[m for m in dict.fromkeys(summary.metric) if m in wide.columns]].reset_index()
+    keep = [c for c in rows if (wide[c].astype(str) != "").any()]
+    return wide[keep + [c for c in wide.columns if c not in rows]].fillna("N/A")
+
+
+def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, notes: list[str],
+                     overlap: dict[str, list[str]]) -> str:
+    out = ["# Probe summary", ""]
+    if overlap:
+        out += ["## WARNING: test cases were seen in pretraining", "",
+                "These numbers are NOT held-out estimates (run with --allow-overlap):", ""]
+        out += [f"- `{t}`: {len(c)} case(s): {', '.join(c[:10])}{' …' if len(c) > 10 else ''}"
+                for t, c in overlap.items()]
+        out.append("")
+    out += ["Several folds: mean ± SE over folds (SE = std(ddof=0)/√n; few-shot: over folds × draws). One fold: "
+            "bootstrap mean [2.5%, 97.5%] over resampled test cases. Pooled log-rank p and robustness indices are "
+            "single values. Retrieval `chance_*` columns are the expected value under a random ranking.", ""]
+    for task, s in summary.groupby("task", sort=False):
+        r = results[results.task == task]
+        folds = sorted(set(r.fold) - {"pooled", "all"})
+        out += [f"## {task} ({s.type.iloc[0]}, {len(folds) or 1} fold(s))", "", markdown_table(task_table(s)), ""]
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def plot_task(summary: pd.DataFrame, path: Path) -> bool:
+    """Primary metric per embedding (error bars = SE or CI); few-shot: metric against shots."""
+    kind = summary.type.iloc[0]
+    metric = PRIMARY[kind] or summary.metric.iloc[0]
+    s = summary[summary.metric == metric]
+    if s.empty:
+        return False
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    if kind == "fewshot":
+        for (target, emb), g in s.groupby(["target", "embedding"], sort=False):
+            g = g.sort_values("shots")
+            ax.errorbar(g.shots.astype(int), g["mean"], yerr=g.se.fillna(0), marker="o", capsize=3, label=emb)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cases per class")
+        ax.legend(fontsize=7)
+    else:
+        labels = [" / ".join(str(v) for v in (t, e, m) if v) for t, e, m in zip(s.target, s.embedding, s.model)]
+        lo = np.where(s.lo.notna(), s["mean"] - s.lo, s.se.fillna(0))
+        hi = np.where(s.hi.notna(), s.hi - s["mean"], s.se.fillna(0))
+        ax.barh(np.arange(len(s)), s["mean"], xerr=[lo, hi], capsize=3)
+        ax.set_yticks(np.arange(len(s)), labels, fontsize=7)
+        ax.set_xlabel(metric)
+    ax.set_title(f"{summary.task.iloc[0]}: {metric}")
+    _save(fig, path)
+    return True
+
+
+def plot_km(pred: pd.DataFrame, p_value: float, path: Path, title: str) -> None:
+    """Kaplan–Meier curves of pooled test cases split at each fold's median TRAINING risk."""
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    for high, name in ((False, "low risk"), (True, "high risk")):
+        g = pred[pred.high_risk == high]
+        if len(g):
+            t, surv = kaplan_meier_estimator(g.event.astype(bool).to_numpy(), g.time.to_numpy(float))
+            ax.step(np.r_[0, t], np.r_[1, surv], where="post", label=f"{name} (n={len(g)})")
+    ax.set_xlabel("time (days)")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{title}\nlog-rank p = {p_value:.3g}", fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_robustness(curves: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    for emb, c in curves.items():
+        ax.plot(c.index, c.robustness_index, marker="o", label=emb)
+    ax.set_xlabel("k (neighbours)")
+    ax.set_ylabel("robustness index")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_embedding(x: np.ndarray, bio, site, path: Path, *, title: str, method: str = "umap", seed: int = 0) -> None:
+    """2-D projection (UMAP or PCA) coloured by site and by biology, side by side."""
+    from mmfm.eval.retrieval import l2_normalize
+
+    x = l2_normalize(x)
+    if method == "umap":
+        import umap
+
+        xy = umap.UMAP(n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=seed).fit_transform(x)
+    elif method == "pca":
+        xc = x - x.mean(0)
+        xy = xc @ np.linalg.svd(xc, full_matrices=False)[2][:2].T
+    else:
+        raise ValueError(f"unknown projection {method!r}; expected 'umap' or 'pca'")
+    fig = Figure(figsize=(10, 4.5))
+    for i, (values, name) in enumerate(((site, "site"), (bio, "biology"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = np.asarray(values).astype(str)
+        for v in np.unique(values):
+            m = values == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, label=v)
+        ax.set_title(f"coloured by {name}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if len(np.unique(values)) <= 12:
+            ax.legend(fontsize=6, markerscale=1.5)
+    fig.suptitle(f"{title} ({method})")
+    _save(fig, path)
+
+
+def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, *, notes: list[str],
+                  overlap: dict[str, list[str]], survival_preds: dict, robustness_curves: dict, plots: bool) -> None:
+    for name, df in (("results.csv", results), ("bootstrap.csv", boot), ("summary.csv", summary)):
+        with atomic_path(out / name, suffix=".csv") as tmp:
+            df.to_csv(tmp, index=False)
+    write_text(out / "summary.md", summary_markdown(summary, results, notes, overlap))
+    if not plots:
+        return
+    for task, s in summary.groupby("task", sort=False):
+        plot_task(s, out / f"{slug(task)}.png")
+    for (task, emb, model), pred in survival_preds.items():
+        p = results[(results.task == task) & (results.embedding == emb) & (results.model == model)
+                    & (results.metric == "logrank_p")].value
+        plot_km(pred, float(p.iloc[0]) if len(p) else float("nan"), out / f"km_{slug(task, emb, model)}.png",
+                f"{task}: {emb} ({model})")
+    by_task: dict[str, dict] = {}
+    for (task, emb), c in robustness_curves.items():
+        by_task.setdefault(task, {})[emb] = c
+    for task, curves in by_task.items():
+        plot_robustness(curves, out / f"{slug(task)}_ri.png", task)
