@@ -1,0 +1,37 @@
+"""Projection heads into the shared embedding space: Linear or 2-layer MLP, then L2 normalisation in fp32.
+
+The contrastive objective compares unit vectors across modalities, so every head ends in fp32 and
+normalises there even when the encoders compute in bf16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmfm.models.layers import Dense
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / max(‖x‖, eps) in fp32; an all-zero row (empty bag) stays zero instead of NaN."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class ProjectionHead(nnx.Module):
+    def __init__(self, din: int, dout: int, hidden: int | None = None, *, dropout: float = 0.0,
+                 rngs: nnx.Rngs):
+        if hidden:
+            self.fc1 = Dense(din, hidden, ("embed", "hidden"), rngs=rngs)
+            self.fc2 = Dense(hidden, dout, ("hidden", None), rngs=rngs)
+        else:
+            self.fc1, self.fc2 = Dense(din, dout, ("embed", None), rngs=rngs), None
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        x = self.drop(x, deterministic=deterministic)
+        y = self.fc1(x)
+        if self.fc2 is not None:
+            y = self.fc2(nnx.gelu(y))
+        return l2_normalize(y)

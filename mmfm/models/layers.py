@@ -1,0 +1,101 @@
+"""Small building blocks shared by every encoder: partitioned parameters, Dense, LayerNorm, masked means.
+
+Parameters are fp32 and carry logical axis names (see `mmfm.models.LOGICAL_AXES`). Compute happens in
+the dtype of the activations: encoders cast their inputs to the configured compute dtype once and every
+layer follows (kernels are cast at use), while normalisation statistics and softmaxes run in fp32.
+
+Flax ≥0.12 shards annotated variables eagerly and raises when no mesh is active; `partitioned` keeps
+the annotation but turns eager sharding off when there is no mesh, so the same constructor works on a
+laptop and inside the trainer's `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(rules)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Names = tuple[str | None, ...]
+
+_ACTIVATIONS: dict[str, Callable] = {"gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu}
+
+
+def activation(name: str) -> Callable:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def mesh_active() -> bool:
+    return not jax.sharding.get_abstract_mesh().empty
+
+
+def partitioned(init: Callable, names: Names) -> Callable:
+    """`init` whose variables carry logical `names`; sharded at creation only when a mesh is active."""
+    return nnx.with_partitioning(init, names, eager_sharding=mesh_active())
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: Names) -> nnx.Param:
+    return nnx.Param(partitioned(init, names)(rngs.params(), shape, jnp.float32))
+
+
+class Dense(nnx.Module):
+    """x @ W + b with W [din, dout] named `names` (fp32 storage, compute in x.dtype)."""
+
+    def __init__(self, din: int, dout: int, names: Names = ("embed", "hidden"), *, use_bias: bool = True,
+                 rngs: nnx.Rngs, init: Callable = nnx.initializers.lecun_normal()):
+        self.kernel = param(rngs, init, (din, dout), names)
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (dout,), names[1:]) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with fp32 statistics; returns the input dtype."""
+
+    def __init__(self, dim: int, name: str | None = "embed", *, rngs: nnx.Rngs, eps: float = 1e-6):
+        self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), (name,))
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (dim,), (name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mu = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mu).mean(-1, keepdims=True)
+        y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class MLPBlock(nnx.Module):
+    """Linear → (LayerNorm) → activation → Dropout: the unit of every MLP encoder here."""
+
+    def __init__(self, din: int, dout: int, *, act: str = "gelu", dropout: float = 0.0, layer_norm: bool = True,
+                 names: Names = ("embed", "hidden"), rngs: nnx.Rngs):
+        self.linear = Dense(din, dout, names, rngs=rngs)
+        self.norm = LayerNorm(dout, names[1], rngs=rngs) if layer_norm else None
+        self.act = activation(act)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        x = self.linear(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(self.act(x), deterministic=deterministic)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis: int = 1) -> jax.Array:
+    """Mean of x over `axis` counting only mask=True entries (fp32 sum); zeros for an empty set."""
+    m = jnp.expand_dims(mask, -1).astype(jnp.float32)
+    total = jnp.sum(x.astype(jnp.float32) * m, axis=axis)
+    count = jnp.sum(m, axis=axis)
+    return total / jnp.maximum(count, 1.0)
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"compute_dtype={name!r}: choose float32, bfloat16 or float16")
+    return jnp.dtype(name)

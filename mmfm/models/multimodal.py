@@ -1,0 +1,97 @@
+"""MultimodalModel: one encoder + projection head per configured modality, fed by the batch contract.
+
+`model(batch)` returns {modality: [B, embed_dim] fp32 unit vectors} for the configured modalities the
+batch carries (`mmfm/data/batch.py`). Rows of absent modalities are still computed (fixed shapes, one
+compile); the objective masks them with `<modality>/present`. Inference code uses the per-modality
+entry points (`encode_slide` on whole bags of any N, `encode`) directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmfm import MODALITIES
+from mmfm.data.batch import BatchShapes, present_key
+from mmfm.models.abmil import ABMIL
+from mmfm.models.config import ModelConfig, SlideConfig
+from mmfm.models.heads import ProjectionHead
+from mmfm.models.layers import compute_dtype
+from mmfm.models.omics import build_omics_encoder
+from mmfm.models.slide import SlideOutput
+from mmfm.models.transformer import TransformerSlideEncoder
+
+# modality -> (batch keys passed to its encoder, the BatchShapes field sizing it)
+INPUTS = {
+    "slide": (("features", "coords", "tile_mask", "fragment"), "feature_dim"),
+    "rna": (("values", "gene_mask"), "n_genes"),
+    "protein": (("values", "mask"), "n_proteins"),
+    "mutation": (("values", "mask"), "n_mutations"),
+    "report": (("input_ids", "attention_mask"), "report_len"),
+}
+
+
+def build_slide_encoder(cfg: SlideConfig, feature_dim: int, *, dtype, rngs: nnx.Rngs):
+    if cfg.kind == "abmil":
+        return ABMIL(cfg.abmil, feature_dim, dtype=dtype, rngs=rngs)
+    if cfg.kind == "transformer":
+        return TransformerSlideEncoder(cfg.transformer, feature_dim, dtype=dtype, rngs=rngs)
+    raise ValueError(f"model.slide.kind={cfg.kind!r}; choose abmil or transformer")
+
+
+def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs):
+    from mmfm.models.text import TextConfig, load_pretrained  # torch-free, but heavy: only when used
+
+    text_cfg = dataclasses.replace(cfg.report or TextConfig(), compute_dtype=cfg.compute_dtype)
+    return load_pretrained(text_cfg, rngs)
+
+
+class MultimodalModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, shapes: BatchShapes, *, rngs: nnx.Rngs):
+        errors = [f"model.modalities: unknown {m!r} (known: {MODALITIES})" for m in cfg.modalities if m not in INPUTS]
+        errors += [f"model.modalities has {m!r} but the batch shapes give {INPUTS[m][1]}=0"
+                   for m in cfg.modalities if m in INPUTS and not getattr(shapes, INPUTS[m][1])]
+        if errors:
+            raise ValueError("; ".join(errors))
+        dtype = compute_dtype(cfg.compute_dtype)
+        self.modalities = tuple(cfg.modalities)
+        self.dtype = dtype
+        encoders, heads = {}, {}
+        for m in self.modalities:
+            size = getattr(shapes, INPUTS[m][1])
+            if m == "slide":
+                enc = build_slide_encoder(cfg.slide, size, dtype=dtype, rngs=rngs)
+            elif m == "report":
+                enc = _build_report_encoder(cfg, rngs)
+            else:
+                enc = build_omics_encoder(getattr(cfg, m), size, dtype=dtype, rngs=rngs)
+            encoders[m] = enc
+            out_dim = enc.dim if m == "report" else enc.out_dim
+            heads[m] = ProjectionHead(out_dim, cfg.embed_dim, cfg.head_hidden, dropout=cfg.head_dropout, rngs=rngs)
+        self.encoders = nnx.data(encoders)
+        self.heads = nnx.data(heads)
+
+    def __call__(self, batch: dict, *, deterministic: bool = True) -> dict[str, jax.Array]:
+        return {m: self.encode(m, batch, deterministic=deterministic)
+                for m in self.modalities if present_key(m) in batch}
+
+    def encode(self, modality: str, batch: dict, *, deterministic: bool = True) -> jax.Array:
+        """[B, embed_dim] fp32 unit vectors for one modality of a contract batch."""
+        args = [batch.get(f"{modality}/{k}") for k in INPUTS[modality][0]]
+        if modality == "slide":
+            return self.encode_slide(*args, deterministic=deterministic).embedding
+        raw = self.encoders[modality](*args, deterministic=deterministic)
+        return self.heads[modality](raw.astype(self.dtype), deterministic=deterministic)
+
+    def encode_slide(self, features, coords, mask, fragment=None, *, deterministic: bool = True,
+                     project: bool = True) -> SlideOutput:
+        """Slide encoder on bags of any N; `project=False` keeps the encoder's own embedding (fp32)."""
+        out = self.encoders["slide"](features, coords, mask, fragment, deterministic=deterministic)
+        emb = out.embedding.astype(jnp.float32)
+        if project:
+            emb = self.heads["slide"](emb.astype(self.dtype), deterministic=deterministic)
+        return out._replace(embedding=emb)
+

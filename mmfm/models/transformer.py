@@ -1,0 +1,129 @@
+"""Transformer slide encoder over tile features with axial 2D RoPE and fragment-local layers.
+
+Tiles are projected D → width (Linear + LayerNorm), register tokens are prepended, and pre-LN blocks
+(attention + GELU MLP) follow. `layer_pattern`:
+  "alternate" (EXAONE Path 2.5 style): even layers are position-free global attention over tiles and
+  registers; odd layers use 2D RoPE on the tiles' grid indices and, with `fragment_local`, let a tile
+  attend only to tiles of its own tissue fragment. Registers sit out RoPE layers (their own segment):
+  they carry no position, so letting them meet rotated tiles would break translation invariance.
+  "rope": every layer uses RoPE (no registers allowed — they would never see a tile).
+  "none": every layer is position-free and global.
+Readout "mean_concat" = concat(masked mean of raw tile features, masked mean of final tile tokens), the
+cheap strong prior of EXAONE; "attention" = gated multi-head attention pooling over final tile tokens
+(weights returned for heatmaps). All attention goes through `mmfm.models.attention` (blockwise by
+default), so a 100k-tile bag never builds an N×N matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmfm.models.abmil import GatedAttentionPool
+from mmfm.models.attention import IMPLS, attention
+from mmfm.models.layers import Dense, LayerNorm, masked_mean, param
+from mmfm.models.rope import apply_rope, rope_angles
+from mmfm.models.slide import SlideOutput
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    width: int = 768
+    depth: int = 6
+    n_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    n_registers: int = 4
+    layer_pattern: str = "alternate"   # alternate | rope | none
+    fragment_local: bool = True        # RoPE layers attend within one tissue fragment
+    rope_base: float = 100.0
+    readout: str = "mean_concat"       # mean_concat | attention
+    readout_heads: int = 4
+    attn_impl: str = "blockwise"       # blockwise | xla | cudnn
+    block_q: int = 512
+    block_k: int = 1024
+
+    def layer_uses_rope(self, i: int) -> bool:
+        return self.layer_pattern == "rope" or (self.layer_pattern == "alternate" and i % 2 == 1)
+
+    def validate(self) -> None:
+        errors = []
+        if self.layer_pattern not in ("alternate", "rope", "none"):
+            errors.append(f"layer_pattern={self.layer_pattern!r} (alternate | rope | none)")
+        if self.readout not in ("mean_concat", "attention"):
+            errors.append(f"readout={self.readout!r} (mean_concat | attention)")
+        if self.attn_impl not in IMPLS:
+            errors.append(f"attn_impl={self.attn_impl!r} {IMPLS}")
+        if self.width % self.n_heads or (self.width // self.n_heads) % 4:
+            errors.append(f"width={self.width} must split into n_heads={self.n_heads} heads of a size divisible by 4")
+        if self.n_registers and self.layer_pattern == "rope":
+            errors.append("n_registers > 0 needs a position-free layer (layer_pattern alternate or none)")
+        if errors:
+            raise ValueError("slide.transformer: " + "; ".join(errors))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        w, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.norm1, self.norm2 = LayerNorm(w, rngs=rngs), LayerNorm(w, rngs=rngs)
+        self.qkv = Dense(w, 3 * w, ("embed", "heads"), rngs=rngs)
+        self.out = Dense(w, w, ("heads", "embed"), rngs=rngs)
+        self.fc1 = Dense(w, hidden, ("embed", "hidden"), rngs=rngs)
+        self.fc2 = Dense(hidden, w, ("hidden", "embed"), rngs=rngs)
+        self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.n_heads, self.impl, self.block_q, self.block_k = cfg.n_heads, cfg.attn_impl, cfg.block_q, cfg.block_k
+
+    def __call__(self, x, valid, segment, rope, *, deterministic: bool):
+        b, n, w = x.shape
+        q, k, v = jnp.split(self.qkv(self.norm1(x)).reshape(b, n, 3 * self.n_heads, w // self.n_heads), 3, axis=2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        a = attention(q, k, v, valid, segment, segment, impl=self.impl, block_q=self.block_q, block_k=self.block_k)
+        x = x + self.drop(self.out(a.reshape(b, n, w)), deterministic=deterministic)
+        h = self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
+        return x + self.drop(h, deterministic=deterministic)
+
+
+class TransformerSlideEncoder(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, feature_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg, self.dtype = cfg, dtype
+        self.proj = Dense(feature_dim, cfg.width, ("embed", "hidden"), rngs=rngs)
+        self.proj_norm = LayerNorm(cfg.width, "hidden", rngs=rngs)
+        self.registers = (param(rngs, nnx.initializers.normal(0.02), (cfg.n_registers, cfg.width), (None, "embed"))
+                          if cfg.n_registers else None)
+        self.blocks = nnx.data([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = LayerNorm(cfg.width, rngs=rngs)
+        self.pool = (GatedAttentionPool(cfg.width, cfg.width // 2, cfg.readout_heads, rngs=rngs)
+                     if cfg.readout == "attention" else None)
+        self.out_dim = cfg.width if cfg.readout == "attention" else feature_dim + cfg.width
+
+    def __call__(self, features, coords, mask, fragment=None, *, deterministic: bool = True) -> SlideOutput:
+        cfg, r = self.cfg, self.cfg.n_registers
+        b, n, _ = features.shape
+        x = self.proj_norm(self.proj(features.astype(self.dtype)))
+        tile_seg = (fragment.astype(jnp.int32) + 1 if (cfg.fragment_local and fragment is not None)
+                    else jnp.ones((b, n), jnp.int32))
+        valid, global_seg, rope_seg = mask, jnp.zeros((b, n), jnp.int32), tile_seg
+        cos, sin = rope_angles(coords, cfg.width // cfg.n_heads, cfg.rope_base)
+        if r:
+            # Registers: always valid, identity rotation, segment 0 (apart from tiles) in RoPE layers.
+            x = jnp.concatenate([jnp.broadcast_to(self.registers[...].astype(x.dtype), (b, r, cfg.width)), x], 1)
+            valid = jnp.concatenate([jnp.ones((b, r), bool), mask], 1)
+            global_seg = jnp.zeros((b, r + n), jnp.int32)
+            rope_seg = jnp.concatenate([jnp.zeros((b, r), jnp.int32), tile_seg], 1)
+            cos = jnp.concatenate([jnp.ones((b, r, cos.shape[-1]), cos.dtype), cos], 1)
+            sin = jnp.concatenate([jnp.zeros((b, r, sin.shape[-1]), sin.dtype), sin], 1)
+        for i, block in enumerate(self.blocks):
+            use_rope = cfg.layer_uses_rope(i)
+            x = block(x, valid, rope_seg if use_rope else global_seg, (cos, sin) if use_rope else None,
+                      deterministic=deterministic)
+        tokens = self.norm(x[:, r:])
+        if self.pool is not None:
+            pooled, attn = self.pool(tokens, mask, deterministic=deterministic)
+            return SlideOutput(pooled.mean(1), tokens, attn)
+        emb = jnp.concatenate([masked_mean(features, mask), masked_mean(tokens, mask)], -1)
+        return SlideOutput(emb, tokens, None)
