@@ -110,7 +110,7 @@ def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: i
             if dtype != jnp.float32:
                 params = _cast_model_params(params, dtype)
                 mb = {k: v.astype(dtype) if k in FLOAT_INPUTS else v for k, v in mb.items()}
-            m = nnx.merge(mdef, params, rest)
+            m = nnx.merge(mdef, params, rest, copy=True)  # fresh Variables at this trace level
             loss, metrics = loss_fn(m, mb)
             return loss.astype(jnp.float32), (metrics, nnx.state(m, nnx.Not(nnx.Param)))
 
@@ -129,7 +129,7 @@ def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: i
             loss, metrics = losses.mean(), jax.tree.map(lambda x: x.mean(0), metrics)
         nnx.update(module, rest)
         opt.update(module, grads)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=lr)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=lr)
         return nnx.state((module, opt)), metrics
 
     return jax.jit(step, in_shardings=(ts.shardings, batch_sharding(mesh)),

@@ -1,0 +1,261 @@
+"""Trainer building blocks: typed config, mesh + sharding rules, optimizer, sharded step, checkpoints,
+metrics. A tiny stand-in encoder (masked mean-pool + linear per modality) keeps these fast; the real
+model/loader/objective run end to end in test_train_loop.py."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mmfm.data.batch import BatchShapes, random_batch
+from mmfm.objectives import LogitParams, ObjectiveConfig, multimodal_loss
+from mmfm.train import checkpoint, config, metrics, optim, sharding
+from mmfm.train.loop import TrainModule, init_state, make_train_step
+
+SHAPES = BatchShapes(batch_size=16, tiles_per_slide=8, feature_dim=32, n_genes=24)
+MODS = ("slide", "rna")
+
+
+class StandIn(nnx.Module):
+    """Masked mean of tiles → Linear; RNA → Linear; both L2-normalised."""
+
+    def __init__(self, shapes, dim=256, *, rngs):
+        self.slide = nnx.Linear(shapes.feature_dim, dim, rngs=rngs)
+        self.rna = nnx.Linear(shapes.n_genes, dim, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, batch, *, deterministic=True):
+        m = batch["slide/tile_mask"][..., None].astype(batch["slide/features"].dtype)
+        pooled = (batch["slide/features"] * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        out = {"slide": self.drop(self.slide(pooled), deterministic=deterministic),
+               "rna": self.rna(batch["rna/values"])}
+        return {k: (v / jnp.linalg.norm(v, axis=-1, keepdims=True)).astype(jnp.float32) for k, v in out.items()}
+
+
+def build(seed=0):
+    def f():
+        rngs = nnx.Rngs(seed)
+        return TrainModule(StandIn(SHAPES, rngs=rngs), LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
+    return f
+
+
+def siglip_loss(mesh=None, impl="global"):
+    ocfg = ObjectiveConfig(impl=impl)
+
+    def loss_fn(module, batch):
+        emb = module.model(batch, deterministic=False)
+        return multimodal_loss(emb, {m: batch[f"{m}/present"] for m in emb}, batch["case_index"], module.logit,
+                               ocfg, mesh=mesh, axis=sharding.BATCH_AXES)
+    return loss_fn
+
+
+def train_losses(mesh, n_steps=3, tcfg=None, impl="global", loss=None):
+    tcfg = tcfg or config.TrainConfig(steps=10, warmup=2, lr=1e-2, shard_min_size=64)
+    ts = init_state(build(), optim.make_optimizer(tcfg), mesh, tcfg.sharding, tcfg.shard_min_size)
+    step = make_train_step(ts, loss or siglip_loss(mesh, impl), mesh, lr_schedule=optim.schedule(tcfg),
+                           grad_accum=tcfg.grad_accum, compute_dtype=tcfg.compute_dtype)
+    out = []
+    for i in range(n_steps):
+        batch = sharding.global_batch(random_batch(SHAPES, seed=i, n_cases=10), sharding.batch_sharding(mesh))
+        ts.state, m = step(ts.state, batch)
+        out.append(jax.device_get(m))
+    return ts, out
+
+
+def mesh_of(data, fsdp, n=None):
+    devs = jax.devices()[: (n or data * fsdp)]
+    return sharding.make_mesh(config.MeshConfig(data=data, fsdp=fsdp), devs)
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_errors_name_the_dotted_key():
+    with pytest.raises(config.ConfigError, match=r"train\.lrr"):
+        config.from_dict(config.TrainConfig, {"lrr": 1.0}, "train")
+    with pytest.raises(config.ConfigError, match=r"train\.mesh\.data: expected an integer"):
+        config.from_dict(config.TrainConfig, {"mesh": {"data": "four"}}, "train")
+    with pytest.raises(config.ConfigError, match=r"train\.progress: expected true/false"):
+        config.from_dict(config.TrainConfig, {"progress": 1}, "train")
+    with pytest.raises(config.ConfigError, match=r"train\.compute_dtype: 'float16' is not one of"):
+        config.from_dict(config.TrainConfig, {"compute_dtype": "float16"}, "train")
+    t = config.from_dict(config.TrainConfig, {"lr": 3, "mesh": {"fsdp": 2}}, "train")
+    assert t.lr == 3.0 and isinstance(t.lr, float) and t.mesh == config.MeshConfig(data=-1, fsdp=2)
+
+
+def test_config_owner_types_and_overrides_use_safe_yaml():
+    # ObjectiveConfig (owner: objective helper) accepts pair lists and {pair: weight} mappings
+    o = config.from_dict(ObjectiveConfig, {"pairs": [["slide", "rna"]], "pair_weights": {"slide-rna": 2}}, "objective")
+    assert o.pairs == (("slide", "rna"),) and o.pair_weights == (("slide-rna", 2.0),)
+    with pytest.raises(config.ConfigError, match=r"objective\.kind"):
+        config.from_dict(ObjectiveConfig, {"kind": "clip"}, "objective")
+    raw = {}
+    config.apply_override(raw, "train.steps=7")
+    config.apply_override(raw, "train.mesh.fsdp=2")
+    config.apply_override(raw, "data.cohort=__import__('os').system('false')")  # stays a plain string
+    assert raw == {"train": {"steps": 7, "mesh": {"fsdp": 2}}, "data": {"cohort": "__import__('os').system('false')"}}
+    with pytest.raises(config.ConfigError, match="expected key=value"):
+        config.apply_override(raw, "train.steps")
+
+
+# ----------------------------------------------------------------------------- mesh and sharding rules
+
+def test_mesh_shape_fills_minus_one_and_rejects_misfit():
+    assert sharding.mesh_shape(config.MeshConfig(-1, 2), 8) == (4, 2)
+    assert sharding.mesh_shape(config.MeshConfig(2, -1), 8) == (2, 4)
+    with pytest.raises(ValueError, match="train.mesh"):
+        sharding.mesh_shape(config.MeshConfig(3, 1), 8)
+    mesh = mesh_of(4, 2)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_sharding_rules_table():
+    rules = config.TrainConfig().sharding
+    spec = lambda path, shape, fsdp=2, min_size=64: sharding.spec_for(path, shape, rules, fsdp, min_size)
+    assert spec("0/model/slide/kernel", (32, 256)) == P(None, "fsdp")      # largest divisible dim
+    assert spec("0/model/slide/kernel", (256, 32)) == P("fsdp", None)
+    assert spec("1/opt_state/0/mu/model/slide/kernel", (32, 256)) == P(None, "fsdp")  # moments follow
+    assert spec("0/model/slide/bias", (256,)) == P()                        # biases replicated
+    assert spec("0/model/norm/scale", (4096,)) == P()
+    assert spec("0/model/small/kernel", (4, 8)) == P()                      # below shard_min_size
+    assert spec("0/model/odd/kernel", (31, 33)) == P()                      # nothing divides
+    assert spec("0/model/slide/kernel", (32, 256), fsdp=1) == P()
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def test_schedule_and_decay_mask():
+    t = config.TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    sched = optim.schedule(t)
+    assert float(sched(0)) == 0.0 and math.isclose(float(sched(5)), 5e-4, rel_tol=1e-5)
+    for s in (10, 40, 100):  # cosine from lr at warm-up end to lr*min_lr_ratio at `steps`
+        frac = (s - 10) / 90
+        want = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * frac))
+        assert math.isclose(float(sched(s)), want, rel_tol=1e-4)
+    module = build()()
+    mask = optim.decay_mask(nnx.state(module, nnx.Param))
+    flat = {sharding.leaf_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["model/slide/kernel"] and not flat["model/slide/bias"]
+    assert not flat["logit/log_t"] and not flat["logit/bias"]
+
+
+# ----------------------------------------------------------------------------- the sharded step
+
+def test_sharded_4x2_matches_one_device():
+    """Same first 3 losses on a data×fsdp (4×2) mesh as on one device (rel 1e-4), params really sharded."""
+    ts8, m8 = train_losses(mesh_of(4, 2))
+    _, m1 = train_losses(mesh_of(1, 1))
+    for a, b in zip(m8, m1):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    assert m8[0]["loss"] != m8[2]["loss"]  # it trains
+    module, opt = nnx.merge(ts8.graphdef, ts8.state)
+    assert module.model.slide.kernel[...].sharding.spec == P(None, "fsdp")
+    assert opt.opt_state[1][0].mu["model"]["slide"]["kernel"][...].sharding.spec == P(None, "fsdp")
+    assert module.model.slide.bias[...].sharding.spec == P()
+
+
+def test_ring_objective_inside_step_matches_global():
+    mesh = mesh_of(4, 2)
+    _, ring = train_losses(mesh, n_steps=2, impl="ring")
+    _, glob = train_losses(mesh, n_steps=2, impl="global")
+    for a, b in zip(ring, glob):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def test_grad_accum_equals_full_batch_for_a_row_mean_loss():
+    """For a loss that is a mean over rows, 2 micro-batches give the full-batch update exactly."""
+    def row_mean(module, batch):
+        emb = module.model(batch, deterministic=True)
+        loss = jnp.mean(jnp.sum((emb["slide"] - emb["rna"]) ** 2, -1))
+        return loss, {}
+    mesh = mesh_of(4, 2)
+    ta, ma = train_losses(mesh, 2, config.TrainConfig(steps=10, warmup=0, lr=1e-2, grad_accum=2), loss=row_mean)
+    tb, mb = train_losses(mesh, 2, config.TrainConfig(steps=10, warmup=0, lr=1e-2, grad_accum=1), loss=row_mean)
+    for a, b in zip(ma, mb):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+    # Adam divides by sqrt(v): near-zero gradient entries amplify fp32 summation-order noise, so the
+    # parameters agree to 2% of one step (lr=1e-2), not to 1e-6.
+    for x, y in zip(jax.tree.leaves(ta.state), jax.tree.leaves(tb.state)):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-4)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    mesh = mesh_of(4, 2)
+    ts, mb = train_losses(mesh, 2, config.TrainConfig(steps=10, warmup=2, lr=1e-2, compute_dtype="bfloat16"))
+    _, mf = train_losses(mesh, 2)
+    np.testing.assert_allclose(mb[0]["loss"], mf[0]["loss"], rtol=2e-2)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(nnx.merge(ts.graphdef, ts.state)[0],
+                                                                         nnx.Param)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_restores_onto_other_meshes_and_ignores_unfinished(tmp_path):
+    tcfg = config.TrainConfig(keep_last=2, shard_min_size=64, async_checkpoint=True)
+    ts, _ = train_losses(mesh_of(4, 2), n_steps=1, tcfg=tcfg)
+    want = [np.asarray(x) for x in jax.tree.leaves(ts.state) if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    ck = checkpoint.Checkpointer(tmp_path, tcfg)
+    ck.save(5, ts.state, [{"epoch": 0, "pos": 3}], {"seed": 0})
+    ck.close()
+    # a crash mid-save leaves orbax's tmp directory: never listed, never restored
+    fake = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
+    (fake / "state").mkdir(parents=True)
+    (fake / "state" / "garbage").write_text("partial")
+    for mesh in (mesh_of(8, 1), mesh_of(2, 1), mesh_of(1, 1)):
+        ts2 = init_state(build(seed=1), optim.make_optimizer(tcfg), mesh, tcfg.sharding, tcfg.shard_min_size)
+        ck = checkpoint.Checkpointer(tmp_path, tcfg)
+        assert ck.all_steps() == [5] and ck.latest_step() == 5
+        state, loader_state, meta = ck.restore(5, ts2.abstract)
+        ck.close()
+        assert loader_state == {"epoch": 0, "pos": 3} and meta["step"] == 5
+        got = [x for x in jax.tree.leaves(state) if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
+        for w, g, sh in zip(want, got, [s for s, x in zip(jax.tree.leaves(ts2.shardings), jax.tree.leaves(state))
+                                        if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]):
+            np.testing.assert_array_equal(w, np.asarray(g))
+            assert g.sharding.is_equivalent_to(sh, g.ndim)
+
+
+def test_checkpoint_keeps_last_n_plus_best(tmp_path):
+    tcfg = config.TrainConfig(keep_last=1, best_metric="recall@1/slide->rna", async_checkpoint=False,
+                              shard_min_size=64)
+    ts, _ = train_losses(mesh_of(8, 1), n_steps=1, tcfg=tcfg)
+    ck = checkpoint.Checkpointer(tmp_path, tcfg)
+    for step, r in ((1, 0.2), (2, 0.9), (3, 0.1), (4, None)):
+        ck.save(step, ts.state, [{}], {}, metrics=None if r is None else {"recall@1/slide->rna": r})
+    ck.close()
+    assert checkpoint.Checkpointer(tmp_path, tcfg).all_steps() == [2, 4]
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+def test_nan_guard_names_step_and_metric():
+    metrics.check_finite({"loss": 1.0, "grad_norm": 2.0}, 3)
+    with pytest.raises(metrics.NonFiniteError, match=r"step 7 in grad_norm, loss"):
+        metrics.check_finite({"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3}, 7)
+
+
+def test_metrics_writer_jsonl_and_resume_truncation(tmp_path):
+    w = metrics.MetricsWriter(tmp_path, 10, progress=False)
+    for s in (1, 2, 3, 4):
+        w.log(s, {"loss": 1.0 / s, "t/slide-rna": np.float32(10.0)})
+    w.log(4, {"recall@1/slide->rna": 0.5}, file="eval.jsonl", prefix="eval")
+    w.close()
+    rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[1]["loss"] == 0.5
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    w = metrics.MetricsWriter(tmp_path, 10, start_step=2, progress=False)  # resumed from the step-2 checkpoint
+    w.close()
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert metrics.read_jsonl(tmp_path / "eval.jsonl") == []
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1}) + "\n{\"step\": 2, \"lo")
+    assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1}]  # torn last line
