@@ -1,0 +1,603 @@
+"""The cohort directory contract: open eagerly, check everything, report every problem at once.
+
+A cohort is a directory (full contract: data_cards/cohort_format.md):
+  cohort.yaml    name, version, description, tile_encoder {name, feature_dim}, target_magnification, patch_size
+  cases.csv      case_id, site, optional clinical columns (os_days, os_event, subtype, grade, mut_<GENE>, ...)
+  slides.csv     slide_id, case_id, path (bag path relative to the cohort directory)
+  bags/*.h5      TRIDENT-layout tile-feature bags (`mmfm.data.bags`)
+  rna.h5ad, protein.h5ad, reports.jsonl   optional modalities, keyed by case_id
+
+Validation is one pass that collects every error and warning, each naming the file and the row,
+slide or case, so a broken cohort is fixed in one round instead of one crash at a time. Each error
+either says what a non-strict open drops (`ValidationReport.excluded`) or is fatal (a missing
+file or column): nothing is ever dropped without being listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import yaml
+
+from mmfm import MODALITIES
+from mmfm.data.bags import read_header
+
+SMALL_BAG_TILES = 16  # bags below this are legal but suspicious (a failed tissue mask, a thumbnail)
+SCAN_CHUNK_BYTES = 64 << 20  # feature rows are scanned for NaN/inf in blocks of about this size
+MISSING = frozenset({"", "na", "nan", "none", "null"})  # spellings of "unknown" in numeric CSV cells
+LIST_MAX = 20  # ids listed in one message before "... and N more"
+
+CASE_COLUMNS = ("case_id", "site")
+SLIDE_COLUMNS = ("slide_id", "case_id", "path")
+FLOAT_COLUMNS = ("os_days", "os_event", "grade")
+SPEC_KEYS = {"name", "version", "description", "tile_encoder", "target_magnification", "patch_size"}
+
+
+class CohortError(ValueError):
+    """A cohort that cannot be opened; the message lists every problem found."""
+
+    def __init__(self, report: ValidationReport):
+        self.report = report
+        super().__init__(report.format())
+
+
+@dataclass
+class ValidationReport:
+    """All problems of one cohort. `excluded` says what `Cohort.open(strict=False)` leaves out."""
+
+    root: Path
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    fatal: bool = False  # some error cannot be repaired by excluding data (missing file, column, key)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def error(self, msg: str, exclude: str | None = None) -> None:
+        self.errors.append(msg)
+        if exclude is None:
+            self.fatal = True
+        elif exclude not in self.excluded:  # several problems of one bag exclude it once
+            self.excluded.append(exclude)
+
+    def warn(self, msg: str, exclude: str | None = None) -> None:
+        self.warnings.append(msg)
+        if exclude is not None and exclude not in self.excluded:
+            self.excluded.append(exclude)
+
+    def format(self) -> str:
+        head = (f"cohort {self.root}: {len(self.errors)} error(s), {len(self.warnings)} warning(s), "
+                f"{len(self.excluded)} exclusion(s) under strict=False")
+        lines = [head]
+        lines += [f"ERROR    {m}" for m in self.errors]
+        lines += [f"WARNING  {m}" for m in self.warnings]
+        lines += [f"EXCLUDED {m}" for m in self.excluded]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "ok": self.ok, "fatal": self.fatal, "errors": self.errors,
+                "warnings": self.warnings, "excluded": self.excluded}
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """cohort.yaml, flattened."""
+
+    name: str
+    version: str
+    description: str
+    encoder_name: str
+    feature_dim: int
+    target_magnification: float
+    patch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cohort.yaml mapping (writers: `yaml.safe_dump(spec.to_dict())`)."""
+        d = asdict(self)
+        return {"name": d["name"], "version": d["version"], "description": d["description"],
+                "tile_encoder": {"name": d["encoder_name"], "feature_dim": d["feature_dim"]},
+                "target_magnification": d["target_magnification"], "patch_size": d["patch_size"]}
+
+
+def _ids(values, limit: int = LIST_MAX) -> str:
+    values = [str(v) for v in values]
+    more = f" ... and {len(values) - limit} more" if len(values) > limit else ""
+    return ", ".join(values[:limit]) + more
+
+
+def _positive(value, kind):
+    """`value` as int/float if it is a positive number of that kind, else None (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if kind is int and (not float(value).is_integer()):
+        return None
+    return kind(value) if math.isfinite(value) and value > 0 else None
+
+
+def _read_spec(root: Path, rep: ValidationReport) -> CohortSpec | None:
+    path = root / "cohort.yaml"
+    if not path.is_file():
+        rep.error(f"cohort.yaml: missing (expected at {path})")
+        return None
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        rep.error(f"cohort.yaml: not valid YAML ({e})")
+        return None
+    if not isinstance(d, dict):
+        rep.error("cohort.yaml: must be a mapping of keys to values")
+        return None
+    ok = True
+
+    def need(key, value, what):
+        nonlocal ok
+        if value is None:
+            rep.error(f"cohort.yaml: key '{key}' missing or invalid (expected {what}, got {d_get(key)!r})")
+            ok = False
+        return value
+
+    def d_get(key):
+        cur: Any = d
+        for part in key.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        return cur
+
+    for key in sorted(set(d) - SPEC_KEYS):
+        rep.warn(f"cohort.yaml: unknown key '{key}' ignored")
+    enc = d.get("tile_encoder") if isinstance(d.get("tile_encoder"), dict) else {}
+    for key in sorted(set(enc) - {"name", "feature_dim"}):
+        rep.warn(f"cohort.yaml: unknown key 'tile_encoder.{key}' ignored")
+    name = need("name", d.get("name") if isinstance(d.get("name"), str) and d.get("name") else None,
+                "a non-empty string")
+    version = need("version", str(d["version"]) if isinstance(d.get("version"), (str, int, float))
+                   and not isinstance(d.get("version"), bool) else None, "a string")
+    encoder = need("tile_encoder.name", enc.get("name") if isinstance(enc.get("name"), str) and enc.get("name")
+                   else None, "a non-empty string")
+    dim = need("tile_encoder.feature_dim", _positive(enc.get("feature_dim"), int), "a positive integer")
+    mag = need("target_magnification", _positive(d.get("target_magnification"), float), "a positive number")
+    patch = need("patch_size", _positive(d.get("patch_size"), int), "a positive integer (px at target mag)")
+    desc = d.get("description", "")
+    if not isinstance(desc, str):
+        rep.error(f"cohort.yaml: key 'description' must be a string, got {desc!r}")
+        ok = False
+    if not ok:
+        return None
+    return CohortSpec(name=name, version=version, description=desc, encoder_name=encoder, feature_dim=dim,
+                      target_magnification=mag, patch_size=patch)
+
+
+def _read_csv(path: Path, required: tuple[str, ...], rep: ValidationReport) -> pd.DataFrame | None:
+    """All cells as stripped strings (ids like 'NA' or '007' survive); None when unusable."""
+    if not path.is_file():
+        rep.error(f"{path.name}: missing (expected at {path})")
+        return None
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        rep.error(f"{path.name}: cannot be parsed as CSV ({e})")
+        return None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        rep.error(f"{path.name}: required column(s) {missing} missing (has {list(df.columns)})")
+        return None
+    dup = df.columns[df.columns.duplicated()].tolist()
+    if dup:
+        rep.error(f"{path.name}: duplicate column(s) {dup}")
+        return None
+    return df.apply(lambda s: s.str.strip())
+
+
+def _unique_ids(df: pd.DataFrame, col: str, fname: str, rep: ValidationReport) -> np.ndarray:
+    """Keep mask: rows with an empty id or a repeat of an earlier id are errors and excluded."""
+    keep = np.ones(len(df), bool)
+    first: dict[str, int] = {}
+    for i, v in enumerate(df[col]):
+        line = i + 2  # header is line 1
+        if not v:
+            rep.error(f"{fname} line {line}: empty {col}", exclude=f"{fname} line {line} (empty {col})")
+            keep[i] = False
+        elif v in first:
+            rep.error(f"{fname} line {line}: duplicate {col} '{v}' (first on line {first[v]})",
+                      exclude=f"{fname} line {line} ({col} {v}, duplicate; line {first[v]} kept)")
+            keep[i] = False
+        else:
+            first[v] = line
+    return keep
+
+
+def _numeric(raw: pd.Series, col: str, rep: ValidationReport, ids: pd.Series, lines: np.ndarray,
+             integer: bool = False, choices: tuple[float, ...] | None = None, nonneg: bool = False,
+             warn_only: bool = False) -> pd.Series:
+    """Parse a numeric clinical column; bad cells are reported and become missing (listed as excluded)."""
+    out = np.full(len(raw), np.nan)
+    for i, (cell, cid, line) in enumerate(zip(raw, ids, lines)):
+        if cell.lower() in MISSING:
+            continue
+        try:
+            v = float(cell)
+        except ValueError:
+            v = None
+        problem = None
+        if choices is not None and v not in choices:
+            problem = f"{col} {cell!r} is not one of {[int(c) for c in choices]}"
+        elif v is None or not math.isfinite(v):
+            problem = f"{col} {cell!r} is not a finite number"
+        elif integer and not v.is_integer():
+            problem = f"{col} {cell!r} is not an integer"
+        elif nonneg and v < 0:
+            problem = f"{col} {cell!r} is negative"
+        if problem is None:
+            out[i] = v
+            continue
+        where = f"cases.csv line {line} (case {cid})"
+        (rep.warn if warn_only else rep.error)(f"{where}: {problem}", exclude=f"{where}: {col} set to missing")
+    return pd.Series(out, index=raw.index, name=col)
+
+
+def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
+    df = _read_csv(root / "cases.csv", CASE_COLUMNS, rep)
+    if df is None:
+        return None
+    lines = np.arange(len(df)) + 2
+    keep = _unique_ids(df, "case_id", "cases.csv", rep)
+    df, lines = df[keep], lines[keep]
+    out = df.copy()
+    ids = df["case_id"]
+    for col in df.columns:
+        if col == "os_days":
+            out[col] = _numeric(df[col], col, rep, ids, lines, nonneg=True)
+        elif col == "os_event":
+            out[col] = _numeric(df[col], col, rep, ids, lines, choices=(0.0, 1.0))
+        elif col == "grade":
+            out[col] = _numeric(df[col], col, rep, ids, lines, integer=True)
+        elif col.startswith("mut_"):
+            out[col] = _numeric(df[col], col, rep, ids, lines, choices=(0.0, 1.0), warn_only=True)
+        elif col != "case_id":
+            out[col] = df[col].replace("", np.nan)
+    no_site = out.loc[out["site"].isna(), "case_id"].tolist()
+    if no_site:
+        rep.warn(f"cases.csv: {len(no_site)} case(s) with empty site (site-preserved splits and robustness "
+                 f"metrics cannot use them): {_ids(no_site)}")
+    if "os_days" in out and "os_event" in out:
+        half = out["os_days"].isna() != out["os_event"].isna()
+        if half.any():
+            rep.warn(f"cases.csv: {int(half.sum())} case(s) with only one of os_days/os_event known "
+                     f"(unusable for survival): {_ids(out.loc[half, 'case_id'])}")
+    return out.set_index("case_id")
+
+
+def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationReport) -> dict | None:
+    """Header checks plus a chunked NaN/inf scan; returns the slide's bag facts, or None if invalid."""
+    problems: list[str] = []
+    try:
+        hdr = read_header(path)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        rep.error(f"{where}: unreadable bag, needs datasets 'features' and 'coords' ({e})",
+                  exclude=f"{where} (unreadable bag)")
+        return None
+    with h5py.File(path, "r") as f:
+        feats, coords = f["features"], f["coords"]
+        if feats.ndim != 2:
+            problems.append(f"features must be rank 2 [N, D], got shape {feats.shape}")
+        if feats.dtype not in (np.float16, np.float32):
+            problems.append(f"features dtype {feats.dtype} is not float16/float32")
+        if coords.shape != (hdr.n_tiles, 2):
+            problems.append(f"coords shape {coords.shape} does not match features {feats.shape} (want [N, 2])")
+        if not np.issubdtype(coords.dtype, np.integer):
+            problems.append(f"coords dtype {coords.dtype} is not integer (level-0 pixels)")
+        if "fragment" in f and f["fragment"].shape != (hdr.n_tiles,):
+            problems.append(f"fragment shape {f['fragment'].shape} does not match {hdr.n_tiles} tiles")
+        if hdr.n_tiles == 0:
+            problems.append("zero tiles")
+        if hdr.patch_size_level0 is None:
+            problems.append("coords attribute 'patch_size_level0' missing")
+        elif hdr.patch_size_level0 <= 0:
+            problems.append(f"coords attribute patch_size_level0={hdr.patch_size_level0} is not positive")
+        if spec is not None and feats.ndim == 2 and hdr.dim != spec.feature_dim:
+            problems.append(f"feature dim {hdr.dim} differs from cohort.yaml tile_encoder.feature_dim "
+                            f"{spec.feature_dim}")
+        if not problems:
+            bad, first = _scan_nonfinite(feats)
+            if bad:
+                problems.append(f"{bad} feature row(s) contain NaN/inf (first at row {first})")
+    for p in problems:
+        rep.error(f"{where}: {p}", exclude=f"{where} (invalid bag)")
+    if problems:
+        return None
+    enc = hdr.feature_attrs.get("encoder")
+    if spec is not None and enc is not None and str(enc) != spec.encoder_name:
+        rep.warn(f"{where}: features attr encoder={enc!r} differs from cohort.yaml tile_encoder.name "
+                 f"{spec.encoder_name!r}")
+    mag = hdr.coord_attrs.get("target_magnification")
+    if spec is not None and mag is not None and _as_float(mag) != spec.target_magnification:
+        rep.warn(f"{where}: coords attr target_magnification={mag!r} differs from cohort.yaml "
+                 f"{spec.target_magnification}")
+    ps = hdr.coord_attrs.get("patch_size")
+    if spec is not None and ps is not None and _as_float(ps) != spec.patch_size:
+        rep.warn(f"{where}: coords attr patch_size={ps!r} differs from cohort.yaml {spec.patch_size}")
+    if hdr.n_tiles < SMALL_BAG_TILES:
+        rep.warn(f"{where}: only {hdr.n_tiles} tiles (< {SMALL_BAG_TILES})")
+    return {"n_tiles": hdr.n_tiles, "patch_size_level0": hdr.patch_size_level0, "feature_dim": hdr.dim,
+            "encoder": None if enc is None else str(enc), "has_fragment": hdr.has_fragment}
+
+
+def _as_float(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scan_nonfinite(ds: h5py.Dataset) -> tuple[int, int | None]:
+    """(rows with NaN/inf, first such row), reading ~SCAN_CHUNK_BYTES at a time (bags can be GBs)."""
+    n, d = ds.shape
+    step = max(1, SCAN_CHUNK_BYTES // max(1, d * ds.dtype.itemsize))
+    if ds.chunks:  # whole HDF5 chunks per read
+        step = max(ds.chunks[0], step - step % ds.chunks[0])
+    bad, first = 0, None
+    for start in range(0, n, step):
+        rows = ~np.isfinite(ds[start:start + step]).all(axis=1)
+        if rows.any():
+            bad += int(rows.sum())
+            first = start + int(np.argmax(rows)) if first is None else first
+    return bad, first
+
+
+def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None,
+                 rep: ValidationReport) -> pd.DataFrame | None:
+    df = _read_csv(root / "slides.csv", SLIDE_COLUMNS, rep)
+    if df is None:
+        return None
+    keep = _unique_ids(df, "slide_id", "slides.csv", rep)
+    facts = []
+    for i in np.flatnonzero(keep):
+        row = df.iloc[i]
+        sid, cid, rel = row["slide_id"], row["case_id"], row["path"]
+        where = f"slides.csv line {i + 2} (slide {sid})"
+        if cases is not None and cid not in cases.index:
+            rep.error(f"{where}: case_id '{cid}' not in cases.csv", exclude=f"{where} (unknown case)")
+            keep[i] = False
+            continue
+        if not rel:
+            rep.error(f"{where}: empty path", exclude=f"{where} (no bag path)")
+            keep[i] = False
+            continue
+        path = (root / rel).resolve()
+        if not path.is_file():
+            rep.error(f"{where}: bag file {rel} missing", exclude=f"{where} (bag missing)")
+            keep[i] = False
+            continue
+        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep)
+        if fact is None:
+            keep[i] = False
+            continue
+        facts.append({"path": str(path), **fact})
+    out = df[keep].drop(columns="path").reset_index(drop=True)
+    out = pd.concat([out, pd.DataFrame(facts, columns=["path", "n_tiles", "patch_size_level0", "feature_dim",
+                                                       "encoder", "has_fragment"])], axis=1)
+    for col in ("n_tiles", "patch_size_level0", "feature_dim"):
+        out[col] = out[col].astype(np.int64)
+    out["has_fragment"] = out["has_fragment"].astype(bool)
+    return out.set_index("slide_id")
+
+
+def _read_omics(root: Path, name: str, cases: pd.DataFrame | None, rep: ValidationReport):
+    """AnnData restricted to valid rows of known cases, or None when the file is absent or unusable."""
+    import anndata
+
+    fname = f"{name}.h5ad"
+    path = root / fname
+    if not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # duplicate names are reported below, with the file name
+            warnings.filterwarnings("ignore", message=".*names are not unique")
+            ad = anndata.read_h5ad(path)
+    except Exception as e:  # noqa: BLE001 - h5ad readers raise many types; report, never crash validation
+        rep.error(f"{fname}: cannot be read as AnnData ({type(e).__name__}: {e})",
+                  exclude=f"{fname} (modality {name} dropped)")
+        return None
+    obs = pd.Index(ad.obs_names.astype(str))
+    keep = np.ones(ad.n_obs, bool)
+    dup = obs.duplicated()
+    if dup.any():
+        rep.error(f"{fname}: duplicate obs (case) names {_ids(obs[dup].unique())}",
+                  exclude=f"{fname}: {int(dup.sum())} repeated row(s) (first kept): {_ids(obs[dup])}")
+        keep &= ~dup
+    if cases is not None:
+        unknown = ~obs.isin(cases.index)
+        if unknown.any():
+            rep.error(f"{fname}: {int(unknown.sum())} row(s) for case_id(s) not in cases.csv: {_ids(obs[unknown])}",
+                      exclude=f"{fname}: rows of unknown cases {_ids(obs[unknown])}")
+            keep &= ~unknown
+    var = pd.Index(ad.var_names.astype(str))
+    vkeep = ~var.duplicated(keep=False)
+    if not vkeep.all():
+        rep.error(f"{fname}: duplicate var names {_ids(var[~vkeep].unique())}",
+                  exclude=f"{fname}: every copy of duplicated var(s) {_ids(var[~vkeep].unique())}")
+    if ad.n_vars == 0:
+        rep.error(f"{fname}: no variables (genes/proteins)", exclude=f"{fname} (modality {name} dropped)")
+        return None
+    source = "layers['counts']" if "counts" in ad.layers else "X"
+    counts = ad.layers["counts"] if "counts" in ad.layers else ad.X
+    if not np.issubdtype(counts.dtype, np.number) or np.issubdtype(counts.dtype, np.complexfloating):
+        rep.error(f"{fname}: {source} dtype {counts.dtype} is not numeric", exclude=f"{fname} (modality {name} dropped)")
+        return None
+    nonfinite, negative, fractional = _scan_counts(counts)
+    for mask, what in ((nonfinite, "NaN/inf"), (negative, "negative values")):
+        if mask.any():
+            rep.error(f"{fname}: {source} has {what} in {int(mask.sum())} row(s) (case(s) {_ids(obs[mask])})",
+                      exclude=f"{fname}: rows with {what} {_ids(obs[mask])}")
+            keep &= ~mask
+    if fractional.any():
+        rep.warn(f"{fname}: {source} holds non-integer values in {int(fractional.sum())} row(s) "
+                 f"(expected raw counts; e.g. case {obs[fractional][0]})")
+    if keep.all() and vkeep.all():
+        return ad
+    return ad[keep][:, vkeep].copy()
+
+
+def _scan_counts(m, rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row masks (non-finite, negative, non-integer) over a dense or sparse matrix, in row blocks."""
+    import scipy.sparse as sp
+
+    n = m.shape[0]
+    out = [np.zeros(n, bool) for _ in range(3)]
+    for start in range(0, n, rows):
+        block = m[start:start + rows]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        block = block.astype(np.float64, copy=False)
+        fin = np.isfinite(block)
+        out[0][start:start + rows] = ~fin.all(axis=1)
+        safe = np.where(fin, block, 0.0)
+        out[1][start:start + rows] = (safe < 0).any(axis=1)
+        out[2][start:start + rows] = (safe != np.round(safe)).any(axis=1)
+    return out[0], out[1], out[2]
+
+
+def _read_reports(root: Path, cases: pd.DataFrame | None, rep: ValidationReport) -> pd.Series | None:
+    path = root / "reports.jsonl"
+    if not path.exists():
+        return None
+    texts: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"reports.jsonl line {line_no}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            rep.error(f"{where}: not valid JSON ({e.msg})", exclude=f"{where} (unparseable)")
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("case_id"), str) or "text" not in rec:
+            rep.error(f'{where}: expected {{"case_id": str, "text": str}}', exclude=f"{where} (malformed)")
+            continue
+        cid, text = rec["case_id"], rec["text"]
+        where = f"{where} (case {cid})"
+        if not isinstance(text, str) or not text.strip():
+            rep.error(f"{where}: empty report text", exclude=f"{where} (empty text)")
+        elif cases is not None and cid not in cases.index:
+            rep.error(f"{where}: case_id not in cases.csv", exclude=f"{where} (unknown case)")
+        elif cid in first:
+            rep.error(f"{where}: second report for the case (first on line {first[cid]})",
+                      exclude=f"{where} (duplicate; line {first[cid]} kept)")
+        else:
+            first[cid] = line_no
+            texts[cid] = text
+    return pd.Series(texts, dtype=object, name="text").rename_axis("case_id")
+
+
+@dataclass
+class _Parts:
+    spec: CohortSpec | None
+    cases: pd.DataFrame | None
+    slides: pd.DataFrame | None
+    rna: Any
+    protein: Any
+    reports: pd.Series | None
+
+
+def _check(root: Path) -> tuple[ValidationReport, _Parts]:
+    rep = ValidationReport(root=root)
+    if not root.is_dir():
+        rep.error(f"{root}: not a directory")
+        return rep, _Parts(None, None, None, None, None, None)
+    spec = _read_spec(root, rep)
+    cases = _read_cases(root, rep)
+    parts = _Parts(spec=spec, cases=cases, slides=_read_slides(root, cases, spec, rep),
+                   rna=_read_omics(root, "rna", cases, rep), protein=_read_omics(root, "protein", cases, rep),
+                   reports=_read_reports(root, cases, rep))
+    if cases is not None and parts.slides is not None:
+        empty = ~_presence(parts).any(axis=1)
+        if empty.any():
+            rep.warn(f"{int(empty.sum())} case(s) in cases.csv have no usable modality: {_ids(empty.index[empty])}")
+    return rep, parts
+
+
+def _presence(p: _Parts) -> pd.DataFrame:
+    idx = p.cases.index
+    muts = [c for c in p.cases.columns if c.startswith("mut_")]
+    cols = {
+        "slide": idx.isin(p.slides["case_id"]) if p.slides is not None else np.zeros(len(idx), bool),
+        "rna": idx.isin(p.rna.obs_names) if p.rna is not None else np.zeros(len(idx), bool),
+        "protein": idx.isin(p.protein.obs_names) if p.protein is not None else np.zeros(len(idx), bool),
+        "report": idx.isin(p.reports.index) if p.reports is not None else np.zeros(len(idx), bool),
+        "mutation": p.cases[muts].notna().any(axis=1).to_numpy() if muts else np.zeros(len(idx), bool),
+    }
+    return pd.DataFrame({m: np.asarray(cols[m], bool) for m in MODALITIES}, index=idx)
+
+
+def validate(path: str | Path) -> ValidationReport:
+    """Check a cohort directory; never raises for bad content, the report lists every problem."""
+    return _check(Path(path).resolve())[0]
+
+
+class Cohort:
+    """An opened, validated cohort. Build with `Cohort.open(path)`."""
+
+    def __init__(self, root: Path, parts: _Parts, validation: ValidationReport):
+        self.root = root
+        self.spec: CohortSpec = parts.spec
+        self.cases: pd.DataFrame = parts.cases
+        self.slides: pd.DataFrame = parts.slides
+        self.rna = parts.rna
+        self.protein = parts.protein
+        self.reports: pd.Series | None = parts.reports
+        self.validation = validation
+        self.mutation_columns = [c for c in self.cases.columns if c.startswith("mut_")]
+        self.case_index = {c: i for i, c in enumerate(self.cases.index)}
+        self._presence = _presence(parts)
+        self._by_case = self.slides.groupby("case_id", sort=False).groups
+
+    @classmethod
+    def open(cls, path: str | Path, strict: bool = True) -> Cohort:
+        """Validate and load. strict=True raises CohortError on any error; strict=False drops what is
+        invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left."""
+        root = Path(path).resolve()
+        rep, parts = _check(root)
+        if rep.fatal or (strict and rep.errors):
+            raise CohortError(rep)
+        return cls(root, parts, rep)
+
+    def slides_of(self, case_id: str) -> pd.DataFrame:
+        """Rows of `.slides` for one case (zero rows for a case without slides)."""
+        if case_id not in self.case_index:
+            raise KeyError(f"{self.root}: case {case_id!r} not in cases.csv")
+        return self.slides.loc[self._by_case.get(case_id, [])]
+
+    def presence(self) -> pd.DataFrame:
+        """case × modality bool (slide, rna, protein, report, mutation = any known mut_* flag)."""
+        return self._presence.copy()
+
+    def __repr__(self) -> str:
+        counts = self._presence.sum().to_dict()
+        return f"Cohort({self.spec.name!r} v{self.spec.version}, {len(self.cases)} cases, {len(self.slides)} slides, {counts})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="cohort directory")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`mmfm validate PATH`: print every problem; exit 1 if there is any error."""
+    from mmfm.io import write_json
+
+    rep = validate(args.path)
+    print(rep.format())
+    if args.json:
+        write_json(args.json, rep.to_dict())
+    return 0 if rep.ok else 1
