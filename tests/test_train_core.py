@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mmfm.data.batch import BatchShapes, random_batch
+from mmfm.models.layers import Dense
 from mmfm.objectives import LogitParams, ObjectiveConfig, multimodal_loss
 from mmfm.train import checkpoint, config, metrics, optim, sharding
 from mmfm.train.loop import TrainModule, init_state, make_train_step
@@ -24,11 +25,11 @@ MODS = ("slide", "rna")
 
 
 class StandIn(nnx.Module):
-    """Masked mean of tiles → Linear; RNA → Linear; both L2-normalised."""
+    """Masked mean of tiles → Dense; RNA → Dense; both L2-normalised (real annotated mmfm layers)."""
 
     def __init__(self, shapes, dim=256, *, rngs):
-        self.slide = nnx.Linear(shapes.feature_dim, dim, rngs=rngs)
-        self.rna = nnx.Linear(shapes.n_genes, dim, rngs=rngs)
+        self.slide = Dense(shapes.feature_dim, dim, rngs=rngs)
+        self.rna = Dense(shapes.n_genes, dim, rngs=rngs)
         self.drop = nnx.Dropout(0.1, rngs=rngs)
 
     def __call__(self, batch, *, deterministic=True):
@@ -58,9 +59,9 @@ def siglip_loss(mesh=None, impl="global"):
 
 def train_losses(mesh, n_steps=3, tcfg=None, impl="global", loss=None):
     tcfg = tcfg or config.TrainConfig(steps=10, warmup=2, lr=1e-2, shard_min_size=64)
-    ts = init_state(build(), optim.make_optimizer(tcfg), mesh, tcfg.sharding, tcfg.shard_min_size)
+    ts = init_state(build(), optim.make_optimizer(tcfg), mesh, tcfg.axis_rules, tcfg.shard_min_size)
     step = make_train_step(ts, loss or siglip_loss(mesh, impl), mesh, lr_schedule=optim.schedule(tcfg),
-                           grad_accum=tcfg.grad_accum, compute_dtype=tcfg.compute_dtype)
+                           grad_accum=tcfg.grad_accum)
     out = []
     for i in range(n_steps):
         batch = sharding.global_batch(random_batch(SHAPES, seed=i, n_cases=10), sharding.batch_sharding(mesh))
@@ -83,8 +84,8 @@ def test_config_errors_name_the_dotted_key():
         config.from_dict(config.TrainConfig, {"mesh": {"data": "four"}}, "train")
     with pytest.raises(config.ConfigError, match=r"train\.progress: expected true/false"):
         config.from_dict(config.TrainConfig, {"progress": 1}, "train")
-    with pytest.raises(config.ConfigError, match=r"train\.compute_dtype: 'float16' is not one of"):
-        config.from_dict(config.TrainConfig, {"compute_dtype": "float16"}, "train")
+    with pytest.raises(config.ConfigError, match=r"train\.best_mode: .mean. is not one of"):
+        config.from_dict(config.TrainConfig, {"best_mode": "mean"}, "train")
     t = config.from_dict(config.TrainConfig, {"lr": 3, "mesh": {"fsdp": 2}}, "train")
     assert t.lr == 3.0 and isinstance(t.lr, float) and t.mesh == config.MeshConfig(data=-1, fsdp=2)
 
@@ -116,17 +117,20 @@ def test_mesh_shape_fills_minus_one_and_rejects_misfit():
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
-def test_sharding_rules_table():
-    rules = config.TrainConfig().sharding
-    spec = lambda path, shape, fsdp=2, min_size=64: sharding.spec_for(path, shape, rules, fsdp, min_size)
-    assert spec("0/model/slide/kernel", (32, 256)) == P(None, "fsdp")      # largest divisible dim
-    assert spec("0/model/slide/kernel", (256, 32)) == P("fsdp", None)
-    assert spec("1/opt_state/0/mu/model/slide/kernel", (32, 256)) == P(None, "fsdp")  # moments follow
-    assert spec("0/model/slide/bias", (256,)) == P()                        # biases replicated
-    assert spec("0/model/norm/scale", (4096,)) == P()
-    assert spec("0/model/small/kernel", (4, 8)) == P()                      # below shard_min_size
-    assert spec("0/model/odd/kernel", (31, 33)) == P()                      # nothing divides
-    assert spec("0/model/slide/kernel", (32, 256), fsdp=1) == P()
+def test_logical_rules_table_and_fit():
+    mesh = mesh_of(4, 2)
+    fit = lambda spec, shape, min_size=64: sharding.fit_spec(spec, shape, mesh, min_size)
+    assert fit(P("fsdp", None), (32, 256)) == P("fsdp", None)
+    assert fit(P("fsdp", None), (31, 256)) == P(None, None)               # 2 does not divide 31
+    assert fit(P("fsdp", None), (4, 8)) == P()                            # below shard_min_size
+    assert fit(P(("data", "fsdp"),), (64,), 1) == P(("data", "fsdp"),)
+    assert fit(P(("data", "fsdp"),), (12,), 1) == P(None)                 # 8 does not divide 12
+    abstract = nnx.split(nnx.eval_shape(build()))[1]
+    sh = sharding.state_shardings(abstract, mesh, config.TrainConfig().axis_rules, 64)
+    specs = {sharding.leaf_path(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(sh)[0]}
+    assert specs["model/slide/kernel"] == P("fsdp", None)                 # "embed" side over fsdp
+    assert specs["model/slide/bias"] == P(None)                           # "hidden" replicated
+    assert specs["logit/log_t"] == P() and specs["model/drop/rngs/key"] == P()
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -157,9 +161,9 @@ def test_sharded_4x2_matches_one_device():
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
     assert m8[0]["loss"] != m8[2]["loss"]  # it trains
     module, opt = nnx.merge(ts8.graphdef, ts8.state)
-    assert module.model.slide.kernel[...].sharding.spec == P(None, "fsdp")
-    assert opt.opt_state[1][0].mu["model"]["slide"]["kernel"][...].sharding.spec == P(None, "fsdp")
-    assert module.model.slide.bias[...].sharding.spec == P()
+    assert module.model.slide.kernel[...].sharding.spec == P("fsdp", None)
+    assert opt.opt_state[1][0].mu["model"]["slide"]["kernel"][...].sharding.spec == P("fsdp", None)
+    assert module.model.slide.bias[...].sharding.spec == P(None)
 
 
 def test_ring_objective_inside_step_matches_global():
@@ -189,15 +193,6 @@ def test_grad_accum_equals_full_batch_for_a_row_mean_loss():
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-4)
 
 
-def test_bf16_compute_keeps_fp32_master_weights():
-    mesh = mesh_of(4, 2)
-    ts, mb = train_losses(mesh, 2, config.TrainConfig(steps=10, warmup=2, lr=1e-2, compute_dtype="bfloat16"))
-    _, mf = train_losses(mesh, 2)
-    np.testing.assert_allclose(mb[0]["loss"], mf[0]["loss"], rtol=2e-2)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(nnx.merge(ts.graphdef, ts.state)[0],
-                                                                         nnx.Param)))
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_restores_onto_other_meshes_and_ignores_unfinished(tmp_path):
@@ -212,7 +207,7 @@ def test_checkpoint_restores_onto_other_meshes_and_ignores_unfinished(tmp_path):
     (fake / "state").mkdir(parents=True)
     (fake / "state" / "garbage").write_text("partial")
     for mesh in (mesh_of(8, 1), mesh_of(2, 1), mesh_of(1, 1)):
-        ts2 = init_state(build(seed=1), optim.make_optimizer(tcfg), mesh, tcfg.sharding, tcfg.shard_min_size)
+        ts2 = init_state(build(seed=1), optim.make_optimizer(tcfg), mesh, tcfg.axis_rules, tcfg.shard_min_size)
         ck = checkpoint.Checkpointer(tmp_path, tcfg)
         assert ck.all_steps() == [5] and ck.latest_step() == 5
         state, loader_state, meta = ck.restore(5, ts2.abstract)

@@ -30,6 +30,12 @@ class MeshConfig:
     fsdp: int = 1
 
 
+def _default_axis_rules() -> list:
+    from mmfm.models import DEFAULT_AXIS_RULES
+
+    return [list(r) for r in DEFAULT_AXIS_RULES]
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -42,7 +48,6 @@ class TrainConfig:
     b2: float = 0.999
     clip: float = 1.0                  # global-norm clipping; 0 disables
     grad_accum: int = 1                # micro-batches per optimizer step (scan inside the jitted step)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"   # params, optimizer and loss stay fp32
     log_every: int = 10
     eval_every: int = 100              # 0 disables held-out evaluation during training
     ckpt_every: int = 100
@@ -50,8 +55,7 @@ class TrainConfig:
     best_metric: str = ""              # eval.jsonl key (e.g. "recall@5/slide->rna") whose best ckpt is kept
     best_mode: Literal["max", "min"] = "max"
     async_checkpoint: bool = True
-    sharding: list[list[str]] = field(default_factory=lambda: [[r"(^|/)(bias|scale|embedding|log_t)$", "replicate"],
-                                                              [r".*", "fsdp"]])
+    axis_rules: list[tuple[str, str | None]] = field(default_factory=lambda: _default_axis_rules())
     shard_min_size: int = 2 ** 16      # arrays with fewer elements stay replicated (cheaper than gathering)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     progress: bool = True              # tqdm bar with ETA on process 0
@@ -248,9 +252,11 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("train.steps: must be >= 1")
     if t.grad_accum < 1 or cfg.loader.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide loader.batch_size={cfg.loader.batch_size}")
-    for i, rule in enumerate(t.sharding):
-        if len(rule) != 2 or rule[1] not in ("replicate", "fsdp"):
-            raise ConfigError(f"train.sharding[{i}]: expected [regex, 'replicate'|'fsdp'], got {rule!r}")
+    from mmfm.train.sharding import AXES
+
+    for i, (name, axis) in enumerate(t.axis_rules):
+        if axis is not None and axis not in AXES:
+            raise ConfigError(f"train.axis_rules[{i}]: {name!r} -> {axis!r}; mesh axes are {AXES} or null")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError("data.heldout_fraction: must be in [0, 1)")
     if (t.mesh.data == -1) and (t.mesh.fsdp == -1):

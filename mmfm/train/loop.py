@@ -41,8 +41,7 @@ from mmfm.train.optim import make_optimizer, schedule
 from mmfm.train.sharding import (BATCH_AXES, batch_sharding, global_batch, initialize_distributed, make_mesh,
                                  replicated, state_shardings)
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-FLOAT_INPUTS = ("slide/features", "rna/values", "protein/values", "mutation/values")
+FLOAT_INPUTS = ("slide/features", "rna/values", "protein/values", "mutation/values")  # NaN injection targets
 
 
 class TrainModule(nnx.Module):
@@ -65,24 +64,19 @@ class TrainState:
 
 def init_state(build: Callable[[], TrainModule], tx: optax.GradientTransformation, mesh,
                rules, min_size: int) -> TrainState:
-    """Parameters and optimizer state born sharded (jit with out_shardings): no host copy."""
+    """Parameters and optimizer state born sharded (jit with out_shardings): no host copy.
+
+    Built with no mesh in context, so the models keep their logical annotations without eager
+    sharding; the shardings come from those annotations through `rules` (see sharding.py).
+    """
     def create():
         module = build()
         return module, nnx.Optimizer(module, tx, wrt=nnx.Param)
 
-    with jax.set_mesh(mesh):
-        graphdef, abstract = nnx.split(nnx.eval_shape(create))
-        shardings = state_shardings(abstract, mesh, rules, min_size)
-        state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = state_shardings(abstract, mesh, rules, min_size)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
     return TrainState(graphdef, state, shardings, abstract_target(abstract, shardings))
-
-
-def _cast_model_params(params, dtype):
-    """Compute-dtype copy of the encoder weights; the objective's t′/b stay fp32."""
-    def cast(path, x):
-        top = getattr(path[0], "key", None) if path else None
-        return x.astype(dtype) if top != "logit" and jnp.issubdtype(x.dtype, jnp.floating) else x
-    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -90,15 +84,13 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return {k: jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
-def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: int = 1,
-                    compute_dtype: str = "float32"):
+def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: int = 1):
     """Jitted `(state, batch) -> (state, metrics)`; `loss_fn(module, batch) -> (loss, dict)`.
 
     Gradient accumulation scans over micro-batches (contrastive negatives come from the micro-
-    batch, as with optax.MultiSteps). In bfloat16 mode the encoders run on a bf16 copy of the
-    fp32 master weights and bf16 inputs; gradients, optimizer and loss stay fp32.
+    batch, as with optax.MultiSteps). Mixed precision is the model's own `model.compute_dtype`
+    (bf16 activations, fp32 master weights); gradients, optimizer and loss stay fp32.
     """
-    dtype = COMPUTE_DTYPES[compute_dtype]
     graphdef = ts.graphdef
 
     def step(state, batch):
@@ -107,9 +99,6 @@ def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: i
         lr = lr_schedule(opt.step[...])
 
         def micro(params, rest, mb):
-            if dtype != jnp.float32:
-                params = _cast_model_params(params, dtype)
-                mb = {k: v.astype(dtype) if k in FLOAT_INPUTS else v for k, v in mb.items()}
             m = nnx.merge(mdef, params, rest, copy=True)  # fresh Variables at this trace level
             loss, metrics = loss_fn(m, mb)
             return loss.astype(jnp.float32), (metrics, nnx.state(m, nnx.Not(nnx.Param)))
@@ -265,7 +254,7 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
         save_transforms(out / "transforms", loader)
 
     tx = make_optimizer(t)
-    ts = init_state(build_module(cfg, shapes, modalities), tx, mesh, t.sharding, t.shard_min_size)
+    ts = init_state(build_module(cfg, shapes, modalities), tx, mesh, t.axis_rules, t.shard_min_size)
     ckpt = Checkpointer(out, t)
     start = 0
     if resume and ckpt.latest_step() is not None:
@@ -276,7 +265,7 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
         loader.set_state(loader_state)
 
     step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
-                              grad_accum=t.grad_accum, compute_dtype=t.compute_dtype)
+                              grad_accum=t.grad_accum)
     evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh) \
         if t.eval_every > 0 and held_ids else None
     writer = MetricsWriter(out, t.steps, start, progress=t.progress)
@@ -375,7 +364,7 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
     if mesh is None:
         mesh = make_mesh(dataclasses.replace(cfg.train.mesh, data=-1, fsdp=1), jax.local_devices())
     ts = init_state(build_module(cfg, shapes, tuple(cfg.loader.modalities)), make_optimizer(cfg.train), mesh,
-                    cfg.train.sharding, cfg.train.shard_min_size)
+                    cfg.train.axis_rules, cfg.train.shard_min_size)
     state = ckpt.restore_state(step, ts.abstract)
     ckpt.close()
     module, _ = nnx.merge(ts.graphdef, state)

@@ -2,20 +2,18 @@
 
 One mesh for every run, 1 CPU device to a pod: axes ("data", "fsdp"), both `AxisType.Auto`
 (classic jit with in/out shardings and automatic propagation — the style chosen on purpose).
-The batch is split over both axes. Parameters and optimizer moments follow a rules table keyed
-by parameter path (big_vision's `sharding_strategy`): `fsdp` shards the largest dimension that
-divides the fsdp axis, `replicate` keeps a full copy; arrays below `shard_min_size` elements stay
-replicated because gathering them costs more than it saves. Optimizer moments have the same
-path suffix and shape as their parameter, so they get the same spec.
+The batch is split over both axes. Parameters and optimizer moments follow one logical-rules
+table (`train.axis_rules`, default `mmfm.models.DEFAULT_AXIS_RULES`: the "embed" side of every
+large matrix over `fsdp`, everything else replicated); arrays below `train.shard_min_size`
+elements stay replicated because gathering them costs more than it saves.
 """
 
 from __future__ import annotations
 
 import os
-import re
-
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mmfm.train.config import MeshConfig
@@ -48,33 +46,30 @@ def leaf_path(path) -> str:
     return s[: -len("/value")] if s.endswith("/value") else s
 
 
-def spec_for(path: str, shape: tuple[int, ...], rules, fsdp_size: int, min_size: int) -> P:
-    """PartitionSpec of one array: the first matching rule wins; no match = replicate."""
-    for pattern, rule in rules:
-        if re.search(pattern, path):
-            break
-    else:
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
+    """Drop mesh axes a dimension cannot take: arrays under `min_size` elements, or dims the axis
+    size does not divide, stay replicated along that dim."""
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
-    if rule == "replicate" or fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-        return P()
-    dims = sorted(range(len(shape)), key=lambda i: -shape[i])
-    for d in dims:
-        if shape[d] % fsdp_size == 0:
-            spec = [None] * len(shape)
-            spec[d] = "fsdp"
-            return P(*spec)
-    return P()
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        size = int(np.prod([mesh.shape[a] for a in names], dtype=np.int64))
+        out.append(axes if names and dim % size == 0 and size > 1 else None)
+    return P(*out)
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules, min_size: int):
-    """NamedSharding for every leaf of an (abstract) state pytree."""
-    fsdp = mesh.shape["fsdp"]
+    """NamedSharding for every leaf of an (abstract) nnx state.
 
-    def one(path, leaf):
-        shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(leaf_path(path), shape, rules, fsdp, min_size))
-
-    return jax.tree_util.tree_map_with_path(one, abstract_state)
+    Logical axis names on the variables (`mmfm.models` annotates every matrix) are mapped to mesh
+    axes by `rules`; the optimizer's moments carry their parameter's names, so they shard alike.
+    Unannotated leaves (RNG keys, counters) are replicated.
+    """
+    with nnx.logical_axis_rules([tuple(r) for r in rules]):
+        specs = nnx.get_partition_spec(abstract_state)
+    return jax.tree.map(lambda leaf, spec: NamedSharding(mesh, fit_spec(spec, tuple(leaf.shape), mesh, min_size)),
+                        abstract_state, specs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
