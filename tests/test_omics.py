@@ -1,0 +1,187 @@
+"""Omics preprocessing against a NumPy reimplementation; fitted on training cases only; vocabulary alignment."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from mmfm.data.omics import OmicsTransform
+
+GENES = [f"g{i}" for i in range(8)]
+TRAIN = [f"c{i}" for i in range(10)]
+
+
+def _adata(counts, cases=None, genes=GENES, layer=False):
+    cases = cases or [f"c{i}" for i in range(len(counts))]
+    obs, var = pd.DataFrame(index=pd.Index(cases)), pd.DataFrame(index=pd.Index(genes))
+    if layer:  # X holds something else (e.g. scaled data); counts live in the layer
+        return ad.AnnData(X=np.log1p(counts).astype(np.float32) - 3, obs=obs, var=var,
+                          layers={"counts": counts.astype(np.float32)})
+    return ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+
+
+def _counts(n=14, g=len(GENES), seed=0):
+    rng = np.random.default_rng(seed)
+    lib = rng.integers(500, 5000, size=(n, 1))
+    return rng.poisson(lib * rng.dirichlet(np.ones(g) * 2)[None, :]).astype(np.float64)
+
+
+def _ref_lognorm(counts, target_sum=1e4):
+    return np.log1p(counts / counts.sum(axis=1, keepdims=True) * target_sum)
+
+
+def test_matches_numpy_reference():
+    counts = _counts()
+    t = OmicsTransform.fit(_adata(counts), TRAIN)
+    ln = _ref_lognorm(counts)
+    mu, sd = ln[:10].mean(0), ln[:10].std(0)
+    values, mask = t.transform(_adata(counts))
+    assert t.genes == GENES and values.dtype == np.float32 and mask.dtype == bool and mask.all()
+    np.testing.assert_allclose(t.mean, mu, rtol=1e-5)
+    np.testing.assert_allclose(t.std, sd, rtol=1e-5)
+    np.testing.assert_allclose(values, (ln - mu) / sd, rtol=1e-4, atol=1e-4)
+
+
+def test_counts_layer_is_used_and_sparse_equals_dense():
+    counts = _counts()
+    dense = OmicsTransform.fit(_adata(counts), TRAIN)
+    layer = OmicsTransform.fit(_adata(counts, layer=True), TRAIN)
+    a = _adata(counts)
+    a.X = sp.csr_matrix(a.X)
+    sparse = OmicsTransform.fit(a, TRAIN)
+    for t in (layer, sparse):
+        np.testing.assert_allclose(t.mean, dense.mean, rtol=1e-6)
+        np.testing.assert_allclose(t.transform(a)[0], dense.transform(_adata(counts))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_ignores_test_cases():
+    counts = _counts()
+    changed = counts.copy()
+    changed[10:] = np.random.default_rng(9).poisson(50.0, changed[10:].shape) * np.arange(1, len(GENES) + 1)
+    for kw in ({}, {"n_top_genes": 3}):
+        a = OmicsTransform.fit(_adata(counts), TRAIN, **kw)
+        b = OmicsTransform.fit(_adata(changed), TRAIN, **kw)
+        assert a.genes == b.genes
+        np.testing.assert_array_equal(a.mean, b.mean)
+        np.testing.assert_array_equal(a.std, b.std)
+    # ... and the training cases do matter (the test above can fail)
+    assert not np.array_equal(OmicsTransform.fit(_adata(changed), TRAIN[:5] + ["c12"]).mean, a.mean)
+
+
+def test_shuffled_panel_gives_identical_values():
+    counts = _counts()
+    t = OmicsTransform.fit(_adata(counts), TRAIN)
+    perm = np.random.default_rng(1).permutation(len(GENES))
+    shuffled = _adata(counts[:, perm], genes=[GENES[i] for i in perm])
+    np.testing.assert_allclose(t.transform(shuffled)[0], t.transform(_adata(counts))[0], rtol=1e-6)
+
+
+def test_partial_panel_masks_absent_genes_never_zero_fills():
+    counts = _counts()
+    t = OmicsTransform.fit(_adata(counts), TRAIN)
+    other = _counts(n=5, g=4, seed=3)  # another cohort: 3 vocabulary genes (shuffled) + one unknown gene
+    names = ["g5", "gX", "g1", "g0"]
+    values, mask = t.transform(_adata(other, cases=[f"o{i}" for i in range(5)], genes=names))
+    ln = _ref_lognorm(other)  # its own library sizes
+    for j, g in enumerate(GENES):
+        if g in names:
+            k = names.index(g)
+            assert mask[:, j].all()
+            np.testing.assert_allclose(values[:, j], (ln[:, k] - t.mean[j]) / t.std[j], rtol=1e-4, atol=1e-4)
+        else:
+            assert not mask[:, j].any() and (values[:, j] == 0).all()
+
+
+def test_fixed_panel_keeps_order_and_refuses_unmeasured_genes():
+    counts = _counts()
+    t = OmicsTransform.fit(_adata(counts), TRAIN, genes=["g6", "g2", "g4"])
+    assert t.genes == ["g6", "g2", "g4"]
+    ln = _ref_lognorm(counts)  # library size over every measured gene, not just the panel
+    np.testing.assert_allclose(t.mean, ln[:10][:, [6, 2, 4]].mean(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="not measured in the training data: gZ"):
+        OmicsTransform.fit(_adata(counts), TRAIN, genes=["g1", "gZ"])
+
+
+def test_protein_without_normalisation():
+    values = np.random.default_rng(2).lognormal(2.0, 1.0, (14, 5))
+    names = [f"p{i}" for i in range(5)]
+    t = OmicsTransform.fit(_adata(values, genes=names), TRAIN, normalize=False)
+    ref = (values - values[:10].mean(0)) / values[:10].std(0)
+    np.testing.assert_allclose(t.transform(_adata(values, genes=names))[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_roundtrip_is_exact(tmp_path):
+    counts = _counts()
+    t = OmicsTransform.fit(_adata(counts), TRAIN, n_top_genes=5, target_sum=1e6)
+    path = t.save(tmp_path / "rna_transform.json")
+    assert json.loads(path.read_text())["genes"] == t.genes  # plain JSON
+    u = OmicsTransform.load(path)
+    assert u.genes == t.genes and u.target_sum == 1e6 and u.normalize
+    np.testing.assert_array_equal(u.mean, t.mean)
+    np.testing.assert_array_equal(u.std, t.std)
+    np.testing.assert_array_equal(u.transform(_adata(counts))[0], t.transform(_adata(counts))[0])
+    (tmp_path / "bad.json").write_text('{"genes": []}')
+    with pytest.raises(ValueError, match="bad.json: not an OmicsTransform file"):
+        OmicsTransform.load(tmp_path / "bad.json")
+
+
+def test_bad_input_is_named():
+    counts = _counts()
+    counts[3, 2] = -1
+    with pytest.raises(ValueError, match="non-negative; bad row.*c3"):
+        OmicsTransform.fit(_adata(counts), TRAIN)
+    with pytest.raises(ValueError, match="not in the AnnData obs: zz"):
+        OmicsTransform.fit(_adata(_counts()), ["c1", "zz"])
+
+
+def _pbmc_counts():
+    """scanpy's real 10x PBMC subset (700 cells × 765 genes). This scanpy stores log1p(normalised) values
+    in .raw; each cell's smallest non-zero expm1 value is one count, which recovers integer counts."""
+    a = sc.datasets.pbmc68k_reduced()
+    e = np.expm1(a.raw.X.toarray().astype(np.float64))
+    unit = np.where(e > 0, e, np.inf).min(axis=1, keepdims=True)
+    counts = np.round(e / unit)
+    assert np.abs(e / unit - counts).max() < 0.2  # really integers up to storage precision
+    return ad.AnnData(X=counts.astype(np.float32), obs=pd.DataFrame(index=a.obs_names),
+                      var=pd.DataFrame(index=a.raw.var_names))
+
+
+def _seurat_hvg(logx, n, n_bins=20):
+    """NumPy reimplementation of Seurat's mean.var.plot dispersion ranking (scanpy flavor='seurat')."""
+    x = np.expm1(logx)
+    mean, var = x.mean(0), x.var(0, ddof=1)
+    mean[mean == 0] = 1e-12
+    disp = var / mean
+    disp[disp == 0] = np.nan
+    disp, lmean = np.log(disp), np.log1p(mean)
+    bins = pd.cut(lmean, n_bins).codes
+    norm = np.full_like(disp, np.nan)
+    for b in np.unique(bins):
+        d = disp[bins == b]
+        avg, dev = np.nanmean(d), (np.nanstd(d, ddof=1) if np.isfinite(d).sum() > 1 else np.nan)
+        if np.isnan(dev):  # a lone gene in its bin counts as normalised dispersion 1
+            avg, dev = 0.0, avg
+        norm[bins == b] = (d - avg) / dev
+    return set(np.argsort(-np.nan_to_num(norm, nan=-np.inf), kind="stable")[:n])
+
+
+def test_hvg_on_real_pbmc68k_matches_reference_and_uses_train_only():
+    a = _pbmc_counts()
+    rng = np.random.default_rng(0)
+    train = list(rng.choice(a.obs_names, 500, replace=False))
+    t = OmicsTransform.fit(a, train, n_top_genes=200)
+    assert len(t.genes) == 200
+    rows = a.obs_names.get_indexer(train)
+    ref = _seurat_hvg(_ref_lognorm(a.X[rows].astype(np.float64)), 200)
+    assert set(t.genes) == {a.var_names[i] for i in ref}
+    assert t.genes == [g for g in a.var_names if g in set(t.genes)]  # original order kept
+    values, mask = t.transform(a)
+    np.testing.assert_allclose(values[rows].mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(values[rows].std(0), 1, atol=1e-3)
+    assert mask.all()
+    # HVGs chosen on all 700 cells differ: the 200 held-out cells were not consulted
+    assert set(OmicsTransform.fit(a, list(a.obs_names), n_top_genes=200).genes) != set(t.genes)
