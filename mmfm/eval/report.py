@@ -19,8 +19,9 @@ from mmfm.io import atomic_path, write_text
 
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
 BOOKKEEPING = {"C", "alpha", "n_test", "n_queries"}  # in results.csv, not in the summary tables
-PRIMARY = {"classification": "auroc", "mutation": "auroc", "fewshot": "bacc", "survival": "c_index",
-           "retrieval": None, "robustness": None}
+PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
+           "retrieval": ("recall@1", "top1_acc"), "robustness": None}
+CHANCE = {"auroc": 0.5, "c_index": 0.5}
 
 
 def slug(*parts: str) -> str:
@@ -43,8 +44,9 @@ def summarize(results: pd.DataFrame, boot: pd.DataFrame) -> pd.DataFrame:
             est = stats.Estimate(float(g.value.iloc[0]), n=1)
         else:
             est = stats.mean_se(g.value)
+        text = f"{est.mean:.3g}" if k[-1].endswith("_p") and np.isfinite(est.mean) else est.format()
         rows.append({**dict(zip(GROUP, k)), "mean": est.mean, "se": est.se, "lo": est.lo, "hi": est.hi,
-                     "n": est.n, "text": est.format()})
+                     "n": est.n, "text": text})
     return pd.DataFrame(rows, columns=GROUP + ["mean", "se", "lo", "hi", "n", "text"])
 
 
@@ -77,9 +79,13 @@ def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, notes: list[s
             "bootstrap mean [2.5%, 97.5%] over resampled test cases. Pooled log-rank p and robustness indices are "
             "single values. Retrieval `chance_*` columns are the expected value under a random ranking.", ""]
     for task, s in summary.groupby("task", sort=False):
-        r = results[results.task == task]
-        folds = sorted(set(r.fold) - {"pooled", "all"})
-        out += [f"## {task} ({s.type.iloc[0]}, {len(folds) or 1} fold(s))", "", markdown_table(task_table(s)), ""]
+        folds = sorted(set(results.fold[results.task == task]) - {"pooled", "all"})
+        out += [f"## {task} ({s.type.iloc[0]}, {f'{len(folds)} fold(s)' if folds else 'all rows'})", ""]
+        # rows measured with different metric sets (cross-modal vs same-label retrieval) get separate tables
+        metric_set = s.groupby(["target", "embedding", "model", "shots"], sort=False).metric.transform(
+            lambda m: ",".join(m))
+        for _, part in s.groupby(metric_set, sort=False):
+            out += [markdown_table(task_table(part)), ""]
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
@@ -94,8 +100,9 @@ def _save(fig: Figure, path: Path) -> None:
 def plot_task(summary: pd.DataFrame, path: Path) -> bool:
     """Primary metric per embedding (error bars = SE or CI); few-shot: metric against shots."""
     kind = summary.type.iloc[0]
-    metric = PRIMARY[kind] or summary.metric.iloc[0]
-    s = summary[summary.metric == metric]
+    metrics = PRIMARY[kind] or (summary.metric.iloc[0],)
+    s = summary[summary.metric.isin(metrics)]
+    metric = " / ".join(m for m in metrics if m in set(s.metric))
     if s.empty:
         return False
     fig = Figure(figsize=(6, 3.5))
@@ -114,6 +121,8 @@ def plot_task(summary: pd.DataFrame, path: Path) -> bool:
         ax.barh(np.arange(len(s)), s["mean"], xerr=[lo, hi], capsize=3)
         ax.set_yticks(np.arange(len(s)), labels, fontsize=7)
         ax.set_xlabel(metric)
+        if metric in CHANCE:
+            ax.axvline(CHANCE[metric], color="grey", linestyle="--", linewidth=1)
     ax.set_title(f"{summary.task.iloc[0]}: {metric}")
     _save(fig, path)
     return True
