@@ -120,6 +120,7 @@ PROGRAMME_CORR = np.array([
     [-0.2, 0.0, -0.1, -0.1, 1.0],
 ])
 PROGRAMME_SD = 0.7
+PROGRAMME_CHOL = np.linalg.cholesky(PROGRAMME_CORR)
 SLIDE_HETEROGENEITY_SD = 0.25  # a slide samples one block: its programmes deviate from the case's
 # Driver prevalence per subtype (rows: DRIVERS, cols: SUBTYPES).
 DRIVER_PREVALENCE = np.array([
@@ -140,8 +141,8 @@ DRIVER_EFFECTS = np.array([
     [0.2, 0.3, 0.0, 0.0, 0.0],
 ])
 # Log-hazard: linear in programmes + subtype + TP53.
-HAZARD_PROGRAMMES = np.array([0.5, -0.4, 0.4, 0.3, -0.2])
-HAZARD_SUBTYPE = np.array([-0.3, -0.2, 0.35, 0.15])
+HAZARD_PROGRAMMES = np.array([0.4, -0.3, 0.3, 0.25, -0.15])
+HAZARD_SUBTYPE = np.array([-0.25, -0.15, 0.3, 0.1])
 HAZARD_TP53 = 0.25
 LOSS_TO_FOLLOW_UP_MEAN_DAYS = 8 * 365.0
 # Grade from a noisy proliferation-minus-differentiation score.
@@ -177,10 +178,10 @@ TYPE_APPEARANCE = np.array([
 ])
 SUBTYPE_TUMOUR_SHIFT = 0.5  # growth-pattern shift of tumour tiles per subtype (norm, in tile-noise units)
 TILE_NOISE_SD, FEATURE_NOISE_SD = 1.0, 0.5
-SITE_STAIN_LATENT_SD, SITE_STAIN_FEATURE_SD, SITE_GAIN_SD, SLIDE_STAIN_SD = 0.5, 0.15, 0.05, 0.2
+SITE_STAIN_LATENT_SD, SITE_STAIN_FEATURE_SD, SITE_GAIN_SD, SLIDE_STAIN_SD = 0.35, 0.08, 0.05, 0.2
 FRAGMENT_COUNT_P = np.array([0.35, 0.35, 0.2, 0.1])
 LIBRARY_SIZE_MEDIAN, LIBRARY_SIZE_SD = 3e6, 0.4  # reads over the simulated genes; log-normal depth
-GENE_SITE_SD, PROTEIN_SITE_SD, PROTEIN_NOISE_SD = 0.15, 0.2, 0.35
+GENE_SITE_SD, PROTEIN_SITE_SD, PROTEIN_NOISE_SD = 0.1, 0.2, 0.35
 
 # Named genes per module (marker genes of each programme; drivers' transcriptional read-outs).
 GENE_MODULES = {
@@ -234,7 +235,7 @@ def _round_robin(modules: dict[str, list[str]]) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------- world
-@dataclass(frozen=True)
+@dataclass
 class World:
     """Cohort-level parameters (drawn once per seed): sites, feature geometry, gene and protein models."""
 
@@ -251,6 +252,21 @@ class World:
     gene_site: np.ndarray  # [S, G] batch effect (log scale)
     proteins: pd.DataFrame  # index antibody: module, base, load_<programme>, mut_<driver>
     protein_site: np.ndarray  # [S, P]
+
+    gene_arrays: dict[str, np.ndarray] = dataclasses.field(init=False)  # the tables as arrays, once
+    protein_arrays: dict[str, np.ndarray] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.gene_arrays = {"base": self.genes["base"].to_numpy(), "dispersion": self.genes["dispersion"].to_numpy(),
+                            "load": _cols(self.genes, "load_", PROGRAMMES), "sub": _cols(self.genes, "sub_", SUBTYPES),
+                            "mut": _cols(self.genes, "mut_", DRIVERS)}
+        self.protein_arrays = {"base": self.proteins["base"].to_numpy(),
+                               "load": _cols(self.proteins, "load_", PROGRAMMES),
+                               "mut": _cols(self.proteins, "mut_", DRIVERS)}
+
+
+def _cols(df: pd.DataFrame, prefix: str, names: tuple[str, ...]) -> np.ndarray:
+    return df[[f"{prefix}{n}" for n in names]].to_numpy()
 
 
 def _rng(cfg: SimConfig, *words: int) -> np.random.Generator:
@@ -383,7 +399,7 @@ def draw_case(cfg: SimConfig, world: World, i: int) -> Case:
     site = int(r.choice(cfg.n_sites, p=world.site_weights))
     subtype = int(r.choice(len(SUBTYPES), p=world.site_subtype[site]))
     muts = r.random(len(DRIVERS)) < DRIVER_PREVALENCE[:, subtype]
-    noise = PROGRAMME_SD * (np.linalg.cholesky(PROGRAMME_CORR) @ r.standard_normal(len(PROGRAMMES)))
+    noise = PROGRAMME_SD * (PROGRAMME_CHOL @ r.standard_normal(len(PROGRAMMES)))
     prog = SUBTYPE_MEANS[subtype] + muts.astype(float) @ DRIVER_EFFECTS + noise
     grade_score = float(GRADE_WEIGHTS @ prog + GRADE_NOISE_SD * r.standard_normal())
     grade = 1 + int(grade_score > GRADE_CUTS[0]) + int(grade_score > GRADE_CUTS[1])
@@ -482,30 +498,24 @@ def simulate_slide(cfg: SimConfig, world: World, case: Case, j: int) -> Slide:
 
 
 # ----------------------------------------------------------------------------------------------- omics
-def _frame_cols(df: pd.DataFrame, prefix: str, names: tuple[str, ...]) -> np.ndarray:
-    return df[[f"{prefix}{n}" for n in names]].to_numpy()
-
-
 def rna_counts(cfg: SimConfig, world: World, case: Case) -> np.ndarray:
     """Bulk RNA-seq counts: gamma–Poisson (negative binomial) around programme-driven means, varying depth."""
     r = _rng(cfg, _RNA, case.index)
-    g = world.genes
-    log_mu = (g["base"].to_numpy() + _frame_cols(g, "load_", PROGRAMMES) @ case.programmes
-              + _frame_cols(g, "sub_", SUBTYPES)[:, case.subtype]
-              + _frame_cols(g, "mut_", DRIVERS) @ case.mutations.astype(float) + world.gene_site[case.site])
+    g = world.gene_arrays
+    log_mu = (g["base"] + g["load"] @ case.programmes + g["sub"][:, case.subtype]
+              + g["mut"] @ case.mutations.astype(float) + world.gene_site[case.site])
     p = np.exp(log_mu - log_mu.max())
     mu = np.exp(np.log(LIBRARY_SIZE_MEDIAN) + LIBRARY_SIZE_SD * r.standard_normal()) * p / p.sum()
-    phi = g["dispersion"].to_numpy()
+    phi = g["dispersion"]
     return r.poisson(r.gamma(1.0 / phi, phi * mu)).astype(np.float32)
 
 
 def protein_values(cfg: SimConfig, world: World, case: Case) -> np.ndarray:
     """RPPA-like positive intensities: log-normal around programme- and driver-driven means, + lot effect."""
     r = _rng(cfg, _PROTEIN, case.index)
-    pr = world.proteins
-    log_v = (pr["base"].to_numpy() + _frame_cols(pr, "load_", PROGRAMMES) @ case.programmes
-             + _frame_cols(pr, "mut_", DRIVERS) @ case.mutations.astype(float) + world.protein_site[case.site]
-             + PROTEIN_NOISE_SD * r.standard_normal(len(pr)))
+    pr = world.protein_arrays
+    log_v = (pr["base"] + pr["load"] @ case.programmes + pr["mut"] @ case.mutations.astype(float)
+             + world.protein_site[case.site] + PROTEIN_NOISE_SD * r.standard_normal(len(pr["base"])))
     return np.exp(log_v).astype(np.float32)
 
 
