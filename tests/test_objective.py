@@ -118,16 +118,16 @@ def test_default_init_and_shared_params():
     assert shared.log_t[...].shape == (1,)
     emb, present, ci = make_batch(seed=1)
 
-    def grads(lp, c):
+    def run(lp, c):
         g, s = nnx.split(lp)
-        return jax.grad(lambda s: multimodal_loss(emb, present, ci, nnx.merge(g, s), c)[0])(s)
+        f = lambda s: multimodal_loss(emb, present, ci, nnx.merge(g, s), c)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(s)
 
-    l_shared, d_shared = multimodal_loss(emb, present, ci, shared, shared_cfg)
-    l_pair, d_pair = multimodal_loss(emb, present, ci, per_pair, cfg)
+    (l_shared, d_shared), gs = run(shared, shared_cfg)
+    (l_pair, _), gp = run(per_pair, cfg)
     np.testing.assert_allclose(l_shared, l_pair, rtol=1e-6)
     assert_matches(l_shared, d_shared, *reference(emb, present, ci, PAIRS, [1.2] * 3, [-2.0] * 3, "siglip"))
     # Chain rule: the shared parameter's gradient is the sum of the per-pair gradients.
-    gs, gp = grads(shared, shared_cfg), grads(per_pair, cfg)
     np.testing.assert_allclose(gs["log_t"][...], [gp["log_t"][...].sum()], rtol=1e-5)
     np.testing.assert_allclose(gs["bias"][...], [gp["bias"][...].sum()], rtol=1e-5)
 
@@ -216,7 +216,7 @@ def test_pair_without_valid_rows_contributes_zero_and_no_nan(kind):
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
     g, s = nnx.split(lp)
     loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg)  # noqa: E731
-    (loss, diag), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(emb, s)
+    (loss, diag), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(emb, s)
     for name in ("slide-protein", "rna-protein"):
         assert float(diag[f"loss/{name}"]) == 0.0 and float(diag[f"valid_rows/{name}"]) == 0.0
         assert all(float(diag[f"logits/{name}/{k}"]) == 0.0 for k in ("pos_mean", "neg_min", "neg_max"))
@@ -226,7 +226,8 @@ def test_pair_without_valid_rows_contributes_zero_and_no_nan(kind):
     # Same as training on the other two modalities alone.
     sub = {m: emb[m] for m in ("slide", "rna")}
     lp2 = LogitParams(cfg, ("slide", "rna"), rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(loss, multimodal_loss(sub, present, ci, lp2, cfg)[0], rtol=1e-6)
+    np.testing.assert_allclose(loss, jax.jit(lambda e: multimodal_loss(e, present, ci, lp2, cfg)[0])(sub),
+                               rtol=1e-6)
 
 
 def test_rankme_and_norm_match_numpy():
@@ -242,7 +243,8 @@ def test_rankme_and_norm_match_numpy():
     emb, present, ci = make_batch(seed=6)
     norms = {m: rng.uniform(1, 5, size=len(ci)).astype(np.float32) for m in MODS}
     cfg = ObjectiveConfig()
-    _, diag = multimodal_loss(emb, present, ci, LogitParams(cfg, MODS, rngs=nnx.Rngs(0)), cfg, norms=norms)
+    lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
+    _, diag = jax.jit(lambda e: multimodal_loss(e, present, ci, lp, cfg, norms=norms))(emb)
     for m in MODS:
         keep = present[m] & (ci >= 0)
         np.testing.assert_allclose(diag[f"norm/{m}"], norms[m][keep].mean(), rtol=1e-6)
