@@ -441,7 +441,7 @@ def _read_omics(root: Path, name: str, cases: pd.DataFrame | None, rep: Validati
             rep.error(f"{fname}: {source} has {what} in {int(mask.sum())} row(s) (case(s) {_ids(obs[mask])})",
                       exclude=f"{fname}: rows with {what} {_ids(obs[mask])}")
             keep &= ~mask
-    if fractional.any():
+    if name == "rna" and fractional.any():  # protein panels may legitimately be intensities
         rep.warn(f"{fname}: {source} holds non-integer values in {int(fractional.sum())} row(s) "
                  f"(expected raw counts; e.g. case {obs[fractional][0]})")
     if keep.all() and vkeep.all():
