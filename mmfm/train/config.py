@@ -165,7 +165,7 @@ def from_dict(cls, raw: dict | None, prefix: str = ""):
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -187,6 +187,15 @@ def from_dict(cls, raw: dict | None, prefix: str = ""):
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # the owners' __post_init__ checks
         raise ConfigError(f"{prefix or '<root>'}: {e}") from e
+
+
+def _type_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:  # ModelConfig names TextConfig under TYPE_CHECKING (keeps torch-free imports light)
+        from mmfm.models.text import TextConfig
+
+        return typing.get_type_hints(cls, localns={"TextConfig": TextConfig})
 
 
 def _join(prefix: str, name) -> str:

@@ -1,9 +1,9 @@
 """Held-out evaluation during pretraining: cross-modal retrieval recall@k and RankMe.
 
-Held-out cases (never trained on) are embedded with the current weights in eval mode. Each
-slide is represented by a fixed sample of `loader.tiles_per_slide` tiles: the evaluation loader
-is rebuilt with the same seed every time, so every evaluation sees the same tiles and curves are
-comparable across steps (all tiles would need a per-bag-size compile; the embed command does that).
+Held-out cases (never trained on, first `data.eval_max_cases` by id) are embedded with the current
+weights in eval mode. Each slide is represented by a fixed sample of `loader.tiles_per_slide` tiles
+(seeded per case, unshuffled), the same at every evaluation, so curves are comparable across steps
+(all tiles would need a per-bag-size compile; the embed command does that).
 Rows of one case are averaged (then re-normalised) into one case embedding per modality.
 
 Retrieval for a pair (a, b): among cases with both modalities, query each case's a-embedding
@@ -76,19 +76,36 @@ def retrieval_metrics(cases: dict[str, dict[int, np.ndarray]], pairs, ks=KS) -> 
     return out
 
 
-class HeldOutEvaluator:
-    """Callable `(state) -> metrics dict` over a fixed subset of held-out cases."""
+def eval_batch_size(n_cases: int, batch_size: int, n_devices: int) -> int:
+    """Largest batch ≤ batch_size and ≤ n_cases that splits evenly over the devices (0: too few cases)."""
+    return (min(batch_size, n_cases) // n_devices) * n_devices
 
-    def __init__(self, cohort, cfg, heldout_ids, train_loader, ts, mesh):
+
+class HeldOutEvaluator:
+    """Callable `(state) -> metrics dict` over a fixed subset of held-out cases.
+
+    The loader drops an epoch's partial batch, so the held-out cases are covered by chunks of
+    `eval_batch_size` cases, the last chunk overlapping the one before; a case seen twice gets the
+    same tiles (the sampling RNG is seeded per case), so its average is unchanged.
+    """
+
+    def __init__(self, cohort, cfg, heldout_ids, train_loader, ts, mesh, modalities):
         from mmfm.data.loader import TileBagLoader
 
-        self.ids = sorted(heldout_ids)[: cfg.data.eval_max_cases]
-        lcfg = dataclasses.replace(cfg.loader, shuffle=False, seed=cfg.train.seed)
-        self.make_loader = lambda: TileBagLoader(cohort, lcfg, self.ids, transforms=train_loader.transforms,
-                                                 process_index=jax.process_index(),
-                                                 process_count=jax.process_count())
-        self.n_batches = int(np.ceil(len(self.ids) / lcfg.batch_size))
-        self.pairs = resolve_pairs(cfg.objective.pairs, tuple(cfg.loader.modalities))
+        ids = sorted(heldout_ids)[: cfg.data.eval_max_cases]
+        self.batch_size = eval_batch_size(len(ids), cfg.loader.batch_size, mesh.size)
+        if self.batch_size == 0:
+            raise ValueError(f"data.heldout_fraction: {len(ids)} held-out cases cannot fill one batch on "
+                             f"{mesh.size} devices; raise it or set train.eval_every=0")
+        lcfg = dataclasses.replace(cfg.loader, batch_size=self.batch_size, shuffle=False, seed=cfg.train.seed,
+                                   workers=0, prefetch=0)
+        starts = list(range(0, len(ids) - self.batch_size + 1, self.batch_size))
+        if starts[-1] + self.batch_size < len(ids):
+            starts.append(len(ids) - self.batch_size)
+        self.loaders = [TileBagLoader(cohort, lcfg, ids[s: s + self.batch_size], transforms=train_loader.transforms,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+                        for s in starts]
+        self.pairs = resolve_pairs(cfg.objective.pairs, modalities)
         self.mesh = mesh
         graphdef = ts.graphdef
 
@@ -102,10 +119,8 @@ class HeldOutEvaluator:
     def __call__(self, state) -> dict[str, float]:
         bsh = batch_sharding(self.mesh)
         rows, present, cidx = {}, {}, []
-        it = iter(self.make_loader())
-        for _ in range(self.n_batches):
-            host = next(it)
-            batch = global_batch(host, bsh)
+        for loader in self.loaders:
+            batch = global_batch(loader.batch(0), bsh)
             emb = self.embed(state, batch)
             g = {k: np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
                  for k in ["case_index"] + [f"{m}/present" for m in emb]}
@@ -113,7 +128,10 @@ class HeldOutEvaluator:
             for m, z in emb.items():
                 rows.setdefault(m, []).append(np.asarray(jax.device_get(z), np.float32))
                 present.setdefault(m, []).append(g[f"{m}/present"])
-        case_index = np.concatenate(cidx)
         cases = case_embeddings({m: np.concatenate(v) for m, v in rows.items()},
-                                {m: np.concatenate(v) for m, v in present.items()}, case_index)
+                                {m: np.concatenate(v) for m, v in present.items()}, np.concatenate(cidx))
         return retrieval_metrics(cases, self.pairs)
+
+    def close(self) -> None:
+        for loader in self.loaders:
+            loader.close()

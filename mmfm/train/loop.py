@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mmfm.data.batch import BatchShapes, modalities_in
+from mmfm.data.batch import BatchShapes
 from mmfm.io import write_json, write_text
 from mmfm.train import evaluate
 from mmfm.train.checkpoint import Checkpointer, abstract_target, gather_json
@@ -248,7 +248,7 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
     loader = TileBagLoader(cohort, cfg.loader, train_ids, process_index=jax.process_index(),
                            process_count=jax.process_count())
     shapes = loader.shapes
-    modalities = tuple(cfg.loader.modalities)
+    modalities = tuple(m for m in cfg.model.modalities if m in loader.modalities)
     if jax.process_index() == 0:
         write_json(out / "shapes.json", dataclasses.asdict(shapes))
         save_transforms(out / "transforms", loader)
@@ -266,7 +266,7 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
 
     step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
                               grad_accum=t.grad_accum)
-    evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh) \
+    evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh, modalities) \
         if t.eval_every > 0 and held_ids else None
     writer = MetricsWriter(out, t.steps, start, progress=t.progress)
     bsh = batch_sharding(mesh)
@@ -307,6 +307,9 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
     finally:
         writer.close()
         ckpt.close()
+        loader.close()
+        if evaluator is not None:
+            evaluator.close()
     return PretrainResult(out, t.steps, last, last_eval, ckpt.all_steps())
 
 
@@ -348,6 +351,8 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
     model is restored onto `mesh` (default: every local device on the data axis), whatever mesh
     it was trained on.
     """
+    from mmfm.models.multimodal import INPUTS
+
     run_dir = Path(run_dir).absolute()
     cfg = load_config(run_dir / "config.yaml")
     shapes = BatchShapes(**json.loads((run_dir / "shapes.json").read_text()))
@@ -363,7 +368,8 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
         raise ValueError(f"{run_dir}: no checkpoint for step {step} (have {steps})")
     if mesh is None:
         mesh = make_mesh(dataclasses.replace(cfg.train.mesh, data=-1, fsdp=1), jax.local_devices())
-    ts = init_state(build_module(cfg, shapes, tuple(cfg.loader.modalities)), make_optimizer(cfg.train), mesh,
+    modalities = tuple(m for m in cfg.model.modalities if getattr(shapes, INPUTS[m][1]))
+    ts = init_state(build_module(cfg, shapes, modalities), make_optimizer(cfg.train), mesh,
                     cfg.train.axis_rules, cfg.train.shard_min_size)
     state = ckpt.restore_state(step, ts.abstract)
     ckpt.close()
