@@ -1,0 +1,276 @@
+"""`mmfm embed`: slide- and case-level embeddings of every modality, as AnnData.
+
+Inference reads **all tiles** of every bag (no sampling). Bags are sorted by length and padded to
+power-of-two buckets (tile mask False on padding; the slide encoders are padding-invariant), so a
+cohort of bags from 100 to 100k tiles compiles a handful of shapes. A case with several slides
+gets the mean of its slide embeddings (late fusion, Patho-Bench's default) or one embedding of
+its pooled tiles (`multi_slide='pool'`; each further slide's grid is shifted right of the
+previous one so positions never collide).
+
+Written files:
+  OUT.h5ad         obs = cases (site, clinical, mutation flags, split, has_<modality>);
+                   obsm[<modality>] = projected embeddings in the shared space (NaN rows where absent),
+                   obsm['slide_backbone'] = slide encoder output before the projection head,
+                   obsm['slide_meanpool'] = mean of raw tile features (baseline),
+                   obsm['slide_random'] = the same architecture, randomly initialised (baseline);
+                   uns['pretrain_cases'] = the run's training cases (the probe's leakage guard reads it).
+  OUT.slides.h5ad  the same slide embeddings per slide (obs = slides with their case's metadata).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mmfm.data.bags import grid_indices, read_bag
+from mmfm.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    multi_slide: Literal["mean", "pool"] = "mean"
+    max_tiles_per_call: int = 32768    # B × bucket length per encoder call (memory bound)
+    min_bucket: int = 256              # smallest padded bag length
+    batch_size: int = 64               # rows per call for non-slide modalities
+    baselines: tuple[str, ...] = ("meanpool", "random")
+    random_seed: int = 12345           # seed of the random-init baseline encoder
+
+
+def bucket_length(n: int, min_bucket: int) -> int:
+    """Next power of two ≥ n (≥ min_bucket): few distinct shapes, ≤ 2× padding."""
+    return max(min_bucket, 1 << max(0, int(n - 1).bit_length()))
+
+
+@dataclass
+class Bag:
+    features: np.ndarray   # [N, D]
+    coords: np.ndarray     # [N, 2] grid (col, row)
+    fragment: np.ndarray   # [N]
+
+
+def load_bag(path: str | Path, patch_size_level0: int) -> Bag:
+    raw = read_bag(path)
+    n = len(raw["features"])
+    frag = raw.get("fragment")
+    return Bag(raw["features"], grid_indices(raw["coords"], patch_size_level0),
+               np.zeros(n, np.int32) if frag is None else frag.astype(np.int32))
+
+
+def pool_bags(bags: list[Bag]) -> Bag:
+    """One bag from several slides: grids placed side by side (2-tile gap), fragments renumbered."""
+    feats, coords, frags, x0, f0 = [], [], [], 0, 0
+    for b in bags:
+        c = b.coords.copy()
+        c[:, 0] += x0
+        feats.append(b.features), coords.append(c), frags.append(b.fragment + f0)
+        x0 = int(c[:, 0].max()) + 3 if len(c) else x0
+        f0 = int(frags[-1].max()) + 1 if len(b.fragment) else f0
+    return Bag(np.concatenate(feats), np.concatenate(coords), np.concatenate(frags))
+
+
+def encode_bags(encode: Callable, bags: list[Bag], cfg: EmbedConfig, desc: str = "bags") -> np.ndarray:
+    """Run `encode(features, coords, mask, fragment) -> [B, E]` over bags of any lengths, in length buckets."""
+    if not bags:
+        return np.zeros((0, 0), np.float32)
+    order = np.argsort([len(b.features) for b in bags], kind="stable")
+    out: list[np.ndarray | None] = [None] * len(bags)
+    d = bags[0].features.shape[1]
+    bar = tqdm(total=len(bags), desc=desc, leave=False, disable=len(bags) < 8)
+    i = 0
+    while i < len(order):
+        length = bucket_length(len(bags[order[i]].features), cfg.min_bucket)
+        rows = max(1, cfg.max_tiles_per_call // length)
+        group = [j for j in order[i:i + rows] if len(bags[j].features) <= length]
+        f = np.zeros((len(group), length, d), np.float32)
+        c = np.zeros((len(group), length, 2), np.int32)
+        m = np.zeros((len(group), length), bool)
+        fr = np.zeros((len(group), length), np.int32)
+        for r, j in enumerate(group):
+            n = len(bags[j].features)
+            f[r, :n], c[r, :n], m[r, :n], fr[r, :n] = bags[j].features, bags[j].coords, True, bags[j].fragment
+        emb = np.asarray(encode(f, c, m, fr), np.float32)
+        for r, j in enumerate(group):
+            out[j] = emb[r]
+        i += len(group)
+        bar.update(len(group))
+    bar.close()
+    return np.stack(out)
+
+
+def _jit_slide_encoder(module: nnx.Module, call: Callable) -> Callable:
+    """jit `call(module, f, c, m, fr)` functionally (split once; NNX state passed explicitly)."""
+    graphdef, state = nnx.split(module)
+
+    @jax.jit
+    def run(state, f, c, m, fr):
+        return call(nnx.merge(graphdef, state), f, c, m, fr)
+
+    return lambda f, c, m, fr: run(state, f, c, m, fr)
+
+
+def _slide_encoders(model, run_cfg, shapes, cfg: EmbedConfig) -> dict[str, Callable]:
+    """name → encode function over padded bags, for the trained model and the baselines."""
+    from mmfm.models import build_slide_encoder
+    from mmfm.models.layers import compute_dtype
+
+    fns = {
+        "slide": _jit_slide_encoder(model, lambda mdl, f, c, m, fr: mdl.encode_slide(f, c, m, fr).embedding),
+        "slide_backbone": _jit_slide_encoder(
+            model, lambda mdl, f, c, m, fr: mdl.encode_slide(f, c, m, fr, project=False).embedding),
+    }
+    if "meanpool" in cfg.baselines:
+        fns["slide_meanpool"] = jax.jit(
+            lambda f, c, m, fr: (f * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1))
+    if "random" in cfg.baselines:
+        rand = build_slide_encoder(run_cfg.model.slide, shapes.feature_dim,
+                                   dtype=compute_dtype(run_cfg.model.compute_dtype), rngs=nnx.Rngs(cfg.random_seed))
+        fns["slide_random"] = _jit_slide_encoder(rand, lambda enc, f, c, m, fr: enc(f, c, m, fr).embedding)
+    return fns
+
+
+def _other_modalities(model, cohort, run_cfg, transforms, case_ids: list[str], cfg: EmbedConfig) -> dict[str, np.ndarray]:
+    """Projected embeddings of rna / protein / report / mutation per case (NaN where absent)."""
+    from mmfm.data.loader import case_tensors
+
+    mods = [m for m in model.modalities if m != "slide"]
+    if not mods:
+        return {}
+    tensors, present = case_tensors(cohort, case_ids, run_cfg.loader, transforms, modalities=mods)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit(static_argnums=2)
+    def enc(state, batch, modality):
+        return nnx.merge(graphdef, state).encode(modality, batch)
+
+    out = {}
+    for m in mods:
+        keys = [k for k in tensors if k.startswith(f"{m}/")]
+        embs = []
+        for s in range(0, len(case_ids), cfg.batch_size):
+            chunk = {k: tensors[k][s:s + cfg.batch_size] for k in keys}
+            n = len(next(iter(chunk.values())))
+            pad = cfg.batch_size - n  # fixed shape: one compile per modality
+            chunk = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
+            embs.append(np.asarray(enc(state, chunk, m))[:n])
+        e = np.concatenate(embs) if embs else np.zeros((0, run_cfg.model.embed_dim), np.float32)
+        e[~present[m]] = np.nan
+        out[m] = e.astype(np.float32)
+    return out
+
+
+def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg: EmbedConfig = EmbedConfig(),
+          case_ids: list[str] | None = None, step=None) -> tuple[ad.AnnData, ad.AnnData]:
+    """Embed `case_ids` (default: every case) of a cohort with a trained run; write OUT.h5ad and OUT.slides.h5ad."""
+    from mmfm.data.batch import BatchShapes
+    from mmfm.data.cohort import Cohort
+    from mmfm.train.loop import load_for_inference
+
+    run_dir, out = Path(run_dir), Path(out)
+    model, run_cfg, transforms = load_for_inference(run_dir, step=step)
+    shapes = BatchShapes(**json.loads((run_dir / "shapes.json").read_text()))
+    splits = json.loads((run_dir / "splits.json").read_text())
+    cohort = Cohort.open(cohort_path)
+    case_ids = [str(c) for c in (case_ids if case_ids is not None else cohort.cases.index)]
+    unknown = [c for c in case_ids if c not in cohort.case_index]
+    if unknown:
+        raise ValueError(f"{cohort.root}: cases not in cases.csv: {unknown[:10]}")
+    if "slide" in model.modalities and cohort.spec.feature_dim != shapes.feature_dim:
+        raise ValueError(f"{cohort.root}/cohort.yaml: tile_encoder.feature_dim={cohort.spec.feature_dim} but run "
+                         f"{run_dir} was trained on {shapes.feature_dim}-d features")
+
+    slides = cohort.slides[cohort.slides["case_id"].astype(str).isin(case_ids) & (cohort.slides["n_tiles"] > 0)]
+    slide_embs: dict[str, np.ndarray] = {}
+    case_embs: dict[str, np.ndarray] = {}
+    if "slide" in model.modalities and len(slides):
+        encoders = _slide_encoders(model, run_cfg, shapes, cfg)
+        bags = {sid: load_bag(r.path, int(r.patch_size_level0)) for sid, r in slides.iterrows()}
+        if cfg.multi_slide == "mean":
+            slide_embs = {name: encode_bags(fn, list(bags.values()), cfg, desc=name) for name, fn in encoders.items()}
+            by_case = pd.Series(np.arange(len(slides)), index=slides["case_id"].astype(str).to_numpy())
+            for name, e in slide_embs.items():
+                case_embs[name] = _case_mean(e, by_case, case_ids)
+        else:
+            groups = slides.groupby(slides["case_id"].astype(str)).groups
+            pooled_ids = [c for c in case_ids if c in groups]
+            pooled = [pool_bags([bags[s] for s in groups[c]]) for c in pooled_ids]
+            for name, fn in encoders.items():
+                e = encode_bags(fn, pooled, cfg, desc=name)
+                full = np.full((len(case_ids), e.shape[1]), np.nan, np.float32)
+                full[[case_ids.index(c) for c in pooled_ids]] = e
+                case_embs[name] = full
+    case_embs.update(_other_modalities(model, cohort, run_cfg, transforms, case_ids, cfg))
+
+    obs = cohort.cases.loc[case_ids].copy()
+    obs.index = obs.index.astype(str)
+    obs["split"] = np.where(obs.index.isin(splits["train"]), "pretrain",
+                            np.where(obs.index.isin(splits["heldout"]), "heldout", "unseen"))
+    obs["n_slides"] = slides.groupby(slides["case_id"].astype(str)).size().reindex(obs.index, fill_value=0).to_numpy()
+    for name, e in case_embs.items():
+        obs[f"has_{name}"] = np.isfinite(e).all(1)
+    meta = {"run_dir": str(run_dir.absolute()), "cohort": str(cohort.root), "step": str(step or "latest"),
+            "embed_config": json.dumps(asdict(cfg)), "pretrain_cases": list(map(str, splits["train"]))}
+    cases = ad.AnnData(obs=_h5ad_safe(obs), obsm=case_embs, uns=meta)
+    slide_obs = slides[["case_id"]].join(cohort.cases, on="case_id")
+    slide_obs.index = slide_obs.index.astype(str)
+    slide_ad = ad.AnnData(obs=_h5ad_safe(slide_obs), obsm=slide_embs if cfg.multi_slide == "mean" else {}, uns=meta)
+    _write(cases, out)
+    _write(slide_ad, out.with_suffix(".slides.h5ad"))
+    return cases, slide_ad
+
+
+def _case_mean(slide_emb: np.ndarray, by_case: pd.Series, case_ids: list[str]) -> np.ndarray:
+    out = np.full((len(case_ids), slide_emb.shape[1]), np.nan, np.float32)
+    for i, c in enumerate(case_ids):
+        if c in by_case.index:
+            out[i] = slide_emb[np.atleast_1d(by_case.loc[c])].mean(0)
+    return out
+
+
+def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """h5ad stores object columns as strings; mixed ones are made explicit."""
+    df = df.copy()
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].astype("string").fillna("")
+    return df
+
+
+def _write(adata: ad.AnnData, path: Path) -> None:
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory of `mmfm pretrain`")
+    p.add_argument("--cohort", required=True, help="cohort directory")
+    p.add_argument("--out", required=True, help="output .h5ad (a .slides.h5ad is written beside it)")
+    p.add_argument("--step", default=None, help="checkpoint step, 'best', or latest (default)")
+    p.add_argument("--multi-slide", choices=("mean", "pool"), default="mean",
+                   help="case = mean of slide embeddings (late fusion) or one bag of pooled tiles")
+    p.add_argument("--cases", default=None, help="text file with one case_id per line (default: all cases)")
+    p.add_argument("--max-tiles-per-call", type=int, default=EmbedConfig.max_tiles_per_call)
+    p.add_argument("--no-baselines", action="store_true", help="skip mean-pool and random-init baselines")
+
+
+def run(args: argparse.Namespace) -> int:
+    step = args.step if args.step in (None, "best") else int(args.step)
+    cases = Path(args.cases).read_text().split() if args.cases else None
+    cfg = EmbedConfig(multi_slide=args.multi_slide, max_tiles_per_call=args.max_tiles_per_call,
+                      baselines=() if args.no_baselines else EmbedConfig.baselines)
+    adata, slides = embed(args.run, args.cohort, args.out, cfg=cfg, case_ids=cases, step=step)
+    print(f"wrote {args.out}: {adata.n_obs} cases × {list(adata.obsm)}; {slides.n_obs} slides")
+    return 0
