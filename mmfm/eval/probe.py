@@ -4,7 +4,8 @@ Input is ANY AnnData: features in `X` or `obsm[key]`, labels and outcomes in `ob
 (`group` names the case column; obs_names are the cases when it is absent). Rows of a case are late-fused (mean of
 the row embeddings, Patho-Bench's default) for case-level probes; rows whose vector holds NaN count as "modality
 absent". Folds come from a Patho-Bench split file or are generated patient-level by `mmfm.data.splits.make_folds`.
-Outputs: `results.csv` (one metric value per row), `bootstrap.csv` (single-fold tasks), `summary.md`, PNG plots.
+Outputs: `results.csv` (one metric value per row), `bootstrap.csv` (single-fold tasks), `summary.md`, PNG plots,
+`folds/<task>.tsv` (the exact case × fold assignment used).
 
 Leakage guards: a case on both sides of a fold is refused; test cases that were seen in pretraining
 (`pretrain_cases`, or `uns['pretrain_cases']`) are refused unless `allow_overlap`, and then flagged in summary.md.
@@ -27,6 +28,7 @@ import pandas as pd
 import yaml
 
 from mmfm.eval import classification, fewshot, report, retrieval, robustness, stats, survival
+from mmfm.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -525,6 +527,11 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
                                "or pass --allow-overlap to run anyway (the overlap is then recorded in summary.md)")
         log.warning("PRETRAINING OVERLAP (allowed): %s", msg)
         warnings.warn(f"PRETRAINING OVERLAP (allowed by --allow-overlap): {msg}")
+
+    for spec, folds, _ in plans:  # the exact folds used, for reproducibility and audit
+        if folds is not None:
+            with atomic_path(out / "folds" / f"{report.slug(spec.name)}.tsv", suffix=".tsv") as tmp:
+                folds.to_csv(tmp, sep="\t", index_label="case_id")
 
     col = Collector(n_bootstrap=n_bootstrap)
     plot_dir = out if plots else None
