@@ -202,9 +202,9 @@ def test_only_sampled_rows_are_read(cohort, monkeypatch):
     reads = []
     original = sampling.BagReader.read
 
-    def spy(self, path, rows):
+    def spy(self, path, rows, out=None):
         reads.append((path, np.array(rows)))
-        return original(self, path, rows)
+        return original(self, path, rows, out)
 
     monkeypatch.setattr(sampling.BagReader, "read", spy)
     batch = next(_loader(cohort, modalities=("slide",), multi_slide="pool"))
@@ -237,6 +237,33 @@ def test_bag_reader_matches_h5py(tmp_path, layout):
     np.testing.assert_array_equal(got["features"], feats[rows])
     np.testing.assert_array_equal(got["coords"], coords[rows])
     reader.close()
+
+
+def test_bag_reader_reopens_from_remembered_layout(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(2):
+        paths.append(write_bag(tmp_path / f"b{i}.h5", rng.standard_normal((300, D)).astype(np.float16),
+                               rng.integers(0, 10**5, (300, 2)), patch_size_level0=PS, encoder="e"))
+    reader = sampling.BagReader(max_open=1)  # every switch between bags closes the other one
+    for p in paths:
+        reader.read(p, [0])
+    walked = []
+    real_walk = sampling._plain_runs
+    monkeypatch.setattr(sampling, "_plain_runs", lambda ds, **k: walked.append(ds.file.filename) or real_walk(ds, **k))
+    rows = rng.integers(0, 300, 50)
+    for p in paths * 2:
+        out = {"features": np.empty((50, D), np.float16)}
+        got = reader.read(p, rows, out)
+        assert got["features"] is out["features"]
+        np.testing.assert_array_equal(out["features"], read_bag(p)["features"][rows])
+    assert walked == []  # reopening maps the file; no HDF5 metadata walk
+    feats = rng.standard_normal((400, D)).astype(np.float16)  # a rewritten bag is re-examined
+    write_bag(paths[0], feats, rng.integers(0, 10**5, (400, 2)), patch_size_level0=PS, encoder="e")
+    np.testing.assert_array_equal(reader.read(paths[0], [399])["features"], feats[[399]])
+    assert set(walked) == {str(paths[0])}
+    with pytest.raises(OSError, match="b0.h5.*outside"):
+        reader.read(paths[0], [400])
 
 
 def test_sample_tiles_without_replacement_unless_short():

@@ -100,7 +100,7 @@ class _MakeBatch:
 
     def _slides(self, epoch: int, cases: np.ndarray) -> dict[str, np.ndarray]:
         b, k, t = len(cases), self.cfg.tiles_per_slide, self.t
-        feats = np.zeros((b, k, self.dim), self.cfg.feature_dtype)
+        feats = np.zeros((b, k, self.dim), self.cfg.feature_dtype)  # calloc: rows without slides stay 0
         coords = np.zeros((b, k, 2), np.int32)
         fragment = np.zeros((b, k), np.int32)
         tile_mask = np.zeros((b, k), bool)
@@ -118,14 +118,15 @@ class _MakeBatch:
             local = rows - (ends - t.slide_tiles[slides])[which]
             frag_base = 0  # pooled slides never share a fragment id
             for q, s in enumerate(slides):
-                pos = np.flatnonzero(which == q)
-                if not len(pos):
+                if len(slides) == 1:  # gather straight into the batch row
+                    pos, into = slice(None), {"features": feats[r]}
+                else:
+                    pos, into = np.flatnonzero(which == q), None
+                got = self.reader.read(t.slide_path[s], local[pos], into)
+                if not len(got["features"]):
                     continue
-                got = self.reader.read(t.slide_path[s], local[pos])
-                if got["features"].shape[1] != self.dim:
-                    raise ValueError(f"{t.slide_path[s]}: features have dim {got['features'].shape[1]}, "
-                                     f"cohort.yaml tile_encoder.feature_dim is {self.dim}")
-                feats[r, pos] = got["features"]
+                if into is None:
+                    feats[r, pos] = got["features"]
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
                 frag = got.get("fragment")
                 if frag is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -27,36 +28,30 @@ from mmfm.data.bags import read_rows
 def sample_tiles(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`k` row indices into a bag of `n` tiles and a mask of which slots are real tiles.
 
-    n ≥ k: k distinct rows, all real. 0 < n < k: all n rows (random order) then k − n rows drawn with
-    replacement, masked False.
+    n ≥ k: k distinct rows, all real. 0 < n < k: all n rows, then k − n rows drawn with replacement,
+    masked False. Real rows come sorted: bags store tiles in raster order, so reads stay sequential,
+    and the order tells a model nothing the coords do not.
     """
     if n <= 0:
         raise ValueError(f"cannot sample tiles from an empty bag (n={n})")
     if n >= k:
-        return rng.choice(n, size=k, replace=False).astype(np.int64), np.ones(k, bool)
-    rows = np.concatenate([rng.permutation(n), rng.integers(0, n, size=k - n)]).astype(np.int64)
+        return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64), np.ones(k, bool)
+    rows = np.concatenate([np.arange(n), np.sort(rng.integers(0, n, size=k - n))]).astype(np.int64)
     return rows, np.arange(k) < n
 
 
-class _MappedRows:
-    """Row gather over a memory map: the dataset's bytes as a few strided runs of whole rows."""
+@dataclass(frozen=True)
+class _Runs:
+    """Where a dataset's rows lie in the file: runs of consecutive rows at byte offsets."""
 
-    def __init__(self, first_rows: np.ndarray, views: list[np.ndarray]):
-        self.first_rows, self.views = first_rows, views
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        if len(self.views) == 1:
-            return self.views[0][rows]
-        run = np.searchsorted(self.first_rows, rows, side="right") - 1
-        out = np.empty((len(rows),) + self.views[0].shape[1:], self.views[0].dtype)
-        for u in np.unique(run):
-            sel = run == u
-            out[sel] = self.views[u][rows[sel] - self.first_rows[u]]
-        return out
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    first_rows: np.ndarray  # [n_runs] first row of each run
+    starts: np.ndarray  # [n_runs] byte offset of that row
 
 
-def _mapped_rows(ds: h5py.Dataset, mm: np.memmap, max_runs: int = 1024) -> _MappedRows | None:
-    """`ds` as memory-mapped runs of rows, or None if its bytes are not stored plainly.
+def _plain_runs(ds: h5py.Dataset, max_runs: int = 1024) -> _Runs | None:
+    """`ds`'s rows as byte runs, or None if its bytes are not stored plainly.
 
     Plain = no filters, and either contiguous layout or chunks spanning whole rows, all allocated.
     Consecutive chunks at consecutive offsets merge into one run; TRIDENT's one-row chunks come out
@@ -70,50 +65,77 @@ def _mapped_rows(ds: h5py.Dataset, mm: np.memmap, max_runs: int = 1024) -> _Mapp
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
     offset = ds.id.get_offset()  # contiguous layout: one extent
     if offset is not None:
-        first_rows, starts = np.zeros(1, np.int64), np.array([offset], np.int64)
-    else:
-        if ds.chunks is None or tuple(ds.chunks[1:]) != row_shape:
-            return None
-        per_chunk = ds.chunks[0]
-        n_chunks = -(-n // per_chunk)
-        if ds.id.get_num_chunks() != n_chunks:
-            return None  # unallocated chunks (fill value) have no bytes on disk
-        chunk_starts = np.empty(n_chunks, np.int64)
-
-        def record(info):
-            chunk_starts[info.chunk_offset[0] // per_chunk] = info.byte_offset
-
-        ds.id.chunk_iter(record)
-        new_run = np.flatnonzero(np.diff(chunk_starts) != per_chunk * row_bytes) + 1
-        if len(new_run) >= max_runs:
-            return None
-        first_chunks = np.concatenate([[0], new_run])
-        first_rows, starts = first_chunks * per_chunk, chunk_starts[first_chunks]
-    ends = np.append(first_rows[1:], n)
-    if np.any(starts + (ends - first_rows) * row_bytes > mm.size):
+        return _Runs(dtype, ds.shape, np.zeros(1, np.int64), np.array([offset], np.int64))
+    if ds.chunks is None or tuple(ds.chunks[1:]) != row_shape:
         return None
-    views = [np.ndarray((e - r,) + row_shape, dtype=dtype, buffer=mm, offset=int(o))
-             for r, e, o in zip(first_rows, ends, starts)]
-    return _MappedRows(first_rows, views)
+    per_chunk = ds.chunks[0]
+    n_chunks = -(-n // per_chunk)
+    if ds.id.get_num_chunks() != n_chunks:
+        return None  # unallocated chunks (fill value) have no bytes on disk
+    chunk_starts = np.empty(n_chunks, np.int64)
+
+    def record(info):
+        chunk_starts[info.chunk_offset[0] // per_chunk] = info.byte_offset
+
+    ds.id.chunk_iter(record)
+    new_run = np.flatnonzero(np.diff(chunk_starts) != per_chunk * row_bytes) + 1
+    if len(new_run) >= max_runs:
+        return None
+    first_chunks = np.concatenate([[0], new_run])
+    return _Runs(dtype, ds.shape, first_chunks * per_chunk, chunk_starts[first_chunks])
+
+
+class _MappedRows:
+    """Row gather over a read-only memory map of the file, one ndarray view per run."""
+
+    def __init__(self, mm: np.memmap, runs: _Runs):
+        ends = np.append(runs.first_rows[1:], runs.shape[0])
+        row_bytes = int(np.prod(runs.shape[1:], dtype=np.int64)) * runs.dtype.itemsize
+        if np.any(runs.starts + (ends - runs.first_rows) * row_bytes > mm.size):
+            raise ValueError("dataset extends past the end of the file (truncated bag?)")
+        self.first_rows = runs.first_rows
+        self.views = [np.ndarray((e - r,) + runs.shape[1:], dtype=runs.dtype, buffer=mm, offset=int(o))
+                      for r, e, o in zip(runs.first_rows, ends, runs.starts)]
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `rows` (validated in range) gathered into `out` (allocated if None)."""
+        first = self.views[0]
+        if out is None:
+            out = np.empty((len(rows),) + first.shape[1:], first.dtype)
+        if len(self.views) == 1 and out.dtype == first.dtype:
+            return np.take(first, rows, axis=0, out=out, mode="clip")  # 'raise' would buffer a copy
+        run = np.searchsorted(self.first_rows, rows, side="right") - 1
+        for u in np.unique(run):
+            sel = run == u
+            out[sel] = self.views[u][rows[sel] - self.first_rows[u]]
+        return out
 
 
 class _OpenBag:
-    """One bag opened for row reads: memory-mapped views where possible, else an h5py handle."""
+    """One bag opened for row reads: memory-mapped views where its layout allows, else an h5py handle."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.h5 = h5py.File(path, "r")
-        self.names = ["features", "coords"] + (["fragment"] if "fragment" in self.h5 else [])
-        mm = np.memmap(path, mode="r", dtype=np.uint8)
-        self.views = {name: _mapped_rows(self.h5[name], mm) for name in self.names}
-        if all(v is not None for v in self.views.values()):
-            self.h5.close()
-            self.h5 = None
+    def __init__(self, path: str, layout: dict[str, _Runs | None] | None):
+        self.path, self.h5 = path, None
+        if layout is None or any(r is None for r in layout.values()):
+            self.h5 = h5py.File(path, "r")
+            names = ["features", "coords"] + (["fragment"] if "fragment" in self.h5 else [])
+            layout = {name: _plain_runs(self.h5[name]) for name in names}
+            if all(r is not None for r in layout.values()):
+                self.h5.close()
+                self.h5 = None
+        self.layout = layout
+        self.n_rows = (self.h5["features"].shape[0] if self.h5 is not None else layout["features"].shape[0])
+        if self.h5 is None:
+            mm = np.memmap(path, mode="r", dtype=np.uint8)
+            self.views = {name: _MappedRows(mm, runs) for name, runs in layout.items()}
 
-    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def read(self, rows: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.h5 is not None:
-            return read_rows(self.path, rows, self.h5)
-        return {name: view[rows] for name, view in self.views.items()}
+            got = read_rows(self.path, rows, self.h5)
+            for name, o in out.items():
+                o[...] = got[name]
+            return {**got, **out}
+        return {name: view.take(rows, out.get(name)) for name, view in self.views.items()}
 
     def close(self):
         if self.h5 is not None:
@@ -124,23 +146,38 @@ class _OpenBag:
 class BagReader:
     """Reads given rows of many bags, keeping the last `max_open` bags open.
 
+    A bag's byte layout is remembered after its first open (a few numbers per dataset), so
+    reopening one that fell out of the cache is just a memory map, not an HDF5 metadata walk.
     Holds no open files when pickled (grain ships it to spawned workers), so each worker opens
     its own handles lazily.
     """
 
-    def __init__(self, max_open: int = 64):
+    def __init__(self, max_open: int = 128):
         self.max_open = max_open
         self._open: collections.OrderedDict[str, _OpenBag] = collections.OrderedDict()
+        self._layouts: dict[tuple, dict[str, _Runs | None]] = {}
 
-    def read(self, path: str | os.PathLike, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """features/coords(/fragment) at `rows` (any order, repeats allowed); only those rows are read."""
-        path = str(path)
+    def read(self, path: str | os.PathLike, rows: np.ndarray,
+             out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """features/coords(/fragment) at `rows` (any order, repeats allowed); only those rows are read.
+
+        `out` may hold preallocated arrays (e.g. a batch row) to gather some datasets into, saving a copy.
+        """
+        path, rows = str(path), np.asarray(rows, dtype=np.int64)
         try:
-            bag = self._open.pop(path, None) or _OpenBag(path)
+            bag = self._open.pop(path, None)
+            if bag is None:
+                st = os.stat(path)
+                key = (path, st.st_mtime_ns, st.st_size)  # a rewritten bag gets a fresh layout
+                bag = _OpenBag(path, self._layouts.get(key))
+                self._layouts[key] = bag.layout
             self._open[path] = bag
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
-            return bag.read(np.asarray(rows, dtype=np.int64))
+            n = bag.n_rows
+            if len(rows) and (rows.min() < 0 or rows.max() >= n):
+                raise ValueError(f"rows outside [0, {n})")
+            return bag.read(rows, out or {})
         except (OSError, KeyError, ValueError) as e:
             raise OSError(f"{Path(path)}: cannot read tile rows: {e}") from e
 
