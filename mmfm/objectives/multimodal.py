@@ -9,8 +9,9 @@ Definitions (the trainer, the tests and the paper methods section all rely on th
   valid b-row j. SigLIP: L_ab = Σ_{valid i,j} −log σ(y_ij z_ij) / N_ab, where N_ab
   (`valid_rows/<a>-<b>`) is the number of valid a-rows that have at least one valid b-row: SigLIP's
   "sum over columns, mean over rows" with absent rows removed. InfoNCE (b_ab = 0, exp(t′) = 1/τ):
-  L_ab = ½(L_a→b + L_b→a), each the mean over anchors with ≥1 positive of
-  logsumexp_j z_ij − mean_{j positive} z_ij. A pair without valid rows contributes exactly 0.
+  L_ab = ½(L_a→b + L_b→a), each the mean over anchors with ≥1 valid positive of
+  logsumexp_j z_ij − mean_{j positive} z_ij; here N_ab counts those a-side anchors. A pair without
+  valid rows contributes exactly 0 (and a zero, finite gradient).
 * Total. loss = Σ_pairs w_ab · L_ab (a weighted SUM; weights default to 1, set them to 1/n_pairs
   for a mean).
 
@@ -162,9 +163,9 @@ def _objective(emb, present, case_index, log_t, bias, *, pairs, slots, weights, 
         loss = loss + w * pl
         diag[f"loss/{name}"] = pl
         diag[f"valid_rows/{name}"] = n
-        diag[f"t/{name}"] = jax.lax.stop_gradient(scale)
+        diag[f"t/{name}"] = scale
         if kind is siglip:
-            diag[f"b/{name}"] = jax.lax.stop_gradient(bias[s])
+            diag[f"b/{name}"] = bias[s]
         diag.update({f"logits/{name}/{k}": v for k, v in stats.items()})
     return loss, {k: jax.lax.stop_gradient(v) for k, v in diag.items()}
 
