@@ -1,6 +1,7 @@
 """The cohort contract: a valid mini cohort opens; each broken thing is reported with file and row/slide/case."""
 
 import json
+import warnings
 
 import anndata as ad
 import h5py
@@ -54,8 +55,10 @@ def _raw_bag(path, features, coords, coord_attrs=None, feature_attrs=None):
 def _write_omics(path, cases, names, seed=0, counts=None):
     rng = np.random.default_rng(seed)
     x = rng.poisson(5.0, (len(cases), len(names))).astype(np.float32) if counts is None else counts
-    ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(cases, dtype=str)),
-               var=pd.DataFrame(index=pd.Index(names, dtype=str))).write_h5ad(path)
+    with warnings.catch_warnings():  # some tests write duplicate names on purpose
+        warnings.filterwarnings("ignore", message=".*names are not unique")
+        ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(cases, dtype=str)),
+                   var=pd.DataFrame(index=pd.Index(names, dtype=str))).write_h5ad(path)
 
 
 def make_cohort(root, cases=CASES, slides=SLIDES):
@@ -272,6 +275,31 @@ def test_non_strict_open_excludes_and_lists_invalid_data(mini):
     assert not c.presence().loc["C2", "slide"]
     assert len(c.validation.excluded) == 4, c.validation.format()
     assert any("slide S2" in e for e in c.validation.excluded)
+
+
+def test_every_bad_yaml_key_is_named(mini):
+    spec = SPEC.to_dict()
+    spec["tile_encoder"] = {"name": "enc", "feature_dim": 0, "dim": 8}
+    del spec["patch_size"]
+    (mini / "cohort.yaml").write_text(yaml.safe_dump({**spec, "target_magnification": True, "extra": 1}))
+    rep = validate(mini)
+    assert rep.errors[:3] == [
+        "cohort.yaml: key 'tile_encoder.feature_dim' missing or invalid (expected a positive integer, got 0)",
+        "cohort.yaml: key 'target_magnification' missing or invalid (expected a positive number, got True)",
+        "cohort.yaml: key 'patch_size' missing or invalid (expected a positive integer (px at target_magnification), "
+        "got None)"]
+    assert rep.warnings[:2] == ["cohort.yaml: unknown key 'extra' ignored",
+                                "cohort.yaml: unknown key 'tile_encoder.dim' ignored"]
+
+
+def test_bag_that_is_not_a_bag(mini):
+    (mini / "bags" / "S1.h5").write_bytes(b"not hdf5")
+    with h5py.File(mini / "bags" / "S2.h5", "w") as f:
+        f.create_group("features")
+        f.create_dataset("coords", data=_coords())
+    errors = validate(mini).errors
+    assert any(e.startswith("bags/S1.h5 (slide S1, case C1): unreadable bag") for e in errors), errors
+    assert any(e.startswith("bags/S2.h5 (slide S2, case C2): unreadable bag") for e in errors), errors
 
 
 def test_fatal_problem_raises_even_non_strict(mini):

@@ -116,13 +116,17 @@ def _ids(values, limit: int = LIST_MAX) -> str:
     return ", ".join(values[:limit]) + more
 
 
-def _positive(value, kind):
-    """`value` as int/float if it is a positive number of that kind, else None (bools are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _positive(value, kind) -> int | float | None:
+    """`value` as a positive int/float of that kind, else None (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         return None
-    if kind is int and (not float(value).is_integer()):
+    if kind is int and not float(value).is_integer():
         return None
-    return kind(value) if math.isfinite(value) and value > 0 else None
+    return kind(value)
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _read_spec(root: Path, rep: ValidationReport) -> CohortSpec | None:
@@ -138,43 +142,28 @@ def _read_spec(root: Path, rep: ValidationReport) -> CohortSpec | None:
     if not isinstance(d, dict):
         rep.error("cohort.yaml: must be a mapping of keys to values")
         return None
-    ok = True
-
-    def need(key, value, what):
-        nonlocal ok
-        if value is None:
-            rep.error(f"cohort.yaml: key '{key}' missing or invalid (expected {what}, got {d_get(key)!r})")
-            ok = False
-        return value
-
-    def d_get(key):
-        cur: Any = d
-        for part in key.split("."):
-            cur = cur.get(part) if isinstance(cur, dict) else None
-        return cur
-
-    for key in sorted(set(d) - SPEC_KEYS):
-        rep.warn(f"cohort.yaml: unknown key '{key}' ignored")
     enc = d.get("tile_encoder") if isinstance(d.get("tile_encoder"), dict) else {}
-    for key in sorted(set(enc) - {"name", "feature_dim"}):
-        rep.warn(f"cohort.yaml: unknown key 'tile_encoder.{key}' ignored")
-    name = need("name", d.get("name") if isinstance(d.get("name"), str) and d.get("name") else None,
-                "a non-empty string")
-    version = need("version", str(d["version"]) if isinstance(d.get("version"), (str, int, float))
-                   and not isinstance(d.get("version"), bool) else None, "a string")
-    encoder = need("tile_encoder.name", enc.get("name") if isinstance(enc.get("name"), str) and enc.get("name")
-                   else None, "a non-empty string")
-    dim = need("tile_encoder.feature_dim", _positive(enc.get("feature_dim"), int), "a positive integer")
-    mag = need("target_magnification", _positive(d.get("target_magnification"), float), "a positive number")
-    patch = need("patch_size", _positive(d.get("patch_size"), int), "a positive integer (px at target mag)")
-    desc = d.get("description", "")
-    if not isinstance(desc, str):
-        rep.error(f"cohort.yaml: key 'description' must be a string, got {desc!r}")
-        ok = False
-    if not ok:
-        return None
-    return CohortSpec(name=name, version=version, description=desc, encoder_name=encoder, feature_dim=dim,
-                      target_magnification=mag, patch_size=patch)
+    for key in sorted(set(d) - SPEC_KEYS) + [f"tile_encoder.{k}" for k in sorted(set(enc) - {"name", "feature_dim"})]:
+        rep.warn(f"cohort.yaml: unknown key '{key}' ignored")
+    version = d.get("version")
+    fields = {  # CohortSpec field: (yaml key, raw value, parsed value or None, what is expected)
+        "name": ("name", d.get("name"), _text(d.get("name")), "a non-empty string"),
+        "version": ("version", version, None if isinstance(version, bool) or not isinstance(version, (str, int, float))
+                    else _text(str(version)), "a string"),
+        "description": ("description", d.get("description", ""),
+                        d.get("description", "") if isinstance(d.get("description", ""), str) else None, "a string"),
+        "encoder_name": ("tile_encoder.name", enc.get("name"), _text(enc.get("name")), "a non-empty string"),
+        "feature_dim": ("tile_encoder.feature_dim", enc.get("feature_dim"), _positive(enc.get("feature_dim"), int),
+                        "a positive integer"),
+        "target_magnification": ("target_magnification", d.get("target_magnification"),
+                                 _positive(d.get("target_magnification"), float), "a positive number"),
+        "patch_size": ("patch_size", d.get("patch_size"), _positive(d.get("patch_size"), int),
+                       "a positive integer (px at target_magnification)"),
+    }
+    bad = [(key, raw, what) for key, raw, value, what in fields.values() if value is None]
+    for key, raw, what in bad:
+        rep.error(f"cohort.yaml: key '{key}' missing or invalid (expected {what}, got {raw!r})")
+    return None if bad else CohortSpec(**{f: v[2] for f, v in fields.items()})
 
 
 def _read_csv(path: Path, required: tuple[str, ...], rep: ValidationReport) -> pd.DataFrame | None:
@@ -283,7 +272,7 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
     problems: list[str] = []
     try:
         hdr = read_header(path)
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
         rep.error(f"{where}: unreadable bag, needs datasets 'features' and 'coords' ({e})",
                   exclude=f"{where} (unreadable bag)")
         return None
