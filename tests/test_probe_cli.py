@@ -199,3 +199,21 @@ def test_load_tasks_reports_file_and_index(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"tasks": [TASKS[0], {"name": "x", "type": "survival"}]}))
     with pytest.raises(TaskError, match=r"t\.yaml: tasks\[1\] \(x\): type 'survival' needs key 'time'"):
         probe_mod.load_tasks(tmp_path / "t.yaml")
+
+
+def test_generated_folds_are_patient_level_and_site_preserved(tmp_path):
+    """Without a split file, folds come from mmfm.data.splits: every case tested once, a site never split."""
+    a = _gse7390()
+    a.obs["site"] = np.array([f"site{i % 6}" for i in range(a.n_obs)])
+    tasks = [dict(FAST[0], folds=3, site="site", site_preserved=True),
+             {"name": "dmfs", "type": "survival", "time": "dmfs_days", "event": "dmfs_event", "embeddings": ["rna"],
+              "models": ["coxph"], "alphas": [0.07], "folds": 4}]
+    r = probe(a, tasks, tmp_path / "out", plots=False)
+    folds = pd.read_csv(tmp_path / "out" / "folds" / "er_status.tsv", sep="\t", index_col="case_id")
+    assert ((folds == "test").sum(axis=1) == 1).all() and len(folds) == a.n_obs
+    site = a.obs.site.reindex(folds.index)
+    assert (folds.groupby(site.to_numpy()).nunique() == 1).all().all()  # each site on one side of every fold
+    surv = pd.read_csv(tmp_path / "out" / "folds" / "dmfs.tsv", sep="\t", index_col="case_id")
+    assert ((surv == "test").sum(axis=1) == 1).all() and surv.shape == (a.n_obs, 4)
+    c = r.results[(r.results.task == "dmfs") & (r.results.metric == "c_index")].value
+    assert len(c) == 4 and c.mean() > 0.55

@@ -234,11 +234,10 @@ def case_folds(split: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def read_split_file(path: str | Path) -> pd.DataFrame:
+    """Case × fold table from a Patho-Bench split file (read_splits refuses a file that leaks a case)."""
     from mmfm.data import splits
 
-    df = splits.read_splits(path)
-    splits.assert_no_case_leakage(df)
-    return case_folds(df, str(path))
+    return case_folds(splits.read_splits(path), str(path))
 
 
 def generate_folds(spec: TaskSpec, cases: pd.Index, strata: pd.Series | None, sites: pd.Series | None) -> pd.DataFrame:
@@ -464,9 +463,13 @@ def _task_cases(adata, spec) -> tuple[pd.Index, pd.Series | None]:
     if spec.type in ("classification", "fewshot") or (spec.type == "retrieval" and spec.label and not spec.pairs):
         lab = case_values(adata, spec, "label", spec.label)
         return lab.index, lab
-    if spec.type == "survival":
-        ev = pd.to_numeric(case_values(adata, spec, "event", spec.event), errors="coerce").dropna()
-        return ev.index, ev
+    if spec.type == "survival":  # Patho-Bench strata: time quartile × event
+        from mmfm.data.splits import survival_strata
+
+        df = pd.concat({"t": pd.to_numeric(case_values(adata, spec, "time", spec.time), errors="coerce"),
+                        "e": pd.to_numeric(case_values(adata, spec, "event", spec.event), errors="coerce")},
+                       axis=1).dropna()
+        return df.index, survival_strata(df, time="t", event="e")
     return pd.Index(np.unique(row_groups(adata, spec))), None
 
 
@@ -590,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
         res = probe(args.embeddings, args.tasks, args.out, splits=args.splits, allow_overlap=args.allow_overlap,
                     pretrain_cases=args.pretrain_cases, n_bootstrap=args.n_bootstrap, plots=not args.no_plots,
                     projection=args.projection)
-    except (TaskError, LeakageError) as e:
+    except (ValueError, LeakageError) as e:  # TaskError, split-file errors, leakage: one clear line
         log.error("%s", e)
         return 2
     print(f"wrote {res.out / 'results.csv'} and {res.out / 'summary.md'}")
