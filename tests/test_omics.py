@@ -112,6 +112,8 @@ def test_protein_without_normalisation():
     t = OmicsTransform.fit(_adata(values, genes=names), TRAIN, normalize=False)
     ref = (values - values[:10].mean(0)) / values[:10].std(0)
     np.testing.assert_allclose(t.transform(_adata(values, genes=names))[0], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="n_top_genes needs normalize=True"):
+        OmicsTransform.fit(_adata(values, genes=names), TRAIN, n_top_genes=2, normalize=False)
 
 
 def test_save_load_roundtrip_is_exact(tmp_path):

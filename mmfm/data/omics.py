@@ -120,6 +120,8 @@ class OmicsTransform:
         if n_top_genes is not None and n_top_genes < len(cand):
             if n_top_genes < 1:
                 raise ValueError(f"OmicsTransform.fit: n_top_genes must be ≥ 1, got {n_top_genes}")
+            if not normalize:  # the dispersion ranking undoes log1p; on raw values it is meaningless
+                raise ValueError("OmicsTransform.fit: n_top_genes needs normalize=True (use a fixed panel instead)")
             sub = sub[:, np.sort(_top_variable(sub, n_top_genes))]
         x = _dense(sub.X)
         std = x.std(axis=0)

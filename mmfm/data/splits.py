@@ -41,9 +41,10 @@ def survival_strata(cases: pd.DataFrame, n_bins: int = 4, time: str = "os_days",
     Only for stratifying folds; cases with unknown time or event get NaN (and are left out of folds).
     """
     known = cases[time].notna() & cases[event].notna()
-    q = pd.qcut(cases.loc[known, time].rank(method="first"), n_bins, labels=False)
     out = pd.Series(np.nan, index=cases.index, name=f"{time}_strata")
-    out[known] = q * 2 + cases.loc[known, event].astype(int)
+    if known.any():  # ranks make the quantile edges unique even with tied times
+        q = pd.qcut(cases.loc[known, time].rank(method="first"), min(n_bins, int(known.sum())), labels=False)
+        out[known] = q * 2 + cases.loc[known, event].astype(int)
     return out
 
 
