@@ -362,6 +362,9 @@ def test_unknown_case_and_bad_bag_are_named(cohort, tmp_path):
         TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ["c00", "nope"])
     with pytest.raises(ValueError, match="multi_slide"):
         LoaderConfig(multi_slide="all")
+    with pytest.raises(ValueError, match="no.*rna data|rna data"):  # nothing to fit the RNA transform on
+        TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K, modalities=("slide", "rna")),
+                      ["c08", "c11"])
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not an hdf5 file")
     with pytest.raises(OSError, match="bad.h5"):

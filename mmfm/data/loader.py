@@ -43,6 +43,7 @@ class LoaderConfig:
     shuffle: bool = True
     feature_dtype: str = "float16"
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
+    open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
 
     def __post_init__(self):
         if self.multi_slide not in ("sample", "pool"):
@@ -76,7 +77,7 @@ class _MakeBatch:
         self.rows = cfg.batch_size // process_count
         self.first_row = process_index * self.rows
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
-        self.reader = BagReader()
+        self.reader = BagReader(cfg.open_bags)
         self._order = (-1, None)
 
     def cases(self, step: int) -> tuple[int, np.ndarray]:
@@ -140,13 +141,16 @@ class _MakeBatch:
                 "slide/fragment": fragment, "slide/present": present}
 
 
-def _omics(adata, case_ids: list[str], transform, fit_kwargs: dict):
+def _omics(name: str, adata, case_ids: list[str], transform, fit_kwargs: dict):
     """(fitted transform, values [n, G], mask [n, G]) for the loader's cases; absent cases all-masked."""
     from mmfm.data.omics import OmicsTransform
 
     obs = {c: i for i, c in enumerate(adata.obs_names)}
     have = [c for c in case_ids if c in obs]
     if transform is None:
+        if not have:
+            raise ValueError(f"none of the loader's cases has {name} data to fit its transform on: drop "
+                             f"'{name}' from LoaderConfig.modalities or pass a fitted transform")
         transform = OmicsTransform.fit(adata, have, **fit_kwargs)
     values, mask = transform.transform(adata)
     n, g = len(case_ids), values.shape[1]
@@ -155,6 +159,57 @@ def _omics(adata, case_ids: list[str], transform, fit_kwargs: dict):
     rows = [obs[c] for c in have]
     out_v[present], out_m[present] = np.asarray(values, np.float32)[rows], np.asarray(mask, bool)[rows]
     return transform, out_v, out_m
+
+
+@dataclass
+class CaseTensors:
+    """Per-case arrays of the non-slide modalities, in batch-contract keys, for a list of cases."""
+
+    dense: dict[str, np.ndarray]       # batch key -> [n, ...] (values, masks, ids, `<m>/present`)
+    transforms: dict                    # fitted (or given) OmicsTransforms: 'rna', 'protein'
+    names: dict[str, list[str]]        # 'rna' genes, 'protein' markers, 'mutation' genes (columns)
+
+
+def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, transforms: dict | None = None,
+                 present: dict[str, np.ndarray] | None = None) -> CaseTensors:
+    """Omics / report / mutation tensors of `case_ids`, computed once (the loader and `mmfm embed` share it).
+
+    Omics transforms are fitted on `case_ids` unless given (inference passes the run's). `present`
+    (modality -> [n] bool) defaults to `cohort.presence()`; modalities absent from `present` are skipped.
+    """
+    if present is None:
+        pres = cohort.presence()
+        present = {m: pres[m].reindex(case_ids, fill_value=False).to_numpy(bool)
+                   for m in cfg.modalities if m != "slide" and m in pres}
+    dense: dict[str, np.ndarray] = {}
+    transforms = dict(transforms or {})
+    names: dict[str, list[str]] = {}
+    if "rna" in present and cohort.rna is not None:
+        transforms["rna"], v, m = _omics("rna", cohort.rna, case_ids, transforms.get("rna"),
+                                           {"n_top_genes": cfg.n_genes})
+        dense.update({"rna/values": v, "rna/gene_mask": m})
+        names["rna"] = [str(g) for g in transforms["rna"].genes]
+    if "protein" in present and cohort.protein is not None:
+        transforms["protein"], v, m = _omics("protein", cohort.protein, case_ids, transforms.get("protein"), {})
+        dense.update({"protein/values": v, "protein/mask": m})
+        names["protein"] = [str(g) for g in transforms["protein"].genes]
+    if "report" in present and cohort.reports is not None:
+        from mmfm.models.text import tokenize
+
+        texts = cohort.reports.reindex(case_ids)
+        ids, mask = tokenize(texts.fillna("").astype(str).tolist(), cfg.report_max_len)
+        ids[~present["report"]], mask[~present["report"]] = 0, 0
+        dense.update({"report/input_ids": ids.astype(np.int32), "report/attention_mask": mask.astype(np.int32)})
+    if "mutation" in present and cohort.mutation_columns:
+        cols = list(cohort.mutation_columns)
+        flags = cohort.cases.loc[case_ids, cols].apply(lambda s: s.astype(float)).to_numpy(np.float64)
+        known = ~np.isnan(flags)
+        dense.update({"mutation/values": np.where(known, flags, 0.0).astype(np.float32), "mutation/mask": known})
+        names["mutation"] = [c.removeprefix("mut_") for c in cols]
+    for m, p in present.items():
+        if m != "slide":
+            dense[f"{m}/present"] = p
+    return CaseTensors(dense, transforms, names)
 
 
 class TileBagLoader:
@@ -208,38 +263,12 @@ class TileBagLoader:
             raise ValueError(f"LoaderConfig.batch_size={cfg.batch_size} exceeds the {len(self.case_ids)} "
                              f"usable cases of {cohort.root}")
 
-        dense: dict[str, np.ndarray] = {}
-        self.transforms = dict(transforms or {})
-        self.gene_names: list[str] = []
-        self.protein_names: list[str] = []
-        self.mutation_names: list[str] = []
-        if "rna" in self.modalities:
-            self.transforms["rna"], v, m = _omics(cohort.rna, self.case_ids, self.transforms.get("rna"),
-                                                    {"n_top_genes": cfg.n_genes})
-            dense.update({"rna/values": v, "rna/gene_mask": m})
-            self.gene_names = [str(g) for g in self.transforms["rna"].genes]
-        if "protein" in self.modalities:
-            self.transforms["protein"], v, m = _omics(cohort.protein, self.case_ids,
-                                                        self.transforms.get("protein"), {})
-            dense.update({"protein/values": v, "protein/mask": m})
-            self.protein_names = [str(g) for g in self.transforms["protein"].genes]
-        if "report" in self.modalities:
-            from mmfm.models.text import tokenize
-
-            texts = cohort.reports.reindex(self.case_ids)
-            ids, mask = tokenize(texts.fillna("").astype(str).tolist(), cfg.report_max_len)
-            ids[~present["report"]], mask[~present["report"]] = 0, 0
-            dense.update({"report/input_ids": ids.astype(np.int32), "report/attention_mask": mask.astype(np.int32)})
-        if "mutation" in self.modalities:
-            cols = list(cohort.mutation_columns)
-            flags = cohort.cases.loc[self.case_ids, cols].apply(lambda s: s.astype(float)).to_numpy(np.float64)
-            known = ~np.isnan(flags)
-            dense.update({"mutation/values": np.where(known, flags, 0.0).astype(np.float32),
-                          "mutation/mask": known})
-            self.mutation_names = [c.removeprefix("mut_") for c in cols]
-        for m in self.modalities:
-            if m != "slide":
-                dense[f"{m}/present"] = present[m]
+        tensors = case_tensors(cohort, self.case_ids, cfg, transforms, present=present)
+        dense = tensors.dense
+        self.transforms = tensors.transforms
+        self.gene_names = tensors.names.get("rna", [])
+        self.protein_names = tensors.names.get("protein", [])
+        self.mutation_names = tensors.names.get("mutation", [])
 
         by_case = slides.groupby(slides["case_id"].astype(str)).groups if "slide" in self.modalities else {}
         has = present.get("slide", np.zeros(len(self.case_ids), bool))
