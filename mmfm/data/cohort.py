@@ -38,7 +38,6 @@ LIST_MAX = 20  # ids listed in one message before "... and N more"
 
 CASE_COLUMNS = ("case_id", "site")
 SLIDE_COLUMNS = ("slide_id", "case_id", "path")
-FLOAT_COLUMNS = ("os_days", "os_event", "grade")
 SPEC_KEYS = {"name", "version", "description", "tile_encoder", "target_magnification", "patch_size"}
 
 
@@ -286,8 +285,11 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
             problems.append(f"coords shape {coords.shape} does not match features {feats.shape} (want [N, 2])")
         if not np.issubdtype(coords.dtype, np.integer):
             problems.append(f"coords dtype {coords.dtype} is not integer (level-0 pixels)")
-        if "fragment" in f and f["fragment"].shape != (hdr.n_tiles,):
-            problems.append(f"fragment shape {f['fragment'].shape} does not match {hdr.n_tiles} tiles")
+        frag = f.get("fragment")
+        if frag is not None and not (isinstance(frag, h5py.Dataset) and frag.shape == (hdr.n_tiles,)
+                                     and np.issubdtype(frag.dtype, np.integer)):
+            problems.append(f"fragment must be an integer dataset of shape ({hdr.n_tiles},), got "
+                            f"{getattr(frag, 'shape', 'a group')} {getattr(frag, 'dtype', '')}")
         if hdr.n_tiles == 0:
             problems.append("zero tiles")
         if hdr.patch_size_level0 is None:
