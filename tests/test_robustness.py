@@ -1,6 +1,7 @@
 """Robustness index (PathoROB): a hand-counted toy example and a brute-force NumPy reference on real data."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from lifelines.datasets import load_lung
 
@@ -67,3 +68,27 @@ def test_subsets_are_evaluated_separately_and_pooled():
     parts = sum(robustness.counts(x[subset == s], bio[subset == s], site[subset == s], np.arange(20), 5)
                 for s in (0, 1))
     assert pooled.equals(parts)
+
+
+def test_probe_robustness_task_on_lung(tmp_path):
+    """`type: robustness` through the probe API: same numbers as the function, curve and projection plots."""
+    import anndata as ad
+
+    from mmfm.eval.probe import probe
+
+    d = load_lung().reset_index(drop=True)
+    x = d[["age", "ph.ecog", "ph.karno", "pat.karno", "meal.cal", "wt.loss"]].to_numpy(float)
+    x = (x - np.nanmean(x, 0)) / np.nanstd(x, 0)  # rows with a missing covariate stay NaN = "absent"
+    obs = pd.DataFrame({"inst": [None if pd.isna(v) else f"inst{int(v)}" for v in d.inst], "sex": d.sex.astype(str).to_numpy()},
+                       index=d.index.astype(str))
+    a = ad.AnnData(obs=obs, obsm={"clin": x})
+    r = probe(a, [{"name": "rob", "type": "robustness", "label": "sex", "site": "inst", "embeddings": ["clin"],
+                   "ks": [1, 5, 11]}], tmp_path, projection="pca")
+    ok = np.isfinite(x).all(1) & obs.inst.notna().to_numpy()
+    ref = robustness.robustness_index(x[ok], obs.sex[ok], obs.inst[ok], obs.index[ok], ks=(1, 5, 11))
+    got = r.results.set_index("metric").value
+    for k in (1, 5, 11):
+        assert got[f"robustness_index@{k}"] == pytest.approx(ref.loc[k, "robustness_index"])
+        assert got[f"bio_vs_confounding@{k}"] == pytest.approx(ref.loc[k, "bio_vs_confounding"])
+    assert (tmp_path / "rob_ri.png").exists() and (tmp_path / "rob_clin_projection.png").exists()
+    assert "## rob (robustness, all rows)" in (tmp_path / "summary.md").read_text()

@@ -428,13 +428,16 @@ def run_retrieval(adata, spec, folds, col: Collector):
 
 
 def run_robustness(adata, spec, col: Collector, plot_dir: Path | None, projection: str):
-    bio = _column(adata, spec, "label", spec.label).astype(str).to_numpy()
-    site = _column(adata, spec, "site", spec.site).astype(str).to_numpy()
+    bio, site = _column(adata, spec, "label", spec.label), _column(adata, spec, "site", spec.site)
+    known = (bio.notna() & site.notna()).to_numpy()
+    bio, site = bio.astype(str).to_numpy(), site.astype(str).to_numpy()
     subset = _column(adata, spec, "subset", spec.subset).to_numpy() if spec.subset else None
     groups = row_groups(adata, spec)
     for emb in spec.embeddings:
         x = row_features(adata, spec, emb)
-        ok = np.isfinite(x).all(1) & ~pd.isna(adata.obs[spec.label]).to_numpy() & ~pd.isna(adata.obs[spec.site]).to_numpy()
+        ok = np.isfinite(x).all(1) & known
+        if len(np.unique(groups[ok])) < 2:
+            raise TaskError(f"task {spec.name!r}: fewer than 2 cases have embedding {emb!r}, 'label' and 'site'")
         ri = robustness.robustness_index(x[ok], bio[ok], site[ok], groups[ok], ks=spec.ks,
                                          subset=None if subset is None else subset[ok])
         col.robustness_curves[(spec.name, emb)] = ri

@@ -45,7 +45,9 @@ def summarize(results: pd.DataFrame, boot: pd.DataFrame) -> pd.DataFrame:
         else:
             est = stats.mean_se(g.value)
         text = f"{est.mean:.3g}" if k[-1].endswith("_p") and np.isfinite(est.mean) else est.format()
-        rows.append({**dict(zip(GROUP, k)), "mean": est.mean, "se": est.se, "lo": est.lo, "hi": est.hi,
+        nan = float("nan")
+        rows.append({**dict(zip(GROUP, k)), "mean": est.mean, "se": nan if est.se is None else est.se,
+                     "lo": nan if est.lo is None else est.lo, "hi": nan if est.hi is None else est.hi,
                      "n": est.n, "text": text})
     return pd.DataFrame(rows, columns=GROUP + ["mean", "se", "lo", "hi", "n", "text"])
 
