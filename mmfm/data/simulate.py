@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import heapq
 import json
 import typing
 from dataclasses import dataclass
@@ -153,8 +154,8 @@ GRADE_NOISE_SD, GRADE_CUTS = 0.5, (-0.6, 0.6)
 TYPE_BASE = np.array([1.4, 0.7, -0.5, -2.0, -1.0, -1.3, -3.0])
 TYPE_LOADINGS = np.array([
     [0.3, 0.0, 0.0, -0.3, 0.0],
-    [0.0, 0.0, 0.0, 0.7, 0.0],
-    [0.0, 0.9, 0.0, 0.0, 0.0],
+    [0.0, 0.0, 0.0, 1.0, 0.0],
+    [0.0, 1.0, 0.0, 0.0, 0.0],
     [0.3, 0.0, 0.9, 0.0, 0.0],
     [-0.2, 0.0, 0.0, 0.0, 0.4],
     [0.0] * 5,
@@ -165,7 +166,8 @@ SLIDE_COMPOSITION_SD = 0.5  # per-slide logit jitter (which block was cut)
 # (depth 1 = fragment core, 0 = edge): necrosis in cores, fat and normal tissue at edges.
 TYPE_LENGTH_SCALE = np.array([10.0, 6.0, 3.0, 4.0, 6.0, 8.0, 2.0])
 TYPE_DEPTH = np.array([0.5, -0.5, 0.0, 2.0, -1.0, -2.0, -0.5])
-FIELD_AMPLITUDE = 1.5
+FIELD_AMPLITUDE = 2.0
+TILE_TYPE_NOISE = 0.6  # Gumbel scale of the per-tile type draw (lower = smoother maps)
 # How strongly each programme changes the *appearance* of each tile type (rows: TILE_TYPES).
 TYPE_APPEARANCE = np.array([
     [0.5, 0.0, 0.3, 0.0, 0.5],
@@ -349,7 +351,7 @@ def _protein_model(cfg: SimConfig, r: np.random.Generator) -> tuple[pd.DataFrame
     for (ab, d), eff in PROTEIN_DRIVER_EFFECT.items():
         if ab in names:
             mut[names.index(ab), DRIVERS.index(d)] = eff
-    df = pd.DataFrame({"module": module, "base": r.normal(2.0, 1.0, p)}, index=pd.Index(names, name="antibody"))
+    df = pd.DataFrame({"module": module, "base": r.normal(6.5, 1.0, p)}, index=pd.Index(names, name="antibody"))
     for k, prog in enumerate(PROGRAMMES):
         df[f"load_{prog}"] = load[:, k]
     for k, d in enumerate(DRIVERS):
@@ -425,6 +427,34 @@ def _field(xy: np.ndarray, r: np.random.Generator, length: float, n_waves: int =
     return np.sqrt(2.0 / n_waves) * np.cos(xy @ w.T + phase).sum(axis=1)
 
 
+def _connected(score: np.ndarray, m: int) -> np.ndarray:
+    """Boolean mask of m connected cells of low score: the m lowest, reduced to their largest piece, then
+    regrown from its border always taking the lowest-score neighbour (only the few missing cells loop)."""
+    from scipy import ndimage
+
+    mask = np.zeros(score.shape, bool)
+    mask.flat[np.argpartition(score.ravel(), m - 1)[:m]] = True
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        mask = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    missing = m - int(mask.sum())
+    if missing:
+        w, flat = score.shape[1], score.ravel()
+        seen = mask | ndimage.binary_dilation(mask)
+        heap = [(flat[i], i) for i in np.flatnonzero(seen & ~mask)]
+        heapq.heapify(heap)
+        seen, out = seen.ravel(), mask.ravel()
+        for _ in range(missing):
+            _, i = heapq.heappop(heap)
+            out[i] = True
+            for j in (i - w, i + w, i - 1 if i % w else -1, i + 1 if (i + 1) % w else -1):
+                if 0 <= j < len(flat) and not seen[j]:
+                    seen[j] = True
+                    heapq.heappush(heap, (flat[j], j))
+        mask = out.reshape(score.shape)
+    return mask
+
+
 def _blob(m: int, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """m contiguous grid cells forming an irregular ellipse; returns (xy from 0, depth 0=edge…1=core)."""
     aspect, theta = r.uniform(0.45, 1.0), r.uniform(0.0, np.pi)
@@ -435,7 +465,7 @@ def _blob(m: int, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     u = (xy[:, 0] * np.cos(theta) + xy[:, 1] * np.sin(theta)) / r1
     v = (-xy[:, 0] * np.sin(theta) + xy[:, 1] * np.cos(theta)) / (aspect * r1)
     score = np.hypot(u, v) + 0.3 * _field(xy, r, max(r1 / 2, 1.5))
-    keep = np.argpartition(score, m - 1)[:m]
+    keep = np.flatnonzero(_connected(score.reshape(x.shape), m))
     s = score[keep]
     depth = (s.max() - s) / max(s.max() - s.min(), 1e-9)
     cells = xy[keep].astype(np.int64)
@@ -480,7 +510,7 @@ def simulate_slide(cfg: SimConfig, world: World, case: Case, j: int) -> Slide:
     logits = TYPE_BASE + TYPE_LOADINGS @ prog + SLIDE_COMPOSITION_SD * r.standard_normal(len(TILE_TYPES))
     xyf = xy.astype(np.float64)
     field = np.stack([_field(xyf, r, s) for s in TYPE_LENGTH_SCALE], 1)
-    score = logits + FIELD_AMPLITUDE * field + TYPE_DEPTH * (depth[:, None] - 0.5) + r.gumbel(size=field.shape)
+    score = logits + FIELD_AMPLITUDE * field + TYPE_DEPTH * (depth[:, None] - 0.5) + TILE_TYPE_NOISE * r.gumbel(size=field.shape)
     types = np.argmax(score, axis=1).astype(np.int8)
 
     shift = np.einsum("k,tkl->tl", prog, world.appearance)
@@ -511,12 +541,13 @@ def rna_counts(cfg: SimConfig, world: World, case: Case) -> np.ndarray:
 
 
 def protein_values(cfg: SimConfig, world: World, case: Case) -> np.ndarray:
-    """RPPA-like positive intensities: log-normal around programme- and driver-driven means, + lot effect."""
+    """Raw antibody signal in integer scanner units (the contract's raw counts): log-normal around programme-
+    and driver-driven means (median signal ~700), plus a per-site antibody-lot effect."""
     r = _rng(cfg, _PROTEIN, case.index)
     pr = world.protein_arrays
     log_v = (pr["base"] + pr["load"] @ case.programmes + pr["mut"] @ case.mutations.astype(float)
              + world.protein_site[case.site] + PROTEIN_NOISE_SD * r.standard_normal(len(pr["base"])))
-    return np.exp(log_v).astype(np.float32)
+    return np.round(np.exp(log_v)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- reports
