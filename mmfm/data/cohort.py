@@ -253,7 +253,7 @@ def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
         elif col.startswith("mut_"):
             out[col] = _numeric(df[col], col, rep, ids, lines, choices=(0.0, 1.0), warn_only=True)
         elif col != "case_id":
-            out[col] = df[col].replace("", np.nan)
+            out[col] = df[col].mask(df[col].eq(""))  # empty = unknown (NaN), dtype stays object
     no_site = out.loc[out["site"].isna(), "case_id"].tolist()
     if no_site:
         rep.warn(f"cases.csv: {len(no_site)} case(s) with empty site (site-preserved splits and robustness "

@@ -186,7 +186,7 @@ def read_splits(path: str | os.PathLike, label: str | None = None) -> pd.DataFra
     for col in df.columns:
         if col in ("case_id", "slide_id") or col in folds:
             continue
-        values = df[col].replace("", np.nan)
+        values = df[col].mask(df[col].eq(""))
         try:
             df[col] = pd.to_numeric(values)
         except (ValueError, TypeError):
