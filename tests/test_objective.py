@@ -200,7 +200,7 @@ def test_siglip_equals_open_clip_formula_in_torch():
     present = {"slide": np.ones(b, bool), "rna": np.ones(b, bool)}
     ci = np.arange(b, dtype=np.int32)
     loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg)[0]  # noqa: E731
-    loss, (ge, gs) = jax.value_and_grad(loss_fn, argnums=(0, 1))({"slide": x, "rna": y}, s)
+    loss, (ge, gs) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))({"slide": x, "rna": y}, s)
     np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
     np.testing.assert_allclose(ge["slide"], tx.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ge["rna"], ty.grad.numpy(), rtol=1e-4, atol=1e-6)
@@ -286,3 +286,25 @@ def test_config_and_input_errors_are_named():
         multimodal_loss(emb, {"slide": present["slide"]}, ci, lp, cfg)
     with pytest.raises(ValueError, match="none of the pairs"):
         multimodal_loss({"slide": emb["slide"], "protein": emb["protein"]}, present, ci, lp, cfg)
+
+
+def test_infonce_equals_clip_cross_entropy_in_torch():
+    """Unique cases, everything present: the symmetric CLIP/TANGLE loss (CE(z) + CE(zᵀ)) / 2, z = x·yᵀ / τ."""
+    rng = np.random.default_rng(8)
+    b, e, tau = 10, 8, 0.1
+    x, y = (rng.standard_normal((b, e)).astype(np.float32) for _ in range(2))
+    x, y = x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
+    tx, ty = torch.tensor(x, requires_grad=True), torch.tensor(y, requires_grad=True)
+    z, labels = tx @ ty.T / tau, torch.arange(b)
+    ref = 0.5 * (torch.nn.functional.cross_entropy(z, labels) + torch.nn.functional.cross_entropy(z.T, labels))
+    ref.backward()
+
+    cfg = ObjectiveConfig(kind="infonce", infonce_tau=tau, pairs=[["slide", "rna"]])
+    lp = LogitParams(cfg, ("slide", "rna"), rngs=nnx.Rngs(0))
+    present = {"slide": np.ones(b, bool), "rna": np.ones(b, bool)}
+    ci = np.arange(b, dtype=np.int32)
+    loss_fn = jax.jit(jax.value_and_grad(lambda e: multimodal_loss(e, present, ci, lp, cfg)[0]))
+    loss, ge = loss_fn({"slide": x, "rna": y})
+    np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(ge["slide"], tx.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ge["rna"], ty.grad.numpy(), rtol=1e-4, atol=1e-6)

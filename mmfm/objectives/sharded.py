@@ -56,7 +56,7 @@ def sweep_gather(block: Block, merge: Merge, cols: tuple, axis: Axis):
 def sweep_ring(block: Block, merge: Merge, cols: tuple, axis: Axis):
     n = jax.lax.axis_size(axis)
     perm = [(k, (k + 1) % n) for k in range(n)]
-    block = jax.checkpoint(block)
+    block = jax.checkpoint(block, prevent_cse=False)  # inside scan, CSE cannot undo the remat
 
     def step(carry, _):
         acc, cols = carry
