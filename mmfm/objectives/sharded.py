@@ -8,7 +8,7 @@ blocks and only at the end reduced across devices, so all three sweeps give the 
   gather  inside `jax.shard_map`: all-gather the y side, one block of b_local × B logits.
   ring    inside `jax.shard_map`: y blocks travel around the ring with `ppermute`; each step holds
           one b_local × b_local block, rematerialised in the backward pass (`jax.checkpoint`),
-          so per-device logit memory is O(b_local²) (SigLIP paper §3.1 "chunked" loss). The
+          so per-device logit memory is O(b_local²) (the SigLIP paper's "chunked" implementation). The
           backward pass keeps the visiting y blocks (O(B·E) per device, as an all-gather would).
 
 `axis` is a mesh axis name or a tuple of names (e.g. ('data', 'fsdp')); `None` means the arrays are
