@@ -461,19 +461,51 @@ class ProbeResult:
     overlap: dict[str, list[str]]
 
 
-def _task_cases(adata, spec) -> tuple[pd.Index, pd.Series | None]:
-    """Cases a task can use and the series its generated folds are stratified by."""
+def _targets(adata, spec, notes: list[str]) -> dict[str, tuple[pd.Index, pd.Series | None]]:
+    """Per target ('' or a mutation gene): the cases it can use and the series its folds are stratified by
+    (the label itself for classification/mutation, Patho-Bench's time-quartile × event code for survival)."""
     if spec.type in ("classification", "fewshot") or (spec.type == "retrieval" and spec.label and not spec.pairs):
         lab = case_values(adata, spec, "label", spec.label)
-        return lab.index, lab
-    if spec.type == "survival":  # Patho-Bench strata: time quartile × event
+        return {"": (lab.index, lab)}
+    if spec.type == "mutation":
+        out = {}
+        for gene in spec.labels:
+            lab = pd.to_numeric(case_values(adata, spec, "labels", gene), errors="coerce").dropna()
+            if not lab.isin([0, 1]).all():
+                raise TaskError(f"task {spec.name!r}: key 'labels' column {gene!r} must be 0/1 (empty = unknown)")
+            n_pos, n_neg = int(lab.sum()), int((lab == 0).sum())
+            if min(n_pos, n_neg) < spec.min_positives:
+                notes.append(f"{spec.name}/{gene}: skipped ({n_pos} mutant / {n_neg} wild-type cases, "
+                             f"min_positives={spec.min_positives})")
+                continue
+            out[gene] = (lab.index, lab.astype(int))
+        return out
+    if spec.type == "survival":
         from mmfm.data.splits import survival_strata
 
         df = pd.concat({"t": pd.to_numeric(case_values(adata, spec, "time", spec.time), errors="coerce"),
                         "e": pd.to_numeric(case_values(adata, spec, "event", spec.event), errors="coerce")},
                        axis=1).dropna()
-        return df.index, survival_strata(df, time="t", event="e")
-    return pd.Index(np.unique(row_groups(adata, spec))), None
+        return {"": (df.index, survival_strata(df, time="t", event="e"))}
+    return {"": (pd.Index(np.unique(row_groups(adata, spec))), None)}
+
+
+def plan_folds(adata, spec: TaskSpec, shared: pd.DataFrame | None) -> tuple[dict, dict, list[str]]:
+    """({target: case × fold table}, {target: labels or strata}, notes): the split file's folds restricted to
+    the target's cases, or patient-level folds generated per target (each mutation gene stratified on itself)."""
+    notes: list[str] = []
+    given = read_split_file(spec.splits) if spec.splits else shared
+    sites = case_values(adata, spec, "site", spec.site) if spec.site else None
+    folds, labels = {}, {}
+    for target, (cases, strata) in _targets(adata, spec, notes).items():
+        f = given if given is not None else generate_folds(spec, cases, strata, sites)
+        missing = cases.difference(f.index)
+        if len(missing):
+            notes.append(f"{spec.name}{'/' + target if target else ''}: {len(missing)} case(s) with data are not "
+                         f"in the folds and are left out (e.g. {', '.join(map(str, missing[:3]))})")
+            warnings.warn(notes[-1])
+        folds[target], labels[target] = f.loc[f.index.intersection(cases)], strata
+    return folds, labels, notes
 
 
 def _resolve_labels(adata, spec) -> TaskSpec:
@@ -506,22 +538,12 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
         for emb in spec.embeddings:
             row_features(adata, spec, emb)  # fail early, naming the key
         if spec.type == "robustness":
-            plans.append((spec, None, None))
+            plans.append((spec, {}, {}, []))
             tested = set(row_groups(adata, spec))
         else:
-            cases, strata = _task_cases(adata, spec)
-            sites = case_values(adata, spec, "site", spec.site) if spec.site else None
-            folds = read_split_file(spec.splits) if spec.splits else shared_split
-            if folds is None:
-                folds = generate_folds(spec, cases, strata, sites)
-            missing = cases.difference(folds.index)
-            note = (f"{spec.name}: {len(missing)} case(s) with data are not in the split file and are left out"
-                    if len(missing) else None)
-            if note:
-                warnings.warn(note)
-            folds = folds.loc[folds.index.intersection(cases)]
-            plans.append((spec, folds, note))
-            tested = set(folds.index[(folds == "test").any(axis=1).to_numpy()])
+            folds, labels, notes = plan_folds(adata, spec, shared_split)
+            plans.append((spec, folds, labels, notes))
+            tested = {c for f in folds.values() for c in f.index[(f == "test").any(axis=1).to_numpy()]}
         seen = pretrain_overlap(tested, pretrain)
         if seen:
             overlap[spec.name] = seen
@@ -534,37 +556,26 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
         log.warning("PRETRAINING OVERLAP (allowed): %s", msg)
         warnings.warn(f"PRETRAINING OVERLAP (allowed by --allow-overlap): {msg}")
 
-    for spec, folds, _ in plans:  # the exact folds used, for reproducibility and audit
-        if folds is not None:
-            with atomic_path(out / "folds" / f"{report.slug(spec.name)}.tsv", suffix=".tsv") as tmp:
-                folds.to_csv(tmp, sep="\t", index_label="case_id")
+    for spec, folds, _, _ in plans:  # the exact folds used, for reproducibility and audit
+        for target, f in folds.items():
+            with atomic_path(out / "folds" / f"{report.slug(spec.name, target)}.tsv", suffix=".tsv") as tmp:
+                f.to_csv(tmp, sep="\t", index_label="case_id")
 
     col = Collector(n_bootstrap=n_bootstrap)
     plot_dir = out if plots else None
-    for spec, folds, note in plans:
-        if note:
-            col.notes.append(note)
+    for spec, folds, labels, notes in plans:
+        col.notes += notes
         if spec.type == "robustness":
             run_robustness(adata, spec, col, plot_dir, projection)
-        elif spec.type in ("classification", "fewshot"):
-            classes = run_classification(adata, spec, folds, col, spec.label,
-                                         case_values(adata, spec, "label", spec.label))
-            col.notes.append(f"{spec.name}: classes {list(map(str, classes))}; {folds.shape[1]} fold(s)")
-        elif spec.type == "mutation":
-            for gene in spec.labels:
-                lab = pd.to_numeric(case_values(adata, spec, "labels", gene), errors="coerce").dropna()
-                if not lab.isin([0, 1]).all():
-                    raise TaskError(f"task {spec.name!r}: mutation column {gene!r} must be 0/1 (empty = unknown)")
-                n_pos, n_neg = int(lab.sum()), int((lab == 0).sum())
-                if min(n_pos, n_neg) < spec.min_positives:
-                    col.notes.append(f"{spec.name}/{gene}: skipped ({n_pos} mutant / {n_neg} wild-type cases, "
-                                     f"min_positives={spec.min_positives})")
-                    continue
-                run_classification(adata, spec, folds, col, gene, lab.astype(int))
+        elif spec.type in ("classification", "fewshot", "mutation"):
+            for target, f in folds.items():
+                classes = run_classification(adata, spec, f, col, target or spec.label, labels[target])
+                if spec.type != "mutation":
+                    col.notes.append(f"{spec.name}: classes {list(map(str, classes))}; {f.shape[1]} fold(s)")
         elif spec.type == "survival":
-            run_survival(adata, spec, folds, col)
+            run_survival(adata, spec, folds[""], col)
         elif spec.type == "retrieval":
-            run_retrieval(adata, spec, folds, col)
+            run_retrieval(adata, spec, folds[""], col)
 
     results = pd.DataFrame(col.rows, columns=["task", "type", "target", "embedding", "model", "shots", "draw",
                                               "metric", "fold", "value"])
