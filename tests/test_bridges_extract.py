@@ -8,6 +8,7 @@ import numpy as np
 import openslide
 import pandas as pd
 import pytest
+import tifffile
 import torch
 import yaml
 from PIL import Image
@@ -179,3 +180,41 @@ def test_shard_arithmetic():
     for bad in ("5/5", "1", "a/b", "-1/2"):
         with pytest.raises(Exception, match="shard"):
             parse_shard(bad)
+
+
+def _blob_pyramid(path, corrupt_level0=False):
+    """Pyramidal TIFF (0.25 µm/px) with pink tissue on glass; optionally garbage in every level-0 tile."""
+    h, w = 1024, 1536
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full((h, w, 3), 240, np.uint8)
+    img[(yy - 500) ** 2 + (xx - 700) ** 2 < 400**2] = (190, 110, 170)
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(3):
+            res = 1e4 / (0.25 * 2**k)
+            tw.write(np.ascontiguousarray(img[:: 2**k, :: 2**k]), tile=(256, 256), photometric="rgb",
+                     compression="zlib", resolution=(res, res), resolutionunit="CENTIMETER",
+                     subfiletype=0 if k == 0 else 1)
+    if corrupt_level0:
+        with tifffile.TiffFile(path) as tf:
+            spans = list(zip(tf.pages[0].dataoffsets, tf.pages[0].databytecounts))
+        with open(path, "r+b") as f:
+            for off, n in spans:
+                f.seek(off)
+                f.write(b"\xff" * n)
+
+
+def test_bad_tiles_and_blank_slides_fail_alone(tmp_path):
+    """A slide whose thumbnail reads but whose level-0 tiles are corrupt, and a blank slide, are reported;
+    the good slide in the same run is written."""
+    wsi, out = tmp_path / "wsi", tmp_path / "cohort"
+    wsi.mkdir()
+    _blob_pyramid(wsi / "a_corrupt.tif", corrupt_level0=True)
+    _blob_pyramid(wsi / "b_good.tif")
+    Image.fromarray(np.full((600, 600, 3), 243, np.uint8)).save(wsi / "c_blank.png")
+    assert _extract(wsi, out, "--mag", "40", "--mpp", "0.25") == 1
+    by_id = {r["slide_id"]: r for r in _summary(out)["slides"]}
+    assert by_id["b_good"]["status"] == "ok" and by_id["b_good"]["n_tiles"] > 0
+    assert by_id["a_corrupt"]["status"] == "failed" and "reading tiles" in by_id["a_corrupt"]["reason"]
+    assert by_id["c_blank"]["status"] == "failed" and "no tissue" in by_id["c_blank"]["reason"]
+    assert list(pd.read_csv(out / "slides.csv")["slide_id"]) == ["b_good"]
+    assert not (out / "bags" / "a_corrupt.h5").exists() and (out / "qc" / "c_blank.png").exists()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mmfm.bridges.encoders import EncoderError, TileEncoder, autocast_dtype, encode, get_spec, load_encoder
 from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
+from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
 from mmfm.data.bags import read_header, write_bag
 from mmfm.io import atomic_path, write_json, write_text
@@ -63,19 +64,6 @@ class SlideResult:
     n_tiles: int = 0
     n_fragments: int = 0
     seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class SlidePlan:
-    """Everything the workers need to read one slide's tiles."""
-
-    slide_id: str
-    path: Path
-    mpp: float
-    coords: np.ndarray
-    fragment: np.ndarray
-    size_level0: int
-    attrs: dict
 
 
 def list_slides(wsi_dir: Path) -> list[Path]:
@@ -199,48 +187,6 @@ def plan_slide(path: Path, cfg: ExtractConfig, out: Path) -> SlidePlan:
         return SlidePlan(path.stem, path, reader.mpp, grid.coords, grid.fragment, size0, attrs)
 
 
-class TileBatches(torch.utils.data.Dataset):
-    """Item k = one batch of one slide's tiles as uint8 [n, P, P, 3]. Each worker opens its own slide handles
-    (kept for the slide it is on); a read error is returned, not raised, so one slide cannot stop the loader."""
-
-    def __init__(self, plans: list[SlidePlan], batch_size: int, patch_size: int):
-        self.plans, self.patch_size = plans, patch_size
-        self.keys = [(p, s, min(s + batch_size, len(plan.coords)))
-                     for p, plan in enumerate(plans) for s in range(0, len(plan.coords), batch_size)]
-        self._open: tuple[int, object] | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getstate__(self):  # slide handles never cross process boundaries
-        return {**self.__dict__, "_open": None}
-
-    def _reader(self, p: int):
-        if self._open is None or self._open[0] != p:
-            if self._open is not None:
-                self._open[1].close()
-            plan = self.plans[p]
-            self._open = (p, open_slide(plan.path, mpp=plan.mpp))
-        return self._open[1]
-
-    def __getitem__(self, k: int) -> dict:
-        p, s, e = self.keys[k]
-        plan = self.plans[p]
-        try:
-            reader = self._reader(p)
-            tiles = np.stack([reader.read_tile(xy, plan.size_level0, self.patch_size) for xy in plan.coords[s:e]])
-            return {"slide": p, "start": s, "tiles": torch.from_numpy(tiles), "error": ""}
-        except Exception as e:  # corrupt tile data etc.: the slide fails, the loader goes on
-            self._open = None
-            return {"slide": p, "start": s, "tiles": torch.zeros(0, dtype=torch.uint8),
-                    "error": f"{plan.path}: reading tiles {s}..{e}: {type(e).__name__}: {e}"}
-
-
-def _mp_context(workers: int) -> str | None:
-    # fork is cheapest, but forking a process in which JAX started its threads can deadlock
-    return None if workers == 0 else ("spawn" if "jax" in sys.modules else "fork")
-
-
 def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
@@ -280,44 +226,10 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
                                          n_fragments=plan.attrs["n_fragments"], seconds=time.time() - t0)
 
     device = _device(cfg.device)
-    precision = None
-    n_encoded = 0
+    n_encoded, encode_seconds, precision = 0, 0.0, None
     if plans:
         encoder = encoder.to(device)
-        data = TileBatches(plans, cfg.batch_size, cfg.patch_size)
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-            multiprocessing_context=_mp_context(cfg.workers), prefetch_factor=4 if cfg.workers else None)
-        feats: dict[int, list[torch.Tensor]] = {}
-        failed: set[int] = set()
-        total = sum(len(p.coords) for p in plans)
-        t_enc = time.time()
-        with tqdm(total=total, unit="tile", disable=not cfg.progress, desc=f"extract {cfg.encoder}") as bar:
-            for item in loader:
-                p = item["slide"]
-                plan = plans[p]
-                n = len(plan.coords)
-                bar.update(min(cfg.batch_size, n - item["start"]))
-                if p in failed:
-                    continue
-                if item["error"]:
-                    failed.add(p)
-                    results[plan.slide_id].reason = item["error"]
-                    continue
-                if precision is None:
-                    precision = autocast_dtype(encoder, device, cfg.precision, item["tiles"])
-                t0 = time.time()
-                feats.setdefault(p, []).append(encode(encoder, item["tiles"], precision).cpu())
-                results[plan.slide_id].seconds += time.time() - t0
-                if item["start"] + cfg.batch_size >= n:
-                    features = torch.cat(feats.pop(p)).numpy()
-                    _write_slide_bag(out, plan, features, encoder, precision)
-                    r = results[plan.slide_id]
-                    r.status, r.reason, r.n_tiles = "ok", "", n
-                    n_encoded += n
-        encode_seconds = time.time() - t_enc
-    else:
-        encode_seconds = 0.0
+        n_encoded, encode_seconds, precision = _encode_plans(plans, cfg, encoder, device, out, results)
 
     done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
     if done:
@@ -336,6 +248,54 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     }
     write_json(out / f"extract_summary_{i}-of-{n}.json", summary)
     return summary
+
+
+def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncoder, device: torch.device,
+                  out: Path, results: dict[str, SlideResult]) -> tuple[int, float, torch.dtype | None]:
+    """Stream every planned slide's tiles through the encoder; write each bag when its last batch is done.
+    Returns (tiles encoded, seconds, autocast dtype) and records each slide's outcome in `results`."""
+    data = TileBatches(plans, cfg.batch_size, cfg.patch_size)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        multiprocessing_context=mp_context(cfg.workers), prefetch_factor=4 if cfg.workers else None)
+    feats: dict[int, list[torch.Tensor]] = {}
+    failed: set[int] = set()
+    precision, n_encoded, t0 = None, 0, time.time()
+    total = sum(len(p.coords) for p in plans)
+    bar = tqdm(total=total, unit="tile", disable=not cfg.progress, desc=f"extract {cfg.encoder}")
+    try:
+        for item in loader:
+            p, start = item["slide"], item["start"]
+            plan, r = plans[p], results[plans[p].slide_id]
+            n = len(plan.coords)
+            bar.update(min(cfg.batch_size, n - start))
+            if p in failed:
+                continue
+            if item["error"]:
+                failed.add(p)
+                feats.pop(p, None)
+                r.reason = item["error"]
+                continue
+            if precision is None:
+                precision = autocast_dtype(encoder, device, cfg.precision, item["tiles"])
+            t = time.time()
+            feats.setdefault(p, []).append(encode(encoder, item["tiles"], precision).cpu())
+            r.seconds += time.time() - t
+            if start + cfg.batch_size >= n:
+                try:
+                    _write_slide_bag(out, plan, torch.cat(feats.pop(p)).numpy(), encoder, precision)
+                except OSError as e:  # disk full, permissions: this slide fails, the others may still fit
+                    r.reason = f"{out / 'bags'}: writing {plan.slide_id}.h5: {e}"
+                    continue
+                r.status, r.reason, r.n_tiles = "ok", "", n
+                n_encoded += n
+    except Exception as e:  # a crashed worker ends the loader: the unfinished slides fail, the summary is kept
+        for plan in plans:
+            if results[plan.slide_id].status != "ok":
+                results[plan.slide_id].reason = f"tile loader stopped: {type(e).__name__}: {e}"
+    finally:
+        bar.close()
+    return n_encoded, time.time() - t0, precision
 
 
 def _write_slide_bag(out: Path, plan: SlidePlan, features: np.ndarray, encoder: TileEncoder,
