@@ -119,15 +119,11 @@ class _MakeBatch:
             local = rows - (ends - t.slide_tiles[slides])[which]
             frag_base = 0  # pooled slides never share a fragment id
             for q, s in enumerate(slides):
-                if len(slides) == 1:  # gather straight into the batch row
-                    pos, into = slice(None), {"features": feats[r]}
-                else:
-                    pos, into = np.flatnonzero(which == q), None
-                got = self.reader.read(t.slide_path[s], local[pos], into)
+                pos = np.flatnonzero(which == q) if len(slides) > 1 else slice(None)
+                got = self.reader.read(t.slide_path[s], local[pos])
                 if not len(got["features"]):
                     continue
-                if into is None:
-                    feats[r, pos] = got["features"]
+                feats[r, pos] = got["features"]
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
                 frag = got.get("fragment")
                 if frag is not None:

@@ -8,8 +8,9 @@ replacement that are masked out, so a model that honours the mask sees exactly t
 Reading: h5py fancy indexing over 2,048 scattered rows costs ~10× a whole-bag read, so for
 unfiltered (uncompressed) datasets — what TRIDENT and `write_bag` write — the rows are gathered
 straight from a read-only memory map at the byte offsets HDF5 itself reports (contiguous layout, or
-chunks that span whole rows). Anything else (compression, partial chunks) falls back to
-`bags.read_rows` (sorted, coalesced hyperslab runs). Both paths return identical arrays.
+chunks that span whole rows; `scripts/bench_loader.py` times each layout). Anything else
+(compression, partial chunks) falls back to `bags.read_rows` (sorted, coalesced hyperslab runs).
+Both paths return identical arrays.
 """
 
 from __future__ import annotations
@@ -86,29 +87,27 @@ def _plain_runs(ds: h5py.Dataset, max_runs: int = 1024) -> _Runs | None:
 
 
 class _MappedRows:
-    """Row gather over a read-only memory map of the file, one ndarray view per run."""
+    """Row gather over a read-only memory map of the file.
+
+    The map is viewed as overlapping `row_bytes`-wide records, one starting at every byte, so rows
+    at any byte offsets (several runs, unaligned B-tree gaps) come out in one vectorised gather.
+    """
 
     def __init__(self, mm: np.memmap, runs: _Runs):
+        self.runs = runs
+        self.row_bytes = int(np.prod(runs.shape[1:], dtype=np.int64)) * runs.dtype.itemsize
         ends = np.append(runs.first_rows[1:], runs.shape[0])
-        row_bytes = int(np.prod(runs.shape[1:], dtype=np.int64)) * runs.dtype.itemsize
-        if np.any(runs.starts + (ends - runs.first_rows) * row_bytes > mm.size):
+        if np.any(runs.starts + (ends - runs.first_rows) * self.row_bytes > mm.size):
             raise ValueError("dataset extends past the end of the file (truncated bag?)")
-        self.first_rows = runs.first_rows
-        self.views = [np.ndarray((e - r,) + runs.shape[1:], dtype=runs.dtype, buffer=mm, offset=int(o))
-                      for r, e, o in zip(runs.first_rows, ends, runs.starts)]
+        self.records = np.ndarray((mm.size - self.row_bytes + 1,), dtype=np.dtype((np.void, self.row_bytes)),
+                                  buffer=mm, strides=(1,))
 
-    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows `rows` (validated in range) gathered into `out` (allocated if None)."""
-        first = self.views[0]
-        if out is None:
-            out = np.empty((len(rows),) + first.shape[1:], first.dtype)
-        if len(self.views) == 1 and out.dtype == first.dtype:
-            return np.take(first, rows, axis=0, out=out, mode="clip")  # 'raise' would buffer a copy
-        run = np.searchsorted(self.first_rows, rows, side="right") - 1
-        for u in np.unique(run):
-            sel = run == u
-            out[sel] = self.views[u][rows[sel] - self.first_rows[u]]
-        return out
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (already validated to lie in range), as a new array."""
+        r = self.runs
+        run = np.searchsorted(r.first_rows, rows, side="right") - 1 if len(r.first_rows) > 1 else 0
+        got = self.records[r.starts[run] + (rows - r.first_rows[run]) * self.row_bytes]
+        return got.view(r.dtype).reshape((len(rows),) + r.shape[1:])
 
 
 class _OpenBag:
@@ -129,13 +128,10 @@ class _OpenBag:
             mm = np.memmap(path, mode="r", dtype=np.uint8)
             self.views = {name: _MappedRows(mm, runs) for name, runs in layout.items()}
 
-    def read(self, rows: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         if self.h5 is not None:
-            got = read_rows(self.path, rows, self.h5)
-            for name, o in out.items():
-                o[...] = got[name]
-            return {**got, **out}
-        return {name: view.take(rows, out.get(name)) for name, view in self.views.items()}
+            return read_rows(self.path, rows, self.h5)
+        return {name: view[rows] for name, view in self.views.items()}
 
     def close(self):
         if self.h5 is not None:
@@ -157,12 +153,8 @@ class BagReader:
         self._open: collections.OrderedDict[str, _OpenBag] = collections.OrderedDict()
         self._layouts: dict[tuple, dict[str, _Runs | None]] = {}
 
-    def read(self, path: str | os.PathLike, rows: np.ndarray,
-             out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """features/coords(/fragment) at `rows` (any order, repeats allowed); only those rows are read.
-
-        `out` may hold preallocated arrays (e.g. a batch row) to gather some datasets into, saving a copy.
-        """
+    def read(self, path: str | os.PathLike, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """features/coords(/fragment) at `rows` (any order, repeats allowed); only those rows are read."""
         path, rows = str(path), np.asarray(rows, dtype=np.int64)
         try:
             bag = self._open.pop(path, None)
@@ -177,7 +169,7 @@ class BagReader:
             n = bag.n_rows
             if len(rows) and (rows.min() < 0 or rows.max() >= n):
                 raise ValueError(f"rows outside [0, {n})")
-            return bag.read(rows, out or {})
+            return bag.read(rows)
         except (OSError, KeyError, ValueError) as e:
             raise OSError(f"{Path(path)}: cannot read tile rows: {e}") from e
 
