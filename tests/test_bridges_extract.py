@@ -218,3 +218,8 @@ def test_bad_tiles_and_blank_slides_fail_alone(tmp_path):
     assert by_id["c_blank"]["status"] == "failed" and "no tissue" in by_id["c_blank"]["reason"]
     assert list(pd.read_csv(out / "slides.csv")["slide_id"]) == ["b_good"]
     assert not (out / "bags" / "a_corrupt.h5").exists() and (out / "qc" / "c_blank.png").exists()
+    # the good slide's file is later replaced by a corrupt one and its bag lost: it leaves slides.csv
+    (wsi / "b_good.tif").write_bytes((wsi / "a_corrupt.tif").read_bytes())
+    (out / "bags" / "b_good.h5").unlink()
+    assert _extract(wsi, out, "--mag", "40", "--mpp", "0.25") == 1
+    assert pd.read_csv(out / "slides.csv").empty

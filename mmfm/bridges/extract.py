@@ -148,15 +148,16 @@ def _locked(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def update_tables(out: Path, done: list[str], case_map: dict[str, str]) -> None:
-    """Merge the finished slides into slides.csv and their cases into cases.csv (atomic, under a lock)."""
+def update_tables(out: Path, done: list[str], failed: list[str], case_map: dict[str, str]) -> None:
+    """Merge the finished slides into slides.csv (dropping this run's failures, whose bags are not usable) and
+    their cases into cases.csv; atomic, under a lock so concurrent shards never lose each other's rows."""
     with _locked(out):
         spath, cpath = out / "slides.csv", out / "cases.csv"
         slides = pd.read_csv(spath, dtype=str, keep_default_na=False) if spath.exists() else \
             pd.DataFrame(columns=["slide_id", "case_id", "path"])
         new = pd.DataFrame({"slide_id": done, "case_id": [case_map.get(s, s) for s in done],
                             "path": [f"bags/{s}.h5" for s in done]})
-        slides = pd.concat([slides[~slides["slide_id"].isin(done)], new]).sort_values("slide_id")
+        slides = pd.concat([slides[~slides["slide_id"].isin(done + failed)], new]).sort_values("slide_id")
         with atomic_path(spath, suffix=".csv") as tmp:
             slides.to_csv(tmp, index=False)
         cases = pd.read_csv(cpath, dtype=str, keep_default_na=False) if cpath.exists() else \
@@ -180,11 +181,11 @@ def plan_slide(path: Path, cfg: ExtractConfig, out: Path) -> SlidePlan:
             raise SlideError(f"{path}: no tissue found (saturation threshold {tissue.threshold:.3f}, "
                              f"min tissue fraction {cfg.tissue.min_tissue_fraction})")
         W, H = reader.dimensions
-        attrs = {"patch_size": int(cfg.patch_size), "target_magnification": float(cfg.mag),
-                 "level0_magnification": 10.0 / reader.mpp, "level0_mpp": float(reader.mpp),
-                 "level0_width": int(W), "level0_height": int(H), "overlap": 0, "name": path.stem,
-                 "n_fragments": tissue.n_fragments, "n_holes": tissue.n_holes, "reader": reader.backend}
-        return SlidePlan(path.stem, path, reader.mpp, grid.coords, grid.fragment, size0, attrs)
+        coord_attrs = {"patch_size": int(cfg.patch_size), "target_magnification": float(cfg.mag),
+                       "level0_magnification": 10.0 / reader.mpp, "level0_mpp": float(reader.mpp),
+                       "level0_width": int(W), "level0_height": int(H), "overlap": 0, "name": path.stem}
+        meta = {"n_fragments": tissue.n_fragments, "n_holes": tissue.n_holes, "reader": reader.backend}
+        return SlidePlan(path.stem, path, reader.mpp, grid.coords, grid.fragment, size0, coord_attrs, meta)
 
 
 def _device(name: str) -> torch.device:
@@ -223,7 +224,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
             continue
         plans.append(plan)
         results[path.stem] = SlideResult(path.stem, str(path), "failed", "not encoded",
-                                         n_fragments=plan.attrs["n_fragments"], seconds=time.time() - t0)
+                                         n_fragments=plan.meta["n_fragments"], seconds=time.time() - t0)
 
     device = _device(cfg.device)
     n_encoded, encode_seconds, precision = 0, 0.0, None
@@ -232,8 +233,8 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         n_encoded, encode_seconds, precision = _encode_plans(plans, cfg, encoder, device, out, results)
 
     done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
-    if done:
-        update_tables(out, done, case_map)
+    failed = [s for s, r in results.items() if r.status == "failed"]
+    update_tables(out, done, failed, case_map)
     i, n = cfg.shard
     summary = {
         "shard": f"{i}/{n}", "encoder": cfg.encoder, "weights": encoder.weights if encoder else None,
@@ -244,7 +245,9 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         "n_skipped": sum(r.status == "skipped" for r in results.values()),
         "n_failed": sum(r.status == "failed" for r in results.values()),
         "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if encode_seconds else None,
-        "seconds": time.time() - t_start, "slides": [asdict(r) for r in results.values()],
+        "seconds": time.time() - t_start,
+        "unmapped_slides": [s for s in done if case_map and s not in case_map],  # case_id = slide id for these
+        "slides": [asdict(r) for r in results.values()],
     }
     write_json(out / f"extract_summary_{i}-of-{n}.json", summary)
     return summary
@@ -302,10 +305,9 @@ def _write_slide_bag(out: Path, plan: SlidePlan, features: np.ndarray, encoder: 
                      precision: torch.dtype) -> None:
     write_bag(out / "bags" / f"{plan.slide_id}.h5", features.astype(np.float32), plan.coords,
               patch_size_level0=plan.size_level0, encoder=encoder.spec.name, fragment=plan.fragment,
-              coord_attrs={k: v for k, v in plan.attrs.items() if k not in ("n_fragments", "n_holes", "reader")},
+              coord_attrs=plan.coord_attrs,
               feature_attrs={"name": plan.slide_id, "weights": encoder.weights, "arch": encoder.spec.arch,
-                             "autocast": str(precision).replace("torch.", ""), "reader": plan.attrs["reader"],
-                             "n_fragments": plan.attrs["n_fragments"], "n_holes": plan.attrs["n_holes"]},
+                             "autocast": str(precision).replace("torch.", ""), **plan.meta},
               root_attrs={"random_init_weights": bool(encoder.random_init)})
 
 

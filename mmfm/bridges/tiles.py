@@ -26,7 +26,8 @@ class SlidePlan:
     coords: np.ndarray
     fragment: np.ndarray
     size_level0: int
-    attrs: dict
+    coord_attrs: dict  # TRIDENT `coords` attributes of the bag
+    meta: dict  # fragments, holes, reader backend: recorded on `features`
 
 
 class TileBatches(torch.utils.data.Dataset):
