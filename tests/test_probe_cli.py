@@ -155,7 +155,7 @@ def test_case_in_train_and_test_is_refused(tmp_path):
     bad = pd.concat([split, split.iloc[[0]].assign(slide_id="second_slide")], ignore_index=True)
     bad.loc[len(bad) - 1, "fold_0"] = "test" if split.loc[0, "fold_0"] == "train" else "train"
     bad.to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
-    with pytest.raises(Exception, match=split.case_id[0]):
+    with pytest.raises(ValueError, match=f"case {split.case_id[0]} is in several partitions"):
         probe(a, FAST, tmp_path / "out", splits=tmp_path / "bad.tsv", plots=False)
 
 

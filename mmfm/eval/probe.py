@@ -7,7 +7,7 @@ absent". Folds come from a Patho-Bench split file or are generated patient-level
 Outputs: `results.csv` (one metric value per row), `bootstrap.csv` (single-fold tasks), `summary.md`, PNG plots,
 `folds/<task>.tsv` (the exact case × fold assignment used).
 
-Leakage guards: a case on both sides of a fold is refused; test cases that were seen in pretraining
+Leakage guards: a case on both sides of a fold is refused (mmfm.data.splits checks every split read or made); test cases that were seen in pretraining
 (`pretrain_cases`, or `uns['pretrain_cases']`) are refused unless `allow_overlap`, and then flagged in summary.md.
 """
 
@@ -48,7 +48,7 @@ class TaskError(ValueError):
 
 
 class LeakageError(RuntimeError):
-    """Folds or pretraining overlap would leak test cases into training."""
+    """Probe test cases were seen in pretraining (refused unless allow_overlap)."""
 
 
 @dataclass(frozen=True)
@@ -213,31 +213,19 @@ def case_values(adata: ad.AnnData, spec: TaskSpec, key: str, col: str) -> pd.Ser
 # ---------------------------------------------------------------- folds and leakage
 
 
-def case_folds(split: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Patho-Bench split table (one row per slide) → case × fold_i table of 'train'/'test'.
+def case_folds(split: pd.DataFrame) -> pd.DataFrame:
+    """Patho-Bench split table (one row per slide, already leakage-checked by mmfm.data.splits) → one row per
+    case × fold_i ('train' / 'test'; 'val' rows are not used by the probes)."""
+    from mmfm.data.splits import fold_columns
 
-    Raises LeakageError naming the case and fold when a case's slides disagree (a case in train AND test).
-    """
-    if "case_id" not in split:
-        raise TaskError(f"{source}: split file needs a 'case_id' column")
-    cols = sorted((c for c in split.columns if str(c).startswith("fold_")), key=lambda c: int(str(c)[5:]))
-    if not cols:
-        raise TaskError(f"{source}: split file has no fold_<i> columns")
-    split = split.assign(case_id=split["case_id"].astype(str))
-    for c in cols:
-        n = split.groupby("case_id")[c].nunique(dropna=False)
-        if (n > 1).any():
-            case = n.index[n > 1][0]
-            raise LeakageError(f"{source}: case {case!r} is in {sorted(split.loc[split.case_id == case, c].astype(str).unique())} "
-                               f"of {c}: a patient must sit on one side of every fold")
-    return split.groupby("case_id")[cols].first()
+    return split.assign(case_id=split["case_id"].astype(str)).groupby("case_id")[fold_columns(split)].first()
 
 
 def read_split_file(path: str | Path) -> pd.DataFrame:
     """Case × fold table from a Patho-Bench split file (read_splits refuses a file that leaks a case)."""
     from mmfm.data import splits
 
-    return case_folds(splits.read_splits(path), str(path))
+    return case_folds(splits.read_splits(path))
 
 
 def generate_folds(spec: TaskSpec, cases: pd.Index, strata: pd.Series | None, sites: pd.Series | None) -> pd.DataFrame:
@@ -255,7 +243,7 @@ def generate_folds(spec: TaskSpec, cases: pd.Index, strata: pd.Series | None, si
         raise TaskError(f"task {spec.name!r}: 'site_preserved' needs key 'site'")
     df = splits.make_folds(table, label=label, k=spec.folds, seed=spec.seed, site_preserved=spec.site_preserved,
                            test_size=spec.test_size)
-    return case_folds(df, f"task {spec.name!r} generated folds")
+    return case_folds(df)
 
 
 def pretrain_overlap(test_cases: set[str], pretrain: set[str]) -> list[str]:
