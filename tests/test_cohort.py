@@ -338,6 +338,8 @@ def test_nonfinite_scan_reads_in_chunks(mini, monkeypatch):
     rep = validate(mini)
     assert any(f"{len(bad)} feature row(s) contain NaN/inf (first at row 7)" in e for e in rep.errors), rep.format()
     assert max(reads) == 3 and sum(reads) == n + 3 * N_TILES  # every row of the 4 bags once
+    reads.clear()
+    assert validate(mini, scan_features=False).ok and not reads  # headers only
 
 
 def test_counts_layer_is_checked_instead_of_x(mini):
@@ -365,3 +367,7 @@ def test_cli_exit_codes_and_json(mini, tmp_path, capsys):
     ERRORS["zero tiles"][0](mini)
     assert cli_main(["validate", str(mini)]) == 1
     assert "bags/S1.h5 (slide S1, case C1): zero tiles" in capsys.readouterr().out
+    ERRORS["bag NaN"][0](mini)
+    assert cli_main(["validate", str(mini), "--headers-only"]) == 1
+    out = capsys.readouterr().out
+    assert "zero tiles" in out and "NaN" not in out

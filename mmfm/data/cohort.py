@@ -266,7 +266,8 @@ def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
     return out.set_index("case_id")
 
 
-def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationReport) -> dict | None:
+def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationReport,
+               scan_features: bool = True) -> dict | None:
     """Header checks plus a chunked NaN/inf scan; returns the slide's bag facts, or None if invalid."""
     problems: list[str] = []
     try:
@@ -299,7 +300,7 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         if spec is not None and feats.ndim == 2 and hdr.dim != spec.feature_dim:
             problems.append(f"feature dim {hdr.dim} differs from cohort.yaml tile_encoder.feature_dim "
                             f"{spec.feature_dim}")
-        if not problems:
+        if scan_features and not problems:
             bad, first = _scan_nonfinite(feats)
             if bad:
                 problems.append(f"{bad} feature row(s) contain NaN/inf (first at row {first})")
@@ -346,8 +347,8 @@ def _scan_nonfinite(ds: h5py.Dataset) -> tuple[int, int | None]:
     return bad, first
 
 
-def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None,
-                 rep: ValidationReport) -> pd.DataFrame | None:
+def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None, rep: ValidationReport,
+                 scan_features: bool = True) -> pd.DataFrame | None:
     df = _read_csv(root / "slides.csv", SLIDE_COLUMNS, rep)
     if df is None:
         return None
@@ -370,7 +371,7 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
             rep.error(f"{where}: bag file {rel} missing", exclude=f"{where} (bag missing)")
             keep[i] = False
             continue
-        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep)
+        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep, scan_features)
         if fact is None:
             keep[i] = False
             continue
@@ -501,14 +502,14 @@ class _Parts:
     reports: pd.Series | None
 
 
-def _check(root: Path) -> tuple[ValidationReport, _Parts]:
+def _check(root: Path, scan_features: bool = True) -> tuple[ValidationReport, _Parts]:
     rep = ValidationReport(root=root)
     if not root.is_dir():
         rep.error(f"{root}: not a directory")
         return rep, _Parts(None, None, None, None, None, None)
     spec = _read_spec(root, rep)
     cases = _read_cases(root, rep)
-    parts = _Parts(spec=spec, cases=cases, slides=_read_slides(root, cases, spec, rep),
+    parts = _Parts(spec=spec, cases=cases, slides=_read_slides(root, cases, spec, rep, scan_features),
                    rna=_read_omics(root, "rna", cases, rep), protein=_read_omics(root, "protein", cases, rep),
                    reports=_read_reports(root, cases, rep))
     if cases is not None and parts.slides is not None:
@@ -531,9 +532,13 @@ def _presence(p: _Parts) -> pd.DataFrame:
     return pd.DataFrame({m: np.asarray(cols[m], bool) for m in MODALITIES}, index=idx)
 
 
-def validate(path: str | Path) -> ValidationReport:
-    """Check a cohort directory; never raises for bad content, the report lists every problem."""
-    return _check(Path(path).resolve())[0]
+def validate(path: str | Path, scan_features: bool = True) -> ValidationReport:
+    """Check a cohort directory; never raises for bad content, the report lists every problem.
+
+    scan_features=False checks bag headers only (no NaN/inf scan): seconds instead of reading
+    every feature of a terabyte cohort; use it for repeated opens of a cohort validated once.
+    """
+    return _check(Path(path).resolve(), scan_features)[0]
 
 
 class Cohort:
@@ -554,11 +559,12 @@ class Cohort:
         self._by_case = self.slides.groupby("case_id", sort=False).groups
 
     @classmethod
-    def open(cls, path: str | Path, strict: bool = True) -> Cohort:
+    def open(cls, path: str | Path, strict: bool = True, scan_features: bool = True) -> Cohort:
         """Validate and load. strict=True raises CohortError on any error; strict=False drops what is
-        invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left."""
+        invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left.
+        scan_features: as in `validate`."""
         root = Path(path).resolve()
-        rep, parts = _check(root)
+        rep, parts = _check(root, scan_features)
         if rep.fatal or (strict and rep.errors):
             raise CohortError(rep)
         return cls(root, parts, rep)
@@ -581,13 +587,15 @@ class Cohort:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="cohort directory")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    parser.add_argument("--headers-only", action="store_true",
+                        help="skip the NaN/inf scan of feature matrices (bag headers are still checked)")
 
 
 def run(args: argparse.Namespace) -> int:
     """`mmfm validate PATH`: print every problem; exit 1 if there is any error."""
     from mmfm.io import write_json
 
-    rep = validate(args.path)
+    rep = validate(args.path, scan_features=not args.headers_only)
     print(rep.format())
     if args.json:
         write_json(args.json, rep.to_dict())
