@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,37 +146,42 @@ class BagReader:
     A bag's byte layout is remembered after its first open (a few numbers per dataset), so
     reopening one that fell out of the cache is just a memory map, not an HDF5 metadata walk.
     Holds no open files when pickled (grain ships it to spawned workers), so each worker opens
-    its own handles lazily.
+    its own handles lazily. Thread-safe (a prefetch thread and a direct `batch()` call may overlap).
     """
 
     def __init__(self, max_open: int = 128):
         self.max_open = max_open
         self._open: collections.OrderedDict[str, _OpenBag] = collections.OrderedDict()
         self._layouts: dict[tuple, dict[str, _Runs | None]] = {}
+        self._lock = threading.Lock()
 
     def read(self, path: str | os.PathLike, rows: np.ndarray) -> dict[str, np.ndarray]:
         """features/coords(/fragment) at `rows` (any order, repeats allowed); only those rows are read."""
         path, rows = str(path), np.asarray(rows, dtype=np.int64)
         try:
-            bag = self._open.pop(path, None)
-            if bag is None:
-                st = os.stat(path)
-                key = (path, st.st_mtime_ns, st.st_size)  # a rewritten bag gets a fresh layout
-                bag = _OpenBag(path, self._layouts.get(key))
-                self._layouts[key] = bag.layout
-            self._open[path] = bag
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1].close()
-            n = bag.n_rows
-            if len(rows) and (rows.min() < 0 or rows.max() >= n):
-                raise ValueError(f"rows outside [0, {n})")
-            return bag.read(rows)
+            with self._lock:
+                return self._read(path, rows)
         except (OSError, KeyError, ValueError) as e:
             raise OSError(f"{Path(path)}: cannot read tile rows: {e}") from e
 
+    def _read(self, path: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        bag = self._open.pop(path, None)
+        if bag is None:
+            st = os.stat(path)
+            key = (path, st.st_mtime_ns, st.st_size)  # a rewritten bag gets a fresh layout
+            bag = _OpenBag(path, self._layouts.get(key))
+            self._layouts[key] = bag.layout
+        self._open[path] = bag
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        if len(rows) and (rows.min() < 0 or rows.max() >= bag.n_rows):
+            raise ValueError(f"rows outside [0, {bag.n_rows})")
+        return bag.read(rows)
+
     def close(self):
-        while self._open:
-            self._open.popitem()[1].close()
+        with self._lock:
+            while self._open:
+                self._open.popitem()[1].close()
 
     def __getstate__(self):
         return {"max_open": self.max_open}
