@@ -56,6 +56,8 @@ def test_counts_layer_is_used_and_sparse_equals_dense():
     for t in (layer, sparse):
         np.testing.assert_allclose(t.mean, dense.mean, rtol=1e-6)
         np.testing.assert_allclose(t.transform(a)[0], dense.transform(_adata(counts))[0], rtol=1e-5, atol=1e-6)
+    assert sp.issparse(a.X) and a.X.dtype == np.float32
+    np.testing.assert_array_equal(a.X.toarray(), counts)  # the caller's matrix is not normalised in place
 
 
 def test_fit_ignores_test_cases():

@@ -39,7 +39,7 @@ def _ids(values, limit: int = 10) -> str:
 def counts_of(adata: AnnData) -> AnnData:
     """A float32 AnnData of the raw counts (`layers['counts']` if present, else X), checked finite and ≥ 0."""
     x = adata.layers["counts"] if "counts" in adata.layers else adata.X
-    x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32).copy()
+    x = sp.csr_matrix(x, dtype=np.float32, copy=True) if sp.issparse(x) else np.array(x, dtype=np.float32)
     vals = x.data if sp.issparse(x) else x
     bad = ~np.isfinite(vals) | (vals < 0)
     if bad.any():
