@@ -102,3 +102,18 @@ def test_corrupt_and_missing_files_are_clear_errors(wsi_dir, tmp_path):
         open_slide(wsi_dir / "broken.svs")
     with pytest.raises(SlideError, match="not found"):
         open_slide(tmp_path / "nope.svs")
+
+
+def test_thumbnail_reads_best_level_in_strips(tmp_path):
+    path = tmp_path / "pyr.tif"
+    imgs = _pyramid(path)
+    with open_slide(path) as r:
+        whole, (tw, th) = r.thumbnail(2.0)  # needs downsample 8: read level 2 (×4), then halve
+        strips, _ = r.thumbnail(2.0, strip_bytes=4 * 512 * 32)  # 12 strips of 32 level-2 rows
+        odd, _ = r.thumbnail(2.0, strip_bytes=4 * 512 * 37)
+    assert (tw, th) == (256, 192) and whole.shape == (192, 256, 3)
+    ref = np.asarray(Image.fromarray(imgs[2]).resize((256, 192), Image.BOX))
+    np.testing.assert_array_equal(whole, ref)
+    assert np.all(whole[..., 2] == 210)  # nothing was read from the finer levels
+    np.testing.assert_array_equal(strips, whole)  # strip edges on output-row edges: identical
+    assert odd.shape == whole.shape and np.all(odd[..., 2] == 210)

@@ -83,17 +83,24 @@ class SlideReader:
             tile = np.asarray(Image.fromarray(tile).resize((out_size, out_size), Image.BILINEAR))
         return tile
 
-    def thumbnail(self, mpp: float) -> tuple[np.ndarray, tuple[int, int]]:
-        """RGB image of the whole slide at about `mpp` µm/px (read from the best level) and its (w, h)."""
+    def thumbnail(self, mpp: float, strip_bytes: int = 64 << 20) -> tuple[np.ndarray, tuple[int, int]]:
+        """RGB image of the whole slide at about `mpp` µm/px and its (w, h), read from the best level in
+        horizontal strips of about `strip_bytes` (a slide without coarse levels never sits whole in memory)."""
         W, H = self.dimensions
         scale = self.mpp / mpp
         tw, th = max(1, int(round(W * scale))), max(1, int(round(H * scale)))
         level = best_level(self.level_downsamples, W / tw)
         lw, lh = self.level_dimensions[level]
-        img = self.read_region((0, 0), level, (lw, lh))
-        if (lw, lh) != (tw, th):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BOX))
-        return img, (tw, th)
+        ds = self.level_downsamples[level]
+        step = max(1, strip_bytes // (4 * lw))
+        parts = []
+        for y0 in range(0, lh, step):
+            y1 = min(lh, y0 + step)
+            o0, o1 = (y0 * th) // lh, (y1 * th) // lh
+            if o1 > o0:
+                strip = self.read_region((0, int(round(y0 * ds))), level, (lw, y1 - y0))
+                parts.append(np.asarray(Image.fromarray(strip).resize((tw, o1 - o0), Image.BOX)))
+        return np.concatenate(parts, axis=0), (tw, th)
 
     def close(self) -> None:
         if self.backend != "image" and self._handle is not None:
