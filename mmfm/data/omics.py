@@ -8,7 +8,8 @@ the vocabulary and the z-score statistics see training cases only.
 
 Vocabulary alignment: a cohort that does not measure a vocabulary gene gets mask False (value 0) in
 that column. Zero-filling it as if measured would read "not measured" as "not expressed".
-Protein panels use the same class; `normalize=False` skips library-size normalisation and log1p
+Library sizes are summed over the genes a cohort measures, so cohorts with very different panels
+are best aligned on a shared fixed panel (`genes=`). Protein panels use the same class; `normalize=False` skips library-size normalisation and log1p
 for panels already on a log scale.
 """
 
