@@ -220,22 +220,38 @@ def test_only_sampled_rows_are_read(cohort, monkeypatch):
             assert set(rows) == set(row[slide == _slide_no(case, j)])
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "one_row_chunks", "gzip"])
+def _write_layout(path, feats, coords, layout):
+    """The same bag in several HDF5 layouts. 'trident': one-row chunks, resizable, appended batch by
+    batch with features and coords interleaved (how TRIDENT's save_h5 grows its files)."""
+    with h5py.File(path, "w") as f:
+        if layout == "trident":
+            for s in range(0, len(feats), 128):
+                for name, arr in (("features", feats[s:s + 128]), ("coords", coords[s:s + 128])):
+                    if name not in f:
+                        f.create_dataset(name, data=arr, chunks=(1,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:])
+                    else:
+                        f[name].resize(f[name].shape[0] + len(arr), axis=0)
+                        f[name][-len(arr):] = arr
+            return
+        kw = {"contiguous": {}, "chunks_256": {"chunks": (256, D)},
+              "gzip": {"compression": "gzip", "chunks": (64, D)}}[layout]
+        f.create_dataset("features", data=feats, **kw)
+        f.create_dataset("coords", data=coords)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunks_256", "trident", "gzip"])
 def test_bag_reader_matches_h5py(tmp_path, layout):
     rng = np.random.default_rng(1)
     n = 1000
     feats, coords = rng.standard_normal((n, D)).astype(np.float32), rng.integers(0, 10**6, (n, 2))
     path = tmp_path / "bag.h5"
-    kw = {"contiguous": {}, "one_row_chunks": {"chunks": (1, D), "maxshape": (None, D)},  # TRIDENT save_h5
-          "gzip": {"compression": "gzip", "chunks": (64, D)}}[layout]
-    with h5py.File(path, "w") as f:
-        f.create_dataset("features", data=feats, **kw)
-        f.create_dataset("coords", data=coords)
-    rows = rng.integers(0, n, 300)
+    _write_layout(path, feats, coords, layout)
+    rows = rng.integers(0, n, 300)  # unsorted, with repeats
     reader = sampling.BagReader()
     got = reader.read(path, rows)
     np.testing.assert_array_equal(got["features"], feats[rows])
     np.testing.assert_array_equal(got["coords"], coords[rows])
+    assert (reader._open[str(path)].h5 is None) == (layout != "gzip")  # memory-mapped unless filtered
     reader.close()
 
 
