@@ -120,3 +120,27 @@ def test_autocast_choice():
     with pytest.raises(EncoderError, match="precision"):
         autocast_dtype(e, cpu, "fp8")
     assert enc.PRECISIONS["bf16"] == torch.bfloat16
+
+
+class _Sleeper(torch.nn.Module):
+    """Stands in for a network whose speed depends on whether bf16 autocast is on."""
+
+    def __init__(self, slow_in: torch.dtype):
+        super().__init__()
+        self.slow_in, self.lin = slow_in, torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        import time
+
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        time.sleep(0.05 if (torch.bfloat16 if bf16 else torch.float32) == self.slow_in else 0.0)
+        return self.lin(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("slow_in, pick", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_cpu_auto_precision_takes_the_faster(slow_in, pick):
+    """On CPU, a bf16 model runs under bf16 autocast only if a trial shows it is faster (50 ms margin here)."""
+    e = TileEncoder(REGISTRY["uni2-h"], _Sleeper(slow_in), "", True)
+    tiles = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    assert autocast_dtype(e, torch.device("cpu"), "auto", tiles) == pick
+    assert autocast_dtype(e, torch.device("cpu"), "auto") == torch.float32  # no sample, no trial: fp32
