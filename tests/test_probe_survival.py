@@ -83,3 +83,17 @@ def test_logrank_p_matches_lifelines():
     assert p == pytest.approx(ref, rel=1e-6)
     assert p < 0.05
     assert np.isnan(survival.logrank_p(y, np.ones(len(y), bool)))
+
+
+def test_td_auc_at_horizon_equals_roc_auc_without_censoring():
+    """Uncensored: cumulative/dynamic AUC at h is the ROC AUC of risk for 'event by h' vs 'alive after h'."""
+    from sklearn.metrics import roc_auc_score
+
+    x, y = _lung()
+    x, y = x[y["event"]], y[y["event"]]
+    tr, te = _split(len(x), seed=2)
+    risk, _, _ = survival.fit_risk("coxnet", x[tr], y[tr], x[te], alphas=(0.07,))
+    h = float(np.median(y["time"][te]))
+    m = survival.metrics(y[tr], y[te], risk, horizons=(h, 1e6))
+    assert m[f"td_auc@{h:g}"] == pytest.approx(roc_auc_score(y["time"][te] <= h, risk), abs=1e-9)
+    assert np.isnan(m["td_auc@1e+06"])  # beyond follow-up: undefined, not extrapolated

@@ -73,6 +73,7 @@ class TaskSpec:
     alphas: tuple[float, ...] = survival.ALPHAS  # one value = fixed; several = inner-CV choice on train
     l1_ratio: float = 0.5
     tau: float | None = None  # Uno's C truncation (days); default 80th percentile of training time
+    horizons: tuple[float, ...] = ()  # time-dependent AUC horizons (days), e.g. [365, 1095, 1825]
     ks: tuple[int, ...] = retrieval.KS
     metric: str = "l2"  # same-label retrieval distance ('l2' Patho-Bench default, or 'cosine')
     shots: tuple[int, ...] = fewshot.SHOTS
@@ -99,7 +100,7 @@ class TaskSpec:
         if d["type"] not in TASK_TYPES:
             raise TaskError(f"{where}: type {d['type']!r} is not one of {TASK_TYPES}")
         kw = dict(d)
-        for key in ("embeddings", "labels", "baseline", "models", "alphas", "ks", "shots"):
+        for key in ("embeddings", "labels", "baseline", "models", "alphas", "ks", "shots", "horizons"):
             if key in kw:
                 kw[key] = tuple(kw[key]) if isinstance(kw[key], (list, tuple)) else (kw[key],)
         if isinstance(kw.get("C"), list):
@@ -368,7 +369,8 @@ def run_survival(adata, spec, folds, col: Collector):
                     col.add(key, i, {m: np.nan for m in survival.METRICS})
                     continue
                 col.evaluate(key, i, len(te),
-                             lambda idx, yt=ytr, ye=yte, r=risk: survival.metrics(yt, ye[idx], r[idx], tau=spec.tau),
+                             lambda idx, yt=ytr, ye=yte, r=risk: survival.metrics(yt, ye[idx], r[idx], tau=spec.tau,
+                                                                                  horizons=spec.horizons),
                              single, spec.seed)
                 col.add(key, i, {"alpha": alpha, "n_test": len(te)})
                 pooled.append(pd.DataFrame({"case_id": te, "fold": i, "time": yte["time"], "event": yte["event"],

@@ -83,9 +83,11 @@ def default_tau(train_time: np.ndarray) -> float:
     return float(np.percentile(train_time, 80))
 
 
-def metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray, *, tau: float | None = None) -> dict:
-    """Harrell's C, Uno's C (IPCW from the training censoring distribution, truncated at tau) and the mean
-    cumulative/dynamic AUC at the quartiles of the test event times below tau. NaN where undefined."""
+def metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray, *, tau: float | None = None,
+            horizons=()) -> dict:
+    """Harrell's C, Uno's C (IPCW from the training censoring distribution, truncated at tau) and cumulative/dynamic
+    AUC: `td_auc` = its mean over the quartiles of the test event times below tau, and `td_auc@h` at each requested
+    horizon h (days, e.g. 365/1095/1825). NaN where undefined (no events, horizon outside the test follow-up)."""
     out = {"c_index": harrell_c(y_test["event"], y_test["time"], risk) if y_test["event"].any() else float("nan")}
     tau = default_tau(y_train["time"]) if tau is None else tau
     try:
@@ -94,13 +96,24 @@ def metrics(y_train: np.ndarray, y_test: np.ndarray, risk: np.ndarray, *, tau: f
         out["uno_c"] = float("nan")
     t = y_test["time"]
     ev_times = t[y_test["event"] & (t < tau)]
-    times = np.unique(np.percentile(ev_times, [25, 50, 75])) if ev_times.size else np.array([])
-    times = times[(times >= t.min()) & (times < t.max())]
-    try:
-        out["td_auc"] = float(cumulative_dynamic_auc(y_train, y_test, risk, times)[1]) if times.size else np.nan
-    except ValueError:
-        out["td_auc"] = float("nan")
+    quartiles = np.unique(np.percentile(ev_times, [25, 50, 75])) if ev_times.size else np.array([])
+    out["td_auc"] = _td_auc(y_train, y_test, risk, quartiles)[1]
+    for h in horizons:
+        out[f"td_auc@{h:g}"] = _td_auc(y_train, y_test, risk, np.array([float(h)]))[1]
     return out
+
+
+def _td_auc(y_train, y_test, risk, times: np.ndarray) -> tuple[np.ndarray, float]:
+    """sksurv cumulative_dynamic_auc at the times inside the test follow-up; (nan, nan) when none is."""
+    t = y_test["time"]
+    times = times[(times >= t.min()) & (times < t.max())]
+    if not times.size:
+        return np.array([]), float("nan")
+    try:
+        auc, mean = cumulative_dynamic_auc(y_train, y_test, risk, times)
+    except ValueError:
+        return np.array([]), float("nan")
+    return auc, float(mean)
 
 
 def logrank_p(y: np.ndarray, high_risk: np.ndarray) -> float:
