@@ -27,7 +27,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from mmfm.bridges.encoders import EncoderError, TileEncoder, autocast_dtype, encode, get_spec, load_encoder
+from mmfm.bridges.encoders import (PRECISIONS, REGISTRY, EncoderError, TileEncoder, autocast_dtype, encode,
+                                   get_spec, load_encoder)
 from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
@@ -314,7 +315,7 @@ def _write_slide_bag(out: Path, plan: SlidePlan, features: np.ndarray, encoder: 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wsi-dir", type=Path, required=True, help="folder of slides (SVS, NDPI, MRXS, TIFF, PNG, …)")
     p.add_argument("--out", type=Path, required=True, help="cohort directory to create or update")
-    p.add_argument("--encoder", required=True, help="tile encoder name (see mmfm.bridges.encoders.REGISTRY)")
+    p.add_argument("--encoder", required=True, choices=sorted(REGISTRY), help="tile encoder")
     p.add_argument("--weights", type=Path, help="weights file (.safetensors or a torch state dict)")
     p.add_argument("--random-init", action="store_true", help="untrained weights (tests only; flagged in bags)")
     p.add_argument("--mag", type=float, default=20.0, help="target magnification (20 = 0.5 µm/px)")
@@ -325,7 +326,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--case-map", type=Path, help="CSV with slide_id, case_id (default: case_id = slide stem)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (autocast dtype)")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast dtype; auto: the encoder's own on GPU, bf16 on CPU only if measured faster")
     p.add_argument("--min-tissue", type=float, default=TissueConfig.min_tissue_fraction,
                    help="minimum tissue fraction per tile")
     p.add_argument("--fill-holes", action="store_true", help="count tiles inside tissue holes as tissue")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm")
+# one file per slide (a DICOM WSI is a folder of files and is not listed)
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MPP_PER_MAG = 10.0  # 10× ⇔ 1 µm/px, the field's convention (20× = 0.5 µm/px)
 
