@@ -280,7 +280,8 @@ class Collector:
 
     def evaluate(self, key: dict, fold, n_test: int, score: Callable[[np.ndarray], dict], single_fold: bool,
                  seed: int):
-        """Score the whole test fold; for a single-fold task also bootstrap the test rows."""
+        """Score the whole test fold (`score(idx)` metrics of test rows idx, called here and never kept);
+        for a single-fold task also bootstrap the test rows."""
         self.add(key, fold, score(np.arange(n_test)))
         if single_fold and self.n_bootstrap:
             for m, vals in stats.bootstrap(score, n_test, n_boot=self.n_bootstrap, seed=seed).items():
@@ -329,8 +330,8 @@ def run_classification(adata, spec, folds, col: Collector, target: str, labels: 
                 continue
             proba, C = classification.fit_predict(feats.loc[tr].to_numpy(), ytr, feats.loc[te].to_numpy(),
                                                   len(classes), C=spec.C, balanced=spec.balanced, seed=spec.seed)
-            col.evaluate(key, i, len(te), lambda idx, y=yte, p=proba: classification.metrics(y[idx], p[idx]),
-                         single, spec.seed)
+            col.evaluate(key, i, len(te), lambda idx: classification.metrics(yte[idx], proba[idx]), single,
+                         spec.seed)
             col.add(key, i, {"C": C, "n_test": len(te)})
     return classes
 
@@ -368,10 +369,8 @@ def run_survival(adata, spec, folds, col: Collector):
                     col.notes.append(f"{spec.name} {emb} {model} {fc}: fit failed ({e}); recorded as N/A")
                     col.add(key, i, {m: np.nan for m in survival.METRICS})
                     continue
-                col.evaluate(key, i, len(te),
-                             lambda idx, yt=ytr, ye=yte, r=risk: survival.metrics(yt, ye[idx], r[idx], tau=spec.tau,
-                                                                                  horizons=spec.horizons),
-                             single, spec.seed)
+                col.evaluate(key, i, len(te), lambda idx: survival.metrics(
+                    ytr, yte[idx], risk[idx], tau=spec.tau, horizons=spec.horizons), single, spec.seed)
                 col.add(key, i, {"alpha": alpha, "n_test": len(te)})
                 pooled.append(pd.DataFrame({"case_id": te, "fold": i, "time": yte["time"], "event": yte["event"],
                                             "risk": risk, "high_risk": risk > np.median(risk_tr)}))
@@ -396,10 +395,8 @@ def run_retrieval(adata, spec, folds, col: Collector):
             if not len(qi) or not len(ki):
                 col.notes.append(f"{spec.name} {q_key}->{k_key} {fc}: no test rows with both modalities")
                 continue
-            col.evaluate(key, i, len(qi),
-                         lambda idx, qi=qi, ki=ki: retrieval.cross_modal(q[qi[idx]], groups[qi[idx]], k[ki],
-                                                                         groups[ki], ks=spec.ks, metric="cosine"),
-                         single, spec.seed)
+            col.evaluate(key, i, len(qi), lambda idx: retrieval.cross_modal(
+                q[qi[idx]], groups[qi[idx]], k[ki], groups[ki], ks=spec.ks, metric="cosine"), single, spec.seed)
     if spec.label:
         labels = case_values(adata, spec, "label", spec.label)
         for emb in _embeddings(spec):
@@ -411,10 +408,8 @@ def run_retrieval(adata, spec, folds, col: Collector):
                     continue
                 xtr, ltr = feats.loc[tr].to_numpy(), labels[tr].to_numpy()
                 xte, lte = feats.loc[te].to_numpy(), labels[te].to_numpy()
-                col.evaluate(_key(spec, emb, target=spec.label), i, len(te),
-                             lambda idx, xte=xte, lte=lte, xtr=xtr, ltr=ltr: retrieval.same_label(
-                                 xtr, ltr, xte[idx], lte[idx], ks=spec.ks, metric=spec.metric),
-                             single, spec.seed)
+                col.evaluate(_key(spec, emb, target=spec.label), i, len(te), lambda idx: retrieval.same_label(
+                    xtr, ltr, xte[idx], lte[idx], ks=spec.ks, metric=spec.metric), single, spec.seed)
 
 
 def run_robustness(adata, spec, col: Collector, plot_dir: Path | None, projection: str):
