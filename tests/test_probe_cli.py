@@ -217,3 +217,9 @@ def test_generated_folds_are_patient_level_and_site_preserved(tmp_path):
     assert ((surv == "test").sum(axis=1) == 1).all() and surv.shape == (a.n_obs, 4)
     c = r.results[(r.results.task == "dmfs") & (r.results.metric == "c_index")].value
     assert len(c) == 4 and c.mean() > 0.55
+
+
+def test_documented_tasks_example_parses():
+    doc = probe_mod.__doc__
+    specs = probe_mod.load_tasks(yaml.safe_load(doc[doc.index("    - {name: os"):]))
+    assert {s.type for s in specs} == set(probe_mod.TASK_TYPES)

@@ -46,7 +46,8 @@ def test_same_label_topk_majority_vote_and_ties_by_hand():
     assert m["mv@1_acc"] == pytest.approx(1 / 3)
     assert m["mv@2_acc"] == pytest.approx(3 / 3)
     assert m["mv@3_acc"] == pytest.approx(2 / 3)
-    # mAP@3 (divided by min(3, n_relevant = 2)): q0 hits at 2,3 → (1/2 + 2/3)/2; q1 hit at 1 → 1/2; q2 hit at 2 → (1/2)/2.
+    # mAP@3 (divided by min(3, n_relevant = 2)): q0 hits at 2,3 → (1/2 + 2/3)/2; q1 hit at 1 → 1/2;
+    # q2 hit at 2 → (1/2)/2.
     assert m["map@3"] == pytest.approx(np.mean([(1 / 2 + 2 / 3) / 2, 1 / 2, 1 / 4]))
 
 

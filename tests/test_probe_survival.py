@@ -1,4 +1,5 @@
-"""Survival probe on real packaged cohorts: the reported C-index is exactly sksurv's and lifelines' on the same risks."""
+"""Survival probe on real packaged cohorts: the reported C-index is exactly sksurv's and lifelines' on the same
+risks."""
 
 import numpy as np
 import pytest

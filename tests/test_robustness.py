@@ -79,7 +79,8 @@ def test_probe_robustness_task_on_lung(tmp_path):
     d = load_lung().reset_index(drop=True)
     x = d[["age", "ph.ecog", "ph.karno", "pat.karno", "meal.cal", "wt.loss"]].to_numpy(float)
     x = (x - np.nanmean(x, 0)) / np.nanstd(x, 0)  # rows with a missing covariate stay NaN = "absent"
-    obs = pd.DataFrame({"inst": [None if pd.isna(v) else f"inst{int(v)}" for v in d.inst], "sex": d.sex.astype(str).to_numpy()},
+    obs = pd.DataFrame({"inst": [None if pd.isna(v) else f"inst{int(v)}" for v in d.inst],
+                        "sex": d.sex.astype(str).to_numpy()},
                        index=d.index.astype(str))
     a = ad.AnnData(obs=obs, obsm={"clin": x})
     r = probe(a, [{"name": "rob", "type": "robustness", "label": "sex", "site": "inst", "embeddings": ["clin"],

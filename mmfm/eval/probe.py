@@ -7,8 +7,19 @@ absent". Folds come from a Patho-Bench split file or are generated patient-level
 Outputs: `results.csv` (one metric value per row), `bootstrap.csv` (single-fold tasks), `summary.md`, PNG plots,
 `folds/<task>.tsv` (the exact case × fold assignment used).
 
-Leakage guards: a case on both sides of a fold is refused (mmfm.data.splits checks every split read or made); test cases that were seen in pretraining
-(`pretrain_cases`, or `uns['pretrain_cases']`) are refused unless `allow_overlap`, and then flagged in summary.md.
+Leakage guards: a case on both sides of a fold is refused (mmfm.data.splits checks every split it reads or makes);
+test cases that were seen in pretraining (`pretrain_cases`, or `uns['pretrain_cases']`) are refused unless
+`allow_overlap`, and then flagged in summary.md.
+
+TASKS.yaml (keys = `TaskSpec` fields; unknown keys are an error naming the task and key):
+
+    - {name: os, type: survival, time: os_days, event: os_event, embeddings: [slide, rna], baseline: [grade],
+       models: [coxnet, coxph], alphas: [0.01, 0.02, 0.07], horizons: [365, 1095, 1825]}
+    - {name: subtype, type: classification, label: subtype, embeddings: [slide], C: 0.5, folds: 5}
+    - {name: drivers, type: mutation, labels: ["mut_*"], embeddings: [slide], min_positives: 5}
+    - {name: subtype_fewshot, type: fewshot, label: subtype, embeddings: [slide], shots: [1, 4, 16], draws: 10}
+    - {name: xmodal, type: retrieval, pairs: [[slide, rna], [rna, slide]], label: subtype, embeddings: [slide]}
+    - {name: site_ri, type: robustness, label: subtype, site: site, embeddings: [slide], ks: [5, 10, 20]}
 """
 
 from __future__ import annotations
@@ -344,8 +355,9 @@ def run_survival(adata, spec, folds, col: Collector):
         raise TaskError(f"task {spec.name!r}: key 'time' column {spec.time!r} is negative for case "
                         f"{df.index[(df.time < 0).to_numpy()][0]!r}")
     if not df.event.isin([0, 1]).all():
+        bad = df[~df.event.isin([0, 1])]
         raise TaskError(f"task {spec.name!r}: key 'event' column {spec.event!r} must be 0/1; case "
-                        f"{df.index[~df.event.isin([0, 1]).to_numpy()][0]!r} has {df.event[~df.event.isin([0, 1])].iloc[0]}")
+                        f"{bad.index[0]!r} has {bad.event.iloc[0]}")
     y_all = survival.surv(df.event.to_numpy(), df.time.to_numpy())
     pos = pd.Series(np.arange(len(df)), index=df.index)
     single = folds.shape[1] == 1
