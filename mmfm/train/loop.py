@@ -41,6 +41,8 @@ from mmfm.train.optim import make_optimizer, schedule
 from mmfm.train.sharding import (BATCH_AXES, batch_sharding, global_batch, initialize_distributed, make_mesh,
                                  replicated, state_shardings)
 
+RESUME_MAY_CHANGE = ("train.steps", "train.progress", "train.async_checkpoint", "train.log_every",
+                     "train.eval_every", "train.ckpt_every", "train.keep_last")  # never the numerics
 FLOAT_INPUTS = ("slide/features", "rna/values", "protein/values", "mutation/values")  # NaN injection targets
 
 
@@ -172,10 +174,10 @@ def _write_run_files(out: Path, cfg: RunConfig, mesh, resume: bool) -> None:
 
         old, new = _flat(yaml.safe_load(prev.read_text())), _flat(to_dict(cfg))
         diff = sorted(k for k in set(old) | set(new)
-                      if old.get(k) != new.get(k) and k not in ("train.steps", "train.progress"))
+                      if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)
         if diff:
             raise ConfigError(f"{prev}: --resume with a different config ({', '.join(diff)}); "
-                              "only train.steps may change")
+                              f"only {', '.join(RESUME_MAY_CHANGE)} may change")
     write_text(prev, text)
     write_json(out / "env.json", {
         "versions": _versions(), "process_count": jax.process_count(),
