@@ -101,13 +101,13 @@ class TaskSpec:
         if not isinstance(d, dict):
             raise TaskError(f"{where}: a task must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        where = f"{where} ({d['name']})" if "name" in d else where
         for key in d:
             if key not in names:
                 raise TaskError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(sorted(names))}")
         for key in ("name", "type"):
             if key not in d:
                 raise TaskError(f"{where}: missing required key {key!r}")
-        where = f"{where} ({d['name']})"
         if d["type"] not in TASK_TYPES:
             raise TaskError(f"{where}: type {d['type']!r} is not one of {TASK_TYPES}")
         kw = dict(d)
@@ -604,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
         res = probe(args.embeddings, args.tasks, args.out, splits=args.splits, allow_overlap=args.allow_overlap,
                     pretrain_cases=args.pretrain_cases, n_bootstrap=args.n_bootstrap, plots=not args.no_plots,
                     projection=args.projection)
-    except (ValueError, LeakageError) as e:  # TaskError, split-file errors, leakage: one clear line
+    except (ValueError, LeakageError, OSError) as e:  # bad task/split/file, leakage: one clear line, no traceback
         log.error("%s", e)
         return 2
     print(f"wrote {res.out / 'results.csv'} and {res.out / 'summary.md'}")
