@@ -14,9 +14,13 @@ from mmfm.models.layers import Dense
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x / max(‖x‖, eps) in fp32; an all-zero row (empty bag) stays zero instead of NaN."""
+    """x / max(‖x‖, eps) in fp32; an all-zero row (empty bag) stays zero instead of NaN.
+
+    The norm is sqrt(max(Σx², eps²)), not max(‖x‖, eps): the gradient of ‖x‖ at 0 is 0/0, and
+    `maximum` would multiply that NaN by 0 — absent rows would poison every gradient.
+    """
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class ProjectionHead(nnx.Module):
