@@ -114,6 +114,8 @@ def plot_task(summary: pd.DataFrame, path: Path) -> bool:
             g = g.sort_values("shots")
             ax.errorbar(g.shots.astype(int), g["mean"], yerr=g.se.fillna(0), marker="o", capsize=3, label=emb)
         ax.set_xscale("log", base=2)
+        ticks = sorted(set(s.shots.astype(int)))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("cases per class")
         ax.legend(fontsize=7)
     else:
@@ -125,6 +127,12 @@ def plot_task(summary: pd.DataFrame, path: Path) -> bool:
         ax.set_xlabel(metric)
         if metric in CHANCE:
             ax.axvline(CHANCE[metric], color="grey", linestyle="--", linewidth=1)
+        chance = summary.set_index(["target", "embedding", "model", "metric"])["mean"]
+        marks = [chance.get((t, e, m, f"chance_{x}"), np.nan)
+                 for t, e, m, x in zip(s.target, s.embedding, s.model, s.metric)]
+        if np.isfinite(marks).any():  # retrieval: expected value of a random ranking
+            ax.plot(marks, np.arange(len(s)), "|", color="crimson", markersize=18, mew=2, label="chance")
+            ax.legend(fontsize=7)
     ax.set_title(f"{summary.task.iloc[0]}: {metric}")
     _save(fig, path)
     return True
