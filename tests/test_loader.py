@@ -345,10 +345,14 @@ def test_resume_is_exact(cohort, n):
     assert b.get_state()["step"] == n + 3
 
 
-def test_resume_rejects_another_config(cohort):
+def test_resume_rejects_another_config_or_case_list(cohort):
     state = _loader(cohort).get_state()
     with pytest.raises(ValueError, match="seed"):
         _loader(cohort, seed=5).set_state(state)
+    cfg = LoaderConfig(batch_size=4, tiles_per_slide=K, n_genes=10, report_max_len=12)
+    a, b = (TileBagLoader(cohort, cfg, [c for c in ALL if c != drop]) for drop in ("c04", "c05"))
+    with pytest.raises(ValueError, match="cases_sha1"):  # as many cases, but not the same ones
+        b.set_state(a.get_state())
 
 
 def test_processes_partition_the_global_batch(cohort):

@@ -14,6 +14,7 @@ construction, with transforms fitted on this loader's cases unless given (e.g. r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -323,9 +324,7 @@ class TileBagLoader:
     def close(self):
         """Stop prefetch threads / worker processes and close bag files."""
         if self._it is not None:
-            close = getattr(self._it, "close", None)
-            if close is not None:
-                close()
+            self._it.close()
             self._it = None
         self._make.reader.close()
 
@@ -338,8 +337,10 @@ class TileBagLoader:
     # -- state -------------------------------------------------------------------------------
     def _identity(self) -> dict:
         c = self.cfg
+        cases = hashlib.sha1("\n".join(self.case_ids).encode()).hexdigest()[:16]
         return {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
-                "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids)}
+                "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids),
+                "cases_sha1": cases}
 
     def get_state(self) -> dict:
         """JSON-able; `set_state` on a loader built with the same config and cases resumes exactly."""
@@ -354,7 +355,3 @@ class TileBagLoader:
         if self._it is not None:
             self.close()
         self._step = int(state["step"])
-
-    @property
-    def step(self) -> int:
-        return self._step
