@@ -98,3 +98,21 @@ def test_td_auc_at_horizon_equals_roc_auc_without_censoring():
     m = survival.metrics(y[tr], y[te], risk, horizons=(h, 1e6))
     assert m[f"td_auc@{h:g}"] == pytest.approx(roc_auc_score(y["time"][te] <= h, risk), abs=1e-9)
     assert np.isnan(m["td_auc@1e+06"])  # beyond follow-up: undefined, not extrapolated
+
+
+def test_alpha_select_each_reports_every_alpha_like_patho_bench(tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    from mmfm.eval.probe import probe
+
+    x, y = _lung()
+    a = ad.AnnData(obs=pd.DataFrame({"t": y["time"], "e": y["event"].astype(int)},
+                                    index=[f"p{i}" for i in range(len(y))]), obsm={"clin": x})
+    task = {"name": "os", "type": "survival", "time": "t", "event": "e", "embeddings": ["clin"], "models": ["coxnet"],
+            "alphas": [0.01, 0.07], "alpha_select": "each", "folds": 3}
+    r = probe(a, [task], tmp_path, plots=False).results
+    assert set(r.model) == {"coxnet alpha=0.01", "coxnet alpha=0.07"}
+    fixed = probe(a, [dict(task, alphas=[0.07], alpha_select="inner_cv")], tmp_path / "fixed", plots=False).results
+    c_each = r[(r.model == "coxnet alpha=0.07") & (r.metric == "c_index")].value.to_numpy()
+    np.testing.assert_allclose(c_each, fixed[fixed.metric == "c_index"].value.to_numpy())

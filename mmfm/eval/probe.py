@@ -82,6 +82,7 @@ class TaskSpec:
     balanced: bool = True
     models: tuple[str, ...] = survival.MODELS
     alphas: tuple[float, ...] = survival.ALPHAS  # one value = fixed; several = inner-CV choice on train
+    alpha_select: str = "inner_cv"  # or "each": one result row per α, as Patho-Bench reports its grid
     l1_ratio: float = 0.5
     tau: float | None = None  # Uno's C truncation (days); default 80th percentile of training time
     horizons: tuple[float, ...] = ()  # time-dependent AUC horizons (days), e.g. [365, 1095, 1825]
@@ -130,6 +131,8 @@ class TaskSpec:
         bad_models = set(spec.models) - set(survival.MODELS)
         if bad_models:
             raise TaskError(f"{where}: 'models' has {sorted(bad_models)}; allowed: {survival.MODELS}")
+        if spec.alpha_select not in ("inner_cv", "each"):
+            raise TaskError(f"{where}: 'alpha_select' must be 'inner_cv' or 'each', got {spec.alpha_select!r}")
         if spec.metric not in ("l2", "cosine"):
             raise TaskError(f"{where}: 'metric' must be 'l2' or 'cosine', got {spec.metric!r}")
         if isinstance(spec.C, str) and spec.C != "auto":
@@ -364,7 +367,10 @@ def run_survival(adata, spec, folds, col: Collector):
     for emb in _embeddings(spec):
         feats = case_features(adata, spec, emb)
         cases = feats.index.intersection(df.index)
-        for model in spec.models:
+        runs = ([(m, spec.alphas) for m in spec.models] if spec.alpha_select == "inner_cv" else
+                [(m, (a,)) for m in spec.models for a in spec.alphas])
+        for kind, alphas in runs:
+            model = kind if spec.alpha_select == "inner_cv" else f"{kind} alpha={alphas[0]:g}"
             pooled = []
             for i, fc in enumerate(folds.columns):
                 tr, te = _fold_sides(folds, fc, cases)
@@ -374,8 +380,8 @@ def run_survival(adata, spec, folds, col: Collector):
                     col.notes.append(f"{spec.name} {emb} {model} {fc}: skipped (<2 training events or empty test)")
                     continue
                 try:
-                    risk, risk_tr, alpha = survival.fit_risk(model, feats.loc[tr].to_numpy(), ytr,
-                                                             feats.loc[te].to_numpy(), alphas=spec.alphas,
+                    risk, risk_tr, alpha = survival.fit_risk(kind, feats.loc[tr].to_numpy(), ytr,
+                                                             feats.loc[te].to_numpy(), alphas=alphas,
                                                              l1_ratio=spec.l1_ratio, seed=spec.seed)
                 except (ArithmeticError, ValueError) as e:
                     col.notes.append(f"{spec.name} {emb} {model} {fc}: fit failed ({e}); recorded as N/A")

@@ -3,7 +3,8 @@
 Models follow Patho-Bench: elastic-net `CoxnetSurvivalAnalysis(alphas=[α], l1_ratio=0.5, max_iter=100000)` and, for
 l1_ratio 0, ridge `CoxPHSurvivalAnalysis(alpha=α)`. Patho-Bench ships the grid α ∈ {0.01, 0.02, 0.07} and reports
 every α on the test fold (its tutorial uses 0.07); choosing among them on test is leakage, so here a single α is
-used as given and a grid is resolved by inner cross-validation (Harrell's C) on the training fold only.
+used as given and a grid is resolved by inner cross-validation (Harrell's C) on the training fold only (the probe's
+`alpha_select: each` instead reports every α side by side, like Patho-Bench).
 Risk convention (sksurv): higher risk = earlier event.
 """
 
