@@ -322,6 +322,7 @@ def _encode(labels: pd.Series) -> tuple[pd.Series, list]:
 
 
 def run_classification(adata, spec, folds, col: Collector, target: str, labels: pd.Series):
+    """Linear probe (or few-shot draws) per embedding × fold on case-level (late-fused) features; returns classes."""
     y_all, classes = _encode(labels)
     single = folds.shape[1] == 1
     for emb in _embeddings(spec):
@@ -331,7 +332,7 @@ def run_classification(adata, spec, folds, col: Collector, target: str, labels: 
             tr, te = _fold_sides(folds, fc, cases)
             ytr, yte = y_all[tr].to_numpy(), y_all[te].to_numpy()
             if len(np.unique(ytr)) < 2 or len(te) == 0:
-                col.notes.append(f"{spec.name}/{target or spec.label} {emb} {fc}: skipped (one class in train or "
+                col.notes.append(f"{spec.name}/{target} {emb} {fc}: skipped (one class in train or "
                                  f"empty test)")
                 continue
             key = _key(spec, emb, target)
@@ -351,6 +352,8 @@ def run_classification(adata, spec, folds, col: Collector, target: str, labels: 
 
 
 def run_survival(adata, spec, folds, col: Collector):
+    """Cox probes per embedding × model × fold; pooled test risks (split at each fold's median training risk)
+    feed the Kaplan–Meier plot and log-rank p."""
     time = pd.to_numeric(case_values(adata, spec, "time", spec.time), errors="coerce")
     event = pd.to_numeric(case_values(adata, spec, "event", spec.event), errors="coerce")
     df = pd.concat({"time": time, "event": event}, axis=1).dropna()
@@ -400,6 +403,8 @@ def run_survival(adata, spec, folds, col: Collector):
 
 
 def run_retrieval(adata, spec, folds, col: Collector):
+    """Cross-modal retrieval among each test fold's rows (gallery = the fold's other-modality rows), and
+    same-label retrieval with the training fold as database."""
     single = folds.shape[1] == 1
     groups = row_groups(adata, spec)
     for q_key, k_key in spec.pairs:
@@ -431,6 +436,7 @@ def run_retrieval(adata, spec, folds, col: Collector):
 
 
 def run_robustness(adata, spec, col: Collector, plot_dir: Path | None, projection: str):
+    """Robustness index over all rows (no training involved), with a site/biology projection plot."""
     bio, site = _column(adata, spec, "label", spec.label), _column(adata, spec, "site", spec.site)
     known = (bio.notna() & site.notna()).to_numpy()
     bio, site = bio.astype(str).to_numpy(), site.astype(str).to_numpy()
