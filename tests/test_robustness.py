@@ -91,5 +91,9 @@ def test_probe_robustness_task_on_lung(tmp_path):
     for k in (1, 5, 11):
         assert got[f"robustness_index@{k}"] == pytest.approx(ref.loc[k, "robustness_index"])
         assert got[f"bio_vs_confounding@{k}"] == pytest.approx(ref.loc[k, "bio_vs_confounding"])
+    boot = pd.read_csv(tmp_path / "bootstrap.csv")
+    v = boot[boot.metric == "robustness_index@5"].value.to_numpy()
+    assert len(v) == 100  # query rows resampled: summary shows bootstrap mean and percentile CI
+    assert r.summary.set_index("metric").loc["robustness_index@5", "lo"] == pytest.approx(np.percentile(v, 2.5))
     assert (tmp_path / "rob_ri.png").exists() and (tmp_path / "rob_clin_projection.png").exists()
     assert "## rob (robustness, all rows)" in (tmp_path / "summary.md").read_text()

@@ -447,12 +447,19 @@ def run_robustness(adata, spec, col: Collector, plot_dir: Path | None, projectio
         ok = np.isfinite(x).all(1) & known
         if len(np.unique(groups[ok])) < 2:
             raise TaskError(f"task {spec.name!r}: fewer than 2 cases have embedding {emb!r}, 'label' and 'site'")
-        ri = robustness.robustness_index(x[ok], bio[ok], site[ok], groups[ok], ks=spec.ks,
-                                         subset=None if subset is None else subset[ok])
-        col.robustness_curves[(spec.name, emb)] = ri
-        for k, r in ri.iterrows():
-            col.add(_key(spec, emb, target=spec.label), "all",
-                    {f"robustness_index@{k}": r.robustness_index, f"bio_vs_confounding@{k}": r.bio_vs_confounding})
+        qc = robustness.query_counts(x[ok], bio[ok], site[ok], groups[ok], max(spec.ks),
+                                     subset=None if subset is None else subset[ok])
+        ks = np.asarray(spec.ks) - 1
+
+        def score(idx):
+            ri = robustness.indices(pd.DataFrame(qc[idx][:, ks].sum(0), columns=list(robustness.KINDS),
+                                                 index=spec.ks))
+            return {f"{m}@{k}": ri.loc[k, m] for k in spec.ks for m in ("robustness_index", "bio_vs_confounding")}
+
+        # query rows are the bootstrap unit (PathoROB bootstraps queries), so RI gets a CI like single-fold probes
+        col.evaluate(_key(spec, emb, target=spec.label), "all", int(ok.sum()), score, True, spec.seed)
+        col.robustness_curves[(spec.name, emb)] = robustness.indices(
+            pd.DataFrame(qc.sum(0)[ks], columns=list(robustness.KINDS), index=pd.Index(spec.ks, name="k")))
         if plot_dir is not None:
             report.plot_embedding(x[ok], bio[ok], site[ok], plot_dir / f"{report.slug(spec.name, emb)}_projection.png",
                                   title=f"{spec.name}: {emb}", method=projection, seed=spec.seed)

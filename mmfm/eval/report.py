@@ -31,8 +31,8 @@ def slug(*parts: str) -> str:
 def summarize(results: pd.DataFrame, boot: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, target, embedding, model, shots, metric).
 
-    Bootstrapped groups (single fold) → bootstrap mean and 95% percentile CI; otherwise mean ± SE over the fold
-    rows (for few-shot, over folds × draws); 'pooled'/'all' rows (log-rank p, robustness) are shown as is.
+    Bootstrapped groups (single fold, robustness) → bootstrap mean and 95% percentile CI; otherwise mean ± SE over
+    the fold rows (for few-shot, over folds × draws); 'pooled' rows (log-rank p) are shown as is.
     """
     res = results[~results.metric.isin(BOOKKEEPING)]
     booted = {k: g.value.to_numpy() for k, g in boot.groupby(GROUP, sort=False)} if len(boot) else {}
@@ -78,8 +78,9 @@ def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, notes: list[s
                 for t, c in overlap.items()]
         out.append("")
     out += ["Several folds: mean ± SE over folds (SE = std(ddof=0)/√n; few-shot: over folds × draws). One fold: "
-            "bootstrap mean [2.5%, 97.5%] over resampled test cases. Pooled log-rank p and robustness indices are "
-            "single values. Retrieval `chance_*` columns are the expected value under a random ranking.", ""]
+            "bootstrap mean [2.5%, 97.5%] over resampled test cases (robustness index: over resampled query rows). "
+            "The pooled log-rank p is a single value. Retrieval `chance_*` columns are the expected value under a "
+            "random ranking.", ""]
     for task, s in summary.groupby("task", sort=False):
         folds = sorted(set(results.fold[results.task == task]) - {"pooled", "all"})
         out += [f"## {task} ({s.type.iloc[0]}, {f'{len(folds)} fold(s)' if folds else 'all rows'})", ""]

@@ -7,7 +7,8 @@ queries, a neighbour is SS / SO / OS / OO = (same|other biology) × (same|other 
     RI(k) = ΣSO / (ΣSO + ΣOS)                       (current PathoROB definition, in [0, 1])
     bio_vs_confounding(k) = (ΣSS + ΣSO) / (ΣSS + ΣOS) (earlier de Jong et al. 2025 index, > 1: biology dominates)
 
-with sums cumulative over ranks 1..k. An optional `subset` column evaluates each subset separately (PathoROB's
+with sums cumulative over ranks 1..k. Queries are the resampling unit of the bootstrap CI (PathoROB bootstraps
+query rows too). An optional `subset` column evaluates each subset separately (PathoROB's
 "paired" TCGA mode, 2 classes × 2 centers per subset) and pools the counts.
 """
 
@@ -44,22 +45,33 @@ def neighbour_kinds(emb: np.ndarray, bio, site, group, k_max: int) -> dict[str, 
     return masks
 
 
-def counts(emb: np.ndarray, bio, site, group, k_max: int, subset=None) -> pd.DataFrame:
-    """Cumulative SS/SO/OS/OO counts at k = 1..k_max summed over queries (and over subsets, when given)."""
-    total = np.zeros((k_max, len(KINDS)), dtype=np.int64)
+def query_counts(emb: np.ndarray, bio, site, group, k_max: int, subset=None) -> np.ndarray:
+    """[n, k_max, 4] per-query SS/SO/OS/OO counts cumulated over ranks 1..k (within the query's subset)."""
+    out = np.zeros((len(emb), k_max, len(KINDS)), dtype=np.int64)
     subset = np.zeros(len(emb)) if subset is None else np.asarray(subset)
     bio, site, group = (np.asarray(a) for a in (bio, site, group))
     for s in np.unique(subset):
-        rows = subset == s
+        rows = np.flatnonzero(subset == s)
         masks = neighbour_kinds(emb[rows], bio[rows], site[rows], group[rows], k_max)
-        total += np.stack([np.cumsum(masks[k].sum(0)) for k in KINDS], axis=1)
+        out[rows] = np.stack([np.cumsum(masks[k], axis=1) for k in KINDS], axis=2)
+    return out
+
+
+def counts(emb: np.ndarray, bio, site, group, k_max: int, subset=None) -> pd.DataFrame:
+    """Cumulative SS/SO/OS/OO counts at k = 1..k_max summed over queries (and over subsets, when given)."""
+    total = query_counts(emb, bio, site, group, k_max, subset).sum(0)
     return pd.DataFrame(total, columns=list(KINDS), index=pd.RangeIndex(1, k_max + 1, name="k"))
 
 
-def robustness_index(emb: np.ndarray, bio, site, group, ks=(1, 5, 10), subset=None) -> pd.DataFrame:
-    """RI(k) and bio_vs_confounding(k) for each k in `ks`, with the cumulative counts they come from."""
-    c = counts(emb, bio, site, group, max(ks), subset).loc[list(ks)]
+def indices(c: pd.DataFrame) -> pd.DataFrame:
+    """Add RI(k) and bio_vs_confounding(k) columns to a table of cumulative counts."""
+    c = c.copy()
     with np.errstate(invalid="ignore", divide="ignore"):
         c["robustness_index"] = c["SO"] / (c["SO"] + c["OS"])
         c["bio_vs_confounding"] = (c["SS"] + c["SO"]) / (c["SS"] + c["OS"])
     return c
+
+
+def robustness_index(emb: np.ndarray, bio, site, group, ks=(1, 5, 10), subset=None) -> pd.DataFrame:
+    """RI(k) and bio_vs_confounding(k) for each k in `ks`, with the cumulative counts they come from."""
+    return indices(counts(emb, bio, site, group, max(ks), subset).loc[list(ks)])
