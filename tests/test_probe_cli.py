@@ -187,9 +187,12 @@ def test_pretraining_overlap_refused_unless_allowed(tmp_path):
     ({"name": "t", "type": "classification", "label": "missing_col"}, "'label' names obs column 'missing_col'"),
     ({"name": "t", "type": "classification", "label": "er", "embeddings": ["uni"]}, "'embeddings' names 'uni'"),
     ({"name": "t", "type": "mutation", "labels": ["mut_*"]}, "'labels' entry 'mut_\\*' matches no obs column"),
+    ({"name": "t", "type": "classification", "label": "one_class"}, "'label' column 'one_class' has fewer than 2"),
+    ({"name": "t", "type": "survival", "time": "dmfs_days", "event": "no_event"}, "'event' column 'no_event' has 0"),
 ])
 def test_task_errors_name_the_key(tmp_path, task, message):
     a = _gse7390()
+    a.obs["one_class"], a.obs["no_event"] = "tumour", 0
     _split_file(tmp_path / "s.tsv", a)
     with pytest.raises(TaskError, match=message):
         probe(a, [task], tmp_path / "out", splits=tmp_path / "s.tsv", plots=False)

@@ -482,6 +482,9 @@ def _targets(adata, spec, notes: list[str]) -> dict[str, tuple[pd.Index, pd.Seri
     (the label itself for classification/mutation, Patho-Bench's time-quartile × event code for survival)."""
     if spec.type in ("classification", "fewshot") or (spec.type == "retrieval" and spec.label and not spec.pairs):
         lab = case_values(adata, spec, "label", spec.label)
+        if lab.nunique() < 2:
+            raise TaskError(f"task {spec.name!r}: key 'label' column {spec.label!r} has fewer than 2 classes "
+                            f"({lab.unique().tolist()}) among {len(lab)} labelled cases")
         return {"": (lab.index, lab)}
     if spec.type == "mutation":
         out = {}
@@ -502,6 +505,9 @@ def _targets(adata, spec, notes: list[str]) -> dict[str, tuple[pd.Index, pd.Seri
         df = pd.concat({"t": pd.to_numeric(case_values(adata, spec, "time", spec.time), errors="coerce"),
                         "e": pd.to_numeric(case_values(adata, spec, "event", spec.event), errors="coerce")},
                        axis=1).dropna()
+        if df.e.sum() < 2:
+            raise TaskError(f"task {spec.name!r}: key 'event' column {spec.event!r} has {int(df.e.sum())} event(s) "
+                            f"among {len(df)} cases; a survival probe needs events")
         return {"": (df.index, survival_strata(df, time="t", event="e"))}
     return {"": (pd.Index(np.unique(row_groups(adata, spec))), None)}
 
