@@ -157,7 +157,7 @@ def test_site_effect_knob_removes_site_signal(tmp_path):
     from sklearn.model_selection import cross_val_score
 
     def site_acc(effect):
-        cfg = SimConfig(n_cases=120, seed=5, site_effect=effect, missing_slide=0.0, multi_slide_rate=0.0,
+        cfg = SimConfig(n_cases=120, seed=5, n_sites=4, site_effect=effect, missing_slide=0.0, multi_slide_rate=0.0,
                         **SMALL)
         out = simulate_cohort(tmp_path / f"e{effect}", cfg)
         slides = pd.read_csv(out / "slides.csv").join(pd.read_csv(out / "cases.csv").set_index("case_id"),

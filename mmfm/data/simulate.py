@@ -28,8 +28,12 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
+import yaml
+from scipy import ndimage
 
 from mmfm.data.bags import write_bag
 from mmfm.io import atomic_path, write_json, write_text
@@ -430,8 +434,6 @@ def _field(xy: np.ndarray, r: np.random.Generator, length: float, n_waves: int =
 def _connected(score: np.ndarray, m: int) -> np.ndarray:
     """Boolean mask of m connected cells of low score: the m lowest, reduced to their largest piece, then
     regrown from its border always taking the lowest-score neighbour (only the few missing cells loop)."""
-    from scipy import ndimage
-
     mask = np.zeros(score.shape, bool)
     mask.flat[np.argpartition(score.ravel(), m - 1)[:m]] = True
     labels, n = ndimage.label(mask)
@@ -510,7 +512,8 @@ def simulate_slide(cfg: SimConfig, world: World, case: Case, j: int) -> Slide:
     logits = TYPE_BASE + TYPE_LOADINGS @ prog + SLIDE_COMPOSITION_SD * r.standard_normal(len(TILE_TYPES))
     xyf = xy.astype(np.float64)
     field = np.stack([_field(xyf, r, s) for s in TYPE_LENGTH_SCALE], 1)
-    score = logits + FIELD_AMPLITUDE * field + TYPE_DEPTH * (depth[:, None] - 0.5) + TILE_TYPE_NOISE * r.gumbel(size=field.shape)
+    score = (logits + FIELD_AMPLITUDE * field + TYPE_DEPTH * (depth[:, None] - 0.5)
+             + TILE_TYPE_NOISE * r.gumbel(size=field.shape))
     types = np.argmax(score, axis=1).astype(np.int8)
 
     shift = np.einsum("k,tkl->tl", prog, world.appearance)
@@ -577,7 +580,8 @@ FINDINGS = {
                     "Tumour emboli are seen within lymphovascular spaces.", "Lymphovascular invasion: present, focal."],
     ("lvi", False): ["No lymphovascular invasion is identified.", "LVI: not identified.",
                      "Lymphovascular invasion: absent.", "Negative for lymphovascular invasion."],
-    ("til", "brisk"): ["Brisk tumour-infiltrating lymphocytes.", "Dense lymphocytic infiltrate within and around the tumour.",
+    ("til", "brisk"): ["Brisk tumour-infiltrating lymphocytes.",
+                       "Dense lymphocytic infiltrate within and around the tumour.",
                        "TILs: high (approximately {til_pct}% of stroma)."],
     ("til", "non-brisk"): ["Non-brisk tumour-infiltrating lymphocytes.", "A patchy lymphocytic infiltrate is present.",
                            "TILs: intermediate (approximately {til_pct}% of stroma)."],
@@ -646,7 +650,6 @@ def report_text(case: Case, facts: dict, r: np.random.Generator) -> str:
     keep = [k for k in keys if r.random() >= FINDING_OMITTED]
     sentences = [str(r.choice(FINDINGS[k])).format(**facts) for k in keep]
     sentences = [sentences[i] for i in r.permutation(len(sentences))]
-    diag = diag[0].upper() + diag[1:]
     return str(r.choice(HEADERS)) + " ".join([diag] + sentences)
 
 
@@ -678,8 +681,6 @@ def _write_csv(path: Path, df: pd.DataFrame, **kw) -> None:
 
 
 def _write_h5ad(path: Path, values: list[np.ndarray], obs: list[str], var: list[str]) -> None:
-    import anndata as ad
-
     x = np.stack(values) if values else np.zeros((0, len(var)), np.float32)
     adata = ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(obs)), var=pd.DataFrame(index=pd.Index(var)))
     with atomic_path(path, suffix=".h5ad.tmp") as tmp:
@@ -713,8 +714,6 @@ def _write_slide(cfg: SimConfig, world: World, out: Path, case: Case, j: int) ->
     sid = slide_id(case.index, j)
     bag, truth = out / "bags" / f"{sid}.h5", out / "truth" / "tiles" / f"{sid}.npy"
     if bag.exists() and truth.exists():  # both are written atomically, bag first
-        import h5py
-
         with h5py.File(bag, "r") as f:
             return _slide_summary(sid, case, np.load(truth), f["fragment"][:])
     s = simulate_slide(cfg, world, case, j)
@@ -737,8 +736,6 @@ def _model_json(cfg: SimConfig, world: World) -> dict:
 
 def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
     """Write a complete cohort directory (contract: helpers/COMMON.md) plus its latent truth; return its path."""
-    import yaml
-
     cfg.check()
     out = Path(out)
     _claim(out, cfg)
