@@ -187,6 +187,7 @@ def test_pretraining_overlap_refused_unless_allowed(tmp_path):
     ({"name": "t", "type": "classification", "label": "missing_col"}, "'label' names obs column 'missing_col'"),
     ({"name": "t", "type": "classification", "label": "er", "embeddings": ["uni"]}, "'embeddings' names 'uni'"),
     ({"name": "t", "type": "mutation", "labels": ["mut_*"]}, "'labels' entry 'mut_\\*' matches no obs column"),
+    ({"name": "t", "type": "classification", "label": "er", "folds": "five"}, "key 'folds' must be int"),
     ({"name": "t", "type": "classification", "label": "one_class"}, "'label' column 'one_class' has fewer than 2"),
     ({"name": "t", "type": "survival", "time": "dmfs_days", "event": "no_event"}, "'event' column 'no_event' has 0"),
 ])

@@ -111,6 +111,12 @@ class TaskSpec:
                 raise TaskError(f"{where}: missing required key {key!r}")
         if d["type"] not in TASK_TYPES:
             raise TaskError(f"{where}: type {d['type']!r} is not one of {TASK_TYPES}")
+        scalar = {"bool": (bool,), "int": (int,), "float": (int, float), "float | None": (int, float, type(None))}
+        for f in dataclasses.fields(cls):  # plain int/float/bool keys are type-checked (YAML "5" is a string)
+            got = d.get(f.name)
+            if f.name in d and f.type in scalar and (
+                    not isinstance(got, scalar[f.type]) or (f.type != "bool" and isinstance(got, bool))):
+                raise TaskError(f"{where}: key {f.name!r} must be {f.type.replace(' | None', ' or null')}, got {got!r}")
         kw = dict(d)
         for key in ("embeddings", "labels", "baseline", "models", "alphas", "ks", "shots", "horizons"):
             if key in kw:
