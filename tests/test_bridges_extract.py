@@ -19,7 +19,7 @@ from mmfm.bridges.extract import parse_shard, shard_of
 from mmfm.bridges.readers import open_slide
 from mmfm.bridges.tissue import TissueConfig, segment_tissue
 from mmfm.cli import main
-from mmfm.data.cohort import validate
+from mmfm.data.cohort import Cohort, validate
 
 SLIDE = "CMU-1-Small-Region"
 
@@ -55,6 +55,9 @@ def test_real_svs_gives_valid_cohort_and_broken_file_is_reported(svs_run):
     assert (s["n_ok"], s["n_failed"], s["random_init_weights"]) == (1, 1, True)
     rep = validate(out)
     assert rep.ok, rep.format()
+    cohort = Cohort.open(out)
+    row = cohort.slides.loc[SLIDE]
+    assert (row["n_tiles"], row["patch_size_level0"]) == (by_id[SLIDE]["n_tiles"], 257)
     slides = pd.read_csv(out / "slides.csv")
     assert slides.to_dict("records") == [{"slide_id": SLIDE, "case_id": SLIDE, "path": f"bags/{SLIDE}.h5"}]
     assert list(pd.read_csv(out / "cases.csv")["case_id"]) == [SLIDE]
