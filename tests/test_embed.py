@@ -1,0 +1,97 @@
+"""`mmfm embed`: all tiles of every bag, length buckets, late fusion, baselines, absent modalities as NaN."""
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmfm.data.bags import grid_indices, read_bag
+from mmfm.eval.embed import Bag, EmbedConfig, bucket_length, encode_bags, pool_bags
+
+
+def masked_mean(f, c, m, fr):
+    return (f * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1)
+
+
+def random_bags(lengths, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Bag(rng.normal(size=(n, d)).astype(np.float32), rng.integers(0, 50, size=(n, 2)).astype(np.int32),
+                np.zeros(n, np.int32)) for n in lengths]
+
+
+def test_bucket_lengths_are_powers_of_two_with_a_floor():
+    assert [bucket_length(n, 256) for n in (1, 256, 257, 1000, 70000)] == [256, 256, 512, 1024, 131072]
+
+
+def test_every_tile_is_used_and_order_is_kept():
+    lengths = [3, 700, 1, 300, 2500, 257]
+    bags = random_bags(lengths)
+    calls = []
+
+    def encode(f, c, m, fr):
+        calls.append(f.shape)
+        return jax.jit(masked_mean)(f, c, m, fr)
+
+    got = encode_bags(encode, bags, EmbedConfig(max_tiles_per_call=2048, min_bucket=256))
+    want = np.stack([b.features.mean(0) for b in bags])  # all tiles, no sampling
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert {s[1] for s in calls} == {256, 512, 1024, 4096}  # few compiled shapes
+    assert all(s[0] * s[1] <= 4096 for s in calls)          # memory bound per call (one bag may exceed it alone)
+
+
+def test_pooled_bags_keep_slides_apart_on_the_grid():
+    a, b = random_bags([5, 7], seed=1)
+    a.fragment[:] = [0, 0, 1, 1, 1]
+    p = pool_bags([a, b])
+    assert len(p.features) == 12
+    assert p.coords[5:, 0].min() > p.coords[:5, 0].max()  # second slide placed right of the first
+    assert set(p.fragment[5:]) == {2}                      # fragments renumbered, never merged across slides
+
+
+@pytest.mark.slow
+def test_embed_a_trained_run(tmp_path):
+    """A tiny real run: slide embeddings equal the model on the full bag; case = mean of its slides."""
+    from mmfm.data.cohort import Cohort
+    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.eval.embed import embed
+    from mmfm.train.config import load_config
+    from mmfm.train.loop import load_for_inference, pretrain
+
+    cohort_dir = simulate_cohort(tmp_path / "c", SimConfig(n_cases=24, seed=3, feature_dim=32, bag_size_median=40,
+                                                           bag_size_max=300, n_genes=80, n_proteins=8,
+                                                           multi_slide_rate=0.5))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
+        f"data.cohort={cohort_dir}", "train.steps=2", "train.eval_every=0", "train.ckpt_every=2",
+        "train.progress=false", "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32",
+        "data.heldout_fraction=0.25"])
+    pretrain(cfg, tmp_path / "run")
+    cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad")
+    cohort = Cohort.open(cohort_dir)
+
+    assert list(cases.obs_names) == list(cohort.cases.index.astype(str))
+    assert set(cases.obs["split"]) == {"pretrain", "heldout"}
+    assert sorted(cases.uns["pretrain_cases"]) == sorted(json.loads((tmp_path / "run" / "splits.json").read_text())["train"])
+    # absent modalities are NaN rows, never zeros
+    has_rna = cohort.presence()["rna"].reindex(cases.obs_names).to_numpy()
+    assert np.isnan(cases.obsm["rna"][~has_rna]).all() and np.isfinite(cases.obsm["rna"][has_rna]).all()
+
+    model, _, _ = load_for_inference(tmp_path / "run")
+    sid = slides.obs.index[0]
+    row = cohort.slides.loc[sid]
+    bag = read_bag(row.path)
+    g = grid_indices(bag["coords"], int(row.patch_size_level0))
+    frag = bag.get("fragment", np.zeros(len(g), np.int32))
+    direct = model.encode_slide(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
+                                frag[None].astype(np.int32)).embedding
+    np.testing.assert_allclose(slides.obsm["slide"][0], np.asarray(direct)[0], atol=1e-5)
+    np.testing.assert_allclose(slides.obsm["slide_meanpool"][0], bag["features"].astype(np.float32).mean(0), atol=1e-5)
+
+    multi = slides.obs.groupby("case_id", observed=True).size()
+    case = multi[multi > 1].index[0]
+    np.testing.assert_allclose(cases[case].obsm["slide"][0],
+                               slides[slides.obs["case_id"] == case].obsm["slide"].mean(0), atol=1e-6)
+    assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["slide_random"].shape[0] == cases.n_obs
