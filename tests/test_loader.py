@@ -120,6 +120,8 @@ def test_batches_follow_the_contract(cohort):
 
 
 def test_presence_masks_follow_the_cohort(cohort):
+    from mmfm.models.text import tokenize
+
     loader = _loader(cohort)
     n = 0
     for batch in _take(loader, 2 * loader.steps_per_epoch):
@@ -130,6 +132,10 @@ def test_presence_masks_follow_the_cohort(cohort):
             assert batch["protein/present"][r] == (case in PROTEIN_CASES)
             assert batch["report/present"][r] == (case in REPORTS)
             assert batch["report/attention_mask"][r].any() == (case in REPORTS)
+            if case in REPORTS:
+                ids, mask = tokenize([REPORTS[case]], 12)
+                np.testing.assert_array_equal(batch["report/input_ids"][r], ids[0])
+                np.testing.assert_array_equal(batch["report/attention_mask"][r], mask[0])
             m = MUT.get(case, (0, 1))
             np.testing.assert_array_equal(batch["mutation/mask"][r], [v is not None for v in m])
             np.testing.assert_array_equal(batch["mutation/values"][r], [v or 0 for v in m])
@@ -179,9 +185,11 @@ def _tiles(batch, r):
     return batch["slide/coords"][r, :, 1], batch["slide/coords"][r, :, 0]
 
 
-def test_tiles_are_sampled_bag_rows(cohort, bags):
-    loader = _loader(cohort)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_tiles_are_sampled_bag_rows(cohort, bags, dtype):
+    loader = _loader(cohort, feature_dtype=dtype)
     for batch in _take(loader, 2 * loader.steps_per_epoch):
+        assert batch["slide/features"].dtype == dtype
         for r, ci in enumerate(batch["case_index"]):
             case = cohort.cases.index[ci]
             if not SLIDES[case]:
