@@ -299,6 +299,7 @@ def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncod
                 results[plan.slide_id].reason = f"tile loader stopped: {type(e).__name__}: {e}"
     finally:
         bar.close()
+        data.close()  # the in-process reader of workers=0
     return n_encoded, time.time() - t0, precision
 
 

@@ -46,10 +46,14 @@ class TileBatches(torch.utils.data.Dataset):
     def __getstate__(self):  # slide handles never cross process boundaries
         return {**self.__dict__, "_open": None}
 
+    def close(self) -> None:
+        if self._open is not None:
+            handle, self._open = self._open[1], None
+            handle.close()
+
     def _reader(self, p: int):
         if self._open is None or self._open[0] != p:
-            if self._open is not None:
-                self._open[1].close()
+            self.close()
             plan = self.plans[p]
             self._open = (p, open_slide(plan.path, mpp=plan.mpp))
         return self._open[1]
@@ -62,7 +66,7 @@ class TileBatches(torch.utils.data.Dataset):
             tiles = np.stack([reader.read_tile(xy, plan.size_level0, self.patch_size) for xy in plan.coords[s:e]])
             return {"slide": p, "start": s, "tiles": torch.from_numpy(tiles), "error": ""}
         except Exception as e:  # corrupt tile data etc.: the slide fails, the loader goes on
-            self._open = None
+            self.close()
             return {"slide": p, "start": s, "tiles": torch.zeros(0, dtype=torch.uint8),
                     "error": f"{plan.path}: reading tiles {s}..{e}: {type(e).__name__}: {e}"}
 
