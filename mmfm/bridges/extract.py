@@ -194,7 +194,10 @@ def _device(name: str) -> torch.device:
 
 
 def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
-    """Run the extraction for this shard and return the run summary (also written as JSON)."""
+    """Run the extraction for this shard and return the run summary (also written as JSON).
+    `encoder` (already loaded, e.g. shared across calls) must be the one `cfg.encoder` names."""
+    if encoder is not None and encoder.spec.name != cfg.encoder:
+        raise ValueError(f"encoder {encoder.spec.name!r} given but the config says {cfg.encoder!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_spec(cfg.encoder)
