@@ -94,6 +94,8 @@ def test_probe_robustness_task_on_lung(tmp_path):
     boot = pd.read_csv(tmp_path / "bootstrap.csv")
     v = boot[boot.metric == "robustness_index@5"].value.to_numpy()
     assert len(v) == 100  # query rows resampled: summary shows bootstrap mean and percentile CI
-    assert r.summary.set_index("metric").loc["robustness_index@5", "lo"] == pytest.approx(np.percentile(v, 2.5))
+    row = r.summary.set_index("metric").loc["robustness_index@5"]
+    assert row["lo"] == pytest.approx(np.percentile(v, 2.5))
+    assert row["mean"] == pytest.approx(ref.loc[5, "robustness_index"])  # point estimate, as PathoROB reports it
     assert (tmp_path / "rob_ri.png").exists() and (tmp_path / "rob_clin_projection.png").exists()
     assert "## rob (robustness, all rows)" in (tmp_path / "summary.md").read_text()

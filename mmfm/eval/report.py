@@ -31,14 +31,18 @@ def slug(*parts: str) -> str:
 def summarize(results: pd.DataFrame, boot: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, target, embedding, model, shots, metric).
 
-    Bootstrapped groups (single fold, robustness) → bootstrap mean and 95% percentile CI; otherwise mean ± SE over
-    the fold rows (for few-shot, over folds × draws); 'pooled' rows (log-rank p) are shown as is.
+    Bootstrapped single-fold groups → bootstrap mean and 95% percentile CI (Patho-Bench); robustness → the point
+    estimate with the percentile CI of query-row resamples (PathoROB); otherwise mean ± SE over the fold rows (for
+    few-shot, over folds × draws); 'pooled' rows (log-rank p) are shown as is.
     """
     res = results[~results.metric.isin(BOOKKEEPING)]
     booted = {k: g.value.to_numpy() for k, g in boot.groupby(GROUP, sort=False)} if len(boot) else {}
     rows = []
     for k, g in res.groupby(GROUP, sort=False):
-        if k in booted:
+        if k in booted and (g.fold == "all").all():  # robustness: PathoROB reports the point estimate, CI beside
+            ci = stats.percentile_ci(booted[k])
+            est = stats.Estimate(float(g.value.iloc[0]), lo=ci.lo, hi=ci.hi, n=ci.n)
+        elif k in booted:
             est = stats.percentile_ci(booted[k])
         elif g.fold.isin(["pooled", "all"]).all():
             est = stats.Estimate(float(g.value.iloc[0]), n=1)
@@ -78,7 +82,8 @@ def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, notes: list[s
                 for t, c in overlap.items()]
         out.append("")
     out += ["Several folds: mean ± SE over folds (SE = std(ddof=0)/√n; few-shot: over folds × draws). One fold: "
-            "bootstrap mean [2.5%, 97.5%] over resampled test cases (robustness index: over resampled query rows). "
+            "bootstrap mean [2.5%, 97.5%] over resampled test cases. Robustness: point estimate [2.5%, 97.5%] over "
+            "resampled query rows. "
             "The pooled log-rank p is a single value. Retrieval `chance_*` columns are the expected value under a "
             "random ranking.", ""]
     for task, s in summary.groupby("task", sort=False):
