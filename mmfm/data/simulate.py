@@ -103,6 +103,9 @@ class SimConfig:
         for k in ("site_confounding", "median_os_days", "weibull_shape", "max_follow_up_days"):
             if getattr(self, k) <= 0:
                 bad.append(f"{k}={getattr(self, k)} must be > 0")
+        for k in ("site_effect", "bag_size_sigma"):
+            if getattr(self, k) < 0:
+                bad.append(f"{k}={getattr(self, k)} must be >= 0")
         if bad:
             raise ValueError("SimConfig: " + "; ".join(bad))
 
@@ -699,7 +702,7 @@ def _claim(out: Path, cfg: SimConfig) -> None:
         if diff:
             raise ValueError(f"{out}: holds a cohort simulated with a different config (keys {diff}); "
                              "choose another --out or delete it")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists, is not empty and is not a simulated cohort; refusing to write into it")
     write_json(marker, want)
 
