@@ -39,7 +39,7 @@ class LoaderConfig:
     modalities: tuple[str, ...] = MODALITIES  # emitted if the cohort has them
     n_genes: int = 2000
     report_max_len: int = 128
-    workers: int = 0  # grain worker processes; 0 = in this process
+    workers: int = 0  # grain worker processes (spawned; each batch crosses via shared memory); 0 = in-process
     seed: int = 0
     shuffle: bool = True
     feature_dtype: str = "float16"
@@ -300,7 +300,9 @@ class TileBagLoader:
 
     def _pipeline(self, start: int):
         ds = grain.MapDataset.range(start, sys.maxsize).map(self._make)
-        threads = 1 if self.cfg.prefetch > 0 else 0
+        # One prefetch thread in-process; with workers their output buffers are the prefetch (memory:
+        # workers × prefetch batches), so workers compute synchronously.
+        threads = 1 if self.cfg.prefetch > 0 and self.cfg.workers == 0 else 0
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.cfg.prefetch))
         if self.cfg.workers > 0:
             from absl import flags
