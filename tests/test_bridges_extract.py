@@ -12,9 +12,10 @@ import tifffile
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 from skimage import data as skdata
 
-from mmfm.bridges.encoders import encode, load_encoder
+from mmfm.bridges.encoders import REGISTRY, build_model, encode, load_encoder
 from mmfm.bridges.extract import parse_shard, shard_of
 from mmfm.bridges.readers import open_slide
 from mmfm.bridges.tissue import TissueConfig, segment_tissue
@@ -24,8 +25,9 @@ from mmfm.data.cohort import Cohort, validate
 SLIDE = "CMU-1-Small-Region"
 
 
-def _extract(wsi, out, *extra):
-    return main(["extract", "--wsi-dir", str(wsi), "--out", str(out), "--encoder", "vit-test", "--random-init",
+def _extract(wsi, out, *extra, weights=None):
+    init = ["--weights", str(weights)] if weights else ["--random-init"]
+    return main(["extract", "--wsi-dir", str(wsi), "--out", str(out), "--encoder", "vit-test", *init,
                  "--mag", "20", "--patch-size", "256", "--workers", "0", "--batch-size", "16", "--no-progress",
                  *extra])
 
@@ -138,6 +140,18 @@ def test_resume_skips_complete_and_redoes_truncated(tmp_path, wsi_dir):
     assert _summary(out)["slides"][0]["status"] == "ok" and not leftover.exists()
     np.testing.assert_allclose(h5py.File(bag, "r")["features"][:], first, rtol=1e-5, atol=1e-5)
     assert len(pd.read_csv(out / "slides.csv")) == 1
+    # real weights later: the random-init bag is not "complete" for this run, it is redone and unflagged
+    torch.manual_seed(7)
+    weights = tmp_path / "vit-test.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(REGISTRY["vit-test"]).state_dict().items()}, weights)
+    assert _extract(wsi, out, weights=weights) == 0
+    assert _summary(out)["slides"][0]["status"] == "ok"
+    with h5py.File(bag, "r") as f:
+        assert f.attrs["random_init_weights"] == False  # noqa: E712
+        assert f["features"].attrs["weights"] == str(weights.resolve())
+        assert not np.allclose(f["features"][:], first)
+    assert _extract(wsi, out, weights=weights) == 0 and _summary(out)["slides"][0]["status"] == "skipped"
+    assert _extract(wsi, out, "--random-init", weights=weights) == 2  # both: refused
 
 
 def _png_slides(d, n=4):

@@ -147,27 +147,35 @@ class TileEncoder(torch.nn.Module):
         return out
 
 
+def weights_source(spec: EncoderSpec, weights: str | Path | None, random_init: bool) -> str | None:
+    """Where `load_encoder` will take weights from: an absolute file path or "random-init" (None: nowhere).
+    Recorded in every bag, so a resumed run can tell features of other weights from its own."""
+    if weights is not None:
+        return str(Path(weights).resolve())
+    if random_init:
+        return "random-init"
+    cached = cached_weights(spec)
+    return None if cached is None else str(cached)
+
+
 def load_encoder(name: str, weights: str | Path | None = None, *, random_init: bool = False,
                  seed: int = 0) -> TileEncoder:
     """Build `name` with weights from `weights`, else the offline HF cache, else (if asked) random init."""
     spec = get_spec(name)
-    if weights is None and not random_init:
-        weights = cached_weights(spec)
-        if weights is None:
-            where = f"the Hugging Face cache for {spec.hf_repo}" if spec.hf_repo else "no public weights exist"
-            raise EncoderError(f"encoder {name!r}: no weights (pass --weights FILE; looked in {where}); "
-                               "use --random-init only for tests, features are then flagged untrained")
+    source = weights_source(spec, weights, random_init)
+    if source is None:
+        where = f"the Hugging Face cache for {spec.hf_repo}" if spec.hf_repo else "no public weights exist"
+        raise EncoderError(f"encoder {name!r}: no weights (pass --weights FILE; looked in {where}); "
+                           "use --random-init only for tests, features are then flagged untrained")
     torch.manual_seed(seed)
     model = build_model(spec)
-    source = "random-init"
-    if weights is not None:
-        sd = read_state_dict(weights)
+    if source != "random-init":
+        sd = read_state_dict(source)
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise EncoderError(f"{weights}: does not match {name} ({spec.arch}): {str(e)[:500]}") from e
-        source, random_init = str(weights), False
-    return TileEncoder(spec, model, source, random_init)
+            raise EncoderError(f"{source}: does not match {name} ({spec.arch}): {str(e)[:500]}") from e
+    return TileEncoder(spec, model, source, source == "random-init")
 
 
 def autocast_dtype(encoder: TileEncoder, device: torch.device, precision: str = "auto",

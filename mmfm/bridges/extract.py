@@ -28,7 +28,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mmfm.bridges.encoders import (PRECISIONS, REGISTRY, EncoderError, TileEncoder, autocast_dtype, encode,
-                                   get_spec, load_encoder)
+                                   get_spec, load_encoder, weights_source)
 from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
@@ -98,13 +98,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def bag_is_complete(path: Path, cfg: ExtractConfig, dim: int) -> bool:
-    """A bag counts as done only if it opens and matches this run's encoder and tile geometry."""
+def bag_is_complete(path: Path, cfg: ExtractConfig, dim: int, weights: str | None) -> bool:
+    """A bag counts as done only if it opens and matches this run's encoder, weights and tile geometry
+    (so features from random-init or other weights are redone, never kept by a resumed run)."""
     try:
         h = read_header(path)
     except Exception:  # truncated / not HDF5 / missing datasets: redo
         return False
     return (h.n_tiles > 0 and h.dim == dim and h.feature_attrs.get("encoder") == cfg.encoder
+            and h.feature_attrs.get("weights") == weights
             and h.coord_attrs.get("patch_size") == cfg.patch_size
             and np.isclose(float(h.coord_attrs.get("target_magnification", -1)), cfg.mag))
 
@@ -198,6 +200,8 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     `encoder` (already loaded, e.g. shared across calls) must be the one `cfg.encoder` names."""
     if encoder is not None and encoder.spec.name != cfg.encoder:
         raise ValueError(f"encoder {encoder.spec.name!r} given but the config says {cfg.encoder!r}")
+    if cfg.random_init and cfg.weights is not None:
+        raise ValueError("--weights and --random-init exclude each other")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = get_spec(cfg.encoder)
@@ -205,11 +209,12 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     slides = shard_of(list_slides(Path(cfg.wsi_dir)), cfg.shard)
     ensure_cohort_yaml(out, cfg, spec.dim)
     t_start = time.time()
+    source = encoder.weights if encoder is not None else weights_source(spec, cfg.weights, cfg.random_init)
     results: dict[str, SlideResult] = {}
     todo: list[Path] = []
     for path in slides:
         bag = out / "bags" / f"{path.stem}.h5"
-        if bag.exists() and bag_is_complete(bag, cfg, spec.dim):
+        if bag.exists() and bag_is_complete(bag, cfg, spec.dim, source):
             results[path.stem] = SlideResult(path.stem, str(path), "skipped", "complete bag exists")
         else:
             todo.append(path)
