@@ -12,12 +12,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from lifelines import CoxPHFitter
+from lifelines.utils import concordance_index
 from scipy import ndimage
 from scipy.stats import spearmanr
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+from sksurv.metrics import concordance_index_censored
 
 from mmfm.cli import main
 from mmfm.data.bags import grid_indices, read_bag, read_header
-from mmfm.data.simulate import DRIVERS, PROGRAMMES, TILE_TYPES, SimConfig, simulate_cohort
+from mmfm.data.simulate import (DRIVERS, HAZARD_PROGRAMMES, HAZARD_SUBTYPE, HAZARD_TP53, PROGRAMMES, SUBTYPES,
+                                TILE_TYPES, SimConfig, simulate_cohort)
 
 SMALL = dict(feature_dim=16, bag_size_median=60, n_genes=150, n_proteins=20)
 STATS = SimConfig(n_cases=300, seed=3, feature_dim=32, bag_size_median=120, bag_size_max=3000, n_genes=300,
@@ -141,9 +147,6 @@ def test_big_bag_knob(tmp_path):
 
 
 def test_site_and_subtype_are_in_the_features(pooled):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
-
     x = np.stack(pooled["x"])
     for label, margin in (("site", 0.4), ("subtype", 0.15)):
         chance = pooled[label].value_counts(normalize=True).max()
@@ -153,9 +156,6 @@ def test_site_and_subtype_are_in_the_features(pooled):
 
 def test_site_effect_knob_removes_site_signal(tmp_path):
     """With site_effect=0 only the (confounded) biology can reveal the site, so a probe does much worse."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
-
     def site_acc(effect):
         cfg = SimConfig(n_cases=120, seed=5, n_sites=4, site_effect=effect, missing_slide=0.0, multi_slide_rate=0.0,
                         **SMALL)
@@ -196,15 +196,27 @@ def test_tile_types_cluster_spatially(cohort):
 
 
 def test_survival_tied_to_latent_risk(truth):
-    from sksurv.metrics import concordance_index_censored
-
     assert [c for c in truth.columns if c.startswith("prog_")] == [f"prog_{p}" for p in PROGRAMMES]
     event = truth["os_event"].astype(bool)
     c = concordance_index_censored(event.to_numpy(), truth["os_days"].to_numpy(), truth["risk"].to_numpy())[0]
     assert c >= 0.65
+    assert c == pytest.approx(concordance_index(truth["os_days"], -truth["risk"], event), abs=1e-9)
     assert 0.2 < event.mean() < 0.8
     np.testing.assert_array_equal(truth["os_days"], np.round(np.minimum(truth["event_days"], truth["censor_days"])))
     np.testing.assert_array_equal(event, truth["event_days"] <= truth["censor_days"])
+
+
+def test_cox_fit_recovers_the_hazard_model(truth):
+    """lifelines' Cox model on the latent covariates recovers the documented log-hazard coefficients."""
+    df = truth[[f"prog_{p}" for p in PROGRAMMES] + ["true_mut_TP53", "os_days", "os_event"]].copy()
+    for s in SUBTYPES[1:]:
+        df[f"is_{s}"] = (truth["subtype"] == s).astype(float)
+    fit = CoxPHFitter().fit(df, duration_col="os_days", event_col="os_event")
+    want = {**{f"prog_{p}": b for p, b in zip(PROGRAMMES, HAZARD_PROGRAMMES)}, "true_mut_TP53": HAZARD_TP53,
+            **{f"is_{s}": HAZARD_SUBTYPE[k + 1] - HAZARD_SUBTYPE[0] for k, s in enumerate(SUBTYPES[1:])}}
+    for name, beta in want.items():
+        est, se = fit.params_[name], fit.standard_errors_[name]
+        assert abs(est - beta) < 3.5 * se, (name, est, beta, se)
 
 
 def test_missingness_and_multi_slide_rates(cohort, truth):
