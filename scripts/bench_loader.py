@@ -147,7 +147,8 @@ def main(argv=None) -> int:
         if a.workers:
             wl = TileBagLoader(cohort, LoaderConfig(**{**cfg.__dict__, "workers": a.workers, "prefetch": 1}),
                                case_ids)
-            next(wl)
+            for _ in range(a.workers):  # every worker started and past its first batch
+                next(wl)
             t_w = time_loader(wl, n)
             wl.close()
             res[f"loader_workers{a.workers}_batches_per_s"] = n / t_w
