@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 from scipy import ndimage
 
+from mmfm import MODALITIES
 from mmfm.data.bags import write_bag
 from mmfm.io import atomic_path, write_json, write_text
 
@@ -42,7 +43,6 @@ SUBTYPES = ("differentiated", "immunoreactive", "mesenchymal", "proliferative")
 PROGRAMMES = ("proliferation", "immune", "hypoxia", "stromal", "differentiation")
 DRIVERS = ("TP53", "PIK3CA", "KRAS", "PTEN", "ARID1A", "BRCA1")
 TILE_TYPES = ("tumour", "stroma", "immune", "necrosis", "normal", "adipose", "artefact")
-MODALITY_KNOBS = ("slide", "rna", "protein", "report", "mutation")
 
 # Random streams: the second seed word says what a generator is for (never reuse one for two purposes).
 _WORLD, _CASE, _SLIDE, _RNA, _PROTEIN, _REPORT = 1, 2, 3, 4, 5, 6
@@ -93,7 +93,7 @@ class SimConfig:
                   "max_slides_per_case", "patch_size", "n_genes", "n_proteins"):
             if getattr(self, k) < 1:
                 bad.append(f"{k}={getattr(self, k)} must be >= 1")
-        for k in ("multi_slide_rate",) + tuple(f"missing_{m}" for m in MODALITY_KNOBS):
+        for k in ("multi_slide_rate",) + tuple(f"missing_{m}" for m in MODALITIES):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 bad.append(f"{k}={getattr(self, k)} must be in [0, 1]")
         if self.bag_size_max < self.bag_size_min:
@@ -103,7 +103,7 @@ class SimConfig:
         for k in ("site_confounding", "median_os_days", "weibull_shape", "max_follow_up_days"):
             if getattr(self, k) <= 0:
                 bad.append(f"{k}={getattr(self, k)} must be > 0")
-        for k in ("site_effect", "bag_size_sigma"):
+        for k in ("seed", "site_effect", "bag_size_sigma"):
             if getattr(self, k) < 0:
                 bad.append(f"{k}={getattr(self, k)} must be >= 0")
         if bad:
@@ -417,8 +417,8 @@ def draw_case(cfg: SimConfig, world: World, i: int) -> Case:
     lam = np.log(2.0) / cfg.median_os_days ** k  # S(t) = exp(-lam t^k e^risk): median at risk 0
     event = float((-np.log(1.0 - r.random()) / (lam * np.exp(risk))) ** (1.0 / k))
     censor = float(min(r.uniform(30.0, cfg.max_follow_up_days), r.exponential(LOSS_TO_FOLLOW_UP_MEAN_DAYS)))
-    u = r.random(len(MODALITY_KNOBS) + 2)  # presence draws, one per modality + slide-count draws
-    has = {m: bool(u[k_] >= getattr(cfg, f"missing_{m}")) for k_, m in enumerate(MODALITY_KNOBS)}
+    u = r.random(len(MODALITIES) + 2)  # presence draws, one per modality + slide-count draws
+    has = {m: bool(u[k_] >= getattr(cfg, f"missing_{m}")) for k_, m in enumerate(MODALITIES)}
     n_slides = 0
     if has["slide"]:
         multi = u[-2] < cfg.multi_slide_rate and cfg.max_slides_per_case > 1
@@ -773,7 +773,7 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
                       **{f"true_mut_{d}": int(m) for d, m in zip(DRIVERS, c.mutations)},
                       "risk": c.risk, "event_days": c.event_days, "censor_days": c.censor_days,
                       "os_days": c.os_days, "os_event": c.os_event, "n_slides": c.n_slides,
-                      **{f"has_{m}": c.has[m] for m in MODALITY_KNOBS if m != "slide"},
+                      **{f"has_{m}": c.has[m] for m in MODALITIES if m != "slide"},
                       **{f"report_{k}": facts[k] for k in ("necrosis", "lvi", "til", "reported_grade")}})
 
     case_df = pd.DataFrame(cases)
