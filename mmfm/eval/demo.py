@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -70,19 +72,17 @@ def demo(cfg: DemoConfig = DemoConfig()) -> dict:
     from mmfm.eval.embed import embed
     from mmfm.eval.probe import probe
     from mmfm.eval.report import markdown_table
-    from mmfm.train.config import load_config
+    from mmfm.train.config import dump_config, load_config
     from mmfm.train.loop import pretrain
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    cohort_dir = out / "cohort"
     sim = SimConfig(n_cases=cfg.cases, seed=cfg.seed, **dict(cfg.sim_overrides))
-    marker = cohort_dir / ".simconfig.json"
-    if not (marker.exists() and json.loads(marker.read_text()) == dataclasses.asdict(sim)):
-        simulate_cohort(cohort_dir, sim)
-        marker.write_text(json.dumps(dataclasses.asdict(sim)))
+    sim_key = hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]
+    cohort_dir = out / f"cohort-{sim_key}"  # one folder per simulator config; same config resumes
+    simulate_cohort(cohort_dir, sim)
     t = _step(f"simulate ({cfg.cases} cases)", t0)
 
     report = validate(cohort_dir)
@@ -94,7 +94,10 @@ def demo(cfg: DemoConfig = DemoConfig()) -> dict:
     overrides = [f"data.cohort={cohort_dir}"] + ([f"train.steps={cfg.steps}"] if cfg.steps else []) + list(cfg.overrides)
     run_cfg = load_config(CONFIG, overrides)
     run_dir = out / "run"
-    resume = (run_dir / "checkpoints").exists()
+    same_run = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == dump_config(run_cfg)
+    if run_dir.exists() and not same_run:
+        shutil.rmtree(run_dir)  # the demo's own output from another configuration
+    resume = same_run and (run_dir / "checkpoints").exists()
     pretrain(run_cfg, run_dir, resume=resume)
     t = _step("pretrain", t)
 
