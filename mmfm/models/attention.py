@@ -53,33 +53,20 @@ def _dense(q, k, v, kv_valid, q_segment, kv_segment, impl):
     return jnp.where(has_key, out, 0).astype(q.dtype)
 
 
-def _pad_to(x: jax.Array, n: int, value=0) -> jax.Array:
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, n - x.shape[1])
-    return jnp.pad(x, pad, constant_values=value)
-
-
-def _blocks(x: jax.Array, size: int) -> jax.Array:
-    """[B, N, ...] → [N/size, B, size, ...] (block axis first, for scan/map)."""
-    b, n = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, n // size, size, *x.shape[2:]), 1, 0)
-
-
 def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k):
     b, n, h, d = q.shape
     s = k.shape[1]
-    block_q, block_k = min(block_q, n), min(block_k, s)
-    nq, nk = -(-n // block_q) * block_q, -(-s // block_k) * block_k
-    scale = d ** -0.5
-    qs = _blocks(_pad_to(q * jnp.asarray(scale, q.dtype), nq), block_q)
-    qseg = _blocks(_pad_to(q_segment, nq), block_q)
-    ks, vs = _blocks(_pad_to(k, nk), block_k), _blocks(_pad_to(v, nk), block_k)
-    kval = _blocks(_pad_to(kv_valid, nk, False), block_k)
-    kseg = _blocks(_pad_to(kv_segment, nk), block_k)
-    # Per key block: segment range over valid keys, for skipping blocks nobody may attend.
+    bq, bk = min(block_q, n), min(block_k, s)
+    scale = jnp.asarray(d ** -0.5, q.dtype)
     big = jnp.iinfo(jnp.int32).max
-    kmin = jnp.where(kval, kseg, big).min(axis=(1, 2))
-    kmax = jnp.where(kval, kseg, -big).max(axis=(1, 2))
+
+    def key_block(j):
+        # Blocks are read in place (no padded copies): the last block is shifted back to end at s, and
+        # keys it shares with block j-1 are masked out as already counted.
+        start = jnp.minimum(j * bk, s - bk)
+        fresh = start + jnp.arange(bk) >= j * bk
+        cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, bk, axis=1)
+        return cut(k), cut(v), cut(kv_valid) & fresh[None], cut(kv_segment)
 
     @jax.checkpoint
     def key_step(qb, qsb, state, kk, vv, valid, seg):
@@ -95,22 +82,22 @@ def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k):
         return m_new, l, acc * corr[..., None] + pv
 
     @jax.checkpoint
-    def query_block(args):
-        qb, qsb = args
+    def query_block(i, out):
+        start = jnp.minimum(i * bq, n - bq)  # the last block overlaps its neighbour: recomputed, same values
+        qb = jax.lax.dynamic_slice_in_dim(q, start, bq, axis=1) * scale
+        qsb = jax.lax.dynamic_slice_in_dim(q_segment, start, bq, axis=1)
         qmin, qmax = qsb.min(), qsb.max()
-        init = (jnp.full((b, h, block_q), _NEG, jnp.float32), jnp.zeros((b, h, block_q), jnp.float32),
-                jnp.zeros((b, h, block_q, d), jnp.float32))
 
-        def step(state, kb):
-            kk, vv, valid, seg, lo, hi = kb
-            needed = (lo <= qmax) & (hi >= qmin)
-            state = jax.lax.cond(needed, lambda st: key_step(qb, qsb, st, kk, vv, valid, seg), lambda st: st, state)
-            return state, None
+        def step(j, state):
+            kk, vv, valid, seg = key_block(j)
+            lo, hi = jnp.where(valid, seg, big).min(), jnp.where(valid, seg, -big).max()
+            needed = (lo <= qmax) & (hi >= qmin)  # skip blocks no query here may attend
+            return jax.lax.cond(needed, lambda st: key_step(qb, qsb, st, kk, vv, valid, seg), lambda st: st, state)
 
-        (m, l, acc), _ = jax.lax.scan(step, init, (ks, vs, kval, kseg, kmin, kmax))
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-        return jnp.moveaxis(out, 1, 2).astype(q.dtype)  # [B, bq, H, d]
+        init = (jnp.full((b, h, bq), _NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+                jnp.zeros((b, h, bq, d), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(0, -(-s // bk), step, init)
+        o = jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2).astype(q.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
 
-    out = jax.lax.map(query_block, (qs, qseg))  # [nq/bq, B, bq, H, d]
-    return jnp.moveaxis(out, 0, 1).reshape(b, nq, h, d)[:, :n]
-
+    return jax.lax.fori_loop(0, -(-n // bq), query_block, jnp.zeros_like(q))

@@ -45,6 +45,7 @@ class TransformerConfig:
     attn_impl: str = "blockwise"       # blockwise | xla | cudnn
     block_q: int = 512
     block_k: int = 1024
+    mlp_chunk: int = 4096              # MLPs run over token chunks: the N×4·width hidden is never whole
 
     def layer_uses_rope(self, i: int) -> bool:
         return self.layer_pattern == "rope" or (self.layer_pattern == "alternate" and i % 2 == 1)
@@ -75,6 +76,10 @@ class Block(nnx.Module):
         self.fc2 = Dense(hidden, w, ("hidden", "embed"), rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.n_heads, self.impl, self.block_q, self.block_k = cfg.n_heads, cfg.attn_impl, cfg.block_q, cfg.block_k
+        self.mlp_chunk = cfg.mlp_chunk
+
+    def mlp(self, x):
+        return self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
 
     def __call__(self, x, valid, segment, rope, *, deterministic: bool):
         b, n, w = x.shape
@@ -83,8 +88,19 @@ class Block(nnx.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         a = attention(q, k, v, valid, segment, segment, impl=self.impl, block_q=self.block_q, block_k=self.block_k)
         x = x + self.drop(self.out(a.reshape(b, n, w)), deterministic=deterministic)
-        h = self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
+        h = token_chunked(self.mlp, x, self.mlp_chunk)
         return x + self.drop(h, deterministic=deterministic)
+
+
+def token_chunked(f, x: jax.Array, chunk: int) -> jax.Array:
+    """f applied to x [B, N, W] one chunk of tokens at a time (f must be token-wise), same result as f(x)."""
+    b, n, w = x.shape
+    if n <= chunk:
+        return f(x)
+    n_chunks = -(-n // chunk)
+    xp = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - n), (0, 0))).reshape(b, n_chunks, chunk, w)
+    y = jax.lax.map(f, jnp.moveaxis(xp, 1, 0))
+    return jnp.moveaxis(y, 0, 1).reshape(b, n_chunks * chunk, -1)[:, :n]
 
 
 class TransformerSlideEncoder(nnx.Module):
@@ -117,13 +133,37 @@ class TransformerSlideEncoder(nnx.Module):
             rope_seg = jnp.concatenate([jnp.zeros((b, r), jnp.int32), tile_seg], 1)
             cos = jnp.concatenate([jnp.ones((b, r, cos.shape[-1]), cos.dtype), cos], 1)
             sin = jnp.concatenate([jnp.zeros((b, r, sin.shape[-1]), sin.dtype), sin], 1)
-        for i, block in enumerate(self.blocks):
-            use_rope = cfg.layer_uses_rope(i)
-            x = block(x, valid, rope_seg if use_rope else global_seg, (cos, sin) if use_rope else None,
-                      deterministic=deterministic)
+        if deterministic and cfg.depth > 1:
+            x = self._scan_blocks(x, valid, global_seg, rope_seg, cos, sin)
+        else:
+            for i, block in enumerate(self.blocks):
+                use_rope = cfg.layer_uses_rope(i)
+                x = block(x, valid, rope_seg if use_rope else global_seg, (cos, sin) if use_rope else None,
+                          deterministic=deterministic)
         tokens = self.norm(x[:, r:])
         if self.pool is not None:
             pooled, attn = self.pool(tokens, mask, deterministic=deterministic)
             return SlideOutput(pooled.mean(1), tokens, attn)
         emb = jnp.concatenate([masked_mean(features, mask), masked_mean(tokens, mask)], -1)
         return SlideOutput(emb, tokens, None)
+
+    def _scan_blocks(self, x, valid, global_seg, rope_seg, cos, sin):
+        """Inference path: the same blocks as one `lax.scan` over their stacked weights.
+
+        XLA packs the buffers of an unrolled layer stack into one arena that grows with depth; a scan
+        body reuses one layer's buffers, which keeps a 100k-tile bag within a few GB. Position-free
+        layers get the identity rotation (cos 1, sin 0), which is exact. Training keeps the Python loop
+        so each layer's dropout stream advances.
+        """
+        splits = [nnx.split(block) for block in self.blocks]
+        graphdef = splits[0][0]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *[state for _, state in splits])
+        flags = jnp.asarray([self.cfg.layer_uses_rope(i) for i in range(self.cfg.depth)])
+
+        def body(x, layer):
+            state, use_rope = layer
+            seg = jnp.where(use_rope, rope_seg, global_seg)
+            rope = (jnp.where(use_rope, cos, 1.0), jnp.where(use_rope, sin, 0.0))
+            return nnx.merge(graphdef, state)(x, valid, seg, rope, deterministic=True), None
+
+        return jax.lax.scan(body, x, (stacked, flags))[0]
