@@ -33,8 +33,7 @@ def cohort(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("train") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,
-                                   bag_size_median=64, bag_size_max=256, missing_slide=0.0, missing_rna=0.0,
-                                   missing_protein=0.0))
+                                   bag_size_median=64, bag_size_max=256))  # default missing rates
     return out
 
 

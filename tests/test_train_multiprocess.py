@@ -25,8 +25,7 @@ def cohort(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("mp") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=40, n_sites=3, feature_dim=16, n_genes=32, n_proteins=8,
-                                   bag_size_median=48, bag_size_max=128, missing_slide=0.0, missing_rna=0.0,
-                                   missing_protein=0.0))
+                                   bag_size_median=48, bag_size_max=128))  # default missing rates
     return out
 
 
@@ -53,6 +52,6 @@ def test_two_processes_match_one_process_with_two_devices(cohort, tmp_path):
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)
     ea = metrics.read_jsonl(tmp_path / "two" / "eval.jsonl")[-1]
     eb = metrics.read_jsonl(tmp_path / "one" / "eval.jsonl")[-1]
-    assert ea["n_cases/slide-rna"] == eb["n_cases/slide-rna"] == 10
+    assert ea["n_cases/slide-rna"] == eb["n_cases/slide-rna"] >= 5
     np.testing.assert_allclose(ea["recall@5/slide->rna"], eb["recall@5/slide->rna"])
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
