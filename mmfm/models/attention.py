@@ -4,12 +4,13 @@
 attend key j iff key j is valid and, when segments are given, segment_q[i] == segment_kv[j] (tissue
 fragments; registers get their own segment). A query with no allowed key returns zeros.
 
-impl="blockwise" (default, any backend): flash-style online softmax in pure JAX. A `lax.map` over query
-blocks runs a `lax.scan` over key blocks carrying the running max m, normaliser l and fp32 accumulator,
-so at most [B, H, block_q, block_k] logits exist at once — never N×N. Both loops are rematerialised
-(`jax.checkpoint`), so the backward pass also keeps O(N) state per query block. Key blocks that no query
-of the block may attend (all padding, or fragment ranges that do not overlap) are skipped by `lax.cond`,
-which makes fragment-local layers over fragment-sorted tiles cheap.
+impl="blockwise" (default, any backend): flash-style online softmax in pure JAX. A `fori_loop` over query
+blocks runs a `fori_loop` over key blocks carrying the running max m, normaliser l and fp32 accumulator;
+blocks are sliced in place and each query block's output is written into one [B, N, H, d] buffer, so at
+most [B, H, block_q, block_k] logits exist at once — never N×N, and no padded copies of q/k/v. Both loops
+are rematerialised (`jax.checkpoint`), so the backward pass also keeps O(N) state per query block. Key
+blocks that no query of the block may attend (all padding, or fragment ranges that do not overlap) are
+skipped by `lax.cond`, which makes fragment-local layers over fragment-sorted tiles cheap.
 impl="xla" / "cudnn": `jax.nn.dot_product_attention` with a dense [B, 1, N, N] mask — for small N
 (training bags of a few thousand tiles); "cudnn" needs a GPU and runs in bf16.
 """
