@@ -70,6 +70,21 @@ def test_attention_query_without_allowed_key_is_zero():
     np.testing.assert_array_equal(out[0, seg[0] == 2], 0.0)
 
 
+def test_blockwise_attention_memory_is_linear_in_n():
+    """The compiler's own buffer plan: 4× the tiles costs ≤ ~4× temp memory, while dense attention holds
+    B·H·N² logits. Compile only — nothing runs."""
+    def temp(n, impl):
+        s = jax.ShapeDtypeStruct
+        q = s((1, n, 4, 16), jnp.float32)
+        f = jax.jit(lambda q, k, v, m, g: attention(q, k, v, m, g, g, impl=impl, block_q=128, block_k=128))
+        return f.lower(q, q, q, s((1, n), bool), s((1, n), jnp.int32)).compile().memory_analysis().temp_size_in_bytes
+
+    small, big = temp(1024, "blockwise"), temp(4096, "blockwise")
+    assert big <= 4.5 * small, (small, big)
+    assert big < 4 * 4096 * 4096 * 4 / 10  # far below one head's dense logits
+    assert temp(4096, "xla") >= 4 * 4096 * 4096 * 4  # dense: every head's N×N logits exist
+
+
 def test_rope_matches_complex_rotation_reference():
     rng = np.random.default_rng(0)
     d, base = 8, 100.0
