@@ -1,6 +1,7 @@
 """Retrieval metrics on constructed examples whose answers are counted by hand in the comments."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mmfm.eval import retrieval
@@ -60,3 +61,21 @@ def test_l2_and_cosine_similarity_against_numpy():
     np.testing.assert_allclose(retrieval.similarity(a, b, "cosine"), cos, atol=1e-12)
     with pytest.raises(ValueError, match="unknown retrieval metric"):
         retrieval.similarity(a, b, "dot")
+
+
+def test_cross_modal_retrieval_ranks_every_case_at_once(tmp_path):
+    """No training is involved, so without a split file the gallery is all cases (not one fold's)."""
+    import anndata as ad
+
+    from mmfm.eval.probe import probe
+
+    rng = np.random.default_rng(0)
+    n = 30
+    a = rng.normal(size=(n, 8))
+    adata = ad.AnnData(obs=pd.DataFrame(index=[f"C{i}" for i in range(n)]),
+                       obsm={"a": a, "b": a + 0.01 * rng.normal(size=(n, 8))})
+    res = probe(adata, [{"name": "r", "type": "retrieval", "pairs": [["a", "b"]]}], tmp_path, plots=False,
+                n_bootstrap=10).results
+    got = res.set_index("metric")["value"]
+    assert got["recall@1"] == 1.0
+    assert got["chance_recall@1"] == pytest.approx(1 / n)  # gallery of all 30 cases

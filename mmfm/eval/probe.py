@@ -128,6 +128,7 @@ class TaskSpec:
             if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
                 raise TaskError(f"{where}: 'pairs' must be a list of [query_key, gallery_key] pairs")
             kw["pairs"] = tuple(tuple(p) for p in pairs)
+            kw.setdefault("embeddings", tuple(dict.fromkeys(k for p in kw["pairs"] for k in p)))
         spec = cls(**kw)
         for key in REQUIRED[spec.type]:
             if not getattr(spec, key):
@@ -526,7 +527,13 @@ def plan_folds(adata, spec: TaskSpec, shared: pd.DataFrame | None) -> tuple[dict
     sites = case_values(adata, spec, "site", spec.site) if spec.site else None
     folds, labels = {}, {}
     for target, (cases, strata) in _targets(adata, spec, notes).items():
-        f = given if given is not None else generate_folds(spec, cases, strata, sites)
+        if given is not None:
+            f = given
+        elif spec.type == "retrieval" and not spec.label:
+            # cross-modal retrieval fits nothing: one gallery of every case, bootstrap CI over the queries
+            f = pd.DataFrame({"fold_0": "test"}, index=pd.Index(cases, name="case_id"))
+        else:
+            f = generate_folds(spec, cases, strata, sites)
         missing = cases.difference(f.index)
         if len(missing):
             notes.append(f"{spec.name}{'/' + target if target else ''}: {len(missing)} case(s) with data are not "
