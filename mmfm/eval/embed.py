@@ -149,7 +149,9 @@ def _other_modalities(model, cohort, run_cfg, transforms, case_ids: list[str], c
     mods = [m for m in model.modalities if m != "slide"]
     if not mods:
         return {}
-    tensors, present = case_tensors(cohort, case_ids, run_cfg.loader, transforms, modalities=mods)
+    pres = cohort.presence()
+    present = {m: pres[m].reindex(case_ids, fill_value=False).to_numpy(bool) for m in mods}
+    tensors = case_tensors(cohort, case_ids, run_cfg.loader, transforms, present=present).dense
     graphdef, state = nnx.split(model)
 
     @jax.jit(static_argnums=2)
