@@ -8,12 +8,15 @@ for layer after mmfm.models (Linear→GELU(tanh)→Dropout pre-MLP; tanh·sigmoi
 softmax; [values·mask, mask] RNA input; LayerNorm blocks). Steps are timed interleaved (jax, torch, jax, …)
 so machine load hits both alike; the median is reported. Achieved FLOP/s uses XLA's cost analysis of the
 compiled step (the analytic matmul count is reported beside it) against a jitted square matmul in the same
-process. JSON: jax_step_s, torch_step_s, speedup, matmul_fraction, and the details.
+process. The mmfm step runs twice: the default config (threefry dropout RNG: the same curve on any mesh) —
+that is `jax_step_s`/`speedup` — and `train.prng_impl=rbg` (`*_rbg`). JSON: jax_step_s, torch_step_s,
+speedup, matmul_fraction, and the details.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -162,12 +165,14 @@ def main(argv=None) -> int:
     host = random_batch(shapes, seed=0)
     host = {k: v for k, v in host.items() if k.startswith(("slide/", "rna/", "case_index"))}
 
-    ts, step, mesh = jax_step(shapes, mcfg, tcfg)
-    batch = sharding.global_batch(host, sharding.batch_sharding(mesh))
-    t0 = time.perf_counter()
-    compiled = step.lower(ts.state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
+    runs = {}  # the default config (threefry dropout RNG) and train.prng_impl=rbg
+    for impl in ("threefry2x32", "rbg"):
+        ts, step, mesh = jax_step(shapes, mcfg, dataclasses.replace(tcfg, prng_impl=impl))
+        batch = sharding.global_batch(host, sharding.batch_sharding(mesh))
+        t0 = time.perf_counter()
+        compiled = step.lower(ts.state, batch).compile()
+        runs[impl] = (ts, compiled, batch, time.perf_counter() - t0)
+    cost = runs["threefry2x32"][1].cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
@@ -177,9 +182,15 @@ def main(argv=None) -> int:
     tbatch = {k: torch.from_numpy(np.asarray(v)).to(dev) for k, v in host.items()}
     tstep = torch_step_fn(tmodel, tcfg)
 
-    def run_jax():
-        ts.state, m = compiled(ts.state, batch)
-        jax.block_until_ready(m["loss"])
+    def jax_runner(impl):
+        ts, compiled, batch, _ = runs[impl]
+
+        def run():
+            ts.state, m = compiled(ts.state, batch)
+            jax.block_until_ready(m["loss"])
+        return run
+
+    run_jax, run_rbg = jax_runner("threefry2x32"), jax_runner("rbg")
 
     def run_torch():
         tstep(tbatch)
@@ -188,14 +199,15 @@ def main(argv=None) -> int:
 
     for _ in range(2):
         run_jax()
+        run_rbg()
         run_torch()
-    jt, tt = [], []
+    jt, rt, tt = [], [], []
     for _ in range(a.steps):
-        for fn, acc in ((run_jax, jt), (run_torch, tt)):
+        for fn, acc in ((run_jax, jt), (run_rbg, rt), (run_torch, tt)):
             t = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t)
-    jax_s, torch_s = statistics.median(jt), statistics.median(tt)
+    jax_s, rbg_s, torch_s = statistics.median(jt), statistics.median(rt), statistics.median(tt)
     mm_n = a.matmul or (8192 if jax.default_backend() == "gpu" else 2048)
     mm = matmul_flops_per_s(mm_n, reps=5)
     flops = xla_flops or analytic_flops(shapes, mcfg)
@@ -204,7 +216,8 @@ def main(argv=None) -> int:
         "matmul_fraction": (flops / jax_s) / mm,
         "achieved_flop_s": flops / jax_s, "matmul_flop_s": mm, "matmul_n": mm_n,
         "step_flops_xla": xla_flops, "step_flops_analytic": analytic_flops(shapes, mcfg),
-        "jax_steps_s": jt, "torch_steps_s": tt, "jax_compile_s": compile_s,
+        "jax_rbg_step_s": rbg_s, "speedup_rbg": torch_s / rbg_s, "matmul_fraction_rbg": (flops / rbg_s) / mm,
+        "jax_steps_s": jt, "jax_rbg_steps_s": rt, "torch_steps_s": tt, "jax_compile_s": runs["threefry2x32"][3],
         "shapes": {"batch": a.batch, "tiles": a.tiles, "dim": a.dim, "genes": a.genes},
         "backend": jax.default_backend(), "torch_device": dev, "devices": len(jax.devices()),
         "torch_threads": torch.get_num_threads(),

@@ -254,3 +254,29 @@ def test_metrics_writer_jsonl_and_resume_truncation(tmp_path):
     assert metrics.read_jsonl(tmp_path / "eval.jsonl") == []
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1}) + "\n{\"step\": 2, \"lo")
     assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1}]  # torn last line
+
+
+# ----------------------------------------------------------------------------- held-out evaluation metrics
+
+def test_retrieval_recall_and_rankme_against_brute_force():
+    from mmfm.train import evaluate
+
+    rng = np.random.default_rng(0)
+    za = rng.standard_normal((30, 8))
+    zb = za + 0.8 * rng.standard_normal((30, 8))
+    got = evaluate.recall_at_k(za, zb, ks=(1, 5, 10))
+    sim = za @ zb.T
+    for k in (1, 5, 10):  # brute force: is i among the k highest of row i (stable order, i first on ties)?
+        want = np.mean([i in np.argsort(-sim[i], kind="stable")[:k] for i in range(30)])
+        assert got[k] == pytest.approx(want)
+    assert evaluate.recall_at_k(np.ones((4, 2)), np.ones((4, 2)), ks=(1, 4)) == {1: 0.0, 4: 1.0}  # ties count against
+    s = np.array([3.0, 1.0, 0.5])
+    p = s / s.sum() + 1e-7
+    z = np.linalg.qr(rng.standard_normal((10, 3)))[0] * s  # singular values s
+    assert evaluate.rankme(z) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert evaluate.eval_batch_size(12, 16, 8) == 8 and evaluate.eval_batch_size(5, 16, 8) == 0
+    # case embeddings: rows of one case averaged and re-normalised; absent rows and padding ignored
+    rows = {"slide": np.array([[1.0, 0], [0, 1.0], [5.0, 5.0], [0, 3.0]])}
+    cases = evaluate.case_embeddings(rows, {"slide": np.array([True, True, False, True])}, np.array([0, 0, 0, -1]))
+    np.testing.assert_allclose(cases["slide"][0], [2 ** -0.5, 2 ** -0.5])
+    assert set(cases["slide"]) == {0}

@@ -58,6 +58,8 @@ class TrainConfig:
     axis_rules: list[tuple[str, str | None]] = field(default_factory=lambda: _default_axis_rules())
     shard_min_size: int = 2 ** 16      # arrays with fewer elements stay replicated (cheaper than gathering)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    prng_impl: Literal["threefry2x32", "rbg"] = "threefry2x32"  # dropout RNG; rbg is ~2x cheaper on CPU/GPU
+    #                                    but its bits depend on the mesh (threefry: same curve on any mesh)
     progress: bool = True              # tqdm bar with ETA on process 0
     inject_nan_step: int = -1          # fault injection for tests: feed NaN tile features at this step
 

@@ -146,7 +146,7 @@ def build_module(cfg: RunConfig, shapes: BatchShapes, modalities) -> Callable[[]
     from mmfm.objectives import LogitParams
 
     def build():
-        rngs = nnx.Rngs(cfg.train.seed)
+        rngs = nnx.Rngs(jax.random.key(cfg.train.seed, impl=cfg.train.prng_impl))
         return TrainModule(MultimodalModel(cfg.model, shapes, rngs=rngs),
                            LogitParams(cfg.objective, tuple(modalities), rngs=rngs))
     return build
