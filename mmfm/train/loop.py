@@ -128,16 +128,17 @@ def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: i
 
 
 def objective_loss(cfg: RunConfig, mesh):
-    """The production loss: encoders → L2-normalised embeddings → multimodal objective."""
-    from mmfm.objectives import multimodal_loss
+    """The production loss: encoders → L2-normalised embeddings → multimodal objective.
 
-    sharded = mesh.size > 1
+    objective.impl 'gather'/'ring' run the objective inside shard_map over every device of the mesh
+    (the recipes' choice); 'global' leaves the cross-device gathers to XLA."""
+    from mmfm.objectives import multimodal_loss
 
     def loss_fn(module, batch):
         emb = module.model(batch, deterministic=False)
         present = {m: batch[f"{m}/present"] for m in emb}
         return multimodal_loss(emb, present, batch["case_index"], module.logit, cfg.objective,
-                               mesh=mesh if sharded else None, axis=BATCH_AXES)
+                               mesh=mesh, axis=BATCH_AXES)
     return loss_fn
 
 
