@@ -79,10 +79,14 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         per = got["loader"]["per_process"]
-        if len(per) != jax.process_count():
-            raise ValueError(f"{self.directory / str(step)}: saved by {len(per)} process(es), resuming with "
-                             f"{jax.process_count()}; loader state cannot be mapped")
-        return got["state"], per[jax.process_index()], got["meta"]
+        if len(per) == jax.process_count():
+            mine = per[jax.process_index()]
+        elif all(p == per[0] for p in per):  # step-addressed loader: the same state on every process
+            mine = per[0]
+        else:
+            raise ValueError(f"{self.directory / str(step)}: saved by {len(per)} process(es) with different "
+                             f"loader states, resuming with {jax.process_count()}; cannot map them")
+        return got["state"], mine, got["meta"]
 
     def restore_state(self, step: int, target):
         """Model/optimizer state only (inference on any process count)."""

@@ -269,12 +269,12 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
 
     step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
                               grad_accum=t.grad_accum)
-    evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh, modalities) \
-        if t.eval_every > 0 and held_ids else None
-    writer = MetricsWriter(out, t.steps, start, progress=t.progress)
     bsh = batch_sharding(mesh)
-    last, last_eval = {}, None
+    last, last_eval, evaluator, writer = {}, None, None, None
     try:
+        if t.eval_every > 0 and held_ids:
+            evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh, modalities)
+        writer = MetricsWriter(out, t.steps, start, progress=t.progress)
         it = iter(loader)
         tick = time.perf_counter()
         for s in range(start, t.steps):
@@ -308,7 +308,8 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
                 ckpt.save(step, ts.state, gather_json(loader.get_state()), {"seed": t.seed}, metrics=score)
             tick = time.perf_counter()  # evaluation and checkpointing are not training time
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
         loader.close()
         if evaluator is not None:
