@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=list(DEFAULT_N))
     p.add_argument("--alternate-max-n", type=int, default=16_000, help="largest N for the global-layer series")
     p.add_argument("--dense-n", type=int, nargs="*", default=list(DENSE_N), help="N for the dense contrast rows")
+    p.add_argument("--series", nargs="+", default=["local", "alternate", "dense"],
+                   choices=["local", "alternate", "dense"])
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--dim", type=int, default=1024)
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     series = (("local", args.n), ("alternate", [n for n in args.n if n <= args.alternate_max_n]),
               ("dense", args.dense_n))
     for layers, ns in series:
-        for n in ns:
+        for n in ns if layers in args.series else ():
             rows.append(run_one(n, layers, args))
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
