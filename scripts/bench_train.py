@@ -21,7 +21,6 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

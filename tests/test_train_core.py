@@ -2,14 +2,12 @@
 metrics. A tiny stand-in encoder (masked mean-pool + linear per modality) keeps these fast; the real
 model/loader/objective run end to end in test_train_loop.py."""
 
-import dataclasses
 import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from mmfm.data.batch import BatchShapes, random_batch
-from mmfm.train import config, loop, metrics, optim, sharding
+from mmfm.train import config, loop, metrics, sharding
 from mmfm.train.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]

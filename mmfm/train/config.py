@@ -58,8 +58,8 @@ class TrainConfig:
     axis_rules: list[tuple[str, str | None]] = field(default_factory=lambda: _default_axis_rules())
     shard_min_size: int = 2 ** 16      # arrays with fewer elements stay replicated (cheaper than gathering)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    prng_impl: Literal["threefry2x32", "rbg"] = "threefry2x32"  # dropout RNG; rbg is ~2x cheaper on CPU/GPU
-    #                                    but its bits depend on the mesh (threefry: same curve on any mesh)
+    prng_impl: Literal["threefry2x32", "rbg"] = "threefry2x32"  # dropout RNG: threefry gives the same curve on
+    #                                    any mesh; rbg can be cheaper (backend-dependent) but its bits depend on it
     progress: bool = True              # tqdm bar with ETA on process 0
     inject_nan_step: int = -1          # fault injection for tests: feed NaN tile features at this step
 
@@ -106,7 +106,6 @@ def _convert(value, tp, key: str):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
         return from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         if value is None and type(None) in args:
             return None
         for alt in args:
@@ -114,8 +113,8 @@ def _convert(value, tp, key: str):
                 continue
             try:
                 return _convert(value, alt, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} matches none of {' | '.join(_type_name(a) for a in args)}")
     if origin is Literal:
         if value not in args:
