@@ -1,6 +1,6 @@
 """Trainer building blocks: typed config, mesh + sharding rules, optimizer, sharded step, checkpoints,
-metrics. A tiny stand-in encoder (masked mean-pool + linear per modality) keeps these fast; the real
-model/loader/objective run end to end in test_train_loop.py."""
+metrics — on the real (tiny) MultimodalModel and objective with contract batches; the loader and the
+CLI run end to end in test_train_loop.py."""
 
 import json
 import math
@@ -13,7 +13,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mmfm.data.batch import BatchShapes, random_batch
-from mmfm.models.layers import Dense
+from mmfm.models import ModelConfig, MultimodalModel, SlideConfig
+from mmfm.models.abmil import ABMILConfig
+from mmfm.models.omics import OmicsConfig
 from mmfm.objectives import LogitParams, ObjectiveConfig, multimodal_loss
 from mmfm.train import checkpoint, config, metrics, optim, sharding
 from mmfm.train.loop import TrainModule, init_state, make_train_step
@@ -22,26 +24,14 @@ SHAPES = BatchShapes(batch_size=16, tiles_per_slide=8, feature_dim=32, n_genes=2
 MODS = ("slide", "rna")
 
 
-class StandIn(nnx.Module):
-    """Masked mean of tiles → Dense; RNA → Dense; both L2-normalised (real annotated mmfm layers)."""
-
-    def __init__(self, shapes, dim=256, *, rngs):
-        self.slide = Dense(shapes.feature_dim, dim, rngs=rngs)
-        self.rna = Dense(shapes.n_genes, dim, rngs=rngs)
-        self.drop = nnx.Dropout(0.1, rngs=rngs)
-
-    def __call__(self, batch, *, deterministic=True):
-        m = batch["slide/tile_mask"][..., None].astype(batch["slide/features"].dtype)
-        pooled = (batch["slide/features"] * m).sum(1) / jnp.maximum(m.sum(1), 1)
-        out = {"slide": self.drop(self.slide(pooled), deterministic=deterministic),
-               "rna": self.rna(batch["rna/values"])}
-        return {k: (v / jnp.linalg.norm(v, axis=-1, keepdims=True)).astype(jnp.float32) for k, v in out.items()}
+MODEL = ModelConfig(modalities=MODS, embed_dim=32, slide=SlideConfig(abmil=ABMILConfig(hidden=64, n_heads=2, attn_dim=16)),
+                    rna=OmicsConfig(hidden=32, n_layers=1))
 
 
 def build(seed=0):
     def f():
         rngs = nnx.Rngs(seed)
-        return TrainModule(StandIn(SHAPES, rngs=rngs), LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
+        return TrainModule(MultimodalModel(MODEL, SHAPES, rngs=rngs), LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
     return f
 
 
@@ -126,9 +116,11 @@ def test_logical_rules_table_and_fit():
     abstract = nnx.split(nnx.eval_shape(build()))[1]
     sh = sharding.state_shardings(abstract, mesh, config.TrainConfig().axis_rules, 64)
     specs = {sharding.leaf_path(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(sh)[0]}
-    assert specs["model/slide/kernel"] == P("fsdp", None)                 # "embed" side over fsdp
-    assert specs["model/slide/bias"] == P(None)                           # "hidden" replicated
-    assert specs["logit/log_t"] == P() and specs["model/drop/rngs/key"] == P()
+    assert specs["model/encoders/slide/pool/tanh_branch/kernel"] == P("fsdp", None)  # "embed" side over fsdp
+    assert specs["model/encoders/slide/pre/0/linear/kernel"] == P("fsdp", None)      # [32, 64]
+    assert specs["model/heads/slide/fc1/kernel"] == P("fsdp", None)                  # [128, 32]: Dense("embed", None)
+    assert specs["model/encoders/slide/pool/tanh_branch/bias"] == P()                # below shard_min_size
+    assert specs["logit/log_t"] == P() and specs["model/heads/slide/drop/rngs/key"] == P()
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -144,32 +136,27 @@ def test_schedule_and_decay_mask():
     module = build()()
     mask = optim.decay_mask(nnx.state(module, nnx.Param))
     flat = {sharding.leaf_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
-    assert flat["model/slide/kernel"] and not flat["model/slide/bias"]
+    assert flat["model/encoders/slide/pool/tanh_branch/kernel"] and not flat["model/encoders/slide/pool/tanh_branch/bias"]
     assert not flat["logit/log_t"] and not flat["logit/bias"]
 
 
 # ----------------------------------------------------------------------------- the sharded step
 
-def test_sharded_4x2_matches_one_device():
-    """Same first 3 losses on a data×fsdp (4×2) mesh as on one device (rel 1e-4), params really sharded."""
-    ts8, m8 = train_losses(mesh_of(4, 2))
-    _, m1 = train_losses(mesh_of(1, 1))
+def test_sharded_4x2_ring_matches_one_device():
+    """First 3 losses on a data×fsdp (4×2) mesh with the ring objective inside shard_map equal those of one
+    device with the global objective (rel 1e-4); parameters and moments really are sharded."""
+    ts8, m8 = train_losses(mesh_of(4, 2), impl="ring")
+    _, m1 = train_losses(mesh_of(1, 1), impl="global")
     for a, b in zip(m8, m1):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
     assert m8[0]["loss"] != m8[2]["loss"]  # it trains
     module, opt = nnx.merge(ts8.graphdef, ts8.state)
-    assert module.model.slide.kernel[...].sharding.spec == P("fsdp", None)
-    assert opt.opt_state[1][0].mu["model"]["slide"]["kernel"][...].sharding.spec == P("fsdp", None)
-    assert module.model.slide.bias[...].sharding.spec == P(None)
-
-
-def test_ring_objective_inside_step_matches_global():
-    mesh = mesh_of(4, 2)
-    _, ring = train_losses(mesh, n_steps=2, impl="ring")
-    _, glob = train_losses(mesh, n_steps=2, impl="global")
-    for a, b in zip(ring, glob):
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    kernel = module.model.encoders["slide"].pool.tanh_branch.kernel  # [64, 32]: "embed" side over fsdp
+    assert kernel[...].sharding.spec == P("fsdp", None)
+    mu = opt.opt_state[1][0].mu["model"]["encoders"]["slide"]["pool"]["tanh_branch"]["kernel"]
+    assert mu[...].sharding.spec == P("fsdp", None)
+    assert module.model.encoders["slide"].pool.tanh_branch.bias[...].sharding.spec == P()
 
 
 def test_grad_accum_equals_full_batch_for_a_row_mean_loss():
@@ -178,7 +165,7 @@ def test_grad_accum_equals_full_batch_for_a_row_mean_loss():
         emb = module.model(batch, deterministic=True)
         loss = jnp.mean(jnp.sum((emb["slide"] - emb["rna"]) ** 2, -1))
         return loss, {}
-    mesh = mesh_of(4, 2)
+    mesh = mesh_of(2, 1)
     ta, ma = train_losses(mesh, 2, config.TrainConfig(steps=10, warmup=0, lr=1e-2, grad_accum=2), loss=row_mean)
     tb, mb = train_losses(mesh, 2, config.TrainConfig(steps=10, warmup=0, lr=1e-2, grad_accum=1), loss=row_mean)
     for a, b in zip(ma, mb):
@@ -195,7 +182,7 @@ def test_grad_accum_equals_full_batch_for_a_row_mean_loss():
 
 def test_checkpoint_restores_onto_other_meshes_and_ignores_unfinished(tmp_path):
     tcfg = config.TrainConfig(keep_last=2, shard_min_size=64, async_checkpoint=True)
-    ts, _ = train_losses(mesh_of(4, 2), n_steps=1, tcfg=tcfg)
+    ts = init_state(build(), optim.make_optimizer(tcfg), mesh_of(4, 2), tcfg.axis_rules, tcfg.shard_min_size)
     want = [np.asarray(x) for x in jax.tree.leaves(ts.state) if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
     ck = checkpoint.Checkpointer(tmp_path, tcfg)
     ck.save(5, ts.state, [{"epoch": 0, "pos": 3}], {"seed": 0})
@@ -204,7 +191,7 @@ def test_checkpoint_restores_onto_other_meshes_and_ignores_unfinished(tmp_path):
     fake = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
     (fake / "state").mkdir(parents=True)
     (fake / "state" / "garbage").write_text("partial")
-    for mesh in (mesh_of(8, 1), mesh_of(2, 1), mesh_of(1, 1)):
+    for mesh in (mesh_of(8, 1), mesh_of(1, 1)):
         ts2 = init_state(build(seed=1), optim.make_optimizer(tcfg), mesh, tcfg.axis_rules, tcfg.shard_min_size)
         ck = checkpoint.Checkpointer(tmp_path, tcfg)
         assert ck.all_steps() == [5] and ck.latest_step() == 5
@@ -221,7 +208,7 @@ def test_checkpoint_restores_onto_other_meshes_and_ignores_unfinished(tmp_path):
 def test_checkpoint_keeps_last_n_plus_best(tmp_path):
     tcfg = config.TrainConfig(keep_last=1, best_metric="recall@1/slide->rna", async_checkpoint=False,
                               shard_min_size=64)
-    ts, _ = train_losses(mesh_of(8, 1), n_steps=1, tcfg=tcfg)
+    ts = init_state(build(), optim.make_optimizer(tcfg), mesh_of(8, 1), tcfg.axis_rules, tcfg.shard_min_size)
     ck = checkpoint.Checkpointer(tmp_path, tcfg)
     for step, r in ((1, 0.2), (2, 0.9), (3, 0.1), (4, None)):
         ck.save(step, ts.state, [{}], {}, metrics=None if r is None else {"recall@1/slide->rna": r})
