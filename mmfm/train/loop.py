@@ -395,12 +395,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from mmfm.data.cohort import CohortError
+
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
         cfg = load_config(args.config, args.set)
         res = pretrain(cfg, args.out, resume=args.resume)
     except ConfigError as e:
         print(f"mmfm pretrain: config error: {e}", file=sys.stderr)
+        return 2
+    except CohortError as e:
+        print(f"mmfm pretrain: cohort error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"mmfm pretrain: {e}", file=sys.stderr)
