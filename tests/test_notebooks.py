@@ -42,6 +42,6 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
 def test_probing_notebook_on_real_gse7390(tmp_path):
     execute("02_survival_mutation_probing.ipynb", tmp_path)
     res = pd.read_csv(tmp_path / "probing" / "gse7390" / "results.csv")
-    c = res[(res.metric == "c_index") & (res.embedding == "X")].value
-    assert len(c) and c.between(0.3, 0.95).all()
+    c = res[(res.metric == "c_index") & (res.embedding == "X")].value.dropna()  # a CoxNet fold may not converge
+    assert len(c) >= 4 and c.between(0.55, 0.95).all()  # 76 probes carry real prognostic signal
     assert (tmp_path / "probing" / "simulated" / "summary.md").exists()
