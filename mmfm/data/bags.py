@@ -36,6 +36,12 @@ class BagHeader:
     coord_attrs: dict[str, Any] = field(default_factory=dict)
     feature_attrs: dict[str, Any] = field(default_factory=dict)
     has_fragment: bool = False
+    root_attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def random_init(self) -> bool:
+        """Features from an encoder with random weights (`mmfm extract --random-init`): never real ones."""
+        return bool(self.root_attrs.get("random_init_weights", False))
 
 
 def _plain(v):
@@ -57,7 +63,8 @@ def read_header(path: str | os.PathLike) -> BagHeader:
         ps = cattrs.get("patch_size_level0")
         return BagHeader(path=path, n_tiles=int(n), dim=int(d), dtype=feats.dtype,
                          patch_size_level0=None if ps is None else int(ps),
-                         coord_attrs=cattrs, feature_attrs=fattrs, has_fragment="fragment" in f)
+                         coord_attrs=cattrs, feature_attrs=fattrs, has_fragment="fragment" in f,
+                         root_attrs={k: _plain(v) for k, v in f.attrs.items()})
 
 
 def write_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, *,

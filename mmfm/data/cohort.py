@@ -308,6 +308,9 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         rep.error(f"{where}: {p}", exclude=f"{where} (invalid bag)")
     if problems:
         return None
+    if hdr.random_init:
+        rep.warn(f"{where}: features come from a RANDOMLY INITIALISED tile encoder (random_init_weights=True); "
+                 "they are for testing pipelines, not for results")
     enc = hdr.feature_attrs.get("encoder")
     if spec is not None and enc is not None and str(enc) != spec.encoder_name:
         rep.warn(f"{where}: features attr encoder={enc!r} differs from cohort.yaml tile_encoder.name "
