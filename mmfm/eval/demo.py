@@ -35,7 +35,7 @@ HEADLINE = {  # (task type, metric) → column label of the printed table
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo_out"
-    cases: int = 400
+    cases: int = 500
     seed: int = 0
     steps: int | None = None           # default: configs/demo.yaml's train.steps
     overrides: tuple[str, ...] = ()    # extra `--set key=value` for the pretraining config
