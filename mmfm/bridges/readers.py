@@ -123,26 +123,26 @@ def _float_or_none(v) -> float | None:
     return f if math.isfinite(f) and f > 0 else None
 
 
+def _mpp(props, prefix: str) -> float | None:
+    """Level-0 µm/px: the mean of x and y when both are given, else whichever is."""
+    mx, my = _float_or_none(props.get(f"{prefix}.mpp-x")), _float_or_none(props.get(f"{prefix}.mpp-y"))
+    return (mx + my) / 2 if mx and my else (mx or my)
+
+
 def _open_openslide(path: Path) -> SlideReader:
     import openslide
 
     s = openslide.OpenSlide(str(path))
-    props = s.properties
-    mx, my = _float_or_none(props.get("openslide.mpp-x")), _float_or_none(props.get("openslide.mpp-y"))
-    mpp = (mx + my) / 2 if mx and my else (mx or my)
     return SlideReader(path, "openslide", tuple(s.level_dimensions), tuple(float(d) for d in s.level_downsamples),
-                       mpp, s)
+                       _mpp(s.properties, "openslide"), s)
 
 
 def _open_tiffslide(path: Path) -> SlideReader:
     import tiffslide
 
     s = tiffslide.TiffSlide(str(path))
-    props = s.properties
-    mx, my = _float_or_none(props.get("tiffslide.mpp-x")), _float_or_none(props.get("tiffslide.mpp-y"))
-    mpp = (mx + my) / 2 if mx and my else (mx or my)
     return SlideReader(path, "tiffslide", tuple(s.level_dimensions), tuple(float(d) for d in s.level_downsamples),
-                       mpp, _TiffSlideHandle(s))
+                       _mpp(s.properties, "tiffslide"), _TiffSlideHandle(s))
 
 
 class _TiffSlideHandle:
