@@ -92,7 +92,8 @@ class HeldOutEvaluator:
     def __init__(self, cohort, cfg, heldout_ids, train_loader, ts, mesh, modalities):
         from mmfm.data.loader import TileBagLoader
 
-        ids = sorted(heldout_ids)[: cfg.data.eval_max_cases]
+        usable = cohort.presence()[list(modalities)].any(axis=1)  # the loader skips cases with none of them
+        ids = sorted(c for c in heldout_ids if usable.get(c, False))[: cfg.data.eval_max_cases]
         self.batch_size = eval_batch_size(len(ids), cfg.loader.batch_size, mesh.size)
         if self.batch_size == 0:
             raise ValueError(f"data.heldout_fraction: {len(ids)} held-out cases cannot fill one batch on "
