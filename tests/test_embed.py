@@ -61,14 +61,18 @@ def test_embed_a_trained_run(tmp_path):
     from mmfm.train.config import load_config
     from mmfm.train.loop import load_for_inference, pretrain
 
-    cohort_dir = simulate_cohort(tmp_path / "c", SimConfig(n_cases=24, seed=3, feature_dim=32, bag_size_median=40,
+    cohort_dir = simulate_cohort(tmp_path / "c", SimConfig(n_cases=48, seed=3, feature_dim=32, bag_size_median=40,
                                                            bag_size_max=300, n_genes=80, n_proteins=8,
-                                                           multi_slide_rate=0.5))
+                                                           multi_slide_rate=0.5, missing_slide=0.4,
+                                                           missing_rna=0.4, missing_protein=0.8))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
-        f"data.cohort={cohort_dir}", "train.steps=2", "train.eval_every=0", "train.ckpt_every=2",
+        f"data.cohort={cohort_dir}", "train.steps=2", "train.eval_every=2", "train.ckpt_every=2",
         "train.progress=false", "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32",
-        "data.heldout_fraction=0.25"])
-    pretrain(cfg, tmp_path / "run")
+        "data.heldout_fraction=0.5"])
+    pretrain(cfg, tmp_path / "run")  # held-out evaluation must skip cases that have none of the run's modalities
+    held = json.loads((tmp_path / "run" / "splits.json").read_text())["heldout"]
+    none = ~Cohort.open(cohort_dir).presence().loc[held, ["slide", "rna", "protein"]].any(axis=1)
+    assert none.any()  # the case this exercises
     cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad")
     cohort = Cohort.open(cohort_dir)
 
