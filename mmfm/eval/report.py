@@ -6,6 +6,7 @@ Plots use matplotlib's object API (`Figure` + Agg canvas), so nothing depends on
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,9 @@ def plot_embedding(x: np.ndarray, bio, site, path: Path, *, title: str, method: 
     if method == "umap":
         import umap
 
-        xy = umap.UMAP(n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=seed).fit_transform(x)
+        with warnings.catch_warnings():  # umap warns that a seed forces one thread: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            xy = umap.UMAP(n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=seed).fit_transform(x)
     elif method == "pca":
         xc = x - x.mean(0)
         xy = xc @ np.linalg.svd(xc, full_matrices=False)[2][:2].T
