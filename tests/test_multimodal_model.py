@@ -132,3 +132,13 @@ def test_report_modality_uses_the_pretrained_text_encoder():
     assert z.shape == (2, 8) and z.dtype == jnp.float32
     pooled = model.encoders["report"](ids, mask)
     np.testing.assert_allclose(z, model.heads["report"](pooled), atol=1e-6)
+
+
+def test_norms_before_normalisation_are_returned_for_diagnostics():
+    model = MultimodalModel(tiny_config(), SHAPES, rngs=nnx.Rngs(3))
+    batch = random_batch(SHAPES, seed=2)
+    emb, norms = model(batch, with_norms=True)
+    for m in emb:
+        raw = np.asarray(model.encode(m, batch, normalize=False))
+        np.testing.assert_allclose(np.asarray(norms[m]), np.linalg.norm(raw, axis=-1), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(emb[m]), raw / np.linalg.norm(raw, axis=-1, keepdims=True), atol=1e-5)

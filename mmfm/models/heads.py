@@ -33,9 +33,10 @@ class ProjectionHead(nnx.Module):
             self.fc1, self.fc2 = Dense(din, dout, ("embed", None), rngs=rngs), None
         self.drop = nnx.Dropout(dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, normalize: bool = True) -> jax.Array:
+        """Unit vectors in the shared space; `normalize=False` gives the raw projection (fp32)."""
         x = self.drop(x, deterministic=deterministic)
         y = self.fc1(x)
         if self.fc2 is not None:
             y = self.fc2(nnx.gelu(y))
-        return l2_normalize(y)
+        return l2_normalize(y) if normalize else y.astype(jnp.float32)

@@ -18,7 +18,7 @@ from mmfm import MODALITIES
 from mmfm.data.batch import BatchShapes, present_key
 from mmfm.models.abmil import ABMIL
 from mmfm.models.config import ModelConfig, SlideConfig
-from mmfm.models.heads import ProjectionHead
+from mmfm.models.heads import ProjectionHead, l2_normalize
 from mmfm.models.layers import compute_dtype
 from mmfm.models.omics import build_omics_encoder
 from mmfm.models.slide import SlideOutput
@@ -74,24 +74,30 @@ class MultimodalModel(nnx.Module):
         self.encoders = nnx.data(encoders)
         self.heads = nnx.data(heads)
 
-    def __call__(self, batch: dict, *, deterministic: bool = True) -> dict[str, jax.Array]:
-        return {m: self.encode(m, batch, deterministic=deterministic)
-                for m in self.modalities if present_key(m) in batch}
+    def __call__(self, batch: dict, *, deterministic: bool = True, with_norms: bool = False):
+        """{modality: [B, E] unit vectors}; with `with_norms`, also {modality: [B] norms before normalising}
+        (a diagnostic the objective logs: collapsing or exploding projections show there first)."""
+        raw = {m: self.encode(m, batch, deterministic=deterministic, normalize=False)
+               for m in self.modalities if present_key(m) in batch}
+        emb = {m: l2_normalize(v) for m, v in raw.items()}
+        if not with_norms:
+            return emb
+        return emb, {m: jnp.sqrt(jnp.sum(jax.lax.stop_gradient(v) ** 2, axis=-1)) for m, v in raw.items()}
 
-    def encode(self, modality: str, batch: dict, *, deterministic: bool = True) -> jax.Array:
-        """[B, embed_dim] fp32 unit vectors for one modality of a contract batch."""
+    def encode(self, modality: str, batch: dict, *, deterministic: bool = True, normalize: bool = True) -> jax.Array:
+        """[B, embed_dim] fp32 unit vectors (raw projections if not `normalize`) for one modality of a batch."""
         args = [batch.get(f"{modality}/{k}") for k in INPUTS[modality][0]]
         if modality == "slide":
-            return self.encode_slide(*args, deterministic=deterministic).embedding
+            return self.encode_slide(*args, deterministic=deterministic, normalize=normalize).embedding
         raw = self.encoders[modality](*args, deterministic=deterministic)
-        return self.heads[modality](raw.astype(self.dtype), deterministic=deterministic)
+        return self.heads[modality](raw.astype(self.dtype), deterministic=deterministic, normalize=normalize)
 
     def encode_slide(self, features, coords, mask, fragment=None, *, deterministic: bool = True,
-                     project: bool = True) -> SlideOutput:
+                     project: bool = True, normalize: bool = True) -> SlideOutput:
         """Slide encoder on bags of any N; `project=False` keeps the encoder's own embedding (fp32)."""
         out = self.encoders["slide"](features, coords, mask, fragment, deterministic=deterministic)
         emb = out.embedding.astype(jnp.float32)
         if project:
-            emb = self.heads["slide"](emb.astype(self.dtype), deterministic=deterministic)
+            emb = self.heads["slide"](emb.astype(self.dtype), deterministic=deterministic, normalize=normalize)
         return out._replace(embedding=emb)
 

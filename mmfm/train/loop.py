@@ -135,10 +135,10 @@ def objective_loss(cfg: RunConfig, mesh):
     from mmfm.objectives import multimodal_loss
 
     def loss_fn(module, batch):
-        emb = module.model(batch, deterministic=False)
+        emb, norms = module.model(batch, deterministic=False, with_norms=True)
         present = {m: batch[f"{m}/present"] for m in emb}
         return multimodal_loss(emb, present, batch["case_index"], module.logit, cfg.objective,
-                               mesh=mesh, axis=BATCH_AXES)
+                               mesh=mesh, axis=BATCH_AXES, norms=norms)
     return loss_fn
 
 
