@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm.models.layers import Dense, MLPBlock, param
+from mmfm.models.layers import Dense, Dropout, MLPBlock, param
 from mmfm.models.slide import SlideOutput
 
 
@@ -46,7 +46,7 @@ class GatedAttentionPool(nnx.Module):
         self.tanh_branch = Dense(dim, n_heads * attn_dim, ("embed", "heads"), rngs=rngs)
         self.gate_branch = Dense(dim, n_heads * attn_dim, ("embed", "heads"), rngs=rngs)
         self.score = param(rngs, nnx.initializers.lecun_normal(), (n_heads, attn_dim), ("heads", None))
-        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.drop = Dropout(dropout, rngs=rngs)
         self.n_heads, self.attn_dim = n_heads, attn_dim
 
     def __call__(self, h: jax.Array, mask: jax.Array, *, deterministic: bool = True):

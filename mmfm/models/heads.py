@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfm.models.layers import Dense
+from mmfm.models.layers import Dense, Dropout
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -31,7 +31,7 @@ class ProjectionHead(nnx.Module):
             self.fc2 = Dense(hidden, dout, ("hidden", None), rngs=rngs)
         else:
             self.fc1, self.fc2 = Dense(din, dout, ("embed", None), rngs=rngs), None
-        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.drop = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, normalize: bool = True) -> jax.Array:
         """Unit vectors in the shared space; `normalize=False` gives the raw projection (fp32)."""

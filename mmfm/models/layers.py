@@ -70,6 +70,40 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+class Dropout(nnx.Dropout):
+    """Inverted dropout whose mask costs a quarter of nnx.Dropout's random numbers.
+
+    nnx.Dropout draws one 32-bit threefry word per element; here each word is split into four bytes
+    and an element is kept iff its byte ≥ round(rate·256) — 2.4× faster masks on CPU, where dropout
+    was ~30% of the ABMIL train step. The rate is thus quantised to 1/256 (0.1 → 0.1016) and kept
+    values are scaled by the exact keep fraction, so the layer stays unbiased.
+    """
+
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        stream = rngs if rngs is not None else self.rngs
+        if isinstance(stream, nnx.Rngs):
+            key = stream[self.rng_collection]()
+        elif isinstance(stream, jax.Array):
+            key = stream
+        else:
+            key = stream()
+        threshold = round(self.rate * 256)
+        shape = inputs.shape
+        if shape and shape[-1] % 4 == 0:  # keep the array's layout: bytes of one word sit on the last axis
+            words = jax.random.bits(key, shape[:-1] + (shape[-1] // 4,), jnp.uint32)
+            u8 = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)
+        else:
+            words = jax.random.bits(key, (-(-inputs.size // 4),), jnp.uint32)
+            u8 = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: inputs.size].reshape(shape)
+        scale = jnp.asarray(256.0 / (256 - threshold), inputs.dtype)
+        return jnp.where(u8 >= threshold, inputs * scale, jnp.zeros_like(inputs))
+
+
 class MLPBlock(nnx.Module):
     """Linear → (LayerNorm) → activation → Dropout: the unit of every MLP encoder here."""
 
@@ -78,7 +112,7 @@ class MLPBlock(nnx.Module):
         self.linear = Dense(din, dout, names, rngs=rngs)
         self.norm = LayerNorm(dout, names[1], rngs=rngs) if layer_norm else None
         self.act = activation(act)
-        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.drop = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         x = self.linear(x)

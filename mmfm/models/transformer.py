@@ -24,7 +24,7 @@ from flax import nnx
 
 from mmfm.models.abmil import GatedAttentionPool
 from mmfm.models.attention import IMPLS, attention
-from mmfm.models.layers import Dense, LayerNorm, masked_mean, param
+from mmfm.models.layers import Dense, Dropout, LayerNorm, masked_mean, param
 from mmfm.models.rope import apply_rope, rope_angles
 from mmfm.models.slide import SlideOutput
 
@@ -74,7 +74,7 @@ class Block(nnx.Module):
         self.out = Dense(w, w, ("heads", "embed"), rngs=rngs)
         self.fc1 = Dense(w, hidden, ("embed", "hidden"), rngs=rngs)
         self.fc2 = Dense(hidden, w, ("hidden", "embed"), rngs=rngs)
-        self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.drop = Dropout(cfg.dropout, rngs=rngs)
         self.n_heads, self.impl, self.block_q, self.block_k = cfg.n_heads, cfg.attn_impl, cfg.block_q, cfg.block_k
         self.mlp_chunk = cfg.mlp_chunk
 
