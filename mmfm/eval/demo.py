@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmfm.io import write_text
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "demo.yaml"
 TASKS = REPO / "configs" / "tasks" / "demo.yaml"
@@ -123,7 +125,7 @@ def demo(cfg: DemoConfig = DemoConfig()) -> dict:
             "Chance level of recall@5:", "", markdown_table(chance) if len(chance) else "-", "",
             f"Full results: `{(out / 'report' / 'summary.md')}`" + (f"; training curves: `{curves}`" if curves else ""),
             f"Total time: {time.perf_counter() - t0:.0f}s"]
-    (out / "report" / "README.md").write_text("\n".join(text) + "\n")
+    write_text(out / "report" / "README.md", "\n".join(text) + "\n")
     print("\n".join(text))
     return {"table": table, "summary": res.summary, "run_dir": run_dir, "report": out / "report"}
 
