@@ -1,6 +1,5 @@
 """The report-text encoder reproduces the real pretrained MiniLM-L6 (PyTorch/transformers) in Flax NNX."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

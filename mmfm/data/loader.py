@@ -167,6 +167,17 @@ class CaseTensors:
     names: dict[str, list[str]]        # 'rna' genes, 'protein' markers, 'mutation' genes (columns)
 
 
+def case_presence(cohort, case_ids: list[str], modalities) -> dict[str, np.ndarray]:
+    """modality -> [n] bool for `case_ids`: what the loader, held-out evaluation and `mmfm embed` agree a case
+    has (a slide counts only if its bag has ≥ 1 tile)."""
+    presence = cohort.presence()
+    out = {m: presence[m].reindex(case_ids, fill_value=False).to_numpy(bool) for m in modalities}
+    if "slide" in out:
+        tiled = cohort.slides.loc[cohort.slides["n_tiles"] > 0, "case_id"].astype(str).to_numpy()
+        out["slide"] &= np.isin(case_ids, tiled)
+    return out
+
+
 def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, transforms: dict | None = None,
                  present: dict[str, np.ndarray] | None = None) -> CaseTensors:
     """Omics / report / mutation tensors of `case_ids`, computed once (the loader and `mmfm embed` share it).
@@ -175,9 +186,7 @@ def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, transforms: dic
     (modality -> [n] bool) defaults to `cohort.presence()`; modalities absent from `present` are skipped.
     """
     if present is None:
-        pres = cohort.presence()
-        present = {m: pres[m].reindex(case_ids, fill_value=False).to_numpy(bool)
-                   for m in cfg.modalities if m != "slide" and m in pres}
+        present = case_presence(cohort, case_ids, [m for m in cfg.modalities if m != "slide"])
     dense: dict[str, np.ndarray] = {}
     transforms = dict(transforms or {})
     names: dict[str, list[str]] = {}
@@ -234,7 +243,6 @@ class TileBagLoader:
         if len(set(case_ids)) != len(case_ids):
             raise ValueError(f"{cohort.root}: case_ids contain duplicates")
 
-        presence = cohort.presence()
         slides = cohort.slides[cohort.slides["n_tiles"] > 0]
         available = {"slide": len(slides) > 0, "rna": cohort.rna is not None,
                      "protein": cohort.protein is not None, "report": cohort.reports is not None,
@@ -243,11 +251,7 @@ class TileBagLoader:
         missing = [m for m in cfg.modalities if not available[m]]
         if missing:
             log.warning("%s: cohort has no %s; not emitted", cohort.root, ", ".join(missing))
-        has_slide = presence["slide"].reindex(case_ids, fill_value=False).to_numpy(bool)
-        has_slide &= np.isin(case_ids, slides["case_id"].astype(str).to_numpy())
-        present = {m: (has_slide if m == "slide" else
-                       presence[m].reindex(case_ids, fill_value=False).to_numpy(bool))
-                   for m in self.modalities}
+        present = case_presence(cohort, case_ids, self.modalities)
         keep = np.logical_or.reduce([present[m] for m in self.modalities]) if self.modalities \
             else np.zeros(len(case_ids), bool)
         self.skipped_cases = [c for c, k in zip(case_ids, keep) if not k]

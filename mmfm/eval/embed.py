@@ -147,13 +147,12 @@ def _slide_encoders(model, run_cfg, shapes, cfg: EmbedConfig) -> dict[str, Calla
 
 def _other_modalities(model, cohort, run_cfg, transforms, case_ids: list[str], cfg: EmbedConfig) -> dict[str, np.ndarray]:
     """Projected embeddings of rna / protein / report / mutation per case (NaN where absent)."""
-    from mmfm.data.loader import case_tensors
+    from mmfm.data.loader import case_presence, case_tensors
 
     mods = [m for m in model.modalities if m != "slide"]
     if not mods:
         return {}
-    pres = cohort.presence()
-    present = {m: pres[m].reindex(case_ids, fill_value=False).to_numpy(bool) for m in mods}
+    present = case_presence(cohort, case_ids, mods)
     tensors = case_tensors(cohort, case_ids, run_cfg.loader, transforms, present=present).dense
     graphdef, state = nnx.split(model)
 

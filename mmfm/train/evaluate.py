@@ -90,10 +90,11 @@ class HeldOutEvaluator:
     """
 
     def __init__(self, cohort, cfg, heldout_ids, train_loader, ts, mesh, modalities):
-        from mmfm.data.loader import TileBagLoader
+        from mmfm.data.loader import TileBagLoader, case_presence
 
-        usable = cohort.presence()[list(modalities)].any(axis=1)  # the loader skips cases with none of them
-        ids = sorted(c for c in heldout_ids if usable.get(c, False))[: cfg.data.eval_max_cases]
+        ids = sorted(heldout_ids)
+        present = case_presence(cohort, ids, modalities)  # the loader skips cases with none of them
+        ids = [c for i, c in enumerate(ids) if any(p[i] for p in present.values())][: cfg.data.eval_max_cases]
         self.batch_size = eval_batch_size(len(ids), cfg.loader.batch_size, mesh.size)
         if self.batch_size == 0:
             raise ValueError(f"data.heldout_fraction: {len(ids)} held-out cases cannot fill one batch on "
