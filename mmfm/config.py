@@ -1,0 +1,165 @@
+"""One configuration system: typed dataclasses, decoded by draccus from YAML, dicts and the command line.
+
+Every command, recipe and task file goes through these functions, so a YAML key, a `--a.b=c` flag and a
+`--set a.b=c` override all come from the same dataclass field (its type, its default, its comment as help).
+Unknown or mistyped keys are a `ConfigError` naming the dotted key (and the file, when there is one).
+Values are parsed as YAML (`yaml.safe_load`), never `eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import draccus
+import yaml
+from draccus.utils import DecodingError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file, override or flag that does not match the typed schema; the message names the key."""
+
+
+def _message(e: Exception) -> str:
+    text = str(e).strip()
+    return text.replace("`", "") if text else type(e).__name__
+
+
+def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
+    """Build dataclass `cls` from a mapping (YAML-loaded); unknown keys and wrong types name the dotted key."""
+    raw = {} if raw is None else raw
+    prefix = f"{where}: " if where else ""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}expected a mapping for {cls.__name__}, got {type(raw).__name__} {raw!r}")
+    try:
+        return draccus.decode(cls, raw)
+    except DecodingError as e:
+        raise ConfigError(prefix + _message(e)) from e
+    except (TypeError, ValueError) as e:  # the dataclasses' own __post_init__ checks
+        raise ConfigError(prefix + _message(e)) from e
+
+
+def to_dict(cfg) -> dict:
+    """Plain YAML-able dict (tuples become lists), field order kept."""
+    def plain(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def dump(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def apply_override(raw: dict, assignment: str) -> dict:
+    """Apply one `a.b.c=value` override in place; the value is parsed by yaml.safe_load."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip().removeprefix("--")
+    parts = key.split(".")
+    if not sep or not key or any(not p for p in parts):
+        raise ConfigError(f"override {assignment!r}: expected a.b.c=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse {text!r}: {e}") from e
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+    return raw
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """YAML file (optional) + `a.b=value` overrides → a checked `cls`; errors name the file and dotted key."""
+    raw = read_yaml(path) if path is not None else {}
+    for o in overrides:
+        apply_override(raw, o)
+    return decode(cls, raw, str(path) if path is not None else "")
+
+
+def cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split a command line into (YAML path, dotted overrides).
+
+    Accepted forms, all equivalent: `--a.b=c`, `--a.b c`, `--set a.b=c`; `--config FILE` (or draccus's
+    `--config_path FILE`) names the YAML file. Flags are spelled with `_` or `-` alike.
+    """
+    path, out, i, argv = None, [], 0, list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r} (flags look like --key=value)")
+        name, eq, value = a[2:].partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, i = nxt, i + 1
+            elif name not in ("set", "config", "config_path"):
+                value = "true"  # a bare flag is a boolean switch: --resume
+            else:
+                raise ConfigError(f"--{name}: needs a value")
+        if name in ("config", "config_path"):
+            path = value
+        elif name == "set":
+            out.append(value)
+        else:
+            out.append(f"{name.replace('-', '_')}={value}")
+        i += 1
+    return path, out
+
+
+def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | None = None) -> T:
+    """A command's dataclass from its flags (see `cli_args`); `base` is a default YAML under the user's file."""
+    path, overrides = cli_args(argv)
+    raw = read_yaml(base) if base is not None else {}
+    if path is not None:
+        raw = _merge(raw, read_yaml(path))
+    for o in overrides:
+        apply_override(raw, o)
+    return decode(cls, raw, str(path) if path is not None else "")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def help_text(cls: type, prog: str, description: str) -> str:
+    """`--help`: the command's paragraph and example, then every field with its type, default and comment."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        draccus.parse(cls, args=["--help"], prog=prog)
+    return description.strip() + "\n\n" + buf.getvalue()
+
+
+def fail(prog: str, e: Exception) -> int:
+    """A user error: one line on stderr naming the file / key, exit code 2 (never a traceback)."""
+    print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+    return 2
