@@ -9,13 +9,14 @@ Values are parsed as YAML (`yaml.safe_load`), never `eval`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Sequence, TypeVar
 
 import draccus
 import yaml
-from draccus.utils import DecodingError
+from draccus.utils import DecodingError, ParsingError
 
 T = TypeVar("T")
 
@@ -25,8 +26,14 @@ class ConfigError(ValueError):
 
 
 def _message(e: Exception) -> str:
-    text = str(e).strip()
-    return text.replace("`", "") if text else type(e).__name__
+    """draccus's message, with unknown fields spelled as full dotted keys (`train.lrr`, not `lrr`)."""
+    text = str(e).strip().replace("`", "")
+    m = re.match(r"^(?:(\S+): )?The fields (.+) are not valid for (\w+)$", text)
+    if m:
+        where, names, cls = m.groups()
+        keys = ", ".join(f"{where}.{n.strip()}" if where else n.strip() for n in names.split(","))
+        return f"unknown config key(s) {keys} (not fields of {cls})"
+    return text or type(e).__name__
 
 
 def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
@@ -39,8 +46,9 @@ def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
         return draccus.decode(cls, raw)
     except DecodingError as e:
         raise ConfigError(prefix + _message(e)) from e
-    except (TypeError, ValueError) as e:  # the dataclasses' own __post_init__ checks
-        raise ConfigError(prefix + _message(e)) from e
+    except (ParsingError, TypeError, ValueError) as e:  # the dataclasses' own __post_init__ checks
+        cause = e.__cause__ or e.__context__ if isinstance(e, ParsingError) else e
+        raise ConfigError(prefix + _message(cause or e)) from e
 
 
 def to_dict(cfg) -> dict:
@@ -100,12 +108,16 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     return decode(cls, raw, str(path) if path is not None else "")
 
 
-def cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+def cli_args(argv: Sequence[str], aliases: dict[str, str] | None = None,
+             set_prefix: str = "") -> tuple[str | None, list[str]]:
     """Split a command line into (YAML path, dotted overrides).
 
     Accepted forms, all equivalent: `--a.b=c`, `--a.b c`, `--set a.b=c`; `--config FILE` (or draccus's
-    `--config_path FILE`) names the YAML file. Flags are spelled with `_` or `-` alike.
+    `--config_path FILE`) names the YAML file. Flags are spelled with `_` or `-` alike; a bare `--flag` is
+    true and a bare `--no-flag` false. `aliases` maps a short flag to its dotted key (`cases` → `n_cases`);
+    `set_prefix` puts `--set` overrides under a sub-config (the demo's `recipe.`).
     """
+    aliases = aliases or {}
     path, out, i, argv = None, [], 0, list(argv)
     while i < len(argv):
         a = argv[i]
@@ -116,23 +128,27 @@ def cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is not None and not nxt.startswith("--"):
                 value, i = nxt, i + 1
-            elif name not in ("set", "config", "config_path"):
-                value = "true"  # a bare flag is a boolean switch: --resume
-            else:
+            elif name in ("set", "config", "config_path"):
                 raise ConfigError(f"--{name}: needs a value")
+            elif name.startswith("no-") or name.startswith("no_"):
+                name, value = name[3:], "false"
+            else:
+                value = "true"
         if name in ("config", "config_path"):
             path = value
         elif name == "set":
-            out.append(value)
+            out.append(set_prefix + value)
         else:
-            out.append(f"{name.replace('-', '_')}={value}")
+            key = name.replace("-", "_")
+            out.append(f"{aliases.get(key, key)}={value}")
         i += 1
     return path, out
 
 
-def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | None = None) -> T:
+def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | None = None,
+              aliases: dict[str, str] | None = None, set_prefix: str = "") -> T:
     """A command's dataclass from its flags (see `cli_args`); `base` is a default YAML under the user's file."""
-    path, overrides = cli_args(argv)
+    path, overrides = cli_args(argv, aliases, set_prefix)
     raw = read_yaml(base) if base is not None else {}
     if path is not None:
         raw = _merge(raw, read_yaml(path))

@@ -76,7 +76,7 @@ cases
     """md:## 4. Probes with the field's protocols (Patho-Bench-compatible), baselines side by side""",
     """
 from mmfm.eval.probe import probe
-from mmfm.eval.demo import headline_table
+from mmfm.eval.report import headline_table
 
 tasks = "../configs/tasks/demo.yaml" if Path("../configs").exists() else "configs/tasks/demo.yaml"
 res = probe(OUT / "embeddings.h5ad", tasks, OUT / "report", n_bootstrap=20 if SMALL else 100)

@@ -12,14 +12,12 @@ redone; `--shard i/n` takes every n-th slide of the sorted list; a slide that fa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -27,7 +25,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from mmfm.bridges.encoders import (PRECISIONS, REGISTRY, EncoderError, TileEncoder, autocast_dtype, encode,
+from mmfm.bridges.encoders import (TileEncoder, autocast_dtype, encode,
                                    get_spec, load_encoder, weights_source)
 from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
@@ -38,22 +36,24 @@ from mmfm.io import atomic_path, write_json, write_text
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    wsi_dir: Path
-    out: Path
-    encoder: str
-    weights: Path | None = None
-    random_init: bool = False
-    mag: float = 20.0
-    patch_size: int = 256
-    mpp: float | None = None  # level-0 µm/px for slides whose files carry none (plain images)
-    shard: tuple[int, int] = (0, 1)
-    workers: int = 0
-    batch_size: int = 64
-    case_map: Path | None = None  # CSV with slide_id, case_id
-    device: str = "auto"
-    precision: str = "auto"
+    """Whole-slide images → TRIDENT tile-feature bags in a cohort directory."""
+
+    wsi_dir: Path                     # folder of slides (SVS, NDPI, MRXS, TIFF, PNG, …)
+    out: Path                         # cohort directory to create or update
+    encoder: str                      # tile encoder name (uni, uni2-h, virchow2, h-optimus-0, conch-v1.5, vit-test, …)
+    weights: Path | None = None       # weights file (.safetensors or a torch state dict); never downloaded
+    random_init: bool = False         # untrained weights (tests only; flagged in the bags)
+    mag: float = 20.0                 # target magnification (20 = 0.5 µm/px)
+    patch_size: int = 256             # tile size in px at the target magnification
+    mpp: float | None = None          # level-0 µm/px for slides whose files carry none (plain images)
+    shard: str = "0/1"                # i/n: this job's share of the sorted slides
+    workers: int = 2                  # tile-reading worker processes (0 = in-process)
+    batch_size: int = 64              # tiles per encoder call
+    case_map: Path | None = None      # CSV with slide_id, case_id (default: case_id = slide stem)
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype; auto: the encoder's own on GPU
     tissue: TissueConfig = field(default_factory=TissueConfig)
-    progress: bool = True
+    progress: bool = True             # progress bar per slide
 
 
 @dataclass
@@ -91,9 +91,9 @@ def shard_of(items: list, shard: tuple[int, int]) -> list:
 
 def parse_shard(text: str) -> tuple[int, int]:
     try:
-        i, n = (int(x) for x in text.split("/"))
+        i, n = (int(x) for x in str(text).split("/"))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 0/4") from e
+        raise ValueError(f"shard {text!r}: expected i/n, e.g. 0/4") from e
     shard_of([], (i, n))
     return i, n
 
@@ -206,7 +206,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     spec = get_spec(cfg.encoder)
     case_map = read_case_map(cfg.case_map)
-    slides = shard_of(list_slides(Path(cfg.wsi_dir)), cfg.shard)
+    slides = shard_of(list_slides(Path(cfg.wsi_dir)), parse_shard(cfg.shard))
     ensure_cohort_yaml(out, cfg, spec.dim)
     t_start = time.time()
     source = encoder.weights if encoder is not None else weights_source(spec, cfg.weights, cfg.random_init)
@@ -244,7 +244,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
     failed = [s for s, r in results.items() if r.status == "failed"]
     update_tables(out, done, failed, case_map)
-    i, n = cfg.shard
+    i, n = parse_shard(cfg.shard)
     summary = {
         "shard": f"{i}/{n}", "encoder": cfg.encoder, "weights": encoder.weights if encoder else None,
         "random_init_weights": bool(encoder.random_init) if encoder else None,
@@ -319,44 +319,3 @@ def _write_slide_bag(out: Path, plan: SlidePlan, features: np.ndarray, encoder: 
               feature_attrs={"name": plan.slide_id, "weights": encoder.weights, "arch": encoder.spec.arch,
                              "autocast": str(precision).replace("torch.", ""), **plan.meta},
               root_attrs={"random_init_weights": bool(encoder.random_init)})
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wsi-dir", type=Path, required=True, help="folder of slides (SVS, NDPI, MRXS, TIFF, PNG, …)")
-    p.add_argument("--out", type=Path, required=True, help="cohort directory to create or update")
-    p.add_argument("--encoder", required=True, choices=sorted(REGISTRY), help="tile encoder")
-    p.add_argument("--weights", type=Path, help="weights file (.safetensors or a torch state dict)")
-    p.add_argument("--random-init", action="store_true", help="untrained weights (tests only; flagged in bags)")
-    p.add_argument("--mag", type=float, default=20.0, help="target magnification (20 = 0.5 µm/px)")
-    p.add_argument("--patch-size", type=int, default=256, help="tile size in px at the target magnification")
-    p.add_argument("--mpp", type=float, help="level-0 µm/px for slides whose files carry none")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this job's share of the sorted slides")
-    p.add_argument("--workers", type=int, default=2, help="tile-reading worker processes")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--case-map", type=Path, help="CSV with slide_id, case_id (default: case_id = slide stem)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                   help="autocast dtype; auto: the encoder's own on GPU, bf16 on CPU only if measured faster")
-    p.add_argument("--min-tissue", type=float, default=TissueConfig.min_tissue_fraction,
-                   help="minimum tissue fraction per tile")
-    p.add_argument("--fill-holes", action="store_true", help="count tiles inside tissue holes as tissue")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = ExtractConfig(
-        wsi_dir=args.wsi_dir, out=args.out, encoder=args.encoder, weights=args.weights,
-        random_init=args.random_init, mag=args.mag, patch_size=args.patch_size, mpp=args.mpp, shard=args.shard,
-        workers=args.workers, batch_size=args.batch_size, case_map=args.case_map, device=args.device,
-        precision=args.precision, progress=not args.no_progress,
-        tissue=TissueConfig(min_tissue_fraction=args.min_tissue, fill_holes=args.fill_holes))
-    try:
-        summary = extract(cfg)
-    except (EncoderError, ValueError, OSError) as e:  # configuration errors: weights, cohort.yaml, case map
-        print(f"mmfm extract: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    for r in summary["slides"]:
-        if r["status"] == "failed":
-            print(f"FAILED {r['slide_id']}: {r['reason']}", file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in ("shard", "n_ok", "n_skipped", "n_failed", "tiles_per_s")}))
-    return 1 if summary["n_failed"] else 0

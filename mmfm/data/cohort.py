@@ -15,7 +15,6 @@ file or column): nothing is ever dropped without being listed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import warnings
@@ -585,21 +584,3 @@ class Cohort:
     def __repr__(self) -> str:
         counts = self._presence.sum().to_dict()
         return f"Cohort({self.spec.name!r} v{self.spec.version}, {len(self.cases)} cases, {len(self.slides)} slides, {counts})"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="cohort directory")
-    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
-    parser.add_argument("--headers-only", action="store_true",
-                        help="skip the NaN/inf scan of feature matrices (bag headers are still checked)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`mmfm validate PATH`: print every problem; exit 1 if there is any error."""
-    from mmfm.io import write_json
-
-    rep = validate(args.path, scan_features=not args.headers_only)
-    print(rep.format())
-    if args.json:
-        write_json(args.json, rep.to_dict())
-    return 0 if rep.ok else 1

@@ -36,7 +36,6 @@ class LoaderConfig:
     batch_size: int = 32  # global rows per step, split contiguously over processes
     tiles_per_slide: int = 2048
     multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides
-    modalities: tuple[str, ...] = MODALITIES  # emitted if the cohort has them
     n_genes: int = 2000
     report_max_len: int = 128
     workers: int = 0  # grain worker processes (spawned; each batch crosses via shared memory); 0 = in-process
@@ -49,9 +48,6 @@ class LoaderConfig:
     def __post_init__(self):
         if self.multi_slide not in ("sample", "pool"):
             raise ValueError(f"LoaderConfig.multi_slide must be 'sample' or 'pool', got {self.multi_slide!r}")
-        unknown = set(self.modalities) - set(MODALITIES)
-        if unknown:
-            raise ValueError(f"LoaderConfig.modalities: unknown {sorted(unknown)}; known {list(MODALITIES)}")
         for key in ("batch_size", "tiles_per_slide"):
             if getattr(self, key) < 1:
                 raise ValueError(f"LoaderConfig.{key} must be ≥ 1, got {getattr(self, key)}")
@@ -147,7 +143,7 @@ def _omics(name: str, adata, case_ids: list[str], transform, fit_kwargs: dict):
     if transform is None:
         if not have:
             raise ValueError(f"none of the loader's cases has {name} data to fit its transform on: drop "
-                             f"'{name}' from LoaderConfig.modalities or pass a fitted transform")
+                             f"'{name}' from data.modalities or pass a fitted transform")
         transform = OmicsTransform.fit(adata, have, **fit_kwargs)
     values, mask = transform.transform(adata)
     n, g = len(case_ids), values.shape[1]
@@ -178,15 +174,13 @@ def case_presence(cohort, case_ids: list[str], modalities) -> dict[str, np.ndarr
     return out
 
 
-def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, transforms: dict | None = None,
-                 present: dict[str, np.ndarray] | None = None) -> CaseTensors:
+def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, present: dict[str, np.ndarray],
+                 transforms: dict | None = None) -> CaseTensors:
     """Omics / report / mutation tensors of `case_ids`, computed once (the loader and `mmfm embed` share it).
 
     Omics transforms are fitted on `case_ids` unless given (inference passes the run's). `present`
-    (modality -> [n] bool) defaults to `cohort.presence()`; modalities absent from `present` are skipped.
+    (modality -> [n] bool, from `case_presence`) names the modalities to build; the others are skipped.
     """
-    if present is None:
-        present = case_presence(cohort, case_ids, [m for m in cfg.modalities if m != "slide"])
     dense: dict[str, np.ndarray] = {}
     transforms = dict(transforms or {})
     names: dict[str, list[str]] = {}
@@ -200,7 +194,7 @@ def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, transforms: dic
         dense.update({"protein/values": v, "protein/mask": m})
         names["protein"] = [str(g) for g in transforms["protein"].genes]
     if "report" in present and cohort.reports is not None:
-        from mmfm.models.text import tokenize
+        from mmfm.data.text import tokenize
 
         texts = cohort.reports.reindex(case_ids)
         ids, mask = tokenize(texts.fillna("").astype(str).tolist(), cfg.report_max_len)
@@ -222,12 +216,12 @@ class TileBagLoader:
     """Iterator of fixed-shape batch dicts (`mmfm/data/batch.py`) over `case_ids` of a `Cohort`.
 
     Infinite (epochs follow one another); `steps_per_epoch` tells where they turn. Emits the
-    modalities in `cfg.modalities` that the cohort has; cases with none of them present are
+    `modalities` (the run's `data.modalities`) that the cohort has; cases with none of them present are
     skipped (listed in `.skipped_cases`). `shapes.batch_size` is the global batch size; each
     batch holds `local_batch_size` rows.
     """
 
-    def __init__(self, cohort, cfg: LoaderConfig, case_ids, transforms: dict | None = None,
+    def __init__(self, cohort, cfg: LoaderConfig, case_ids, modalities=MODALITIES, transforms: dict | None = None,
                  process_index: int = 0, process_count: int = 1):
         if cfg.batch_size % process_count:
             raise ValueError(f"LoaderConfig.batch_size={cfg.batch_size} is not divisible by "
@@ -247,8 +241,11 @@ class TileBagLoader:
         available = {"slide": len(slides) > 0, "rna": cohort.rna is not None,
                      "protein": cohort.protein is not None, "report": cohort.reports is not None,
                      "mutation": len(cohort.mutation_columns) > 0}
-        self.modalities = tuple(m for m in MODALITIES if m in cfg.modalities and available[m])
-        missing = [m for m in cfg.modalities if not available[m]]
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"data.modalities: unknown {unknown}; known {list(MODALITIES)}")
+        self.modalities = tuple(m for m in MODALITIES if m in modalities and available[m])
+        missing = [m for m in modalities if not available[m]]
         if missing:
             log.warning("%s: cohort has no %s; not emitted", cohort.root, ", ".join(missing))
         present = case_presence(cohort, case_ids, self.modalities)
@@ -264,7 +261,7 @@ class TileBagLoader:
             raise ValueError(f"LoaderConfig.batch_size={cfg.batch_size} exceeds the {len(self.case_ids)} "
                              f"usable cases of {cohort.root}")
 
-        tensors = case_tensors(cohort, self.case_ids, cfg, transforms, present=present)
+        tensors = case_tensors(cohort, self.case_ids, cfg, present, transforms)
         dense = tensors.dense
         self.transforms = tensors.transforms
         self.gene_names = tensors.names.get("rna", [])

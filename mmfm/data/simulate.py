@@ -20,11 +20,9 @@ The latent truth goes to `truth/` — training code never reads it; tests and pr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import heapq
 import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -803,23 +801,3 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="cohort directory to write (a re-run with the same config resumes)")
-    hints = typing.get_type_hints(SimConfig)
-    for f in dataclasses.fields(SimConfig):
-        flags = [f"--{f.name.replace('_', '-')}"] + (["--cases"] if f.name == "n_cases" else [])
-        p.add_argument(*flags, dest=f.name, type=hints[f.name], default=None, help=f"default {f.default}")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)
-                 if getattr(args, f.name) is not None}
-    try:
-        cfg = SimConfig(**overrides)
-        out = simulate_cohort(args.out, cfg)
-    except ValueError as e:
-        print(f"mmfm simulate: {e}")
-        return 2
-    n_slides = sum(1 for _ in (out / "bags").glob("*.h5")) if (out / "bags").exists() else 0
-    print(f"wrote {out}: {cfg.n_cases} cases, {n_slides} slides (truth in {out / 'truth'})")
-    return 0

@@ -31,6 +31,16 @@ def _ids(values, limit: int = 10) -> str:
     return ", ".join(values[:limit]) + (f" ... and {len(values) - limit} more" if len(values) > limit else "")
 
 
+def split_cases(case_ids, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Patient-level held-out split (a case is a patient) for pretraining: (train, held-out), deterministic in `seed`."""
+    ids = sorted(map(str, case_ids))
+    n_held = int(round(fraction * len(ids)))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    held = sorted(ids[i] for i in order[:n_held])
+    train = sorted(ids[i] for i in order[n_held:])
+    return train, held
+
+
 def fold_columns(df: pd.DataFrame) -> list[str]:
     return sorted((c for c in df.columns if FOLD.fullmatch(str(c))), key=lambda c: int(c[5:]))
 

@@ -19,7 +19,6 @@ Written files:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -43,11 +42,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    multi_slide: Literal["mean", "pool"] = "mean"
+    multi_slide: Literal["mean", "pool"] = "mean"  # case = mean of slide embeddings (late fusion) or one pooled bag
     max_tiles_per_call: int = 32768    # B × bucket length per encoder call (memory bound)
     min_bucket: int = 256              # smallest padded bag length
     batch_size: int = 64               # rows per call for non-slide modalities
-    baselines: tuple[str, ...] = ("meanpool", "random")
+    baselines: tuple[Literal["meanpool", "random"], ...] = ("meanpool", "random")  # [] skips them
     random_seed: int = 12345           # seed of the random-init baseline encoder
 
 
@@ -153,7 +152,7 @@ def _other_modalities(model, cohort, run_cfg, transforms, case_ids: list[str], c
     if not mods:
         return {}
     present = case_presence(cohort, case_ids, mods)
-    tensors = case_tensors(cohort, case_ids, run_cfg.loader, transforms, present=present).dense
+    tensors = case_tensors(cohort, case_ids, run_cfg.loader, present, transforms).dense
     graphdef, state = nnx.split(model)
 
     @jax.jit(static_argnums=2)
@@ -179,15 +178,13 @@ def _other_modalities(model, cohort, run_cfg, transforms, case_ids: list[str], c
 def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg: EmbedConfig = EmbedConfig(),
           case_ids: list[str] | None = None, step=None) -> tuple[ad.AnnData, ad.AnnData]:
     """Embed `case_ids` (default: every case) of a cohort with a trained run; write OUT.h5ad and OUT.slides.h5ad."""
-    from mmfm.data.batch import BatchShapes
     from mmfm.data.cohort import Cohort
-    from mmfm.train.loop import load_for_inference
+    from mmfm.train.rundir import load_for_inference, read_shapes, read_splits
 
     run_dir, out = Path(run_dir), Path(out)
-    model, run_cfg, transforms = load_for_inference(run_dir, step=step)
-    shapes = BatchShapes(**json.loads((run_dir / "shapes.json").read_text()))
-    splits = json.loads((run_dir / "splits.json").read_text())
     cohort = Cohort.open(cohort_path)
+    shapes, splits = read_shapes(run_dir), read_splits(run_dir)
+    model, run_cfg, transforms = load_for_inference(run_dir, step=step)
     case_ids = [str(c) for c in (case_ids if case_ids is not None else cohort.cases.index)]
     unknown = [c for c in case_ids if c not in cohort.case_index]
     if unknown:
@@ -258,25 +255,3 @@ def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
 def _write(adata: ad.AnnData, path: Path) -> None:
     with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory of `mmfm pretrain`")
-    p.add_argument("--cohort", required=True, help="cohort directory")
-    p.add_argument("--out", required=True, help="output .h5ad (a .slides.h5ad is written beside it)")
-    p.add_argument("--step", default=None, help="checkpoint step, 'best', or latest (default)")
-    p.add_argument("--multi-slide", choices=("mean", "pool"), default="mean",
-                   help="case = mean of slide embeddings (late fusion) or one bag of pooled tiles")
-    p.add_argument("--cases", default=None, help="text file with one case_id per line (default: all cases)")
-    p.add_argument("--max-tiles-per-call", type=int, default=EmbedConfig.max_tiles_per_call)
-    p.add_argument("--no-baselines", action="store_true", help="skip mean-pool and random-init baselines")
-
-
-def run(args: argparse.Namespace) -> int:
-    step = args.step if args.step in (None, "best") else int(args.step)
-    cases = Path(args.cases).read_text().split() if args.cases else None
-    cfg = EmbedConfig(multi_slide=args.multi_slide, max_tiles_per_call=args.max_tiles_per_call,
-                      baselines=() if args.no_baselines else EmbedConfig.baselines)
-    adata, slides = embed(args.run, args.cohort, args.out, cfg=cfg, case_ids=cases, step=step)
-    print(f"wrote {args.out}: {adata.n_obs} cases × {list(adata.obsm)}; {slides.n_obs} slides")
-    return 0

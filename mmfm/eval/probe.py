@@ -24,14 +24,13 @@ TASKS.yaml (keys = `TaskSpec` fields; unknown keys are an error naming the task 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import anndata as ad
 import numpy as np
@@ -623,27 +622,16 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     return ProbeResult(results, summary, out, col.notes, overlap)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--embeddings", required=True, help="AnnData .h5ad: features in X/obsm, labels in obs")
-    p.add_argument("--tasks", required=True, help="TASKS.yaml (see mmfm.eval.probe.TaskSpec for the keys)")
-    p.add_argument("--splits", help="Patho-Bench split file (case_id, slide_id, fold_i = train/test) for all tasks")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="run even if test cases were seen in pretraining (recorded in summary.md)")
-    p.add_argument("--pretrain-cases", help="case ids used in pretraining (one per line, or CSV with case_id)")
-    p.add_argument("--n-bootstrap", type=int, default=100, help="bootstrap resamples for single-fold tasks")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--projection", choices=("umap", "pca"), default="umap", help="robustness embedding plot")
+@dataclass
+class ProbeConfig:
+    """`mmfm probe`: what to probe, where to write, and the leakage guard's switches."""
 
-
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        res = probe(args.embeddings, args.tasks, args.out, splits=args.splits, allow_overlap=args.allow_overlap,
-                    pretrain_cases=args.pretrain_cases, n_bootstrap=args.n_bootstrap, plots=not args.no_plots,
-                    projection=args.projection)
-    except (ValueError, LeakageError, OSError) as e:  # bad task/split/file, leakage: one clear line, no traceback
-        log.error("%s", e)
-        return 2
-    print(f"wrote {res.out / 'results.csv'} and {res.out / 'summary.md'}")
-    return 0
+    embeddings: str = ""               # AnnData .h5ad: features in X/obsm, labels in obs
+    tasks: str = ""                    # TASKS.yaml (see mmfm.eval.probe.TaskSpec for the keys)
+    out: str = ""                      # output directory
+    splits: str | None = None          # Patho-Bench split file (case_id, slide_id, fold_i = train/test) for all tasks
+    allow_overlap: bool = False        # run even if test cases were seen in pretraining (recorded in summary.md)
+    pretrain_cases: str | None = None  # case ids used in pretraining (one per line, or CSV with case_id)
+    n_bootstrap: int = 100             # bootstrap resamples for single-fold tasks
+    plots: bool = True                 # PNG plots beside the tables
+    projection: Literal["umap", "pca"] = "umap"  # robustness embedding plot

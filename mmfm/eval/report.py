@@ -177,7 +177,7 @@ def plot_robustness(curves: dict[str, pd.DataFrame], path: Path, title: str) -> 
 
 def plot_embedding(x: np.ndarray, bio, site, path: Path, *, title: str, method: str = "umap", seed: int = 0) -> None:
     """2-D projection (UMAP or PCA) coloured by site and by biology, side by side."""
-    from mmfm.eval.retrieval import l2_normalize
+    from mmfm.metrics import l2_normalize
 
     x = l2_normalize(x)
     if method == "umap":
@@ -227,3 +227,28 @@ def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary:
         by_task.setdefault(task, {})[emb] = c
     for task, curves in by_task.items():
         plot_robustness(curves, out / f"{slug(task)}_ri.png", task)
+
+
+HEADLINE = {  # (task type, metric) → column label of the printed table
+    ("survival", "c_index"): "C-index",
+    ("classification", "auroc"): "AUROC",
+    ("mutation", "auroc"): "AUROC",
+    ("retrieval", "recall@5"): "recall@5",
+    ("robustness", "robustness_index@10"): "RI@10",
+}
+
+
+def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows = (task, target, metric), columns = embeddings; cells 'mean ± se' or 'mean [lo, hi]'."""
+    keep = [(t, m) in HEADLINE for t, m in zip(summary["type"], summary["metric"])]
+    s = summary[keep]
+    if s.empty:
+        return pd.DataFrame()
+    s = s.assign(row=s["task"] + " · " + s["target"].astype(str).where(s["target"].astype(str) != "", "-")
+                 + " · " + s["metric"] + s["model"].astype(str).map(lambda m: f" ({m})" if m else ""))
+    return s.pivot_table(index="row", columns="embedding", values="text", aggfunc="first", sort=False).fillna("")
+
+
+def chance_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    s = summary[summary["metric"] == "chance_recall@5"]
+    return s[["task", "target", "embedding", "text"]]

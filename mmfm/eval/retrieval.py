@@ -4,51 +4,15 @@ A key is relevant to a query when it belongs to the same case (cross-modal) or h
 Several keys may be relevant (a case with several slides); recall@k counts a query as a hit when ANY relevant key
 is in its top k. mAP@k = mean over queries of Σ_{i≤k, hit at i} precision@i / min(k, n_relevant); when
 n_relevant ≥ k (usual for same-label retrieval) this is Patho-Bench's "precision summed over hits, divided by k".
-The chance level of recall@k (random ranking) is reported beside every recall: 1 − C(N−r, k) / C(N, k).
+The chance level of recall@k (random ranking) is reported beside every recall. The metrics themselves (and
+their tie rule: ties count against the query) are `mmfm.metrics`, shared with the training monitor.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-KS = (1, 5, 10)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def similarity(queries: np.ndarray, keys: np.ndarray, metric: str = "cosine") -> np.ndarray:
-    """[n_q, n_k] similarity, higher = closer: cosine, or negative Euclidean distance ('l2', Patho-Bench default)."""
-    if metric == "cosine":
-        return l2_normalize(queries) @ l2_normalize(keys).T
-    if metric == "l2":
-        d2 = (queries**2).sum(1)[:, None] + (keys**2).sum(1)[None, :] - 2.0 * queries @ keys.T
-        return -np.sqrt(np.maximum(d2, 0.0))
-    raise ValueError(f"unknown retrieval metric {metric!r}; expected 'cosine' or 'l2'")
-
-
-def ranking(sim: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the top-k keys per query, best first (ties broken by key order, deterministically)."""
-    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
-
-
-def recall_at_k(hits: np.ndarray, k: int) -> float:
-    return float(hits[:, :k].any(1).mean())
-
-
-def map_at_k(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> float:
-    h = hits[:, :k].astype(float)
-    precision = np.cumsum(h, axis=1) / np.arange(1, h.shape[1] + 1)
-    denom = np.minimum(k, np.maximum(n_relevant, 1))
-    return float(((precision * h).sum(1) / denom).mean())
-
-
-def chance_recall(n_keys: int, n_relevant: np.ndarray, k: int) -> float:
-    """Expected recall@k of a random ranking: mean over queries of 1 − Π_{i<k} (N − r − i) / (N − i)."""
-    i = np.arange(min(k, n_keys))
-    miss = np.prod(np.clip((n_keys - np.asarray(n_relevant)[:, None] - i) / (n_keys - i), 0.0, 1.0), axis=1)
-    return float((1.0 - miss).mean())
+from mmfm.metrics import KS, chance_recall, map_at_k, ranked_hits, ranking, recall_at_k, similarity  # noqa: F401
 
 
 def cross_modal(queries: np.ndarray, query_cases: np.ndarray, keys: np.ndarray, key_cases: np.ndarray, *,
@@ -63,8 +27,7 @@ def cross_modal(queries: np.ndarray, query_cases: np.ndarray, keys: np.ndarray, 
     if not keep.any():
         raise ValueError("no query case has a key in the other modality")
     queries, relevant = queries[keep], relevant[keep]
-    top = ranking(similarity(queries, keys, metric), max(ks))
-    hits = np.take_along_axis(relevant, top, axis=1)
+    hits = ranked_hits(similarity(queries, keys, metric), relevant, max(ks))
     n_rel = relevant.sum(1)
     out = {"n_queries": float(keep.sum())}
     for k in ks:
@@ -83,7 +46,8 @@ def same_label(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, te
     """
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     relevant = test_labels[:, None] == train_labels[None, :]
-    top = ranking(similarity(test, train, metric), max(ks))
+    sim = similarity(test, train, metric)
+    top = ranking(sim, relevant, max(ks))
     hits = np.take_along_axis(relevant, top, axis=1)
     n_rel = relevant.sum(1)
     out = {}

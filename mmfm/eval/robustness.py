@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
-from mmfm.eval.retrieval import l2_normalize
+from mmfm.metrics import l2_normalize
 
 KINDS = ("SS", "SO", "OS", "OO")
 

@@ -9,6 +9,7 @@ entry points (`encode_slide` on whole bags of any N, `encode`) directly.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,21 +44,21 @@ def build_slide_encoder(cfg: SlideConfig, feature_dim: int, *, dtype, rngs: nnx.
 
 
 def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs):
-    from mmfm.models.text import TextConfig, load_pretrained  # torch-free, but heavy: only when used
+    from mmfm.models.text import load_pretrained  # heavy: only when used
 
-    text_cfg = dataclasses.replace(cfg.report or TextConfig(), compute_dtype=cfg.compute_dtype)
+    text_cfg = dataclasses.replace(cfg.report, compute_dtype=cfg.compute_dtype)
     return load_pretrained(text_cfg, rngs)
 
 
 class MultimodalModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, shapes: BatchShapes, *, rngs: nnx.Rngs):
-        errors = [f"model.modalities: unknown {m!r} (known: {MODALITIES})" for m in cfg.modalities if m not in INPUTS]
-        errors += [f"model.modalities has {m!r} but the batch shapes give {INPUTS[m][1]}=0"
-                   for m in cfg.modalities if m in INPUTS and not getattr(shapes, INPUTS[m][1])]
+    def __init__(self, cfg: ModelConfig, shapes: BatchShapes, modalities: Sequence[str], *, rngs: nnx.Rngs):
+        errors = [f"data.modalities: unknown {m!r} (known: {MODALITIES})" for m in modalities if m not in INPUTS]
+        errors += [f"data.modalities has {m!r} but the batch shapes give {INPUTS[m][1]}=0"
+                   for m in modalities if m in INPUTS and not getattr(shapes, INPUTS[m][1])]
         if errors:
             raise ValueError("; ".join(errors))
         dtype = compute_dtype(cfg.compute_dtype)
-        self.modalities = tuple(cfg.modalities)
+        self.modalities = tuple(modalities)
         self.dtype = dtype
         encoders, heads = {}, {}
         for m in self.modalities:

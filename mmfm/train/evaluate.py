@@ -8,7 +8,8 @@ Rows of one case are averaged (then re-normalised) into one case embedding per m
 
 Retrieval for a pair (a, b): among cases with both modalities, query each case's a-embedding
 against every b-embedding by cosine similarity; recall@k = fraction whose own case ranks in the
-top k (ties count against). Reported both ways, `recall@k/a->b` and `recall@k/b->a`, next to the
+top k (ties count against: `mmfm.metrics`, the probes' definition). Reported both ways,
+`recall@k/a->b` and `recall@k/b->a`, next to the
 chance level k / n. RankMe (Garrido et al. 2023) = exp(entropy of the normalised singular values)
 of the case embeddings of each modality: a collapse detector (TANGLE selects checkpoints by it).
 """
@@ -22,25 +23,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmfm.metrics import KS, paired_recall
 from mmfm.objectives import resolve_pairs
+from mmfm.objectives.diagnostics import rankme
 from mmfm.train.sharding import batch_sharding, global_batch, replicated
-
-KS = (1, 5, 10)
-
-
-def recall_at_k(query: np.ndarray, gallery: np.ndarray, ks=KS) -> dict[int, float]:
-    """Row i of `query` matches row i of `gallery`; fraction with the match in the top k."""
-    sim = query @ gallery.T
-    own = np.diag(sim)
-    rank = (sim > own[:, None]).sum(1) + ((sim == own[:, None]).sum(1) - 1)  # ties count against
-    return {k: float(np.mean(rank < k)) for k in ks}
-
-
-def rankme(z: np.ndarray, eps: float = 1e-7) -> float:
-    s = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)
-    p = s / max(s.sum(), np.finfo(np.float64).tiny) + eps
-    return float(np.exp(-(p * np.log(p)).sum()))
-
 
 def case_embeddings(rows: dict[str, np.ndarray], present: dict[str, np.ndarray],
                     case_index: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
@@ -59,7 +45,8 @@ def retrieval_metrics(cases: dict[str, dict[int, np.ndarray]], pairs, ks=KS) -> 
     out = {}
     for m, d in cases.items():
         if len(d) >= 2:
-            out[f"rankme/{m}"] = rankme(np.stack(list(d.values())))
+            z = np.stack(list(d.values()))
+            out[f"rankme/{m}"] = float(rankme(z, np.ones(len(z), bool)))
             out[f"n_cases/{m}"] = len(d)
     for a, b in pairs:
         common = sorted(set(cases.get(a, {})) & set(cases.get(b, {})))
@@ -68,7 +55,7 @@ def retrieval_metrics(cases: dict[str, dict[int, np.ndarray]], pairs, ks=KS) -> 
         za = np.stack([cases[a][c] for c in common])
         zb = np.stack([cases[b][c] for c in common])
         for q, g, name in ((za, zb, f"{a}->{b}"), (zb, za, f"{b}->{a}")):
-            for k, r in recall_at_k(q, g, ks).items():
+            for k, r in paired_recall(q, g, ks).items():
                 out[f"recall@{k}/{name}"] = r
         for k in ks:
             out[f"chance@{k}/{a}-{b}"] = min(1.0, k / len(common))
@@ -104,7 +91,8 @@ class HeldOutEvaluator:
         starts = list(range(0, len(ids) - self.batch_size + 1, self.batch_size))
         if starts[-1] + self.batch_size < len(ids):
             starts.append(len(ids) - self.batch_size)
-        self.loaders = [TileBagLoader(cohort, lcfg, ids[s: s + self.batch_size], transforms=train_loader.transforms,
+        self.loaders = [TileBagLoader(cohort, lcfg, ids[s: s + self.batch_size], modalities,
+                                      transforms=train_loader.transforms,
                                       process_index=jax.process_index(), process_count=jax.process_count())
                         for s in starts]
         self.pairs = resolve_pairs(cfg.objective.pairs, modalities)

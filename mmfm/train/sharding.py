@@ -11,15 +11,23 @@ elements stay replicated because gathering them costs more than it saves.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mmfm.train.config import MeshConfig
-
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh shape; -1 on one axis takes every remaining device."""
+
+    data: int = -1
+    fsdp: int = 1
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int]:

@@ -9,41 +9,54 @@ from its last checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
+from mmfm.config import load
+from mmfm.data.simulate import SimConfig
 from mmfm.io import write_text
+from mmfm.train.config import RunConfig
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "demo.yaml"
-TASKS = REPO / "configs" / "tasks" / "demo.yaml"
+CONFIGS = resources.files("mmfm") / "configs"  # shipped as package data: works from a wheel, no checkout
+CONFIG = Path(str(CONFIGS / "demo.yaml"))
+TASKS = Path(str(CONFIGS / "tasks" / "demo.yaml"))
 
-HEADLINE = {  # (task type, metric) → column label of the printed table
-    ("survival", "c_index"): "C-index",
-    ("classification", "auroc"): "AUROC",
-    ("mutation", "auroc"): "AUROC",
-    ("retrieval", "recall@5"): "recall@5",
-    ("robustness", "robustness_index@10"): "RI@10",
-}
+DESCRIPTION = """\
+The whole pipeline on a simulated cohort, as a researcher would run it on their own: simulate → validate →
+pretrain (configs/demo.yaml, shipped with the package) → embed the held-out cases → probe
+(configs/tasks/demo.yaml) → report (--out/report/README.md with every plot). The pretrained slide embedding
+sits beside the mean-pool and random-init baselines. Re-running reuses finished steps. Any key of the
+pretraining recipe can be changed with --set train.steps=50 (or --recipe.train.steps=50).
+
+example: mmfm demo --out demo_out --cases 500"""
+
+SET_PREFIX = "recipe."
 
 
-@dataclasses.dataclass(frozen=True)
+def demo_recipe() -> RunConfig:
+    return load(RunConfig, CONFIG)
+
+
+@dataclass
 class DemoConfig:
-    out: str = "demo_out"
-    cases: int = 500
-    seed: int = 0
-    steps: int | None = None           # default: configs/demo.yaml's train.steps
-    overrides: tuple[str, ...] = ()    # extra `--set key=value` for the pretraining config
-    sim_overrides: tuple[tuple[str, object], ...] = ()  # SimConfig fields (tests use tiny cohorts)
-    n_bootstrap: int = 100
-    plots: bool = True
+    out: str = "demo_out"              # report folder (cohort, run, embeddings, report/)
+    cases: int = 500                   # simulated cases
+    seed: int = 0                      # simulator seed
+    sim: SimConfig = field(default_factory=SimConfig)  # simulator knobs (n_cases and seed come from above)
+    recipe: RunConfig = field(default_factory=demo_recipe)  # the pretraining recipe (data.cohort set by the demo)
+    n_bootstrap: int = 100             # bootstrap resamples for single-fold probes
+    plots: bool = True                 # PNG plots in the report
+
+
+Config = DemoConfig
 
 
 def _step(name: str, t0: float) -> float:
@@ -52,36 +65,21 @@ def _step(name: str, t0: float) -> float:
     return now
 
 
-def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Rows = (task, target, metric), columns = embeddings; cells 'mean ± se' or 'mean [lo, hi]'."""
-    keep = [(t, m) in HEADLINE for t, m in zip(summary["type"], summary["metric"])]
-    s = summary[keep]
-    if s.empty:
-        return pd.DataFrame()
-    s = s.assign(row=s["task"] + " · " + s["target"].astype(str).where(s["target"].astype(str) != "", "-")
-                 + " · " + s["metric"] + s["model"].astype(str).map(lambda m: f" ({m})" if m else ""))
-    return s.pivot_table(index="row", columns="embedding", values="text", aggfunc="first", sort=False).fillna("")
-
-
-def chance_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    s = summary[summary["metric"] == "chance_recall@5"]
-    return s[["task", "target", "embedding", "text"]]
-
-
-def demo(cfg: DemoConfig = DemoConfig()) -> dict:
-    from mmfm.data.cohort import Cohort, validate
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+def demo(cfg: DemoConfig | None = None) -> dict:
+    from mmfm.data.cohort import CohortError, validate
+    from mmfm.data.simulate import simulate_cohort
     from mmfm.eval.embed import embed
     from mmfm.eval.probe import probe
-    from mmfm.eval.report import markdown_table
-    from mmfm.train.config import dump_config, load_config
+    from mmfm.eval.report import chance_rows, headline_table, markdown_table
+    from mmfm.train.config import check, dump_config
     from mmfm.train.loop import pretrain
 
+    cfg = cfg or DemoConfig()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    sim = SimConfig(n_cases=cfg.cases, seed=cfg.seed, **dict(cfg.sim_overrides))
+    sim = dataclasses.replace(cfg.sim, n_cases=cfg.cases, seed=cfg.seed)
     sim_key = hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]
     cohort_dir = out / f"cohort-{sim_key}"  # one folder per simulator config; same config resumes
     simulate_cohort(cohort_dir, sim)
@@ -90,11 +88,9 @@ def demo(cfg: DemoConfig = DemoConfig()) -> dict:
     report = validate(cohort_dir)
     print(report.format() if not report.ok else f"[demo] cohort valid: {len(report.warnings)} warning(s)")
     if not report.ok:
-        raise SystemExit(1)
-    cohort = Cohort.open(cohort_dir)
+        raise CohortError(f"{cohort_dir}: the simulated cohort does not validate (see above)")
 
-    overrides = [f"data.cohort={cohort_dir}"] + ([f"train.steps={cfg.steps}"] if cfg.steps else []) + list(cfg.overrides)
-    run_cfg = load_config(CONFIG, overrides)
+    run_cfg = check(dataclasses.replace(cfg.recipe, data=dataclasses.replace(cfg.recipe.data, cohort=str(cohort_dir))))
     run_dir = out / "run"
     same_run = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == dump_config(run_cfg)
     if run_dir.exists() and not same_run:
@@ -104,7 +100,7 @@ def demo(cfg: DemoConfig = DemoConfig()) -> dict:
     t = _step("pretrain", t)
 
     splits = json.loads((run_dir / "splits.json").read_text())
-    held = [c for c in splits["heldout"] if c in cohort.case_index]
+    held = list(splits["heldout"])
     emb_path = out / "embeddings.h5ad"
     embed(run_dir, cohort_dir, emb_path, case_ids=held)
     t = _step(f"embed ({len(held)} held-out cases, all tiles)", t)
@@ -158,14 +154,6 @@ def _training_curves(run_dir: Path, out: Path) -> Path | None:
     return path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=DemoConfig.out, help="report folder (cohort, run, embeddings, report/)")
-    p.add_argument("--cases", type=int, default=DemoConfig.cases)
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: configs/demo.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pretraining config override")
-
-
-def run(args: argparse.Namespace) -> int:
-    demo(DemoConfig(out=args.out, cases=args.cases, seed=args.seed, steps=args.steps, overrides=tuple(args.set)))
+def run(cfg: DemoConfig) -> int:
+    demo(cfg)
     return 0

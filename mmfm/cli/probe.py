@@ -1,0 +1,27 @@
+"""`mmfm probe`: frozen-embedding probes with the field's protocols, CIs and leakage guards."""
+
+from __future__ import annotations
+
+import logging
+
+from mmfm.eval.probe import ProbeConfig as Config, probe
+
+DESCRIPTION = """\
+Run the tasks of a TASKS.yaml (survival, classification, mutation, few-shot, retrieval, robustness) on any
+AnnData of embeddings: patient-level folds (or a Patho-Bench split file), baselines beside every result,
+mean ± SE over folds or bootstrap 95% CIs. Refuses test cases seen in pretraining unless --allow_overlap.
+Writes results.csv, bootstrap.csv, summary.md, plots and the exact folds used to --out.
+
+example: mmfm probe --embeddings runs/demo/embeddings.h5ad --tasks configs/tasks/demo.yaml --out runs/demo/probe"""
+
+
+def run(cfg: Config) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for key in ("embeddings", "tasks", "out"):
+        if not getattr(cfg, key):
+            raise ValueError(f"--{key}: required")
+    res = probe(cfg.embeddings, cfg.tasks, cfg.out, splits=cfg.splits, allow_overlap=cfg.allow_overlap,
+                pretrain_cases=cfg.pretrain_cases, n_bootstrap=cfg.n_bootstrap, plots=cfg.plots,
+                projection=cfg.projection)
+    print(f"wrote {res.out / 'results.csv'} and {res.out / 'summary.md'}")
+    return 0

@@ -1,0 +1,191 @@
+"""The run directory: what `mmfm pretrain` writes and what every later step (`embed`, `probe`, export) reads.
+
+    RUN/config.yaml        resolved RunConfig          RUN/env.json        versions, devices, mesh
+    RUN/splits.json        train / held-out cases      RUN/shapes.json     BatchShapes the model was built for
+    RUN/transforms/        fitted omics transforms     RUN/checkpoints/    orbax steps (+ loader state)
+    RUN/metrics.jsonl, eval.jsonl, tb/                 training and held-out curves
+
+One module owns these names so the trainer and inference cannot disagree about them. Every reader raises
+`RunDirError` naming the run directory and the missing piece (a run from a failed pretrain, a wrong path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from mmfm.config import ConfigError, to_dict
+from mmfm.data.batch import BatchShapes
+from mmfm.io import write_json, write_text
+from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.config import RunConfig, dump_config, load_config
+from mmfm.train.metrics import read_jsonl
+from mmfm.train.optim import make_optimizer
+from mmfm.train.sharding import make_mesh
+from mmfm.train.state import build_module, init_state
+
+RESUME_MAY_CHANGE = ("train.steps", "train.progress", "train.async_checkpoint", "train.log_every",
+                     "train.eval_every", "train.ckpt_every", "train.keep_last")  # never the numerics
+
+
+class RunDirError(ValueError):
+    """A run directory that is missing, incomplete or not what the caller needs; the message says which file."""
+
+
+def prepare(out: Path, resume: bool) -> None:
+    """Refuse to train into a used directory unless resuming — before any work, so nothing is overwritten."""
+    if not resume and out.exists() and any(out.iterdir()):
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:6])
+        raise RunDirError(f"{out}: run directory is not empty ({names}); pass --resume to continue it, "
+                          f"or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("mmfm", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "h5py", "anndata"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_run_files(out: Path, cfg: RunConfig, mesh, resume: bool) -> None:
+    """config.yaml and env.json (process 0); on resume only the harmless keys may differ from the saved config."""
+    if jax.process_index() != 0:
+        return
+    prev = out / "config.yaml"
+    if resume and prev.exists():
+        old, new = _flat(to_dict(read_config(out))), _flat(to_dict(cfg))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)
+        if diff:
+            raise ConfigError(f"{prev}: --resume with a different config ({', '.join(diff)}); "
+                              f"only {', '.join(RESUME_MAY_CHANGE)} may change")
+    write_text(prev, dump_config(cfg))
+    write_json(out / "env.json", {
+        "versions": versions(), "process_count": jax.process_count(),
+        "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}})
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _need(run_dir: Path, name: str) -> Path:
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory (the --out of `mmfm pretrain`)")
+    path = run_dir / name
+    if not path.exists():
+        raise RunDirError(f"{run_dir}: {name} is missing — not a finished `mmfm pretrain` run directory "
+                          f"(did pretraining fail before its first step?)")
+    return path
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    return load_config(_need(Path(run_dir), "config.yaml"))
+
+
+def read_shapes(run_dir: Path) -> BatchShapes:
+    return BatchShapes(**json.loads(_need(Path(run_dir), "shapes.json").read_text()))
+
+
+def write_shapes(run_dir: Path, shapes: BatchShapes) -> None:
+    write_json(run_dir / "shapes.json", dataclasses.asdict(shapes))
+
+
+def read_splits(run_dir: Path) -> dict:
+    return json.loads(_need(Path(run_dir), "splits.json").read_text())
+
+
+def write_splits(run_dir: Path, train: list[str], heldout: list[str], fraction: float, seed: int) -> None:
+    write_json(run_dir / "splits.json", {"train": train, "heldout": heldout,
+                                         "heldout_fraction": fraction, "seed": seed})
+
+
+def save_transforms(directory: Path, transforms: dict) -> None:
+    """The loader's fitted omics transforms (gene vocabulary, scaling) so inference matches training."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for name, tr in (transforms or {}).items():
+        if tr is not None:
+            tr.save(directory / name)
+            names[name] = name
+    write_json(directory / "index.json", names)
+
+
+def load_transforms(directory: Path) -> dict:
+    from mmfm.data.omics import OmicsTransform
+
+    index = directory / "index.json"
+    if not index.exists():
+        return {}
+    return {name: OmicsTransform.load(directory / fn) for name, fn in json.loads(index.read_text()).items()}
+
+
+def best_step(run_dir: Path, metric: str, mode: str, available: list[int]) -> int:
+    rows = [r for r in read_jsonl(run_dir / "eval.jsonl") if r.get("step") in available and metric in r] \
+        if (run_dir / "eval.jsonl").exists() else []
+    if not rows:
+        raise RunDirError(f"{run_dir}: no checkpoint with eval metric {metric!r} (train.best_metric) in "
+                          f"eval.jsonl; use a step number or the latest checkpoint")
+    pick = max if mode == "max" else min
+    return pick(rows, key=lambda r: r[metric])["step"]
+
+
+def resolve_step(run_dir: Path, cfg: RunConfig, step: int | str | None, steps: list[int]) -> int:
+    """None = latest, "best" = train.best_metric's best, or an existing step number."""
+    if not steps:
+        raise RunDirError(f"{run_dir / 'checkpoints'}: no finished checkpoint")
+    if step is None or step == "latest":
+        return steps[-1]
+    if step == "best":
+        return best_step(run_dir, cfg.train.best_metric, cfg.train.best_mode, steps)
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise RunDirError(f"--step {step!r}: expected a step number, 'best' or 'latest'") from None
+    if step not in steps:
+        raise RunDirError(f"{run_dir}: no checkpoint for step {step} (have {steps})")
+    return step
+
+
+def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=None):
+    """→ (model, run_config, transforms): the trained `MultimodalModel` (eval with deterministic=True),
+    the resolved RunConfig and the fitted omics transforms ({'rna': OmicsTransform, ...}).
+
+    `step`: None = latest checkpoint, an int, or "best" (train.best_metric in eval.jsonl). The
+    model is restored onto `mesh` (default: every local device on the data axis), whatever mesh
+    it was trained on.
+    """
+    from mmfm.models.multimodal import INPUTS
+
+    run_dir = Path(run_dir).absolute()
+    cfg = read_config(run_dir)
+    shapes = read_shapes(run_dir)
+    ckpt = Checkpointer(run_dir, cfg.train, read_only=True)
+    try:
+        step = resolve_step(run_dir, cfg, step, ckpt.all_steps())
+        if mesh is None:
+            mesh = make_mesh(dataclasses.replace(cfg.train.mesh, data=-1, fsdp=1), jax.local_devices())
+        modalities = tuple(m for m in cfg.data.modalities if getattr(shapes, INPUTS[m][1]))
+        ts = init_state(build_module(cfg, shapes, modalities), make_optimizer(cfg.train), mesh,
+                        cfg.train.axis_rules, cfg.train.shard_min_size)
+        state = ckpt.restore_state(step, ts.abstract)
+    finally:
+        ckpt.close()
+    module, _ = nnx.merge(ts.graphdef, state)
+    return module.model, cfg, load_transforms(run_dir / "transforms")
