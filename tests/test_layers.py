@@ -1,0 +1,102 @@
+"""The package's layers run one way: data → models → objectives → train → eval → cli, bridges beside.
+
+Read from the source (every `import`, including imports inside functions), so a lazy import cannot hide an
+arrow that runs back up a layer. `mmfm/__init__.py`, `io.py`, `config.py` and `metrics.py` are the base every
+layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "mmfm"
+RANK = {"base": 0, "data": 1, "models": 2, "objectives": 3, "train": 4, "eval": 5, "bridges": 5, "cli": 6}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in RANK else "base"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("mmfm"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names
+                       if (PKG.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
+                       or (PKG.parent / f"{node.module}.{a.name}".replace(".", "/")).is_dir())
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("mmfm"))
+    return out
+
+
+GRAPH = {module_name(p): imports(p) for p in sorted(PKG.rglob("*.py"))}
+
+
+def test_every_import_runs_down_the_layers():
+    bad = []
+    for mod, deps in GRAPH.items():
+        for dep in deps:
+            src, dst = layer(mod), layer(dep)
+            if dst == "bridges" and src not in ("bridges", "cli"):
+                bad.append(f"{mod} → {dep} (only cli and bridges import the torch bridges)")
+            elif src != "bridges" and RANK[dst] > RANK[src]:
+                bad.append(f"{mod} → {dep} ({src} must not import {dst})")
+    assert not bad, "imports running back up a layer:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycle():
+    def targets(deps):
+        return {d for d in deps if d in GRAPH and d != "mmfm"}
+
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(targets(GRAPH[m])):
+            if d.startswith(m + "."):  # a package's __init__ importing its own submodule is not a cycle
+                continue
+            if state.get(d) == 1:
+                pytest.fail("import cycle: " + " → ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
+
+
+def test_data_layer_imports_no_model_or_trainer():
+    """The grain loader brings jax (grain uses it); the contract, simulator and splits stay numpy-only."""
+    code = ("import sys, mmfm.data.cohort, mmfm.data.simulate, mmfm.data.splits, mmfm.data.omics;"
+            "light = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'torch', 'optax'));"
+            "import mmfm.data.loader, mmfm.data.text;"
+            "bad = light + sorted(m for m in sys.modules if "
+            "m.startswith(('mmfm.models', 'mmfm.train', 'mmfm.eval', 'mmfm.objectives', 'mmfm.bridges')));"
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_validate_command_stays_light():
+    code = ("import sys; from mmfm.cli import load_command; load_command('validate');"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'torch'));"
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
