@@ -45,13 +45,19 @@ print(report.format())
 cohort = Cohort.open(cohort_dir)
 cohort.presence().mean().rename("fraction of cases with the modality")
 """,
-    """md:## 2. Pretraining (`configs/demo.yaml`, overrides as in `mmfm pretrain --set`)""",
-    """
-from mmfm.train.config import load_config
-from mmfm.train.loop import pretrain
+    """md:## 2. Pretraining (`configs/demo.yaml`, shipped with the package; overrides as in `mmfm pretrain --set`)
 
-cfg = load_config("../configs/demo.yaml" if Path("../configs").exists() else "configs/demo.yaml",
-                  [f"data.cohort={cohort_dir}", *TRAIN])
+The recipe's `data.modalities` says what the run trains on: the loader emits those modalities and the model
+encodes them. The run directory must be new (or empty) unless you resume it.""",
+    """
+import shutil
+from importlib import resources
+from mmfm.train import load_config, pretrain
+
+CONFIGS = resources.files("mmfm") / "configs"  # the recipes and task files, in a checkout or a wheel
+cfg = load_config(CONFIGS / "demo.yaml", [f"data.cohort={cohort_dir}", *TRAIN])
+print("modalities:", cfg.data.modalities)
+shutil.rmtree(OUT / "run", ignore_errors=True)  # a fresh run each time the notebook is executed
 result = pretrain(cfg, OUT / "run")
 result
 """,
@@ -78,8 +84,7 @@ cases
 from mmfm.eval.probe import probe
 from mmfm.eval.report import headline_table
 
-tasks = "../configs/tasks/demo.yaml" if Path("../configs").exists() else "configs/tasks/demo.yaml"
-res = probe(OUT / "embeddings.h5ad", tasks, OUT / "report", n_bootstrap=20 if SMALL else 100)
+res = probe(OUT / "embeddings.h5ad", CONFIGS / "tasks" / "demo.yaml", OUT / "report", n_bootstrap=20 if SMALL else 100)
 headline_table(res.summary)
 """,
     """

@@ -120,9 +120,9 @@ def main(argv=None) -> int:
         cohort = make_cohort(tmp, a.cases, a.tiles, a.dim)
         setup_s = time.perf_counter() - t0
         case_ids = list(cohort.cases.index)
-        cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, modalities=("slide",), prefetch=0)
-        loader = TileBagLoader(cohort, cfg, case_ids)  # every bag stays mapped (cohort ≤ open_bags)
-        cold = TileBagLoader(cohort, LoaderConfig(**{**cfg.__dict__, "open_bags": 1}), case_ids)
+        cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=0)
+        loader = TileBagLoader(cohort, cfg, case_ids, modalities=("slide",))  # every bag stays mapped (cohort ≤ open_bags)
+        cold = TileBagLoader(cohort, LoaderConfig(**{**cfg.__dict__, "open_bags": 1}), case_ids, modalities=("slide",))
         for _ in range(loader.steps_per_epoch):  # maps every bag; all paths then read a warm page cache
             next(loader)
         next(cold)

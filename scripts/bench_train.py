@@ -31,16 +31,17 @@ from mmfm.data.batch import BatchShapes, random_batch
 from mmfm.io import write_json
 from mmfm.models import ModelConfig
 from mmfm.objectives import ObjectiveConfig
-from mmfm.train import config as tconfig, loop, optim, sharding
+from mmfm.train import config as tconfig, loop, optim, sharding, state
 
 
 # ----------------------------------------------------------------------------- JAX (mmfm itself)
 
 def jax_step(shapes: BatchShapes, mcfg: ModelConfig, tcfg):
     ocfg = ObjectiveConfig(kind="siglip", pairs=(("slide", "rna"),))
-    cfg = tconfig.RunConfig(data=tconfig.DataConfig(), train=tcfg, model=mcfg, objective=ocfg, loader=None)
-    mesh = sharding.make_mesh(tconfig.MeshConfig(data=-1, fsdp=1))
-    ts = loop.init_state(loop.build_module(cfg, shapes, ("slide", "rna")), optim.make_optimizer(tcfg), mesh,
+    cfg = tconfig.RunConfig(data=tconfig.DataConfig(modalities=("slide", "rna")), train=tcfg, model=mcfg,
+                            objective=ocfg, loader=None)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1))
+    ts = state.init_state(state.build_module(cfg, shapes, ("slide", "rna")), optim.make_optimizer(tcfg), mesh,
                          tcfg.axis_rules, tcfg.shard_min_size)
     step = loop.make_train_step(ts, loop.objective_loss(cfg, mesh), mesh, lr_schedule=optim.schedule(tcfg))
     return ts, step, mesh
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     import torch
 
     shapes = BatchShapes(batch_size=a.batch, tiles_per_slide=a.tiles, feature_dim=a.dim, n_genes=a.genes)
-    mcfg = ModelConfig(modalities=("slide", "rna"))
+    mcfg = ModelConfig()
     tcfg = tconfig.TrainConfig(steps=1000, warmup=10, lr=1e-4)
     host = random_batch(shapes, seed=0)
     host = {k: v for k, v in host.items() if k.startswith(("slide/", "rna/", "case_index"))}

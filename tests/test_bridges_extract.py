@@ -240,3 +240,23 @@ def test_bad_tiles_and_blank_slides_fail_alone(tmp_path):
     (out / "bags" / "b_good.h5").unlink()
     assert _extract(wsi, out, "--mag", "40", "--mpp", "0.25") == 1
     assert pd.read_csv(out / "slides.csv").empty
+
+
+def test_cli_flags_aliases_and_user_errors(tmp_path, capsys):
+    """Flags are the ExtractConfig fields (`-` or `_`); --min-tissue / --fill-holes stay as aliases of the tissue
+    keys; a user error is one line on stderr and exit 2."""
+    from mmfm.cli import extract as command
+    from mmfm.config import parse_cli
+
+    cfg = parse_cli(command.Config, ["--wsi-dir", "w", "--out", "o", "--encoder", "uni", "--min-tissue", "0.3",
+                                     "--fill-holes", "--shard", "1/2", "--no-progress", "--set", "tissue.thumb_mpp=4"],
+                    aliases=command.ALIASES)
+    assert (str(cfg.wsi_dir), str(cfg.out), cfg.encoder, cfg.shard, cfg.progress) == ("w", "o", "uni", "1/2", False)
+    assert cfg.tissue == TissueConfig(min_tissue_fraction=0.3, fill_holes=True, thumb_mpp=4.0)
+    capsys.readouterr()
+    assert main(["extract", "--wsi-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                 "--encoder", "vit-test", "--random-init"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmfm extract: error: ") and "none" in err and err.count("\n") == 1
+    assert main(["extract", "--out", str(tmp_path / "o"), "--encoder", "vit-test", "--min-tissue", "lots"]) == 2
+    assert "min_tissue_fraction" in capsys.readouterr().err

@@ -374,3 +374,6 @@ def test_cli_exit_codes_and_json(mini, tmp_path, capsys):
     assert cli_main(["validate", str(mini), "--headers-only"]) == 1
     out = capsys.readouterr().out
     assert "zero tiles" in out and "NaN" not in out
+    assert cli_main(["validate"]) == 2  # bad input: one line on stderr, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmfm validate: error: ") and "PATH" in err and err.count("\n") == 1

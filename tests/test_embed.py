@@ -59,7 +59,7 @@ def test_embed_a_trained_run(tmp_path):
     from mmfm.data.simulate import SimConfig, simulate_cohort
     from mmfm.eval.embed import embed
     from mmfm.train.config import load_config
-    from mmfm.train.loop import load_for_inference, pretrain
+    from mmfm.train import load_for_inference, pretrain
 
     cohort_dir = simulate_cohort(tmp_path / "c", SimConfig(n_cases=48, seed=3, feature_dim=32, bag_size_median=40,
                                                            bag_size_max=300, n_genes=80, n_proteins=8,
@@ -99,3 +99,15 @@ def test_embed_a_trained_run(tmp_path):
     np.testing.assert_allclose(cases[case].obsm["slide"][0],
                                slides[slides.obs["case_id"] == case].obsm["slide"].mean(0), atol=1e-6)
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["slide_random"].shape[0] == cases.n_obs
+
+    # `mmfm embed`: by default only the run's held-out cases; --baselines "[]" skips the baselines
+    from mmfm.cli import main
+
+    out = tmp_path / "held.h5ad"
+    assert main(["embed", "--run", str(tmp_path / "run"), "--cohort", str(cohort_dir), "--out", str(out),
+                 "--baselines", "[]"]) == 0
+    held_ad = ad.read_h5ad(out)
+    assert list(held_ad.obs_names) == [str(c) for c in held] and (held_ad.obs["split"] == "heldout").all()
+    assert "slide" in held_ad.obsm and not {"slide_meanpool", "slide_random"} & set(held_ad.obsm)
+    np.testing.assert_allclose(held_ad.obsm["slide"], cases[held].obsm["slide"], atol=1e-5)
+    assert main(["embed", "--run", str(tmp_path / "nope"), "--cohort", str(cohort_dir), "--out", str(out)]) == 2

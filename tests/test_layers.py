@@ -19,6 +19,8 @@ RANK = {"base": 0, "data": 1, "models": 2, "objectives": 3, "train": 4, "eval": 
 
 
 def layer(module: str) -> str:
+    if module == "mmfm.__main__":  # `python -m mmfm`: an entry point, the command layer
+        return "cli"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in RANK else "base"
 

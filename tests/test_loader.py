@@ -86,7 +86,7 @@ ALL = list(SLIDES)
 
 
 def _loader(cohort, **kw):
-    args = {k: kw.pop(k) for k in ("transforms", "process_index", "process_count") if k in kw}
+    args = {k: kw.pop(k) for k in ("modalities", "transforms", "process_index", "process_count") if k in kw}
     cfg = LoaderConfig(**{"batch_size": 4, "tiles_per_slide": K, "n_genes": 10, "report_max_len": 12,
                           "prefetch": 0, **kw})
     return TileBagLoader(cohort, cfg, ALL, **args)
@@ -120,7 +120,7 @@ def test_batches_follow_the_contract(cohort):
 
 
 def test_presence_masks_follow_the_cohort(cohort):
-    from mmfm.models.text import tokenize
+    from mmfm.data.text import tokenize
 
     loader = _loader(cohort)
     n = 0
@@ -173,9 +173,8 @@ def test_rna_transform_fitted_on_loader_cases_and_reusable(cohort):
             np.testing.assert_allclose(batch["rna/values"][r], values[i], rtol=1e-6)
             np.testing.assert_array_equal(batch["rna/gene_mask"][r], mask[i])
     # A loader over other cases given the run's transforms applies them unchanged.
-    other = TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K, prefetch=0,
-                                               modalities=("rna",)), ["c05", "c09"],
-                          transforms=loader.transforms)
+    other = TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K, prefetch=0), ["c05", "c09"],
+                          modalities=("rna",), transforms=loader.transforms)
     assert other.transforms["rna"] is loader.transforms["rna"]
 
 
@@ -389,8 +388,10 @@ def test_unknown_case_and_bad_bag_are_named(cohort, tmp_path):
     with pytest.raises(ValueError, match="multi_slide"):
         LoaderConfig(multi_slide="all")
     with pytest.raises(ValueError, match="no.*rna data|rna data"):  # nothing to fit the RNA transform on
-        TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K, modalities=("slide", "rna")),
-                      ["c08", "c11"])
+        TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ["c08", "c11"],
+                      modalities=("slide", "rna"))
+    with pytest.raises(ValueError, match=r"data\.modalities: unknown \['dna'\]"):
+        TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ALL, modalities=("slide", "dna"))
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not an hdf5 file")
     with pytest.raises(OSError, match="bad.h5"):

@@ -23,8 +23,8 @@ SLIDES = {
 
 @pytest.mark.parametrize("kind", sorted(SLIDES))
 def test_all_masked_rows_have_finite_gradients(kind):
-    cfg = ModelConfig(modalities=("slide", "rna", "protein", "mutation"), slide=SLIDES[kind], embed_dim=8)
-    model = MultimodalModel(cfg, SHAPES, rngs=nnx.Rngs(0))
+    cfg = ModelConfig(slide=SLIDES[kind], embed_dim=8)
+    model = MultimodalModel(cfg, SHAPES, ("slide", "rna", "protein", "mutation"), rngs=nnx.Rngs(0))
     b = random_batch(SHAPES, seed=1)
     b["slide/tile_mask"][0], b["slide/present"][0] = False, False
     b["rna/gene_mask"][1], b["rna/present"][1] = False, False

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from mmfm import config as mconfig
 from mmfm.data.batch import BatchShapes, random_batch
 from mmfm.models import DEFAULT_AXIS_RULES, ModelConfig, MultimodalModel, SlideConfig
 from mmfm.models.abmil import ABMILConfig
@@ -17,11 +18,12 @@ from mmfm.models.omics import OmicsConfig
 from mmfm.models.transformer import TransformerConfig
 
 SHAPES = BatchShapes(batch_size=8, tiles_per_slide=16, feature_dim=12, n_genes=20, n_proteins=6, n_mutations=5)
+MODS = ("slide", "rna", "protein", "mutation")
 
 
 def tiny_config(kind="abmil", **kw):
     return ModelConfig(
-        modalities=("slide", "rna", "protein", "mutation"), embed_dim=16,
+        embed_dim=16,
         slide=SlideConfig(kind=kind, abmil=ABMILConfig(hidden=16, attn_dim=8),
                           transformer=TransformerConfig(width=16, depth=2, n_heads=2, n_registers=2, mlp_ratio=2.0,
                                                         block_q=8, block_k=8)),
@@ -36,7 +38,7 @@ def embed(model, batch):
 
 @pytest.mark.parametrize("kind", ["abmil", "transformer"])
 def test_embeddings_per_modality(kind):
-    model = MultimodalModel(tiny_config(kind), SHAPES, rngs=nnx.Rngs(0))
+    model = MultimodalModel(tiny_config(kind), SHAPES, MODS, rngs=nnx.Rngs(0))
     batch = random_batch(SHAPES, missing_rate=0.3)
     out = embed(model, batch)
     assert sorted(out) == ["mutation", "protein", "rna", "slide"]
@@ -50,7 +52,7 @@ def test_embeddings_per_modality(kind):
 
 
 def test_every_parameter_gets_a_gradient():
-    model = MultimodalModel(tiny_config("abmil", head_hidden=8), SHAPES, rngs=nnx.Rngs(1))  # transformer: test_slide_encoders
+    model = MultimodalModel(tiny_config("abmil", head_hidden=8), SHAPES, MODS, rngs=nnx.Rngs(1))  # transformer: test_slide_encoders
     batch = random_batch(SHAPES)
 
     @nnx.jit
@@ -68,11 +70,11 @@ def test_every_parameter_gets_a_gradient():
 def test_same_numbers_with_a_sharded_mesh():
     cfg = tiny_config("transformer")
     batch = random_batch(SHAPES, seed=3)
-    ref = embed(MultimodalModel(cfg, SHAPES, rngs=nnx.Rngs(2)), batch)
+    ref = embed(MultimodalModel(cfg, SHAPES, MODS, rngs=nnx.Rngs(2)), batch)
 
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_AXIS_RULES):
-        model = MultimodalModel(cfg, SHAPES, rngs=nnx.Rngs(2))
+        model = MultimodalModel(cfg, SHAPES, MODS, rngs=nnx.Rngs(2))
         kernel = model.encoders["slide"].proj.kernel  # ("embed", "hidden") → P("fsdp", None)
         assert kernel[...].sharding.spec == P("fsdp", None)
         assert nnx.get_partition_spec(nnx.state(model)) is not None
@@ -84,8 +86,8 @@ def test_same_numbers_with_a_sharded_mesh():
 
 def test_bf16_compute_keeps_fp32_params_and_outputs():
     batch = random_batch(SHAPES, seed=4)
-    ref = embed(MultimodalModel(tiny_config("transformer"), SHAPES, rngs=nnx.Rngs(5)), batch)
-    model = MultimodalModel(tiny_config("transformer", compute_dtype="bfloat16"), SHAPES, rngs=nnx.Rngs(5))
+    ref = embed(MultimodalModel(tiny_config("transformer"), SHAPES, MODS, rngs=nnx.Rngs(5)), batch)
+    model = MultimodalModel(tiny_config("transformer", compute_dtype="bfloat16"), SHAPES, MODS, rngs=nnx.Rngs(5))
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
     out = embed(model, batch)
     for m in ref:
@@ -95,7 +97,7 @@ def test_bf16_compute_keeps_fp32_params_and_outputs():
 
 
 def test_encode_slide_on_whole_bags_of_any_size():
-    model = MultimodalModel(tiny_config("transformer"), SHAPES, rngs=nnx.Rngs(6))
+    model = MultimodalModel(tiny_config("transformer"), SHAPES, MODS, rngs=nnx.Rngs(6))
     rng = np.random.default_rng(6)
     n = 53  # not the training tiles_per_slide
     feats = rng.standard_normal((1, n, 12)).astype(np.float32)
@@ -109,22 +111,28 @@ def test_encode_slide_on_whole_bags_of_any_size():
 
 def test_config_round_trip_and_clear_errors():
     cfg = tiny_config("transformer", head_hidden=32)
-    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    bad = cfg.to_dict()
+    assert mconfig.decode(ModelConfig, json.loads(json.dumps(mconfig.to_dict(cfg)))) == cfg
+    bad = mconfig.to_dict(cfg)
     bad["slide"]["transformer"]["widht"] = 3
-    with pytest.raises(ValueError, match=r"model\.slide\.transformer\.widht"):
-        ModelConfig.from_dict(bad)
+    with pytest.raises(ValueError, match=r"model: unknown config key\(s\) slide\.transformer\.widht"):
+        mconfig.decode(ModelConfig, bad, "model")
+    bad = mconfig.to_dict(cfg)
+    bad["slide"]["kind"] = "gigapath"
+    with pytest.raises(ValueError, match=r"slide\.kind: Cannot convert 'gigapath'"):
+        mconfig.decode(ModelConfig, bad)
     with pytest.raises(ValueError, match="n_proteins=0"):
         MultimodalModel(cfg, BatchShapes(batch_size=2, tiles_per_slide=4, feature_dim=12, n_genes=20,
-                                         n_mutations=5), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="slide.kind='gigapath'"):
-        MultimodalModel(ModelConfig(slide=SlideConfig(kind="gigapath")), SHAPES, rngs=nnx.Rngs(0))
+                                         n_mutations=5), MODS, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"data\.modalities: unknown 'dna'"):
+        MultimodalModel(cfg, SHAPES, ("slide", "dna"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="slide.kind='gigapath'"):  # built in code, past the decoder
+        MultimodalModel(ModelConfig(slide=SlideConfig(kind="gigapath")), SHAPES, ("slide", "rna"), rngs=nnx.Rngs(0))
 
 
 def test_report_modality_uses_the_pretrained_text_encoder():
     text = pytest.importorskip("mmfm.models.text")
     shapes = BatchShapes(batch_size=2, report_len=12)
-    model = MultimodalModel(ModelConfig(modalities=("report",), embed_dim=8), shapes, rngs=nnx.Rngs(7))
+    model = MultimodalModel(ModelConfig(embed_dim=8), shapes, ("report",), rngs=nnx.Rngs(7))
     ids, mask = text.tokenize(["invasive ductal carcinoma, grade 3", "benign breast tissue"], 12)
     batch = {"report/input_ids": ids, "report/attention_mask": mask, "report/present": np.ones(2, bool),
              "case_index": np.arange(2, dtype=np.int32)}
@@ -135,7 +143,7 @@ def test_report_modality_uses_the_pretrained_text_encoder():
 
 
 def test_norms_before_normalisation_are_returned_for_diagnostics():
-    model = MultimodalModel(tiny_config(), SHAPES, rngs=nnx.Rngs(3))
+    model = MultimodalModel(tiny_config(), SHAPES, MODS, rngs=nnx.Rngs(3))
     batch = random_batch(SHAPES, seed=2)
     emb, norms = model(batch, with_norms=True)
     for m in emb:

@@ -159,7 +159,7 @@ def test_case_in_train_and_test_is_refused(tmp_path):
         probe(a, FAST, tmp_path / "out", splits=tmp_path / "bad.tsv", plots=False)
 
 
-def test_pretraining_overlap_refused_unless_allowed(tmp_path):
+def test_pretraining_overlap_refused_unless_allowed(tmp_path, capsys):
     a = _gse7390()
     _split_file(tmp_path / "s.tsv", a)
     a.uns["pretrain_cases"] = list(a.obs_names[:5])
@@ -177,7 +177,10 @@ def test_pretraining_overlap_refused_unless_allowed(tmp_path):
     args = ["probe", "--embeddings", str(tmp_path / "e.h5ad"), "--tasks", str(tmp_path / "t.yaml"), "--splits",
             str(tmp_path / "s.tsv"), "--out", str(tmp_path / "cli"), "--pretrain-cases", str(tmp_path / "pre.txt"),
             "--no-plots"]
+    capsys.readouterr()
     assert cli.main(args) == 2 and not (tmp_path / "cli" / "results.csv").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("mmfm probe: error: ") and "GSE7390_007" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("task, message", [

@@ -311,8 +311,14 @@ def test_cli_resume_and_config_guard(tmp_path, capsys):
     (out / "cohort.yaml").unlink()
     assert main(args) == 0  # resumes: rewrites only what is missing, byte-identical
     assert digests(out) == before
+    capsys.readouterr()
     assert main(args[:-2] + ["--seed", "9"]) == 2
-    assert "seed" in capsys.readouterr().out
+    err = capsys.readouterr().err  # a user error: one line on stderr naming the command and the changed key
+    assert err.startswith("mmfm simulate: error: ") and "seed" in err and err.count("\n") == 1
+    assert main(["simulate", "--out", str(out), "--cases", "four"]) == 2
+    assert "n_cases: Couldn't parse 'four' into an int" in capsys.readouterr().err
+    assert main(["simulate", "--outt", str(out)]) == 2
+    assert "unknown config key(s) outt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="missing_rna"):
         SimConfig(missing_rna=1.5).check()
     stranger = tmp_path / "stranger"

@@ -17,21 +17,24 @@ from mmfm.models import ModelConfig, MultimodalModel, SlideConfig
 from mmfm.models.abmil import ABMILConfig
 from mmfm.models.omics import OmicsConfig
 from mmfm.objectives import LogitParams, ObjectiveConfig, multimodal_loss
+from mmfm import config as mconfig
 from mmfm.train import checkpoint, config, metrics, optim, sharding
-from mmfm.train.loop import TrainModule, init_state, make_train_step
+from mmfm.train.loop import make_train_step
+from mmfm.train.sharding import MeshConfig
+from mmfm.train.state import TrainModule, init_state
 
 SHAPES = BatchShapes(batch_size=16, tiles_per_slide=8, feature_dim=32, n_genes=24)
 MODS = ("slide", "rna")
 
 
-MODEL = ModelConfig(modalities=MODS, embed_dim=32, slide=SlideConfig(abmil=ABMILConfig(hidden=64, n_heads=2, attn_dim=16)),
+MODEL = ModelConfig(embed_dim=32, slide=SlideConfig(abmil=ABMILConfig(hidden=64, n_heads=2, attn_dim=16)),
                     rna=OmicsConfig(hidden=32, n_layers=1))
 
 
 def build(seed=0):
     def f():
         rngs = nnx.Rngs(seed)
-        return TrainModule(MultimodalModel(MODEL, SHAPES, rngs=rngs), LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
+        return TrainModule(MultimodalModel(MODEL, SHAPES, MODS, rngs=rngs), LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
     return f
 
 
@@ -60,46 +63,53 @@ def train_losses(mesh, n_steps=3, tcfg=None, impl="global", loss=None):
 
 def mesh_of(data, fsdp, n=None):
     devs = jax.devices()[: (n or data * fsdp)]
-    return sharding.make_mesh(config.MeshConfig(data=data, fsdp=fsdp), devs)
+    return sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp), devs)
 
 
 # ----------------------------------------------------------------------------- config
 
 def test_config_errors_name_the_dotted_key():
-    with pytest.raises(config.ConfigError, match=r"train\.lrr"):
-        config.from_dict(config.TrainConfig, {"lrr": 1.0}, "train")
-    with pytest.raises(config.ConfigError, match=r"train\.mesh\.data: expected an integer"):
-        config.from_dict(config.TrainConfig, {"mesh": {"data": "four"}}, "train")
-    with pytest.raises(config.ConfigError, match=r"train\.progress: expected true/false"):
-        config.from_dict(config.TrainConfig, {"progress": 1}, "train")
-    with pytest.raises(config.ConfigError, match=r"train\.best_mode: .mean. is not one of"):
-        config.from_dict(config.TrainConfig, {"best_mode": "mean"}, "train")
-    t = config.from_dict(config.TrainConfig, {"lr": 3, "mesh": {"fsdp": 2}}, "train")
-    assert t.lr == 3.0 and isinstance(t.lr, float) and t.mesh == config.MeshConfig(data=-1, fsdp=2)
+    run = config.RunConfig
+    with pytest.raises(mconfig.ConfigError, match=r"unknown config key\(s\) train\.lrr"):
+        mconfig.decode(run, {"train": {"lrr": 1.0}})
+    with pytest.raises(mconfig.ConfigError, match=r"train\.mesh\.data: Couldn't parse 'four' into an int"):
+        mconfig.decode(run, {"train": {"mesh": {"data": "four"}}})
+    with pytest.raises(mconfig.ConfigError, match=r"train\.progress: Couldn't parse '1' into a bool"):
+        mconfig.decode(run, {"train": {"progress": 1}})
+    with pytest.raises(mconfig.ConfigError, match=r"train\.best_mode: Cannot convert 'mean' .* into one of: max, min"):
+        mconfig.decode(run, {"train": {"best_mode": "mean"}})
+    with pytest.raises(mconfig.ConfigError, match=r"train\.steps: Couldn't parse '5.5' into an int"):
+        mconfig.decode(run, {"train": {"steps": 5.5}})
+    t = mconfig.decode(config.TrainConfig, {"lr": 3, "mesh": {"fsdp": 2}}, "train")
+    assert t.lr == 3.0 and isinstance(t.lr, float) and t.mesh == MeshConfig(data=-1, fsdp=2)
 
 
 def test_config_owner_types_and_overrides_use_safe_yaml():
     # ObjectiveConfig (owner: objective helper) accepts pair lists and {pair: weight} mappings
-    o = config.from_dict(ObjectiveConfig, {"pairs": [["slide", "rna"]], "pair_weights": {"slide-rna": 2}}, "objective")
+    o = mconfig.decode(ObjectiveConfig, {"pairs": [["slide", "rna"]], "pair_weights": {"slide-rna": 2}}, "objective")
     assert o.pairs == (("slide", "rna"),) and o.pair_weights == (("slide-rna", 2.0),)
-    with pytest.raises(config.ConfigError, match=r"objective\.kind"):
-        config.from_dict(ObjectiveConfig, {"kind": "clip"}, "objective")
+    with pytest.raises(mconfig.ConfigError, match=r"objective\.kind: Cannot convert 'clip'"):
+        mconfig.decode(config.RunConfig, {"objective": {"kind": "clip"}})
     raw = {}
-    config.apply_override(raw, "train.steps=7")
-    config.apply_override(raw, "train.mesh.fsdp=2")
-    config.apply_override(raw, "data.cohort=__import__('os').system('false')")  # stays a plain string
+    mconfig.apply_override(raw, "train.steps=7")
+    mconfig.apply_override(raw, "train.mesh.fsdp=2")
+    mconfig.apply_override(raw, "data.cohort=__import__('os').system('false')")  # stays a plain string
     assert raw == {"train": {"steps": 7, "mesh": {"fsdp": 2}}, "data": {"cohort": "__import__('os').system('false')"}}
-    with pytest.raises(config.ConfigError, match="expected key=value"):
-        config.apply_override(raw, "train.steps")
+    with pytest.raises(mconfig.ConfigError, match="expected a.b.c=value"):
+        mconfig.apply_override(raw, "train.steps")
+    cfg = mconfig.decode(config.RunConfig, raw)
+    assert cfg.train.steps == 7 and cfg.train.mesh == MeshConfig(data=-1, fsdp=2)
+    assert cfg.data.cohort == "__import__('os').system('false')"
+    assert mconfig.decode(config.RunConfig, mconfig.to_dict(cfg)) == cfg  # round trip
 
 
 # ----------------------------------------------------------------------------- mesh and sharding rules
 
 def test_mesh_shape_fills_minus_one_and_rejects_misfit():
-    assert sharding.mesh_shape(config.MeshConfig(-1, 2), 8) == (4, 2)
-    assert sharding.mesh_shape(config.MeshConfig(2, -1), 8) == (2, 4)
+    assert sharding.mesh_shape(MeshConfig(-1, 2), 8) == (4, 2)
+    assert sharding.mesh_shape(MeshConfig(2, -1), 8) == (2, 4)
     with pytest.raises(ValueError, match="train.mesh"):
-        sharding.mesh_shape(config.MeshConfig(3, 1), 8)
+        sharding.mesh_shape(MeshConfig(3, 1), 8)
     mesh = mesh_of(4, 2)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
@@ -244,24 +254,34 @@ def test_metrics_writer_jsonl_and_resume_truncation(tmp_path):
 # ----------------------------------------------------------------------------- held-out evaluation metrics
 
 def test_retrieval_recall_and_rankme_against_brute_force():
+    from mmfm.metrics import paired_recall
+    from mmfm.objectives.diagnostics import rankme
     from mmfm.train import evaluate
 
     rng = np.random.default_rng(0)
     za = rng.standard_normal((30, 8))
     zb = za + 0.8 * rng.standard_normal((30, 8))
-    got = evaluate.recall_at_k(za, zb, ks=(1, 5, 10))
-    sim = za @ zb.T
+    got = paired_recall(za, zb, ks=(1, 5, 10))
+    sim = za @ zb.T / np.linalg.norm(za, axis=1)[:, None] / np.linalg.norm(zb, axis=1)[None, :]  # cosine
     for k in (1, 5, 10):  # brute force: is i among the k highest of row i (stable order, i first on ties)?
         want = np.mean([i in np.argsort(-sim[i], kind="stable")[:k] for i in range(30)])
         assert got[k] == pytest.approx(want)
-    assert evaluate.recall_at_k(np.ones((4, 2)), np.ones((4, 2)), ks=(1, 4)) == {1: 0.0, 4: 1.0}  # ties count against
+    assert paired_recall(np.ones((4, 2)), np.ones((4, 2)), ks=(1, 4)) == {1: 0.0, 4: 1.0}  # ties count against
     s = np.array([3.0, 1.0, 0.5])
     p = s / s.sum() + 1e-7
     z = np.linalg.qr(rng.standard_normal((10, 3)))[0] * s  # singular values s
-    assert evaluate.rankme(z) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    rows = np.ones(10, bool)
+    assert float(rankme(jnp.asarray(z), jnp.asarray(rows))) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-5)
     assert evaluate.eval_batch_size(12, 16, 8) == 8 and evaluate.eval_batch_size(5, 16, 8) == 0
     # case embeddings: rows of one case averaged and re-normalised; absent rows and padding ignored
     rows = {"slide": np.array([[1.0, 0], [0, 1.0], [5.0, 5.0], [0, 3.0]])}
     cases = evaluate.case_embeddings(rows, {"slide": np.array([True, True, False, True])}, np.array([0, 0, 0, -1]))
     np.testing.assert_allclose(cases["slide"][0], [2 ** -0.5, 2 ** -0.5])
     assert set(cases["slide"]) == {0}
+    # retrieval_metrics: both directions of every pair, RankMe per modality, chance k / n
+    cases = {"slide": {i: za[i] / np.linalg.norm(za[i]) for i in range(30)},
+             "rna": {i: zb[i] / np.linalg.norm(zb[i]) for i in range(30)}}
+    out = evaluate.retrieval_metrics(cases, [("slide", "rna")], ks=(1, 5, 10))
+    assert out["recall@5/slide->rna"] == pytest.approx(got[5]) and out["chance@5/slide-rna"] == pytest.approx(5 / 30)
+    assert out["recall@1/rna->slide"] == pytest.approx(paired_recall(zb, za, ks=(1,))[1])
+    assert out["n_cases/slide-rna"] == 30 and 1.0 < out["rankme/slide"] <= 8.0

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from mmfm.data.batch import BatchShapes, random_batch
-from mmfm.train import config, loop, optim, sharding
+from mmfm import MODALITIES
+from mmfm.train import config, loop, optim, sharding, state
+from mmfm.train.sharding import MeshConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SHRINK = ["loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32", "loader.report_max_len=16",
@@ -28,13 +30,13 @@ def test_all_recipes_present():
 def test_recipe_validates_and_trains_one_step(path):
     cfg = config.load_config(path)
     assert cfg.data.cohort and cfg.train.steps > 0
-    assert set(cfg.model.modalities) <= set(cfg.loader.modalities)
+    assert cfg.data.modalities and set(cfg.data.modalities) <= set(MODALITIES)  # one field: loader and model
     assert path.read_text().lstrip().startswith("#") and "Differs" in path.read_text()  # states what it mirrors
     cfg = config.load_config(path, SHRINK)
-    mods = tuple(cfg.model.modalities)
+    mods = tuple(cfg.data.modalities)
     shapes = BatchShapes(batch_size=8, **{k: v for m in mods for k, v in SIZES[m].items()})
-    mesh = sharding.make_mesh(config.MeshConfig(1, 1), jax.devices()[:1])
-    ts = loop.init_state(loop.build_module(cfg, shapes, mods), optim.make_optimizer(cfg.train), mesh,
+    mesh = sharding.make_mesh(MeshConfig(1, 1), jax.devices()[:1])
+    ts = state.init_state(state.build_module(cfg, shapes, mods), optim.make_optimizer(cfg.train), mesh,
                          cfg.train.axis_rules, cfg.train.shard_min_size)
     step = loop.make_train_step(ts, loop.objective_loss(cfg, mesh), mesh, lr_schedule=optim.schedule(cfg.train),
                                 grad_accum=cfg.train.grad_accum)
@@ -59,7 +61,11 @@ def test_unknown_and_mistyped_recipe_keys_are_named(tmp_path):
     bad.write_text("train:\n  steps: 10\n  lerning_rate: 0.1\n")
     with pytest.raises(config.ConfigError, match=r"bad\.yaml: unknown config key\(s\) train\.lerning_rate"):
         config.load_config(bad)
-    with pytest.raises(config.ConfigError, match=r"model\.slide\.abmil\.hidden: expected an integer"):
+    with pytest.raises(config.ConfigError, match=r"model\.slide\.abmil\.hidden: Couldn't parse 'wide' into an int"):
         config.load_config(CONFIGS[0], ["model.slide.abmil.hidden=wide"])
-    with pytest.raises(config.ConfigError, match=r"unknown config section\(s\) trian"):
+    with pytest.raises(config.ConfigError, match=r"unknown config key\(s\) trian \(not fields of RunConfig\)"):
         config.load_config(CONFIGS[0], ["trian.steps=3"])
+    with pytest.raises(config.ConfigError, match=r"data\.modalities\.1: Cannot convert 'dna'"):
+        config.load_config(CONFIGS[0], ["data.modalities=[slide, dna]"])
+    with pytest.raises(config.ConfigError, match=r"data\.modalities: needs distinct entries"):
+        config.load_config(CONFIGS[0], ["data.modalities=[slide, slide]"])
