@@ -17,23 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from mmfm.train.sharding import MeshConfig, default_axis_rules as _default_axis_rules
+
 
 class ConfigError(ValueError):
     """A config file or override that does not match the typed schema."""
-
-
-@dataclass
-class MeshConfig:
-    """Device mesh shape; -1 on one axis takes every remaining device."""
-
-    data: int = -1
-    fsdp: int = 1
-
-
-def _default_axis_rules() -> list:
-    from mmfm.models import DEFAULT_AXIS_RULES
-
-    return [list(r) for r in DEFAULT_AXIS_RULES]
 
 
 @dataclass
