@@ -63,15 +63,18 @@ def leaf_path(path) -> str:
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
-    """Drop mesh axes a dimension cannot take: arrays under `min_size` elements, or dims the axis
-    size does not divide, stay replicated along that dim."""
+    """Drop mesh axes a dimension cannot take: arrays under `min_size` elements, dims the axis size
+    does not divide, and mesh axes an earlier dim already took (two logical names mapped to one mesh
+    axis) stay replicated along that dim."""
     if int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
-    out = []
+    out, taken = [], set()
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
         size = int(np.prod([mesh.shape[a] for a in names], dtype=np.int64))
-        out.append(axes if names and dim % size == 0 and size > 1 else None)
+        fits = bool(names) and dim % size == 0 and size > 1 and not taken.intersection(names)
+        out.append(axes if fits else None)
+        taken.update(names if fits else ())
     return P(*out)
 
 
