@@ -39,7 +39,7 @@ from mmfm.train import config as tconfig, loop, optim, sharding
 def jax_step(shapes: BatchShapes, mcfg: ModelConfig, tcfg):
     ocfg = ObjectiveConfig(kind="siglip", pairs=(("slide", "rna"),))
     cfg = tconfig.RunConfig(data=tconfig.DataConfig(), train=tcfg, model=mcfg, objective=ocfg, loader=None)
-    mesh = sharding.make_mesh(tconfig.MeshConfig(data=-1, fsdp=1))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1))
     ts = loop.init_state(loop.build_module(cfg, shapes, ("slide", "rna")), optim.make_optimizer(tcfg), mesh,
                          tcfg.axis_rules, tcfg.shard_min_size)
     step = loop.make_train_step(ts, loop.objective_loss(cfg, mesh), mesh, lr_schedule=optim.schedule(tcfg))

@@ -60,7 +60,7 @@ def train_losses(mesh, n_steps=3, tcfg=None, impl="global", loss=None):
 
 def mesh_of(data, fsdp, n=None):
     devs = jax.devices()[: (n or data * fsdp)]
-    return sharding.make_mesh(config.MeshConfig(data=data, fsdp=fsdp), devs)
+    return sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp), devs)
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,7 +75,7 @@ def test_config_errors_name_the_dotted_key():
     with pytest.raises(config.ConfigError, match=r"train\.best_mode: .mean. is not one of"):
         config.from_dict(config.TrainConfig, {"best_mode": "mean"}, "train")
     t = config.from_dict(config.TrainConfig, {"lr": 3, "mesh": {"fsdp": 2}}, "train")
-    assert t.lr == 3.0 and isinstance(t.lr, float) and t.mesh == config.MeshConfig(data=-1, fsdp=2)
+    assert t.lr == 3.0 and isinstance(t.lr, float) and t.mesh == sharding.MeshConfig(data=-1, fsdp=2)
 
 
 def test_config_owner_types_and_overrides_use_safe_yaml():
@@ -96,10 +96,10 @@ def test_config_owner_types_and_overrides_use_safe_yaml():
 # ----------------------------------------------------------------------------- mesh and sharding rules
 
 def test_mesh_shape_fills_minus_one_and_rejects_misfit():
-    assert sharding.mesh_shape(config.MeshConfig(-1, 2), 8) == (4, 2)
-    assert sharding.mesh_shape(config.MeshConfig(2, -1), 8) == (2, 4)
+    assert sharding.mesh_shape(sharding.MeshConfig(-1, 2), 8) == (4, 2)
+    assert sharding.mesh_shape(sharding.MeshConfig(2, -1), 8) == (2, 4)
     with pytest.raises(ValueError, match="train.mesh"):
-        sharding.mesh_shape(config.MeshConfig(3, 1), 8)
+        sharding.mesh_shape(sharding.MeshConfig(3, 1), 8)
     mesh = mesh_of(4, 2)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)

@@ -122,7 +122,7 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path):
                for r in ev)
     assert config.load_config(run / "config.yaml").train.mesh.fsdp == 2  # resolved config reloads
     model4, cfg, transforms = loop.load_for_inference(run)                       # latest, all 8 devices
-    model2, _, _ = loop.load_for_inference(run, step=2, mesh=sharding.make_mesh(config.MeshConfig(1, 1),
+    model2, _, _ = loop.load_for_inference(run, step=2, mesh=sharding.make_mesh(sharding.MeshConfig(1, 1),
                                                                                  jax.devices()[:1]))
     assert cfg.model.compute_dtype == "bfloat16"
     assert loop.best_step(run, "recall@5/slide->rna", "max", [2, 4]) == max(ev, key=lambda r: r["recall@5/slide->rna"])["step"]

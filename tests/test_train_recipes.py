@@ -33,7 +33,7 @@ def test_recipe_validates_and_trains_one_step(path):
     cfg = config.load_config(path, SHRINK)
     mods = tuple(cfg.model.modalities)
     shapes = BatchShapes(batch_size=8, **{k: v for m in mods for k, v in SIZES[m].items()})
-    mesh = sharding.make_mesh(config.MeshConfig(1, 1), jax.devices()[:1])
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1), jax.devices()[:1])
     ts = loop.init_state(loop.build_module(cfg, shapes, mods), optim.make_optimizer(cfg.train), mesh,
                          cfg.train.axis_rules, cfg.train.shard_min_size)
     step = loop.make_train_step(ts, loop.objective_loss(cfg, mesh), mesh, lr_schedule=optim.schedule(cfg.train),
