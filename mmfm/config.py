@@ -15,7 +15,7 @@ from typing import Sequence, TypeVar
 
 import draccus
 import yaml
-from draccus.utils import DecodingError
+from draccus.utils import DecodingError, ParsingError
 
 T = TypeVar("T")
 
@@ -39,7 +39,9 @@ def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
         return draccus.decode(cls, raw)
     except DecodingError as e:
         raise ConfigError(prefix + _message(e)) from e
-    except (TypeError, ValueError) as e:  # the dataclasses' own __post_init__ checks
+    except ParsingError as e:  # draccus wraps the dataclasses' own __post_init__ checks; report theirs
+        raise ConfigError(prefix + _message(e.__cause__ or e)) from e
+    except (TypeError, ValueError) as e:
         raise ConfigError(prefix + _message(e)) from e
 
 
