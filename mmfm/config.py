@@ -46,9 +46,10 @@ def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
         return draccus.decode(cls, raw)
     except DecodingError as e:
         raise ConfigError(prefix + _message(e)) from e
-    except (ParsingError, TypeError, ValueError) as e:  # the dataclasses' own __post_init__ checks
-        cause = e.__cause__ or e.__context__ if isinstance(e, ParsingError) else e
-        raise ConfigError(prefix + _message(cause or e)) from e
+    except ParsingError as e:  # draccus wraps the dataclasses' own __post_init__ checks; report theirs
+        raise ConfigError(prefix + _message(e.__cause__ or e)) from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(prefix + _message(e)) from e
 
 
 def to_dict(cfg) -> dict:

@@ -109,7 +109,7 @@ def _save(fig: Figure, path: Path) -> None:
 def plot_task(summary: pd.DataFrame, path: Path) -> bool:
     """Primary metric per embedding (error bars = SE or CI); few-shot: metric against shots."""
     kind = summary.type.iloc[0]
-    metrics = PRIMARY[kind] or (summary.metric.iloc[0],)
+    metrics = PRIMARY.get(kind) or (summary.metric.iloc[0],)  # a type not listed: its first metric
     s = summary[summary.metric.isin(metrics)]
     metric = " / ".join(m for m in metrics if m in set(s.metric))
     if s.empty:
