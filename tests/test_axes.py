@@ -54,7 +54,7 @@ def tiny_bert(tmp_path_factory):
 
 def full_config(kind, tiny_bert, trainable="last_k", head_hidden=None):
     return ModelConfig(
-        modalities=("slide", "rna", "protein", "mutation", "report"), embed_dim=16, head_hidden=head_hidden,
+        embed_dim=16, head_hidden=head_hidden,
         slide=SlideConfig(kind=kind, abmil=ABMILConfig(hidden=16, attn_dim=8),
                           transformer=TransformerConfig(width=16, depth=2, n_heads=2, n_registers=2, mlp_ratio=2.0,
                                                         readout="attention", block_q=4, block_k=4)),
@@ -67,7 +67,7 @@ def full_config(kind, tiny_bert, trainable="last_k", head_hidden=None):
 def abstract_state(kind, bert_dir, head_hidden):
     """The model's state as the trainer first sees it (`nnx.eval_shape`): shapes and names, no compute."""
     cfg = full_config(kind, bert_dir, head_hidden=head_hidden)
-    return nnx.state(nnx.eval_shape(lambda: MultimodalModel(cfg, SHAPES, rngs=nnx.Rngs(0))))
+    return nnx.state(nnx.eval_shape(lambda: MultimodalModel(cfg, SHAPES, ("slide", "rna", "protein", "mutation", "report"), rngs=nnx.Rngs(0))))
 
 
 def flat_shardings(tree):
