@@ -29,6 +29,7 @@ import yaml
 
 from mmfm import MODALITIES
 from mmfm.data.bags import read_header
+from mmfm.io import id_list
 
 SMALL_BAG_TILES = 16  # bags below this are legal but suspicious (a failed tissue mask, a thumbnail)
 SCAN_CHUNK_BYTES = 64 << 20  # feature rows are scanned for NaN/inf in blocks of about this size
@@ -108,10 +109,6 @@ class CohortSpec:
                 "target_magnification": d["target_magnification"], "patch_size": d["patch_size"]}
 
 
-def _ids(values, limit: int = LIST_MAX) -> str:
-    values = [str(v) for v in values]
-    more = f" ... and {len(values) - limit} more" if len(values) > limit else ""
-    return ", ".join(values[:limit]) + more
 
 
 def _positive(value, kind) -> int | float | None:
@@ -256,12 +253,12 @@ def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
     no_site = out.loc[out["site"].isna(), "case_id"].tolist()
     if no_site:
         rep.warn(f"cases.csv: {len(no_site)} case(s) with empty site (site-preserved splits and robustness "
-                 f"metrics cannot use them): {_ids(no_site)}")
+                 f"metrics cannot use them): {id_list(no_site, LIST_MAX)}")
     if "os_days" in out and "os_event" in out:
         half = out["os_days"].isna() != out["os_event"].isna()
         if half.any():
             rep.warn(f"cases.csv: {int(half.sum())} case(s) with only one of os_days/os_event known "
-                     f"(unusable for survival): {_ids(out.loc[half, 'case_id'])}")
+                     f"(unusable for survival): {id_list(out.loc[half, 'case_id'], LIST_MAX)}")
     return out.set_index("case_id")
 
 
@@ -407,20 +404,20 @@ def _read_omics(root: Path, name: str, cases: pd.DataFrame | None, rep: Validati
     keep = np.ones(ad.n_obs, bool)
     dup = obs.duplicated()
     if dup.any():
-        rep.error(f"{fname}: duplicate obs (case) names {_ids(obs[dup].unique())}",
-                  exclude=f"{fname}: {int(dup.sum())} repeated row(s) (first kept): {_ids(obs[dup])}")
+        rep.error(f"{fname}: duplicate obs (case) names {id_list(obs[dup].unique(), LIST_MAX)}",
+                  exclude=f"{fname}: {int(dup.sum())} repeated row(s) (first kept): {id_list(obs[dup], LIST_MAX)}")
         keep &= ~dup
     if cases is not None:
         unknown = ~obs.isin(cases.index)
         if unknown.any():
-            rep.error(f"{fname}: {int(unknown.sum())} row(s) for case_id(s) not in cases.csv: {_ids(obs[unknown])}",
-                      exclude=f"{fname}: rows of unknown cases {_ids(obs[unknown])}")
+            rep.error(f"{fname}: {int(unknown.sum())} row(s) for case_id(s) not in cases.csv: {id_list(obs[unknown], LIST_MAX)}",
+                      exclude=f"{fname}: rows of unknown cases {id_list(obs[unknown], LIST_MAX)}")
             keep &= ~unknown
     var = pd.Index(ad.var_names.astype(str))
     vkeep = ~var.duplicated(keep=False)
     if not vkeep.all():
-        rep.error(f"{fname}: duplicate var names {_ids(var[~vkeep].unique())}",
-                  exclude=f"{fname}: every copy of duplicated var(s) {_ids(var[~vkeep].unique())}")
+        rep.error(f"{fname}: duplicate var names {id_list(var[~vkeep].unique(), LIST_MAX)}",
+                  exclude=f"{fname}: every copy of duplicated var(s) {id_list(var[~vkeep].unique(), LIST_MAX)}")
     if ad.n_vars == 0:
         rep.error(f"{fname}: no variables (genes/proteins)", exclude=f"{fname} (modality {name} dropped)")
         return None
@@ -432,8 +429,8 @@ def _read_omics(root: Path, name: str, cases: pd.DataFrame | None, rep: Validati
     nonfinite, negative, fractional = _scan_counts(counts)
     for mask, what in ((nonfinite, "NaN/inf"), (negative, "negative values")):
         if mask.any():
-            rep.error(f"{fname}: {source} has {what} in {int(mask.sum())} row(s) (case(s) {_ids(obs[mask])})",
-                      exclude=f"{fname}: rows with {what} {_ids(obs[mask])}")
+            rep.error(f"{fname}: {source} has {what} in {int(mask.sum())} row(s) (case(s) {id_list(obs[mask], LIST_MAX)})",
+                      exclude=f"{fname}: rows with {what} {id_list(obs[mask], LIST_MAX)}")
             keep &= ~mask
     if name == "rna" and fractional.any():  # protein panels may legitimately be intensities
         rep.warn(f"{fname}: {source} holds non-integer values in {int(fractional.sum())} row(s) "
@@ -517,7 +514,7 @@ def _check(root: Path, scan_features: bool = True) -> tuple[ValidationReport, _P
     if cases is not None and parts.slides is not None:
         empty = ~_presence(parts).any(axis=1)
         if empty.any():
-            rep.warn(f"{int(empty.sum())} case(s) in cases.csv have no usable modality: {_ids(empty.index[empty])}")
+            rep.warn(f"{int(empty.sum())} case(s) in cases.csv have no usable modality: {id_list(empty.index[empty], LIST_MAX)}")
     return rep, parts
 
 
