@@ -67,11 +67,23 @@ class FoldSpec(TaskSpec):
         unstratified)."""
         return {"": (pd.Index(np.unique(row_groups(adata, self))), None)}
 
-    def new_folds(self, cases: pd.Index, strata: pd.Series | None, sites: pd.Series | None) -> pd.DataFrame:
-        """Folds for one target when no split file is given."""
+    def new_folds(self, cases: pd.Index, strata: pd.Series | None, sites: pd.Series | None,
+                  where: str, notes: list[str]) -> pd.DataFrame:
+        """Folds for one target when no split file is given; a small cohort gets fewer folds, with a note."""
         if self.site_preserved and sites is None:
             raise TaskError(f"task {self.name!r}: 'site_preserved' needs key 'site'")
-        return folds_mod.generate_folds(cases, strata, sites, k=self.folds, seed=self.seed,
+        k = self.folds
+        if self.test_size is None:
+            counts = (pd.Series(1, index=cases).groupby(strata.reindex(cases).astype(str).to_numpy()).size()
+                      if strata is not None else pd.Series({"cases": len(cases)}))
+            k = min(self.folds, int(counts.max()))
+            if k < 2:
+                raise TaskError(f"task {where!r}: too few cases for 2 folds ({len(cases)} case(s); per class: "
+                                f"{counts.to_dict()})")
+            if k < self.folds:
+                notes.append(f"{where}: {self.folds} folds reduced to {k}: the largest class has {k} case(s) "
+                             f"(per class: {counts.to_dict()})")
+        return folds_mod.generate_folds(cases, strata, sites, k=k, seed=self.seed,
                                         site_preserved=self.site_preserved, test_size=self.test_size)
 
     def plan(self, adata, shared):
@@ -82,8 +94,9 @@ class FoldSpec(TaskSpec):
         sites = case_values(adata, self, "site", self.site) if self.site else None
         out = []
         for target, (cases, strata) in self.targets(adata, notes).items():
-            f = given if given is not None else self.new_folds(cases, strata, sites)
-            f, missing = folds_mod.restrict(f, cases, f"{self.name}{'/' + target if target else ''}")
+            where = f"{self.name}{'/' + target if target else ''}"
+            f = given if given is not None else self.new_folds(cases, strata, sites, where, notes)
+            f, missing = folds_mod.restrict(f, cases, where)
             notes += missing
             out.append(Target(target, strata, f))
         return out, notes

@@ -32,10 +32,10 @@ class RetrievalSpec(FoldSpec):
     def targets(self, adata, notes):
         return label_target(adata, self) if self.label and not self.pairs else super().targets(adata, notes)
 
-    def new_folds(self, cases, strata, sites):
+    def new_folds(self, cases, strata, sites, where, notes):
         if not self.label:  # cross-modal retrieval fits nothing: one gallery of every case, bootstrap CI over queries
             return folds_mod.all_test(cases)
-        return super().new_folds(cases, strata, sites)
+        return super().new_folds(cases, strata, sites, where, notes)
 
 
 def run(adata, spec: RetrievalSpec, targets: list[Target], col: Collector) -> None:
