@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from mmfm import MODALITIES
 from mmfm.data.bags import write_bag
@@ -746,7 +747,7 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
     genes, proteins = list(world.genes.index), list(world.proteins.index)
     cases, truth, slides, slide_truth, reports = [], [], [], [], []
     rna, rna_ids, prot, prot_ids = [], [], [], []
-    for i in range(cfg.n_cases):
+    for i in tqdm(range(cfg.n_cases), desc="simulate cases", unit="case", disable=cfg.n_cases < 50, leave=False):
         c = draw_case(cfg, world, i)
         rr = _rng(cfg, _REPORT, i)
         facts = report_facts(c, rr)

@@ -27,6 +27,8 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +40,8 @@ from mmfm.eval import folds, report
 from mmfm.eval.folds import LeakageError
 from mmfm.eval.tasks import TASKS, load_tasks
 from mmfm.eval.tasks.base import Collector, TaskError, row_features
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LeakageError", "ProbeConfig", "ProbeResult", "TaskError", "load_tasks", "probe", "run_probe"]
 
@@ -91,9 +95,12 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
             folds.write_folds(t.folds, out / "folds" / f"{report.slug(spec.name, t.name)}.tsv")
 
     col = Collector(n_bootstrap=n_bootstrap, plot_dir=out if plots else None, projection=projection)
-    for spec, targets, notes in plans:
+    for i, (spec, targets, notes) in enumerate(plans):
         col.notes += notes
+        t0 = time.perf_counter()
+        log.info("task %d/%d %s (%s) ...", i + 1, len(plans), spec.name, spec.type)
         TASKS[spec.type].run(adata, spec, targets, col)
+        log.info("task %d/%d %s done in %.1fs", i + 1, len(plans), spec.name, time.perf_counter() - t0)
 
     results = pd.DataFrame(col.rows, columns=["task", "type", "target", "embedding", "model", "shots", "draw",
                                               "metric", "fold", "value"])
