@@ -46,7 +46,8 @@ def gather_json(obj) -> list:
 
 class _DropReadOnlyNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "is read only" not in record.getMessage()
+        text = record.getMessage()
+        return "is read only" not in text and "read_only=True" not in text
 
 
 @contextlib.contextmanager
