@@ -4,18 +4,18 @@ Models name the axes of their parameters (`nnx.with_partitioning`); the trainer 
 batches. Only the rules below turn names into the mesh axes ("data", "fsdp"), so a model never mentions
 a mesh and the trainer never mentions a layer.
 
-Activations (the batch contract, `mmfm/data/batch.py`):
+Batches and activations (the batch contract, `mmfm/data/batch.py`):
   "batch"    rows of a batch (cases): split over every device, so each device encodes its own rows
-  "tiles"    tokens of a bag (tiles; the transformer's registers prepended to them): a bag stays whole
-  "feature"  the trailing value axis of a batch array (tile features, omics values)
-Parameters (every matrix has exactly one "embed" axis, which the default rules split over "fsdp"):
+  "tiles"    tokens of a bag: a bag stays whole on its device (also the transformer's register count,
+             since registers are tokens prepended to the tiles)
+  "feature"  the trailing value axis of a batch array (also the raw scalar input of a gene token)
+Parameters (every large matrix has exactly one "embed" axis, which the default rules split over "fsdp"):
   "embed"    the model/input width side of a matrix (residual stream, tile-feature or omics input dim)
   "hidden"   the inner side of an MLP or projection (MLP hidden, encoder output width, the scoring
              width of an attention-pool head)
   "heads"    the attention-head side (concatenated q/k/v/out heads, attention-pool branches and heads)
   "vocab"    rows of an embedding table (gene ids, word pieces, text positions, token types)
   "joint"    the shared embedding space every projection head ends in
-  "tiles"    the registers' count axis; "feature" a raw scalar input (a gene token's value)
 """
 
 from __future__ import annotations
