@@ -129,8 +129,9 @@ def test_mutation_task_with_every_gene_skipped_tests_no_case(tmp_path):
     """A gene below min_positives has no folds, so nothing is scored and nothing can leak."""
     a = _adata()
     a.uns["pretrain_cases"] = list(a.obs_names)
-    r = probe(a, [{"name": "m", "type": "mutation", "labels": ["mut_*"], "embeddings": ["emb"]},
-                  {"name": "rob", "type": "robustness", "label": "cls", "site": "cls", "embeddings": ["emb"]}],
-              tmp_path, plots=False, allow_overlap=True)
+    with pytest.warns(UserWarning, match="PRETRAINING OVERLAP"):
+        r = probe(a, [{"name": "m", "type": "mutation", "labels": ["mut_*"], "embeddings": ["emb"]},
+                      {"name": "rob", "type": "robustness", "label": "cls", "site": "cls", "embeddings": ["emb"]}],
+                  tmp_path, plots=False, allow_overlap=True)
     assert "m/mut_A: skipped (1 mutant / 59 wild-type cases, min_positives=2)" in r.notes
     assert list(r.overlap) == ["rob"]  # robustness scores every row; the skipped mutation task scores none

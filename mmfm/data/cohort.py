@@ -29,6 +29,7 @@ import yaml
 
 from mmfm import MODALITIES
 from mmfm.data.bags import read_header
+from mmfm.data.scan_cache import ScanCache
 from mmfm.io import id_list
 
 SMALL_BAG_TILES = 16  # bags below this are legal but suspicious (a failed tissue mask, a thumbnail)
@@ -263,8 +264,8 @@ def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
 
 
 def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationReport,
-               scan_features: bool = True) -> dict | None:
-    """Header checks plus a chunked NaN/inf scan; returns the slide's bag facts, or None if invalid."""
+               scan: ScanCache | None) -> dict | None:
+    """Header checks plus a chunked NaN/inf scan (none when `scan` is None); the slide's bag facts, or None."""
     problems: list[str] = []
     try:
         hdr = read_header(path)
@@ -296,8 +297,8 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         if spec is not None and feats.ndim == 2 and hdr.dim != spec.feature_dim:
             problems.append(f"feature dim {hdr.dim} differs from cohort.yaml tile_encoder.feature_dim "
                             f"{spec.feature_dim}")
-        if scan_features and not problems:
-            bad, first = _scan_nonfinite(feats)
+        if scan is not None and not problems:
+            bad, first = scan.result(path, lambda: _scan_nonfinite(feats))
             if bad:
                 problems.append(f"{bad} feature row(s) contain NaN/inf (first at row {first})")
     for p in problems:
@@ -347,7 +348,7 @@ def _scan_nonfinite(ds: h5py.Dataset) -> tuple[int, int | None]:
 
 
 def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None, rep: ValidationReport,
-                 scan_features: bool = True) -> pd.DataFrame | None:
+                 scan: ScanCache | None) -> pd.DataFrame | None:
     df = _read_csv(root / "slides.csv", SLIDE_COLUMNS, rep)
     if df is None:
         return None
@@ -370,7 +371,7 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
             rep.error(f"{where}: bag file {rel} missing", exclude=f"{where} (bag missing)")
             keep[i] = False
             continue
-        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep, scan_features)
+        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep, scan)
         if fact is None:
             keep[i] = False
             continue
@@ -501,14 +502,18 @@ class _Parts:
     reports: pd.Series | None
 
 
-def _check(root: Path, scan_features: bool = True) -> tuple[ValidationReport, _Parts]:
+def _check(root: Path, scan_features: bool = True, scan_cache: bool = True) -> tuple[ValidationReport, _Parts]:
     rep = ValidationReport(root=root)
     if not root.is_dir():
         rep.error(f"{root}: not a directory")
         return rep, _Parts(None, None, None, None, None, None)
     spec = _read_spec(root, rep)
     cases = _read_cases(root, rep)
-    parts = _Parts(spec=spec, cases=cases, slides=_read_slides(root, cases, spec, rep, scan_features),
+    scan = ScanCache(root, reuse=scan_cache) if scan_features else None
+    slides = _read_slides(root, cases, spec, rep, scan)
+    if scan is not None:
+        scan.save()
+    parts = _Parts(spec=spec, cases=cases, slides=slides,
                    rna=_read_omics(root, "rna", cases, rep), protein=_read_omics(root, "protein", cases, rep),
                    reports=_read_reports(root, cases, rep))
     if cases is not None and parts.slides is not None:
@@ -531,13 +536,14 @@ def _presence(p: _Parts) -> pd.DataFrame:
     return pd.DataFrame({m: np.asarray(cols[m], bool) for m in MODALITIES}, index=idx)
 
 
-def validate(path: str | Path, scan_features: bool = True) -> ValidationReport:
+def validate(path: str | Path, scan_features: bool = True, scan_cache: bool = True) -> ValidationReport:
     """Check a cohort directory; never raises for bad content, the report lists every problem.
 
-    scan_features=False checks bag headers only (no NaN/inf scan): seconds instead of reading
-    every feature of a terabyte cohort; use it for repeated opens of a cohort validated once.
+    scan_features=False checks bag headers only (no NaN/inf scan). The scan of a bag is remembered in
+    <cohort>/.feature_scan.json until the bag's size or mtime changes (`mmfm.data.scan_cache`), so only
+    new or modified bags are read; scan_cache=False scans every bag again (and remembers the result).
     """
-    return _check(Path(path).resolve(), scan_features)[0]
+    return _check(Path(path).resolve(), scan_features, scan_cache)[0]
 
 
 class Cohort:
@@ -558,12 +564,13 @@ class Cohort:
         self._by_case = self.slides.groupby("case_id", sort=False).groups
 
     @classmethod
-    def open(cls, path: str | Path, strict: bool = True, scan_features: bool = True) -> Cohort:
+    def open(cls, path: str | Path, strict: bool = True, scan_features: bool = True,
+             scan_cache: bool = True) -> Cohort:
         """Validate and load. strict=True raises CohortError on any error; strict=False drops what is
         invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left.
-        scan_features: as in `validate`."""
+        scan_features, scan_cache: as in `validate`."""
         root = Path(path).resolve()
-        rep, parts = _check(root, scan_features)
+        rep, parts = _check(root, scan_features, scan_cache)
         if rep.fatal or (strict and rep.errors):
             raise CohortError(rep)
         return cls(root, parts, rep)
