@@ -115,10 +115,10 @@ def read_star(path: Path) -> StarCounts:
 def var_index(genes: pd.DataFrame, mode: str) -> pd.Index:
     """Symbols, with a repeated symbol kept on its first row and `SYMBOL|gene_id` on later rows; or gene ids."""
     if mode == "gene_id":
-        return pd.Index(genes["gene_id"].astype(str))
+        return pd.Index(genes["gene_id"].astype(str).to_numpy())
     names = genes["gene_name"].astype(str)
     later = names.duplicated(keep="first")
-    return pd.Index(names.where(~later, names + "|" + genes["gene_id"].astype(str)))
+    return pd.Index(names.where(~later, names + "|" + genes["gene_id"].astype(str)).to_numpy())
 
 
 def _star(cfg: GdcRnaConfig, report: ImportReport):
