@@ -82,8 +82,11 @@ def run(cfg: MafConfig) -> ImportReport:
     if not files:
         raise ImportDataError(f"no MAF file (*.maf, *.maf.gz) under {[str(p) for p in cfg.inputs]}")
     sequenced: dict[str, tcga.Barcode] = {}  # tumour aliquot / sample barcode → parsed, for every covered sample
-    if cfg.sample_sheet is not None:
-        for _, row in match_files(files, read_sample_sheet(cfg.sample_sheet), cfg.sample_sheet, report, MAF_SUFFIX):
+    if cfg.sample_sheet is not None:  # MAF rows name their samples: a file outside the sheet is used all the same
+        sheet = read_sample_sheet(cfg.sample_sheet)
+        report.notes += [f"{f} is not in the sample sheet: only its rows say which tumours were sequenced"
+                         for f in files if f.name not in sheet]
+        for _, row in match_files([f for f in files if f.name in sheet], sheet, cfg.sample_sheet, report, MAF_SUFFIX):
             for s in row.tumour_samples(cfg.sample_types):
                 sequenced.setdefault(s.text, s)
     calls, n_filtered, n_other = [], 0, 0
