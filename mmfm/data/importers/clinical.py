@@ -105,8 +105,8 @@ def read_cdr(path: Path) -> pd.DataFrame:
         rec = {"case_id": case, "project": f"TCGA-{r['type']}" if r["type"] else ""}
         for e in ENDPOINTS:
             if e in r and f"{e}.time" in r:
-                rec[f"{e.lower()}_event"] = _number(r[e], CDR_MISSING, f"{where}, {e}", event=True)
                 rec[f"{e.lower()}_days"] = _number(r[f"{e}.time"], CDR_MISSING, f"{where}, {e}.time")
+                rec[f"{e.lower()}_event"] = _number(r[e], CDR_MISSING, f"{where}, {e}", event=True)
         rec.update({new: _text(r[old], CDR_MISSING) for old, new in CDR_TEXT.items() if old in r})
         rows.append(rec)
     out = pd.DataFrame(rows).set_index("case_id")
@@ -129,15 +129,15 @@ def read_gdc_clinical(path: Path) -> pd.DataFrame:
         follow = _number(r["diagnoses.days_to_last_follow_up"], GDC_MISSING, f"{where}, days_to_last_follow_up")
         p = per.get(case)
         if p is None:
-            p = per[case] = {"line": i + 2, "vital": vital, "death": death, "follow": follow,
-                             "project": r.get("project.project_id", ""),
+            p = per[case] = {"line": {"vital": i + 2, "death": i + 2}, "vital": vital, "death": death,
+                             "follow": follow, "project": r.get("project.project_id", ""),
                              **{new: _text(r[old], GDC_MISSING) for old, new in GDC_TEXT.items() if old in r}}
             continue
         for key, v in (("vital", vital), ("death", death)):
             if _known(v) and _known(p[key]) and v != p[key]:
-                raise ImportDataError(f"{where}: case {case} has {key} {v} but line {p['line']} has {p[key]}")
-            if _known(v):
-                p[key] = v
+                raise ImportDataError(f"{where}: case {case} has {key} {v} but line {p['line'][key]} has {p[key]}")
+            if _known(v) and not _known(p[key]):
+                p[key], p["line"][key] = v, i + 2
         p["follow"] = np.nanmax([p["follow"], follow]) if _known(follow) or _known(p["follow"]) else np.nan
         for old, new in GDC_TEXT.items():
             if old in r and not p.get(new):
