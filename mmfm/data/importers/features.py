@@ -148,6 +148,12 @@ def _load(cfg: FeaturesConfig, slide: _Slide) -> tuple[np.ndarray, np.ndarray, d
                               "match [N, D] / [N, 2]")
     if not np.issubdtype(coords.dtype, np.integer):
         raise ImportDataError(f"{src}: coords dtype {coords.dtype} is not integer (level-0 pixels)")
+    patches = _coords_file(cfg, slide)
+    if patches is not None and patches != src:  # CLAM h5_files/ + patches/: the patch file's attrs give the geometry
+        with h5py.File(patches, "r") as f:
+            if "coords" not in f or not np.array_equal(f["coords"][:], coords):
+                raise ImportDataError(f"{patches}: its coords differ from those of {slide.path}; not the same tiles")
+            attrs = {**{k: v for k, v in f["coords"].attrs.items()}, **attrs}
     if not np.isfinite(feats).all():
         raise ImportDataError(f"{slide.path}: features hold NaN/inf (first at row "
                               f"{int(np.argmax(~np.isfinite(feats).all(axis=1)))})")
