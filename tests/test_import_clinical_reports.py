@@ -107,7 +107,8 @@ def test_gdc_old_column_names_and_follow_up_rules(tmp_path):
     assert rep.unmatched["negative OS times (left unknown)"] == ["TCGA-A2-A0D1"]
     assert set(rep.unmatched["cases with no usable overall survival"]) == {"TCGA-A2-A0CM", "TCGA-A2-A0D0",
                                                                            "TCGA-A2-A0D1"}
-    t.write_text(t.read_text() + "u3\tTCGA-A2-A0D0\tTCGA-BRCA\tDead\t200\t'--\nu3\tTCGA-A2-A0D0\tTCGA-BRCA\tDead\t230\t'--\n")
+    t.write_text(t.read_text() + "u3\tTCGA-A2-A0D0\tTCGA-BRCA\tDead\t200\t'--\n"
+                 "u3\tTCGA-A2-A0D0\tTCGA-BRCA\tDead\t230\t'--\n")
     with pytest.raises(ImportDataError, match=rf"{t} line 8: case TCGA-A2-A0D0 has death 230.0 but line 7 has 200.0"):
         clinical.run(clinical.ClinicalConfig(out=out, gdc_clinical=t, cases="all"))
 
@@ -126,7 +127,7 @@ def test_malformed_clinical_tables(tmp_path):
     with pytest.raises(ImportDataError, match=r"cdr.tsv line 2, OS.time: 'long' is not a number"):
         clinical.run(cfg)
     cdr.write_text(head + "0\tTCGA-A2-A0T2\tBRCA\t1\t100\n1\tTCGA-A2-A0T2\tBRCA\t1\t100\n")
-    with pytest.raises(ImportDataError, match=r"cdr.tsv line 3: patient TCGA-A2-A0T2 appears twice \(first on line 2\)"):
+    with pytest.raises(ImportDataError, match=r"cdr.tsv line 3: patient TCGA-A2-A0T2 appears twice \(first on line"):
         clinical.run(cfg)
     cdr.write_text(head + "0\tPT-0001\tBRCA\t1\t100\n")
     with pytest.raises(BarcodeError, match=r"cdr.tsv line 2, bcr_patient_barcode: 'PT-0001' is not a TCGA barcode"):
@@ -145,7 +146,8 @@ def test_tcga_reports_csv_joins_on_the_barcode_and_concatenates_duplicates(dl, c
     for r in sorted(rows, key=lambda r: r["patient_filename"]):
         case = r["patient_filename"].split(".")[0]
         want[case] = want[case] + "\n\n" + r["text"].strip() if case in want else r["text"].strip()
-    got = {json.loads(ln)["case_id"]: json.loads(ln)["text"] for ln in (cohort / "reports.jsonl").read_text().splitlines()}
+    lines = (cohort / "reports.jsonl").read_text().splitlines()
+    got = {json.loads(ln)["case_id"]: json.loads(ln)["text"] for ln in lines}
     assert got == want and "\n" in got["TCGA-05-4244"]  # multi-line reports survive the CSV round trip
     assert [k for k in rep.duplicates] == ["cases with several reports (concatenate)"]
     assert rep.duplicates["cases with several reports (concatenate)"][0].startswith("TCGA-A2-A0CM: ")

@@ -21,6 +21,7 @@ def read_pt_features(path: str | Path) -> np.ndarray:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path}: not a tensor file torch.load(weights_only=True) accepts ({e})") from e
     if not isinstance(obj, torch.Tensor) or obj.ndim != 2 or not obj.is_floating_point():
-        what = f"a {obj.dtype} tensor of shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
+        what = (f"a {obj.dtype} tensor of shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor)
+                else type(obj).__name__)
         raise ValueError(f"{path}: expected a float tensor [N, D] (CLAM pt_files), got {what}")
     return obj.detach().to(torch.float32).numpy()

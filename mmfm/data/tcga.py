@@ -28,7 +28,8 @@ SAMPLE_TYPES = {
 }
 TUMOUR_CODES = ("01", "02", "03", "04", "05", "06", "07", "08", "09", "40")  # patient tumour samples
 ANALYTES = {"D": "DNA", "G": "Whole Genome Amplification (GenomePlex)", "H": "mirVana RNA", "R": "RNA",
-            "T": "Total RNA", "W": "Whole Genome Amplification (Repli-G)", "X": "Whole Genome Amplification (Repli-G X)"}
+            "T": "Total RNA", "W": "Whole Genome Amplification (Repli-G)",
+            "X": "Whole Genome Amplification (Repli-G X)"}
 SECTIONS = {"DX": "FFPE", "TS": "frozen", "BS": "frozen", "MS": "frozen"}
 
 _CASE = re.compile(r"TCGA-([A-Z0-9]{2})-([A-Z0-9]{4})")

@@ -183,7 +183,8 @@ def run(cfg: ClinicalConfig) -> ImportReport:
         if not existing:
             raise ImportDataError(f"{out}/cases.csv has no case yet: import RNA, slides, ... first, or set "
                                   "cases: all (every patient of the table becomes a case)")
-        report.unmatch("patients of the table not in the cohort (cases = existing)", sorted(set(table.index) - existing))
+        report.unmatch("patients of the table not in the cohort (cases = existing)",
+                       sorted(set(table.index) - existing))
         table = table[table.index.isin(existing)]
     elif cfg.projects:
         other = ~table["project"].isin(cfg.projects)

@@ -194,7 +194,8 @@ def _geometry(cfg: FeaturesConfig, slides: list[_Slide]) -> dict:
             want[key], origin[key] = v, origin.get(key, str(s.path))
     for key, hint in (("encoder", "encoder"), ("mag", "mag"), ("patch_size", "patch_size")):
         if want[key] is None:
-            raise ImportDataError(f"the feature files do not say the {key} (CLAM files carry no attributes): set {hint}")
+            raise ImportDataError(f"the feature files do not say the {key} (CLAM files carry no attributes): "
+                                  f"set {hint}")
     return want
 
 
@@ -265,7 +266,8 @@ def run(cfg: FeaturesConfig) -> ImportReport:
         else:
             feats, coords, attrs = _load(cfg, s)
             if feats.shape[1] != geo["dim"]:
-                raise ImportDataError(f"{s.path}: {feats.shape[1]} features per tile, the other files have {geo['dim']}")
+                raise ImportDataError(f"{s.path}: {feats.shape[1]} features per tile, the other files have "
+                                      f"{geo['dim']}")
             side, origin = _level0_side(cfg, s, attrs, mpps)
             if side <= 0:
                 raise ImportDataError(f"{s.path}: patch_size_level0 {side} ({origin}) is not positive")

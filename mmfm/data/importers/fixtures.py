@@ -183,7 +183,8 @@ class _Writer:
             c = f.create_dataset("coords", data=coords, chunks=(1, 2), maxshape=(None, 2))
             c.attrs.update({"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
                             "target_magnification": 20, "overlap": 0, "name": name, "savetodir": "None",
-                            "level0_width": int(coords[:, 0].max() + 2000), "level0_height": int(coords[:, 1].max() + 2000)})
+                            "level0_width": int(coords[:, 0].max() + 2000),
+                            "level0_height": int(coords[:, 1].max() + 2000)})
 
     def write_clam(self, feats: np.ndarray, coords: np.ndarray, name: str) -> None:
         """CLAM: h5_files/<slide>.h5 (features float32, coords int32, no attrs) and patches/<slide>.h5 (coords at
@@ -204,7 +205,8 @@ class _Writer:
 
 def _sheet(path: Path, rows: list[dict], new_portal: bool = False) -> None:
     cols = ["File ID", "File Name", "Data Category", "Data Type", "Project ID", "Case ID", "Sample ID"]
-    cols += ["Tissue Type", "Tumor Descriptor", "Specimen Type", "Preservation Method"] if new_portal else ["Sample Type"]
+    cols += (["Tissue Type", "Tumor Descriptor", "Specimen Type", "Preservation Method"] if new_portal
+             else ["Sample Type"])
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, cols, delimiter="\t", lineterminator="\n")
         w.writeheader()
@@ -333,7 +335,8 @@ def _mutations(w: _Writer, dl: GdcDownload) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             head = ["#version gdc-1.0.0", "#annotation.spec gdc-1.0.1-public", "#filedate 20220117",
                     f"#tumor.aliquot {w.uuid()}", f"#normal.aliquot {w.uuid()}"]
-            body = ["\t".join(_maf_row(c.case, tumour, g, vc, "GRCh38") + [""] * len(GDC_MAF_TAIL)) for g, vc in variants]
+            body = ["\t".join(_maf_row(c.case, tumour, g, vc, "GRCh38") + [""] * len(GDC_MAF_TAIL))
+                    for g, vc in variants]
             with gzip.open(path, "wt") as fh:
                 fh.write("\n".join(head + ["\t".join(MAF_COLUMNS + list(GDC_MAF_TAIL))] + body) + "\n")
             rows.append({"File ID": fid, "File Name": name, "Data Category": "Simple Nucleotide Variation",
@@ -362,8 +365,10 @@ def _clinical(w: _Writer, dl: GdcDownload) -> None:
             r.update({"bcr_patient_barcode": c.case, "type": c.project.removeprefix("TCGA-"),
                       "age_at_initial_pathologic_diagnosis": str(int(w.rng.integers(35, 85))),
                       "gender": "FEMALE" if c.project == "TCGA-BRCA" else str(w.rng.choice(["MALE", "FEMALE"])),
-                      "race": "WHITE", "ajcc_pathologic_tumor_stage": str(w.rng.choice(["Stage I", "Stage IIA", "Stage III"])),
-                      "histological_type": "Infiltrating Ductal Carcinoma" if c.project == "TCGA-BRCA" else "Lung Adenocarcinoma",
+                      "race": "WHITE",
+                      "ajcc_pathologic_tumor_stage": str(w.rng.choice(["Stage I", "Stage IIA", "Stage III"])),
+                      "histological_type": ("Infiltrating Ductal Carcinoma" if c.project == "TCGA-BRCA"
+                                            else "Lung Adenocarcinoma"),
                       "histological_grade": "[Not Available]", "vital_status": "Dead" if event else "Alive",
                       "OS": str(event), "OS.time": f"{days}.0", "DSS": str(event), "DSS.time": f"{days}.0",
                       "DFI": "#N/A", "DFI.time": "#N/A", "PFI": str(int(pfi_days < days or event)),

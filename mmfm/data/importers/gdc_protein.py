@@ -199,7 +199,8 @@ def run(cfg: GdcProteinConfig) -> ImportReport:
     before = set(read_csv_str(out / "cases.csv")["case_id"])
     info = info.astype(str)
     info.index = info.index.astype(str)
-    adata = ad.AnnData(X=x.astype(np.float32), obs=obs.astype(str), var=info, layers={"counts": counts.astype(np.float32)},
+    adata = ad.AnnData(X=x.astype(np.float32), obs=obs.astype(str), var=info,
+                       layers={"counts": counts.astype(np.float32)},
                        uns={"source": f"RPPA ({cfg.format})", "values": cfg.values, "missing": cfg.missing,
                             "aliquot_rule": cfg.aliquot_rule})
     write_h5ad(out / "protein.h5ad", adata)

@@ -37,19 +37,20 @@ STAR_COLUMNS = ("gene_id", "gene_name", "gene_type", "unstranded", "stranded_fir
 COUNTERS = ("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous")
 STAR_SUFFIX = (".rna_seq.augmented_star_gene_counts.tsv",)
 WIDE_SUFFIX = (".tsv", ".txt", ".csv", ".tsv.gz", ".txt.gz", ".csv.gz", ".gz")
+Measure = Literal["tpm_unstranded", "fpkm_unstranded", "fpkm_uq_unstranded", "unstranded"]
 
 
 @dataclass
 class GdcRnaConfig:
     out: Path  # cohort directory to create or extend
-    inputs: tuple[Path, ...]  # STAR count files / gdc-client folders (format star) or wide matrix files (format wide)
+    inputs: tuple[Path, ...]  # STAR files / gdc-client folders (format star) or matrix files (format wide)
     sample_sheet: Path | None = None  # GDC sample sheet of the same cart; required for format star
     format: Literal["star", "wide"] = "star"  # star: GDC augmented_star_gene_counts; wide: Xena/TANGLE genes × samples
-    measure: Literal["tpm_unstranded", "fpkm_unstranded", "fpkm_uq_unstranded", "unstranded"] = "tpm_unstranded"  # STAR column stored in X
-    counts: Literal["unstranded", "stranded_first", "stranded_second"] = "unstranded"  # STAR column stored in layers['counts']
+    measure: Measure = "tpm_unstranded"  # STAR column stored in X
+    counts: Literal["unstranded", "stranded_first", "stranded_second"] = "unstranded"  # STAR column → layers['counts']
     wide_values: Literal["log2p1", "counts"] = "log2p1"  # wide: values are log2(x+1) (Xena HiSeqV2) or raw counts
     gene_types: tuple[str, ...] = ()  # STAR: keep only these gene_type values (e.g. protein_coding); empty = all
-    var_names: Literal["gene_name", "gene_id"] = "gene_name"  # var index: symbols (repeats become SYMBOL|gene_id) or gene ids
+    var_names: Literal["gene_name", "gene_id"] = "gene_name"  # symbols (a repeat becomes SYMBOL|gene_id) or ids
     aliquot_rule: Literal["first", "mean", "error"] = "first"  # several samples of a case (see importers/aliquots.py)
     sample_types: tuple[str, ...] = tcga.TUMOUR_CODES  # TCGA sample-type codes imported (01 primary tumour, ...)
 
