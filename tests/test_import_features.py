@@ -187,3 +187,16 @@ def test_pt_files_without_torch_get_a_clear_message(dl, tmp_path, monkeypatch):
     with pytest.raises(ImportDataError, match=r"CLAM .pt features need PyTorch \(pip install 'mmfm\[bridges\]'\)"):
         features.run(features.FeaturesConfig(out=tmp_path / "c", inputs=(tmp_path / "pt",), encoder="uni_v1",
                                              mag=20.0, patch_size=256, coords_dir=dl.clam_patches_dir))
+
+
+def test_link_false_copies_trident_files_into_bags(dl, tmp_path):
+    out = tmp_path / "c"
+    rep = features.run(features.FeaturesConfig(out=out, inputs=(dl.trident_dir,), link=False))
+    for sid, row in _slides(out).iterrows():
+        assert row["path"] == f"bags/{sid}.h5"
+        want_f, want_c, attrs = _h5(dl.trident_dir / f"{sid}.h5")
+        got = read_bag(out / row["path"])
+        np.testing.assert_array_equal(got["features"], want_f)
+        np.testing.assert_array_equal(got["coords"], want_c)
+        assert rep.per_case[sid]["patch_size_level0"] == attrs["patch_size_level0"]
+    assert validate(out).ok
