@@ -13,15 +13,23 @@ from mmfm import config
 from mmfm.cli import COMMANDS, load_command, main
 
 
-@pytest.mark.parametrize("name", list(COMMANDS))
-def test_every_command_has_a_description_an_example_and_field_help(name, capsys):
-    assert main([name, "--help"]) == 0
+def _commands():
+    from mmfm.data.importers import IMPORTERS
+
+    return [[n] for n in COMMANDS if n != "import"] + [["import", s] for s in IMPORTERS]
+
+
+@pytest.mark.parametrize("argv", _commands(), ids=" ".join)
+def test_every_command_has_a_description_an_example_and_field_help(argv, capsys):
+    assert main([*argv, "--help"]) == 0
     out = capsys.readouterr().out
-    mod = load_command(name)
-    assert out.startswith(mod.DESCRIPTION.strip().splitlines()[0])
-    assert f"example: mmfm {name}" in out
-    for f in dataclasses.fields(mod.Config):
-        assert f"--{f.name}" in out, f"{name}: --{f.name} missing from --help"
+    mod = load_command(argv[0])
+    config = mod.SUBCOMMANDS[argv[1]][0] if len(argv) > 1 else mod.Config
+    first = (mod.describe(argv[1]) if len(argv) > 1 else mod.DESCRIPTION).strip().splitlines()[0]
+    assert out.startswith(first)
+    assert f"example: mmfm {' '.join(argv)}" in out
+    for f in dataclasses.fields(config):
+        assert f"--{f.name}" in out, f"{argv}: --{f.name} missing from --help"
 
 
 def test_flags_yaml_and_set_are_one_thing(tmp_path):
@@ -60,3 +68,31 @@ def test_extract_without_the_torch_extra_names_the_extra():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 2
     assert "pip install 'mmfm[bridges]'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_import_commands_build_a_cohort_that_validates(tmp_path, capsys):
+    """`mmfm import <source>` on a GDC-format folder (the published formats, written by the fixture writer):
+    the same importers as the Python API, driven by flags."""
+    from mmfm.data.cohort import validate
+    from mmfm.data.importers.fixtures import write_gdc_download
+
+    dl = write_gdc_download(tmp_path / "gdc")
+    out = str(tmp_path / "cohort")
+    steps = [["features", "--inputs", str(dl.trident_dir), "--preservation", "FFPE"],
+             ["gdc-rna", "--inputs", str(dl.rna_dir), "--sample_sheet", str(dl.rna_sheet)],
+             ["maf", "--inputs", str(dl.maf_dir), "--sample_sheet", str(dl.maf_sheet), "--genes", "[TP53, KRAS]"],
+             ["clinical", "--cdr", str(dl.cdr)]]
+    for step in steps:
+        assert main(["import", *step, "--out", out]) == 0, capsys.readouterr()
+    rep = validate(out)
+    assert rep.ok, rep.format()
+    assert {"mut_TP53", "mut_KRAS", "os_days"} <= set(
+        __import__("pandas").read_csv(tmp_path / "cohort" / "cases.csv").columns)
+
+
+def test_import_errors_name_the_source_or_file(tmp_path, capsys):
+    assert main(["import", "frobnicate"]) == 2
+    assert "choose a source: gdc-rna" in capsys.readouterr().err
+    assert main(["import", "clinical", "--out", str(tmp_path / "c"), "--cdr", str(tmp_path / "missing.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.tsv" in err and "Traceback" not in err

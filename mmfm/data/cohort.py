@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 
 from mmfm import MODALITIES
+from mmfm.data import tcga
 from mmfm.data.bags import read_header
 from mmfm.data.scan_cache import ScanCache
 from mmfm.io import id_list
@@ -516,11 +517,28 @@ def _check(root: Path, scan_features: bool = True, scan_cache: bool = True) -> t
     parts = _Parts(spec=spec, cases=cases, slides=slides,
                    rna=_read_omics(root, "rna", cases, rep), protein=_read_omics(root, "protein", cases, rep),
                    reports=_read_reports(root, cases, rep))
+    if parts.slides is not None:
+        _warn_mixed_preservation(parts.slides, rep)
     if cases is not None and parts.slides is not None:
         empty = ~_presence(parts).any(axis=1)
         if empty.any():
             rep.warn(f"{int(empty.sum())} case(s) in cases.csv have no usable modality: {id_list(empty.index[empty], LIST_MAX)}")
     return rep, parts
+
+
+def _warn_mixed_preservation(slides: pd.DataFrame, rep: ValidationReport) -> None:
+    """TCGA slide names say FFPE (DX) or frozen (TS/BS/MS); their features differ systematically, so a case with
+    both mixes two domains into one patient (slide id first, else the bag file name)."""
+    kinds: dict[str, set[str]] = {}
+    for sid, path, cid in zip(slides.index, slides["path"], slides["case_id"]):
+        kind = tcga.slide_preservation(sid) or tcga.slide_preservation(Path(path).name)
+        if kind is not None:
+            kinds.setdefault(cid, set()).add(kind)
+    mixed = sorted(c for c, k in kinds.items() if len(k) > 1)
+    if mixed:
+        rep.warn(f"slides.csv: {len(mixed)} case(s) mix FFPE (DX) and frozen (TS/BS/MS) slides, whose features "
+                 f"differ systematically (keep one kind, e.g. `mmfm import features --preservation FFPE`): "
+                 f"{id_list(mixed, LIST_MAX)}")
 
 
 def _presence(p: _Parts) -> pd.DataFrame:
