@@ -55,8 +55,8 @@ def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
 
 
 def _listify(cls, raw: dict) -> dict:
-    """A lone string where a list or tuple is expected means a one-item list (`--inputs dir/`), never its
-    characters; applied through nested dataclasses."""
+    """A single value where only a list or tuple is accepted means a one-item list (`--inputs dir/`,
+    `embeddings: slide`), never a string's characters; applied through nested dataclasses."""
     if not (dataclasses.is_dataclass(cls) and isinstance(raw, dict)):
         return raw
     try:
@@ -66,9 +66,10 @@ def _listify(cls, raw: dict) -> dict:
     out = dict(raw)
     for name, value in raw.items():
         tp = hints.get(name)
-        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-        if isinstance(value, str) and any(typing.get_origin(o) in (list, tuple) for o in options) \
-                and not any(o is str or typing.get_origin(o) is typing.Literal for o in options):
+        options = [o for o in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType)
+                               else (tp,)) if o is not type(None)]
+        if options and value is not None and not isinstance(value, (list, tuple, dict)) \
+                and all(typing.get_origin(o) in (list, tuple) for o in options):
             out[name] = [value]
         elif isinstance(value, dict):
             nested = [o for o in options if dataclasses.is_dataclass(o)]

@@ -78,17 +78,9 @@ def decode_task(raw, where: str) -> TaskSpec:
         raise TaskError(f"{where}: unknown key {', '.join(map(repr, unknown))} for type {raw['type']!r}; "
                         f"allowed keys: {', '.join(sorted(allowed))}")
     try:
-        return decode(cls, _listify(cls, raw), where)
+        return decode(cls, raw, where)  # a single value where a list is expected is a one-item list
     except ConfigError as e:
         raise TaskError(str(e)) from e
-
-
-def _listify(cls: type, raw: dict) -> dict:
-    """A single value where the spec wants a list is a one-element list (`embeddings: slide`), as TASKS.yaml
-    has always allowed; draccus would otherwise split a string into characters."""
-    hints = typing.get_type_hints(cls)
-    return {k: [v] if typing.get_origin(hints[k]) is tuple and not isinstance(v, (list, tuple)) else v
-            for k, v in raw.items()}
 
 
 def load_tasks(source: str | Path | list) -> list[TaskSpec]:
