@@ -42,7 +42,6 @@ metric in `mmfm.eval.report.PRIMARY` (otherwise its first metric is plotted).
 
 from __future__ import annotations
 
-import typing
 from dataclasses import fields
 from pathlib import Path
 
