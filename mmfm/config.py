@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -43,12 +45,37 @@ def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix}expected a mapping for {cls.__name__}, got {type(raw).__name__} {raw!r}")
     try:
-        return draccus.decode(cls, raw)
+        return draccus.decode(cls, _listify(cls, raw))
     except DecodingError as e:
         raise ConfigError(prefix + _message(e)) from e
-    except (ParsingError, TypeError, ValueError) as e:  # the dataclasses' own __post_init__ checks
-        cause = e.__cause__ or e.__context__ if isinstance(e, ParsingError) else e
-        raise ConfigError(prefix + _message(cause or e)) from e
+    except ParsingError as e:  # draccus wraps the dataclasses' own __post_init__ checks; report theirs
+        raise ConfigError(prefix + _message(e.__cause__ or e)) from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(prefix + _message(e)) from e
+
+
+def _listify(cls, raw: dict) -> dict:
+    """A single value where only a list or tuple is accepted means a one-item list (`--inputs dir/`,
+    `embeddings: slide`), never a string's characters; applied through nested dataclasses."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(raw, dict)):
+        return raw
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return raw
+    out = dict(raw)
+    for name, value in raw.items():
+        tp = hints.get(name)
+        options = [o for o in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType)
+                               else (tp,)) if o is not type(None)]
+        if options and value is not None and not isinstance(value, (list, tuple, dict)) \
+                and all(typing.get_origin(o) in (list, tuple) for o in options):
+            out[name] = [value]
+        elif isinstance(value, dict):
+            nested = [o for o in options if dataclasses.is_dataclass(o)]
+            if nested:
+                out[name] = _listify(nested[0], value)
+    return out
 
 
 def to_dict(cfg) -> dict:

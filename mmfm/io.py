@@ -39,3 +39,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+
+
+def id_list(values, limit: int = 10) -> str:
+    """'a, b, c ... and 7 more': the ids an error message names, never thousands of them."""
+    values = [str(v) for v in values]
+    return ", ".join(values[:limit]) + (f" ... and {len(values) - limit} more" if len(values) > limit else "")

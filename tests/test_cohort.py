@@ -1,6 +1,8 @@
 """The cohort contract: a valid mini cohort opens; each broken thing is reported with file and row/slide/case."""
 
 import json
+import os
+import time
 import warnings
 
 import anndata as ad
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 import mmfm.data.cohort as cohort_mod
+from mmfm.data import scan_cache
 from mmfm.cli import main as cli_main
 from mmfm.data.bags import write_bag
 from mmfm.data.cohort import Cohort, CohortError, CohortSpec, validate
@@ -343,6 +346,82 @@ def test_nonfinite_scan_reads_in_chunks(mini, monkeypatch):
     assert max(reads) == 3 and sum(reads) == n + 3 * N_TILES  # every row of the 4 bags once
     reads.clear()
     assert validate(mini, scan_features=False).ok and not reads  # headers only
+
+
+def _scan_spy(monkeypatch) -> list[str]:
+    """Names of the bags whose feature rows get scanned (the only reader of feature data during validation)."""
+    scanned, real = [], cohort_mod._scan_nonfinite
+    monkeypatch.setattr(cohort_mod, "_scan_nonfinite", lambda ds: (scanned.append(ds.file.filename.split("/")[-1]),
+                                                                    real(ds))[1])
+    return scanned
+
+
+def _age(path, seconds=3600, mtime_ns=None):
+    """Date a file back (as a cohort written long before it is opened), or to an exact mtime."""
+    t = time.time_ns() - seconds * 10**9 if mtime_ns is None else mtime_ns
+    os.utime(path, ns=(t, t))
+    return t
+
+
+def test_feature_scan_once_per_cohort_until_a_bag_changes(mini, monkeypatch):
+    for p in (mini / "bags").glob("*.h5"):
+        _age(p)
+    scanned = _scan_spy(monkeypatch)
+    Cohort.open(mini)
+    assert sorted(scanned) == ["S0a.h5", "S0b.h5", "S1.h5", "S2.h5"] and (mini / ".feature_scan.json").is_file()
+    scanned.clear()
+    c = Cohort.open(mini)
+    assert validate(mini).ok and c.validation.ok and scanned == []  # second and third open read no feature rows
+    # an in-place edit keeps the size; the new mtime alone triggers the rescan that finds the NaN
+    before = (mini / "bags" / "S2.h5").stat().st_size
+    with h5py.File(mini / "bags" / "S2.h5", "r+") as f:
+        f["features"][5, 3] = np.nan
+    _age(mini / "bags" / "S2.h5", seconds=1800)
+    assert (mini / "bags" / "S2.h5").stat().st_size == before
+    want = "bags/S2.h5 (slide S2, case C2): 1 feature row(s) contain NaN/inf (first at row 5)"
+    assert want in validate(mini).errors and scanned == ["S2.h5"]
+    scanned.clear()
+    assert want in validate(mini).errors and scanned == []  # the bad result is remembered too
+    # a rewritten bag with its old mtime but a new size is rescanned
+    mtime = (mini / "bags" / "S1.h5").stat().st_mtime_ns
+    write_bag(mini / "bags" / "S1.h5", _features(N_TILES + 5), _coords(N_TILES + 5), patch_size_level0=512,
+              encoder="enc", coord_attrs={"patch_size": 256, "target_magnification": 20})
+    _age(mini / "bags" / "S1.h5", mtime_ns=mtime)
+    assert Cohort.open(mini, strict=False).slides.loc["S1", "n_tiles"] == N_TILES + 5 and scanned == ["S1.h5"]
+    scanned.clear()
+    validate(mini, scan_cache=False)  # on request: every bag again
+    assert sorted(scanned) == ["S0a.h5", "S0b.h5", "S1.h5", "S2.h5"]
+
+
+def test_feature_scan_of_a_just_written_bag_is_not_trusted(mini, monkeypatch):
+    """A bag modified within RACY_NS of its scan may keep its mtime on a coarse-clock file system."""
+    scanned = _scan_spy(monkeypatch)
+    monkeypatch.setattr(scan_cache, "RACY_NS", 10**18)
+    validate(mini)
+    validate(mini)
+    assert len(scanned) == 8
+    monkeypatch.setattr(scan_cache, "RACY_NS", 0)
+    scanned.clear()
+    validate(mini)
+    assert scanned == []  # the same entries, trusted once the bag is older than the scan by more than RACY_NS
+
+
+def test_feature_scan_cache_damaged_or_read_only(mini, monkeypatch):
+    for p in (mini / "bags").glob("*.h5"):
+        _age(p)
+    scanned = _scan_spy(monkeypatch)
+    (mini / ".feature_scan.json").write_text("{not json")
+    assert validate(mini).ok and len(scanned) == 4
+    assert json.loads((mini / ".feature_scan.json").read_text())["bags"]["bags/S1.h5"]["bad"] == 0
+    (mini / ".feature_scan.json").unlink()
+
+    def read_only(*_):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(scan_cache, "write_json", read_only)
+    scanned.clear()
+    assert Cohort.open(mini).validation.ok and Cohort.open(mini).validation.ok
+    assert len(scanned) == 8 and not (mini / ".feature_scan.json").exists()  # opens, scanning every time
 
 
 def test_counts_layer_is_checked_instead_of_x(mini):

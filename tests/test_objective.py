@@ -101,7 +101,7 @@ def test_loss_and_diagnostics_match_numpy_loops(kind):
     log_t, bias = [2.0, 1.5, 0.7], [-3.0, -1.0, 0.5]
     lp = make_params(cfg, MODS, log_t, bias if kind == "siglip" else None)
     assert lp.pairs == PAIRS
-    loss, diag = jax.jit(lambda e: multimodal_loss(e, present, ci, lp, cfg))(emb)
+    loss, diag = jax.jit(lambda e: multimodal_loss(e, present, ci, lp, cfg, axis=None))(emb)
     ref = reference(emb, present, ci, PAIRS, log_t, bias, kind, weights={"slide-protein": 0.5})
     assert_matches(loss, diag, *ref)
     assert diag["logits/slide-rna/pos_max"] > diag["logits/slide-rna/pos_min"]  # several positives seen
@@ -120,7 +120,7 @@ def test_default_init_and_shared_params():
 
     def run(lp, c):
         g, s = nnx.split(lp)
-        f = lambda s: multimodal_loss(emb, present, ci, nnx.merge(g, s), c)  # noqa: E731
+        f = lambda s: multimodal_loss(emb, present, ci, nnx.merge(g, s), c, axis=None)  # noqa: E731
         return jax.jit(jax.value_and_grad(f, has_aux=True))(s)
 
     (l_shared, d_shared), gs = run(shared, shared_cfg)
@@ -167,7 +167,7 @@ def test_gradients_match_finite_differences_in_float64(kind):
         lp = make_params(cfg, ("slide", "rna"), log_t, bias if kind == "siglip" else None)
         g, state = nnx.split(lp)
         state = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), state)
-        loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg)[0]  # noqa: E731
+        loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg, axis=None)[0]  # noqa: E731
         loss, (ge, gs) = jax.value_and_grad(loss_fn, argnums=(0, 1))(emb, state)
         assert loss.dtype == jnp.float64
         ge, gt = jax.device_get(ge), float(gs["log_t"][...][0])
@@ -199,7 +199,7 @@ def test_siglip_equals_open_clip_formula_in_torch():
     g, s = nnx.split(lp)
     present = {"slide": np.ones(b, bool), "rna": np.ones(b, bool)}
     ci = np.arange(b, dtype=np.int32)
-    loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg)[0]  # noqa: E731
+    loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg, axis=None)[0]  # noqa: E731
     loss, (ge, gs) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))({"slide": x, "rna": y}, s)
     np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
     np.testing.assert_allclose(ge["slide"], tx.grad.numpy(), rtol=1e-4, atol=1e-6)
@@ -215,7 +215,7 @@ def test_pair_without_valid_rows_contributes_zero_and_no_nan(kind):
     cfg = ObjectiveConfig(kind=kind)
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
     g, s = nnx.split(lp)
-    loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg)  # noqa: E731
+    loss_fn = lambda e, s: multimodal_loss(e, present, ci, nnx.merge(g, s), cfg, axis=None)  # noqa: E731
     (loss, diag), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(emb, s)
     for name in ("slide-protein", "rna-protein"):
         assert float(diag[f"loss/{name}"]) == 0.0 and float(diag[f"valid_rows/{name}"]) == 0.0
@@ -226,7 +226,7 @@ def test_pair_without_valid_rows_contributes_zero_and_no_nan(kind):
     # Same as training on the other two modalities alone.
     sub = {m: emb[m] for m in ("slide", "rna")}
     lp2 = LogitParams(cfg, ("slide", "rna"), rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(loss, jax.jit(lambda e: multimodal_loss(e, present, ci, lp2, cfg)[0])(sub),
+    np.testing.assert_allclose(loss, jax.jit(lambda e: multimodal_loss(e, present, ci, lp2, cfg, axis=None)[0])(sub),
                                rtol=1e-6)
 
 
@@ -244,7 +244,7 @@ def test_rankme_and_norm_match_numpy():
     norms = {m: rng.uniform(1, 5, size=len(ci)).astype(np.float32) for m in MODS}
     cfg = ObjectiveConfig()
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
-    _, diag = jax.jit(lambda e: multimodal_loss(e, present, ci, lp, cfg, norms=norms))(emb)
+    _, diag = jax.jit(lambda e: multimodal_loss(e, present, ci, lp, cfg, axis=None, norms=norms))(emb)
     for m in MODS:
         keep = present[m] & (ci >= 0)
         np.testing.assert_allclose(diag[f"norm/{m}"], norms[m][keep].mean(), rtol=1e-6)
@@ -259,7 +259,7 @@ def test_bfloat16_embeddings_use_a_float32_loss():
     cfg = ObjectiveConfig()
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
     half = {m: jnp.asarray(x, jnp.bfloat16) for m, x in emb.items()}
-    loss, _ = multimodal_loss(half, present, ci, lp, cfg)
+    loss, _ = multimodal_loss(half, present, ci, lp, cfg, axis=None)
     assert loss.dtype == jnp.float32
     upcast = {m: np.asarray(x.astype(jnp.float32)) for m, x in half.items()}
     ref, _ = reference(upcast, present, ci, PAIRS, [math.log(10)] * 3, [-10.0] * 3, "siglip")
@@ -283,9 +283,9 @@ def test_config_and_input_errors_are_named():
     emb, present, ci = make_batch()
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
     with pytest.raises(KeyError, match="rna"):
-        multimodal_loss(emb, {"slide": present["slide"]}, ci, lp, cfg)
+        multimodal_loss(emb, {"slide": present["slide"]}, ci, lp, cfg, axis=None)
     with pytest.raises(ValueError, match="none of the pairs"):
-        multimodal_loss({"slide": emb["slide"], "protein": emb["protein"]}, present, ci, lp, cfg)
+        multimodal_loss({"slide": emb["slide"], "protein": emb["protein"]}, present, ci, lp, cfg, axis=None)
 
 
 def test_infonce_equals_clip_cross_entropy_in_torch():
@@ -303,7 +303,7 @@ def test_infonce_equals_clip_cross_entropy_in_torch():
     lp = LogitParams(cfg, ("slide", "rna"), rngs=nnx.Rngs(0))
     present = {"slide": np.ones(b, bool), "rna": np.ones(b, bool)}
     ci = np.arange(b, dtype=np.int32)
-    loss_fn = jax.jit(jax.value_and_grad(lambda e: multimodal_loss(e, present, ci, lp, cfg)[0]))
+    loss_fn = jax.jit(jax.value_and_grad(lambda e: multimodal_loss(e, present, ci, lp, cfg, axis=None)[0]))
     loss, ge = loss_fn({"slide": x, "rna": y})
     np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
     np.testing.assert_allclose(ge["slide"], tx.grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -28,7 +28,7 @@ def batch(b=16, e=8, seed=0):
     return emb, present, ci
 
 
-def loss_and_grads(emb, present, ci, lp, cfg, mesh=None, axis="data"):
+def loss_and_grads(emb, present, ci, lp, cfg, mesh=None, axis=None):
     g, s = nnx.split(lp)
 
     def f(e, s):
@@ -99,7 +99,7 @@ def test_ring_uses_the_context_mesh_and_handles_a_modality_absent_everywhere():
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
     single = loss_and_grads(emb, present, ci, lp, ObjectiveConfig())
     with jax.set_mesh(mesh):
-        ring = loss_and_grads(emb, present, ci, lp, cfg)
+        ring = loss_and_grads(emb, present, ci, lp, cfg, axis="data")
     assert_same(ring, single)
     assert ring[1]["loss/slide-protein"] == 0.0 and np.all(np.isfinite(ring[2][0]["protein"]))
 
@@ -115,7 +115,7 @@ def test_ring_logit_memory_is_per_block():
     for impl in ("ring", "gather"):
         cfg = ObjectiveConfig(impl=impl)
         lp = LogitParams(cfg, tuple(emb), rngs=nnx.Rngs(0))
-        f = jax.jit(jax.grad(lambda x: multimodal_loss(x, present, ci, lp, cfg, mesh=mesh)[0]))
+        f = jax.jit(jax.grad(lambda x: multimodal_loss(x, present, ci, lp, cfg, mesh=mesh, axis="data")[0]))
         temp[impl] = f.lower(emb).compile().memory_analysis().temp_size_in_bytes
     assert temp["ring"] < temp["gather"] / 2, temp
 
@@ -126,4 +126,4 @@ def test_batch_must_divide_over_the_axis():
     cfg = ObjectiveConfig(impl="gather")
     with pytest.raises(ValueError, match="batch 12 does not divide"):
         multimodal_loss(emb, present, ci, LogitParams(cfg, MODS, rngs=nnx.Rngs(0)), cfg,
-                        mesh=mesh_of((8,), ("data",)))
+                        mesh=mesh_of((8,), ("data",)), axis="data")

@@ -15,8 +15,10 @@ from sksurv.metrics import concordance_index_censored
 
 import anndata as ad
 from mmfm import cli
+from mmfm.config import parse_cli
 from mmfm.eval import probe as probe_mod
-from mmfm.eval.probe import LeakageError, TaskError, probe
+from mmfm.eval.probe import LeakageError, ProbeConfig, TaskError, probe, run_probe
+from mmfm.eval.tasks import TASKS as TASK_TYPES
 
 
 def _gse7390() -> ad.AnnData:
@@ -65,14 +67,16 @@ def run_cli(tmp_path_factory):
     a.write_h5ad(tmp / "emb.h5ad")
     split = _split_file(tmp / "splits.tsv", a)
     (tmp / "tasks.yaml").write_text(yaml.safe_dump({"tasks": TASKS}))
-    rc = cli.main(["probe", "--embeddings", str(tmp / "emb.h5ad"), "--tasks", str(tmp / "tasks.yaml"), "--splits",
-                   str(tmp / "splits.tsv"), "--out", str(tmp / "out"), "--projection", "pca"])
-    return rc, tmp / "out", a, split
+    cfg = parse_cli(ProbeConfig, ["--embeddings", str(tmp / "emb.h5ad"), "--tasks", str(tmp / "tasks.yaml"),
+                                  "--splits", str(tmp / "splits.tsv"), "--out", str(tmp / "out"),
+                                  "--projection", "pca"])
+    res = run_probe(cfg)
+    return res.out, tmp / "out", a, split
 
 
 def test_cli_writes_results_summary_and_plots(run_cli):
-    rc, out, _, _ = run_cli
-    assert rc == 0
+    res_out, out, _, _ = run_cli
+    assert res_out == out
     res = pd.read_csv(out / "results.csv", dtype={"fold": str})
     assert {"task", "embedding", "metric", "fold", "value"} <= set(res.columns)
     assert set(res.task) == {t["name"] for t in TASKS}
@@ -169,12 +173,12 @@ def test_pretraining_overlap_refused_unless_allowed(tmp_path, capsys):
         r = probe(a, FAST, tmp_path / "out", splits=tmp_path / "s.tsv", plots=False, allow_overlap=True)
     assert r.overlap == {"er_status": list(a.obs_names[:5])}
     assert "WARNING: test cases were seen in pretraining" in (tmp_path / "out" / "summary.md").read_text()
-    # the CLI route: --pretrain-cases file, exit code 2 without --allow-overlap
+    # the command's route: --pretrain-cases file, refused without --allow-overlap
     b = _gse7390()
     b.write_h5ad(tmp_path / "e.h5ad")
     (tmp_path / "pre.txt").write_text("GSE7390_007\n")
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(FAST))
-    args = ["probe", "--embeddings", str(tmp_path / "e.h5ad"), "--tasks", str(tmp_path / "t.yaml"), "--splits",
+    args = ["--embeddings", str(tmp_path / "e.h5ad"), "--tasks", str(tmp_path / "t.yaml"), "--splits",
             str(tmp_path / "s.tsv"), "--out", str(tmp_path / "cli"), "--pretrain-cases", str(tmp_path / "pre.txt"),
             "--no-plots"]
     capsys.readouterr()
@@ -185,12 +189,12 @@ def test_pretraining_overlap_refused_unless_allowed(tmp_path, capsys):
 
 @pytest.mark.parametrize("task, message", [
     ({"name": "t", "type": "classification", "label": "er", "colour": 1}, "unknown key 'colour'"),
-    ({"name": "t", "type": "survival", "time": "dmfs_days"}, "needs key 'event'"),
+    ({"name": "t", "type": "survival", "time": "dmfs_days"}, r"required field\(s\) event"),
     ({"name": "t", "type": "regression", "label": "er"}, "type 'regression'"),
     ({"name": "t", "type": "classification", "label": "missing_col"}, "'label' names obs column 'missing_col'"),
     ({"name": "t", "type": "classification", "label": "er", "embeddings": ["uni"]}, "'embeddings' names 'uni'"),
     ({"name": "t", "type": "mutation", "labels": ["mut_*"]}, "'labels' entry 'mut_\\*' matches no obs column"),
-    ({"name": "t", "type": "classification", "label": "er", "folds": "five"}, "key 'folds' must be int"),
+    ({"name": "t", "type": "classification", "label": "er", "folds": "five"}, "folds: Couldn't parse 'five'"),
     ({"name": "t", "type": "classification", "label": "one_class"}, "'label' column 'one_class' has fewer than 2"),
     ({"name": "t", "type": "survival", "time": "dmfs_days", "event": "no_event"}, "'event' column 'no_event' has 0"),
 ])
@@ -204,7 +208,7 @@ def test_task_errors_name_the_key(tmp_path, task, message):
 
 def test_load_tasks_reports_file_and_index(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"tasks": [TASKS[0], {"name": "x", "type": "survival"}]}))
-    with pytest.raises(TaskError, match=r"t\.yaml: tasks\[1\] \(x\): type 'survival' needs key 'time'"):
+    with pytest.raises(TaskError, match=r"t\.yaml: tasks\[1\] \(x\): Missing required field\(s\) time, event"):
         probe_mod.load_tasks(tmp_path / "t.yaml")
 
 
@@ -229,4 +233,4 @@ def test_generated_folds_are_patient_level_and_site_preserved(tmp_path):
 def test_documented_tasks_example_parses():
     doc = probe_mod.__doc__
     specs = probe_mod.load_tasks(yaml.safe_load(doc[doc.index("    - {name: os"):]))
-    assert {s.type for s in specs} == set(probe_mod.TASK_TYPES)
+    assert {s.type for s in specs} == set(TASK_TYPES)

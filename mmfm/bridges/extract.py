@@ -30,6 +30,7 @@ from mmfm.bridges.encoders import (TileEncoder, autocast_dtype, encode,
 from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
+from mmfm.data import tcga
 from mmfm.data.bags import read_header, write_bag
 from mmfm.io import atomic_path, write_json, write_text
 
@@ -49,7 +50,7 @@ class ExtractConfig:
     shard: str = "0/1"                # i/n: this job's share of the sorted slides
     workers: int = 2                  # tile-reading worker processes (0 = in-process)
     batch_size: int = 64              # tiles per encoder call
-    case_map: Path | None = None      # CSV with slide_id, case_id (default: case_id = slide stem)
+    case_map: Path | None = None      # CSV with slide_id, case_id (default: a TCGA slide name's participant, else the stem)
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype; auto: the encoder's own on GPU
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -141,6 +142,12 @@ def read_case_map(path: Path | None) -> dict[str, str]:
     return dict(zip(df["slide_id"], df["case_id"]))
 
 
+def case_of_slide(slide_id: str, case_map: dict[str, str]) -> str:
+    """The case map's entry, else the TCGA participant of a TCGA slide name (`TCGA-…-DX1.<uuid>` → `TCGA-…`),
+    else the slide id itself (one case per slide)."""
+    return case_map.get(slide_id) or tcga.slide_case(slide_id) or slide_id
+
+
 @contextlib.contextmanager
 def _locked(out: Path):
     with open(out / ".extract.lock", "w") as fh:
@@ -158,7 +165,7 @@ def update_tables(out: Path, done: list[str], failed: list[str], case_map: dict[
         spath, cpath = out / "slides.csv", out / "cases.csv"
         slides = pd.read_csv(spath, dtype=str, keep_default_na=False) if spath.exists() else \
             pd.DataFrame(columns=["slide_id", "case_id", "path"])
-        new = pd.DataFrame({"slide_id": done, "case_id": [case_map.get(s, s) for s in done],
+        new = pd.DataFrame({"slide_id": done, "case_id": [case_of_slide(s, case_map) for s in done],
                             "path": [f"bags/{s}.h5" for s in done]})
         slides = pd.concat([slides[~slides["slide_id"].isin(done + failed)], new]).sort_values("slide_id")
         with atomic_path(spath, suffix=".csv") as tmp:
@@ -255,7 +262,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         "n_failed": sum(r.status == "failed" for r in results.values()),
         "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if encode_seconds else None,
         "seconds": time.time() - t_start,
-        "unmapped_slides": [s for s in done if case_map and s not in case_map],  # case_id = slide id for these
+        "unmapped_slides": [s for s in done if case_map and case_of_slide(s, case_map) == s],  # case_id = slide id
         "slides": [asdict(r) for r in results.values()],
     }
     write_json(out / f"extract_summary_{i}-of-{n}.json", summary)

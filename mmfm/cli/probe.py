@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from mmfm.eval.probe import ProbeConfig as Config, probe
+from mmfm.eval.probe import ProbeConfig as Config, run_probe
 
 DESCRIPTION = """\
 Run the tasks of a TASKS.yaml (survival, classification, mutation, few-shot, retrieval, robustness) on any
@@ -17,11 +17,6 @@ example: mmfm probe --embeddings runs/demo/embeddings.h5ad --tasks configs/tasks
 
 def run(cfg: Config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for key in ("embeddings", "tasks", "out"):
-        if not getattr(cfg, key):
-            raise ValueError(f"--{key}: required")
-    res = probe(cfg.embeddings, cfg.tasks, cfg.out, splits=cfg.splits, allow_overlap=cfg.allow_overlap,
-                pretrain_cases=cfg.pretrain_cases, n_bootstrap=cfg.n_bootstrap, plots=cfg.plots,
-                projection=cfg.projection)
+    res = run_probe(cfg)
     print(f"wrote {res.out / 'results.csv'} and {res.out / 'summary.md'}")
     return 0

@@ -22,12 +22,13 @@ class Config:
     path: str = ""                     # cohort directory (positional)
     json: str | None = None            # also write the report as JSON to this file
     headers_only: bool = False         # skip the NaN/inf scan of feature matrices (bag headers are still checked)
+    rescan: bool = False               # scan every bag's features again, ignoring <cohort>/.feature_scan.json
 
 
 def run(cfg: Config) -> int:
     if not cfg.path:
         raise ValueError("mmfm validate PATH: the cohort directory is required")
-    rep = validate(cfg.path, scan_features=not cfg.headers_only)
+    rep = validate(cfg.path, scan_features=not cfg.headers_only, scan_cache=not cfg.rescan)
     print(rep.format())
     if cfg.json:
         write_json(cfg.json, rep.to_dict())

@@ -28,7 +28,10 @@ import pandas as pd
 import yaml
 
 from mmfm import MODALITIES
+from mmfm.data import tcga
 from mmfm.data.bags import read_header
+from mmfm.data.scan_cache import ScanCache
+from mmfm.io import id_list
 
 SMALL_BAG_TILES = 16  # bags below this are legal but suspicious (a failed tissue mask, a thumbnail)
 SCAN_CHUNK_BYTES = 64 << 20  # feature rows are scanned for NaN/inf in blocks of about this size
@@ -108,10 +111,6 @@ class CohortSpec:
                 "target_magnification": d["target_magnification"], "patch_size": d["patch_size"]}
 
 
-def _ids(values, limit: int = LIST_MAX) -> str:
-    values = [str(v) for v in values]
-    more = f" ... and {len(values) - limit} more" if len(values) > limit else ""
-    return ", ".join(values[:limit]) + more
 
 
 def _positive(value, kind) -> int | float | None:
@@ -256,18 +255,18 @@ def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
     no_site = out.loc[out["site"].isna(), "case_id"].tolist()
     if no_site:
         rep.warn(f"cases.csv: {len(no_site)} case(s) with empty site (site-preserved splits and robustness "
-                 f"metrics cannot use them): {_ids(no_site)}")
+                 f"metrics cannot use them): {id_list(no_site, LIST_MAX)}")
     if "os_days" in out and "os_event" in out:
         half = out["os_days"].isna() != out["os_event"].isna()
         if half.any():
             rep.warn(f"cases.csv: {int(half.sum())} case(s) with only one of os_days/os_event known "
-                     f"(unusable for survival): {_ids(out.loc[half, 'case_id'])}")
+                     f"(unusable for survival): {id_list(out.loc[half, 'case_id'], LIST_MAX)}")
     return out.set_index("case_id")
 
 
 def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationReport,
-               scan_features: bool = True) -> dict | None:
-    """Header checks plus a chunked NaN/inf scan; returns the slide's bag facts, or None if invalid."""
+               scan: ScanCache | None) -> dict | None:
+    """Header checks plus a chunked NaN/inf scan (none when `scan` is None); the slide's bag facts, or None."""
     problems: list[str] = []
     try:
         hdr = read_header(path)
@@ -299,8 +298,8 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         if spec is not None and feats.ndim == 2 and hdr.dim != spec.feature_dim:
             problems.append(f"feature dim {hdr.dim} differs from cohort.yaml tile_encoder.feature_dim "
                             f"{spec.feature_dim}")
-        if scan_features and not problems:
-            bad, first = _scan_nonfinite(feats)
+        if scan is not None and not problems:
+            bad, first = scan.result(path, lambda: _scan_nonfinite(feats))
             if bad:
                 problems.append(f"{bad} feature row(s) contain NaN/inf (first at row {first})")
     for p in problems:
@@ -350,7 +349,7 @@ def _scan_nonfinite(ds: h5py.Dataset) -> tuple[int, int | None]:
 
 
 def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None, rep: ValidationReport,
-                 scan_features: bool = True) -> pd.DataFrame | None:
+                 scan: ScanCache | None) -> pd.DataFrame | None:
     df = _read_csv(root / "slides.csv", SLIDE_COLUMNS, rep)
     if df is None:
         return None
@@ -373,7 +372,7 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
             rep.error(f"{where}: bag file {rel} missing", exclude=f"{where} (bag missing)")
             keep[i] = False
             continue
-        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep, scan_features)
+        fact = _check_bag(path, f"{rel} (slide {sid}, case {cid})", spec, rep, scan)
         if fact is None:
             keep[i] = False
             continue
@@ -407,20 +406,20 @@ def _read_omics(root: Path, name: str, cases: pd.DataFrame | None, rep: Validati
     keep = np.ones(ad.n_obs, bool)
     dup = obs.duplicated()
     if dup.any():
-        rep.error(f"{fname}: duplicate obs (case) names {_ids(obs[dup].unique())}",
-                  exclude=f"{fname}: {int(dup.sum())} repeated row(s) (first kept): {_ids(obs[dup])}")
+        rep.error(f"{fname}: duplicate obs (case) names {id_list(obs[dup].unique(), LIST_MAX)}",
+                  exclude=f"{fname}: {int(dup.sum())} repeated row(s) (first kept): {id_list(obs[dup], LIST_MAX)}")
         keep &= ~dup
     if cases is not None:
         unknown = ~obs.isin(cases.index)
         if unknown.any():
-            rep.error(f"{fname}: {int(unknown.sum())} row(s) for case_id(s) not in cases.csv: {_ids(obs[unknown])}",
-                      exclude=f"{fname}: rows of unknown cases {_ids(obs[unknown])}")
+            rep.error(f"{fname}: {int(unknown.sum())} row(s) for case_id(s) not in cases.csv: {id_list(obs[unknown], LIST_MAX)}",
+                      exclude=f"{fname}: rows of unknown cases {id_list(obs[unknown], LIST_MAX)}")
             keep &= ~unknown
     var = pd.Index(ad.var_names.astype(str))
     vkeep = ~var.duplicated(keep=False)
     if not vkeep.all():
-        rep.error(f"{fname}: duplicate var names {_ids(var[~vkeep].unique())}",
-                  exclude=f"{fname}: every copy of duplicated var(s) {_ids(var[~vkeep].unique())}")
+        rep.error(f"{fname}: duplicate var names {id_list(var[~vkeep].unique(), LIST_MAX)}",
+                  exclude=f"{fname}: every copy of duplicated var(s) {id_list(var[~vkeep].unique(), LIST_MAX)}")
     if ad.n_vars == 0:
         rep.error(f"{fname}: no variables (genes/proteins)", exclude=f"{fname} (modality {name} dropped)")
         return None
@@ -432,8 +431,8 @@ def _read_omics(root: Path, name: str, cases: pd.DataFrame | None, rep: Validati
     nonfinite, negative, fractional = _scan_counts(counts)
     for mask, what in ((nonfinite, "NaN/inf"), (negative, "negative values")):
         if mask.any():
-            rep.error(f"{fname}: {source} has {what} in {int(mask.sum())} row(s) (case(s) {_ids(obs[mask])})",
-                      exclude=f"{fname}: rows with {what} {_ids(obs[mask])}")
+            rep.error(f"{fname}: {source} has {what} in {int(mask.sum())} row(s) (case(s) {id_list(obs[mask], LIST_MAX)})",
+                      exclude=f"{fname}: rows with {what} {id_list(obs[mask], LIST_MAX)}")
             keep &= ~mask
     if name == "rna" and fractional.any():  # protein panels may legitimately be intensities
         rep.warn(f"{fname}: {source} holds non-integer values in {int(fractional.sum())} row(s) "
@@ -504,21 +503,42 @@ class _Parts:
     reports: pd.Series | None
 
 
-def _check(root: Path, scan_features: bool = True) -> tuple[ValidationReport, _Parts]:
+def _check(root: Path, scan_features: bool = True, scan_cache: bool = True) -> tuple[ValidationReport, _Parts]:
     rep = ValidationReport(root=root)
     if not root.is_dir():
         rep.error(f"{root}: not a directory")
         return rep, _Parts(None, None, None, None, None, None)
     spec = _read_spec(root, rep)
     cases = _read_cases(root, rep)
-    parts = _Parts(spec=spec, cases=cases, slides=_read_slides(root, cases, spec, rep, scan_features),
+    scan = ScanCache(root, reuse=scan_cache) if scan_features else None
+    slides = _read_slides(root, cases, spec, rep, scan)
+    if scan is not None:
+        scan.save()
+    parts = _Parts(spec=spec, cases=cases, slides=slides,
                    rna=_read_omics(root, "rna", cases, rep), protein=_read_omics(root, "protein", cases, rep),
                    reports=_read_reports(root, cases, rep))
+    if parts.slides is not None:
+        _warn_mixed_preservation(parts.slides, rep)
     if cases is not None and parts.slides is not None:
         empty = ~_presence(parts).any(axis=1)
         if empty.any():
-            rep.warn(f"{int(empty.sum())} case(s) in cases.csv have no usable modality: {_ids(empty.index[empty])}")
+            rep.warn(f"{int(empty.sum())} case(s) in cases.csv have no usable modality: {id_list(empty.index[empty], LIST_MAX)}")
     return rep, parts
+
+
+def _warn_mixed_preservation(slides: pd.DataFrame, rep: ValidationReport) -> None:
+    """TCGA slide names say FFPE (DX) or frozen (TS/BS/MS); their features differ systematically, so a case with
+    both mixes two domains into one patient (slide id first, else the bag file name)."""
+    kinds: dict[str, set[str]] = {}
+    for sid, path, cid in zip(slides.index, slides["path"], slides["case_id"]):
+        kind = tcga.slide_preservation(sid) or tcga.slide_preservation(Path(path).name)
+        if kind is not None:
+            kinds.setdefault(cid, set()).add(kind)
+    mixed = sorted(c for c, k in kinds.items() if len(k) > 1)
+    if mixed:
+        rep.warn(f"slides.csv: {len(mixed)} case(s) mix FFPE (DX) and frozen (TS/BS/MS) slides, whose features "
+                 f"differ systematically (keep one kind, e.g. `mmfm import features --preservation FFPE`): "
+                 f"{id_list(mixed, LIST_MAX)}")
 
 
 def _presence(p: _Parts) -> pd.DataFrame:
@@ -534,13 +554,14 @@ def _presence(p: _Parts) -> pd.DataFrame:
     return pd.DataFrame({m: np.asarray(cols[m], bool) for m in MODALITIES}, index=idx)
 
 
-def validate(path: str | Path, scan_features: bool = True) -> ValidationReport:
+def validate(path: str | Path, scan_features: bool = True, scan_cache: bool = True) -> ValidationReport:
     """Check a cohort directory; never raises for bad content, the report lists every problem.
 
-    scan_features=False checks bag headers only (no NaN/inf scan): seconds instead of reading
-    every feature of a terabyte cohort; use it for repeated opens of a cohort validated once.
+    scan_features=False checks bag headers only (no NaN/inf scan). The scan of a bag is remembered in
+    <cohort>/.feature_scan.json until the bag's size or mtime changes (`mmfm.data.scan_cache`), so only
+    new or modified bags are read; scan_cache=False scans every bag again (and remembers the result).
     """
-    return _check(Path(path).resolve(), scan_features)[0]
+    return _check(Path(path).resolve(), scan_features, scan_cache)[0]
 
 
 class Cohort:
@@ -561,12 +582,13 @@ class Cohort:
         self._by_case = self.slides.groupby("case_id", sort=False).groups
 
     @classmethod
-    def open(cls, path: str | Path, strict: bool = True, scan_features: bool = True) -> Cohort:
+    def open(cls, path: str | Path, strict: bool = True, scan_features: bool = True,
+             scan_cache: bool = True) -> Cohort:
         """Validate and load. strict=True raises CohortError on any error; strict=False drops what is
         invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left.
-        scan_features: as in `validate`."""
+        scan_features, scan_cache: as in `validate`."""
         root = Path(path).resolve()
-        rep, parts = _check(root, scan_features)
+        rep, parts = _check(root, scan_features, scan_cache)
         if rep.fatal or (strict and rep.errors):
             raise CohortError(rep)
         return cls(root, parts, rep)

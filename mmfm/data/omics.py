@@ -26,15 +26,12 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
-from mmfm.io import write_json
+from mmfm.io import id_list, write_json
 
 FORMAT = "mmfm.OmicsTransform/1"
 MIN_STD = 1e-6  # a constant feature is centred but not divided by ~0
 
 
-def _ids(values, limit: int = 10) -> str:
-    values = [str(v) for v in values]
-    return ", ".join(values[:limit]) + (f" ... and {len(values) - limit} more" if len(values) > limit else "")
 
 
 def counts_of(adata: AnnData) -> AnnData:
@@ -47,7 +44,7 @@ def counts_of(adata: AnnData) -> AnnData:
         rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[bad] if sp.issparse(x) else \
             np.flatnonzero(bad.any(axis=1))
         raise ValueError(f"omics counts must be finite and non-negative; bad row(s) for case(s) "
-                         f"{_ids(adata.obs_names[np.unique(rows)])}")
+                         f"{id_list(adata.obs_names[np.unique(rows)])}")
     if not adata.var_names.is_unique:
         raise ValueError("omics var_names (genes/proteins) must be unique")
     return AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names.astype(str)),
@@ -101,7 +98,7 @@ class OmicsTransform:
         obs = adata.obs_names.astype(str)
         unknown = [c for c in train if c not in set(obs)]
         if unknown:
-            raise ValueError(f"OmicsTransform.fit: training case(s) not in the AnnData obs: {_ids(unknown)}")
+            raise ValueError(f"OmicsTransform.fit: training case(s) not in the AnnData obs: {id_list(unknown)}")
         if not train:
             raise ValueError("OmicsTransform.fit: no training cases")
         rows = obs.get_indexer(train)
@@ -114,7 +111,7 @@ class OmicsTransform:
             missing = [g for g in cand if g not in set(var)]
             if missing:
                 raise ValueError(f"OmicsTransform.fit: panel gene(s) not measured in the training data: "
-                                 f"{_ids(missing)}")
+                                 f"{id_list(missing)}")
             if len(set(cand)) != len(cand):
                 raise ValueError("OmicsTransform.fit: the gene panel has duplicates")
         sub = sub[:, cand]

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from mmfm import MODALITIES
 from mmfm.data.bags import write_bag
@@ -51,34 +52,34 @@ _W_SITES, _W_FEATURES, _W_GENES, _W_PROTEINS = 1, 2, 3, 4
 class SimConfig:
     """Every knob of the simulator; the defaults are the demo cohort (data card: why each value)."""
 
-    name: str = "simulated"
-    n_cases: int = 300
-    seed: int = 0
-    n_sites: int = 7
+    name: str = "simulated"  # cohort name written to cohort.yaml
+    n_cases: int = 300  # cases (patients); --cases on the command line
+    seed: int = 0  # same seed and config, same bytes; case i does not depend on n_cases
+    n_sites: int = 7  # medical centres (TCGA tissue-source-site analogue), written as cases.csv `site`
     site_confounding: float = 4.0  # Dirichlet concentration of per-site subtype mix: lower = stronger confounding
     site_effect: float = 1.0  # scale of stain-like feature shifts and omics batch effects (0 = none)
-    feature_dim: int = 1024
+    feature_dim: int = 1024  # tile-feature width (1024 = UNI, 1536 = UNI2-h / H-optimus, 2560 = Virchow2)
     latent_dim: int = 48  # dimension of the morphology space that tile features are projected from
-    encoder_name: str = "sim-uni"
-    bag_size_median: int = 1000
+    encoder_name: str = "sim-uni"  # tile_encoder.name in cohort.yaml
+    bag_size_median: int = 1000  # median tiles per slide
     bag_size_sigma: float = 0.9  # log-normal sigma of tiles per slide (heavy right tail)
-    bag_size_min: int = 16
+    bag_size_min: int = 16  # tiles per slide are clipped to [bag_size_min, bag_size_max]
     bag_size_max: int = 20000
     multi_slide_rate: float = 0.2  # fraction of cases with slides that have 2+ slides
-    max_slides_per_case: int = 3
-    patch_size: int = 256
-    target_magnification: float = 20.0
-    level0_magnification: float = 40.0
-    n_genes: int = 2000
-    n_proteins: int = 64
-    missing_slide: float = 0.08
-    missing_rna: float = 0.15
-    missing_protein: float = 0.35
-    missing_report: float = 0.10
-    missing_mutation: float = 0.10
+    max_slides_per_case: int = 3  # upper bound for multi-slide cases
+    patch_size: int = 256  # tile size in px at target_magnification
+    target_magnification: float = 20.0  # magnification the tiles are read at
+    level0_magnification: float = 40.0  # scan magnification (patch_size_level0 = patch_size × level0 / target)
+    n_genes: int = 2000  # genes in rna.h5ad (negative-binomial counts; 107 carry names)
+    n_proteins: int = 64  # markers in protein.h5ad (RPPA-like panel)
+    missing_slide: float = 0.08  # fraction of cases without a slide (each missing_* independent)
+    missing_rna: float = 0.15  # fraction of cases without RNA-seq
+    missing_protein: float = 0.35  # fraction without the protein panel (RPPA covers fewer TCGA cases)
+    missing_report: float = 0.10  # fraction without a pathology report
+    missing_mutation: float = 0.10  # fraction with unknown mutation status (never read as wild-type)
     median_os_days: float = 1500.0  # baseline median survival at zero log-hazard
-    weibull_shape: float = 1.3
-    max_follow_up_days: float = 3650.0
+    weibull_shape: float = 1.3  # Weibull shape of the proportional-hazards survival times
+    max_follow_up_days: float = 3650.0  # censoring: uniform up to this, or earlier by exponential loss to follow-up
 
     @property
     def patch_size_level0(self) -> int:
@@ -746,7 +747,7 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
     genes, proteins = list(world.genes.index), list(world.proteins.index)
     cases, truth, slides, slide_truth, reports = [], [], [], [], []
     rna, rna_ids, prot, prot_ids = [], [], [], []
-    for i in range(cfg.n_cases):
+    for i in tqdm(range(cfg.n_cases), desc="simulate cases", unit="case", disable=cfg.n_cases < 50, leave=False):
         c = draw_case(cfg, world, i)
         rr = _rng(cfg, _REPORT, i)
         facts = report_facts(c, rr)

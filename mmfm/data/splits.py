@@ -17,18 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import (GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit, StratifiedGroupKFold,
-                                     StratifiedKFold, StratifiedShuffleSplit)
+from sklearn.model_selection import (
+    GroupKFold,
+    GroupShuffleSplit,
+    KFold,
+    ShuffleSplit,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    StratifiedShuffleSplit,
+)
 
-from mmfm.io import atomic_path
+from mmfm.io import atomic_path, id_list
 
 PARTS = ("train", "test", "val")
 FOLD = re.compile(r"fold_\d+")
 
 
-def _ids(values, limit: int = 10) -> str:
-    values = [str(v) for v in values]
-    return ", ".join(values[:limit]) + (f" ... and {len(values) - limit} more" if len(values) > limit else "")
 
 
 def split_cases(case_ids, fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -91,14 +95,14 @@ def make_folds(cases, label: str | None = None, k: int = 5, seed: int = 0, site_
         missing = table.index[table[label].isna()]
         if len(missing):
             warnings.warn(f"make_folds: {len(missing)} case(s) without {label!r} left out of the folds: "
-                          f"{_ids(missing)}", stacklevel=2)
+                          f"{id_list(missing)}", stacklevel=2)
             table = table.drop(index=missing)
     if site_preserved:
         if "site" not in table.columns:
             raise ValueError("make_folds: site_preserved=True needs a 'site' column")
         no_site = table.index[table["site"].isna()]
         if len(no_site):
-            raise ValueError(f"make_folds: site_preserved=True but case(s) have no site: {_ids(no_site)}")
+            raise ValueError(f"make_folds: site_preserved=True but case(s) have no site: {id_list(no_site)}")
     n = len(table)
     y = None if label is None else table[label].to_numpy()
     groups = table["site"].astype(str).to_numpy() if site_preserved else None
@@ -167,11 +171,11 @@ def assert_no_case_leakage(df: pd.DataFrame, label: str | None = None) -> None:
         sid = df["slide_id"].astype(str)
         dup = sid[(sid != "") & sid.duplicated()]
         if len(dup):
-            raise ValueError(f"split: slide_id(s) on several rows: {_ids(dup.unique())}")
+            raise ValueError(f"split: slide_id(s) on several rows: {id_list(dup.unique())}")
     if label is not None:
         n = df.groupby("case_id", sort=False)[label].nunique(dropna=False)
         if (n > 1).any():
-            raise ValueError(f"split: case(s) whose slides carry different {label!r} values: {_ids(n.index[n > 1])}")
+            raise ValueError(f"split: case(s) whose slides carry different {label!r} values: {id_list(n.index[n > 1])}")
 
 
 def partition(df: pd.DataFrame, fold: int | str) -> dict[str, list[str]]:

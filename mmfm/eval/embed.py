@@ -244,11 +244,12 @@ def _case_mean(slide_emb: np.ndarray, by_case: pd.Series, case_ids: list[str]) -
 
 
 def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """h5ad stores object columns as strings; mixed ones are made explicit."""
+    """h5ad stores object columns as strings; mixed ones are made explicit. Plain str objects, not pandas'
+    nullable StringArray, which anndata refuses to write for high-cardinality columns (e.g. an `age` column)."""
     df = df.copy()
     for c in df.columns:
         if df[c].dtype == object:
-            df[c] = df[c].astype("string").fillna("")
+            df[c] = df[c].astype("string").fillna("").astype(object)
     return df
 
 

@@ -21,7 +21,7 @@ from mmfm.io import atomic_path, write_text
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
 BOOKKEEPING = {"C", "alpha", "n_test", "n_queries"}  # in results.csv, not in the summary tables
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
-           "retrieval": ("recall@1", "top1_acc"), "robustness": None}
+           "retrieval": ("recall@5", "top5_acc"), "robustness": None}  # the headline table's metrics
 CHANCE = {"auroc": 0.5, "c_index": 0.5}
 
 
@@ -109,7 +109,7 @@ def _save(fig: Figure, path: Path) -> None:
 def plot_task(summary: pd.DataFrame, path: Path) -> bool:
     """Primary metric per embedding (error bars = SE or CI); few-shot: metric against shots."""
     kind = summary.type.iloc[0]
-    metrics = PRIMARY[kind] or (summary.metric.iloc[0],)
+    metrics = PRIMARY.get(kind) or (summary.metric.iloc[0],)  # a type not listed: its first metric
     s = summary[summary.metric.isin(metrics)]
     metric = " / ".join(m for m in metrics if m in set(s.metric))
     if s.empty:
@@ -250,5 +250,39 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def chance_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The expected recall@5 of a random ranking for each retrieval row: a constant, so no interval."""
     s = summary[summary["metric"] == "chance_recall@5"]
-    return s[["task", "target", "embedding", "text"]]
+    return pd.DataFrame({"task": s["task"], "pair": s["embedding"],
+                         "chance recall@5": s["mean"].map(lambda v: f"{v:.3f}")})
+
+
+CAPTIONS = (  # (file-name pattern, caption) for the report's plots, most specific first
+    (r"^training_curves\.png$", "pretraining loss per pair, and held-out recall@5 during training — on at most "
+     "`data.eval_max_cases` held-out cases with a fixed tile sample per slide, so not the table's numbers"),
+    (r"^km_(.+)\.png$", "Kaplan–Meier curves of the predicted high- vs low-risk halves (pooled test folds), "
+     "log-rank p — {0}"),
+    (r"^(.+)_ri\.png$", "robustness index against k (neighbours sharing biology rather than site) — {0}"),
+    (r"^(.+)_projection\.png$", "2-D projection of the embedding coloured by biology and by site — {0}"),
+    (r"^(.+)\.png$", "headline metric per embedding (bar = mean; whisker = SE over folds or 95% CI; "
+     "dashed line = chance) — {0}"),
+)
+
+
+def plot_captions(folder: Path) -> list[tuple[str, str]]:
+    """(file name, one-line caption) for every PNG in the report folder."""
+    out = []
+    for png in sorted(Path(folder).glob("*.png")):
+        for pattern, caption in CAPTIONS:
+            m = re.match(pattern, png.name)
+            if m:
+                out.append((png.name, caption.format(*m.groups())))
+                break
+    return out
+
+
+def reading_notes(summary: pd.DataFrame) -> list[str]:
+    """What a reader would otherwise misread: metrics below chance."""
+    s = summary[summary["metric"].isin(["auroc", "c_index"]) & (summary["mean"] < 0.5)]
+    return [f"{r.task} · {r.embedding}{' · ' + str(r.target) if str(r.target) else ''}: {r.metric} "
+            f"{r['mean']:.3f} is below chance (0.5) — with this few test cases, noise around chance, not an "
+            f"inverted signal" for _, r in s.iterrows()]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmfm.models.axes import EMBED, HEADS, HIDDEN
 from mmfm.models.layers import Dense, Dropout, MLPBlock, param
 from mmfm.models.slide import SlideOutput
 
@@ -43,9 +44,9 @@ class GatedAttentionPool(nnx.Module):
     """Multi-head gated attention pooling over a masked set: [B, N, dim] → ([B, heads, dim], [B, heads, N])."""
 
     def __init__(self, dim: int, attn_dim: int, n_heads: int, *, dropout: float = 0.0, rngs: nnx.Rngs):
-        self.tanh_branch = Dense(dim, n_heads * attn_dim, ("embed", "heads"), rngs=rngs)
-        self.gate_branch = Dense(dim, n_heads * attn_dim, ("embed", "heads"), rngs=rngs)
-        self.score = param(rngs, nnx.initializers.lecun_normal(), (n_heads, attn_dim), ("heads", None))
+        self.tanh_branch = Dense(dim, n_heads * attn_dim, (EMBED, HEADS), rngs=rngs)
+        self.gate_branch = Dense(dim, n_heads * attn_dim, (EMBED, HEADS), rngs=rngs)
+        self.score = param(rngs, nnx.initializers.lecun_normal(), (n_heads, attn_dim), (HEADS, HIDDEN))
         self.drop = Dropout(dropout, rngs=rngs)
         self.n_heads, self.attn_dim = n_heads, attn_dim
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmfm.models.axes import EMBED, HIDDEN, JOINT
 from mmfm.models.layers import Dense, Dropout
 
 
@@ -27,10 +28,10 @@ class ProjectionHead(nnx.Module):
     def __init__(self, din: int, dout: int, hidden: int | None = None, *, dropout: float = 0.0,
                  rngs: nnx.Rngs):
         if hidden:
-            self.fc1 = Dense(din, hidden, ("embed", "hidden"), rngs=rngs)
-            self.fc2 = Dense(hidden, dout, ("hidden", None), rngs=rngs)
+            self.fc1 = Dense(din, hidden, (EMBED, HIDDEN), rngs=rngs)
+            self.fc2 = Dense(hidden, dout, (HIDDEN, JOINT), rngs=rngs)
         else:
-            self.fc1, self.fc2 = Dense(din, dout, ("embed", None), rngs=rngs), None
+            self.fc1, self.fc2 = Dense(din, dout, (EMBED, JOINT), rngs=rngs), None
         self.drop = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True, normalize: bool = True) -> jax.Array:

@@ -1,12 +1,13 @@
 """Small building blocks shared by every encoder: partitioned parameters, Dense, LayerNorm, masked means.
 
-Parameters are fp32 and carry logical axis names (see `mmfm.models.LOGICAL_AXES`). Compute happens in
+Parameters are fp32 and carry logical axis names (see `mmfm.models.axes`). Compute happens in
 the dtype of the activations: encoders cast their inputs to the configured compute dtype once and every
 layer follows (kernels are cast at use), while normalisation statistics and softmaxes run in fp32.
 
 Flax ≥0.12 shards annotated variables eagerly and raises when no mesh is active; `partitioned` keeps
-the annotation but turns eager sharding off when there is no mesh, so the same constructor works on a
-laptop and inside the trainer's `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(rules)`.
+the annotation but turns eager sharding off when there is no mesh. The trainer builds with no mesh (it
+reads the annotations from an `nnx.eval_shape` and creates the state under `jit` with out_shardings);
+a caller that sets `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(rules)` gets parameters born sharded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Names = tuple[str | None, ...]
+from mmfm.models.axes import EMBED, HIDDEN
+
+Names = tuple[str, ...]
 
 _ACTIVATIONS: dict[str, Callable] = {"gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu}
 
@@ -41,10 +44,15 @@ def param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], names: Names) 
     return nnx.Param(partitioned(init, names)(rngs.params(), shape, jnp.float32))
 
 
+def variable(kind: type[nnx.Variable], value: jax.Array, names: Names) -> nnx.Variable:
+    """`kind(value)` (a Param, or a frozen weight) carrying logical `names`, like `param`."""
+    return kind(value, out_sharding=names, eager_sharding=mesh_active())
+
+
 class Dense(nnx.Module):
     """x @ W + b with W [din, dout] named `names` (fp32 storage, compute in x.dtype)."""
 
-    def __init__(self, din: int, dout: int, names: Names = ("embed", "hidden"), *, use_bias: bool = True,
+    def __init__(self, din: int, dout: int, names: Names = (EMBED, HIDDEN), *, use_bias: bool = True,
                  rngs: nnx.Rngs, init: Callable = nnx.initializers.lecun_normal()):
         self.kernel = param(rngs, init, (din, dout), names)
         self.bias = param(rngs, nnx.initializers.zeros_init(), (dout,), names[1:]) if use_bias else None
@@ -57,7 +65,7 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with fp32 statistics; returns the input dtype."""
 
-    def __init__(self, dim: int, name: str | None = "embed", *, rngs: nnx.Rngs, eps: float = 1e-6):
+    def __init__(self, dim: int, name: str = EMBED, *, rngs: nnx.Rngs, eps: float = 1e-6):
         self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), (name,))
         self.bias = param(rngs, nnx.initializers.zeros_init(), (dim,), (name,))
         self.eps = eps
@@ -108,7 +116,7 @@ class MLPBlock(nnx.Module):
     """Linear → (LayerNorm) → activation → Dropout: the unit of every MLP encoder here."""
 
     def __init__(self, din: int, dout: int, *, act: str = "gelu", dropout: float = 0.0, layer_norm: bool = True,
-                 names: Names = ("embed", "hidden"), rngs: nnx.Rngs):
+                 names: Names = (EMBED, HIDDEN), rngs: nnx.Rngs):
         self.linear = Dense(din, dout, names, rngs=rngs)
         self.norm = LayerNorm(dout, names[1], rngs=rngs) if layer_norm else None
         self.act = activation(act)

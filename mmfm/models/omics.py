@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmfm.models.abmil import GatedAttentionPool
+from mmfm.models.axes import EMBED, FEATURE, VOCAB
 from mmfm.models.layers import MLPBlock, param
 
 
@@ -54,8 +55,8 @@ class MaskedMLP(nnx.Module):
 class GeneSetEncoder(nnx.Module):
     def __init__(self, cfg: OmicsConfig, n_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         vocab = cfg.vocab_size or n_features
-        self.gene_embed = param(rngs, nnx.initializers.normal(0.02), (vocab, cfg.hidden), ("vocab", "embed"))
-        self.value_embed = MLPBlock(1, cfg.hidden, act=cfg.act, names=(None, "embed"), rngs=rngs)
+        self.gene_embed = param(rngs, nnx.initializers.normal(0.02), (vocab, cfg.hidden), (VOCAB, EMBED))
+        self.value_embed = MLPBlock(1, cfg.hidden, act=cfg.act, names=(FEATURE, EMBED), rngs=rngs)
         self.token_mlp = MLPBlock(cfg.hidden, cfg.hidden, act=cfg.act, dropout=cfg.dropout, rngs=rngs)
         self.pool = GatedAttentionPool(cfg.hidden, cfg.attn_dim, cfg.n_heads, dropout=cfg.dropout, rngs=rngs)
         self.dtype, self.out_dim, self.n_features = dtype, cfg.n_heads * cfg.hidden, n_features

@@ -7,6 +7,7 @@ embedding = mean of the last hidden states over valid tokens (sentence-transform
 Frozen weights are stored as `Frozen` variables, not `nnx.Param`: `nnx.grad` and
 `nnx.Optimizer(..., wrt=nnx.Param)` skip them, so frozen layers cost no gradient, no Adam
 moments and no weight decay. `trainable='last_k'` keeps only the last k layers as Params.
+Frozen or not, every weight carries logical axis names (`mmfm.models.axes`), like the other encoders.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from flax import nnx
 
 from mmfm.data.text import minilm_dir, tokenize  # noqa: F401  (re-exported)
 from mmfm.models.config import TextConfig
+from mmfm.models.axes import EMBED, HEADS, HIDDEN, VOCAB
+from mmfm.models.layers import Names, variable
 from mmfm.models.weight_porting import NameMap, Rule, load_safetensors, port_state_dict, transpose
 
 
@@ -62,9 +65,9 @@ def _dtype(name: str):
 
 
 class Dense(nnx.Module):
-    def __init__(self, din: int, dout: int, *, var: type, rngs: nnx.Rngs):
-        self.kernel = var(0.02 * jax.random.normal(rngs.params(), (din, dout), jnp.float32))
-        self.bias = var(jnp.zeros((dout,), jnp.float32))
+    def __init__(self, din: int, dout: int, names: Names, *, var: type, rngs: nnx.Rngs):
+        self.kernel = variable(var, 0.02 * jax.random.normal(rngs.params(), (din, dout), jnp.float32), names)
+        self.bias = variable(var, jnp.zeros((dout,), jnp.float32), names[1:])
 
     def __call__(self, x):
         return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
@@ -74,8 +77,8 @@ class LayerNorm(nnx.Module):
     """Computed in fp32 whatever the compute dtype."""
 
     def __init__(self, dim: int, eps: float, *, var: type):
-        self.scale = var(jnp.ones((dim,), jnp.float32))
-        self.bias = var(jnp.zeros((dim,), jnp.float32))
+        self.scale = variable(var, jnp.ones((dim,), jnp.float32), (EMBED,))
+        self.bias = variable(var, jnp.zeros((dim,), jnp.float32), (EMBED,))
         self.eps = eps
 
     def __call__(self, x):
@@ -88,7 +91,7 @@ class LayerNorm(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, num: int, dim: int, *, var: type, rngs: nnx.Rngs):
-        self.table = var(0.02 * jax.random.normal(rngs.params(), (num, dim), jnp.float32))
+        self.table = variable(var, 0.02 * jax.random.normal(rngs.params(), (num, dim), jnp.float32), (VOCAB, EMBED))
 
     def __call__(self, ids):
         return jnp.take(self.table[...], ids, axis=0)
@@ -98,13 +101,13 @@ class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, dropout: float, *, var: type, rngs: nnx.Rngs):
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_attention_heads
-        self.query = Dense(h, h, var=var, rngs=rngs)
-        self.key = Dense(h, h, var=var, rngs=rngs)
-        self.value = Dense(h, h, var=var, rngs=rngs)
-        self.attention_out = Dense(h, h, var=var, rngs=rngs)
+        self.query = Dense(h, h, (EMBED, HEADS), var=var, rngs=rngs)
+        self.key = Dense(h, h, (EMBED, HEADS), var=var, rngs=rngs)
+        self.value = Dense(h, h, (EMBED, HEADS), var=var, rngs=rngs)
+        self.attention_out = Dense(h, h, (HEADS, EMBED), var=var, rngs=rngs)
         self.attention_norm = LayerNorm(h, cfg.layer_norm_eps, var=var)
-        self.intermediate = Dense(h, i, var=var, rngs=rngs)
-        self.output = Dense(i, h, var=var, rngs=rngs)
+        self.intermediate = Dense(h, i, (EMBED, HIDDEN), var=var, rngs=rngs)
+        self.output = Dense(i, h, (HIDDEN, EMBED), var=var, rngs=rngs)
         self.output_norm = LayerNorm(h, cfg.layer_norm_eps, var=var)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.approximate_gelu = cfg.hidden_act == "gelu_new"

@@ -24,6 +24,7 @@ from flax import nnx
 
 from mmfm.models.abmil import GatedAttentionPool
 from mmfm.models.attention import IMPLS, attention
+from mmfm.models.axes import EMBED, HEADS, HIDDEN, TILES
 from mmfm.models.layers import Dense, Dropout, LayerNorm, masked_mean, param
 from mmfm.models.rope import apply_rope, rope_angles
 from mmfm.models.slide import SlideOutput
@@ -70,10 +71,10 @@ class Block(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         w, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
         self.norm1, self.norm2 = LayerNorm(w, rngs=rngs), LayerNorm(w, rngs=rngs)
-        self.qkv = Dense(w, 3 * w, ("embed", "heads"), rngs=rngs)
-        self.out = Dense(w, w, ("heads", "embed"), rngs=rngs)
-        self.fc1 = Dense(w, hidden, ("embed", "hidden"), rngs=rngs)
-        self.fc2 = Dense(hidden, w, ("hidden", "embed"), rngs=rngs)
+        self.qkv = Dense(w, 3 * w, (EMBED, HEADS), rngs=rngs)
+        self.out = Dense(w, w, (HEADS, EMBED), rngs=rngs)
+        self.fc1 = Dense(w, hidden, (EMBED, HIDDEN), rngs=rngs)
+        self.fc2 = Dense(hidden, w, (HIDDEN, EMBED), rngs=rngs)
         self.drop = Dropout(cfg.dropout, rngs=rngs)
         self.n_heads, self.impl, self.block_q, self.block_k = cfg.n_heads, cfg.attn_impl, cfg.block_q, cfg.block_k
         self.mlp_chunk = cfg.mlp_chunk
@@ -107,9 +108,9 @@ class TransformerSlideEncoder(nnx.Module):
     def __init__(self, cfg: TransformerConfig, feature_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg, self.dtype = cfg, dtype
-        self.proj = Dense(feature_dim, cfg.width, ("embed", "hidden"), rngs=rngs)
-        self.proj_norm = LayerNorm(cfg.width, "hidden", rngs=rngs)
-        self.registers = (param(rngs, nnx.initializers.normal(0.02), (cfg.n_registers, cfg.width), (None, "embed"))
+        self.proj = Dense(feature_dim, cfg.width, (EMBED, HIDDEN), rngs=rngs)
+        self.proj_norm = LayerNorm(cfg.width, HIDDEN, rngs=rngs)
+        self.registers = (param(rngs, nnx.initializers.normal(0.02), (cfg.n_registers, cfg.width), (TILES, EMBED))
                           if cfg.n_registers else None)
         self.blocks = nnx.data([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width, rngs=rngs)

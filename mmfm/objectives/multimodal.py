@@ -17,7 +17,9 @@ Definitions (the trainer, the tests and the paper methods section all rely on th
 
 Implementations (`ObjectiveConfig.impl`): 'global' computes the full logit matrices (under jit with
 batch-sharded inputs XLA inserts the gathers); 'gather' and 'ring' run the same arithmetic inside
-`jax.shard_map` over `axis` (see `sharded.py`). All three give the same loss and gradients.
+`jax.shard_map` over the mesh axes the batch rows are split over (see `sharded.py`). All three give
+the same loss and gradients. The objective names no mesh axis itself: the trainer jits its step with
+explicit in/out shardings (no mesh context) and passes its mesh and `axis=sharding.BATCH_AXES`.
 """
 
 from __future__ import annotations
@@ -172,17 +174,19 @@ def _objective(emb, present, case_index, log_t, bias, *, pairs, slots, weights, 
 
 
 def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Array], case_index: jax.Array,
-                    logit_params: LogitParams, cfg: ObjectiveConfig, *, mesh: jax.sharding.Mesh | None = None,
-                    axis: str | tuple[str, ...] = "data",
-                    norms: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    logit_params: LogitParams, cfg: ObjectiveConfig, *, axis: sharded.Axis,
+                    mesh: jax.sharding.Mesh | None = None, norms: Mapping[str, jax.Array] | None = None,
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum over pairs of masked, multi-positive contrastive losses (see module docstring).
 
     emb: modality → [B, E] L2-normalised embeddings (any float dtype; the loss runs in float32).
     present: modality → [B] bool. case_index: [B] int32, −1 = padding row.
     norms: optional modality → [B] embedding norms before L2 normalisation, for `norm/<m>`.
-    mesh, axis: for impl 'ring'/'gather', the mesh (default: the one set by `jax.set_mesh`; with
-    neither, the global computation runs) and the axis name(s) the batch is sharded over; B must
-    divide by their size. Ignored for 'global'.
+    axis: the mesh axis name(s) the batch rows are split over — required, no default: the caller
+    owns the mesh (the trainer passes `mmfm.train.sharding.BATCH_AXES`). None: rows are not split
+    (one device, or the 'global' impl). For 'ring'/'gather', B must divide by the axes' size.
+    mesh: the mesh for 'ring'/'gather' (the trainer passes its own; default: the one set by
+    `jax.set_mesh`; with neither, the global computation runs). Ignored for 'global'.
     Returns (scalar float32 loss, flat dict of float32 scalar diagnostics).
     """
     missing = [m for m in emb if m not in present]
@@ -209,6 +213,9 @@ def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Arra
     if impl == "global":
         loss, diag = fn(emb, present, case_index, log_t, bias, axis=None)
     else:
+        if axis is None:
+            raise ValueError(f"objective.impl={cfg.impl!r} on a mesh needs the batch's mesh axes (axis=...), "
+                             f"got axis=None")
         names = axis if isinstance(axis, tuple) else (axis,)
         size = math.prod(mesh.shape[n] for n in names)
         if case_index.shape[0] % size:

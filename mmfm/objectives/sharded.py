@@ -11,7 +11,7 @@ blocks and only at the end reduced across devices, so all three sweeps give the 
           so per-device logit memory is O(b_local²) (the SigLIP paper's "chunked" implementation). The
           backward pass keeps the visiting y blocks (O(B·E) per device, as an all-gather would).
 
-`axis` is a mesh axis name or a tuple of names (e.g. ('data', 'fsdp')); `None` means the arrays are
+`axis` is a mesh axis name or a tuple of names (the trainer passes ("data", "fsdp")); `None`: arrays are
 already global, and every collective below is then the identity.
 """
 

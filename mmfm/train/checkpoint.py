@@ -11,7 +11,9 @@ checkpoint written on a (4×2) mesh restores onto (8×1), 2 devices or 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -42,6 +44,22 @@ def gather_json(obj) -> list:
     return [json.loads(allb[i, : n[i]].tobytes().decode()) for i in range(len(n))]
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "is read only" not in text and "read_only=True" not in text
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+    logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class Checkpointer:
     """Keep the last `keep_last` steps plus the best one by `best_metric` (when set)."""
 
@@ -57,7 +75,8 @@ class Checkpointer:
             preservation_policy=cm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_checkpoint and not read_only,
             create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        with _quiet_read_only():  # orbax warns "Given directory is read only" for what inference asked for
+            self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -14,8 +14,9 @@ from mmfm import MODALITIES
 from mmfm.config import ConfigError, decode, dump, load, to_dict  # noqa: F401  (re-exported for the trainer)
 from mmfm.data.loader import LoaderConfig
 from mmfm.models import DEFAULT_AXIS_RULES, ModelConfig
+from mmfm.models.axes import complete_rules
 from mmfm.objectives import ObjectiveConfig
-from mmfm.train.sharding import AXES, MeshConfig
+from mmfm.train.sharding import MeshConfig
 
 Modality = Literal["slide", "rna", "protein", "report", "mutation"]
 
@@ -75,9 +76,10 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError("train.steps: must be >= 1")
     if t.grad_accum < 1 or cfg.loader.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide loader.batch_size={cfg.loader.batch_size}")
-    for i, (name, axis) in enumerate(t.axis_rules):
-        if axis is not None and axis not in AXES:
-            raise ConfigError(f"train.axis_rules[{i}]: {name!r} -> {axis!r}; mesh axes are {AXES} or null")
+    try:
+        complete_rules(t.axis_rules)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from e
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError("data.heldout_fraction: must be in [0, 1)")
     if not cfg.data.modalities or len(set(cfg.data.modalities)) != len(cfg.data.modalities):

@@ -2,8 +2,9 @@
 
 One mesh for every run, 1 CPU device to a pod: axes ("data", "fsdp"), both `AxisType.Auto`
 (classic jit with in/out shardings and automatic propagation — the style chosen on purpose).
-The batch is split over both axes. Parameters and optimizer moments follow one logical-rules
-table (`train.axis_rules`, default `mmfm.models.DEFAULT_AXIS_RULES`: the "embed" side of every
+Logical axis names and their default placement live in `mmfm.models.axes`: the "batch" axis spans
+both mesh axes (`BATCH_AXES`, what the trainer also hands the objective's shard_map); parameters
+and optimizer moments follow `train.axis_rules` over `DEFAULT_AXIS_RULES` (the "embed" side of every
 large matrix over `fsdp`, everything else replicated); arrays below `train.shard_min_size`
 elements stay replicated because gathering them costs more than it saves.
 """
@@ -18,8 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+from mmfm.models.axes import BATCH, BATCH_RULES, DEFAULT_AXIS_RULES, MESH_AXES, complete_rules, logical_spec
+
+AXES = MESH_AXES
+BATCH_AXES = dict(BATCH_RULES)[BATCH]  # every device: each one encodes (and contrasts) its own rows
 
 
 @dataclass
@@ -28,6 +31,11 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+
+
+def default_axis_rules() -> list[list]:
+    """`train.axis_rules` default: the parameter placement of `mmfm.models.axes`, as YAML-able lists."""
+    return [list(r) for r in DEFAULT_AXIS_RULES]
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int]:
@@ -55,26 +63,30 @@ def leaf_path(path) -> str:
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
-    """Drop mesh axes a dimension cannot take: arrays under `min_size` elements, or dims the axis
-    size does not divide, stay replicated along that dim."""
+    """Drop mesh axes a dimension cannot take: arrays under `min_size` elements, dims the axis size
+    does not divide, and mesh axes an earlier dim already took (two logical names mapped to one mesh
+    axis) stay replicated along that dim."""
     if int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
-    out = []
+    out, taken = [], set()
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
         size = int(np.prod([mesh.shape[a] for a in names], dtype=np.int64))
-        out.append(axes if names and dim % size == 0 and size > 1 else None)
+        fits = bool(names) and dim % size == 0 and size > 1 and not taken.intersection(names)
+        out.append(axes if fits else None)
+        taken.update(names if fits else ())
     return P(*out)
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules, min_size: int):
     """NamedSharding for every leaf of an (abstract) nnx state.
 
-    Logical axis names on the variables (`mmfm.models` annotates every matrix) are mapped to mesh
-    axes by `rules`; the optimizer's moments carry their parameter's names, so they shard alike.
-    Unannotated leaves (RNG keys, counters) are replicated.
+    Logical axis names on the variables (`mmfm.models` annotates every parameter) are mapped to mesh
+    axes by `rules` over the defaults (`mmfm.models.axes.complete_rules`); the optimizer's moments
+    carry their parameter's names, so they shard alike. Unannotated leaves (RNG keys, counters) are
+    replicated.
     """
-    with nnx.logical_axis_rules([tuple(r) for r in rules]):
+    with nnx.logical_axis_rules(complete_rules(rules)):
         specs = nnx.get_partition_spec(abstract_state)
     return jax.tree.map(lambda leaf, spec: NamedSharding(mesh, fit_spec(spec, tuple(leaf.shape), mesh, min_size)),
                         abstract_state, specs)
@@ -82,7 +94,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules, min_size: int):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of every batch array split over all devices (a prefix spec: trailing dims whole)."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(mesh, logical_spec((BATCH,), BATCH_RULES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,50 @@
+"""`mmfm import <source>`: public data downloads (GDC/TCGA, TRIDENT/CLAM feature folders) → a cohort directory."""
+
+from __future__ import annotations
+
+from mmfm.data.importers import IMPORTERS
+
+DESCRIPTION = """\
+Create or extend a cohort directory from what a lab downloaded: GDC STAR gene counts (+ sample sheet) or
+Xena-style matrices, GDC RPPA or TCPA protein tables, masked-somatic / MC3 MAFs, TCGA-CDR or GDC clinical
+tables, TCGA-Reports transcriptions, TRIDENT / CLAM feature folders. Every import prints and writes
+imports/<source>.json (what matched, what did not, the rule applied per case), writes atomically, can be re-run
+and ends with `mmfm validate`. TCGA barcodes map aliquots and slides to cases (data_cards/gdc_tcga.md).
+
+sources: """ + ", ".join(IMPORTERS) + """
+
+example: mmfm import gdc-rna --out cohort --inputs "[gdc_download/]" --sample_sheet gdc_sample_sheet.tsv"""
+
+SUMMARIES = {
+    "gdc-rna": "GDC STAR 'augmented gene counts' TSVs joined to cases through the GDC sample sheet, or Xena/TANGLE "
+               "wide matrices (genes × samples) → rna.h5ad (raw counts in a layer, the chosen measure in X).",
+    "gdc-protein": "GDC RPPA files (+ sample sheet) or TCPA-style wide matrices → protein.h5ad.",
+    "maf": "GDC masked-somatic or MC3 MAFs → per-case mutation calls (non-silent rule) as mut_<gene> columns; "
+           "a case not sequenced stays unknown, never wild-type.",
+    "clinical": "TCGA-CDR table and/or GDC clinical TSV → cases.csv (os_days / os_event, other endpoints, site).",
+    "reports": "TCGA-Reports-style CSV (patient_filename, text) or a folder of one text per case → reports.jsonl.",
+    "features": "TRIDENT h5 (linked as they are), CLAM h5 / .pt (converted; patch_size_level0 required or computed "
+                "from --mag --patch_size --mpp, never guessed) → slides.csv and bags/.",
+}
+
+EXAMPLES = {
+    "gdc-rna": 'mmfm import gdc-rna --out cohort --inputs "[gdc_download/]" --sample_sheet gdc_sample_sheet.tsv',
+    "gdc-protein": 'mmfm import gdc-protein --out cohort --inputs "[rppa/]" --sample_sheet gdc_sample_sheet.tsv',
+    "maf": 'mmfm import maf --out cohort --inputs "[mafs/]" --sample_sheet gdc_sample_sheet.tsv',
+    "clinical": "mmfm import clinical --out cohort --cdr TCGA-CDR.tsv --gdc_clinical clinical.tsv",
+    "reports": 'mmfm import reports --out cohort --inputs "[TCGA_Reports.csv]"',
+    "features": 'mmfm import features --out cohort --inputs "[trident/20x_256px_0px_overlap/features_uni_v1/]"',
+}
+
+def _command(run):
+    def command(cfg) -> int:
+        run(cfg)  # prints and writes its report; a bad file raises, naming it
+        return 0
+    return command
+
+
+SUBCOMMANDS = {name: (config, _command(run)) for name, (config, run) in IMPORTERS.items()}
+
+
+def describe(name: str) -> str:
+    return f"{SUMMARIES[name]}\n\nexample: {EXAMPLES[name]}"

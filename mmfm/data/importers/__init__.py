@@ -1,0 +1,27 @@
+"""`mmfm import <source>`: public data downloads → a cohort directory (data_cards/cohort_format.md, unchanged).
+
+One module per source, each a typed config dataclass and `run(cfg) -> ImportReport`:
+  gdc-rna      GDC STAR gene counts + sample sheet, or Xena/TANGLE wide matrices  → rna.h5ad
+  gdc-protein  GDC RPPA files (+ sample sheet) or TCPA wide CSV                    → protein.h5ad
+  maf          GDC masked-somatic / MC3 MAFs                                       → mut_* columns of cases.csv
+  clinical     TCGA-CDR and/or GDC clinical TSV                                    → os_days/os_event, ... in cases.csv
+  reports      TCGA-Reports CSV or a folder of texts                               → reports.jsonl
+  features     TRIDENT h5, CLAM h5, CLAM .pt tile features                         → slides.csv (+ bags/)
+Every importer creates or extends the cohort, writes atomically, can be re-run (it replaces what it owns), prints and
+writes `imports/<source>.json` (matched / unmatched / duplicates / the rules applied, per case), and validates.
+TCGA ids are parsed by `mmfm.data.tcga`.
+"""
+
+from mmfm.data.importers import clinical, features, gdc_protein, gdc_rna, maf, reports
+from mmfm.data.importers.common import ImportDataError, ImportReport
+
+IMPORTERS = {
+    "gdc-rna": (gdc_rna.GdcRnaConfig, gdc_rna.run),
+    "gdc-protein": (gdc_protein.GdcProteinConfig, gdc_protein.run),
+    "maf": (maf.MafConfig, maf.run),
+    "clinical": (clinical.ClinicalConfig, clinical.run),
+    "reports": (reports.ReportsConfig, reports.run),
+    "features": (features.FeaturesConfig, features.run),
+}
+
+__all__ = ["IMPORTERS", "ImportDataError", "ImportReport"]
