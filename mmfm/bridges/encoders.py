@@ -187,7 +187,7 @@ def state_dict_mismatch(want: dict[str, torch.Tensor], have: dict[str, torch.Ten
     (in the model's order) and counting the rest (torch's own message is many lines, truncated mid-key)."""
     shape = [k for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
     missing = [k for k in want if k not in have]
-    extra = [k for k in have if k not in want]
+    extra = sorted(k for k in have if k not in want)
     if not (shape or missing or extra):
         return ""
     parts = []

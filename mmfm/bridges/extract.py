@@ -366,7 +366,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         "n_slides": len(slides), "n_ok": sum(r.status == "ok" for r in results.values()),
         "n_skipped": sum(r.status == "skipped" for r in results.values()),
         "n_failed": len(failed), "n_bags": len(done),
-        "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if encode_seconds else None,
+        "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if n_encoded else None,
         "seconds": time.time() - t_start,
         "slides": [asdict(r) for r in results.values()],
     }

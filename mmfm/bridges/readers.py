@@ -91,7 +91,8 @@ class SlideReader:
             if x1 > x and y1 > y:
                 out[: y1 - y, : x1 - x] = img[y:y1, x:x1]
             return out
-        region = self._handle.read_region((x, y), level, (w, h))
+        with captured_log("tifffile"):  # its log lines would interleave with progress; the exception says enough
+            region = self._handle.read_region((x, y), level, (w, h))
         rgba = np.asarray(region)
         if rgba.shape[-1] == 4:  # transparent = outside the scanned area: composite onto white
             alpha = rgba[..., 3:4].astype(np.uint16)
