@@ -118,7 +118,8 @@ def test_run_where_every_slide_failed_writes_no_cohort_and_keeps_earlier_bags(tm
 
 def test_one_small_fragment_is_kept(tmp_path, capsys):
     """A disc of 60 µm radius (11 310 µm², 69 % of one 128 µm tile) centred in grid cell (3, 4): the old fixed
-    2·10⁴ µm² speck floor erased it ("no tissue found", whatever --min_tissue); the default floor is a quarter tile."""
+    2·10⁴ µm² speck floor erased it ("no tissue found", whatever --min_tissue); the default floor is a quarter
+    tile."""
     wsi, out = tmp_path / "wsi", tmp_path / "cohort"
     wsi.mkdir()
     disc = _fragment_png(wsi / "frag.png", 2048, centre=(3.5 * 256, 4.5 * 256), radius_px=120)  # 0.5 µm/px
@@ -175,7 +176,8 @@ def test_mask_mpp_arithmetic():
     W = H = 400_000  # 100 × 100 mm at 0.25 µm/px: 8 µm/px would be 1.6e8 mask px; capped at 64 Mpx
     capped = cfg.mask_mpp(128.0, 0.25, (W, H))
     assert (W * 0.25 / capped) * (H * 0.25 / capped) == pytest.approx(64e6)
-    assert cfg.fragment_floor_um2(128.0) == 0.25 * 128**2 and TissueConfig(min_fragment_um2=5.0).fragment_floor_um2(1) == 5
+    assert cfg.fragment_floor_um2(128.0) == 0.25 * 128**2
+    assert TissueConfig(min_fragment_um2=5.0).fragment_floor_um2(128.0) == 5.0
 
 
 # ---- 3. upsampling beyond the scan ------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ def test_weights_of_the_wrong_shape_name_the_first_mismatching_key(tmp_path, cap
     rc, _, err = _run(capsys, one_slide, out, init=("--weights", str(tmp_path / "dp.safetensors")))
     assert rc == 2 and _one_error(err).endswith(
         f"{len(keys)} key(s) missing from the file, first {keys[0]!r}; {len(keys)} key(s) the model does not have, "
-        f"first {sorted(prefixed)[0]!r}")
+        f"first {min(prefixed)!r}")
     assert not out.exists()
 
 

@@ -61,10 +61,10 @@ class ExtractConfig:
     shard: str = "0/1"                # i/n: this job's share of the sorted slides
     workers: int = 2                  # tile-reading worker processes (0 = in-process)
     batch_size: int = 64              # tiles per encoder call
-    case_map: Path | None = None      # CSV with slide_id, case_id (default: case_id = slide stem)
+    case_map: Path | None = None      # CSV slide_id,case_id listing every slide (default: case_id = slide stem)
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype; auto: the encoder's own on GPU
-    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)  # tissue mask: resolution, smallest fragment
     progress: bool = True             # progress bar per slide
 
 
@@ -84,13 +84,15 @@ def list_slides(wsi_dir: Path) -> list[Path]:
     """Slide files in `wsi_dir`, sorted by name; none is an error (an empty cohort is never what was meant), and
     two files with one stem would collide in `bags/`."""
     if not wsi_dir.is_dir():
-        raise FileNotFoundError(f"--wsi_dir {wsi_dir}: {'not a directory' if wsi_dir.exists() else 'no such directory'}")
+        why = "not a directory" if wsi_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"--wsi_dir {wsi_dir}: {why}")
     entries = sorted(wsi_dir.iterdir())
     files = [p for p in entries if p.is_file() and p.suffix.lower() in ACCEPTED_SUFFIXES]
     if not files:
         others = [p.name + ("/" if p.is_dir() else "") for p in entries if not p.name.startswith(".")]
         found = f"it holds only {id_list(others, 5)}" if others else "it is empty"
-        raise ValueError(f"--wsi_dir {wsi_dir}: no slides ({found}); accepted suffixes: {' '.join(ACCEPTED_SUFFIXES)}")
+        raise ValueError(f"--wsi_dir {wsi_dir}: no slides ({found}); "
+                         f"accepted suffixes: {' '.join(ACCEPTED_SUFFIXES)}")
     seen: dict[str, Path] = {}
     for p in files:
         if p.stem in seen:

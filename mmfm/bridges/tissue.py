@@ -29,15 +29,15 @@ class TissueConfig:
 
     Resolution: (tile side in µm) / `mask_px_per_tile` µm/px — 8 µm/px for 256 px tiles at 20× (128 µm), 4 µm/px
     at 40× — so every tile spans ≥ `mask_px_per_tile` mask pixels a side whatever --mag / --patch_size say
-    (a fixed thumbnail resolution gave a 64 px tile at 40× two mask pixels). Never finer than the scan; coarser
-    only where the mask would pass `max_mask_mpx` megapixels (a scan area over 64 mm² at 20× / 256 px).
+    (a fixed 8 µm/px thumbnail gave a 64 px tile at 40× two mask pixels). Never finer than the scan; coarser
+    only where the mask would pass `max_mask_mpx` megapixels (a scan area over 64 × 64 mm at 20× / 256 px).
 
     Smallest fragment kept: `min_fragment_um2`, by default `min_tissue_fraction` of one tile — 0.25 × 128² =
     4096 µm² at 20× / 256 px, a 64 × 64 µm piece or a disc of 36 µm radius, 8 × 8 mask pixels. That is the
     smallest piece that can give a tile on its own, so no fragment able to yield a tile is dropped as a speck
     (the old fixed 2·10⁴ µm² floor dropped a disc of 70 µm radius that fills 94 % of a tile), and lowering
-    `min_tissue_fraction` keeps smaller pieces too. Pieces under about two mask pixels across (16 µm at 20× /
-    256 px) fade in the 1-pixel blur before the threshold whatever the floor.
+    `min_tissue_fraction` keeps smaller pieces too. Pieces under about three mask pixels across (≈ 24 µm at
+    20× / 256 px) fade in the 1-pixel blur before the threshold whatever the floor.
     """
 
     mask_px_per_tile: int = 16  # mask pixels along one tile side (sets the mask's µm/px from the tile size)
