@@ -73,11 +73,11 @@ def test_real_svs_gives_valid_cohort_and_broken_file_is_reported(svs_run):
 def _mask_reference(path):
     """Tile coords/fragments recomputed from the tissue mask by painting level 0 and averaging blocks."""
     cfg = TissueConfig()
-    with open_slide(path) as r:
-        thumb, _ = r.thumbnail(cfg.thumb_mpp)
-        W, H = r.dimensions
-        tissue = segment_tissue(thumb, r.mpp * W / thumb.shape[1], cfg)
     P = int(round(256 * 0.5 / 0.499))
+    with open_slide(path) as r:
+        W, H = r.dimensions
+        thumb, _ = r.thumbnail(P * r.mpp / 16)  # 16 mask pixels per tile side
+        tissue = segment_tissue(thumb, r.mpp * W / thumb.shape[1], cfg, tile_um=P * r.mpp)
     th, tw = tissue.mask.shape
     lab = np.where(tissue.mask, tissue.fragments, 0)[(np.arange(H) * th) // H][:, (np.arange(W) * tw) // W]
     ny, nx = -(-H // P), -(-W // P)
@@ -235,11 +235,14 @@ def test_bad_tiles_and_blank_slides_fail_alone(tmp_path):
     assert by_id["c_blank"]["status"] == "failed" and "no tissue" in by_id["c_blank"]["reason"]
     assert list(pd.read_csv(out / "slides.csv")["slide_id"]) == ["b_good"]
     assert not (out / "bags" / "a_corrupt.h5").exists() and (out / "qc" / "c_blank.png").exists()
-    # the good slide's file is later replaced by a corrupt one and its bag lost: it leaves slides.csv
+    # the good slide's file is later replaced by a corrupt one and its bag lost: a run with no bag changes no
+    # table, so validate names the lost bag instead of accepting an empty cohort
     (wsi / "b_good.tif").write_bytes((wsi / "a_corrupt.tif").read_bytes())
     (out / "bags" / "b_good.h5").unlink()
     assert _extract(wsi, out, "--mag", "40", "--mpp", "0.25") == 1
-    assert pd.read_csv(out / "slides.csv").empty
+    assert list(pd.read_csv(out / "slides.csv")["slide_id"]) == ["b_good"]
+    rep = validate(out)
+    assert not rep.ok and "bags/b_good.h5 missing" in rep.format()
 
 
 def test_cli_flags_aliases_and_user_errors(tmp_path, capsys):
@@ -249,10 +252,10 @@ def test_cli_flags_aliases_and_user_errors(tmp_path, capsys):
     from mmfm.config import parse_cli
 
     cfg = parse_cli(command.Config, ["--wsi-dir", "w", "--out", "o", "--encoder", "uni", "--min-tissue", "0.3",
-                                     "--fill-holes", "--shard", "1/2", "--no-progress", "--set", "tissue.thumb_mpp=4"],
+                                     "--fill-holes", "--shard", "1/2", "--no-progress", "--set", "tissue.mask_px_per_tile=8"],
                     aliases=command.ALIASES)
     assert (str(cfg.wsi_dir), str(cfg.out), cfg.encoder, cfg.shard, cfg.progress) == ("w", "o", "uni", "1/2", False)
-    assert cfg.tissue == TissueConfig(min_tissue_fraction=0.3, fill_holes=True, thumb_mpp=4.0)
+    assert cfg.tissue == TissueConfig(min_tissue_fraction=0.3, fill_holes=True, mask_px_per_tile=8)
     capsys.readouterr()
     assert main(["extract", "--wsi-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                  "--encoder", "vit-test", "--random-init"]) == 2

@@ -164,18 +164,42 @@ def load_encoder(name: str, weights: str | Path | None = None, *, random_init: b
     spec = get_spec(name)
     source = weights_source(spec, weights, random_init)
     if source is None:
-        where = f"the Hugging Face cache for {spec.hf_repo}" if spec.hf_repo else "no public weights exist"
-        raise EncoderError(f"encoder {name!r}: no weights (pass --weights FILE; looked in {where}); "
-                           "use --random-init only for tests, features are then flagged untrained")
+        if spec.hf_repo:
+            where = (f"pass --weights FILE (.safetensors or a torch state dict), or fill the local Hugging Face "
+                     f"cache for {spec.hf_repo} beforehand (no weights file there; nothing is downloaded)")
+        else:
+            where = f"pass --weights FILE (.safetensors or a torch state dict); {name} has no published weights"
+        raise EncoderError(f"encoder {name!r}: no weights: {where}; --random_init is for tests only "
+                           "(features are then flagged untrained)")
     torch.manual_seed(seed)
     model = build_model(spec)
     if source != "random-init":
         sd = read_state_dict(source)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise EncoderError(f"{source}: does not match {name} ({spec.arch}): {str(e)[:500]}") from e
+        problem = state_dict_mismatch(model.state_dict(), sd)
+        if problem:
+            raise EncoderError(f"{source}: does not match {name} ({spec.arch}): {problem}")
+        model.load_state_dict(sd, strict=True)
     return TileEncoder(spec, model, source, source == "random-init")
+
+
+def state_dict_mismatch(want: dict[str, torch.Tensor], have: dict[str, torch.Tensor]) -> str:
+    """"" if `have` loads into a model with state dict `want`, else one line naming the first mismatching key
+    (in the model's order) and counting the rest (torch's own message is many lines, truncated mid-key)."""
+    shape = [k for k in want if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+    missing = [k for k in want if k not in have]
+    extra = sorted(k for k in have if k not in want)
+    if not (shape or missing or extra):
+        return ""
+    parts = []
+    if shape:
+        k = shape[0]
+        parts.append(f"first mismatching key {k!r} has shape {list(have[k].shape)} in the file, the model needs "
+                     f"{list(want[k].shape)} ({len(shape)} key(s) of another shape)")
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the file, first {missing[0]!r}")
+    if extra:
+        parts.append(f"{len(extra)} key(s) the model does not have, first {extra[0]!r}")
+    return "; ".join(parts)
 
 
 def autocast_dtype(encoder: TileEncoder, device: torch.device, precision: str = "auto",

@@ -4,10 +4,13 @@ Per slide: open (OpenSlide → tiffslide → plain image), segment tissue on a t
 DataLoader for the whole shard streams tile batches (workers read, each with its own slide handles) into the
 encoder. Batches never cross slides, so a slide's bag is written (atomically) as soon as its last batch is encoded.
 
-Robustness: a complete bag (readable, same encoder and tile geometry) is skipped on re-runs and anything else is
-redone; `--shard i/n` takes every n-th slide of the sorted list; a slide that fails is recorded with its reason in
-`extract_summary_<i>-of-<n>.json` and the rest go on; the exit code is non-zero if any slide failed.
-`slides.csv` / `cases.csv` are merged under a file lock so array jobs can finish in any order.
+Robustness: every argument (folders, encoder, weights, shard, case map, device) is checked before any slide work
+and before anything is written; a complete bag (readable, same encoder and tile geometry) is skipped on re-runs and
+anything else is redone; `--shard i/n` takes every n-th slide of the sorted list; a slide that fails is recorded
+with its reason in `extract_summary_<i>-of-<n>.json` and the rest go on. `cohort.yaml`, `slides.csv` and
+`cases.csv` are written only by a run that has at least one bag (a run where every slide failed leaves no cohort
+that `mmfm validate` would accept, and changes no table of an existing one); they are merged under a file lock so
+array jobs can finish in any order. A target magnification finer than the scan warns (`UpsamplingWarning`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,12 +31,20 @@ from tqdm.auto import tqdm
 
 from mmfm.bridges.encoders import (TileEncoder, autocast_dtype, encode,
                                    get_spec, load_encoder, weights_source)
-from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, patch_size_level0)
+from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, mag_to_mpp, open_slide,
+                                  patch_size_level0, upsampling)
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
 from mmfm.data import tcga
 from mmfm.data.bags import read_header, write_bag
-from mmfm.io import atomic_path, write_json, write_text
+from mmfm.io import atomic_path, id_list, write_json, write_text
+
+ACCEPTED_SUFFIXES = SLIDE_SUFFIXES + IMAGE_SUFFIXES
+UPSAMPLE_TOLERANCE = 1.1  # a 40× scan at 0.263 µm/px read at --mag 40 (5 % finer) is not worth a warning
+
+
+class UpsamplingWarning(UserWarning):
+    """The target magnification is finer than the scan: tiles are interpolated, not read."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,10 @@ class ExtractConfig:
     shard: str = "0/1"                # i/n: this job's share of the sorted slides
     workers: int = 2                  # tile-reading worker processes (0 = in-process)
     batch_size: int = 64              # tiles per encoder call
-    case_map: Path | None = None      # CSV with slide_id, case_id (default: a TCGA slide name's participant, else the stem)
+    case_map: Path | None = None      # CSV slide_id,case_id listing every slide (default: a TCGA slide name's participant, else the stem)
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast dtype; auto: the encoder's own on GPU
-    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)  # tissue mask: resolution, smallest fragment
     progress: bool = True             # progress bar per slide
 
 
@@ -63,17 +75,25 @@ class SlideResult:
     path: str
     status: str  # ok | skipped | failed
     reason: str = ""
+    warning: str = ""
     n_tiles: int = 0
     n_fragments: int = 0
     seconds: float = 0.0
 
 
 def list_slides(wsi_dir: Path) -> list[Path]:
-    """Slide files in `wsi_dir`, sorted by name; two files with one stem would collide in `bags/`."""
+    """Slide files in `wsi_dir`, sorted by name; none is an error (an empty cohort is never what was meant), and
+    two files with one stem would collide in `bags/`."""
     if not wsi_dir.is_dir():
-        raise FileNotFoundError(f"--wsi-dir {wsi_dir}: not a directory")
-    files = sorted(p for p in wsi_dir.iterdir()
-                   if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES + IMAGE_SUFFIXES)
+        why = "not a directory" if wsi_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"--wsi_dir {wsi_dir}: {why}")
+    entries = sorted(wsi_dir.iterdir())
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in ACCEPTED_SUFFIXES]
+    if not files:
+        others = [p.name + ("/" if p.is_dir() else "") for p in entries if not p.name.startswith(".")]
+        found = f"it holds only {id_list(others, 5)}" if others else "it is empty"
+        raise ValueError(f"--wsi_dir {wsi_dir}: no slides ({found}); "
+                         f"accepted suffixes: {' '.join(ACCEPTED_SUFFIXES)}")
     seen: dict[str, Path] = {}
     for p in files:
         if p.stem in seen:
@@ -94,7 +114,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in str(text).split("/"))
     except ValueError as e:
-        raise ValueError(f"shard {text!r}: expected i/n, e.g. 0/4") from e
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from e
     shard_of([], (i, n))
     return i, n
 
@@ -112,34 +132,67 @@ def bag_is_complete(path: Path, cfg: ExtractConfig, dim: int, weights: str | Non
             and np.isclose(float(h.coord_attrs.get("target_magnification", -1)), cfg.mag))
 
 
-def ensure_cohort_yaml(out: Path, cfg: ExtractConfig, dim: int) -> None:
-    """Write cohort.yaml if missing; refuse to mix bags of another encoder or tile geometry into a cohort."""
-    path = out / "cohort.yaml"
-    want = {"tile_encoder": {"name": cfg.encoder, "feature_dim": dim},
+def _cohort_spec(cfg: ExtractConfig, dim: int) -> dict:
+    return {"tile_encoder": {"name": cfg.encoder, "feature_dim": dim},
             "target_magnification": float(cfg.mag), "patch_size": int(cfg.patch_size)}
-    if path.exists():
+
+
+def check_cohort_yaml(out: Path, cfg: ExtractConfig, dim: int) -> bool:
+    """Whether `out` already has a cohort.yaml; refuse to mix bags of another encoder or tile geometry into it."""
+    path = out / "cohort.yaml"
+    if not path.exists():
+        return False
+    try:
         have = yaml.safe_load(path.read_text()) or {}
-        for key, val in want.items():
-            if have.get(key) != val:
-                raise ValueError(f"{path}: {key} is {have.get(key)!r} but this run would write {val!r}; "
-                                 "use another --out for a different encoder or tile geometry")
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from e
+    if not isinstance(have, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(have).__name__}")
+    for key, val in _cohort_spec(cfg, dim).items():
+        if have.get(key) != val:
+            raise ValueError(f"{path}: {key} is {have.get(key)!r} but this run would write {val!r}; "
+                             "use another --out for a different encoder or tile geometry")
+    return True
+
+
+def _write_cohort_yaml(out: Path, cfg: ExtractConfig, dim: int) -> None:
+    if check_cohort_yaml(out, cfg, dim):
         return
     doc = {"name": out.resolve().name, "version": "1",
-           "description": f"tile features extracted by mmfm extract from {cfg.wsi_dir}", **want}
-    write_text(path, yaml.safe_dump(doc, sort_keys=False))
+           "description": f"tile features extracted by mmfm extract from {cfg.wsi_dir}", **_cohort_spec(cfg, dim)}
+    write_text(out / "cohort.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
-def read_case_map(path: Path | None) -> dict[str, str]:
+def read_case_map(path: Path | None, slide_ids: list[str]) -> dict[str, str]:
+    """slide_id → case_id from the --case_map CSV; every slide of --wsi_dir must be in it (a slide left out
+    would silently become a case of its own)."""
     if path is None:
         return {}
-    df = pd.read_csv(path, dtype=str)
+    path = Path(path)
+    where = f"--case_map {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: {'not a file' if path.exists() else 'file not found'}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas: ParserError, EmptyDataError; binary files
+        raise ValueError(f"{where}: cannot be read as CSV ({type(e).__name__}: {e})".replace("\n", " ")) from e
     missing = {"slide_id", "case_id"} - set(df.columns)
     if missing:
-        raise ValueError(f"--case-map {path}: missing column(s) {sorted(missing)}")
-    bad = df[df["slide_id"].isna() | df["case_id"].isna()]
+        raise ValueError(f"{where}: missing column(s) {sorted(missing)} (has {list(df.columns)[:10]})")
+    df = df.assign(slide_id=df["slide_id"].str.strip(), case_id=df["case_id"].str.strip())
+    bad = df[df["slide_id"].eq("") | df["case_id"].eq("")]
     if len(bad):
-        raise ValueError(f"--case-map {path}: empty slide_id/case_id in row {int(bad.index[0]) + 2}")
-    return dict(zip(df["slide_id"], df["case_id"]))
+        raise ValueError(f"{where}: empty slide_id/case_id in line {int(bad.index[0]) + 2}")
+    pairs = df.drop_duplicates(["slide_id", "case_id"])
+    clash = pairs["slide_id"][pairs["slide_id"].duplicated()]
+    if len(clash):
+        raise ValueError(f"{where}: slide(s) mapped to more than one case_id: {id_list(sorted(set(clash)))}")
+    mapping = dict(zip(pairs["slide_id"], pairs["case_id"]))
+    unmapped = [s for s in slide_ids if s not in mapping]
+    if unmapped:
+        raise ValueError(f"{where}: no case_id for {len(unmapped)} slide(s) of --wsi_dir: {id_list(unmapped)} "
+                         "(slide_id is the file name without its suffix)")
+    return mapping
 
 
 def case_of_slide(slide_id: str, case_map: dict[str, str]) -> str:
@@ -158,10 +211,13 @@ def _locked(out: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def update_tables(out: Path, done: list[str], failed: list[str], case_map: dict[str, str]) -> None:
-    """Merge the finished slides into slides.csv (dropping this run's failures, whose bags are not usable) and
-    their cases into cases.csv; atomic, under a lock so concurrent shards never lose each other's rows."""
+def update_cohort(out: Path, cfg: ExtractConfig, dim: int, done: list[str], failed: list[str],
+                  case_map: dict[str, str]) -> None:
+    """Write cohort.yaml if missing and merge the finished slides into slides.csv (dropping this run's failures,
+    whose bags are not usable) and their cases into cases.csv; atomic, under a lock so concurrent shards never
+    lose each other's rows. Called only when this run has at least one bag."""
     with _locked(out):
+        _write_cohort_yaml(out, cfg, dim)
         spath, cpath = out / "slides.csv", out / "cases.csv"
         slides = pd.read_csv(spath, dtype=str, keep_default_na=False) if spath.exists() else \
             pd.DataFrame(columns=["slide_id", "case_id", "path"])
@@ -179,42 +235,95 @@ def update_tables(out: Path, done: list[str], failed: list[str], case_map: dict[
 
 
 def plan_slide(path: Path, cfg: ExtractConfig, out: Path) -> SlidePlan:
-    """Open, segment, lay the grid and write the QC picture; raises SlideError for unusable slides."""
+    """Open, segment, lay the grid and write the QC picture; raises SlideError for unusable slides and warns
+    (UpsamplingWarning) when the target magnification is finer than the scan."""
     with open_slide(path, mpp=cfg.mpp) as reader:
+        factor = upsampling(reader.mpp, cfg.mag)
+        if factor > UPSAMPLE_TOLERANCE:
+            hint = "check --mpp or lower --mag" if reader.mpp_from == "--mpp" else "lower --mag"
+            warnings.warn(UpsamplingWarning(
+                f"{path}: scanned at {reader.mpp:.3g} µm/px (from {reader.mpp_from}, ≈{10 / reader.mpp:.3g}×) but "
+                f"--mag {cfg.mag:g} needs {mag_to_mpp(cfg.mag):.3g} µm/px: tiles are upsampled {factor:.2f}× "
+                f"(interpolated pixels, no added detail); {hint}"))
         size0 = patch_size_level0(cfg.patch_size, cfg.mag, reader.mpp)
-        thumb, _ = reader.thumbnail(cfg.tissue.thumb_mpp)
+        tile_um = size0 * reader.mpp
+        thumb, _ = reader.thumbnail(cfg.tissue.mask_mpp(tile_um, reader.mpp, reader.dimensions))
         thumb_mpp = reader.mpp * reader.dimensions[0] / thumb.shape[1]
-        tissue = segment_tissue(thumb, thumb_mpp, cfg.tissue)
+        tissue = segment_tissue(thumb, thumb_mpp, cfg.tissue, tile_um)
         grid = tile_grid(tissue, reader.dimensions, size0, cfg.tissue.min_tissue_fraction)
-        write_qc(out / "qc" / f"{path.stem}.png", thumb, tissue, grid, reader.dimensions, size0)
+        qc = write_qc(out / "qc" / f"{path.stem}.png", thumb, tissue, grid, reader.dimensions, size0)
         if len(grid.coords) == 0:
-            raise SlideError(f"{path}: no tissue found (saturation threshold {tissue.threshold:.3f}, "
-                             f"min tissue fraction {cfg.tissue.min_tissue_fraction})")
+            if tissue.n_fragments == 0:
+                raise SlideError(
+                    f"{path}: no tissue found (saturation threshold {tissue.threshold:.3f}, mask at "
+                    f"{thumb_mpp:.3g} µm/px, pieces under {cfg.tissue.fragment_floor_um2(tile_um):.0f} µm² "
+                    f"dropped); see {qc}")
+            raise SlideError(
+                f"{path}: {tissue.n_fragments} tissue fragment(s) of {tissue.mask.sum() * thumb_mpp**2:.0f} µm² "
+                f"but no tile has ≥ {cfg.tissue.min_tissue_fraction:g} tissue; lower "
+                f"--tissue.min_tissue_fraction; see {qc}")
         W, H = reader.dimensions
         coord_attrs = {"patch_size": int(cfg.patch_size), "target_magnification": float(cfg.mag),
                        "level0_magnification": 10.0 / reader.mpp, "level0_mpp": float(reader.mpp),
                        "level0_width": int(W), "level0_height": int(H), "overlap": 0, "name": path.stem}
-        meta = {"n_fragments": tissue.n_fragments, "n_holes": tissue.n_holes, "reader": reader.backend}
+        meta = {"n_fragments": tissue.n_fragments, "n_holes": tissue.n_holes, "reader": reader.backend,
+                "tissue_mask_mpp": float(thumb_mpp)}
         return SlidePlan(path.stem, path, reader.mpp, grid.coords, grid.fragment, size0, coord_attrs, meta)
 
 
+def check_config(cfg: ExtractConfig) -> torch.device:
+    """Every scalar argument checked before any work; returns the torch device --device names."""
+    for name in ("mag", "patch_size", "batch_size"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: must be positive")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers {cfg.workers}: must be ≥ 0 (0 reads tiles in-process)")
+    if cfg.mpp is not None and not cfg.mpp > 0:
+        raise ValueError(f"--mpp {cfg.mpp}: must be positive (µm per level-0 pixel)")
+    if not 0 <= cfg.tissue.min_tissue_fraction <= 1:
+        raise ValueError(f"--tissue.min_tissue_fraction {cfg.tissue.min_tissue_fraction}: must be in [0, 1]")
+    if cfg.tissue.mask_px_per_tile < 1:
+        raise ValueError(f"--tissue.mask_px_per_tile {cfg.tissue.mask_px_per_tile}: must be ≥ 1")
+    if cfg.random_init and cfg.weights is not None:
+        raise ValueError("--weights and --random_init exclude each other")
+    return _device(cfg.device)
+
+
 def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from e
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"--device {name}: only {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    return device
 
 
 def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     """Run the extraction for this shard and return the run summary (also written as JSON).
-    `encoder` (already loaded, e.g. shared across calls) must be the one `cfg.encoder` names."""
+    `encoder` (already loaded, e.g. shared across calls) must be the one `cfg.encoder` names.
+    `n_bags` in the summary is 0 when no slide gave a bag: then no cohort file was written or changed."""
     if encoder is not None and encoder.spec.name != cfg.encoder:
         raise ValueError(f"encoder {encoder.spec.name!r} given but the config says {cfg.encoder!r}")
-    if cfg.random_init and cfg.weights is not None:
-        raise ValueError("--weights and --random-init exclude each other")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = check_config(cfg)
     spec = get_spec(cfg.encoder)
-    case_map = read_case_map(cfg.case_map)
-    slides = shard_of(list_slides(Path(cfg.wsi_dir)), parse_shard(cfg.shard))
-    ensure_cohort_yaml(out, cfg, spec.dim)
+    wsi_dir, out = Path(cfg.wsi_dir), Path(cfg.out)
+    every = list_slides(wsi_dir)
+    case_map = read_case_map(cfg.case_map, [p.stem for p in every])
+    i, n = parse_shard(cfg.shard)
+    slides = shard_of(every, (i, n))
+    if not slides:
+        raise ValueError(f"--shard {i}/{n}: no slide falls in this shard ({len(every)} slide(s) in {wsi_dir} "
+                         f"fill shards 0..{len(every) - 1}); use at most {len(every)} shards")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a directory")
+    check_cohort_yaml(out, cfg, spec.dim)
     t_start = time.time()
     source = encoder.weights if encoder is not None else weights_source(spec, cfg.weights, cfg.random_init)
     results: dict[str, SlideResult] = {}
@@ -225,24 +334,30 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
             results[path.stem] = SlideResult(path.stem, str(path), "skipped", "complete bag exists")
         else:
             todo.append(path)
-            for stale in bag.parent.glob(f".{bag.name}.*"):  # temp files of an interrupted run
-                stale.unlink()
-    if todo and encoder is None:  # weights problems surface before any slide work
+    if todo and encoder is None:  # weights problems surface before any slide work or write
         encoder = load_encoder(cfg.encoder, cfg.weights, random_init=cfg.random_init)
+    out.mkdir(parents=True, exist_ok=True)
     plans: list[SlidePlan] = []
-    for path in todo:
+    for path in tqdm(todo, unit="slide", desc="tissue", disable=not cfg.progress or not todo):
+        for stale in (out / "bags").glob(f".{path.stem}.h5.*"):  # temp files of an interrupted run
+            stale.unlink()
         t0 = time.time()
-        try:
-            plan = plan_slide(path, cfg, out)
-        except Exception as e:  # one bad slide never stops the batch; the summary says why
-            msg = str(e) if isinstance(e, SlideError) else f"{path}: {type(e).__name__}: {e}"
-            results[path.stem] = SlideResult(path.stem, str(path), "failed", msg, seconds=time.time() - t0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UpsamplingWarning)
+            try:
+                plan = plan_slide(path, cfg, out)
+            except Exception as e:  # one bad slide never stops the batch; the summary says why
+                plan, msg = None, str(e) if isinstance(e, SlideError) else f"{path}: {type(e).__name__}: {e}"
+        note = "; ".join(str(w.message) for w in caught if issubclass(w.category, UpsamplingWarning))
+        for w in caught:  # re-issued outside the recorder: the caller (the CLI) decides how to show them
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if plan is None:
+            results[path.stem] = SlideResult(path.stem, str(path), "failed", msg, note, seconds=time.time() - t0)
             continue
         plans.append(plan)
-        results[path.stem] = SlideResult(path.stem, str(path), "failed", "not encoded",
+        results[path.stem] = SlideResult(path.stem, str(path), "failed", "not encoded", note,
                                          n_fragments=plan.meta["n_fragments"], seconds=time.time() - t0)
 
-    device = _device(cfg.device)
     n_encoded, encode_seconds, precision = 0, 0.0, None
     if plans:
         encoder = encoder.to(device)
@@ -250,8 +365,8 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
 
     done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
     failed = [s for s, r in results.items() if r.status == "failed"]
-    update_tables(out, done, failed, case_map)
-    i, n = parse_shard(cfg.shard)
+    if done:
+        update_cohort(out, cfg, spec.dim, done, failed, case_map)
     summary = {
         "shard": f"{i}/{n}", "encoder": cfg.encoder, "weights": encoder.weights if encoder else None,
         "random_init_weights": bool(encoder.random_init) if encoder else None,
@@ -259,10 +374,9 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         "mag": cfg.mag, "patch_size": cfg.patch_size, "workers": cfg.workers, "batch_size": cfg.batch_size,
         "n_slides": len(slides), "n_ok": sum(r.status == "ok" for r in results.values()),
         "n_skipped": sum(r.status == "skipped" for r in results.values()),
-        "n_failed": sum(r.status == "failed" for r in results.values()),
-        "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if encode_seconds else None,
+        "n_failed": len(failed), "n_bags": len(done),
+        "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if n_encoded else None,
         "seconds": time.time() - t_start,
-        "unmapped_slides": [s for s in done if case_map and case_of_slide(s, case_map) == s],  # case_id = slide id
         "slides": [asdict(r) for r in results.values()],
     }
     write_json(out / f"extract_summary_{i}-of-{n}.json", summary)
@@ -282,6 +396,7 @@ def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncod
     precision, n_encoded, t0 = None, 0, time.time()
     total = sum(len(p.coords) for p in plans)
     bar = tqdm(total=total, unit="tile", disable=not cfg.progress, desc=f"extract {cfg.encoder}")
+    n_written = 0
     try:
         for item in loader:
             p, start = item["slide"], item["start"]
@@ -308,6 +423,8 @@ def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncod
                     continue
                 r.status, r.reason, r.n_tiles = "ok", "", n
                 n_encoded += n
+                n_written += 1
+                bar.set_postfix_str(f"{n_written}/{len(plans)} slides", refresh=False)
     except Exception as e:  # a crashed worker ends the loader: the unfinished slides fail, the summary is kept
         for plan in plans:
             if results[plan.slide_id].status != "ok":

@@ -7,7 +7,10 @@ level that is still at least as fine as needed and resized to `patch_size`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,27 @@ class SlideError(RuntimeError):
 
 def mag_to_mpp(mag: float) -> float:
     return MPP_PER_MAG / float(mag)
+
+
+def upsampling(level0_mpp: float, target_mag: float) -> float:
+    """How many times finer the target magnification is than the scan (≤ 1: tiles are downsampled or read as is)."""
+    return float(level0_mpp) / mag_to_mpp(target_mag)
+
+
+@contextlib.contextmanager
+def captured_log(name: str = "tifffile"):
+    """Collect a library logger's messages instead of letting them reach stderr unannounced (tifffile logs
+    "invalid offset to first page" for a truncated TIFF before raising); the caller puts them into its error."""
+    notes: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: notes.append(re.sub(r"^<[^>]*> ", "", record.getMessage()))
+    log = logging.getLogger(name)
+    saved = log.handlers, log.propagate
+    log.handlers, log.propagate = [handler], False
+    try:
+        yield notes
+    finally:
+        log.handlers, log.propagate = saved
 
 
 def patch_size_level0(patch_size: int, target_mag: float, level0_mpp: float) -> int:
@@ -49,6 +73,7 @@ class SlideReader:
     level_downsamples: tuple[float, ...]
     mpp: float | None
     _handle: object = None
+    mpp_from: str = "file"  # "file" or "--mpp": where `mpp` came from, for messages
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -66,7 +91,8 @@ class SlideReader:
             if x1 > x and y1 > y:
                 out[: y1 - y, : x1 - x] = img[y:y1, x:x1]
             return out
-        region = self._handle.read_region((x, y), level, (w, h))
+        with captured_log("tifffile"):  # its log lines would interleave with progress; the exception says enough
+            region = self._handle.read_region((x, y), level, (w, h))
         rgba = np.asarray(region)
         if rgba.shape[-1] == 4:  # transparent = outside the scanned area: composite onto white
             alpha = rgba[..., 3:4].astype(np.uint16)
@@ -182,16 +208,18 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         errors = []
         reader = None
         for opener in (_open_openslide, _open_tiffslide):
-            try:
-                reader = opener(path)
-                break
-            except Exception as e:  # each backend has its own error types; report both
-                errors.append(f"{opener.__name__[6:]}: {type(e).__name__}: {e}")
+            with captured_log("tifffile") as notes:
+                try:
+                    reader = opener(path)
+                    break
+                except Exception as e:  # each backend has its own error types; report both
+                    why = f" [tifffile: {'; '.join(dict.fromkeys(notes))}]" if notes else ""
+                    errors.append(f"{opener.__name__[6:]}: {type(e).__name__}: {e}{why}")
         if reader is None:
             raise SlideError(f"{path}: unsupported or corrupt slide ({'; '.join(errors)})")
     if reader.mpp is None:
         if mpp is None:
             reader.close()
             raise SlideError(f"{path}: no microns-per-pixel in the file; pass --mpp (µm/px at level 0)")
-        reader.mpp = float(mpp)
+        reader.mpp, reader.mpp_from = float(mpp), "--mpp"
     return reader

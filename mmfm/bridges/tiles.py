@@ -59,16 +59,18 @@ class TileBatches(torch.utils.data.Dataset):
         return self._open[1]
 
     def __getitem__(self, k: int) -> dict:
-        p, s, e = self.keys[k]
+        p, start, stop = self.keys[k]
         plan = self.plans[p]
         try:
             reader = self._reader(p)
-            tiles = np.stack([reader.read_tile(xy, plan.size_level0, self.patch_size) for xy in plan.coords[s:e]])
-            return {"slide": p, "start": s, "tiles": torch.from_numpy(tiles), "error": ""}
+            tiles = np.stack([reader.read_tile(xy, plan.size_level0, self.patch_size)
+                              for xy in plan.coords[start:stop]])
+            return {"slide": p, "start": start, "tiles": torch.from_numpy(tiles), "error": ""}
         except Exception as e:  # corrupt tile data etc.: the slide fails, the loader goes on
             self.close()
-            return {"slide": p, "start": s, "tiles": torch.zeros(0, dtype=torch.uint8),
-                    "error": f"{plan.path}: reading tiles {s}..{e}: {type(e).__name__}: {e}"}
+            return {"slide": p, "start": start, "tiles": torch.zeros(0, dtype=torch.uint8),
+                    "error": f"{plan.path}: reading tiles {start}..{stop - 1} of {len(plan.coords)}: "
+                             f"{type(e).__name__}: {e}"}
 
 
 def mp_context(workers: int) -> str | None:

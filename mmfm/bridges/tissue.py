@@ -1,4 +1,4 @@
-"""Tissue segmentation on a low-resolution thumbnail, the tile grid over it, and the QC picture.
+"""Tissue segmentation on a thumbnail at a resolution tied to the tile size, the tile grid over it, and the QC picture.
 
 Otsu on the HSV saturation channel (stained tissue is saturated, glass and background are not), closing to join
 nearby tissue, small specks and small holes removed, then connected components give tissue fragments (one index
@@ -11,6 +11,7 @@ is exact and separable, so all tile fractions are one matrix product `Wy @ mask 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,39 @@ from mmfm.io import atomic_path
 
 @dataclass(frozen=True)
 class TissueConfig:
-    thumb_mpp: float = 8.0  # ≈1.25×, where Otsu segmentation is usually run
+    """Where the mask is computed and what it keeps.
+
+    Resolution: (tile side in µm) / `mask_px_per_tile` µm/px — 8 µm/px for 256 px tiles at 20× (128 µm), 4 µm/px
+    at 40× — so every tile spans ≥ `mask_px_per_tile` mask pixels a side whatever --mag / --patch_size say
+    (a fixed 8 µm/px thumbnail gave a 64 px tile at 40× two mask pixels). Never finer than the scan; coarser
+    only where the mask would pass `max_mask_mpx` megapixels (a scan area over 64 × 64 mm at 20× / 256 px).
+
+    Smallest fragment kept: `min_fragment_um2`, by default `min_tissue_fraction` of one tile — 0.25 × 128² =
+    4096 µm² at 20× / 256 px, a 64 × 64 µm piece or a disc of 36 µm radius, 8 × 8 mask pixels. That is the
+    smallest piece that can give a tile on its own, so no fragment able to yield a tile is dropped as a speck
+    (the old fixed 2·10⁴ µm² floor dropped a disc of 70 µm radius that fills 94 % of a tile), and lowering
+    `min_tissue_fraction` keeps smaller pieces too. Pieces under about three mask pixels across (≈ 24 µm at
+    20× / 256 px) fade in the 1-pixel blur before the threshold whatever the floor.
+    """
+
+    mask_px_per_tile: int = 16  # mask pixels along one tile side (sets the mask's µm/px from the tile size)
+    max_mask_mpx: float = 64.0  # cap on the mask size in megapixels (memory, time), coarsening it beyond
     min_saturation: float = 0.05  # floor for the Otsu threshold: a blank slide must not split its noise
     closing_um: float = 32.0  # radius joining tissue pieces closer than this
-    min_fragment_um2: float = 2e4  # drop specks (dust, debris) smaller than this
+    min_fragment_um2: float | None = None  # drop specks smaller than this; None: min_tissue_fraction of a tile
     min_hole_um2: float = 2e4  # holes smaller than this are filled
     fill_holes: bool = False  # True: tiles inside large holes (lumina, tears) count as tissue
     min_tissue_fraction: float = 0.25  # a tile needs at least this share of tissue
+
+    def mask_mpp(self, tile_um: float, level0_mpp: float, level0_size: tuple[int, int]) -> float:
+        """µm/px of the mask for tiles `tile_um` µm wide on a scan of `level0_mpp` µm/px and `level0_size` px."""
+        W, H = level0_size
+        cap = level0_mpp * math.sqrt(W * H / (self.max_mask_mpx * 1e6))
+        return max(tile_um / self.mask_px_per_tile, level0_mpp, cap)
+
+    def fragment_floor_um2(self, tile_um: float) -> float:
+        """The smallest fragment area kept, in µm² (see the class docstring)."""
+        return self.min_tissue_fraction * tile_um**2 if self.min_fragment_um2 is None else self.min_fragment_um2
 
 
 @dataclass(frozen=True)
@@ -49,8 +76,10 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
 
 
-def segment_tissue(thumb: np.ndarray, thumb_mpp: float, cfg: TissueConfig = TissueConfig()) -> TissueMask:
-    """Tissue mask, fragments and holes of an RGB thumbnail at `thumb_mpp` µm/px."""
+def segment_tissue(thumb: np.ndarray, thumb_mpp: float, cfg: TissueConfig = TissueConfig(),
+                   tile_um: float = 128.0) -> TissueMask:
+    """Tissue mask, fragments and holes of an RGB thumbnail at `thumb_mpp` µm/px, for tiles `tile_um` µm wide
+    (the default fragment floor is a share of a tile)."""
     sat = filters.gaussian(saturation(thumb), sigma=1.0)
     try:
         thr = float(filters.threshold_otsu(sat))
@@ -62,8 +91,8 @@ def segment_tissue(thumb: np.ndarray, thumb_mpp: float, cfg: TissueConfig = Tiss
     radius = int(round(cfg.closing_um / thumb_mpp))
     if radius > 0:
         mask = morphology.closing(mask, morphology.disk(radius))
-    mask = morphology.remove_small_objects(mask, max_size=max(0, int(cfg.min_fragment_um2 / px_area) - 1),
-                                         connectivity=2)
+    min_px = int(cfg.fragment_floor_um2(tile_um) / px_area)
+    mask = morphology.remove_small_objects(mask, max_size=max(0, min_px - 1), connectivity=2)
     mask = morphology.remove_small_holes(mask, max_size=max(0, int(cfg.min_hole_um2 / px_area) - 1))
     holes = ndimage.binary_fill_holes(mask) & ~mask
     n_holes = int(measure.label(holes, connectivity=1).max())
