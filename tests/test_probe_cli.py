@@ -182,7 +182,7 @@ def test_pretraining_overlap_refused_unless_allowed(tmp_path, capsys):
             str(tmp_path / "s.tsv"), "--out", str(tmp_path / "cli"), "--pretrain-cases", str(tmp_path / "pre.txt"),
             "--no-plots"]
     capsys.readouterr()
-    assert cli.main(args) == 2 and not (tmp_path / "cli" / "results.csv").exists()
+    assert cli.main(["probe", *args]) == 2 and not (tmp_path / "cli" / "results.csv").exists()
     err = capsys.readouterr().err
     assert err.startswith("mmfm probe: error: ") and "GSE7390_007" in err and err.count("\n") == 1
 
