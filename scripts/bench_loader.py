@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         setup_s = time.perf_counter() - t0
         case_ids = list(cohort.cases.index)
         cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=0)
-        loader = TileBagLoader(cohort, cfg, case_ids, modalities=("slide",))  # every bag stays mapped (cohort ≤ open_bags)
+        # every bag stays mapped (cohort ≤ open_bags)
+        loader = TileBagLoader(cohort, cfg, case_ids, modalities=("slide",))
         cold = TileBagLoader(cohort, LoaderConfig(**{**cfg.__dict__, "open_bags": 1}), case_ids, modalities=("slide",))
         for _ in range(loader.steps_per_epoch):  # maps every bag; all paths then read a warm page cache
             next(loader)

@@ -51,10 +51,8 @@ def test_readme_pipeline_runs_as_written(tmp_path, monkeypatch, capsys):
         if argv[1] == "extract":
             continue
         assert main(argv[1:] + extra.get(argv[1], [])) == 0, f"{shlex.join(argv)} failed:\n{capsys.readouterr()}"
-    # embed took the run's held-out cases (what probe may test), so probe ran without an overlap refusal;
-    # 24 held-out cases cannot fill 5 survival strata folds: fewer folds, said in the summary
-    summary = (tmp_path / "runs/demo/probe/summary.md").read_text()
-    assert re.search(r"5 folds reduced to \d: the largest class has \d case\(s\)", summary)
+    # embed took the run's held-out cases (what probe may test), so probe ran without an overlap refusal
+    assert (tmp_path / "runs/demo/probe/summary.md").exists()
 
 
 def test_pretrain_into_a_used_run_directory_is_refused_before_any_work(small, capsys):
@@ -107,6 +105,22 @@ def test_embed_bad_inputs(small, tmp_path, case, capsys):
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and expect in err and "Traceback" not in err, err
+
+
+def test_probe_on_few_cases_uses_fewer_folds_with_a_note(tmp_path):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from mmfm.eval.probe import probe
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"subtype": ["a"] * 4 + ["b"] * 3}, index=[f"c{i}" for i in range(7)])
+    emb = ad.AnnData(obs=obs, obsm={"slide": rng.normal(size=(7, 3))})
+    res = probe(emb, [{"name": "sub", "type": "classification", "label": "subtype", "embeddings": ["slide"]}],
+                tmp_path / "p", plots=False)
+    assert any("sub: 5 folds reduced to 4: the largest class has 4 case(s)" in n for n in res.notes)
+    assert set(res.results["fold"]) == {"0", "1", "2", "3"}
 
 
 def test_probe_with_too_few_cases_names_the_task_and_counts(tmp_path, capsys):

@@ -34,7 +34,8 @@ MODEL = ModelConfig(embed_dim=32, slide=SlideConfig(abmil=ABMILConfig(hidden=64,
 def build(seed=0):
     def f():
         rngs = nnx.Rngs(seed)
-        return TrainModule(MultimodalModel(MODEL, SHAPES, MODS, rngs=rngs), LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
+        return TrainModule(MultimodalModel(MODEL, SHAPES, MODS, rngs=rngs),
+                           LogitParams(ObjectiveConfig(), MODS, rngs=rngs))
     return f
 
 

@@ -126,7 +126,16 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path):
     model2, _, _ = load_for_inference(run, step=2, mesh=sharding.make_mesh(MeshConfig(1, 1),
                                                                                  jax.devices()[:1]))
     assert cfg.model.compute_dtype == "bfloat16"
-    assert rundir.best_step(run, "recall@5/slide->rna", "max", [2, 4]) == max(ev, key=lambda r: r["recall@5/slide->rna"])["step"]
+    best = max(ev, key=lambda r: r["recall@5/slide->rna"])["step"]
+    assert rundir.best_step(run, "recall@5/slide->rna", "max", [2, 4]) == best
+    with pytest.raises(rundir.RunDirError, match="no checkpoint with eval metric 'recall@7/x'"):
+        rundir.best_step(run, "recall@7/x", "max", [2, 4])
+    with pytest.raises(rundir.RunDirError, match="no checkpoint for step 3"):
+        load_for_inference(run, step=3)
+    (tmp_path / "broken").mkdir()  # a run directory from a pretrain that failed early
+    (tmp_path / "broken" / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(rundir.RunDirError, match="shapes.json is missing"):
+        load_for_inference(tmp_path / "broken")
     shapes = BatchShapes(**json.loads((run / "shapes.json").read_text()))
     assert len(transforms["rna"].genes) == shapes.n_genes and len(transforms["protein"].genes) == shapes.n_proteins
     batch = {k: jnp.asarray(v) for k, v in random_batch(shapes, seed=3).items()}
