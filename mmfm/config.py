@@ -172,11 +172,11 @@ def cli_args(argv: Sequence[str], aliases: dict[str, str] | None = None,
     return path, out
 
 
-def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | None = None,
+def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | dict | None = None,
               aliases: dict[str, str] | None = None, set_prefix: str = "") -> T:
     """A command's dataclass from its flags (see `cli_args`); `base` is a default YAML under the user's file."""
     path, overrides = cli_args(argv, aliases, set_prefix)
-    raw = read_yaml(base) if base is not None else {}
+    raw = dict(base) if isinstance(base, dict) else read_yaml(base) if base is not None else {}
     if path is not None:
         raw = _merge(raw, read_yaml(path))
     for o in overrides:

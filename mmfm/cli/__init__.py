@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         positional = getattr(mod, "POSITIONAL", None)
         if positional and rest and not rest[0].startswith("-"):
             rest = [f"--{positional}", rest[0], *rest[1:]]
-        cfg = parse_cli(config, rest, aliases=getattr(mod, "ALIASES", {}), set_prefix=getattr(mod, "SET_PREFIX", ""))
+        base = mod.base() if hasattr(mod, "base") else None  # e.g. the demo's recipe under overrides
+        cfg = parse_cli(config, rest, base=base, aliases=getattr(mod, "ALIASES", {}),
+                        set_prefix=getattr(mod, "SET_PREFIX", ""))
         return int(run(cfg) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

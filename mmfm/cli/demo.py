@@ -41,6 +41,13 @@ example: mmfm demo --out demo_out --cases 500"""
 SET_PREFIX = "recipe."
 
 
+def base() -> dict:
+    """Flags and --set override the shipped recipe key by key (never replace it with bare defaults)."""
+    from mmfm.config import read_yaml
+
+    return {"recipe": read_yaml(CONFIG)}
+
+
 def demo_recipe() -> RunConfig:
     return load(RunConfig, CONFIG)
 

@@ -27,7 +27,7 @@ class Config:
 
 def run(cfg: Config) -> int:
     if not cfg.path:
-        raise ValueError("mmfm validate PATH: the cohort directory is required")
+        raise ValueError("the cohort directory is required: mmfm validate PATH")
     rep = validate(cfg.path, scan_features=not cfg.headers_only, scan_cache=not cfg.rescan)
     print(rep.format())
     if cfg.json:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader
@@ -132,7 +133,8 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
     except ValueError as e:  # too few usable cases for a batch, a modality no case has
         raise ConfigError(f"{cfg.data.cohort}: {e}") from e
     try:  # only now: a config or cohort error leaves no directory behind
-        rundir.prepare(out, resume)
+        rundir.prepare(out, resume)  # every process checks before any process writes
+        multihost_utils.sync_global_devices("mmfm:run-dir-checked")
         rundir.write_run_files(out, cfg, mesh, resume)
     except Exception:
         loader.close()
