@@ -78,6 +78,11 @@ def _listify(cls, raw: dict) -> dict:
     return out
 
 
+def narrow(cfg, cls: type[T]) -> T:
+    """The `cls` part of a command config that extends it (the command's own fields dropped)."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
 def to_dict(cfg) -> dict:
     """Plain YAML-able dict (tuples become lists), field order kept."""
     def plain(v):

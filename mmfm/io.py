@@ -41,6 +41,18 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
 
 
+def write_csv(path: str | os.PathLike, df, **to_csv) -> None:
+    """A pandas table, atomically (`to_csv` keywords pass through)."""
+    with atomic_path(path, suffix=".csv") as tmp:
+        df.to_csv(tmp, **to_csv)
+
+
+def write_h5ad(path: str | os.PathLike, adata) -> None:
+    """An AnnData, atomically."""
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
+
+
 def id_list(values, limit: int = 10) -> str:
     """'a, b, c ... and 7 more': the ids an error message names, never thousands of them."""
     values = [str(v) for v in values]

@@ -33,8 +33,7 @@ def similarity(queries: np.ndarray, keys: np.ndarray, metric: str = "cosine") ->
 
 def ranked_hits(sim: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
     """[n_q, k] bool: is the i-th ranked key relevant; ties broken against the query (irrelevant first)."""
-    order = np.lexsort((relevant, -sim), axis=1)[:, :k]
-    return np.take_along_axis(relevant, order, axis=1)
+    return np.take_along_axis(relevant, ranking(sim, relevant, k), axis=1)
 
 
 def ranking(sim: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:

@@ -7,7 +7,8 @@ import tifffile
 from PIL import Image
 from skimage import data as skdata
 
-from mmfm.bridges.readers import SlideError, best_level, open_slide, patch_size_level0
+from mmfm.bridges.readers import SlideError, best_level, open_slide
+from mmfm.data.bags import patch_size_level0
 
 
 def test_patch_size_level0_is_exact_from_mpp():

@@ -113,25 +113,28 @@ def test_gdc_old_column_names_and_follow_up_rules(tmp_path):
         clinical.run(clinical.ClinicalConfig(out=out, gdc_clinical=t, cases="all"))
 
 
-def test_malformed_clinical_tables(tmp_path):
+CDR_HEAD = "\tbcr_patient_barcode\ttype\tOS\tOS.time\n"
+
+
+@pytest.mark.parametrize("body, error, message", [
+    (CDR_HEAD.replace("\tOS.time", "") + "0\tTCGA-A2-A0T2\tBRCA\t1\n", ImportDataError,
+     r"cdr.tsv line 1: TCGA-CDR column\(s\) \['OS.time'\] missing"),
+    (CDR_HEAD + "0\tTCGA-A2-A0T2\tBRCA\t2\t100\n", ImportDataError, r"cdr.tsv line 2, OS: event '2' is not 0 or 1"),
+    (CDR_HEAD + "0\tTCGA-A2-A0T2\tBRCA\t1\tlong\n", ImportDataError,
+     r"cdr.tsv line 2, OS.time: 'long' is not a number"),
+    (CDR_HEAD + "0\tTCGA-A2-A0T2\tBRCA\t1\t100\n1\tTCGA-A2-A0T2\tBRCA\t1\t100\n", ImportDataError,
+     r"cdr.tsv line 3: patient TCGA-A2-A0T2 appears twice \(first on line"),
+    (CDR_HEAD + "0\tPT-0001\tBRCA\t1\t100\n", BarcodeError,
+     r"cdr.tsv line 2, bcr_patient_barcode: 'PT-0001' is not a TCGA barcode"),
+])
+def test_malformed_clinical_tables(tmp_path, body, error, message):
     cdr = tmp_path / "cdr.tsv"
-    head = "\tbcr_patient_barcode\ttype\tOS\tOS.time\n"
-    cfg = clinical.ClinicalConfig(out=tmp_path / "c", cdr=cdr, cases="all")
-    cdr.write_text(head.replace("\tOS.time", "") + "0\tTCGA-A2-A0T2\tBRCA\t1\n")
-    with pytest.raises(ImportDataError, match=r"cdr.tsv line 1: TCGA-CDR column\(s\) \['OS.time'\] missing"):
-        clinical.run(cfg)
-    cdr.write_text(head + "0\tTCGA-A2-A0T2\tBRCA\t2\t100\n")
-    with pytest.raises(ImportDataError, match=r"cdr.tsv line 2, OS: event '2' is not 0 or 1"):
-        clinical.run(cfg)
-    cdr.write_text(head + "0\tTCGA-A2-A0T2\tBRCA\t1\tlong\n")
-    with pytest.raises(ImportDataError, match=r"cdr.tsv line 2, OS.time: 'long' is not a number"):
-        clinical.run(cfg)
-    cdr.write_text(head + "0\tTCGA-A2-A0T2\tBRCA\t1\t100\n1\tTCGA-A2-A0T2\tBRCA\t1\t100\n")
-    with pytest.raises(ImportDataError, match=r"cdr.tsv line 3: patient TCGA-A2-A0T2 appears twice \(first on line"):
-        clinical.run(cfg)
-    cdr.write_text(head + "0\tPT-0001\tBRCA\t1\t100\n")
-    with pytest.raises(BarcodeError, match=r"cdr.tsv line 2, bcr_patient_barcode: 'PT-0001' is not a TCGA barcode"):
-        clinical.run(cfg)
+    cdr.write_text(body)
+    with pytest.raises(error, match=message):
+        clinical.run(clinical.ClinicalConfig(out=tmp_path / "c", cdr=cdr, cases="all"))
+
+
+def test_cdr_spreadsheet_is_refused_with_advice(tmp_path):
     with pytest.raises(ImportDataError, match="save the sheet 'TCGA-CDR' as CSV or TSV"):
         clinical.run(clinical.ClinicalConfig(out=tmp_path / "c", cdr=tmp_path / "TCGA-CDR.xlsx"))
     with pytest.raises(ImportDataError, match="give cdr"):

@@ -13,10 +13,13 @@ import pytest
 import torch
 import yaml
 
+from mmfm.cli.imports import SUBCOMMANDS
 from mmfm.data.bags import read_bag
 from mmfm.data.cohort import Cohort, validate
 from mmfm.data.importers import ImportDataError, features, gdc_rna
 from mmfm.data.importers.fixtures import write_gdc_download
+
+import_features = SUBCOMMANDS["features"][1]  # what `mmfm import features` runs: .pt files read by the torch bridge
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +125,9 @@ def test_clam_pt_files_with_their_coordinates(dl, tmp_path):
         torch.save(torch.from_numpy(_h5(dl.clam_h5_dir / f"{sid}.h5")[0]), pt / f"{sid}.pt")
     cfg = dict(inputs=(pt,), encoder="uni_v1", mag=20.0, patch_size=256)
     with pytest.raises(ImportDataError, match=r"\.pt file holds no coordinates; set coords_dir"):
-        features.run(features.FeaturesConfig(out=tmp_path / "a", **cfg))
+        import_features(features.FeaturesConfig(out=tmp_path / "a", **cfg))
     out = tmp_path / "b"
-    features.run(features.FeaturesConfig(out=out, coords_dir=dl.clam_patches_dir, **cfg))
+    import_features(features.FeaturesConfig(out=out, coords_dir=dl.clam_patches_dir, **cfg))
     for sid in sids:
         got = read_bag(out / "bags" / f"{sid}.h5")
         want_f, want_c, _ = _h5(dl.clam_h5_dir / f"{sid}.h5")
@@ -133,10 +136,10 @@ def test_clam_pt_files_with_their_coordinates(dl, tmp_path):
     assert validate(out).ok
     torch.save(_Pickled(), pt / f"{sids[0]}.pt")  # arbitrary pickled objects are never loaded
     with pytest.raises(ImportDataError, match=rf"{sids[0]}.pt: not a tensor file torch.load\(weights_only=True\)"):
-        features.run(features.FeaturesConfig(out=out, coords_dir=dl.clam_patches_dir, **cfg))
+        import_features(features.FeaturesConfig(out=out, coords_dir=dl.clam_patches_dir, **cfg))
     torch.save({"features": torch.zeros(3, 4)}, pt / f"{sids[0]}.pt")
     with pytest.raises(ImportDataError, match=r"expected a float tensor \[N, D\] \(CLAM pt_files\), got dict"):
-        features.run(features.FeaturesConfig(out=out, coords_dir=dl.clam_patches_dir, **cfg))
+        import_features(features.FeaturesConfig(out=out, coords_dir=dl.clam_patches_dir, **cfg))
 
 
 def test_duplicates_zero_tiles_and_non_feature_files_are_listed(dl, tmp_path):
@@ -183,10 +186,13 @@ def test_pt_files_without_torch_get_a_clear_message(dl, tmp_path, monkeypatch):
     sid = sorted(p.name[:-3] for p in dl.clam_h5_dir.glob("*.h5"))[0]
     (tmp_path / "pt").mkdir()
     torch.save(torch.zeros(3, 16), tmp_path / "pt" / f"{sid}.pt")
+    cfg = features.FeaturesConfig(out=tmp_path / "c", inputs=(tmp_path / "pt",), encoder="uni_v1", mag=20.0,
+                                  patch_size=256, coords_dir=dl.clam_patches_dir)
+    with pytest.raises(ImportDataError, match=rf"{sid}.pt: CLAM .pt features are read with PyTorch: run `mmfm import"):
+        features.run(cfg)  # the data layer never imports torch itself
     monkeypatch.setitem(sys.modules, "mmfm.bridges.clam", None)  # what an install without torch looks like
     with pytest.raises(ImportDataError, match=r"CLAM .pt features need PyTorch \(pip install 'mmfm\[bridges\]'\)"):
-        features.run(features.FeaturesConfig(out=tmp_path / "c", inputs=(tmp_path / "pt",), encoder="uni_v1",
-                                             mag=20.0, patch_size=256, coords_dir=dl.clam_patches_dir))
+        import_features(cfg)
 
 
 def test_link_false_copies_trident_files_into_bags(dl, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmfm.bridges.extract import ExtractConfig, extract, update_tables
+from mmfm.bridges.extract import ExtractConfig, extract, update_cohort
 from mmfm.data.bags import write_bag
 from mmfm.data.cohort import CohortSpec, validate
 
@@ -37,7 +37,8 @@ def test_extract_maps_gdc_slide_files_to_their_case(tmp_path, wsi_dir):
 
 
 def test_case_map_wins_over_the_barcode(tmp_path):
-    update_tables(tmp_path, [DX, "slide_b"], [], {DX: "PATIENT-7"})
+    cfg = ExtractConfig(wsi_dir=tmp_path, out=tmp_path, encoder="vit-test")
+    update_cohort(tmp_path, cfg, 4, [DX, "slide_b"], [], {DX: "PATIENT-7"})
     assert pd.read_csv(tmp_path / "slides.csv", dtype=str).set_index("slide_id")["case_id"].to_dict() == \
         {DX: "PATIENT-7", "slide_b": "slide_b"}
 

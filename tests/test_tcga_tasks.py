@@ -3,6 +3,7 @@
 import fnmatch
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -10,6 +11,7 @@ from mmfm.data.importers import clinical, features, gdc_rna, maf
 from mmfm.data.importers.fixtures import write_gdc_download
 from mmfm.eval.probe import load_tasks
 
+COLUMN_KEYS = ("label", "labels", "time", "event", "site", "baseline")  # spec keys that name obs columns
 TASKS = sorted((Path(__file__).resolve().parents[1] / "configs" / "tasks").glob("tcga_*.yaml"))
 
 
@@ -33,8 +35,9 @@ def test_task_columns_are_written_by_the_importers(path, columns):
     specs = load_tasks(path)
     assert path.read_text().startswith("#")
     for s in specs:
-        named = [c for c in (s.label, s.time, s.event, s.site) if c] + [c for c in s.labels]
+        named = [c for k in COLUMN_KEYS for c in np.atleast_1d(getattr(s, k, None) or ())]
         for col in named:
             assert fnmatch.filter(columns, col), f"{path.name} task {s.name!r}: no column {col!r} in {sorted(columns)}"
         if s.type in ("survival", "classification", "mutation"):
+            assert named, f"{path.name} task {s.name!r} names no label column"
             assert s.site_preserved and s.site == "site", s.name  # TSS-preserved folds on TCGA

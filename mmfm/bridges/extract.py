@@ -31,13 +31,12 @@ from tqdm.auto import tqdm
 
 from mmfm.bridges.encoders import (TileEncoder, autocast_dtype, encode,
                                    get_spec, load_encoder, weights_source)
-from mmfm.bridges.readers import (IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, mag_to_mpp, open_slide,
-                                  patch_size_level0, upsampling)
+from mmfm.bridges.readers import IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, upsampling
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
 from mmfm.data import tcga
-from mmfm.data.bags import read_header, write_bag
-from mmfm.io import atomic_path, id_list, write_json, write_text
+from mmfm.data.bags import mag_to_mpp, patch_size_level0, read_header, write_bag
+from mmfm.io import id_list, write_csv, write_json, write_text
 
 ACCEPTED_SUFFIXES = SLIDE_SUFFIXES + IMAGE_SUFFIXES
 UPSAMPLE_TOLERANCE = 1.1  # a 40× scan at 0.263 µm/px read at --mag 40 (5 % finer) is not worth a warning
@@ -224,14 +223,12 @@ def update_cohort(out: Path, cfg: ExtractConfig, dim: int, done: list[str], fail
         new = pd.DataFrame({"slide_id": done, "case_id": [case_of_slide(s, case_map) for s in done],
                             "path": [f"bags/{s}.h5" for s in done]})
         slides = pd.concat([slides[~slides["slide_id"].isin(done + failed)], new]).sort_values("slide_id")
-        with atomic_path(spath, suffix=".csv") as tmp:
-            slides.to_csv(tmp, index=False)
+        write_csv(spath, slides, index=False)
         cases = pd.read_csv(cpath, dtype=str, keep_default_na=False) if cpath.exists() else \
             pd.DataFrame(columns=["case_id", "site"])
         add = sorted(set(slides["case_id"]) - set(cases["case_id"]))
         cases = pd.concat([cases, pd.DataFrame({"case_id": add})]).fillna("").sort_values("case_id")
-        with atomic_path(cpath, suffix=".csv") as tmp:
-            cases.to_csv(tmp, index=False)
+        write_csv(cpath, cases, index=False)
 
 
 def plan_slide(path: Path, cfg: ExtractConfig, out: Path) -> SlidePlan:

@@ -17,18 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmfm.data.bags import mag_to_mpp
+
 # one file per slide (a DICOM WSI is a folder of files and is not listed)
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MPP_PER_MAG = 10.0  # 10× ⇔ 1 µm/px, the field's convention (20× = 0.5 µm/px)
 
 
 class SlideError(RuntimeError):
     """A slide that cannot be used; the message names the file and the reason."""
-
-
-def mag_to_mpp(mag: float) -> float:
-    return MPP_PER_MAG / float(mag)
 
 
 def upsampling(level0_mpp: float, target_mag: float) -> float:
@@ -50,11 +47,6 @@ def captured_log(name: str = "tifffile"):
         yield notes
     finally:
         log.handlers, log.propagate = saved
-
-
-def patch_size_level0(patch_size: int, target_mag: float, level0_mpp: float) -> int:
-    """Level-0 pixels spanned by one tile; exact from MPP (TRIDENT's mag buckets make this imprecise)."""
-    return max(1, int(round(patch_size * mag_to_mpp(target_mag) / level0_mpp)))
 
 
 def best_level(downsamples: tuple[float, ...], needed: float, rtol: float = 1e-3) -> int:

@@ -119,12 +119,12 @@ def demo(cfg: DemoConfig | None = None) -> dict:
     chance = chance_rows(res.summary)
     if cfg.plots:
         _training_curves(run_dir, out / "report")
-    folds = sorted({n.split(" folds reduced to ")[1].split(":")[0] for n in res.notes if "folds reduced to" in n})
+    fewer = any("folds reduced" in n for n in res.notes)
     text = ["# mmfm demo", "",
             f"{cfg.cases} simulated cases (seed {cfg.seed}); pretraining on {len(splits['train'])} cases "
             f"({run_cfg.train.steps} steps, {run_cfg.model.slide.kind} slide encoder, {run_cfg.objective.kind}); "
             f"probes on the {len(held)} held-out cases ({slides.n_obs} slides; a case's slides are averaged), "
-            f"patient-level CV (5 folds{', fewer where a task has few cases: ' + ', '.join(folds) if folds else ''}), "
+            f"patient-level CV (5 folds{'; fewer where a task has few cases, see the notes in summary.md' if fewer else ''}), "
             "mean ± SE over folds; retrieval and robustness: mean [95% bootstrap CI].", "",
             "`slide` = pretrained (projected), `slide_backbone` = pretrained before the head, "
             "`slide_meanpool` / `slide_random` = baselines.", "",

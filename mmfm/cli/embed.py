@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mmfm.config import narrow
 from mmfm.eval.embed import EmbedConfig
 
 DESCRIPTION = """\
@@ -42,7 +43,7 @@ def run(cfg: Config) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"--cases {cfg.cases}: not 'heldout', 'all' or a file of case ids")
         case_ids = path.read_text().split()
-    emb_cfg = EmbedConfig(**{f.name: getattr(cfg, f.name) for f in fields(EmbedConfig)})
+    emb_cfg = narrow(cfg, EmbedConfig)
     adata, slides = embed(cfg.run, cfg.cohort, cfg.out, cfg=emb_cfg, case_ids=case_ids, step=cfg.step)
     print(f"wrote {cfg.out}: {adata.n_obs} cases ({cfg.cases}) × {list(adata.obsm)}; {slides.n_obs} slides")
     return 0

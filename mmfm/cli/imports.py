@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from mmfm.data.importers import IMPORTERS
+from pathlib import Path
+
+import numpy as np
+
+from mmfm.data.importers import IMPORTERS, ImportDataError, features
 
 DESCRIPTION = """\
 Create or extend a cohort directory from what a lab downloaded: GDC STAR gene counts (+ sample sheet) or
@@ -36,6 +40,16 @@ EXAMPLES = {
     "features": 'mmfm import features --out cohort --inputs "[trident/20x_256px_0px_overlap/features_uni_v1/]"',
 }
 
+def read_clam_pt(path: Path) -> np.ndarray:
+    """CLAM .pt features through the torch bridge (torch.load(weights_only=True)); a clear error without torch."""
+    try:
+        from mmfm.bridges.clam import read_pt_features
+    except ImportError as e:
+        raise ImportDataError(f"{path}: CLAM .pt features need PyTorch (pip install 'mmfm[bridges]'); "
+                              f"or import CLAM's h5_files/ instead ({e})") from e
+    return read_pt_features(path)
+
+
 def _command(run):
     def command(cfg) -> int:
         run(cfg)  # prints and writes its report; a bad file raises, naming it
@@ -43,7 +57,9 @@ def _command(run):
     return command
 
 
-SUBCOMMANDS = {name: (config, _command(run)) for name, (config, run) in IMPORTERS.items()}
+RUNS = {**{name: run for name, (_, run) in IMPORTERS.items()},
+        "features": lambda cfg: features.run(cfg, read_pt=read_clam_pt)}
+SUBCOMMANDS = {name: (config, _command(RUNS[name])) for name, (config, _) in IMPORTERS.items()}
 
 
 def describe(name: str) -> str:

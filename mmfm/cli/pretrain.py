@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from mmfm.config import narrow
 from mmfm.train.config import RunConfig
 
 DESCRIPTION = """\
@@ -36,7 +37,7 @@ def run(cfg: Config) -> int:
 
     if not cfg.out:
         raise ValueError("--out: required (the run directory)")
-    run_cfg = check(RunConfig(**{f.name: getattr(cfg, f.name) for f in fields(RunConfig)}))
+    run_cfg = check(narrow(cfg, RunConfig))
     initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
     try:
         res = pretrain(run_cfg, cfg.out, resume=cfg.resume)

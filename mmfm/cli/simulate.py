@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from mmfm.config import narrow
 from mmfm.data.simulate import SimConfig, simulate_cohort
 
 DESCRIPTION = """\
@@ -25,7 +26,7 @@ class Config(SimConfig):
 def run(cfg: Config) -> int:
     if not cfg.out:
         raise ValueError("--out: required (the cohort directory to write)")
-    sim = SimConfig(**{f.name: getattr(cfg, f.name) for f in fields(SimConfig)})
+    sim = narrow(cfg, SimConfig)
     out = simulate_cohort(cfg.out, sim)
     n_slides = sum(1 for _ in (out / "bags").glob("*.h5")) if (out / "bags").exists() else 0
     print(f"wrote {out}: {sim.n_cases} cases, {n_slides} slides (truth in {out / 'truth'})")

@@ -20,6 +20,19 @@ import numpy as np
 
 from mmfm.io import atomic_path
 
+MPP_PER_MAG = 10.0  # 10× ⇔ 1 µm/px, the field's convention (20× = 0.5 µm/px)
+
+
+def mag_to_mpp(mag: float) -> float:
+    return MPP_PER_MAG / float(mag)
+
+
+def patch_size_level0(patch_size: int, target_mag: float, level0_mpp: float) -> int:
+    """Level-0 pixels spanned by one tile; exact from MPP (TRIDENT's mag buckets make this imprecise). The one
+    definition `mmfm extract` and `mmfm import features` share."""
+    return max(1, int(round(patch_size * mag_to_mpp(target_mag) / level0_mpp)))
+
+
 COORD_ATTRS = ("patch_size", "patch_size_level0", "target_magnification", "level0_magnification",
                "level0_width", "level0_height", "overlap", "name")
 

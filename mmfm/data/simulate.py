@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mmfm import MODALITIES
 from mmfm.data.bags import write_bag
-from mmfm.io import atomic_path, write_json, write_text
+from mmfm.io import atomic_path, write_csv, write_h5ad, write_json, write_text
 
 SUBTYPES = ("differentiated", "immunoreactive", "mesenchymal", "proliferative")
 PROGRAMMES = ("proliferation", "immune", "hypoxia", "stromal", "differentiation")
@@ -679,16 +679,10 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(fh, arr)
 
 
-def _write_csv(path: Path, df: pd.DataFrame, **kw) -> None:
-    with atomic_path(path, suffix=".csv.tmp") as tmp:
-        df.to_csv(tmp, **kw)
-
-
 def _write_h5ad(path: Path, values: list[np.ndarray], obs: list[str], var: list[str]) -> None:
     x = np.stack(values) if values else np.zeros((0, len(var)), np.float32)
     adata = ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(obs)), var=pd.DataFrame(index=pd.Index(var)))
-    with atomic_path(path, suffix=".h5ad.tmp") as tmp:
-        adata.write_h5ad(tmp)
+    write_h5ad(path, adata)
 
 
 def _claim(out: Path, cfg: SimConfig) -> None:
@@ -778,18 +772,18 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
     case_df = pd.DataFrame(cases)
     for d in DRIVERS:
         case_df[f"mut_{d}"] = case_df[f"mut_{d}"].astype("Int64")
-    _write_csv(out / "cases.csv", case_df, index=False)
-    _write_csv(out / "slides.csv", pd.DataFrame(slides, columns=["slide_id", "case_id", "path"]), index=False)
+    write_csv(out / "cases.csv", case_df, index=False)
+    write_csv(out / "slides.csv", pd.DataFrame(slides, columns=["slide_id", "case_id", "path"]), index=False)
     if rna:
         _write_h5ad(out / "rna.h5ad", rna, rna_ids, genes)
     if prot:
         _write_h5ad(out / "protein.h5ad", prot, prot_ids, proteins)
     if reports:
         write_text(out / "reports.jsonl", "\n".join(reports) + "\n")
-    _write_csv(out / "truth" / "cases.csv", pd.DataFrame(truth), index=False, float_format="%.6g")
-    _write_csv(out / "truth" / "slides.csv", pd.DataFrame(slide_truth), index=False)
-    _write_csv(out / "truth" / "genes.csv", world.genes, float_format="%.6g")
-    _write_csv(out / "truth" / "proteins.csv", world.proteins, float_format="%.6g")
+    write_csv(out / "truth" / "cases.csv", pd.DataFrame(truth), index=False, float_format="%.6g")
+    write_csv(out / "truth" / "slides.csv", pd.DataFrame(slide_truth), index=False)
+    write_csv(out / "truth" / "genes.csv", world.genes, float_format="%.6g")
+    write_csv(out / "truth" / "proteins.csv", world.proteins, float_format="%.6g")
     write_json(out / "truth" / "model.json", _model_json(cfg, world))
     write_text(out / "truth" / "README.md", TRUTH_README)
     spec = {"name": cfg.name, "version": "1.0",

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mmfm.data.bags import grid_indices
 from mmfm.data.sampling import BagReader
-from mmfm.io import atomic_path
+from mmfm.io import write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,8 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
     slide_obs = slides[["case_id"]].join(cohort.cases, on="case_id")
     slide_obs.index = slide_obs.index.astype(str)
     slide_ad = ad.AnnData(obs=_h5ad_safe(slide_obs), obsm=slide_embs if cfg.multi_slide == "mean" else {}, uns=meta)
-    _write(cases, out)
-    _write(slide_ad, out.with_suffix(".slides.h5ad"))
+    write_h5ad(out, cases)
+    write_h5ad(out.with_suffix(".slides.h5ad"), slide_ad)
     return cases, slide_ad
 
 
@@ -251,8 +251,3 @@ def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
         if df[c].dtype == object:
             df[c] = df[c].astype("string").fillna("").astype(object)
     return df
-
-
-def _write(adata: ad.AnnData, path: Path) -> None:
-    with atomic_path(path, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp)

@@ -18,7 +18,8 @@ import pandas as pd
 import yaml
 
 from mmfm.data import tcga
-from mmfm.io import atomic_path, write_json, write_text
+from mmfm import io
+from mmfm.io import id_list, write_json, write_text
 
 PLACEHOLDER_ENCODER = "none"  # cohort.yaml written before any slide features: `import features` replaces it
 SHOW = 8  # items shown per category when the report is printed (the JSON has them all)
@@ -56,7 +57,7 @@ class ImportReport:
 
     def format(self) -> str:
         def listing(v):
-            return ", ".join(v[:SHOW]) + (f" ... and {len(v) - SHOW} more" if len(v) > SHOW else "")
+            return id_list(v, SHOW)
         lines = [f"mmfm import {self.importer} → {self.cohort}: {len(self.matched)} matched"]
         lines += [f"  rule {k}: {v}" for k, v in self.rules.items()]
         lines += [f"  UNMATCHED {k} ({len(v)}): {listing(v)}" for k, v in self.unmatched.items()]
@@ -109,13 +110,7 @@ def read_csv_str(path: Path) -> pd.DataFrame:
 
 
 def write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_path(path, suffix=".csv") as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def write_h5ad(path: Path, adata) -> None:
-    with atomic_path(path, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp)
+    io.write_csv(path, df, index=False)
 
 
 def update_cases(out: Path, case_ids: Iterable[str], report: ImportReport, *,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import h5py
 import numpy as np
@@ -29,10 +29,13 @@ import pandas as pd
 import yaml
 
 from mmfm.data import tcga
-from mmfm.data.bags import read_header, write_bag
+from mmfm.data.bags import patch_size_level0, read_header, write_bag
 from mmfm.data.importers.common import (PLACEHOLDER_ENCODER, ImportDataError, ImportReport, ensure_cohort, finish,
                                         input_files, read_csv_str, update_cases, write_csv)
 from mmfm.io import write_text
+
+
+PtReader = Callable[[Path], np.ndarray]  # a CLAM .pt file → [N, D] features; ValueError naming the file
 
 
 @dataclass
@@ -119,16 +122,14 @@ def _coords_file(cfg: FeaturesConfig, slide: _Slide) -> Path | None:
     return None
 
 
-def _load(cfg: FeaturesConfig, slide: _Slide) -> tuple[np.ndarray, np.ndarray, dict]:
+def _load(cfg: FeaturesConfig, slide: _Slide, read_pt: PtReader | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(features, coords, coords attrs of the coordinate source) of a file that is converted into a bag."""
     if slide.kind == "pt":
+        if read_pt is None:
+            raise ImportDataError(f"{slide.path}: CLAM .pt features are read with PyTorch: run `mmfm import features` "
+                                  "(or pass read_pt=mmfm.bridges.clam.read_pt_features), or import CLAM's h5_files/")
         try:
-            from mmfm.bridges.clam import read_pt_features
-        except ImportError as e:
-            raise ImportDataError(f"{slide.path}: CLAM .pt features need PyTorch (pip install 'mmfm[bridges]'); "
-                                  f"or import CLAM's h5_files/ instead ({e})") from e
-        try:
-            feats = read_pt_features(slide.path)
+            feats = read_pt(slide.path)
         except ValueError as e:
             raise ImportDataError(str(e)) from e
         src = _coords_file(cfg, slide)
@@ -171,7 +172,6 @@ def _level0_side(cfg: FeaturesConfig, slide: _Slide, attrs: dict, mpps: dict[str
         return int(round(float(attrs["patch_size"]) * ds)), "CLAM patch file patch_size × downsample"
     mpp = mpps.get(slide.slide_id, cfg.mpp)
     if mpp is not None and cfg.mag is not None and cfg.patch_size is not None:
-        from mmfm.bridges.readers import patch_size_level0  # the one definition `mmfm extract` uses (no torch)
         src = "mpp_csv" if slide.slide_id in mpps else "setting mpp"
         return patch_size_level0(cfg.patch_size, cfg.mag, float(mpp)), f"patch_size·(10/mag)/mpp ({src})"
     raise ImportDataError(f"{slide.path}: no patch_size_level0 (CLAM files do not store it) — set patch_size_level0, "
@@ -218,8 +218,9 @@ def _update_spec(out: Path, geo: dict) -> None:
     write_text(path, yaml.safe_dump(doc, sort_keys=False))
 
 
-def run(cfg: FeaturesConfig) -> ImportReport:
-    """Import tile-feature files into `cfg.out` (slides.csv rows, bags for converted files, the cases)."""
+def run(cfg: FeaturesConfig, read_pt: PtReader | None = None) -> ImportReport:
+    """Import tile-feature files into `cfg.out` (slides.csv rows, bags for converted files, the cases). `read_pt`
+    reads a CLAM .pt file (torch lives in the bridges: the command passes mmfm.bridges.clam.read_pt_features)."""
     out = Path(cfg.out)
     report = ImportReport("features", str(out), [str(p) for p in cfg.inputs])
     files = input_files(cfg.inputs, (".h5", ".pt"), recursive=False)
@@ -253,7 +254,7 @@ def run(cfg: FeaturesConfig) -> ImportReport:
     if not slides:
         raise ImportDataError("no feature file could be imported; see the report lists:\n" + report.format())
     if all(s.kind == "pt" for s in slides):  # a .pt's dim is known only once read: read the first one
-        slides[0].n_tiles, slides[0].dim = _load(cfg, slides[0])[0].shape
+        slides[0].n_tiles, slides[0].dim = _load(cfg, slides[0], read_pt)[0].shape
     geo = _geometry(cfg, slides)
     ensure_cohort(out)
     _update_spec(out, geo)
@@ -264,7 +265,7 @@ def run(cfg: FeaturesConfig) -> ImportReport:
             path = Path(os.path.relpath(s.path.resolve(), out.resolve()))
             facts.update(stored="linked", patch_size_level0=s.psl0)
         else:
-            feats, coords, attrs = _load(cfg, s)
+            feats, coords, attrs = _load(cfg, s, read_pt)
             if feats.shape[1] != geo["dim"]:
                 raise ImportDataError(f"{s.path}: {feats.shape[1]} features per tile, the other files have "
                                       f"{geo['dim']}")
