@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 from mmfm.data.batch import BatchShapes, random_batch
-from mmfm.train import config, loop, metrics, sharding
+from mmfm.train import config, load_for_inference, loop, metrics, rundir, sharding
 from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.sharding import MeshConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["loader.batch_size=16", "loader.tiles_per_slide=32", "loader.n_genes=64", "train.log_every=1",
@@ -99,7 +100,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cohort, jit_cache, t
     assert rc == 3 and "non-finite value at step 3 in" in out and "loss" in out, out
     cfg = config.load_config(tmp_path / "run" / "config.yaml")
     assert Checkpointer(tmp_path / "run", cfg.train, read_only=True).all_steps() == [2]
-    model, _, _ = loop.load_for_inference(tmp_path / "run")
+    model, _, _ = load_for_inference(tmp_path / "run")
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert leaves and all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
@@ -121,11 +122,11 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path):
     assert all(0 <= r["recall@1/slide->rna"] <= r["recall@5/slide->rna"] <= r["recall@10/slide->rna"] <= 1
                for r in ev)
     assert config.load_config(run / "config.yaml").train.mesh.fsdp == 2  # resolved config reloads
-    model4, cfg, transforms = loop.load_for_inference(run)                       # latest, all 8 devices
-    model2, _, _ = loop.load_for_inference(run, step=2, mesh=sharding.make_mesh(sharding.MeshConfig(1, 1),
+    model4, cfg, transforms = load_for_inference(run)                       # latest, all 8 devices
+    model2, _, _ = load_for_inference(run, step=2, mesh=sharding.make_mesh(MeshConfig(1, 1),
                                                                                  jax.devices()[:1]))
     assert cfg.model.compute_dtype == "bfloat16"
-    assert loop.best_step(run, "recall@5/slide->rna", "max", [2, 4]) == max(ev, key=lambda r: r["recall@5/slide->rna"])["step"]
+    assert rundir.best_step(run, "recall@5/slide->rna", "max", [2, 4]) == max(ev, key=lambda r: r["recall@5/slide->rna"])["step"]
     shapes = BatchShapes(**json.loads((run / "shapes.json").read_text()))
     assert len(transforms["rna"].genes) == shapes.n_genes and len(transforms["protein"].genes) == shapes.n_proteins
     batch = {k: jnp.asarray(v) for k, v in random_batch(shapes, seed=3).items()}

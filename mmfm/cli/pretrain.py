@@ -5,23 +5,29 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, fields
+from typing import Literal
 
 from mmfm.train.config import RunConfig
 
 DESCRIPTION = """\
 Pretrain slide / omics / report encoders aligned by a multimodal contrastive objective, sharded over every
 device (one CPU to a multi-host mesh). --config names a recipe (configs/*.yaml); any key can be overridden
-as --train.steps=50 or --set train.steps=50. The run directory --out receives the resolved config, splits,
-shapes, fitted transforms, orbax checkpoints and metrics; it must be new or empty unless --resume. Multi-host:
---coordinator host:port --num_processes N --process_id i (or the MMFM_* / JAX environment variables).
+as --train.steps=50 or --set train.steps=50. The run directory --out (a path or gs://bucket/run) receives the
+resolved config, splits, shapes, fitted transforms, orbax checkpoints and metrics; it must be new or empty
+unless --resume. Multi-host: started by srun / mpirun / a TPU pod / GKE, processes find each other by
+themselves; elsewhere pass --coordinator host:port --num_processes N --process_id i (or MMFM_* variables).
+SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 finish the current step, write a checkpoint and exit 75 (re-queue me);
+--resume auto then continues from it. Exit 3: the loss diverged (NaN/inf), last good checkpoint kept.
 
-example: mmfm pretrain --config configs/demo.yaml --out runs/demo --set data.cohort=cohort"""
+example: mmfm pretrain --config configs/demo.yaml --out runs/demo --set data.cohort=cohort --resume auto"""
 
 
 @dataclass
 class Config(RunConfig):
-    out: str = ""                      # run directory (new or empty, unless --resume)
-    resume: bool = False               # continue from the latest checkpoint in --out
+    out: str = ""                      # run directory or gs:// URL (new or empty, unless --resume)
+    resume: bool | Literal["auto"] = False  # auto/true: continue from the newest complete checkpoint, else start fresh
+    prefetch: int = 2                  # batches put on the devices ahead of the step (0: none)
+    distributed: Literal["auto", "off"] = "auto"  # auto: join a multi-process run when launched as one
     coordinator: str | None = None     # multi-host: coordinator address host:port
     num_processes: int | None = None   # multi-host: number of processes
     process_id: int | None = None      # multi-host: this process's id
@@ -32,17 +38,21 @@ def run(cfg: Config) -> int:
 
     from mmfm.train import NonFiniteError, pretrain
     from mmfm.train.config import check
+    from mmfm.train.preempt import EXIT_PREEMPTED, Preempted
     from mmfm.train.sharding import initialize_distributed
 
     if not cfg.out:
         raise ValueError("--out: required (the run directory)")
     run_cfg = check(RunConfig(**{f.name: getattr(cfg, f.name) for f in fields(RunConfig)}))
-    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, mode=cfg.distributed)
     try:
-        res = pretrain(run_cfg, cfg.out, resume=cfg.resume)
+        res = pretrain(run_cfg, cfg.out, resume=cfg.resume, prefetch=cfg.prefetch)
     except NonFiniteError as e:
         print(f"mmfm pretrain: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"mmfm pretrain: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     if jax.process_index() == 0:
         print(json.dumps({"run_dir": str(res.run_dir), "step": res.step, "loss": res.metrics.get("loss"),
                           "eval": res.eval, "checkpoints": res.checkpoints}))
