@@ -33,20 +33,28 @@ class Config(RunConfig):
     process_id: int | None = None      # multi-host: this process's id
 
 
-def run(cfg: Config) -> int:
-    import jax
-
-    from mmfm.train import NonFiniteError, pretrain
+def train(cfg: Config):
+    """Join the multi-process run (if launched as one) and pretrain → `PretrainResult`; raises the loop's
+    `NonFiniteError` / `Preempted` (what `run` turns into exit codes, what `mmfm launch` jobs act on)."""
+    from mmfm.train import pretrain
     from mmfm.train.config import check
-    from mmfm.train.preempt import EXIT_PREEMPTED, Preempted
     from mmfm.train.sharding import initialize_distributed
 
     if not cfg.out:
         raise ValueError("--out: required (the run directory)")
     run_cfg = check(RunConfig(**{f.name: getattr(cfg, f.name) for f in fields(RunConfig)}))
     initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, mode=cfg.distributed)
+    return pretrain(run_cfg, cfg.out, resume=cfg.resume, prefetch=cfg.prefetch)
+
+
+def run(cfg: Config) -> int:
+    import jax
+
+    from mmfm.train import NonFiniteError
+    from mmfm.train.preempt import EXIT_PREEMPTED, Preempted
+
     try:
-        res = pretrain(run_cfg, cfg.out, resume=cfg.resume, prefetch=cfg.prefetch)
+        res = train(cfg)
     except NonFiniteError as e:
         print(f"mmfm pretrain: {e}", file=sys.stderr)
         return 3

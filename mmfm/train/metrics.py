@@ -96,7 +96,7 @@ class MetricsWriter:
     FILES = ("metrics.jsonl", "eval.jsonl")
 
     def __init__(self, run_dir, total_steps: int, start_step: int = 0, progress: bool = True,
-                 flush_every_s: float = 10.0):
+                 flush_every_s: float = 10.0, tensorboard: bool = True):
         self.active = jax.process_index() == 0
         self.run_dir = run_path(run_dir)
         self.flush_every_s = flush_every_s
@@ -111,9 +111,10 @@ class MetricsWriter:
             self._rows[name] = rows
             if (self.run_dir / name).exists():
                 write_text(self.run_dir / name, _jsonl(rows))
-        from tensorboardX import SummaryWriter
+        if tensorboard:  # tensorboardX writes gs:// itself (with google-cloud-storage installed)
+            from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -127,7 +128,7 @@ class MetricsWriter:
         self._rows.setdefault(file, []).append(record)
         self._dirty.add(file)
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if self.tb is not None and k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.bar is not None and "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
