@@ -75,6 +75,8 @@ def test_launch_slurm_writes_a_requeueing_job_of_one_process_per_gpu(tmp_path, m
     fake = bin_dir / "sbatch"
     fake.write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/submitted.sh\necho 'Submitted batch job 4242'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it; never run here
+    (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cfg = parse_cli(launch.Config, [
         "--executor", "slurm", "--nodes", "2", "--gpus_per_node", "8", "--partition", "gpu", "--time", "120",
