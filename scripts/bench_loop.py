@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader

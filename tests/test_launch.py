@@ -98,6 +98,10 @@ def test_launch_slurm_writes_a_requeueing_job_of_one_process_per_gpu(tmp_path, m
     assert (job.cfg.train.mesh.data, job.cfg.train.mesh.fsdp) == (-1, 8)  # shards inside a node, data across
 
 
+def _logs(tmp_path) -> str:
+    return "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*_log.err")))
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -129,14 +133,14 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
     deadline = time.time() + 400
     while time.time() < deadline and not job.done() and not ckpt.exists():
         time.sleep(0.02)
-    assert not job.done(), job.stderr()
+    assert not job.done(), _logs(tmp_path)
     tasks = _children(job._process.pid)
     assert len(tasks) == 2
     for pid in tasks:  # submitit's time-out warning, as SLURM's --signal delivers it to every task
         os.kill(pid, signal.SIGUSR2)
-    result = job.result()  # the job re-queued itself once and finished
+    result = job.results()[0]  # the job re-queued itself once and finished
     assert result["step"] == 12 and result["checkpoints"][-1] == 12, result
-    log = job.stderr() or ""
+    log = _logs(tmp_path)
     stops = sorted({int(x.split(";")[0]) for x in log.split("stopped by SIGUSR2 after step ")[1:]})
     assert len(stops) == 1 and 3 <= stops[0] < 12, log  # both processes stopped after the same step
     one = subprocess.run([sys.executable, "-m", "mmfm.cli", "pretrain", "--out", str(tmp_path / "one"), *flags],

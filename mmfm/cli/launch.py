@@ -105,7 +105,7 @@ def make_executor(cfg: Config):
     if cfg.executor == "local":
         if cfg.nodes != 1:
             raise ValueError(f"--nodes {cfg.nodes}: the local executor runs on this machine (--nodes 1)")
-        ex = submitit.LocalExecutor(folder=cfg.logs)
+        ex = submitit.LocalExecutor(folder=cfg.logs, max_num_timeout=cfg.max_requeues)
         ex.update_parameters(timeout_min=cfg.time, tasks_per_node=cfg.gpus_per_node, gpus_per_node=cfg.gpus_per_node,
                              setup=list(cfg.setup))
         return ex
@@ -136,7 +136,7 @@ def run(cfg: Config) -> int:
     if not (cfg.wait or cfg.executor == "local"):
         return 0
     try:
-        print(json.dumps(job.result()))
+        print(json.dumps(job.results()[0]))  # task 0's summary (every task returns one)
     except submitit.core.utils.FailedJobError as e:
         print(f"mmfm launch: job {job.job_id} failed:\n{e}", file=sys.stderr)
         return 1
