@@ -121,7 +121,7 @@ def read_config(run_dir) -> RunConfig:
     try:
         return check(decode(RunConfig, raw, str(path)))
     except ConfigError as e:
-        raise ConfigError(e if str(e).startswith(str(path)) else f"{path}: {e}") from e
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
 
 
 def read_shapes(run_dir) -> BatchShapes:
