@@ -80,7 +80,7 @@ def raw_blocks(cfg: tconfig.RunConfig, cohort: Path, blocks: int, block: int) ->
     return rates
 
 
-def loop_intervals(cfg: tconfig.RunConfig, out: Path, prefetch: int | None) -> list[float]:
+def loop_intervals(cfg: tconfig.RunConfig, out: Path, device_prefetch: int | None) -> list[float]:
     """Steps/s of `pretrain()` between consecutive metrics records (first interval dropped)."""
     stamps = []
     original = metrics.MetricsWriter.log
@@ -92,7 +92,7 @@ def loop_intervals(cfg: tconfig.RunConfig, out: Path, prefetch: int | None) -> l
 
     metrics.MetricsWriter.log = log
     try:
-        kwargs = {"prefetch": prefetch} if prefetch is not None else {}
+        kwargs = {"device_prefetch": device_prefetch} if device_prefetch is not None else {}
         loop.pretrain(cfg, out, **kwargs)
     finally:
         metrics.MetricsWriter.log = original
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--genes", type=int, default=256)
     ap.add_argument("--width", type=int, default=128, help="embed / ABMIL / RNA hidden width")
     ap.add_argument("--cases", type=int, default=160)
-    ap.add_argument("--prefetch", type=int, default=None, help="pretrain(prefetch=...) (default: the loop's)")
+    ap.add_argument("--device-prefetch", type=int, default=None, help="pretrain(device_prefetch=...) (default: the loop's)")
     a = ap.parse_args(argv)
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
@@ -121,13 +121,13 @@ def main(argv=None) -> int:
         cfg = run_config(cohort, a)
         blocks = max(2, (a.steps // a.log_every - 1) // 2)
         raw = raw_blocks(cfg, cohort, blocks, a.log_every)
-        looped = loop_intervals(cfg, Path(tmp) / "run", a.prefetch)
+        looped = loop_intervals(cfg, Path(tmp) / "run", a.device_prefetch)
         raw += raw_blocks(cfg, cohort, blocks, a.log_every)
     raw_rate, loop_rate = statistics.median(raw), statistics.median(looped)
     out = {
         "ratio": loop_rate / raw_rate, "loop_steps_per_s": loop_rate, "raw_steps_per_s": raw_rate,
         "loop_intervals_steps_per_s": looped, "raw_blocks_steps_per_s": raw,
-        "has_prefetch": "prefetch" in inspect.signature(loop.pretrain).parameters,
+        "has_device_prefetch": "device_prefetch" in inspect.signature(loop.pretrain).parameters,
         "config": {k: v for k, v in vars(a).items() if k != "json"},
         "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
         "backend": jax.default_backend(), "devices": len(jax.devices()),

@@ -25,7 +25,7 @@ if [ "$CPU" = 1 ]; then
     TRAIN=(--batch 4 --tiles 128 --dim 64 --genes 128 --steps 2 --matmul 256)
     MFU=(--peak 1e12)
     LOOP=(--steps 30 --log-every 5 --batch 8 --tiles 64 --dim 32 --genes 64 --width 32 --cases 40)
-    SLIDES=(--n 1000 --alternate-max-n 1000 --dense-n 1000 --series local alternate dense --width 64 --depth 2
+    SLIDES=(--n 1000 --alternate-max-n 1000 --dense-n 1000 --series local alternate dense --width 96 --depth 2
             --dim 64 --region 500)
     EXTRACT=(--copies 1 --workers 0 --batch-size 16)
 else

@@ -82,7 +82,7 @@ def test_nan_between_log_steps_stops_at_its_step_and_is_never_checkpointed(cohor
     cfg = config.load_config(REPO / "configs/demo.yaml", sets(cohort, "train.steps=8", "train.log_every=4",
                                                              "train.ckpt_every=2", "train.inject_nan_step=3"))
     with pytest.raises(metrics.NonFiniteError, match=r"non-finite value at step 3 in .*loss"):
-        loop.pretrain(cfg, tmp_path / "run", prefetch=3)
+        loop.pretrain(cfg, tmp_path / "run", device_prefetch=3)
     assert Checkpointer(tmp_path / "run", cfg.train, read_only=True).all_steps() == [2]
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]  # step 4 not logged
     cfg = config.load_config(tmp_path / "run" / "config.yaml")

@@ -29,10 +29,12 @@ example: mmfm launch --executor slurm --nodes 2 --gpus_per_node 8 --partition gp
     --config configs/tangle_like.yaml --out /shared/runs/tangle --set data.cohort=/shared/cohorts/tcga \\
     --setup "[module load cuda, source .venv/bin/activate]\""""
 
+Executor = Literal["slurm", "local"]
+
 
 @dataclass
 class Config(pretrain.Config):
-    executor: Literal["slurm", "local"] = "slurm"  # slurm: sbatch; local: processes on this machine
+    executor: Executor = "slurm"       # slurm: sbatch; local: processes on this machine
     nodes: int = 1                     # SLURM nodes (local: 1)
     gpus_per_node: int = 1             # processes per node, one per GPU (local on CPU: processes)
     partition: str = ""                # SLURM partition ("" = the cluster's default)
@@ -43,7 +45,7 @@ class Config(pretrain.Config):
     mem_gb: int = 0                    # memory per node in GB (0 = the partition's default)
     max_requeues: int = 20             # time-outs after which the job gives up
     job_name: str = "mmfm-pretrain"
-    logs: str = "submitit/%j"          # submitit folder: sbatch script, pickles, stdout/stderr (%j = job id)
+    logs: str = "submitit/%j"          # submitit folder: sbatch script, pickles, stdout/stderr (%%j = job id)
     setup: list[str] = field(default_factory=list)  # shell lines run before the job: "[module load cuda, source .venv/bin/activate]"
     fsdp_per_node: bool = False        # train.mesh.fsdp = gpus_per_node: parameter shards stay inside a node
     wait: bool = False                 # block until the job ends and exit with its code (local: always)

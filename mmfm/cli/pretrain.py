@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from mmfm.train.config import RunConfig
+from mmfm.train.rundir import Resume
 
 DESCRIPTION = """\
 Pretrain slide / omics / report encoders aligned by a multimodal contrastive objective, sharded over every
@@ -21,13 +22,15 @@ SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 finish the current step, write a checkpoint
 
 example: mmfm pretrain --config configs/demo.yaml --out runs/demo --set data.cohort=cohort --resume auto"""
 
+Distributed = Literal["auto", "off"]  # an alias keeps the field line free of quotes (draccus reads its comment)
+
 
 @dataclass
 class Config(RunConfig):
     out: str = ""                      # run directory or gs:// URL (new or empty, unless --resume)
-    resume: bool | Literal["auto"] = False  # auto/true: continue from the newest complete checkpoint, else start fresh
-    prefetch: int = 2                  # batches put on the devices ahead of the step (0: none)
-    distributed: Literal["auto", "off"] = "auto"  # auto: join a multi-process run when launched as one
+    resume: Resume = False             # auto (or true): continue from the newest complete checkpoint, else start fresh
+    device_prefetch: int = 2           # batches put on the devices ahead of the step (0: none)
+    distributed: Distributed = "auto"  # auto: join a multi-process run when launched as one; off: one process
     coordinator: str | None = None     # multi-host: coordinator address host:port
     num_processes: int | None = None   # multi-host: number of processes
     process_id: int | None = None      # multi-host: this process's id
@@ -44,7 +47,7 @@ def train(cfg: Config):
         raise ValueError("--out: required (the run directory)")
     run_cfg = check(RunConfig(**{f.name: getattr(cfg, f.name) for f in fields(RunConfig)}))
     initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, mode=cfg.distributed)
-    return pretrain(run_cfg, cfg.out, resume=cfg.resume, prefetch=cfg.prefetch)
+    return pretrain(run_cfg, cfg.out, resume=cfg.resume, device_prefetch=cfg.device_prefetch)
 
 
 def run(cfg: Config) -> int:

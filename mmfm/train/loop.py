@@ -1,13 +1,13 @@
 """The pretraining loop: sharded multimodal contrastive pretraining of slide/omics/text encoders.
 
-Python API: `pretrain(config, out_dir, resume=False, prefetch=2) -> PretrainResult` (command: `mmfm pretrain`).
+Python API: `pretrain(config, out_dir, resume=False, device_prefetch=2) -> PretrainResult` (command: `mmfm pretrain`).
 
 The step is the functional NNX loop (split once, jit over (graphdef, state), return the new
 state) with explicit in/out shardings and donation; the batch is split over every device and fed
 per process with `make_array_from_process_local_data`. What the run directory receives is listed in
 `mmfm.train.rundir`, which also loads a finished run for inference.
 
-The host never makes the devices wait. Batches are put on the devices `prefetch` steps ahead by a
+The host never makes the devices wait. Batches are put on the devices `device_prefetch` steps ahead by a
 background thread (`mmfm.train.prefetch`); metrics stay on the devices and are fetched only for log
 steps, one step late (step s's metrics are read once step s+1 is queued behind them); the NaN guard runs
 on the devices every step (`NonFiniteWatch`) and is read with those metrics and before every evaluation
@@ -179,11 +179,11 @@ class _Logs:
 
 
 def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = False, *,
-             prefetch: int = 2) -> PretrainResult:
+             device_prefetch: int = 2) -> PretrainResult:
     """Train per `config` into `out_dir` (a path or `gs://…` URL).
 
     `resume`: False = a new run (the directory must be new or empty); True / "auto" = continue from the newest
-    complete checkpoint, or start fresh when there is none. `prefetch`: batches put on the devices ahead of
+    complete checkpoint, or start fresh when there is none. `device_prefetch`: batches put on the devices ahead of
     the step (0 = none). Raises `NonFiniteError` (NaN/inf; last good checkpoint kept) and `Preempted` (a stop
     signal; checkpoint written).
     """
@@ -237,7 +237,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
             evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh, modalities)
         writer = MetricsWriter(out, t.steps, start, progress=t.progress)
         watch = NonFiniteWatch()
-        feed = DevicePrefetcher(loader, batch_sharding(mesh), depth=prefetch, start_step=start,
+        feed = DevicePrefetcher(loader, batch_sharding(mesh), depth=device_prefetch, start_step=start,
                                 prepare=_inject_nan(t.inject_nan_step) if t.inject_nan_step > 0 else None)
         logs = _Logs(writer, watch, start)
         with StopRequest() as stop:
