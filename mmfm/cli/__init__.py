@@ -2,7 +2,8 @@
 
     DESCRIPTION   one paragraph and an example (the top of `--help`)
     Config        the typed dataclass every flag, YAML key and `--set` override comes from
-    run(cfg)      the exit code (0 ok, 1 a finished run that found problems, 2 bad input, 3 diverged)
+    run(cfg)      the exit code (0 ok, 1 a finished run that found problems, 2 bad input, 3 diverged,
+                  75 stopped by a signal after a checkpoint: re-queue and resume)
 
 Flags: `--a.b=value` or `--a.b value` (value parsed as YAML), `--set a.b=value`, `--config FILE.yaml`; a bare
 `--flag` is `true`, a bare `--no-flag` is `false`. A user error (bad flag, file, config key, cohort) prints one
@@ -23,6 +24,7 @@ COMMANDS = {
     "validate": "check a cohort directory and report every problem",
     "extract": "whole-slide images → tile-feature bags (PyTorch)",
     "pretrain": "sharded multimodal pretraining",
+    "launch": "pretrain as a SLURM / local job that re-queues itself (submitit)",
     "embed": "slide/case embeddings for every modality → AnnData",
     "probe": "survival / classification / retrieval / robustness probes",
     "demo": "simulate → pretrain → embed → probe → report",

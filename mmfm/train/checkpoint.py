@@ -5,6 +5,7 @@ Layout: RUN_DIR/checkpoints/<step>/{state, loader, meta}. Orbax writes each step
 leaves a tmp directory that is never listed as a step (tested). Saves are asynchronous; the
 device→host copy is done before `save` returns, so the next step may donate the state.
 
+The directory is an `epath.Path` (`mmfm.train.paths`), so `gs://` run directories work as orbax does.
 Restore always targets an abstract state carrying the *current* mesh's shardings, so a
 checkpoint written on a (4×2) mesh restores onto (8×1), 2 devices or 1.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from mmfm.train.config import TrainConfig
+from mmfm.train.paths import run_path
 
 ITEMS = ("state", "loader", "meta")
 
@@ -63,8 +64,8 @@ def _quiet_read_only():
 class Checkpointer:
     """Keep the last `keep_last` steps plus the best one by `best_metric` (when set)."""
 
-    def __init__(self, run_dir: str | Path, cfg: TrainConfig, *, read_only: bool = False):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+    def __init__(self, run_dir, cfg: TrainConfig, *, read_only: bool = False):
+        self.directory = run_path(run_dir) / "checkpoints"
         self.cfg = cfg
         policies = [cm.LatestN(max(1, cfg.keep_last))]
         if cfg.best_metric:

@@ -1,11 +1,19 @@
 """The pretraining loop: sharded multimodal contrastive pretraining of slide/omics/text encoders.
 
-Python API: `pretrain(config, out_dir, resume=False) -> PretrainResult` (command: `mmfm pretrain`).
+Python API: `pretrain(config, out_dir, resume=False, device_prefetch=2) -> PretrainResult` (command: `mmfm pretrain`).
 
 The step is the functional NNX loop (split once, jit over (graphdef, state), return the new
 state) with explicit in/out shardings and donation; the batch is split over every device and fed
 per process with `make_array_from_process_local_data`. What the run directory receives is listed in
 `mmfm.train.rundir`, which also loads a finished run for inference.
+
+The host never makes the devices wait. Batches are put on the devices `device_prefetch` steps ahead by a
+background thread (`mmfm.train.prefetch`); metrics stay on the devices and are fetched only for log
+steps, one step late (step s's metrics are read once step s+1 is queued behind them); the NaN guard runs
+on the devices every step (`NonFiniteWatch`) and is read with those metrics and before every evaluation
+and checkpoint, so no non-finite state is ever saved and the run stops with exit 3 at the first bad step,
+the last good checkpoint kept. Checkpoints stay asynchronous. A stop signal (`mmfm.train.preempt`)
+ends the run after the current step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -28,9 +37,12 @@ from mmfm.objectives import multimodal_loss
 from mmfm.train import evaluate, rundir
 from mmfm.train.checkpoint import Checkpointer, gather_json
 from mmfm.train.config import ConfigError, RunConfig, load_config
-from mmfm.train.metrics import MetricsWriter, check_finite
+from mmfm.train.metrics import MetricsWriter, NonFiniteWatch, check_finite
 from mmfm.train.optim import make_optimizer, schedule
-from mmfm.train.sharding import BATCH_AXES, batch_sharding, global_batch, make_mesh, replicated
+from mmfm.train.paths import run_path
+from mmfm.train.preempt import Preempted, StopRequest
+from mmfm.train.prefetch import DevicePrefetcher
+from mmfm.train.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated
 from mmfm.train.state import TrainState, build_module, init_state
 
 FLOAT_INPUTS = ("slide/features", "rna/values", "protein/values", "mutation/values")  # NaN injection targets
@@ -99,7 +111,7 @@ def objective_loss(cfg: RunConfig, mesh):
 
 @dataclass
 class PretrainResult:
-    run_dir: Path
+    run_dir: epath.Path
     step: int
     metrics: dict                 # last logged training metrics
     eval: dict | None             # last held-out evaluation
@@ -108,17 +120,78 @@ class PretrainResult:
 
 def _host_metrics(metrics) -> dict:
     flat = {}
-    for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(metrics))[0]:
+    for path, v in jax.tree_util.tree_flatten_with_path(metrics)[0]:
         key = jax.tree_util.keystr(path, simple=True, separator="/")
         flat[key] = float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
     return flat
 
 
-def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool = False) -> PretrainResult:
-    """Train per `config`; resumable (`resume=True` continues from the latest checkpoint)."""
+def _inject_nan(step: int):
+    """Fault injection (`train.inject_nan_step`): NaN tile features (or another float input) at that step."""
+    def prepare(s, host):
+        if s != step:
+            return host
+        host = dict(host)
+        key = "slide/features" if "slide/features" in host else next(k for k in host if k in FLOAT_INPUTS)
+        host[key] = np.full_like(host[key], np.nan)
+        return host
+    return prepare
+
+
+class _Logs:
+    """Log steps whose metrics are still on the devices, fetched one step late, with the throughput of their
+    interval: wall time between fetches (evaluation and checkpointing excluded), tiles and cases counted on
+    the host as the batches were made."""
+
+    def __init__(self, writer: MetricsWriter, watch: NonFiniteWatch, step: int):
+        self.writer, self.watch, self.pending, self.last = writer, watch, [], {}
+        self.n_proc = jax.process_count()
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.t, self.step, self.tiles, self.cases, self.has_slides = time.perf_counter(), step, 0, 0, False
+
+    def count(self, item) -> None:
+        self.tiles += item.tiles
+        self.cases += item.cases
+        self.has_slides |= "slide/tile_mask" in item.batch
+
+    def add(self, step: int, metrics) -> None:
+        self.pending.append((step, metrics, self.watch.snapshot(), self.tiles, self.cases))
+        self.tiles = self.cases = 0
+
+    def fetch(self) -> None:
+        """Write the pending records; raise `NonFiniteError` at the first bad step (records before it kept)."""
+        pending, self.pending = self.pending, []
+        for step, metrics, snap, tiles, cases in pending:
+            host, (first, values) = jax.device_get((metrics, snap))
+            if first:
+                check_finite({k: float(v) for k, v in values.items()}, int(first))
+            now = time.perf_counter()
+            dt = max(now - self.t, 1e-9)
+            m = _host_metrics(host)
+            m["step_time_s"] = dt / (step - self.step)
+            if self.has_slides:
+                m["tiles_per_s"] = tiles * self.n_proc / dt
+            m["cases_per_s"] = cases * self.n_proc / dt
+            self.writer.log(step, m)
+            self.last = m
+            self.t, self.step = now, step
+
+
+def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = False, *,
+             device_prefetch: int = 2) -> PretrainResult:
+    """Train per `config` into `out_dir` (a path or `gs://…` URL).
+
+    `resume`: False = a new run (the directory must be new or empty); True / "auto" = continue from the newest
+    complete checkpoint, or start fresh when there is none. `device_prefetch`: batches put on the devices ahead of
+    the step (0 = none). Raises `NonFiniteError` (NaN/inf; last good checkpoint kept) and `Preempted` (a stop
+    signal; checkpoint written).
+    """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     t = cfg.train
-    out = Path(out_dir).absolute()
+    out = run_path(out_dir)
+    resume = rundir.resume_flag(resume)
     if not cfg.data.cohort:
         raise ConfigError("data.cohort: required (path of a cohort directory)")
     mesh = make_mesh(t.mesh)
@@ -159,49 +232,52 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
 
     step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
                               grad_accum=t.grad_accum)
-    bsh = batch_sharding(mesh)
-    last, last_eval, evaluator, writer = {}, None, None, None
+    last_eval, evaluator, writer, feed = None, None, None, None
+    logs = None
     try:
         if t.eval_every > 0 and held_ids:
             evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh, modalities)
         writer = MetricsWriter(out, t.steps, start, progress=t.progress)
-        it = iter(loader)
-        tick = time.perf_counter()
-        for s in range(start, t.steps):
-            step = s + 1
-            host = next(it)
-            if step == t.inject_nan_step:
-                host = dict(host)
-                key = "slide/features" if "slide/features" in host else next(k for k in host if k in FLOAT_INPUTS)
-                host[key] = np.full_like(host[key], np.nan)
-            ts.state, metrics = step_fn(ts.state, global_batch(host, bsh))
-            m = _host_metrics(metrics)
-            check_finite(m, step)
-            now = time.perf_counter()
-            dt, tick = now - tick, now
-            n_proc = jax.process_count()
-            m["step_time_s"] = dt
-            if "slide/tile_mask" in host:
-                m["tiles_per_s"] = float(np.sum(host["slide/tile_mask"])) * n_proc / dt
-            m["cases_per_s"] = float(np.sum(np.asarray(host["case_index"]) >= 0)) * n_proc / dt
-            writer.advance()
-            if step % t.log_every == 0 or step == t.steps or step == 1:
-                writer.log(step, m)
-            last = m
-            ev = None
-            if evaluator is not None and (step % t.eval_every == 0 or step == t.steps):
-                ev = evaluator(ts.state)
-                last_eval = ev
-                writer.log(step, ev, file="eval.jsonl", prefix="eval")
-            if step % t.ckpt_every == 0 or step == t.steps or ev is not None:
+        watch = NonFiniteWatch()
+        feed = DevicePrefetcher(loader, batch_sharding(mesh), depth=device_prefetch, start_step=start,
+                                prepare=_inject_nan(t.inject_nan_step) if t.inject_nan_step > 0 else None)
+        logs = _Logs(writer, watch, start)
+        with StopRequest() as stop:
+            for _ in range(start, t.steps):
+                item = next(feed)
+                step = item.step
+                ts.state, metrics = step_fn(ts.state, item.batch)
+                watch.update(metrics, step)
+                logs.count(item)
+                logs.fetch()  # the previous log step's metrics: this step is already queued behind them
+                if step % t.log_every == 0 or step == t.steps or step == 1:
+                    logs.add(step, metrics)
+                writer.advance()
+                evaluate_now = evaluator is not None and (step % t.eval_every == 0 or step == t.steps)
+                stop_now = stop.should_stop(step) and step < t.steps
+                if not (evaluate_now or stop_now or step % t.ckpt_every == 0 or step == t.steps):
+                    continue
+                logs.fetch()
+                watch.check()  # never evaluate or save a non-finite state
+                ev = None
+                if evaluate_now:
+                    ev = last_eval = evaluator(ts.state)
+                    writer.log(step, ev, file="eval.jsonl", prefix="eval")
                 score = {t.best_metric: ev[t.best_metric]} if (ev is not None and t.best_metric in ev) else None
-                ckpt.save(step, ts.state, gather_json(loader.get_state()), {"seed": t.seed}, metrics=score)
-            tick = time.perf_counter()  # evaluation and checkpointing are not training time
+                ckpt.save(step, ts.state, gather_json(item.loader_state), {"seed": t.seed}, metrics=score)
+                writer.flush()
+                if stop_now:
+                    ckpt.wait()
+                    raise Preempted(step, stop.received, out)
+                logs.restart(step)  # evaluation and checkpointing are not training time
+            logs.fetch()
     finally:
+        if feed is not None:
+            feed.close()
         if writer is not None:
             writer.close()
         ckpt.close()
         loader.close()
         if evaluator is not None:
             evaluator.close()
-    return PretrainResult(out, t.steps, last, last_eval, ckpt.all_steps())
+    return PretrainResult(out, t.steps, logs.last, last_eval, ckpt.all_steps())

@@ -1,20 +1,26 @@
 """Run monitoring: metrics.jsonl / eval.jsonl, TensorBoard events, a progress bar, a NaN guard.
 
-Only process 0 writes. Each JSONL line is one complete JSON object written and flushed at
-once, so a killed run leaves whole lines; on resume, lines past the restored step are dropped
-so the file reads as one uninterrupted run.
+Only process 0 writes. The JSONL files are kept in memory and rewritten whole and atomically
+(`mmfm.train.paths.write_text`) at most every `flush_every_s` seconds, before each checkpoint and on
+close — the same code for a local directory and an object store, which cannot append. A killed run
+therefore loses at most the lines since the last flush, none at or before its last checkpoint; on
+resume, lines past the restored step are dropped so the file reads as one uninterrupted run.
+
+The NaN guard never stops the device: `NonFiniteWatch` folds every step's scalar metrics into a
+device-side record of the first non-finite step, and the loop reads it only when it fetches anyway.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mmfm.io import write_text
+from mmfm.train.paths import run_path, write_text
 
 
 class NonFiniteError(FloatingPointError):
@@ -28,8 +34,49 @@ def check_finite(metrics: dict, step: int) -> None:
                              f"(e.g. {bad[0]}={float(metrics[bad[0]])}); training stopped, last checkpoint kept")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
+def _watch_update(first, values, metrics, step):
+    scalars = {k: v.astype(jnp.float32) for k, v in metrics.items() if v.ndim == 0}
+    new = (first == 0) & ~jnp.all(jnp.stack([jnp.isfinite(v) for v in scalars.values()]))
+    return jnp.where(new, step, first), {k: jnp.where(new, v, values[k]) for k, v in scalars.items()}
+
+
+class NonFiniteWatch:
+    """The first step whose scalar metrics are not all finite, and those metrics, kept on the devices.
+
+    `update(metrics, step)` is one asynchronous dispatch (no host sync); `check()` fetches two scalars'
+    worth and raises the guard's `NonFiniteError` for the first bad step, so a run stops with the same
+    message whenever it looks.
+    """
+
+    def __init__(self):
+        self._update = jax.jit(_watch_update)
+        self.first = self.values = None
+
+    def update(self, metrics: dict, step: int) -> None:
+        flat = {jax.tree_util.keystr(p, simple=True, separator="/"): v
+                for p, v in jax.tree_util.tree_flatten_with_path(metrics)[0]}
+        if self.first is None:
+            self.first = jnp.zeros((), jnp.int32)
+            self.values = {k: jnp.zeros((), jnp.float32) for k, v in flat.items() if v.ndim == 0}
+        self.first, self.values = self._update(self.first, self.values, flat, np.int32(step))
+
+    def snapshot(self):
+        """(first bad step, its metrics) as of the last update, still on the devices (arrays are immutable)."""
+        return self.first, self.values
+
+    def first_bad_step(self) -> int | None:
+        """Blocks until the last updated step is done; None while every step was finite."""
+        first = 0 if self.first is None else int(jax.device_get(self.first))
+        return first or None
+
+    def check(self) -> None:
+        step = self.first_bad_step()
+        if step is not None:
+            check_finite({k: float(v) for k, v in jax.device_get(self.values).items()}, step)
+
+
+def read_jsonl(path) -> list[dict]:
+    path = run_path(path)
     if not path.exists():
         return []
     out = []
@@ -41,52 +88,68 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only records with step <= last_step (resume rewinds to the checkpoint)."""
-    if path.exists():
-        keep = [r for r in read_jsonl(path) if r.get("step", -1) <= last_step]
-        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, progress: bool = True):
+    FILES = ("metrics.jsonl", "eval.jsonl")
+
+    def __init__(self, run_dir, total_steps: int, start_step: int = 0, progress: bool = True,
+                 flush_every_s: float = 10.0, tensorboard: bool = True):
         self.active = jax.process_index() == 0
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_path(run_dir)
+        self.flush_every_s = flush_every_s
         self.bar = self.tb = None
+        self._rows: dict[str, list[dict]] = {}
+        self._dirty: set[str] = set()
+        self._flushed = time.monotonic()
         if not self.active:
             return
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            truncate_jsonl(self.run_dir / name, start_step)
-        from tensorboardX import SummaryWriter
+        for name in self.FILES:  # resume: keep what precedes the restored step, as one uninterrupted run
+            rows = [r for r in read_jsonl(self.run_dir / name) if r.get("step", -1) <= start_step]
+            self._rows[name] = rows
+            if (self.run_dir / name).exists():
+                write_text(self.run_dir / name, _jsonl(rows))
+        if tensorboard:  # tensorboardX writes gs:// itself (with google-cloud-storage installed)
+            from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                             dynamic_ncols=True, mininterval=1.0)
 
-    def _append(self, name: str, record: dict) -> None:
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-
     def log(self, step: int, metrics: dict, file: str = "metrics.jsonl", prefix: str = "train") -> None:
         if not self.active:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._append(file, record)
+        self._rows.setdefault(file, []).append(record)
+        self._dirty.add(file)
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if self.tb is not None and k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.bar is not None and "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Rewrite the changed JSONL files (whole, atomically); the loop calls it before every checkpoint."""
+        for name in sorted(self._dirty):
+            write_text(self.run_dir / name, _jsonl(self._rows[name]))
+        self._dirty.clear()
+        self._flushed = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
     def close(self) -> None:
+        if not self.active:
+            return
+        self.flush()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

@@ -7,26 +7,31 @@
 
 One module owns these names so the trainer and inference cannot disagree about them. Every reader raises
 `RunDirError` naming the run directory and the missing piece (a run from a failed pretrain, a wrong path).
+Every path is an `epath.Path` (`mmfm.train.paths`): a run directory may be local, on shared NFS/Lustre or
+`gs://bucket/run`, through the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import sys
+import tempfile
 from pathlib import Path
+from typing import Literal
 
 import jax
+import yaml
+from etils import epath
 from flax import nnx
 
-from mmfm.config import ConfigError, to_dict
+from mmfm.config import ConfigError, decode, to_dict
 from mmfm.data.batch import BatchShapes
-from mmfm.io import write_json, write_text
 from mmfm.train.checkpoint import Checkpointer
-from mmfm.train.config import RunConfig, dump_config, load_config
+from mmfm.train.config import RunConfig, check, dump_config
 from mmfm.train.metrics import read_jsonl
 from mmfm.train.optim import make_optimizer
+from mmfm.train.paths import read_json, run_path, write_json, write_text
 from mmfm.train.sharding import make_mesh
 from mmfm.train.state import build_module, init_state
 
@@ -38,11 +43,22 @@ class RunDirError(ValueError):
     """A run directory that is missing, incomplete or not what the caller needs; the message says which file."""
 
 
-def prepare(out: Path, resume: bool) -> None:
+Resume = bool | Literal["auto"]
+
+
+def resume_flag(resume: Resume) -> bool:
+    """`--resume`: False (a new run), True or "auto" (continue from the newest complete checkpoint, or start
+    fresh when there is none — what a re-queued job runs every time). Orbax lists only finished steps."""
+    if resume not in (True, False, "auto"):
+        raise ConfigError(f"--resume {resume!r}: expected true, false or auto")
+    return resume is not False
+
+
+def prepare(out: epath.Path, resume: bool) -> None:
     """Refuse to train into a used directory unless resuming — before any work, so nothing is overwritten."""
     if not resume and out.exists() and any(out.iterdir()):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:6])
-        raise RunDirError(f"{out}: run directory is not empty ({names}); pass --resume to continue it, "
+        raise RunDirError(f"{out}: run directory is not empty ({names}); pass --resume auto to continue it, "
                           f"or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -57,7 +73,7 @@ def versions() -> dict:
     return out
 
 
-def write_run_files(out: Path, cfg: RunConfig, mesh, resume: bool) -> None:
+def write_run_files(out: epath.Path, cfg: RunConfig, mesh, resume: bool) -> None:
     """config.yaml and env.json (process 0); on resume only the harmless keys may differ from the saved config."""
     if jax.process_index() != 0:
         return
@@ -85,7 +101,8 @@ def _flat(d, prefix=""):
     return out
 
 
-def _need(run_dir: Path, name: str) -> Path:
+def _need(run_dir, name: str) -> epath.Path:
+    run_dir = run_path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory (the --out of `mmfm pretrain`)")
     path = run_dir / name
@@ -95,48 +112,67 @@ def _need(run_dir: Path, name: str) -> Path:
     return path
 
 
-def read_config(run_dir: Path) -> RunConfig:
-    return load_config(_need(Path(run_dir), "config.yaml"))
+def read_config(run_dir) -> RunConfig:
+    path = _need(run_dir, "config.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    try:
+        return check(decode(RunConfig, raw, str(path)))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from e
 
 
-def read_shapes(run_dir: Path) -> BatchShapes:
-    return BatchShapes(**json.loads(_need(Path(run_dir), "shapes.json").read_text()))
+def read_shapes(run_dir) -> BatchShapes:
+    return BatchShapes(**read_json(_need(run_dir, "shapes.json")))
 
 
-def write_shapes(run_dir: Path, shapes: BatchShapes) -> None:
+def write_shapes(run_dir: epath.Path, shapes: BatchShapes) -> None:
     write_json(run_dir / "shapes.json", dataclasses.asdict(shapes))
 
 
-def read_splits(run_dir: Path) -> dict:
-    return json.loads(_need(Path(run_dir), "splits.json").read_text())
+def read_splits(run_dir) -> dict:
+    return read_json(_need(run_dir, "splits.json"))
 
 
-def write_splits(run_dir: Path, train: list[str], heldout: list[str], fraction: float, seed: int) -> None:
+def write_splits(run_dir: epath.Path, train: list[str], heldout: list[str], fraction: float, seed: int) -> None:
     write_json(run_dir / "splits.json", {"train": train, "heldout": heldout,
                                          "heldout_fraction": fraction, "seed": seed})
 
 
-def save_transforms(directory: Path, transforms: dict) -> None:
-    """The loader's fitted omics transforms (gene vocabulary, scaling) so inference matches training."""
-    directory.mkdir(parents=True, exist_ok=True)
+def save_transforms(directory: epath.Path, transforms: dict) -> None:
+    """The loader's fitted omics transforms (gene vocabulary, scaling) so inference matches training:
+    `OmicsTransform.to_dict()` as JSON, the format `OmicsTransform.save` writes."""
     names = {}
     for name, tr in (transforms or {}).items():
         if tr is not None:
-            tr.save(directory / name)
+            write_json(directory / name, tr.to_dict(), indent=None)
             names[name] = name
     write_json(directory / "index.json", names)
 
 
-def load_transforms(directory: Path) -> dict:
+def load_transforms(directory) -> dict:
+    """Each transform is read through epath and checked by `OmicsTransform.load` (from a local copy)."""
     from mmfm.data.omics import OmicsTransform
 
+    directory = run_path(directory)
     index = directory / "index.json"
     if not index.exists():
         return {}
-    return {name: OmicsTransform.load(directory / fn) for name, fn in json.loads(index.read_text()).items()}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="mmfm-transforms-") as tmp:
+        for name, fn in read_json(index).items():
+            local = Path(tmp) / fn
+            local.write_text((directory / fn).read_text())
+            try:
+                out[name] = OmicsTransform.load(local)
+            except ValueError as e:
+                raise RunDirError(str(e).replace(str(local), str(directory / fn))) from e
+    return out
 
 
-def best_step(run_dir: Path, metric: str, mode: str, available: list[int]) -> int:
+def best_step(run_dir: epath.Path, metric: str, mode: str, available: list[int]) -> int:
     rows = [r for r in read_jsonl(run_dir / "eval.jsonl") if r.get("step") in available and metric in r] \
         if (run_dir / "eval.jsonl").exists() else []
     if not rows:
@@ -146,7 +182,7 @@ def best_step(run_dir: Path, metric: str, mode: str, available: list[int]) -> in
     return pick(rows, key=lambda r: r[metric])["step"]
 
 
-def resolve_step(run_dir: Path, cfg: RunConfig, step: int | str | None, steps: list[int]) -> int:
+def resolve_step(run_dir: epath.Path, cfg: RunConfig, step: int | str | None, steps: list[int]) -> int:
     """None = latest, "best" = train.best_metric's best, or an existing step number."""
     if not steps:
         raise RunDirError(f"{run_dir / 'checkpoints'}: no finished checkpoint")
@@ -173,7 +209,7 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
     """
     from mmfm.models.multimodal import INPUTS
 
-    run_dir = Path(run_dir).absolute()
+    run_dir = run_path(run_dir)
     cfg = read_config(run_dir)
     shapes = read_shapes(run_dir)
     ckpt = Checkpointer(run_dir, cfg.train, read_only=True)

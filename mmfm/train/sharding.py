@@ -7,6 +7,11 @@ both mesh axes (`BATCH_AXES`, what the trainer also hands the objective's shard_
 and optimizer moments follow `train.axis_rules` over `DEFAULT_AXIS_RULES` (the "embed" side of every
 large matrix over `fsdp`, everything else replicated); arrays below `train.shard_min_size`
 elements stay replicated because gathering them costs more than it saves.
+
+Several processes (`initialize_distributed`): one per GPU under SLURM and Open MPI, one per host on TPU VMs
+and GKE GPU nodes. `jax.devices()` lists devices process by process and the launchers number processes node
+by node, so with `train.mesh.fsdp` = devices per node the fsdp axis (parameter all-gathers) stays inside a
+node's NVLink / ICI domain and only the data axis (one gradient reduction per step) crosses nodes.
 """
 
 from __future__ import annotations
@@ -106,22 +111,93 @@ def global_batch(host_batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """`jax.distributed.initialize` from flags or the usual env vars; False when single-process.
+class DistributedError(ValueError):
+    """A multi-process launch that cannot be set up from what the environment and flags say."""
 
-    Env fallbacks: MMFM_COORDINATOR / MMFM_NUM_PROCESSES / MMFM_PROCESS_ID, else JAX's own
-    auto-detection (SLURM, TPU, ...) when JAX_COORDINATOR_ADDRESS is set. On CPU, cross-process
-    collectives use gloo.
+
+@dataclass(frozen=True)
+class Cluster:
+    """How this process joins a multi-process run (see `detect_cluster`)."""
+
+    kind: str                              # flags | env | gke | slurm | openmpi | tpu
+    coordinator: str | None = None         # host:port; None = JAX derives it (SLURM node list, MPI URI, TPU metadata)
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _ints(env, *names) -> list[int] | None:
+    try:
+        return [int(env[n]) for n in names]
+    except (KeyError, ValueError):
+        return None
+
+
+def _tpu_vm(env) -> bool:
+    from importlib.util import find_spec
+
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):  # GKE multi-host TPU slice (JobSet webhook)
+        return True
+    return find_spec("libtpu") is not None and (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
+
+
+def detect_cluster(env=None, coordinator: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None) -> Cluster | None:
+    """Which multi-process launch this is, from flags and the environment; None = one process on its own.
+
+    In order: explicit flags; MMFM_COORDINATOR / MMFM_NUM_PROCESSES / MMFM_PROCESS_ID; GKE GPU workloads (xpk /
+    JobSet: JAX_COORDINATOR_ADDRESS[+JAX_COORDINATOR_PORT], NNODES, NODE_RANK — one process per node, all its
+    GPUs); a SLURM job step with several tasks (`srun`: one process per GPU, SLURM_LOCALID picks it); Open MPI
+    (`mpirun`, ORTE URI, one process per GPU); a Cloud TPU VM (one process per host, JAX reads the metadata).
+    For the last three JAX's own auto-detection computes the coordinator.
     """
-    coordinator = coordinator or os.environ.get("MMFM_COORDINATOR") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and os.environ.get("MMFM_NUM_PROCESSES"):
-        num_processes = int(os.environ["MMFM_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("MMFM_PROCESS_ID"):
-        process_id = int(os.environ["MMFM_PROCESS_ID"])
-    if not coordinator and num_processes is None:
-        return False
+    env = os.environ if env is None else env
+    if coordinator or num_processes is not None or process_id is not None:
+        return Cluster("flags", coordinator, num_processes, process_id)
+    if env.get("MMFM_COORDINATOR") or env.get("MMFM_NUM_PROCESSES"):
+        n, i = _ints(env, "MMFM_NUM_PROCESSES") or [None], _ints(env, "MMFM_PROCESS_ID") or [None]
+        return Cluster("env", env.get("MMFM_COORDINATOR"), n[0], i[0])
+    gke = _ints(env, "NNODES", "NODE_RANK")
+    if gke and env.get("JAX_COORDINATOR_ADDRESS") and gke[0] > 1:
+        addr = env["JAX_COORDINATOR_ADDRESS"]
+        if ":" not in addr:
+            addr = f"{addr}:{env.get('JAX_COORDINATOR_PORT', '1234')}"
+        return Cluster("gke", addr, gke[0], gke[1])
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in env for k in slurm) and (_ints(env, "SLURM_NTASKS") or [1])[0] > 1:
+        return Cluster("slurm")
+    if (_ints(env, "OMPI_COMM_WORLD_SIZE") or [1])[0] > 1:
+        if "OMPI_MCA_orte_hnp_uri" not in env:
+            raise DistributedError("Open MPI without an ORTE URI (Open MPI 5 / PMIx): pass --coordinator host:port "
+                                   "--num_processes $OMPI_COMM_WORLD_SIZE --process_id $OMPI_COMM_WORLD_RANK")
+        return Cluster("openmpi")
+    if _tpu_vm(env):
+        return Cluster("tpu")
+    return None
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, mode: str = "auto", env=None,
+                           local_device_ids=None) -> Cluster | None:
+    """`jax.distributed.initialize` for the launch `detect_cluster` finds; None (nothing done) for one process.
+
+    `mode="off"` never initialises (a single process even inside a cluster job). Explicit values are passed
+    through; for SLURM, Open MPI and TPU VMs JAX derives them. On CPU, cross-process collectives use gloo.
+    Calling it again in an initialised process is a no-op.
+    """
+    if mode == "off":
+        return None
+    cluster = detect_cluster(env, coordinator, num_processes, process_id)
+    if cluster is None:
+        return None
+    if cluster.kind in ("flags", "env") and cluster.coordinator is None:
+        raise DistributedError("multi-process: --coordinator host:port (or MMFM_COORDINATOR) is required with "
+                               "--num_processes / --process_id")
+    if jax.distributed.is_initialized():
+        return cluster
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects the CPU backend
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-    return True
+    jax.distributed.initialize(coordinator_address=cluster.coordinator, num_processes=cluster.num_processes,
+                               process_id=cluster.process_id,
+                               local_device_ids=local_device_ids if local_device_ids is not None
+                               else cluster.local_device_ids)
+    return cluster

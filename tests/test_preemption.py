@@ -1,0 +1,89 @@
+"""Pre-emption and the deferred NaN guard, end to end on a simulated cohort: SIGTERM mid-run → a checkpoint and
+exit 75 → `--resume auto` reproduces the uninterrupted curve; a NaN between log steps still stops at its step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmfm.train import config, loop, metrics
+from mmfm.train.checkpoint import Checkpointer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["loader.batch_size=16", "loader.tiles_per_slide=32", "loader.n_genes=64", "train.log_every=1",
+        "train.progress=false", "data.heldout_fraction=0.25", "train.eval_every=0", "train.warmup=2",
+        "model.embed_dim=32", "model.slide.abmil.hidden=32", "model.slide.abmil.attn_dim=16",
+        "model.rna.hidden=32", "model.protein.hidden=32", "train.shard_min_size=256"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from mmfm.data.simulate import SimConfig, simulate_cohort
+
+    out = tmp_path_factory.mktemp("preempt") / "cohort"
+    simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,
+                                   bag_size_median=64, bag_size_max=256))
+    return out
+
+
+def sets(cohort, *extra):
+    return [f"data.cohort={cohort}", *TINY, *extra]
+
+
+def cli(out, overrides, *flags, cache):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
+           "--out", str(out), *[a for s in overrides for a in ("--set", s)], *flags]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in metrics.read_jsonl(Path(run_dir) / "metrics.jsonl")}
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(cohort, tmp_path):
+    n, cache = 24, tmp_path / "jit_cache"
+    overrides = sets(cohort, f"train.steps={n}", "train.ckpt_every=4", "train.keep_last=10")
+    ref = cli(tmp_path / "ref", overrides, cache=cache)
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    run = tmp_path / "run"
+    proc = cli(run, overrides, "--resume", "auto", cache=cache)  # auto on a new directory: starts fresh
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "4").exists():
+        time.sleep(0.01)
+    assert proc.poll() is None, "run finished before the signal:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)  # mid-run (checkpoint 4 done): SLURM's / Kubernetes' pre-emption notice
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, out
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 4 <= stopped < n, out
+    steps = Checkpointer(run, config.TrainConfig(), read_only=True).all_steps()
+    assert steps[-1] == stopped  # the checkpoint of the step it finished, beside the regular ones
+    assert max(losses(run)) == stopped  # every record up to it written, none after
+    proc = cli(run, overrides, "--resume", "auto", cache=cache)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    got, want = losses(run), losses(tmp_path / "ref")
+    assert sorted(got) == sorted(want) == list(range(1, n + 1))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+    assert len(set(np.round(list(want.values()), 4))) == n
+
+
+def test_nan_between_log_steps_stops_at_its_step_and_is_never_checkpointed(cohort, tmp_path):
+    cfg = config.load_config(REPO / "configs/demo.yaml", sets(cohort, "train.steps=8", "train.log_every=4",
+                                                             "train.ckpt_every=2", "train.inject_nan_step=3"))
+    with pytest.raises(metrics.NonFiniteError, match=r"non-finite value at step 3 in .*loss"):
+        loop.pretrain(cfg, tmp_path / "run", device_prefetch=3)
+    assert Checkpointer(tmp_path / "run", cfg.train, read_only=True).all_steps() == [2]
+    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]  # step 4 not logged
+    cfg = config.load_config(tmp_path / "run" / "config.yaml")
+    assert json.loads((tmp_path / "run" / "splits.json").read_text())["train"]
