@@ -12,28 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_RUN, tiny_cohort
 from mmfm.train import config, loop, metrics
 from mmfm.train.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["loader.batch_size=16", "loader.tiles_per_slide=32", "loader.n_genes=64", "train.log_every=1",
-        "train.progress=false", "data.heldout_fraction=0.25", "train.eval_every=0", "train.warmup=2",
-        "model.embed_dim=32", "model.slide.abmil.hidden=32", "model.slide.abmil.attn_dim=16",
-        "model.rna.hidden=32", "model.protein.hidden=32", "train.shard_min_size=256"]
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from mmfm.data.simulate import SimConfig, simulate_cohort
-
-    out = tmp_path_factory.mktemp("preempt") / "cohort"
-    simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,
-                                   bag_size_median=64, bag_size_max=256))
-    return out
+cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per module
 
 
 def sets(cohort, *extra):
-    return [f"data.cohort={cohort}", *TINY, *extra]
+    return [f"data.cohort={cohort}", *TINY_RUN, *extra]
 
 
 def cli(out, overrides, *flags, cache):

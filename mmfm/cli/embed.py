@@ -35,7 +35,7 @@ def run(cfg: Config) -> int:
         if not getattr(cfg, key):
             raise ValueError(f"--{key}: required")
     if cfg.cases == "heldout":
-        case_ids = read_splits(Path(cfg.run))["heldout"]
+        case_ids = read_splits(cfg.run)["heldout"]
     elif cfg.cases == "all":
         case_ids = None
     else:

@@ -179,9 +179,10 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
           case_ids: list[str] | None = None, step=None) -> tuple[ad.AnnData, ad.AnnData]:
     """Embed `case_ids` (default: every case) of a cohort with a trained run; write OUT.h5ad and OUT.slides.h5ad."""
     from mmfm.data.cohort import Cohort
+    from mmfm.train.paths import run_path
     from mmfm.train.rundir import load_for_inference, read_shapes, read_splits
 
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = run_path(run_dir), Path(out)  # the run may be remote (gs://…); the cohort and OUT are files
     cohort = Cohort.open(cohort_path)
     shapes, splits = read_shapes(run_dir), read_splits(run_dir)
     model, run_cfg, transforms = load_for_inference(run_dir, step=step)
