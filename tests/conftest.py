@@ -1,6 +1,8 @@
 """Tests run with 8 forced CPU devices so sharding is real; set before jax is imported."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +22,29 @@ TINY_RUN = ["loader.batch_size=16", "loader.tiles_per_slide=32", "loader.n_genes
             "train.progress=false", "data.heldout_fraction=0.25", "train.eval_every=0", "train.warmup=2",
             "model.embed_dim=32", "model.slide.abmil.hidden=32", "model.slide.abmil.attn_dim=16",
             "model.rna.hidden=32", "model.protein.hidden=32", "train.shard_min_size=256"]  # any recipe → seconds
+
+
+def pretrain_process(out, sets, *flags, cache, devices=8) -> subprocess.Popen:
+    """`mmfm pretrain` of the demo recipe with `--set` overrides in a subprocess (so it can be signalled or killed),
+    sharing a persistent compilation cache `cache` across runs of the same shapes."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
+           "--out", str(out), *[a for s in sets for a in ("--set", s)], *flags]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def tiny_sets(cohort, *extra) -> list[str]:
+    """`--set` overrides: TINY_RUN on `cohort`, then `extra`."""
+    return [f"data.cohort={cohort}", *TINY_RUN, *extra]
+
+
+def run_losses(run_dir) -> dict[int, float]:
+    """step → logged loss of a run directory's metrics.jsonl."""
+    from mmfm.train.metrics import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")}
 
 
 def tiny_cohort(tmp_path_factory) -> Path:

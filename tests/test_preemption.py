@@ -2,51 +2,29 @@
 exit 75 → `--resume auto` reproduces the uninterrupted curve; a NaN between log steps still stops at its step."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN, tiny_cohort
+from conftest import REPO, pretrain_process, tiny_cohort
+from conftest import run_losses as losses
+from conftest import tiny_sets as sets
 from mmfm.train import config, loop, metrics
 from mmfm.train.checkpoint import Checkpointer
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per module
-
-
-def sets(cohort, *extra):
-    return [f"data.cohort={cohort}", *TINY_RUN, *extra]
-
-
-def cli(out, overrides, *flags, cache):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
-           "--out", str(out), *[a for s in overrides for a in ("--set", s)], *flags]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in metrics.read_jsonl(Path(run_dir) / "metrics.jsonl")}
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(cohort, tmp_path):
     n, cache = 24, tmp_path / "jit_cache"
     overrides = sets(cohort, f"train.steps={n}", "train.ckpt_every=4", "train.keep_last=10")
-    ref = cli(tmp_path / "ref", overrides, cache=cache)
+    ref = pretrain_process(tmp_path / "ref", overrides, cache=cache)
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
     run = tmp_path / "run"
-    proc = cli(run, overrides, "--resume", "auto", cache=cache)  # auto on a new directory: starts fresh
+    proc = pretrain_process(run, overrides, "--resume", "auto", cache=cache)  # auto on a new directory: starts fresh
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "4").exists():
         time.sleep(0.01)
@@ -59,7 +37,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(cohor
     steps = Checkpointer(run, config.TrainConfig(), read_only=True).all_steps()
     assert steps[-1] == stopped  # the checkpoint of the step it finished, beside the regular ones
     assert max(losses(run)) == stopped  # every record up to it written, none after
-    proc = cli(run, overrides, "--resume", "auto", cache=cache)
+    proc = pretrain_process(run, overrides, "--resume", "auto", cache=cache)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     got, want = losses(run), losses(tmp_path / "ref")

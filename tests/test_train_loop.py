@@ -3,12 +3,8 @@ kill -9 + resume reproduces the uninterrupted curve, the NaN guard keeps the las
 load_for_inference restores onto another mesh, every recipe validates and takes a step."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,39 +12,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY_RUN, tiny_cohort
+from conftest import REPO, pretrain_process, tiny_cohort
+from conftest import run_losses as losses
+from conftest import tiny_sets as overrides
 from mmfm.data.batch import BatchShapes, random_batch
 from mmfm.train import config, load_for_inference, loop, metrics, rundir, sharding
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.sharding import MeshConfig
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per module
-
-
-def overrides(cohort, *extra):
-    return [f"data.cohort={cohort}", *TINY_RUN, *extra]
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in metrics.read_jsonl(Path(run_dir) / "metrics.jsonl")}
 
 
 @pytest.fixture(scope="module")
 def jit_cache(tmp_path_factory):
     """A persistent compilation cache shared by this module's subprocesses (same shapes, one compile)."""
     return tmp_path_factory.mktemp("jit_cache")
-
-
-def cli(out, sets, *flags, cache, devices=8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
-           "--out", str(out), *[a for s in sets for a in ("--set", s)], *flags]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc):
@@ -59,11 +37,11 @@ def finish(proc):
 def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(cohort, jit_cache, tmp_path):
     n = 8
     sets = overrides(cohort, f"train.steps={n}", "train.ckpt_every=2", "train.keep_last=10")
-    rc, out = finish(cli(tmp_path / "ref", sets, cache=jit_cache))
+    rc, out = finish(pretrain_process(tmp_path / "ref", sets, cache=jit_cache))
     assert rc == 0, out
     assert json.loads(out.strip().splitlines()[-1])["checkpoints"] == [2, 4, 6, 8]
     killed = tmp_path / "killed"
-    proc = cli(killed, sets + ["train.async_checkpoint=false"], cache=jit_cache)
+    proc = pretrain_process(killed, sets + ["train.async_checkpoint=false"], cache=jit_cache)
     ckdir = killed / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill as soon as a finished checkpoint exists
@@ -75,7 +53,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(cohort, jit_cache
     proc.wait()
     done = Checkpointer(killed, config.TrainConfig(), read_only=True).all_steps()
     assert done and done[-1] < n
-    rc, out = finish(cli(killed, sets, "--resume", cache=jit_cache))
+    rc, out = finish(pretrain_process(killed, sets, "--resume", cache=jit_cache))
     assert rc == 0, out
     got, want = losses(killed), losses(tmp_path / "ref")
     assert sorted(got) == sorted(want) == list(range(1, n + 1))  # one record per step, none duplicated
@@ -86,7 +64,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(cohort, jit_cache
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cohort, jit_cache, tmp_path):
     sets = overrides(cohort, "train.steps=8", "train.ckpt_every=2", "train.inject_nan_step=3")
-    rc, out = finish(cli(tmp_path / "run", sets, cache=jit_cache))
+    rc, out = finish(pretrain_process(tmp_path / "run", sets, cache=jit_cache))
     assert rc == 3 and "non-finite value at step 3 in" in out and "loss" in out, out
     cfg = config.load_config(tmp_path / "run" / "config.yaml")
     assert Checkpointer(tmp_path / "run", cfg.train, read_only=True).all_steps() == [2]
