@@ -248,6 +248,12 @@ def pretrain(config: RunConfig | str | Path, out_dir: str | Path, resume: bool =
     if jax.process_index() == 0:
         write_json(out / "splits.json", {"train": train_ids, "heldout": held_ids,
                                          "heldout_fraction": cfg.data.heldout_fraction, "seed": cfg.data.split_seed})
+    if cfg.loader.report_cache and "report" in cfg.model.modalities and cohort.reports is not None:
+        from mmfm.data.report_cache import resolve_folder
+        from mmfm.models.text_cache import fill_report_cache
+
+        fill_report_cache(cohort, cfg.model.report, resolve_folder(cohort.root, cfg.loader.report_cache),
+                          cfg.loader.report_max_len)
     loader = TileBagLoader(cohort, cfg.loader, train_ids, process_index=jax.process_index(),
                            process_count=jax.process_count())
     shapes = loader.shapes
