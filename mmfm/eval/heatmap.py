@@ -1,0 +1,231 @@
+"""Per-tile scores of a trained run on one slide — what drew the model's attention, and where the slide looks like
+another modality — written as an HDF5 of level-0 tile coordinates + scores and drawn by `mmfm.bridges.heatmap_render`.
+
+Scores, for every tile of the bag (all tiles, no sampling):
+  attention_head{h}   the slide encoder's pooling weights per head (gated ABMIL; the transformer's attention
+                      readout), exactly the weights that formed the slide embedding (sum 1 over tiles)
+  similarity_<query>  cosine similarity, in the shared space, between the query's embedding and the tile's own
+                      embedding: the encoder's readout applied to that tile alone (its pooled representation if
+                      the bag were just this tile, with the tile's contextual token for the transformer), through
+                      the slide projection head. With a linear head and one attention head the slide's projection
+                      is the attention-weighted mean of these tile projections (tested), so the map decomposes the
+                      slide↔query alignment over the tissue. Queries: a modality of the run (`rna`, `protein`,
+                      `report`, `mutation`: the slide's own case's embedding) or any free text (the text tower).
+
+Tile-score file `<slide>.tile_scores.h5` (TRIDENT coordinate convention, so TRIDENT/CLAM tooling reads it):
+  coords  [N, 2] int64 level-0 top-left (x, y), attrs patch_size_level0 (+ the bag's other coord attrs)
+  scores/<name>  [N] float32, attrs query (the text or modality), kind (attention | similarity)
+  root attrs: slide_id, case_id, run_dir, step
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmfm.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class HeatmapError(ValueError):
+    """Bad heatmap input (unknown slide, query or run); the message names it."""
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    run: str                                   # run directory of `mmfm pretrain`
+    cohort: str                                # cohort directory holding the slide's tile-feature bag
+    slide: str                                 # slide_id (slides.csv)
+    out: str                                   # output folder (tile-score h5 + PNGs)
+    wsi: str | None = None                     # the whole-slide image: overlay on its thumbnail; None: tile grid
+    queries: tuple[str, ...] = ()              # rna | protein | report | mutation (the case's own) or free text
+    step: int | str | None = None              # checkpoint: latest (None), 'best' or a step
+    top_k: int = 8                             # tiles in the top-k strip (needs the WSI)
+    scale: Literal["rank", "minmax"] = "rank"  # colours: percentile of the slide's tiles (CLAM) or min–max
+    alpha: float = 0.5                         # overlay opacity over the thumbnail
+    cmap: str = "jet"
+    thumb_max_px: int = 2048                   # longest side of the thumbnail
+    mpp: float | None = None                   # level-0 µm/px, only for a WSI file that records none
+
+
+@dataclass
+class TileScores:
+    slide_id: str
+    case_id: str
+    coords: np.ndarray                         # [N, 2] int64 level-0 top-left (x, y)
+    patch_size_level0: int
+    scores: dict[str, np.ndarray]              # name → [N] float32
+    queries: dict[str, str] = field(default_factory=dict)   # score name → query (text or modality)
+    coord_attrs: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)   # run_dir, step
+
+
+# ---------------------------------------------------------------- model side
+
+
+def tile_readout(encoder, features: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[B, N, D_out] the encoder's readout of each tile alone, in the space its slide embedding lives in."""
+    from mmfm.models.abmil import ABMIL
+    from mmfm.models.transformer import TransformerSlideEncoder
+
+    if isinstance(encoder, ABMIL):  # one-tile bag: every head's weight is 1 → pooled = h_i per head
+        return jnp.tile(tokens, (1, 1, encoder.pool.n_heads)) if encoder.merge == "concat" else tokens
+    if isinstance(encoder, TransformerSlideEncoder):
+        if encoder.cfg.readout == "attention":
+            return tokens
+        return jnp.concatenate([features.astype(tokens.dtype), tokens], -1)  # mean_concat of one tile
+    raise HeatmapError(f"no tile readout for slide encoder {type(encoder).__name__}")
+
+
+def slide_maps(model, features: np.ndarray, grid: np.ndarray, fragment: np.ndarray,
+               queries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{score name: [N]} for one bag (all tiles): attention per head and cosine similarity to each query [E]."""
+    from mmfm.eval.embed import bucket_length
+
+    n = len(features)
+    if n == 0:
+        raise HeatmapError("the bag has no tiles")
+    length = bucket_length(n, 256)  # padding is invisible to the encoders; few compiled shapes
+    f = np.zeros((1, length, features.shape[1]), np.float32)
+    c = np.zeros((1, length, 2), np.int32)
+    m = np.zeros((1, length), bool)
+    fr = np.zeros((1, length), np.int32)
+    f[0, :n], c[0, :n], m[0, :n], fr[0, :n] = features, grid, True, fragment
+    names = list(queries)
+    q = (np.stack([queries[k] for k in names]) if names else np.zeros((0, 1), np.float32)).astype(np.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, f, c, m, fr, q):
+        mdl = nnx.merge(graphdef, state)
+        out = mdl.encoders["slide"](f, c, m, fr, deterministic=True)
+        tiles = mdl.heads["slide"](tile_readout(mdl.encoders["slide"], f, out.tokens).astype(mdl.dtype))
+        sim = jnp.einsum("bne,qe->bqn", tiles, q) if names else None
+        return out.attention, sim
+
+    attn, sim = run(state, f, c, m, fr, q)
+    out = {}
+    if attn is not None:
+        out.update({f"attention_head{h}": np.asarray(attn[0, h, :n], np.float32) for h in range(attn.shape[1])})
+    for i, name in enumerate(names):
+        out[name] = np.asarray(sim[0, i, :n], np.float32)
+    return out
+
+
+def case_query(model, run_cfg, transforms, cohort, case_id: str, modality: str) -> np.ndarray:
+    """[E] the case's own embedding of `modality` (as `mmfm embed` computes it)."""
+    from mmfm.data.loader import case_presence, case_tensors
+
+    present = case_presence(cohort, [case_id], [modality])
+    if not present[modality][0]:
+        raise HeatmapError(f"{cohort.root}: case {case_id!r} has no {modality} data to use as the query")
+    dense = case_tensors(cohort, [case_id], run_cfg.loader, transforms=transforms, present=present).dense
+    batch = {k: v for k, v in dense.items() if k.startswith(f"{modality}/")}
+    return np.asarray(model.encode(modality, batch, deterministic=True), np.float32)[0]
+
+
+def tile_scores(model, run_cfg, transforms, cohort, slide_id: str, queries=(), *, meta: dict | None = None
+                ) -> TileScores:
+    """Every score of `slide_id`'s bag for a loaded run (`load_for_inference`)."""
+    from mmfm.data.bags import grid_indices, read_bag, read_header
+
+    if slide_id not in cohort.slides.index:
+        raise HeatmapError(f"{cohort.root}/slides.csv: no slide {slide_id!r}")
+    if "slide" not in model.modalities:
+        raise HeatmapError("the run has no slide encoder")
+    row = cohort.slides.loc[slide_id]
+    case_id, ps = str(row["case_id"]), int(row["patch_size_level0"])
+    bag = read_bag(row["path"])
+    header = read_header(row["path"])
+    n = len(bag["features"])
+    fragment = bag.get("fragment", np.zeros(n, np.int32)).astype(np.int32)
+    vectors, described = {}, {}
+    tower = None
+    for i, q in enumerate(queries):
+        if q in model.modalities and q != "slide":
+            name = f"similarity_{q}"
+            vectors[name] = case_query(model, run_cfg, transforms, cohort, case_id, q)
+        else:
+            from mmfm.eval.text_tower import TextTower
+
+            if q in ("slide", "rna", "protein", "report", "mutation"):
+                raise HeatmapError(f"query {q!r}: the run has no {q} modality (it has {', '.join(model.modalities)})")
+            tower = tower or TextTower(model, run_cfg.loader.report_max_len)
+            name = f"similarity_prompt{i}"
+            vectors[name] = tower([q])[0]
+        described[name] = q
+    scores = slide_maps(model, np.asarray(bag["features"], np.float32), grid_indices(bag["coords"], ps), fragment,
+                        vectors)
+    return TileScores(slide_id, case_id, np.asarray(bag["coords"], np.int64), ps, scores,
+                      {**{k: "attention" for k in scores if k.startswith("attention")}, **described},
+                      coord_attrs=header.coord_attrs, meta=dict(meta or {}))
+
+
+# ---------------------------------------------------------------- file
+
+
+def write_tile_scores(path: str | Path, ts: TileScores) -> Path:
+    with atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+        c = f.create_dataset("coords", data=ts.coords.astype(np.int64))
+        for k, v in ts.coord_attrs.items():
+            c.attrs[k] = v
+        c.attrs["patch_size_level0"] = int(ts.patch_size_level0)
+        g = f.create_group("scores")
+        for name, v in ts.scores.items():
+            d = g.create_dataset(name, data=np.asarray(v, np.float32))
+            d.attrs["query"] = ts.queries.get(name, "")
+            d.attrs["kind"] = name.split("_")[0]
+        f.attrs["slide_id"], f.attrs["case_id"] = ts.slide_id, ts.case_id
+        for k, v in ts.meta.items():
+            f.attrs[k] = json.dumps(v) if not isinstance(v, (str, int, float)) else v
+    return Path(path)
+
+
+def read_tile_scores(path: str | Path) -> TileScores:
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["coords"].attrs.items()}
+        scores = {k: d[:] for k, d in f["scores"].items()}
+        queries = {k: str(d.attrs.get("query", "")) for k, d in f["scores"].items()}
+        root = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return TileScores(str(root.pop("slide_id")), str(root.pop("case_id")), f["coords"][:],
+                          int(attrs["patch_size_level0"]), scores, queries, attrs, root)
+
+
+# ---------------------------------------------------------------- command
+
+
+@dataclass
+class HeatmapResult:
+    scores: TileScores
+    h5: Path
+    figures: dict[str, list[Path]]             # score name → PNGs written
+
+
+def heatmap(cfg: HeatmapConfig) -> HeatmapResult:
+    """Scores of `cfg.slide` under `cfg.run`, written to `cfg.out` as h5 + overlay / grid PNGs (+ top-k strips)."""
+    from mmfm.bridges import heatmap_render
+    from mmfm.data.cohort import Cohort
+    from mmfm.train.loop import load_for_inference
+
+    if not Path(cfg.run, "config.yaml").exists():
+        raise HeatmapError(f"{cfg.run}: not a run directory (no config.yaml)")
+    model, run_cfg, transforms = load_for_inference(cfg.run, step=cfg.step)
+    cohort = Cohort.open(cfg.cohort, scan_features=False)
+    ts = tile_scores(model, run_cfg, transforms, cohort, cfg.slide, cfg.queries,
+                     meta={"run_dir": str(Path(cfg.run).absolute()), "step": str(cfg.step or "latest")})
+    out = Path(cfg.out)
+    h5 = write_tile_scores(out / f"{cfg.slide}.tile_scores.h5", ts)
+    figures = heatmap_render.render_all(ts, out, wsi=cfg.wsi, scale=cfg.scale, alpha=cfg.alpha, cmap=cfg.cmap,
+                                        top_k=cfg.top_k, thumb_max_px=cfg.thumb_max_px, mpp=cfg.mpp)
+    log.info("heatmap %s: %d tiles, scores %s → %s", cfg.slide, len(ts.coords), list(ts.scores), out)
+    return HeatmapResult(ts, h5, figures)
