@@ -22,17 +22,17 @@ from mmfm.io import atomic_path
 
 
 def _axis(start: np.ndarray, length: int, extent: int, n_pix: int):
-    """Per tile: the first thumbnail pixel it touches, how many it touches, and a function giving the number of
-    its level-0 pixels inside thumbnail pixel j (0 outside)."""
+    """Per tile: the first thumbnail pixel it touches, how many it touches, and `overlap(j, tiles)`: how many
+    level-0 pixels of each of `tiles` lie inside thumbnail pixel j."""
     a = np.clip(start, 0, extent)
     b = np.clip(start + length, 0, extent)
     inside = b > a
     first = a * n_pix // extent
     count = np.where(inside, (np.maximum(b, 1) - 1) * n_pix // extent - first + 1, 0)
 
-    def overlap(j):
+    def overlap(j, tiles):
         lo, hi = -(-j * extent // n_pix), -(-(j + 1) * extent // n_pix)  # level-0 span of pixel j
-        return np.maximum(0, np.minimum(b, hi) - np.maximum(a, lo))
+        return np.maximum(0, np.minimum(b[tiles], hi) - np.maximum(a[tiles], lo))
 
     return first, count, overlap
 
@@ -51,7 +51,7 @@ def score_raster(coords: np.ndarray, patch_size_level0: int, values: np.ndarray,
         for dx in range(int(nx.max(initial=0))):
             ok = (dy < ny) & (dx < nx)
             i, j = fy[ok] + dy, fx[ok] + dx
-            w = (oy(i) * ox(j)).astype(np.float64)
+            w = (oy(i, ok) * ox(j, ok)).astype(np.float64)
             num += np.bincount(i * tw + j, weights=w * values[ok], minlength=th * tw)
             den += np.bincount(i * tw + j, weights=w, minlength=th * tw)
     out = np.full(th * tw, np.nan)

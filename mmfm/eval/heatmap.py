@@ -87,6 +87,13 @@ def tile_readout(encoder, features: jax.Array, tokens: jax.Array) -> jax.Array:
     raise HeatmapError(f"no tile readout for slide encoder {type(encoder).__name__}")
 
 
+def tile_embeddings(model, features, coords, mask, fragment, *, normalize: bool = True):
+    """(the slide encoder's `SlideOutput`, [B, N, E] each tile's readout through the slide projection head)."""
+    out = model.encoders["slide"](features, coords, mask, fragment, deterministic=True)
+    readout = tile_readout(model.encoders["slide"], features, out.tokens)
+    return out, model.heads["slide"](readout.astype(model.dtype), normalize=normalize)
+
+
 def slide_maps(model, features: np.ndarray, grid: np.ndarray, fragment: np.ndarray,
                queries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{score name: [N]} for one bag (all tiles): attention per head and cosine similarity to each query [E]."""
@@ -102,14 +109,13 @@ def slide_maps(model, features: np.ndarray, grid: np.ndarray, fragment: np.ndarr
     fr = np.zeros((1, length), np.int32)
     f[0, :n], c[0, :n], m[0, :n], fr[0, :n] = features, grid, True, fragment
     names = list(queries)
-    q = (np.stack([queries[k] for k in names]) if names else np.zeros((0, 1), np.float32)).astype(np.float32)
+    q = np.stack([queries[k] for k in names]) if names else np.zeros((0, 1))
+    q = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)).astype(np.float32)  # cosine
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, f, c, m, fr, q):
-        mdl = nnx.merge(graphdef, state)
-        out = mdl.encoders["slide"](f, c, m, fr, deterministic=True)
-        tiles = mdl.heads["slide"](tile_readout(mdl.encoders["slide"], f, out.tokens).astype(mdl.dtype))
+        out, tiles = tile_embeddings(nnx.merge(graphdef, state), f, c, m, fr)
         sim = jnp.einsum("bne,qe->bqn", tiles, q) if names else None
         return out.attention, sim
 
