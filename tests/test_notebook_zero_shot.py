@@ -3,7 +3,6 @@
 import h5py
 import pandas as pd
 import pytest
-
 from test_notebooks import execute
 
 

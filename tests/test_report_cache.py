@@ -53,8 +53,8 @@ def trunk():
 
 REPORTS = ["FINAL DIAGNOSIS: Invasive carcinoma, grade 3, with solid sheets of tumour cells. Necrosis: absent.",
            "Carcinoma, not otherwise specified, grade 1.",
-           "Invasive carcinoma showing a tubulopapillary growth pattern; moderately differentiated. LVI: identified. "
-           "Mitotic count: 12 per 10 HPF. Lymph nodes: 2/14 positive. Margins are free of tumour (closest 4.5 mm).",
+           ("Invasive carcinoma showing a tubulopapillary growth pattern; moderately differentiated. LVI: identified. "
+            "Mitotic count: 12 per 10 HPF. Lymph nodes: 2/14 positive. Margins are free of tumour (closest 4.5 mm)."),
            "Benign.", "Tumour emboli are seen within lymphovascular spaces."]
 
 

@@ -47,7 +47,10 @@ def test_prompt_ensemble_is_the_renormalised_mean_of_normalised_prompts():
     classes = {"1": ["grade one", "low grade"], "2": "high grade"}
     templates = ["{}.", "A slide of {}."]
     got = Z.class_embeddings(enc, classes, templates)
-    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
     want1 = unit(np.mean([unit(enc([t])[0]) for t in ["grade one.", "A slide of grade one.", "low grade.",
                                                       "A slide of low grade."]], 0))
     want2 = unit(np.mean([unit(enc([t])[0]) for t in ["high grade.", "A slide of high grade."]], 0))
@@ -75,7 +78,7 @@ def toy_adata(n=80, noise=0.6, seed=0):
 def test_evaluate_rows_bootstrap_and_summary():
     from mmfm.eval import report
 
-    adata, cls, y = toy_adata()
+    adata, cls, _ = toy_adata()
     rows, boot = Z.evaluate(adata, spec(), cls)
     res = pd.DataFrame(rows)
     point = res.set_index("metric")["value"]
@@ -119,7 +122,7 @@ def test_demo_task_file_parses():
 
     others = [t for t in yaml.safe_load((REPO / "configs/tasks/demo_report.yaml").read_text())
               if t["type"] != "zeroshot"]
-    retrieval = [t for t in load_tasks(others) if t.type == "retrieval"][0]
+    retrieval = next(t for t in load_tasks(others) if t.type == "retrieval")
     assert ("slide", "report") in retrieval.pairs and ("report", "slide") in retrieval.pairs
 
 

@@ -140,6 +140,29 @@ def case_query(model, run_cfg, transforms, cohort, case_id: str, modality: str) 
     return np.asarray(model.encode(modality, batch, deterministic=True), np.float32)[0]
 
 
+def query_kinds(queries, modalities) -> list[str]:
+    """'modality' (the case's own embedding) or 'text' per query; a modality the run lacks, or text without a
+    text tower, is an error."""
+    from mmfm import MODALITIES
+
+    kinds = []
+    for q in queries:
+        if q in MODALITIES:
+            if q == "slide":
+                raise HeatmapError("query 'slide': tiles are compared with another modality or a text prompt")
+            if q not in modalities:
+                raise HeatmapError(f"query {q!r}: the run has no {q} modality to compare the tiles with "
+                                   f"(it has {', '.join(m for m in modalities if m != 'slide')})")
+            kinds.append("modality")
+        elif not str(q).strip():
+            raise HeatmapError("an empty query")
+        elif "report" not in modalities:
+            raise HeatmapError(f"query {q!r}: a text prompt needs a run trained with reports")
+        else:
+            kinds.append("text")
+    return kinds
+
+
 def tile_scores(model, run_cfg, transforms, cohort, slide_id: str, queries=(), *, meta: dict | None = None
                 ) -> TileScores:
     """Every score of `slide_id`'s bag for a loaded run (`load_for_inference`)."""
@@ -157,15 +180,13 @@ def tile_scores(model, run_cfg, transforms, cohort, slide_id: str, queries=(), *
     fragment = bag.get("fragment", np.zeros(n, np.int32)).astype(np.int32)
     vectors, described = {}, {}
     tower = None
-    for i, q in enumerate(queries):
-        if q in model.modalities and q != "slide":
+    for i, (q, kind) in enumerate(zip(queries, query_kinds(queries, model.modalities))):
+        if kind == "modality":
             name = f"similarity_{q}"
             vectors[name] = case_query(model, run_cfg, transforms, cohort, case_id, q)
         else:
             from mmfm.eval.text_tower import TextTower
 
-            if q in ("slide", "rna", "protein", "report", "mutation"):
-                raise HeatmapError(f"query {q!r}: the run has no {q} modality (it has {', '.join(model.modalities)})")
             tower = tower or TextTower(model, run_cfg.loader.report_max_len)
             name = f"similarity_prompt{i}"
             vectors[name] = tower([q])[0]
@@ -221,12 +242,16 @@ def heatmap(cfg: HeatmapConfig) -> HeatmapResult:
     """Scores of `cfg.slide` under `cfg.run`, written to `cfg.out` as h5 + overlay / grid PNGs (+ top-k strips)."""
     from mmfm.bridges import heatmap_render
     from mmfm.data.cohort import Cohort
+    from mmfm.train.config import load_config
     from mmfm.train.loop import load_for_inference
 
     if not Path(cfg.run, "config.yaml").exists():
         raise HeatmapError(f"{cfg.run}: not a run directory (no config.yaml)")
-    model, run_cfg, transforms = load_for_inference(cfg.run, step=cfg.step)
     cohort = Cohort.open(cfg.cohort, scan_features=False)
+    if cfg.slide not in cohort.slides.index:  # cheap checks first: loading a run takes seconds
+        raise HeatmapError(f"{cohort.root}/slides.csv: no slide {cfg.slide!r}")
+    query_kinds(cfg.queries, load_config(Path(cfg.run, "config.yaml")).model.modalities)
+    model, run_cfg, transforms = load_for_inference(cfg.run, step=cfg.step)
     ts = tile_scores(model, run_cfg, transforms, cohort, cfg.slide, cfg.queries,
                      meta={"run_dir": str(Path(cfg.run).absolute()), "step": str(cfg.step or "latest")})
     out = Path(cfg.out)
