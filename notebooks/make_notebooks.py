@@ -287,6 +287,7 @@ A bag for the real slide from the extraction's own tissue grid (128 px tiles at 
 here — the run's tile encoder is the simulator's — so the map shows *placement* (each tile's score on exactly the
 thumbnail pixels its level-0 box covers), not biology. With a real tile encoder `mmfm extract` writes the bag.""",
     """
+from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
 from mmfm.bridges.readers import open_slide, patch_size_level0
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid
 from mmfm.data.bags import write_bag

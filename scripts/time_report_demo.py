@@ -50,12 +50,12 @@ def main(out: Path, cases: int, steps: int) -> dict:
     import pandas as pd
     import yaml
 
+    from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
     from mmfm.data.cohort import Cohort
     from mmfm.data.report_cache import resolve_folder
     from mmfm.data.simulate import SimConfig, simulate_cohort
     from mmfm.eval import tasks_zeroshot as Z
     from mmfm.eval.embed import embed
-    from mmfm.eval.heatmap import HeatmapConfig, heatmap
     from mmfm.eval.probe import probe
     from mmfm.eval.report import markdown_table, summarize
     from mmfm.eval.truth import join_truth

@@ -129,9 +129,9 @@ def cmu_cohort(run, wsi_dir, tmp_path_factory):
 def test_heatmap_on_the_real_slide(cmu_cohort, tmp_path):
     from PIL import Image
 
-    from mmfm.bridges.heatmap_render import render_all, scaled
+    from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap, render_all, scaled
     from mmfm.bridges.readers import open_slide
-    from mmfm.eval.heatmap import HeatmapConfig, HeatmapError, heatmap, read_tile_scores
+    from mmfm.eval.heatmap import HeatmapError, read_tile_scores
 
     cohort, run_dir, wsi, grid, ps = cmu_cohort
     prompt = "Tumour necrosis is present."

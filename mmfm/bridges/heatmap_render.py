@@ -1,4 +1,5 @@
-"""Drawing per-tile scores (`mmfm.eval.heatmap.TileScores`) over the whole-slide thumbnail or on the tile grid.
+"""`heatmap(cfg)`: per-tile scores of a run (`mmfm.eval.heatmap`) drawn over the whole-slide thumbnail, or on the
+tile grid when no slide image is given. Here, beside the other bridges, because it opens slides with OpenSlide.
 
 Placement is exact, with the convention of `mmfm.bridges.tissue`: level-0 pixel (x, y) lies in thumbnail pixel
 (x·tw // W, y·th // H). A tile covers level-0 [x, x + patch_size_level0) × [y, y + patch_size_level0); a
@@ -13,12 +14,57 @@ title), `<slide>.<score>.overlay.png` (the blended thumbnail, pixel for pixel, f
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from mmfm.eval.heatmap import TileScores, run_tile_scores, write_tile_scores
 from mmfm.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    run: str                                   # run directory of `mmfm pretrain`
+    cohort: str                                # cohort directory holding the slide's tile-feature bag
+    slide: str                                 # slide_id (slides.csv)
+    out: str                                   # output folder (tile-score h5 + PNGs)
+    wsi: str | None = None                     # the whole-slide image: overlay on its thumbnail; None: tile grid
+    queries: tuple[str, ...] = ()              # rna | protein | report | mutation (the case's own) or free text
+    step: int | str | None = None              # checkpoint: latest (None), 'best' or a step
+    top_k: int = 8                             # tiles in the top-k strip (needs the WSI)
+    scale: Literal["rank", "minmax"] = "rank"  # colours: percentile of the slide's tiles (CLAM) or min–max
+    alpha: float = 0.5                         # overlay opacity over the thumbnail
+    cmap: str = "jet"
+    thumb_max_px: int = 2048                   # longest side of the thumbnail
+    mpp: float | None = None                   # level-0 µm/px, only for a WSI file that records none
+
+
+@dataclass
+class HeatmapResult:
+    scores: TileScores
+    h5: Path
+    figures: dict[str, list[Path]]             # score name → PNGs written
+
+
+def heatmap(cfg: HeatmapConfig) -> HeatmapResult:
+    """Scores of `cfg.slide` under `cfg.run`, written to `cfg.out` as h5 + overlay / grid PNGs (+ top-k strips)."""
+    if cfg.scale not in ("rank", "minmax"):
+        raise ValueError(f"heatmap scale={cfg.scale!r}; choose rank or minmax")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ValueError(f"heatmap alpha={cfg.alpha} must lie in [0, 1]")
+    ts = run_tile_scores(cfg.run, cfg.cohort, cfg.slide, cfg.queries, cfg.step)
+    out = Path(cfg.out)
+    h5 = write_tile_scores(out / f"{cfg.slide}.tile_scores.h5", ts)
+    figures = render_all(ts, out, wsi=cfg.wsi, scale=cfg.scale, alpha=cfg.alpha, cmap=cfg.cmap, top_k=cfg.top_k,
+                         thumb_max_px=cfg.thumb_max_px, mpp=cfg.mpp)
+    log.info("heatmap %s: %d tiles, scores %s → %s", cfg.slide, len(ts.coords), list(ts.scores), out)
+    return HeatmapResult(ts, h5, figures)
 
 
 def _axis(start: np.ndarray, length: int, extent: int, n_pix: int):

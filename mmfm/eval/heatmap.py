@@ -1,5 +1,5 @@
 """Per-tile scores of a trained run on one slide — what drew the model's attention, and where the slide looks like
-another modality — written as an HDF5 of level-0 tile coordinates + scores and drawn by `mmfm.bridges.heatmap_render`.
+another modality — written as an HDF5 of level-0 tile coordinates + scores; `mmfm.bridges.heatmap_render` draws them (`heatmap(cfg)`).
 
 Scores, for every tile of the bag (all tiles, no sampling):
   attention_head{h}   the slide encoder's pooling weights per head (gated ABMIL; the transformer's attention
@@ -21,10 +21,8 @@ Tile-score file `<slide>.tile_scores.h5` (TRIDENT coordinate convention, so TRID
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import h5py
 import jax
@@ -34,28 +32,9 @@ from flax import nnx
 
 from mmfm.io import atomic_path
 
-log = logging.getLogger(__name__)
-
 
 class HeatmapError(ValueError):
     """Bad heatmap input (unknown slide, query or run); the message names it."""
-
-
-@dataclass(frozen=True)
-class HeatmapConfig:
-    run: str                                   # run directory of `mmfm pretrain`
-    cohort: str                                # cohort directory holding the slide's tile-feature bag
-    slide: str                                 # slide_id (slides.csv)
-    out: str                                   # output folder (tile-score h5 + PNGs)
-    wsi: str | None = None                     # the whole-slide image: overlay on its thumbnail; None: tile grid
-    queries: tuple[str, ...] = ()              # rna | protein | report | mutation (the case's own) or free text
-    step: int | str | None = None              # checkpoint: latest (None), 'best' or a step
-    top_k: int = 8                             # tiles in the top-k strip (needs the WSI)
-    scale: Literal["rank", "minmax"] = "rank"  # colours: percentile of the slide's tiles (CLAM) or min–max
-    alpha: float = 0.5                         # overlay opacity over the thumbnail
-    cmap: str = "jet"
-    thumb_max_px: int = 2048                   # longest side of the thumbnail
-    mpp: float | None = None                   # level-0 µm/px, only for a WSI file that records none
 
 
 @dataclass
@@ -228,35 +207,23 @@ def read_tile_scores(path: str | Path) -> TileScores:
                           int(attrs["patch_size_level0"]), scores, queries, attrs, root)
 
 
-# ---------------------------------------------------------------- command
+# ---------------------------------------------------------------- from a run directory
 
 
-@dataclass
-class HeatmapResult:
-    scores: TileScores
-    h5: Path
-    figures: dict[str, list[Path]]             # score name → PNGs written
-
-
-def heatmap(cfg: HeatmapConfig) -> HeatmapResult:
-    """Scores of `cfg.slide` under `cfg.run`, written to `cfg.out` as h5 + overlay / grid PNGs (+ top-k strips)."""
-    from mmfm.bridges import heatmap_render
+def run_tile_scores(run: str | Path, cohort: str | Path, slide: str, queries=(), step: int | str | None = None
+                    ) -> TileScores:
+    """`tile_scores` for a run directory and a cohort directory; bad slide ids and queries fail before the run's
+    checkpoint is loaded (seconds)."""
     from mmfm.data.cohort import Cohort
     from mmfm.train.config import load_config
     from mmfm.train.loop import load_for_inference
 
-    if not Path(cfg.run, "config.yaml").exists():
-        raise HeatmapError(f"{cfg.run}: not a run directory (no config.yaml)")
-    cohort = Cohort.open(cfg.cohort, scan_features=False)
-    if cfg.slide not in cohort.slides.index:  # cheap checks first: loading a run takes seconds
-        raise HeatmapError(f"{cohort.root}/slides.csv: no slide {cfg.slide!r}")
-    query_kinds(cfg.queries, load_config(Path(cfg.run, "config.yaml")).model.modalities)
-    model, run_cfg, transforms = load_for_inference(cfg.run, step=cfg.step)
-    ts = tile_scores(model, run_cfg, transforms, cohort, cfg.slide, cfg.queries,
-                     meta={"run_dir": str(Path(cfg.run).absolute()), "step": str(cfg.step or "latest")})
-    out = Path(cfg.out)
-    h5 = write_tile_scores(out / f"{cfg.slide}.tile_scores.h5", ts)
-    figures = heatmap_render.render_all(ts, out, wsi=cfg.wsi, scale=cfg.scale, alpha=cfg.alpha, cmap=cfg.cmap,
-                                        top_k=cfg.top_k, thumb_max_px=cfg.thumb_max_px, mpp=cfg.mpp)
-    log.info("heatmap %s: %d tiles, scores %s → %s", cfg.slide, len(ts.coords), list(ts.scores), out)
-    return HeatmapResult(ts, h5, figures)
+    if not Path(run, "config.yaml").exists():
+        raise HeatmapError(f"{run}: not a run directory (no config.yaml)")
+    cohort = Cohort.open(cohort, scan_features=False)
+    if slide not in cohort.slides.index:
+        raise HeatmapError(f"{cohort.root}/slides.csv: no slide {slide!r}")
+    query_kinds(queries, load_config(Path(run, "config.yaml")).model.modalities)
+    model, run_cfg, transforms = load_for_inference(run, step=step)
+    return tile_scores(model, run_cfg, transforms, cohort, slide, queries,
+                       meta={"run_dir": str(Path(run).absolute()), "step": str(step or "latest")})
