@@ -168,3 +168,20 @@ def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path):
     pr = probe(cases, [{"name": "xmodal", "type": "retrieval", "pairs": [["slide", "report"], ["report", "slide"]]}],
                tmp_path / "probe", n_bootstrap=10, plots=False)
     assert {"slide->report", "report->slide"} <= set(pr.results.embedding)
+
+
+def test_join_truth_labels_only_cases_with_a_report(tmp_path):
+    from mmfm.eval.truth import join_truth
+
+    (tmp_path / "truth").mkdir()
+    pd.DataFrame({"case_id": ["a", "b", "c"], "has_report": [True, False, True],
+                  "report_necrosis": [True, True, False], "report_reported_grade": [3, 2, 1]}
+                 ).to_csv(tmp_path / "truth" / "cases.csv", index=False)
+    adata = ad.AnnData(obs=pd.DataFrame(index=["c", "a", "b", "z"]))
+    got = join_truth(adata, tmp_path, ["report_necrosis", "report_reported_grade"]).obs
+    assert got["report_reported_grade"].tolist()[:2] == [1, 3] and pd.isna(got["report_reported_grade"]).tolist() == \
+        [False, False, True, True]
+    assert [Z.canonical(v) for v in got["report_necrosis"][:2]] == ["false", "true"]
+    with pytest.raises(ValueError, match="report_lvi"):
+        join_truth(adata, tmp_path, ["report_lvi"])
+    join_truth(adata, tmp_path, ["report_necrosis", "report_reported_grade"]).write_h5ad(tmp_path / "j.h5ad")

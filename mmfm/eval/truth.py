@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 REPORT_FACTS = ("report_necrosis", "report_lvi", "report_reported_grade", "report_til")
@@ -29,10 +30,11 @@ def join_truth(adata: ad.AnnData, cohort_dir: str | Path, columns: Sequence[str]
     cases = adata.obs[key].astype(str) if key in adata.obs else pd.Series(adata.obs_names.astype(str),
                                                                          index=adata.obs_names)
     out = adata.copy()
+    ids = cases.to_numpy()
+    stated = truth["has_report"].reindex(ids).eq(True).to_numpy() if "has_report" in truth else np.ones(len(ids), bool)
     for c in columns:
-        values = truth[c].reindex(cases.to_numpy()).to_numpy()
-        if c.startswith("report_") and "has_report" in truth.columns:  # a fact no report states is no label
-            values = pd.Series(values).where(truth["has_report"].reindex(cases.to_numpy()).fillna(False).to_numpy()
-                                             .astype(bool)).to_numpy()
-        out.obs[c] = values
+        values = truth[c].reindex(ids).convert_dtypes()  # nullable: grade stays 1/2/3, not 1.0/2.0/3.0
+        if c.startswith("report_"):  # a fact no report states is no label
+            values = values.where(stated)
+        out.obs[c] = pd.Series(values.to_numpy(), index=out.obs_names, dtype=values.dtype)
     return out
