@@ -21,7 +21,8 @@ from mmfm.io import atomic_path, write_text
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
 BOOKKEEPING = {"C", "alpha", "n_test", "n_queries"}  # in results.csv, not in the summary tables
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
-           "retrieval": ("recall@5", "top5_acc"), "robustness": None}  # the headline table's metrics
+           "retrieval": ("recall@5", "top5_acc"), "robustness": None,
+           "zeroshot": ("auroc", "bacc")}  # the headline table's metrics
 CHANCE = {"auroc": 0.5, "c_index": 0.5}
 
 
@@ -233,6 +234,7 @@ HEADLINE = {  # (task type, metric) → column label of the printed table
     ("survival", "c_index"): "C-index",
     ("classification", "auroc"): "AUROC",
     ("mutation", "auroc"): "AUROC",
+    ("zeroshot", "auroc"): "AUROC",
     ("retrieval", "recall@5"): "recall@5",
     ("robustness", "robustness_index@10"): "RI@10",
 }

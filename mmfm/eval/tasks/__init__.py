@@ -11,8 +11,9 @@ types and cross-field problems are a `TaskError` naming the file, the task (inde
     survival        survival          SurvivalSpec         time, event
     retrieval       retrieval         RetrievalSpec        pairs and/or label
     robustness      robustness        RobustnessSpec       label, site
+    zeroshot        zeroshot          ZeroshotSpec         label, classes (a run's text tower encodes them)
 
-Adding a task type (say `zeroshot`) is one new module and one line in `TASKS`:
+Adding a task type is one new module and one line in `TASKS` (a sketch; `zeroshot.py` is the real module):
 
     # mmfm/eval/tasks/zeroshot.py
     @dataclass(frozen=True, kw_only=True)
@@ -48,7 +49,7 @@ from pathlib import Path
 import yaml
 
 from mmfm.config import ConfigError, decode
-from mmfm.eval.tasks import classification, retrieval, robustness, survival
+from mmfm.eval.tasks import classification, retrieval, robustness, survival, zeroshot
 from mmfm.eval.tasks.base import TaskError, TaskSpec, TaskType
 
 TASKS: dict[str, TaskType] = {
@@ -58,6 +59,7 @@ TASKS: dict[str, TaskType] = {
     "survival": TaskType(survival.SurvivalSpec, survival.run),
     "retrieval": TaskType(retrieval.RetrievalSpec, retrieval.run),
     "robustness": TaskType(robustness.RobustnessSpec, robustness.run),
+    "zeroshot": TaskType(zeroshot.ZeroshotSpec, zeroshot.run),
 }
 
 
