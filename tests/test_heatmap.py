@@ -41,8 +41,8 @@ def model_and_bag(slide_cfg, n=37, d=12, seed=0):
     from mmfm.data.batch import BatchShapes
     from mmfm.models import ModelConfig, MultimodalModel
 
-    model = MultimodalModel(ModelConfig(modalities=("slide", "rna"), embed_dim=8, slide=slide_cfg),
-                            BatchShapes(batch_size=1, tiles_per_slide=n, feature_dim=d, n_genes=5),
+    model = MultimodalModel(ModelConfig(embed_dim=8, slide=slide_cfg),
+                            BatchShapes(batch_size=1, tiles_per_slide=n, feature_dim=d, n_genes=5), ("slide", "rna"),
                             rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     f = rng.normal(size=(1, n, d)).astype(np.float32)
@@ -126,23 +126,29 @@ def cmu_cohort(run, wsi_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_heatmap_on_the_real_slide(cmu_cohort, tmp_path):
+def test_heatmap_command_on_the_real_slide(cmu_cohort, tmp_path, capsys):
+    """`mmfm heatmap` as a user types it: tile scores in the h5, each overlay pixel-exact on the thumbnail."""
     from PIL import Image
 
-    from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap, render_all, scaled
+    from mmfm.bridges.heatmap_render import render_all, scaled
     from mmfm.bridges.readers import open_slide
-    from mmfm.eval.heatmap import HeatmapError, read_tile_scores
+    from mmfm.cli import main
+    from mmfm.eval.heatmap import read_tile_scores
 
     cohort, run_dir, wsi, grid, ps = cmu_cohort
     prompt = "Tumour necrosis is present."
-    cfg = HeatmapConfig(run=str(run_dir), cohort=str(cohort), slide="CMU-1-Small-Region", out=str(tmp_path / "hm"),
-                        wsi=str(wsi), queries=("rna", "report", prompt), thumb_max_px=400, top_k=4, alpha=0.6)
-    res = heatmap(cfg)
+    common = ["--run", str(run_dir), "--cohort", str(cohort), "--out", str(tmp_path / "hm")]
+    rc = main(["heatmap", *common, "--slide", "CMU-1-Small-Region", "--wsi", str(wsi),
+               "--queries", f"[rna, report, '{prompt}']", "--thumb_max_px", "400", "--top_k", "4", "--alpha", "0.6"])
+    assert rc == 0, capsys.readouterr().err
+    assert "CMU-1-Small-Region.tile_scores.h5" in capsys.readouterr().out
+    h5 = tmp_path / "hm" / "CMU-1-Small-Region.tile_scores.h5"
     assert len(grid.coords) > 50
-    ts = read_tile_scores(res.h5)
+    ts = read_tile_scores(h5)
     np.testing.assert_array_equal(ts.coords, grid.coords)  # level-0 top-left, TRIDENT convention
-    with h5py.File(res.h5) as f:
+    with h5py.File(h5) as f:
         assert f["coords"].attrs["patch_size_level0"] == ps and f["coords"].dtype == np.int64
+        assert f.attrs["step"] == "latest" and f.attrs["run_dir"] == str(run_dir.absolute())
     assert set(ts.scores) == {"attention_head0", "similarity_rna", "similarity_report", "similarity_prompt2"}
     assert ts.queries["similarity_prompt2"] == prompt
     assert ts.scores["attention_head0"].sum() == pytest.approx(1.0, abs=1e-4)
@@ -168,8 +174,10 @@ def test_heatmap_on_the_real_slide(cmu_cohort, tmp_path):
 
     grid_only = render_all(ts, tmp_path / "grid")  # no WSI: the tile grid
     assert [p.name for p in grid_only["similarity_rna"]] == ["CMU-1-Small-Region.similarity_rna.png"]
-    with pytest.raises(HeatmapError, match="no slide 'nope'"):
-        heatmap(HeatmapConfig(run=str(run_dir), cohort=str(cohort), slide="nope", out=str(tmp_path / "x")))
-    with pytest.raises(HeatmapError, match="no protein modality"):
-        heatmap(HeatmapConfig(run=str(run_dir), cohort=str(cohort), slide="CMU-1-Small-Region",
-                              out=str(tmp_path / "x"), queries=("protein",)))
+    for argv, message in [(["--slide", "nope"], "slides.csv: no slide 'nope'"),
+                          (["--slide", "CMU-1-Small-Region", "--query", "protein"], "no protein modality"),
+                          (["--slide", "CMU-1-Small-Region", "--cmap", "jett"], "not a matplotlib colour map"),
+                          (["--slide", "CMU-1-Small-Region", "--scale", "log"], "scale")]:
+        assert main(["heatmap", *common, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmfm heatmap: error:") and message in err and len(err.splitlines()) == 1, err

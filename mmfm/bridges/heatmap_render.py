@@ -28,6 +28,10 @@ from mmfm.io import atomic_path
 log = logging.getLogger(__name__)
 
 
+Step = Literal["latest", "best"] | int  # aliases keep the field lines free of quotes (draccus reads their comments)
+Scale = Literal["rank", "minmax"]
+
+
 @dataclass(frozen=True)
 class HeatmapConfig:
     run: str                                   # run directory of `mmfm pretrain`
@@ -36,11 +40,11 @@ class HeatmapConfig:
     out: str                                   # output folder (tile-score h5 + PNGs)
     wsi: str | None = None                     # the whole-slide image: overlay on its thumbnail; None: tile grid
     queries: tuple[str, ...] = ()              # rna | protein | report | mutation (the case's own) or free text
-    step: int | str | None = None              # checkpoint: latest (None), 'best' or a step
+    step: Step = "latest"                      # checkpoint: latest, best (train.best_metric) or a step number
     top_k: int = 8                             # tiles in the top-k strip (needs the WSI)
-    scale: Literal["rank", "minmax"] = "rank"  # colours: percentile of the slide's tiles (CLAM) or min–max
+    scale: Scale = "rank"                      # colours: percentile of the slide's tiles (CLAM) or min–max
     alpha: float = 0.5                         # overlay opacity over the thumbnail
-    cmap: str = "jet"
+    cmap: str = "jet"                          # matplotlib colour map
     thumb_max_px: int = 2048                   # longest side of the thumbnail
     mpp: float | None = None                   # level-0 µm/px, only for a WSI file that records none
 
@@ -58,6 +62,10 @@ def heatmap(cfg: HeatmapConfig) -> HeatmapResult:
         raise ValueError(f"heatmap scale={cfg.scale!r}; choose rank or minmax")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise ValueError(f"heatmap alpha={cfg.alpha} must lie in [0, 1]")
+    import matplotlib
+
+    if cfg.cmap not in matplotlib.colormaps:
+        raise ValueError(f"heatmap cmap={cfg.cmap!r} is not a matplotlib colour map (e.g. jet, viridis, RdBu_r)")
     ts = run_tile_scores(cfg.run, cfg.cohort, cfg.slide, cfg.queries, cfg.step)
     out = Path(cfg.out)
     h5 = write_tile_scores(out / f"{cfg.slide}.tile_scores.h5", ts)
