@@ -100,9 +100,9 @@ def cmu_cohort(run, wsi_dir, tmp_path_factory):
     (128 px tiles at 20×), random 16-d features, attached to a case that has RNA and a report."""
     import shutil
 
-    from mmfm.bridges.readers import open_slide, patch_size_level0
+    from mmfm.bridges.readers import open_slide
     from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid
-    from mmfm.data.bags import write_bag
+    from mmfm.data.bags import patch_size_level0, write_bag
     from mmfm.data.cohort import Cohort
 
     cohort_dir, run_dir = run
