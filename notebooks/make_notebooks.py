@@ -262,14 +262,15 @@ without any labels:
 
 `MMFM_SMALL=1` (set by the test suite) shrinks everything; the numbers are then smoke-test numbers, not results.""",
     """
-import os, json, time
+import os, json, shutil, time
+from importlib import resources
 from pathlib import Path
 import numpy as np
 import pandas as pd
 
 SMALL = os.environ.get("MMFM_SMALL") == "1"
 OUT = Path(os.environ.get("MMFM_NB_OUT", "nb_out")) / "zero_shot"
-CONFIGS = Path("../configs") if Path("../configs").exists() else Path("configs")
+CONFIGS = resources.files("mmfm") / "configs"  # the recipes and task files, in a checkout or a wheel
 WSI = Path("../../shared/data/wsi/CMU-1-Small-Region.svs")
 WSI = WSI if WSI.exists() else Path("/work/shared/data/wsi/CMU-1-Small-Region.svs")
 N_CASES = 48 if SMALL else 500
@@ -287,11 +288,11 @@ import logging
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("mmfm.models.text_cache").setLevel(logging.INFO)
 from mmfm.data.simulate import SimConfig, simulate_cohort
-from mmfm.train.config import load_config
-from mmfm.train.loop import pretrain
+from mmfm.train import load_config, pretrain
 
 cohort_dir = simulate_cohort(OUT / "cohort", SimConfig(n_cases=N_CASES, seed=0, **SIM))
 cfg = load_config(CONFIGS / "demo_report.yaml", [f"data.cohort={cohort_dir}", *TRAIN])
+shutil.rmtree(OUT / "run", ignore_errors=True)  # a fresh run each time the notebook is executed
 t0 = time.perf_counter()
 result = pretrain(cfg, OUT / "run")
 print(f"pretraining: {time.perf_counter() - t0:.0f}s")
@@ -299,8 +300,9 @@ print(f"pretraining: {time.perf_counter() - t0:.0f}s")
 """,
     """md:## 2. Held-out embeddings, and the facts the simulated reports state as labels
 
-`mmfm embed` writes `obsm['report']` beside the slide and RNA embeddings. The labels `report_necrosis`,
-`report_lvi`, `report_reported_grade` come from the cohort's latent truth (training never reads it).""",
+`mmfm embed` writes `obsm['report']` beside the slide and RNA embeddings, and `uns['run_dir']`: the run whose text
+tower the zero-shot tasks use. The labels `report_necrosis`, `report_lvi`, `report_reported_grade` come from the
+cohort's latent truth (training never reads it).""",
     """
 from mmfm.eval.embed import embed, EmbedConfig
 from mmfm.eval.truth import join_truth
@@ -313,7 +315,7 @@ cases.obs[["report_reported_grade", "report_necrosis", "report_lvi"]].apply(lamb
     """md:## 3. The text tower as a Python API: `encode_text`, `zero_shot`""",
     """
 from mmfm.eval.text_tower import encode_text
-from mmfm.eval.tasks_zeroshot import zero_shot
+from mmfm.eval.tasks.zeroshot import zero_shot
 
 texts = ["Tumour necrosis is present.", "No tumour necrosis is identified.",
          "Lymphovascular invasion is present.", "Poorly differentiated carcinoma, grade 3."]
@@ -328,30 +330,25 @@ scores = zero_shot(OUT / "run", cases.obsm["slide"], necrosis,
 scores.index = cases.obs_names
 scores.assign(truth=cases.obs["report_necrosis"]).head()
 """,
-    """md:## 4. Zero-shot next to the linear probe, slide ↔ report retrieval (`configs/tasks/demo_report.yaml`)""",
-    """
-import yaml
-from mmfm.eval.probe import probe
-from mmfm.eval.report import summarize
-from mmfm.eval import tasks_zeroshot as Z
+    """md:## 4. Zero-shot next to the linear probe, slide ↔ report retrieval (`configs/tasks/demo_report.yaml`)
 
-task_file = CONFIGS / "tasks" / "demo_report.yaml"
-tasks = yaml.safe_load(task_file.read_text())
-keep = {"cross-modal retrieval", "necrosis", "lymphovascular invasion", "reported grade"}
-linear = probe(cases, [t for t in tasks if t["name"] in keep], OUT / "report",
-               n_bootstrap=20 if SMALL else 100, plots=False)
-rows, boot = [], []
-for spec in Z.load_specs(task_file):
-    r, b = Z.run(cases, spec)
-    rows += r; boot += b
-zs = summarize(pd.DataFrame(rows).assign(shots=""), pd.DataFrame(boot).assign(shots=""))
-both = pd.concat([linear.summary, zs])
-both[both.metric.isin(["auroc", "bacc"]) & both.task.str.contains("grade|necrosis|lymphovascular")
-     ][["task", "embedding", "model", "metric", "text"]]
+`type: zeroshot` tasks run in `mmfm probe` like any other: class names × templates in the task file, every
+labelled case a test case, bootstrap CIs, `chance_bacc` beside. The linear probes on the same labels test the
+same cases across 5 folds.""",
+    """
+from mmfm.eval.probe import probe
+from mmfm.eval.tasks import load_tasks
+
+labels = ("reported grade", "necrosis", "lymphovascular invasion")
+keep = {"cross-modal retrieval", *labels, *(f"{t} (zero-shot)" for t in labels)}
+tasks = [t for t in load_tasks(CONFIGS / "tasks" / "demo_report.yaml") if t.name in keep]
+res = probe(cases, tasks, OUT / "report", n_bootstrap=20 if SMALL else 100, plots=False)
+s = res.summary
+s[s.type.isin(["classification", "zeroshot"]) & s.metric.isin(["auroc", "bacc", "chance_bacc"])].pivot_table(
+    index=["task", "embedding"], columns="metric", values="text", aggfunc="first", sort=False)
 """,
     """
-r = linear.summary
-r[(r.task == "cross-modal retrieval") & r.metric.isin(["recall@1", "recall@5", "chance_recall@5"])
+s[(s.task == "cross-modal retrieval") & s.metric.isin(["recall@1", "recall@5", "chance_recall@5"])
   ].pivot_table(index="embedding", columns="metric", values="text", aggfunc="first")
 """,
     """md:## 5. Heatmaps on two held-out slides (tile grid; the simulator's tissue types as ground truth)
@@ -363,7 +360,7 @@ from IPython.display import Image, display
 from mmfm.bridges.heatmap_render import render_all
 from mmfm.data.cohort import Cohort
 from mmfm.eval.heatmap import tile_scores, write_tile_scores
-from mmfm.train.loop import load_for_inference
+from mmfm.train import load_for_inference
 
 model, run_cfg, transforms = load_for_inference(OUT / "run")      # loaded once for both slides
 cohort = Cohort.open(cohort_dir, scan_features=False)
@@ -388,9 +385,9 @@ here — the run's tile encoder is the simulator's — so the map shows *placeme
 thumbnail pixels its level-0 box covers), not biology. With a real tile encoder `mmfm extract` writes the bag.""",
     """
 from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
-from mmfm.bridges.readers import open_slide, patch_size_level0
+from mmfm.bridges.readers import open_slide
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid
-from mmfm.data.bags import write_bag
+from mmfm.data.bags import patch_size_level0, write_bag
 
 with open_slide(WSI) as r:
     ps = patch_size_level0(128, 20.0, r.mpp)

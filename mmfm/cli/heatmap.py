@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from mmfm.bridges.heatmap_render import HeatmapConfig as Config, heatmap
+from mmfm.bridges.heatmap_render import HeatmapConfig as Config
+from mmfm.bridges.heatmap_render import heatmap
 from mmfm.config import ConfigError
 
 DESCRIPTION = """\

@@ -9,8 +9,8 @@ classification (class prompts) and by heatmaps (a typed prompt as the query).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -34,7 +34,7 @@ class TextTower:
         self._run = run
 
     @classmethod
-    def load(cls, run_dir: str | Path, step: int | str | None = None) -> "TextTower":
+    def load(cls, run_dir: str | Path, step: int | str | None = None) -> TextTower:
         from mmfm.train.rundir import load_for_inference
 
         model, cfg, _ = load_for_inference(run_dir, step=step)

@@ -6,8 +6,8 @@ Training never reads the truth folder; probes may grade against it (e.g. what th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import anndata as ad
 import numpy as np

@@ -30,9 +30,11 @@ The prompts are encoded by the run that made the embeddings (`uns['run_dir']` an
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -113,7 +115,7 @@ def class_embeddings(encode, classes: Mapping[Any, Sequence[str] | str], templat
     per_class = prompts(classes, templates)
     emb = l2_normalize(np.asarray(encode([p for ps in per_class.values() for p in ps]), np.float64))
     bounds = np.cumsum([0] + [len(ps) for ps in per_class.values()])
-    return l2_normalize(np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]))
+    return l2_normalize(np.stack([emb[a:b].mean(0) for a, b in itertools.pairwise(bounds)]))
 
 
 def zero_shot(run, embeddings: np.ndarray, classes: Mapping[Any, Sequence[str] | str],
@@ -185,5 +187,5 @@ def score(adata, spec: ZeroshotSpec, targets: list[Target], col: Collector, clas
                 continue
             s = l2_normalize(feats.loc[te].to_numpy()) @ class_emb.T
             y = y_all[te].to_numpy()
-            col.evaluate(key, i, len(te), lambda idx: metrics(y[idx], s[idx], names), single, spec.seed)
+            col.evaluate(key, i, len(te), lambda idx, y=y, s=s: metrics(y[idx], s[idx], names), single, spec.seed)
             col.add(key, i, {"n_test": len(te)})
