@@ -77,16 +77,15 @@ def test_model_on_cached_features_equals_model_on_tokens():
     from mmfm.models.text_cache import sentence_features
 
     shapes = BatchShapes(batch_size=len(REPORTS), report_len=64, n_genes=4)
-    cfg = ModelConfig(modalities=("rna", "report"), embed_dim=8, report=TextConfig(trainable="frozen", max_len=64))
-    model = MultimodalModel(cfg, shapes, rngs=nnx.Rngs(0))
+    cfg = ModelConfig(embed_dim=8, report=TextConfig(trainable="frozen", max_len=64))
+    model = MultimodalModel(cfg, shapes, ("rna", "report"), rngs=nnx.Rngs(0))
     ids, mask = tokenize(REPORTS, 64)
     tokens = {"report/input_ids": ids, "report/attention_mask": mask}
     cached = {**tokens, "report/features": sentence_features(REPORTS, cfg.report, 64)}
     np.testing.assert_allclose(np.asarray(model.encode("report", cached)), np.asarray(model.encode("report", tokens)),
                                atol=1e-5)
-    trainable = MultimodalModel(ModelConfig(modalities=("rna", "report"), embed_dim=8,
-                                            report=TextConfig(trainable="last_k", last_k=1, max_len=64)),
-                                shapes, rngs=nnx.Rngs(0))
+    trainable = MultimodalModel(ModelConfig(embed_dim=8, report=TextConfig(trainable="last_k", last_k=1, max_len=64)),
+                                shapes, ("rna", "report"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="trainable"):
         trainable.encode("report", cached)
 
@@ -102,7 +101,7 @@ def test_loader_emits_cached_features_and_falls_back_without_them(tmp_path, capl
     cohort = Cohort.open(simulate_cohort(tmp_path / "c", SimConfig(n_cases=12, seed=1, feature_dim=8,
                                                                    bag_size_median=16, bag_size_max=32, n_genes=40,
                                                                    n_proteins=4, missing_report=0.3)))
-    cfg = LoaderConfig(batch_size=4, modalities=("report",), report_max_len=64, report_cache="cache")
+    cfg = LoaderConfig(batch_size=4, report_max_len=64, report_cache="cache")
     ids = list(cohort.cases.index)
     present = case_presence(cohort, ids, ["report"])
     assert 0 < present["report"].sum() < len(ids)  # absent rows are exercised
