@@ -20,11 +20,11 @@ from flax import nnx
 class TextTower:
     """Callable `texts -> [n, E]` float32 unit vectors through a trained `MultimodalModel`'s report branch."""
 
-    def __init__(self, model, max_len: int, batch_size: int = 32, length_step: int = 32):
+    def __init__(self, model, max_len: int, batch_size: int = 32):
         if "report" not in model.modalities:
             raise ValueError(f"the run has no report modality (modalities: {', '.join(model.modalities)}); "
                              "zero-shot text needs a run trained with reports")
-        self.max_len, self.batch_size, self.length_step = int(max_len), int(batch_size), int(length_step)
+        self.max_len, self.batch_size = int(max_len), int(batch_size)
         graphdef, self._state = nnx.split(model)
 
         @jax.jit
@@ -44,21 +44,14 @@ class TextTower:
             raise ValueError(f"{run_dir}: {e}") from None
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        from mmfm.models.text import tokenize
+        from mmfm.data.text import tokenize
+        from mmfm.models.text_cache import by_length
 
         texts = [str(t) for t in texts]
         if not texts:
             raise ValueError("encode_text: no texts given")
         ids, mask = tokenize(texts, self.max_len)
-        out = []
-        for s in range(0, len(texts), self.batch_size):
-            i, m = ids[s:s + self.batch_size], mask[s:s + self.batch_size]
-            # cut to the longest text (rounded up): exact, attention and pooling ignore padding
-            length = min(self.max_len, -(-max(1, int(m.sum(1).max())) // self.length_step) * self.length_step)
-            pad = ((0, self.batch_size - len(i)), (0, 0))
-            out.append(np.asarray(self._run(self._state, np.pad(i[:, :length], pad), np.pad(m[:, :length], pad)),
-                                  np.float32)[:len(i)])
-        return np.concatenate(out)
+        return by_length(lambda i, m: self._run(self._state, i, m), ids, mask, self.batch_size)
 
 
 @functools.lru_cache(maxsize=2)

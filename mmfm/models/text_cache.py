@@ -27,10 +27,7 @@ log = logging.getLogger(__name__)
 
 def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch_size: int = 32,
                       length_step: int = 32) -> np.ndarray:
-    """[n, hidden] float32 mean-pooled last hidden states of the pretrained trunk (eval mode).
-
-    Texts run sorted by token count, each batch cut to its longest text rounded up to `length_step`
-    (exact: pooling and attention ignore padding), so short reports do not pay for `max_len`."""
+    """[n, hidden] float32 mean-pooled last hidden states of the pretrained trunk (eval mode), batched by length."""
     trunk = load_pretrained(dataclasses.replace(cfg, compute_dtype="float32"))
     graphdef, state = nnx.split(trunk)
 
@@ -39,15 +36,24 @@ def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch
         return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
 
     ids, mask = tokenize(list(texts), max_len, cfg.weights_dir)
+    return by_length(lambda i, m: run(state, i, m), ids, mask, batch_size, length_step)
+
+
+def by_length(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32, length_step: int = 32) -> np.ndarray:
+    """`fn(ids, mask) -> [b, D]` over token rows [n, L] in fixed-size batches, float32 [n, D] in input order.
+
+    Rows run sorted by token count, each batch cut to its longest row rounded up to `length_step` (exact:
+    attention and pooling ignore padding), so short texts do not pay for `L` and few shapes compile."""
     order = np.argsort(mask.sum(1), kind="stable")
-    out = np.zeros((len(texts), trunk.dim), np.float32)
-    for s in range(0, len(texts), batch_size):
+    out = None
+    for s in range(0, len(ids), batch_size):
         rows = order[s:s + batch_size]
-        length = min(max_len, -(-int(mask[rows].sum(1).max()) // length_step) * length_step)
+        length = min(ids.shape[1], -(-max(1, int(mask[rows].sum(1).max())) // length_step) * length_step)
         pad = ((0, batch_size - len(rows)), (0, 0))  # fixed batch: one compile per length step
-        got = run(state, np.pad(ids[rows, :length], pad), np.pad(mask[rows, :length], pad))
-        out[rows] = np.asarray(got)[:len(rows)]
-    return out
+        got = np.asarray(fn(np.pad(ids[rows, :length], pad), np.pad(mask[rows, :length], pad)), np.float32)
+        out = np.zeros((len(ids), got.shape[1]), np.float32) if out is None else out
+        out[rows] = got[:len(rows)]
+    return np.zeros((0, 0), np.float32) if out is None else out
 
 
 @dataclass(frozen=True)
