@@ -1,6 +1,6 @@
 """Per-tile scores of a trained run on one slide — what drew the model's attention, and where the slide looks like
-another modality — written as an HDF5 of level-0 tile coordinates + scores. `mmfm.bridges.heatmap_render` draws
-them (`heatmap(cfg)`, with OpenSlide).
+another modality — written as an HDF5 of level-0 tile coordinates + scores. `mmfm heatmap` draws them
+(`mmfm.bridges.heatmap_render.heatmap(cfg)`, with OpenSlide).
 
 Scores, for every tile of the bag (all tiles, no sampling):
   attention_head{h}   the slide encoder's pooling weights per head (gated ABMIL; the transformer's attention
