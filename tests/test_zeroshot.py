@@ -108,6 +108,19 @@ def test_zeroshot_task_through_the_probe_driver(tmp_path, monkeypatch):
     assert (tmp_path / "nec.png").stat().st_size > 1000
 
 
+def test_plot_takes_a_bootstrap_mean_outside_its_interval(tmp_path):
+    """98 resamples at 1/3 and 2 missing a class (bacc 1/2): the mean lies above the 97.5% percentile."""
+    from mmfm.eval.report import plot_task, summarize
+
+    key = {"task": "g", "type": "zeroshot", "target": "grade", "embedding": "slide", "model": "zero-shot", "shots": "",
+           "metric": "auroc"}
+    res = pd.DataFrame([{**key, "draw": "", "fold": "0", "value": 1 / 3}])
+    boot = pd.DataFrame([{**key, "boot": b, "value": 0.5 if b < 2 else 1 / 3} for b in range(100)])
+    s = summarize(res, boot)
+    assert s["mean"].iloc[0] > s.hi.iloc[0]
+    assert plot_task(s, tmp_path / "g.png") and (tmp_path / "g.png").stat().st_size > 1000
+
+
 def test_zeroshot_data_errors_name_the_task_and_key(tmp_path, monkeypatch):
     enc = fake_encoder()
     monkeypatch.setattr(Z, "text_tower", lambda adata, spec: enc)
