@@ -249,7 +249,170 @@ headline_table(res.summary)
 """,
 ]
 
+ZERO_SHOT = [
+    """md:# Report text in use: zero-shot classification, slide ↔ report retrieval, heatmaps
+
+A run aligned with pathology-report text (`configs/demo_report.yaml`: slide ↔ RNA ↔ protein ↔ report, the real
+all-MiniLM-L6-v2 sentence encoder as a *frozen* trunk whose outputs are cached once per report) gives three things
+without any labels:
+1. **zero-shot classifiers** from class descriptions (prompt ensembles, as CONCH / TITAN),
+2. **retrieval** of the reports closest to a slide and back,
+3. **heatmaps**: which tiles the slide encoder attended to, and where the tissue looks like a text prompt or the
+   case's own RNA profile.
+
+`MMFM_SMALL=1` (set by the test suite) shrinks everything; the numbers are then smoke-test numbers, not results.""",
+    """
+import os, json, shutil, time
+from importlib import resources
+from pathlib import Path
+import numpy as np
+import pandas as pd
+
+SMALL = os.environ.get("MMFM_SMALL") == "1"
+OUT = Path(os.environ.get("MMFM_NB_OUT", "nb_out")) / "zero_shot"
+CONFIGS = resources.files("mmfm") / "configs"  # the recipes and task files, in a checkout or a wheel
+WSI = Path("../../shared/data/wsi/CMU-1-Small-Region.svs")
+WSI = WSI if WSI.exists() else Path("/work/shared/data/wsi/CMU-1-Small-Region.svs")
+N_CASES = 48 if SMALL else 500
+SIM = dict(feature_dim=32, bag_size_median=48, bag_size_max=256, n_genes=200, n_proteins=16) if SMALL else {}
+TRAIN = ["train.steps=6", "train.eval_every=6", "train.ckpt_every=6", "loader.batch_size=16",
+         "loader.tiles_per_slide=32", "loader.n_genes=64", "data.heldout_fraction=0.5",
+         "loader.report_max_len=64", "model.report.max_len=64"] if SMALL else []
+""",
+    """md:## 1. Pretraining with reports (frozen text trunk, cached features)
+
+The cache lives in the cohort folder (`report_cache/<key>.safetensors`); the key hashes the tokenizer, the
+weights and the truncation length, and each row is found by the SHA-256 of its report text.""",
+    """
+import logging
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("mmfm.models.text_cache").setLevel(logging.INFO)
+from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.train import load_config, pretrain
+
+cohort_dir = simulate_cohort(OUT / "cohort", SimConfig(n_cases=N_CASES, seed=0, **SIM))
+cfg = load_config(CONFIGS / "demo_report.yaml", [f"data.cohort={cohort_dir}", *TRAIN])
+shutil.rmtree(OUT / "run", ignore_errors=True)  # a fresh run each time the notebook is executed
+t0 = time.perf_counter()
+result = pretrain(cfg, OUT / "run")
+print(f"pretraining: {time.perf_counter() - t0:.0f}s")
+{k: round(v, 3) for k, v in (result.eval or {}).items() if k.startswith("recall@5/") and "report" in k}
+""",
+    """md:## 2. Held-out embeddings, and the facts the simulated reports state as labels
+
+`mmfm embed` writes `obsm['report']` beside the slide and RNA embeddings, and `uns['run_dir']`: the run whose text
+tower the zero-shot tasks use. The labels `report_necrosis`, `report_lvi`, `report_reported_grade` come from the
+cohort's latent truth (training never reads it).""",
+    """
+from mmfm.eval.embed import embed, EmbedConfig
+from mmfm.eval.truth import join_truth
+
+held = json.loads((OUT / "run" / "splits.json").read_text())["heldout"]
+cases, _ = embed(OUT / "run", cohort_dir, OUT / "embeddings.h5ad", case_ids=held)
+cases = join_truth(cases, cohort_dir)
+cases.obs[["report_reported_grade", "report_necrosis", "report_lvi"]].apply(lambda s: s.value_counts()).T
+""",
+    """md:## 3. The text tower as a Python API: `encode_text`, `zero_shot`""",
+    """
+from mmfm.eval.text_tower import encode_text
+from mmfm.eval.tasks.zeroshot import zero_shot
+
+texts = ["Tumour necrosis is present.", "No tumour necrosis is identified.",
+         "Lymphovascular invasion is present.", "Poorly differentiated carcinoma, grade 3."]
+t = encode_text(OUT / "run", texts)
+pd.DataFrame(t @ t.T, index=texts, columns=range(len(texts))).round(3)   # cosine similarities in the shared space
+""",
+    """
+necrosis = {True: ["tumour necrosis is present", "areas of necrosis within the tumour"],
+            False: ["no tumour necrosis", "necrosis is absent"]}
+scores = zero_shot(OUT / "run", cases.obsm["slide"], necrosis,
+                   templates=["{}.", "Microscopic description: {}.", "Invasive carcinoma. {}."])
+scores.index = cases.obs_names
+scores.assign(truth=cases.obs["report_necrosis"]).head()
+""",
+    """md:## 4. Zero-shot next to the linear probe, slide ↔ report retrieval (`configs/tasks/demo_report.yaml`)
+
+`type: zeroshot` tasks run in `mmfm probe` like any other: class names × templates in the task file, every
+labelled case a test case, bootstrap CIs, `chance_bacc` beside. The linear probes on the same labels test the
+same cases across 5 folds.""",
+    """
+from mmfm.eval.probe import probe
+from mmfm.eval.tasks import load_tasks
+
+labels = ("reported grade", "necrosis", "lymphovascular invasion")
+keep = {"cross-modal retrieval", *labels, *(f"{t} (zero-shot)" for t in labels)}
+tasks = [t for t in load_tasks(CONFIGS / "tasks" / "demo_report.yaml") if t.name in keep]
+res = probe(cases, tasks, OUT / "report", n_bootstrap=20 if SMALL else 100, plots=False)
+s = res.summary
+s[s.type.isin(["classification", "zeroshot"]) & s.metric.isin(["auroc", "bacc", "chance_bacc"])].pivot_table(
+    index=["task", "embedding"], columns="metric", values="text", aggfunc="first", sort=False)
+""",
+    """
+s[(s.task == "cross-modal retrieval") & s.metric.isin(["recall@1", "recall@5", "chance_recall@5"])
+  ].pivot_table(index="embedding", columns="metric", values="text", aggfunc="first")
+""",
+    """md:## 5. Heatmaps on two held-out slides (tile grid; the simulator's tissue types as ground truth)
+
+Attention per ABMIL head, and tile-wise similarity to the case's own RNA, its report, and a typed prompt. Each
+simulated tile has a known tissue type (`truth/tiles/<slide>.npy`): the table shows the mean score per type.""",
+    """
+from IPython.display import Image, display
+from mmfm.bridges.heatmap_render import render_all
+from mmfm.data.cohort import Cohort
+from mmfm.eval.heatmap import tile_scores, write_tile_scores
+from mmfm.train import load_for_inference
+
+model, run_cfg, transforms = load_for_inference(OUT / "run")      # loaded once for both slides
+cohort = Cohort.open(cohort_dir, scan_features=False)
+pres = cohort.presence()
+held_slides = cohort.slides[cohort.slides.case_id.isin([c for c in held if pres.loc[c, "rna"] and pres.loc[c, "report"]])]
+types = json.loads((Path(cohort_dir) / "truth" / "model.json").read_text())["tile_types"]
+per_type = []
+for slide_id in held_slides.index[:2]:
+    ts = tile_scores(model, run_cfg, transforms, cohort, slide_id, ("rna", "report", "Tumour necrosis is present."))
+    write_tile_scores(OUT / "heatmaps" / f"{slide_id}.tile_scores.h5", ts)
+    figs = render_all(ts, OUT / "heatmaps")
+    tile_type = pd.Series(np.load(Path(cohort_dir) / "truth" / "tiles" / f"{slide_id}.npy")).map(dict(enumerate(types)))
+    for name, s in ts.scores.items():
+        per_type.append(pd.Series(s).groupby(tile_type).mean().rename((slide_id, name)))
+    display(Image(str(figs["attention_head0"][0]), width=360), Image(str(figs["similarity_prompt2"][0]), width=360))
+pd.DataFrame(per_type).round(4)
+""",
+    """md:## 6. The real slide: CMU-1-Small-Region.svs, with the overlay placed on the thumbnail
+
+A bag for the real slide from the extraction's own tissue grid (128 px tiles at 20×). Its features are random
+here — the run's tile encoder is the simulator's — so the map shows *placement* (each tile's score on exactly the
+thumbnail pixels its level-0 box covers), not biology. With a real tile encoder `mmfm extract` writes the bag.""",
+    """
+from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
+from mmfm.bridges.readers import open_slide
+from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid
+from mmfm.data.bags import patch_size_level0, write_bag
+
+with open_slide(WSI) as r:
+    ps = patch_size_level0(128, 20.0, r.mpp)
+    thumb, _ = r.thumbnail(8.0)
+    grid = tile_grid(segment_tissue(thumb, r.mpp * r.dimensions[0] / thumb.shape[1], TissueConfig()),
+                     r.dimensions, ps, 0.25)
+dim = cohort.spec.feature_dim
+write_bag(Path(cohort_dir) / "bags" / "CMU-1-Small-Region.h5",
+          np.random.default_rng(0).normal(size=(len(grid.coords), dim)).astype(np.float16), grid.coords,
+          patch_size_level0=ps, encoder=cohort.spec.encoder_name, fragment=grid.fragment)
+slides_csv = pd.read_csv(Path(cohort_dir) / "slides.csv")
+if "CMU-1-Small-Region" not in set(slides_csv.slide_id):
+    slides_csv.loc[len(slides_csv)] = {"slide_id": "CMU-1-Small-Region", "case_id": held_slides.case_id.iloc[0],
+                                       "path": "bags/CMU-1-Small-Region.h5"}
+    slides_csv.to_csv(Path(cohort_dir) / "slides.csv", index=False)
+res = heatmap(HeatmapConfig(run=str(OUT / "run"), cohort=str(cohort_dir), slide="CMU-1-Small-Region",
+                            out=str(OUT / "heatmaps"), wsi=str(WSI), queries=("Tumour necrosis is present.",),
+                            thumb_max_px=800, top_k=6))
+print(len(grid.coords), "tiles;", res.h5)
+display(Image(str(res.figures["attention_head0"][0]), width=420), Image(str(res.figures["attention_head0"][2])))
+""",
+]
+
 if __name__ == "__main__":
     nbf.write(notebook(QUICKSTART), HERE / "01_quickstart.ipynb")
     nbf.write(notebook(PROBING), HERE / "02_survival_mutation_probing.ipynb")
     nbf.write(notebook(GDC), HERE / "03_from_gdc_download.ipynb")
+    nbf.write(notebook(ZERO_SHOT), HERE / "04_zero_shot_and_heatmaps.ipynb")

@@ -54,6 +54,8 @@ def test_flags_yaml_and_set_are_one_thing(tmp_path):
     (["simulate", "--out", "x", "--cases", "ten"], "n_cases"),
     (["validate"], "cohort directory is required"),
     (["embed", "--run", "nope", "--cohort", "c", "--out", "o.h5ad"], "nope: no such run directory"),
+    (["heatmap", "--run", "nope", "--cohort", "c", "--slide", "s", "--out", "o"], "nope: no such run directory"),
+    (["heatmap", "--run", "r", "--cohort", "c", "--out", "o"], "required field(s) slide"),
     (["frobnicate"], "unknown command 'frobnicate'"),
     (["pretrain", "positional"], "unexpected argument 'positional'"),
 ])

@@ -21,6 +21,7 @@ one case are all positives for that case's RNA). Padding rows have case_index = 
   protein/present            [B]        bool
   report/input_ids           [B, L]     int32          WordPiece ids (MiniLM vocabulary)
   report/attention_mask      [B, L]     int32
+  report/features            [B, H]     float32        frozen text trunk's output (only with loader.report_cache)
   report/present             [B]        bool
   mutation/values            [B, M]     float32        0/1 driver-mutation flags (cases.csv `mut_*` columns)
   mutation/mask              [B, M]     bool           status known

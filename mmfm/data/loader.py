@@ -38,6 +38,7 @@ class LoaderConfig:
     multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides
     n_genes: int = 2000
     report_max_len: int = 128
+    report_cache: str | None = None  # folder of cached frozen-trunk report features (relative: in the cohort)
     workers: int = 0  # grain worker processes (spawned; each batch crosses via shared memory); 0 = in-process
     seed: int = 0
     shuffle: bool = True
@@ -200,6 +201,8 @@ def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, present: dict[s
         ids, mask = tokenize(texts.fillna("").astype(str).tolist(), cfg.report_max_len)
         ids[~present["report"]], mask[~present["report"]] = 0, 0
         dense.update({"report/input_ids": ids.astype(np.int32), "report/attention_mask": mask.astype(np.int32)})
+        if cfg.report_cache:
+            dense.update(_cached_report_features(cohort, texts, present["report"], cfg))
     if "mutation" in present and cohort.mutation_columns:
         cols = list(cohort.mutation_columns)
         flags = cohort.cases.loc[case_ids, cols].apply(lambda s: s.astype(float)).to_numpy(np.float64)
@@ -210,6 +213,26 @@ def case_tensors(cohort, case_ids: list[str], cfg: LoaderConfig, present: dict[s
         if m != "slide":
             dense[f"{m}/present"] = p
     return CaseTensors(dense, transforms, names)
+
+
+def _cached_report_features(cohort, texts, present: np.ndarray, cfg: LoaderConfig) -> dict[str, np.ndarray]:
+    """{'report/features': [n, H]} when every present report is in the cache, else {} (the trunk then runs)."""
+    from mmfm.data import report_cache
+    from mmfm.data.text import minilm_dir
+
+    folder = report_cache.resolve_folder(cohort.root, cfg.report_cache)
+    wanted = texts[present].astype(str).tolist()
+    if not wanted:
+        return {}
+    feats, found = report_cache.lookup(folder, report_cache.cache_key(minilm_dir(), cfg.report_max_len), wanted)
+    if not found.all():
+        log.warning("%s: %d of %d reports are not in the report cache %s; the text trunk runs every step "
+                    "(mmfm.models.text_cache.fill_report_cache fills it)", cohort.root, int((~found).sum()),
+                    len(found), folder)
+        return {}
+    out = np.zeros((len(texts), feats.shape[1]), np.float32)
+    out[present] = feats
+    return {"report/features": out}
 
 
 class TileBagLoader:

@@ -21,7 +21,7 @@ from mmfm.io import atomic_path, write_text
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
 BOOKKEEPING = {"C", "alpha", "n_test", "n_queries"}  # in results.csv, not in the summary tables
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
-           "retrieval": ("recall@5", "top5_acc"), "robustness": None}  # the headline table's metrics
+           "retrieval": ("recall@5", "top5_acc"), "robustness": None, "zeroshot": ("auroc",)}  # headline metrics
 CHANCE = {"auroc": 0.5, "c_index": 0.5}
 
 
@@ -127,8 +127,9 @@ def plot_task(summary: pd.DataFrame, path: Path) -> bool:
         ax.legend(fontsize=7)
     else:
         labels = [" / ".join(str(v) for v in (t, e, m) if v) for t, e, m in zip(s.target, s.embedding, s.model)]
-        lo = np.where(s.lo.notna(), s["mean"] - s.lo, s.se.fillna(0))
-        hi = np.where(s.hi.notna(), s.hi - s["mean"], s.se.fillna(0))
+        # a bootstrap mean may sit just outside its percentile interval (a few degenerate resamples): no whisker
+        lo = np.maximum(np.where(s.lo.notna(), s["mean"] - s.lo, s.se.fillna(0)), 0.0)
+        hi = np.maximum(np.where(s.hi.notna(), s.hi - s["mean"], s.se.fillna(0)), 0.0)
         ax.barh(np.arange(len(s)), s["mean"], xerr=[lo, hi], capsize=3)
         ax.set_yticks(np.arange(len(s)), labels, fontsize=7)
         ax.set_xlabel(metric)
@@ -233,6 +234,7 @@ HEADLINE = {  # (task type, metric) → column label of the printed table
     ("survival", "c_index"): "C-index",
     ("classification", "auroc"): "AUROC",
     ("mutation", "auroc"): "AUROC",
+    ("zeroshot", "auroc"): "AUROC",
     ("retrieval", "recall@5"): "recall@5",
     ("robustness", "robustness_index@10"): "RI@10",
 }

@@ -90,7 +90,13 @@ class MultimodalModel(nnx.Module):
         args = [batch.get(f"{modality}/{k}") for k in INPUTS[modality][0]]
         if modality == "slide":
             return self.encode_slide(*args, deterministic=deterministic, normalize=normalize).embedding
-        raw = self.encoders[modality](*args, deterministic=deterministic)
+        if modality == "report" and "report/features" in batch:  # the frozen trunk's cached output
+            if jax.tree.leaves(nnx.state(self.encoders["report"], nnx.Param)):
+                raise ValueError("the batch carries cached report/features but the text trunk has trainable "
+                                 "layers: set model.report.trainable='frozen' or drop loader.report_cache")
+            raw = jnp.asarray(batch["report/features"])
+        else:
+            raw = self.encoders[modality](*args, deterministic=deterministic)
         return self.heads[modality](raw.astype(self.dtype), deterministic=deterministic, normalize=normalize)
 
     def encode_slide(self, features, coords, mask, fragment=None, *, deterministic: bool = True,

@@ -200,6 +200,12 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                           f"must be a multiple of the {mesh.size} devices")
     cohort = Cohort.open(cfg.data.cohort)
     train_ids, held_ids = split_cases(cohort.cases.index, cfg.data.heldout_fraction, cfg.data.split_seed)
+    if cfg.loader.report_cache and "report" in cfg.data.modalities and cohort.reports is not None:
+        from mmfm.data.report_cache import resolve_folder
+        from mmfm.models.text_cache import fill_report_cache
+
+        fill_report_cache(cohort, cfg.model.report, resolve_folder(cohort.root, cfg.loader.report_cache),
+                          cfg.loader.report_max_len)
     try:
         loader = TileBagLoader(cohort, cfg.loader, train_ids, cfg.data.modalities,
                                process_index=jax.process_index(), process_count=jax.process_count())

@@ -11,14 +11,15 @@ types and cross-field problems are a `TaskError` naming the file, the task (inde
     survival        survival          SurvivalSpec         time, event
     retrieval       retrieval         RetrievalSpec        pairs and/or label
     robustness      robustness        RobustnessSpec       label, site
+    zeroshot        zeroshot          ZeroshotSpec         label, classes (a run's text tower encodes them)
 
-Adding a task type (say `zeroshot`) is one new module and one line in `TASKS`:
+Adding a task type is one new module and one line in `TASKS` — as zeroshot was (abridged):
 
     # mmfm/eval/tasks/zeroshot.py
     @dataclass(frozen=True, kw_only=True)
     class ZeroshotSpec(FoldSpec):              # FoldSpec: folds (split file or generated); TaskSpec: no folds
         label: str                              # a field without default is a required key
-        prompts: str = "prompts.yaml"           # the `# comment` is the key's help
+        templates: tuple[str, ...] = ("{}.",)   # the `# comment` is the key's help
 
         def __post_init__(self):                # cross-field checks: raise ValueError("... 'key' ...")
             ...
@@ -26,8 +27,8 @@ Adding a task type (say `zeroshot`) is one new module and one line in `TASKS`:
         def targets(self, adata, notes):        # cases to use and what stratifies their folds
             return label_target(adata, self)    # (default: every case, unstratified)
 
-        def new_folds(self, cases, strata, sites):   # fits nothing: all cases are test cases unless a
-            return folds.all_test(cases)              # split file is given
+        def new_folds(self, cases, strata, sites, where, notes):  # fits nothing: all cases are test cases
+            return folds.all_test(cases)                           # unless a split file is given
 
     def run(adata, spec: ZeroshotSpec, targets: list[Target], col: Collector) -> None:
         for t in targets:                       # Target(name, labels, folds: case × fold_i train/test)
@@ -48,7 +49,7 @@ from pathlib import Path
 import yaml
 
 from mmfm.config import ConfigError, decode
-from mmfm.eval.tasks import classification, retrieval, robustness, survival
+from mmfm.eval.tasks import classification, retrieval, robustness, survival, zeroshot
 from mmfm.eval.tasks.base import TaskError, TaskSpec, TaskType
 
 TASKS: dict[str, TaskType] = {
@@ -58,6 +59,7 @@ TASKS: dict[str, TaskType] = {
     "survival": TaskType(survival.SurvivalSpec, survival.run),
     "retrieval": TaskType(retrieval.RetrievalSpec, retrieval.run),
     "robustness": TaskType(robustness.RobustnessSpec, robustness.run),
+    "zeroshot": TaskType(zeroshot.ZeroshotSpec, zeroshot.run),
 }
 
 

@@ -1,0 +1,86 @@
+"""Fill the report-feature cache (`mmfm.data.report_cache`) with the frozen text trunk's sentence outputs.
+
+`sentence_features` runs the BERT trunk in eval mode (no dropout, fp32) on fixed-size batches, so one
+compile serves a cohort; `fill_report_cache` computes only the reports the cache does not hold yet.
+Training on cached features is exact for a frozen trunk in eval mode: `MultimodalModel.encode('report')`
+on the features equals the trunk + head on the token ids (tested), which is what inference runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mmfm.data import report_cache
+from mmfm.models.text import TextConfig, load_pretrained, tokenize
+
+log = logging.getLogger(__name__)
+
+
+def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch_size: int = 32,
+                      length_step: int = 32) -> np.ndarray:
+    """[n, hidden] float32 mean-pooled last hidden states of the pretrained trunk (eval mode), batched by length."""
+    trunk = load_pretrained(dataclasses.replace(cfg, compute_dtype="float32"))
+    graphdef, state = nnx.split(trunk)
+
+    @jax.jit
+    def run(state, ids, mask):
+        return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
+
+    ids, mask = tokenize(list(texts), max_len, cfg.weights_dir)
+    return by_length(lambda i, m: run(state, i, m), ids, mask, batch_size, length_step)
+
+
+def by_length(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32, length_step: int = 32) -> np.ndarray:
+    """`fn(ids, mask) -> [b, D]` over token rows [n, L] in fixed-size batches, float32 [n, D] in input order.
+
+    Rows run sorted by token count, each batch cut to its longest row rounded up to `length_step` (exact:
+    attention and pooling ignore padding), so short texts do not pay for `L` and few shapes compile."""
+    order = np.argsort(mask.sum(1), kind="stable")
+    out = None
+    for s in range(0, len(ids), batch_size):
+        rows = order[s:s + batch_size]
+        length = min(ids.shape[1], -(-max(1, int(mask[rows].sum(1).max())) // length_step) * length_step)
+        pad = ((0, batch_size - len(rows)), (0, 0))  # fixed batch: one compile per length step
+        got = np.asarray(fn(np.pad(ids[rows, :length], pad), np.pad(mask[rows, :length], pad)), np.float32)
+        out = np.zeros((len(ids), got.shape[1]), np.float32) if out is None else out
+        out[rows] = got[:len(rows)]
+    return np.zeros((0, 0), np.float32) if out is None else out
+
+
+@dataclass(frozen=True)
+class CacheFill:
+    table: Path        # the cache table holding the cohort's reports
+    key: str
+    n_reports: int     # reports of the cohort
+    n_computed: int    # of which computed now (the rest were cached)
+    seconds: float     # wall time of this call (hashing, lookup, trunk, write)
+
+
+def fill_report_cache(cohort, text_cfg: TextConfig | None, folder: str | Path, max_len: int,
+                      batch_size: int = 32) -> CacheFill:
+    """Cache the frozen trunk's features of every report of `cohort` under `folder` (missing ones only)."""
+    t0 = time.perf_counter()
+    text_cfg = text_cfg or TextConfig()
+    if text_cfg.trainable != "frozen":
+        raise ValueError(f"loader.report_cache needs model.report.trainable='frozen' (got {text_cfg.trainable!r}): "
+                         "cached features of a trained trunk would be stale after the first step")
+    texts = [] if cohort.reports is None else cohort.reports.astype(str).tolist()
+    key = report_cache.cache_key(text_cfg.weights_dir, max_len)
+    _, found = report_cache.lookup(folder, key, texts)
+    todo = [t for t, f in zip(texts, found) if not f]
+    if todo:
+        feats = sentence_features(todo, text_cfg, max_len, batch_size)
+        report_cache.store(folder, key, todo, feats, meta={"weights_dir": text_cfg.weights_dir, "max_len": max_len})
+    fill = CacheFill(report_cache.table_path(folder, key), key, len(texts), len(todo), time.perf_counter() - t0)
+    log.info("report cache %s: %d reports, %d computed in %.1fs", fill.table, fill.n_reports, fill.n_computed,
+             fill.seconds)
+    return fill

@@ -1,0 +1,122 @@
+"""Frozen report-text trunk, cached once per report: the cache table, its key, and exactness of training on it."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from mmfm.data import report_cache as rc
+
+
+def test_table_roundtrip_merge_and_text_identity(tmp_path):
+    texts = ["Necrosis: absent.", "LVI: identified.", "Grade 3."]
+    feats = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rc.store(tmp_path, "k", texts[:2], feats[:2])
+    got, found = rc.lookup(tmp_path, "k", texts)
+    assert found.tolist() == [True, True, False]
+    np.testing.assert_array_equal(got[:2], feats[:2])
+    assert (got[2] == 0).all()
+    rc.store(tmp_path, "k", texts[1:], feats[1:] + 100)  # new rows win, old unrelated rows are kept
+    got, found = rc.lookup(tmp_path, "k", texts + ["Grade 3. "])  # one changed character = another report
+    assert found.tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(got[:3], np.concatenate([feats[:1], feats[1:] + 100]))
+    assert rc.lookup(tmp_path, "other-key", texts)[1].sum() == 0
+    with pytest.raises(ValueError, match="width"):
+        rc.store(tmp_path, "k", ["x"], np.zeros((1, 5), np.float32))
+
+
+def test_a_corrupt_table_is_named_not_served(tmp_path):
+    rc.table_path(tmp_path, "k").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="k.safetensors"):
+        rc.lookup(tmp_path, "k", ["a"])
+
+
+def test_key_follows_file_contents_and_length(tmp_path):
+    for name in rc.KEY_FILES:
+        (tmp_path / name).write_text(name)
+    k = rc.cache_key(tmp_path, 128)
+    assert rc.cache_key(tmp_path, 128) == k and rc.cache_key(tmp_path, 64) != k
+    (tmp_path / "model.safetensors").write_text("other weights")
+    assert rc.cache_key(tmp_path, 128) != k
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        rc.cache_key(tmp_path, 128)
+
+
+@pytest.fixture(scope="module")
+def trunk():
+    from mmfm.models.text import TextConfig, load_pretrained
+
+    return load_pretrained(TextConfig(trainable="frozen"))
+
+
+REPORTS = ["FINAL DIAGNOSIS: Invasive carcinoma, grade 3, with solid sheets of tumour cells. Necrosis: absent.",
+           "Carcinoma, not otherwise specified, grade 1.",
+           ("Invasive carcinoma showing a tubulopapillary growth pattern; moderately differentiated. LVI: identified. "
+            "Mitotic count: 12 per 10 HPF. Lymph nodes: 2/14 positive. Margins are free of tumour (closest 4.5 mm)."),
+           "Benign.", "Tumour emboli are seen within lymphovascular spaces."]
+
+
+def test_length_bucketed_features_equal_the_trunk_at_full_length(trunk):
+    from mmfm.models.text import TextConfig, tokenize
+    from mmfm.models.text_cache import sentence_features
+
+    got = sentence_features(REPORTS, TextConfig(trainable="frozen"), max_len=64, batch_size=2, length_step=16)
+    ids, mask = tokenize(REPORTS, 64)
+    np.testing.assert_allclose(got, np.asarray(trunk(ids, mask, deterministic=True)), atol=2e-5)
+
+
+def test_model_on_cached_features_equals_model_on_tokens():
+    """The exactness claim: training on the cache = the frozen trunk + head on token ids (eval mode)."""
+    from flax import nnx
+
+    from mmfm.data.batch import BatchShapes
+    from mmfm.models import ModelConfig, MultimodalModel
+    from mmfm.models.text import TextConfig, tokenize
+    from mmfm.models.text_cache import sentence_features
+
+    shapes = BatchShapes(batch_size=len(REPORTS), report_len=64, n_genes=4)
+    cfg = ModelConfig(embed_dim=8, report=TextConfig(trainable="frozen", max_len=64))
+    model = MultimodalModel(cfg, shapes, ("rna", "report"), rngs=nnx.Rngs(0))
+    ids, mask = tokenize(REPORTS, 64)
+    tokens = {"report/input_ids": ids, "report/attention_mask": mask}
+    cached = {**tokens, "report/features": sentence_features(REPORTS, cfg.report, 64)}
+    np.testing.assert_allclose(np.asarray(model.encode("report", cached)), np.asarray(model.encode("report", tokens)),
+                               atol=1e-5)
+    trainable = MultimodalModel(ModelConfig(embed_dim=8, report=TextConfig(trainable="last_k", last_k=1, max_len=64)),
+                                shapes, ("rna", "report"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="trainable"):
+        trainable.encode("report", cached)
+
+
+@pytest.mark.slow
+def test_loader_emits_cached_features_and_falls_back_without_them(tmp_path, caplog):
+    from mmfm.data.cohort import Cohort
+    from mmfm.data.loader import LoaderConfig, case_presence, case_tensors
+    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.models.text import TextConfig
+    from mmfm.models.text_cache import fill_report_cache, sentence_features
+
+    cohort = Cohort.open(simulate_cohort(tmp_path / "c", SimConfig(n_cases=12, seed=1, feature_dim=8,
+                                                                   bag_size_median=16, bag_size_max=32, n_genes=40,
+                                                                   n_proteins=4, missing_report=0.3)))
+    cfg = LoaderConfig(batch_size=4, report_max_len=64, report_cache="cache")
+    ids = list(cohort.cases.index)
+    present = case_presence(cohort, ids, ["report"])
+    assert 0 < present["report"].sum() < len(ids)  # absent rows are exercised
+    with caplog.at_level(logging.WARNING):
+        dense = case_tensors(cohort, ids, cfg, present=present).dense
+    assert "report/features" not in dense and "not in the report cache" in caplog.text
+    with pytest.raises(ValueError, match="frozen"):
+        fill_report_cache(cohort, TextConfig(), tmp_path / "c" / "cache", 64)
+    fill = fill_report_cache(cohort, TextConfig(trainable="frozen"), tmp_path / "c" / "cache", 64)
+    assert (fill.n_reports, fill.n_computed) == (present["report"].sum(), present["report"].sum())
+    again = fill_report_cache(cohort, TextConfig(trainable="frozen"), tmp_path / "c" / "cache", 64)
+    assert again.n_computed == 0 and again.table == fill.table
+    feats = case_tensors(cohort, ids, cfg, present=present).dense["report/features"]
+    texts = cohort.reports.reindex(ids)[present["report"]].tolist()
+    np.testing.assert_allclose(feats[present["report"]],
+                               sentence_features(texts, TextConfig(trainable="frozen"), 64), atol=1e-5)
+    assert (feats[~present["report"]] == 0).all()
+    shutil.rmtree(tmp_path / "c" / "cache")
