@@ -35,7 +35,7 @@ _ORDER_STREAM = 0x5EED  # keeps the case-permutation RNG stream apart from the p
 class LoaderConfig:
     batch_size: int = 32  # global rows per step, split contiguously over processes
     tiles_per_slide: int = 2048
-    multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides
+    multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides (case encoder)
     modalities: tuple[str, ...] = MODALITIES  # emitted if the cohort has them
     n_genes: int = 2000
     report_max_len: int = 128
@@ -106,6 +106,7 @@ class _MakeBatch:
         coords = np.zeros((b, k, 2), np.int32)
         fragment = np.zeros((b, k), np.int32)
         tile_mask = np.zeros((b, k), bool)
+        slide_index = np.zeros((b, k), np.int32)  # which of the case's slides a tile comes from
         present = np.zeros(b, bool)
         for r, c in enumerate(cases):
             slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
@@ -126,6 +127,7 @@ class _MakeBatch:
                     continue
                 feats[r, pos] = got["features"]
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
+                slide_index[r, pos] = q
                 frag = got.get("fragment")
                 if frag is not None:
                     fragment[r, pos] = frag + frag_base
@@ -135,7 +137,7 @@ class _MakeBatch:
                     frag_base += 1
             present[r] = True
         return {"slide/features": feats, "slide/coords": coords, "slide/tile_mask": tile_mask,
-                "slide/fragment": fragment, "slide/present": present}
+                "slide/fragment": fragment, "slide/slide_index": slide_index, "slide/present": present}
 
 
 def _omics(name: str, adata, case_ids: list[str], transform, fit_kwargs: dict):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TYPE_CHECKING
 
 from mmfm.models.abmil import ABMILConfig
+from mmfm.models.case import CaseConfig
 from mmfm.models.omics import OmicsConfig
 from mmfm.models.transformer import TransformerConfig
 
@@ -33,6 +34,7 @@ class ModelConfig:
     head_dropout: float = 0.0
     compute_dtype: str = "float32"        # float32 | bfloat16 (params and outputs stay fp32)
     slide: SlideConfig = field(default_factory=SlideConfig)
+    case: CaseConfig = field(default_factory=CaseConfig)  # multi-slide cases: mean late fusion or a case encoder
     rna: OmicsConfig = field(default_factory=OmicsConfig)
     protein: OmicsConfig = field(default_factory=lambda: OmicsConfig(hidden=256))
     mutation: OmicsConfig = field(default_factory=lambda: OmicsConfig(hidden=64, n_layers=1, dropout=0.1))
