@@ -9,8 +9,8 @@ The call takes what a TRIDENT slide encoder takes: tile features, level-0 top-le
 `patch_size_level0`, plus an optional tile mask [B, N] (False = padding) and tissue-fragment ids [B, N].
 Coordinates become grid indices exactly as mmfm does (⌊xy / patch_size_level0⌋, shifted to the bag's
 minimum over its real tiles), so the embedding equals the Flax model's on the same bag (fp32; tested to
-1e-5). `project=False` returns the slide encoder's own embedding (`slide_backbone` in `mmfm embed`);
-by default it is the unit vector in the shared slide–omics space, and with a case encoder that of a case
+1e-5). `from_export(dir, project=False)` returns the slide encoder's own embedding (`slide_backbone`
+in `mmfm embed`); by default it is the unit vector in the shared slide–omics space, and with a case encoder that of a case
 made of this slide alone. `model.aggregate(slide_embeddings, mask)` is the case encoder over several slides.
 
 Every module mirrors its Flax counterpart attribute for attribute (nn.Linear for `Dense`, nn.LayerNorm for
@@ -295,8 +295,9 @@ class MMFMSlideEncoder(nn.Module):
                      if with_head and "heads.slide" in parts else None)
 
     def forward(self, features, coords=None, patch_size_level0=None, mask=None, fragment=None, *,
-                project: bool = True, return_attention: bool = False):
-        """[B, E] fp32 slide embeddings (and [B, heads, N] attention weights, or None, with `return_attention`)."""
+                project: bool | None = None, return_attention: bool = False):
+        """[B, E] fp32 slide embeddings (and [B, heads, N] attention weights, or None, with `return_attention`).
+        `project` defaults to whether the projection head was loaded (`from_export(..., project=...)`)."""
         if isinstance(features, dict):  # TRIDENT: {'features', 'coords', 'attributes': {'patch_size_level0'}}
             batch = features
             features, coords = batch["features"], batch.get("coords")
@@ -312,6 +313,8 @@ class MMFMSlideEncoder(nn.Module):
             grid = grid_indices(torch.as_tensor(coords, device=features.device), patch_size_level0, mask)
         emb, _, attn = self.encoder(features, grid, mask, fragment)
         emb = emb.float()
+        if project is None:
+            project = self.head is not None
         if project:
             if self.head is None:
                 raise ValueError("this export has no slide projection head; call with project=False")
