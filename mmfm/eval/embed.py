@@ -275,11 +275,12 @@ def _case_encoded(model, backbone: np.ndarray, by_case: pd.Series, case_ids: lis
 
 
 def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """h5ad stores object columns as strings; mixed ones are made explicit."""
+    """h5ad stores object columns as strings; mixed ones are made explicit (plain str objects: anndata ≥ 0.12
+    refuses pandas' nullable string arrays unless a global setting is flipped)."""
     df = df.copy()
     for c in df.columns:
         if df[c].dtype == object:
-            df[c] = df[c].astype("string").fillna("")
+            df[c] = df[c].astype("string").fillna("").astype(object)
     return df
 
 
