@@ -141,7 +141,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
 
 
-def attention(q, k, v, valid, segment, max_elements: int = 1 << 26):
+def attention(q, k, v, valid, segment, max_elements: int = 1 << 28):
     """Query i attends key j iff j is valid and in i's segment; no allowed key → zeros. q/k/v [B, N, H, d];
     queries run in chunks so at most ~`max_elements` logits exist at once."""
     b, n, h, d = q.shape

@@ -1,7 +1,7 @@
 """Transformer slide encoder over tile features with axial 2D RoPE and fragment-local layers.
 
-Tiles are projected D → width (Linear + LayerNorm), register tokens are prepended, and pre-LN blocks
-(attention + GELU MLP) follow. `layer_pattern`:
+Tiles are projected D → width (Linear + LayerNorm, unless `input_norm=False`), register tokens are
+prepended, and pre-LN blocks (attention + GELU MLP) follow. `layer_pattern`:
   "alternate" (EXAONE Path 2.5 style): even layers are position-free global attention over tiles and
   registers; odd layers use 2D RoPE on the tiles' grid indices and, with `fragment_local`, let a tile
   attend only to tiles of its own tissue fragment. Registers sit out RoPE layers (their own segment):
