@@ -218,3 +218,24 @@ def test_unsupported_checkpoints_are_refused_with_the_reason(tmp_path, extra, la
     with pytest.raises(PortingError, match="set n_heads"):
         torch.save(randomised(ViT()).state_dict(), tmp_path / "v.pt")
         import_encoder(ImportConfig(checkpoint=str(tmp_path / "v.pt"), layout="vit", out=str(tmp_path / "o")))
+
+
+def test_an_imported_encoder_initialises_a_model_of_the_same_architecture(tmp_path):
+    from mmfm.data.batch import BatchShapes
+    from mmfm.models import ModelConfig, MultimodalModel
+    from mmfm.models.export_format import ExportFormatError, init_slide_encoder, model_config, read_export
+
+    torch.save(randomised(Clam(heads=1)).state_dict(), tmp_path / "clam.pt")
+    import_encoder(ImportConfig(checkpoint=str(tmp_path / "clam.pt"), layout="clam", out=str(tmp_path / "clam")))
+    slide = model_config(read_export(tmp_path / "clam")[0]).slide
+    model = MultimodalModel(ModelConfig(modalities=("slide",), slide=slide),
+                            BatchShapes(batch_size=2, tiles_per_slide=8, feature_dim=D), rngs=nnx.Rngs(0))
+    init_slide_encoder(model.encoders["slide"], slide, tmp_path / "clam")
+    ref, _, _ = load_slide_encoder(tmp_path / "clam")
+    f, coords, mask = padded_bags(4)
+    np.testing.assert_array_equal(model.encoders["slide"](f, coords, mask).embedding, ref(f, coords, mask).embedding)
+    import dataclasses
+
+    other = dataclasses.replace(slide, abmil=dataclasses.replace(slide.abmil, act="gelu"))
+    with pytest.raises(ExportFormatError, match="act: export 'relu' vs config 'gelu'"):
+        init_slide_encoder(model.encoders["slide"], other, tmp_path / "clam")

@@ -101,7 +101,29 @@ def load_slide_encoder(export_dir: str | Path, rngs: nnx.Rngs | None = None):
     cfg = model_config(config)
     feature_dim = int(config["shapes"]["feature_dim"])
     enc = build_slide_encoder(cfg.slide, feature_dim, dtype=jnp.float32, rngs=rngs or nnx.Rngs(0))
-    prefix = "encoders.slide."
-    port_state_dict(enc, weights, torch_name_map(enc, prefix, ignore=(rf"(?!{re.escape(prefix)}).*",)),
-                    source=f"{export_dir}/{config['weights']}")
+    _port_slide(enc, weights, f"{export_dir}/{config['weights']}")
     return enc, cfg.slide, feature_dim
+
+
+RUNTIME_ONLY = {"dropout", "attn_dropout", "attn_impl", "block_q", "block_k", "mlp_chunk"}  # not the function
+
+
+def init_slide_encoder(encoder: nnx.Module, slide_cfg, export_dir: str | Path) -> None:
+    """Overwrite `encoder` (built from `slide_cfg`, e.g. a MultimodalModel's before pretraining continues) with an
+    export's slide encoder (an imported public checkpoint, say). The architectures must agree field by field;
+    dropout rates and attention kernels may differ."""
+    config, weights = read_export(export_dir)
+    want = model_config(config).slide
+    diff = [f"{k}: export {getattr(getattr(want, want.kind), k)!r} vs config {v!r}"
+            for k, v in dataclasses.asdict(getattr(slide_cfg, slide_cfg.kind)).items()
+            if k not in RUNTIME_ONLY and getattr(getattr(want, want.kind), k) != v] if want.kind == slide_cfg.kind \
+        else [f"kind: export {want.kind!r} vs config {slide_cfg.kind!r}"]
+    if diff:
+        raise ExportFormatError(f"{export_dir}: its slide encoder differs from model.slide ({'; '.join(diff)})")
+    _port_slide(encoder, weights, f"{export_dir}/{config['weights']}")
+
+
+def _port_slide(encoder: nnx.Module, weights: dict[str, np.ndarray], source: str) -> None:
+    prefix = "encoders.slide."
+    port_state_dict(encoder, weights, torch_name_map(encoder, prefix, ignore=(rf"(?!{re.escape(prefix)}).*",)),
+                    source=source)
