@@ -28,7 +28,8 @@ def cohort(tmp_path_factory):
     from mmfm.data.simulate import SimConfig, simulate_cohort
 
     return simulate_cohort(tmp_path_factory.mktemp("export") / "cohort", SimConfig(
-        n_cases=32, seed=4, feature_dim=16, bag_size_median=90, bag_size_min=64, bag_size_max=160, n_genes=40, n_proteins=8,
+        n_cases=32, seed=4, feature_dim=16, bag_size_median=90, bag_size_min=64, bag_size_max=160, n_genes=40,
+        n_proteins=8,
         multi_slide_rate=0.6, missing_slide=0.1))
 
 
@@ -48,7 +49,8 @@ def abmil_run(cohort, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def case_run(cohort, tmp_path_factory):
-    return _train(cohort, tmp_path_factory, "demo_case_encoder.yaml", "train.eval_every=0", "model.slide.kind=transformer",
+    return _train(cohort, tmp_path_factory, "demo_case_encoder.yaml", "train.eval_every=0",
+                  "model.slide.kind=transformer",
                   "model.slide.transformer.width=16", "model.slide.transformer.depth=2",
                   "model.slide.transformer.n_heads=2", "model.slide.transformer.n_registers=2",
                   "model.slide.transformer.block_q=16", "model.slide.transformer.block_k=16",
@@ -67,7 +69,8 @@ def padded_slides(cohort_dir, slide_ids, n_pad=7, seed=0):
     d = raw[0][0]["features"].shape[1]
     f = (20 * rng.standard_normal((len(raw), n, d))).astype(np.float32)
     px = rng.integers(0, 10 ** 5, (len(raw), n, 2))
-    mask, frag, grid = np.zeros((len(raw), n), bool), np.zeros((len(raw), n), np.int32), np.zeros((len(raw), n, 2), np.int32)
+    mask, frag = np.zeros((len(raw), n), bool), np.zeros((len(raw), n), np.int32)
+    grid = np.zeros((len(raw), n, 2), np.int32)
     for i, (bag, psl0) in enumerate(raw):
         pos = np.sort(rng.choice(n, len(bag["features"]), replace=False))
         f[i, pos], px[i, pos], mask[i, pos] = bag["features"], bag["coords"], True
@@ -87,7 +90,8 @@ def _check_twin(model, export, cohort, slide_ids):
     assert len(set(frag[mask])) > 1  # real fragments
     diffs = {}
     for project in (True, False):
-        want = np.asarray(nnx.jit(lambda m, *a: m.encode_slide(*a, project=project).embedding)(model, f, grid, mask, frag))
+        flax_fn = nnx.jit(lambda m, *a: m.encode_slide(*a, project=project).embedding)
+        want = np.asarray(flax_fn(model, f, grid, mask, frag))
         twin = torch_slide.from_export(export, project=project)
         with torch.no_grad():
             got = twin(torch.from_numpy(f), torch.from_numpy(px), torch.from_numpy(psl0), torch.from_numpy(mask),

@@ -40,7 +40,8 @@ def pool(h, logits, mask):
 class Clam(nn.Module):
     def __init__(self, hidden=16, attn_dim=8, heads=3):
         super().__init__()
-        self.attention_net = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Dropout(0.25), Gated(hidden, attn_dim, heads))
+        self.attention_net = nn.Sequential(nn.Linear(D, hidden), nn.ReLU(), nn.Dropout(0.25),
+                                           Gated(hidden, attn_dim, heads))
         self.classifiers = nn.Linear(hidden, 2)
         self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2)])
 
@@ -214,7 +215,8 @@ def test_unsupported_checkpoints_are_refused_with_the_reason(tmp_path, extra, la
     state = dict(randomised(ViT() if layout != "tangle" else Tangle()).state_dict(), **extra)
     torch.save(state, tmp_path / "c.pt")
     with pytest.raises(PortingError, match=match):
-        import_encoder(ImportConfig(checkpoint=str(tmp_path / "c.pt"), layout=layout, n_heads=2, out=str(tmp_path / "o")))
+        import_encoder(ImportConfig(checkpoint=str(tmp_path / "c.pt"), layout=layout, n_heads=2,
+                                    out=str(tmp_path / "o")))
     with pytest.raises(PortingError, match="set n_heads"):
         torch.save(randomised(ViT()).state_dict(), tmp_path / "v.pt")
         import_encoder(ImportConfig(checkpoint=str(tmp_path / "v.pt"), layout="vit", out=str(tmp_path / "o")))

@@ -4,8 +4,6 @@ padding at random positions and tissue fragments, from level-0 pixel coordinates
 Weights here are random and then perturbed (non-zero biases, LayerNorm scales ≠ 1); trained weights are
 covered by tests/test_export.py."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -100,8 +98,8 @@ def test_pytorch_twin_reproduces_flax(tmp_path, name):
         real = mask[1]
         batch = {"features": torch.from_numpy(f[1:, real]), "coords": torch.from_numpy(px[1:, real]),
                  "attributes": {"patch_size_level0": PSL0}}
-        np.testing.assert_allclose(twin(batch).numpy(), twin(torch.from_numpy(f[1:]), torch.from_numpy(px[1:]), PSL0,
-                                                             torch.from_numpy(mask[1:])).numpy(), atol=1e-5)
+        padded = twin(torch.from_numpy(f[1:]), torch.from_numpy(px[1:]), PSL0, torch.from_numpy(mask[1:]))
+        np.testing.assert_allclose(twin(batch).numpy(), padded.numpy(), atol=1e-5)
 
 
 def test_case_encoder_twin_aggregates_like_flax(tmp_path):
@@ -123,8 +121,9 @@ def test_chunked_attention_equals_whole():
     seg = torch.randint(0, 3, (2, 37), generator=g)
     whole = T.attention(q, k, v, valid, seg)
     np.testing.assert_allclose(T.attention(q, k, v, valid, seg, max_elements=100).numpy(), whole.numpy(), atol=1e-6)
-    ref = torch.softmax((q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) / 8 ** 0.5 + torch.where(
-        valid[:, None, None, :] & (seg[:, None, :, None] == seg[:, None, None, :]), 0.0, float("-inf")), -1) @ v.transpose(1, 2)
+    allowed = valid[:, None, None, :] & (seg[:, None, :, None] == seg[:, None, None, :])
+    logits = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) / 8 ** 0.5 + torch.where(allowed, 0.0, float("-inf"))
+    ref = torch.softmax(logits, -1) @ v.transpose(1, 2)
     np.testing.assert_allclose(whole.numpy(), torch.nan_to_num(ref).transpose(1, 2).numpy(), atol=1e-5)
 
 

@@ -268,7 +268,8 @@ def _case_encoded(model, backbone: np.ndarray, by_case: pd.Series, case_ids: lis
     for start in range(0, len(case_ids), cfg.batch_size):
         xb, mb = x[start:start + cfg.batch_size], m[start:start + cfg.batch_size]
         pad = cfg.batch_size - len(xb)  # fixed shape: one compile
-        out.append(np.asarray(run(state, np.pad(xb, ((0, pad), (0, 0), (0, 0))), np.pad(mb, ((0, pad), (0, 0)))))[:len(xb)])
+        got = run(state, np.pad(xb, ((0, pad), (0, 0), (0, 0))), np.pad(mb, ((0, pad), (0, 0))))
+        out.append(np.asarray(got)[:len(xb)])
     e = np.concatenate(out).astype(np.float32)
     e[~m.any(1)] = np.nan
     return e

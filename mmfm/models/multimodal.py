@@ -126,7 +126,10 @@ class MultimodalModel(nnx.Module):
         s = self.max_slides
         index = jnp.zeros((b, k), jnp.int32) if slide_index is None else slide_index
         masks = mask[:, None, :] & (index[:, None, :] == jnp.arange(s)[None, :, None])  # [B, S, K]
-        per_slide = lambda x: None if x is None else jnp.repeat(x, s, axis=0)  # row-major: (b, slide)
+
+        def per_slide(x):  # row-major: (row, slide)
+            return None if x is None else jnp.repeat(x, s, axis=0)
+
         out = self.encoders["slide"](per_slide(features), per_slide(coords), masks.reshape(b * s, k),
                                      per_slide(fragment), deterministic=deterministic)
         emb = out.embedding.astype(jnp.float32).reshape(b, s, -1)

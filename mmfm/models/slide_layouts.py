@@ -53,9 +53,9 @@ class Converted:
 
 @dataclass(frozen=True)
 class Layout:
-    anchor: str                                           # regex every checkpoint of the layout has (prefix found by it)
+    anchor: str                                    # regex every checkpoint of the layout has (finds the prefix)
     convert: Callable[..., Converted]
-    unsupported: tuple[tuple[str, str], ...] = ()         # (key regex, why) refused with an explanation
+    unsupported: tuple[tuple[str, str], ...] = ()  # (key regex, why) refused with an explanation
 
 
 def _need(state: State, key: str, ndim: int, layout: str) -> np.ndarray:
@@ -68,7 +68,8 @@ def _need(state: State, key: str, ndim: int, layout: str) -> np.ndarray:
 
 
 def _linear(src: str, dst: str, fn_w=transpose, fn_b=identity) -> tuple[Rule, ...]:
-    return Rule(re.escape(src) + r"\.weight", dst + ".kernel", fn_w), Rule(re.escape(src) + r"\.bias", dst + ".bias", fn_b)
+    return (Rule(re.escape(src) + r"\.weight", dst + ".kernel", fn_w),
+            Rule(re.escape(src) + r"\.bias", dst + ".bias", fn_b))
 
 
 def _norm(src: str, dst: str) -> tuple[Rule, ...]:
@@ -86,7 +87,8 @@ def _gated(src: str, heads: int) -> tuple[Rule, ...]:
 
 def _clam(state: State, **_) -> Converted:
     fc = _need(state, "attention_net.0.weight", 2, "clam")
-    gated = sorted({m.group(1) for k in state if (m := re.fullmatch(r"attention_net\.(\d+)\.attention_a\.0\.weight", k))})
+    gated = sorted({m.group(1) for k in state
+                    if (m := re.fullmatch(r"attention_net\.(\d+)\.attention_a\.0\.weight", k))})
     if len(gated) != 1:
         raise PortingError(f"layout clam: expected one attention_net.<i>.attention_a block, found {gated or 'none'}")
     src = f"attention_net.{gated[0]}"
