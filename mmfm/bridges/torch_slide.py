@@ -11,7 +11,8 @@ Coordinates become grid indices exactly as mmfm does (⌊xy / patch_size_level0�
 minimum over its real tiles), so the embedding equals the Flax model's on the same bag (fp32; tested to
 1e-5). `from_export(dir, project=False)` returns the slide encoder's own embedding (`slide_backbone`
 in `mmfm embed`); by default it is the unit vector in the shared slide–omics space, and with a case
-encoder that of a case made of this slide alone. `model.aggregate(slide_embeddings, mask)` is the case encoder over several slides.
+encoder that of a case made of this slide alone. `model.aggregate(slide_embeddings, mask)` is the case
+encoder over several slides.
 
 Every module mirrors its Flax counterpart attribute for attribute (nn.Linear for `Dense`, nn.LayerNorm for
 `LayerNorm`), so the exported safetensors load with `load_state_dict(strict=True)`. Attention runs in

@@ -35,7 +35,7 @@ _ORDER_STREAM = 0x5EED  # keeps the case-permutation RNG stream apart from the p
 class LoaderConfig:
     batch_size: int = 32  # global rows per step, split contiguously over processes
     tiles_per_slide: int = 2048
-    multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides (case encoder)
+    multi_slide: str = "sample"  # 'sample': one slide per case per epoch; 'pool': tiles of all its slides
     modalities: tuple[str, ...] = MODALITIES  # emitted if the cohort has them
     n_genes: int = 2000
     report_max_len: int = 128
