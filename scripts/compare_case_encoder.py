@@ -100,13 +100,14 @@ def compare(out: Path, n_cases: int, multi_rate: float, steps: int, seed: int, n
     per_slide = pd.DataFrame(slides_case_run.obsm["slide"], index=slides_case_run.obs["case_id"].astype(str))
     z = {"mean_fusion": base[ids].obsm["slide"], "case_encoder": emb["case_encoder"][ids].obsm["slide"],
          "case_run_mean": per_slide.groupby(level=0).mean().loc[ids].to_numpy(np.float32)}
-    rna = base[ids].obsm["rna"]
+    rna = {"mean_fusion": base[ids].obsm["rna"], "case_encoder": emb["case_encoder"][ids].obsm["rna"]}
+    rna["case_run_mean"] = rna["case_encoder"]  # each run retrieves in its own shared space
     truth = pd.read_csv(cohort / "truth" / "cases.csv", index_col=0)
     truth.index = truth.index.astype(str)
     subtypes = sorted(truth["subtype"].unique())
     y = truth.loc[ids, "subtype"].map({s: i for i, s in enumerate(subtypes)}).to_numpy()
 
-    hits = {k: _retrieval_hits(v, rna) for k, v in z.items()}
+    hits = {k: _retrieval_hits(v, rna[k]) for k, v in z.items()}
     probas = {k: _probe(v, y, seed) for k, v in z.items()}
     rng = np.random.default_rng(seed)
     result = {"n_heldout_cases": int(len(ids)), "n_multi_slide": int((n_slides > 1).sum()), "steps": steps,
