@@ -2,6 +2,7 @@
 equals encoding every slide alone, mean fusion stays the default, and it trains in the multimodal objective."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,8 @@ SHAPES = BatchShapes(batch_size=4, tiles_per_slide=24, feature_dim=12, n_genes=1
 
 
 def _model(case=CASE, seed=0):
-    cfg = ModelConfig(modalities=("slide", "rna"), embed_dim=8, case=case,
-                      slide=SlideConfig(abmil=ABMILConfig(hidden=16, attn_dim=8, n_heads=2)))
-    return MultimodalModel(cfg, SHAPES, rngs=nnx.Rngs(seed))
+    cfg = ModelConfig(embed_dim=8, case=case, slide=SlideConfig(abmil=ABMILConfig(hidden=16, attn_dim=8, n_heads=2)))
+    return MultimodalModel(cfg, SHAPES, ("slide", "rna"), rngs=nnx.Rngs(seed))
 
 
 def test_case_encoder_is_a_function_of_the_set_of_present_slides():
@@ -97,7 +97,7 @@ def test_case_encoder_trains_in_the_multimodal_objective():
     def loss(model):
         emb = model(batch, deterministic=False)
         return multimodal_loss(emb, {k: batch[f"{k}/present"] for k in emb}, batch["case_index"], logit,
-                               ObjectiveConfig())[0]
+                               ObjectiveConfig(), axis=None)[0]
 
     grads = nnx.jit(nnx.grad(loss))(model)
     case_grads = jax.tree.leaves(nnx.state(grads, nnx.Param)["case_encoder"])
@@ -109,3 +109,17 @@ def test_bad_case_config_names_the_key():
         CaseConfig(kind="max")
     with pytest.raises(ValueError, match="n_heads"):
         CaseConfig(width=10, n_heads=4)
+
+
+def test_run_config_case_encoder_needs_pooled_slides():
+    from mmfm.train.config import ConfigError, load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "mmfm" / "configs" / "demo_case_encoder.yaml"
+    cfg = load_config(recipe)
+    assert cfg.model.case.kind == "transformer" and cfg.loader.multi_slide == "pool"
+    with pytest.raises(ConfigError, match=r"demo_case_encoder\.yaml: model\.case\.kind=transformer needs "
+                                          r"loader\.multi_slide=pool \(got 'sample'"):
+        load_config(recipe, ["loader.multi_slide=sample"])
+    with pytest.raises(ConfigError, match=r"data\.modalities needs 'slide'"):
+        load_config(recipe, ["data.modalities=[rna, protein]"])
+    assert load_config(recipe, ["loader.multi_slide=sample", "model.case.kind=mean"]).model.case.kind == "mean"

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmfm.models.axes import EMBED, HIDDEN, TILES
 from mmfm.models.layers import Dense, LayerNorm, param
 from mmfm.models.transformer import Block, TransformerConfig
 
@@ -57,9 +58,9 @@ class CaseEncoder(nnx.Module):
     """[B, S, in_dim] slide embeddings + [B, S] presence → [B, width] fp32 case embeddings."""
 
     def __init__(self, cfg: CaseConfig, in_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.proj = Dense(in_dim, cfg.width, ("embed", "hidden"), rngs=rngs)
-        self.proj_norm = LayerNorm(cfg.width, "hidden", rngs=rngs)
-        self.case_token = param(rngs, nnx.initializers.normal(0.02), (1, cfg.width), (None, "embed"))
+        self.proj = Dense(in_dim, cfg.width, (EMBED, HIDDEN), rngs=rngs)
+        self.proj_norm = LayerNorm(cfg.width, HIDDEN, rngs=rngs)
+        self.case_token = param(rngs, nnx.initializers.normal(0.02), (1, cfg.width), (TILES, EMBED))
         self.blocks = nnx.data([Block(cfg.block_config(), rngs=rngs) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width, rngs=rngs)
         self.dtype, self.out_dim = dtype, cfg.width

@@ -86,6 +86,14 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.modalities: needs distinct entries from {MODALITIES}, got {cfg.data.modalities}")
     if (t.mesh.data == -1) and (t.mesh.fsdp == -1):
         raise ConfigError("train.mesh: at most one axis may be -1")
+    if cfg.model.case.kind == "transformer":  # a case encoder learns from rows that hold several slides
+        if "slide" not in cfg.data.modalities:
+            raise ConfigError(f"model.case.kind=transformer aggregates slides: data.modalities needs 'slide', "
+                              f"got {list(cfg.data.modalities)}")
+        if cfg.loader.multi_slide != "pool":
+            raise ConfigError(f"model.case.kind=transformer needs loader.multi_slide=pool (got "
+                              f"{cfg.loader.multi_slide!r}: each row would hold one slide and the case encoder "
+                              f"would never see a multi-slide case)")
     return cfg
 
 
