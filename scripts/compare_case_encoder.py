@@ -110,7 +110,7 @@ def compare(out: Path, n_cases: int, multi_rate: float, steps: int, seed: int, n
     hits = {k: _retrieval_hits(v, rna[k]) for k, v in z.items()}
     probas = {k: _probe(v, y, seed) for k, v in z.items()}
     rng = np.random.default_rng(seed)
-    result = {"n_heldout_cases": int(len(ids)), "n_multi_slide": int((n_slides > 1).sum()), "steps": steps,
+    result = {"n_heldout_cases": len(ids), "n_multi_slide": int((n_slides > 1).sum()), "steps": steps,
               "cohort": {"n_cases": n_cases, "multi_slide_rate": multi_rate, "seed": seed}, "subsets": {}}
     for subset, rows in (("all", np.ones(len(ids), bool)), ("multi_slide", n_slides > 1),
                          ("single_slide", n_slides == 1)):
@@ -136,7 +136,7 @@ def compare(out: Path, n_cases: int, multi_rate: float, steps: int, seed: int, n
                 row["delta_subtype_auroc"] = row["subtype_auroc"] - table["mean_fusion"]["subtype_auroc"]
                 row["delta_subtype_auroc_ci95"] = _ci(np.asarray(diffs, float))
             table[name] = row
-        result["subsets"][subset] = {"n": int(len(idx)), "chance_recall@5": 5 / len(ids), "table": table}
+        result["subsets"][subset] = {"n": len(idx), "chance_recall@5": 5 / len(ids), "table": table}
     return result
 
 

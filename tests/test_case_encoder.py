@@ -27,7 +27,7 @@ def _model(case=CASE, seed=0):
 
 def test_case_encoder_is_a_function_of_the_set_of_present_slides():
     module = CaseEncoder(CASE, 6, rngs=nnx.Rngs(0))
-    enc = lambda x, m: nnx.jit(lambda e, x, m: e(x, m))(module, x, m)  # noqa: E731
+    enc = lambda x, m: nnx.jit(lambda e, x, m: e(x, m))(module, x, m)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 6)).astype(np.float32)
     m = np.array([[True, True, False, True], [True, False, False, False]])

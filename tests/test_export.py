@@ -11,9 +11,9 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from mmfm.bridges import torch_slide  # noqa: E402
-from mmfm.data.bags import grid_indices, read_bag  # noqa: E402
-from mmfm.train.export import ExportConfig, export_run, run_export  # noqa: E402
+from mmfm.bridges import torch_slide
+from mmfm.data.bags import grid_indices, read_bag
+from mmfm.train.export import export_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.steps=3", "train.ckpt_every=1", "train.keep_last=5", "train.progress=false", "train.warmup=1",
@@ -90,7 +90,7 @@ def _check_twin(model, export, cohort, slide_ids):
     assert len(set(frag[mask])) > 1  # real fragments
     diffs = {}
     for project in (True, False):
-        flax_fn = nnx.jit(lambda m, *a: m.encode_slide(*a, project=project).embedding)
+        flax_fn = nnx.jit(lambda m, *a, p=project: m.encode_slide(*a, project=p).embedding)
         want = np.asarray(flax_fn(model, f, grid, mask, frag))
         twin = torch_slide.from_export(export, project=project)
         with torch.no_grad():
@@ -103,10 +103,12 @@ def _check_twin(model, export, cohort, slide_ids):
 
 def test_trained_abmil_run_exports_every_tower_exactly(abmil_run, cohort, tmp_path):
     from mmfm.models.weight_porting import load_safetensors, to_torch_state
-    from mmfm.train.loop import best_step, load_for_inference
+    from mmfm.cli import main
     from mmfm.train.metrics import read_jsonl
+    from mmfm.train.rundir import best_step, load_for_inference
 
-    config = run_export(ExportConfig(run=str(abmil_run), out=str(tmp_path / "export"), step="best"))
+    assert main(["export", "--run", str(abmil_run), "--out", str(tmp_path / "export"), "--step", "best"]) == 0
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
     evals = {r["step"]: r["recall@5/slide->rna"] for r in read_jsonl(abmil_run / "eval.jsonl")}
     assert config["source"]["step"] == max(evals, key=evals.get) == best_step(abmil_run, "recall@5/slide->rna", "max",
                                                                                sorted(evals))
@@ -121,8 +123,8 @@ def test_trained_abmil_run_exports_every_tower_exactly(abmil_run, cohort, tmp_pa
         want.update(to_torch_state(model.heads[m], f"heads.{m}."))
     got = load_safetensors(tmp_path / "export" / "model.safetensors")
     assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
     other, _, _ = load_for_inference(abmil_run, step=next(s for s in evals if s != config["source"]["step"]))
     assert not np.array_equal(to_torch_state(other.encoders["slide"])["pool.score"], got["encoders.slide.pool.score"])
 
@@ -135,7 +137,7 @@ def test_trained_abmil_run_exports_every_tower_exactly(abmil_run, cohort, tmp_pa
 def test_case_encoder_run_exports_and_matches_embed(case_run, cohort, tmp_path):
     from mmfm.data.cohort import Cohort
     from mmfm.eval.embed import EmbedConfig, embed
-    from mmfm.train.loop import load_for_inference
+    from mmfm.train.rundir import load_for_inference
 
     config = export_run(case_run, tmp_path / "export")
     assert config["source"]["step"] == 3 and "case_encoder" in config["components"]
@@ -164,8 +166,42 @@ def test_case_encoder_run_exports_and_matches_embed(case_run, cohort, tmp_path):
         embed(case_run, cohort, tmp_path / "p.h5ad", cfg=EmbedConfig(multi_slide="pool"), case_ids=[case])
 
 
-def test_unknown_step_is_named(abmil_run, tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint for step 999"):
-        export_run(abmil_run, tmp_path / "x", 999)
-    with pytest.raises(ValueError, match="step='last'"):
-        export_run(abmil_run, tmp_path / "x", "last")
+def test_user_errors_name_the_step_or_run(abmil_run, tmp_path, capsys):
+    from mmfm.cli import main
+
+    for argv, message in [(["--step", "999"], "no checkpoint for step 999"),
+                          (["--step", "last"], "step"),
+                          (["--run", str(tmp_path / "nope")], "nope: no such run directory")]:
+        args = {"--run": str(abmil_run), "--out": str(tmp_path / "x")}
+        args.update(dict(zip(argv[::2], argv[1::2])))
+        assert main(["export", *[x for kv in args.items() for x in kv]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmfm export: error:") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_new_run_starts_from_an_exported_slide_encoder(abmil_run, cohort, tmp_path_factory, tmp_path):
+    """`train.init_slide_encoder`: the export's slide encoder is the new run's step-0 slide encoder (lr=0 keeps it),
+    the rest starts fresh; an export of another architecture is refused before a run directory exists."""
+    from mmfm.models.weight_porting import load_safetensors, to_torch_state
+    from mmfm.train.config import ConfigError, load_config
+    from mmfm.train.loop import pretrain
+    from mmfm.train.rundir import load_for_inference
+
+    export_run(abmil_run, tmp_path / "export")
+    run = _train(cohort, tmp_path_factory, "demo.yaml", "train.eval_every=0", "train.steps=1", "train.lr=0",
+                 f"train.init_slide_encoder={tmp_path / 'export'}")
+    model, _, _ = load_for_inference(run)
+    exported = load_safetensors(tmp_path / "export" / "model.safetensors")
+    for k, v in to_torch_state(model.encoders["slide"], "encoders.slide.").items():
+        np.testing.assert_array_equal(v, exported[k], err_msg=k)
+    assert not np.array_equal(to_torch_state(model.heads["slide"], "heads.slide.")["heads.slide.fc1.weight"],
+                              exported["heads.slide.fc1.weight"])  # only the slide encoder is taken
+    other = tmp_path / "other"
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.cohort={cohort}", *TINY, "model.slide.abmil.hidden=8",
+                                                       f"train.init_slide_encoder={tmp_path / 'export'}"])
+    with pytest.raises(ValueError, match="differs from model.slide .hidden: export 16 vs config 8"):
+        pretrain(cfg, other)
+    assert not other.exists()
+    with pytest.raises(ConfigError, match="train.init_slide_encoder .* data.modalities needs 'slide'"):
+        load_config(REPO / "configs" / "demo.yaml", ["data.modalities=[rna, protein]", "train.init_slide_encoder=x"])

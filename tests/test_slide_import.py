@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from torch import nn
 
-from mmfm.bridges import torch_slide  # noqa: E402
-from mmfm.bridges.slide_import import ImportConfig, import_encoder  # noqa: E402
-from mmfm.models.export_format import load_slide_encoder  # noqa: E402
-from mmfm.models.weight_porting import PortingError  # noqa: E402
+from mmfm.bridges import torch_slide
+from mmfm.bridges.slide_import import LayoutOptions, import_encoder
+from mmfm.models.export_format import load_slide_encoder
+from mmfm.models.weight_porting import PortingError
 
 D = 12
 
@@ -53,7 +53,7 @@ class Clam(nn.Module):
 class Tangle(nn.Module):
     def __init__(self, hidden=16, attn_dim=8):
         super().__init__()
-        block = lambda i: [nn.Linear(i, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(0.1)]  # noqa: E731
+        block = lambda i: [nn.Linear(i, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(0.1)]
         self.pre_attn = nn.Sequential(*block(D), *block(hidden))
         self.attn = Gated(hidden, attn_dim, 1)
 
@@ -144,7 +144,7 @@ def compare(ref, out_dir, **kw):
 def test_clam_layout_multi_branch_from_a_state_dict(tmp_path):
     ref = randomised(Clam(heads=3))
     torch.save(ref.state_dict(), tmp_path / "clam.pt")
-    res = import_encoder(ImportConfig(checkpoint=str(tmp_path / "clam.pt"), layout="clam", out=str(tmp_path / "clam")))
+    res = import_encoder(tmp_path / "clam.pt", "clam", tmp_path / "clam")
     assert res["slide"]["abmil"]["n_heads"] == 3 and res["left_alone"] == []
     cfg = compare(ref, tmp_path / "clam")
     assert (cfg.abmil.hidden, cfg.abmil.attn_dim, cfg.abmil.act) == (16, 8, "relu")
@@ -157,8 +157,7 @@ def test_tangle_layout_under_its_prefix_from_safetensors(tmp_path):
     state = {f"wsi_embedder.{k}": v for k, v in ref.state_dict().items()}
     state["rna_embedder.blocks.0.0.weight"] = torch.ones(4, 4)  # another tower: left alone, reported
     save_file(state, str(tmp_path / "tangle.safetensors"))
-    res = import_encoder(ImportConfig(checkpoint=str(tmp_path / "tangle.safetensors"), layout="tangle",
-                                      out=str(tmp_path / "tangle")))
+    res = import_encoder(tmp_path / "tangle.safetensors", "tangle", tmp_path / "tangle")
     assert res["left_alone"] == ["rna_embedder.blocks.0.0.weight"]
     cfg = compare(ref, tmp_path / "tangle", seed=1)
     assert cfg.abmil.pre_norm and cfg.abmil.n_pre_layers == 2 and cfg.abmil.act == "gelu_exact"
@@ -167,8 +166,7 @@ def test_tangle_layout_under_its_prefix_from_safetensors(tmp_path):
 def test_vit_layout(tmp_path):
     ref = randomised(ViT(), seed=2)
     torch.save({"model": ref.state_dict()}, tmp_path / "vit.pth")
-    res = import_encoder(ImportConfig(checkpoint=str(tmp_path / "vit.pth"), layout="vit", n_heads=2,
-                                      out=str(tmp_path / "vit")))
+    res = import_encoder(tmp_path / "vit.pth", "vit", tmp_path / "vit", LayoutOptions(n_heads=2))
     t = res["slide"]["transformer"]
     assert (t["width"], t["depth"], t["n_registers"], t["mlp_ratio"], t["readout"]) == (16, 2, 3, 3.0, "cls")
     compare(ref, tmp_path / "vit", seed=2)
@@ -183,7 +181,7 @@ def test_round_trip_flax_export_flax_is_exact(tmp_path, kind):
 
     slide = SlideConfig(kind=kind, transformer=TransformerConfig(width=16, depth=2, n_heads=2, n_registers=1))
     enc = build_slide_encoder(slide, D, dtype=np.float32, rngs=nnx.Rngs(5))
-    write_export(tmp_path / "e", {"encoders.slide": enc}, ModelConfig(modalities=("slide",), slide=slide),
+    write_export(tmp_path / "e", {"encoders.slide": enc}, ModelConfig(slide=slide),
                  {"feature_dim": D}, {})
     back, cfg, _ = load_slide_encoder(tmp_path / "e")
     assert cfg == slide
@@ -199,7 +197,7 @@ def test_mismatches_name_every_key(tmp_path):
     state["attention_net.3.attention_x.weight"] = torch.zeros(2, 2)
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(PortingError) as err:
-        import_encoder(ImportConfig(checkpoint=str(tmp_path / "bad.pt"), layout="clam", out=str(tmp_path / "o")))
+        import_encoder(tmp_path / "bad.pt", "clam", tmp_path / "o")
     msg = str(err.value)
     for key in ("pool.gate_branch.bias", "attention_net.3.attention_x.weight", "attention_net.3.attention_b.0.weight"):
         assert key in msg, msg
@@ -215,23 +213,27 @@ def test_unsupported_checkpoints_are_refused_with_the_reason(tmp_path, extra, la
     state = dict(randomised(ViT() if layout != "tangle" else Tangle()).state_dict(), **extra)
     torch.save(state, tmp_path / "c.pt")
     with pytest.raises(PortingError, match=match):
-        import_encoder(ImportConfig(checkpoint=str(tmp_path / "c.pt"), layout=layout, n_heads=2,
-                                    out=str(tmp_path / "o")))
+        import_encoder(tmp_path / "c.pt", layout, tmp_path / "o", LayoutOptions(n_heads=2))
     with pytest.raises(PortingError, match="set n_heads"):
         torch.save(randomised(ViT()).state_dict(), tmp_path / "v.pt")
-        import_encoder(ImportConfig(checkpoint=str(tmp_path / "v.pt"), layout="vit", out=str(tmp_path / "o")))
+        import_encoder(tmp_path / "v.pt", "vit", tmp_path / "o")
 
 
 def test_an_imported_encoder_initialises_a_model_of_the_same_architecture(tmp_path):
     from mmfm.data.batch import BatchShapes
     from mmfm.models import ModelConfig, MultimodalModel
-    from mmfm.models.export_format import ExportFormatError, init_slide_encoder, model_config, read_export
+    from mmfm.models.export_format import (
+        ExportFormatError,
+        init_slide_encoder,
+        model_config,
+        read_export,
+    )
 
     torch.save(randomised(Clam(heads=1)).state_dict(), tmp_path / "clam.pt")
-    import_encoder(ImportConfig(checkpoint=str(tmp_path / "clam.pt"), layout="clam", out=str(tmp_path / "clam")))
+    import_encoder(tmp_path / "clam.pt", "clam", tmp_path / "clam")
     slide = model_config(read_export(tmp_path / "clam")[0]).slide
-    model = MultimodalModel(ModelConfig(modalities=("slide",), slide=slide),
-                            BatchShapes(batch_size=2, tiles_per_slide=8, feature_dim=D), rngs=nnx.Rngs(0))
+    model = MultimodalModel(ModelConfig(slide=slide), BatchShapes(batch_size=2, tiles_per_slide=8, feature_dim=D),
+                            ("slide",), rngs=nnx.Rngs(0))
     init_slide_encoder(model.encoders["slide"], slide, tmp_path / "clam")
     ref, _, _ = load_slide_encoder(tmp_path / "clam")
     f, coords, mask = padded_bags(4)

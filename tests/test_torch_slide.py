@@ -11,15 +11,15 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from mmfm.bridges import torch_slide as T  # noqa: E402
-from mmfm.data.bags import grid_indices  # noqa: E402
-from mmfm.data.batch import BatchShapes  # noqa: E402
-from mmfm.models import ModelConfig, MultimodalModel  # noqa: E402
-from mmfm.models.abmil import ABMILConfig  # noqa: E402
-from mmfm.models.case import CaseConfig  # noqa: E402
-from mmfm.models.config import SlideConfig  # noqa: E402
-from mmfm.models.export_format import write_export  # noqa: E402
-from mmfm.models.transformer import TransformerConfig  # noqa: E402
+from mmfm.bridges import torch_slide as T
+from mmfm.data.bags import grid_indices
+from mmfm.data.batch import BatchShapes
+from mmfm.models import ModelConfig, MultimodalModel
+from mmfm.models.abmil import ABMILConfig
+from mmfm.models.case import CaseConfig
+from mmfm.models.config import SlideConfig
+from mmfm.models.export_format import write_export
+from mmfm.models.transformer import TransformerConfig
 
 D, PSL0 = 12, 512
 TINY = dict(width=16, depth=3, n_heads=2, mlp_ratio=2.0, block_q=8, block_k=8, mlp_chunk=16, readout_heads=2)
@@ -47,8 +47,9 @@ def perturb(module, seed=0, scale=0.1):
 
 
 def export_model(tmp_path, slide, case, head_hidden):
-    cfg = ModelConfig(modalities=("slide",), embed_dim=8, head_hidden=head_hidden, slide=slide, case=case)
-    model = MultimodalModel(cfg, BatchShapes(batch_size=2, tiles_per_slide=8, feature_dim=D), rngs=nnx.Rngs(0))
+    cfg = ModelConfig(embed_dim=8, head_hidden=head_hidden, slide=slide, case=case)
+    model = MultimodalModel(cfg, BatchShapes(batch_size=2, tiles_per_slide=8, feature_dim=D), ("slide",),
+                            rngs=nnx.Rngs(0))
     perturb(model)
     parts = {"encoders.slide": model.encoders["slide"], "heads.slide": model.heads["slide"]}
     if model.case_encoder is not None:
@@ -137,13 +138,16 @@ def test_export_directory_is_checked(tmp_path):
 
 
 def test_read_state_dict_refuses_pickled_code(tmp_path):
+    """The one checkpoint reader of the bridges (`encoders.read_state_dict`) serves slide-encoder imports too."""
+    from mmfm.bridges.encoders import EncoderError, read_state_dict
+
     class Evil:
         def __reduce__(self):
             return (print, ("executed",))
 
     torch.save({"w": torch.ones(2), "evil": Evil()}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="bad.pt: not a weights-only"):
-        T.read_state_dict(tmp_path / "bad.pt")
-    torch.save({"state_dict": {"a.weight": torch.ones(2, 3, dtype=torch.float16)}}, tmp_path / "ok.pt")
-    got = T.read_state_dict(tmp_path / "ok.pt")
-    assert list(got) == ["a.weight"] and got["a.weight"].dtype == np.float32
+    with pytest.raises(EncoderError, match=r"bad\.pt: cannot read weights"):
+        read_state_dict(tmp_path / "bad.pt")
+    torch.save({"model_state_dict": {"a.weight": torch.ones(2, 3, dtype=torch.float16)}}, tmp_path / "ok.pt")
+    got = read_state_dict(tmp_path / "ok.pt")
+    assert list(got) == ["a.weight"] and got["a.weight"].shape == (2, 3)

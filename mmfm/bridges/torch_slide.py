@@ -16,50 +16,23 @@ encoder over several slides.
 
 Every module mirrors its Flax counterpart attribute for attribute (nn.Linear for `Dense`, nn.LayerNorm for
 `LayerNorm`), so the exported safetensors load with `load_state_dict(strict=True)`. Attention runs in
-query chunks (never an N×N matrix for the whole bag); `read_state_dict` opens user checkpoints safely.
+query chunks (never an N×N matrix for the whole bag).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfm.io import sha256
+
 FORMAT, VERSION = "mmfm-export", 1
 _ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "gelu_exact": F.gelu, "relu": F.relu,
                 "silu": F.silu}
-
-
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file or a PyTorch state dict (`torch.load(weights_only=True)`: never unpickles
-    code). A checkpoint that nests its weights under 'state_dict' / 'model' / 'model_state_dict' is unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle errors come in many types; name the file
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (name → tensor), got {type(obj).__name__}")
-    out = {}
-    for k, v in obj.items():
-        if not torch.is_tensor(v):
-            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        out[str(k)] = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).cpu().numpy()
-    return out
 
 
 def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -333,14 +306,6 @@ class MMFMSlideEncoder(nn.Module):
         return self.head(self.case_encoder(slide_emb, slide_mask))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def from_export(export_dir: str | Path, *, project: bool = True) -> MMFMSlideEncoder:
     """The slide encoder of an export directory (+ its projection head and case encoder unless `project=False`),
     weights loaded strictly, in eval mode."""
@@ -355,7 +320,7 @@ def from_export(export_dir: str | Path, *, project: bool = True) -> MMFMSlideEnc
         raise ValueError(f"{cfg_path}: format {config.get('format')!r} v{config.get('version')!r}; "
                          f"expected {FORMAT!r} v{VERSION}")
     weights = d / config["weights"]
-    if _sha256(weights) != config["sha256"]:
+    if sha256(weights) != config["sha256"]:
         raise ValueError(f"{weights}: sha256 differs from {cfg_path} (files from different exports)")
     if "encoders.slide" not in config["components"]:
         raise ValueError(f"{d}: the export has no slide encoder (components {config['components']})")

@@ -26,6 +26,8 @@ COMMANDS = {
     "pretrain": "sharded multimodal pretraining",
     "launch": "pretrain as a SLURM / local job that re-queues itself (submitit)",
     "embed": "slide/case embeddings for every modality → AnnData",
+    "export": "a trained run → safetensors + config for PyTorch",
+    "import-encoder": "a public PyTorch slide-encoder checkpoint → an mmfm export",
     "probe": "survival / classification / retrieval / robustness probes",
     "demo": "simulate → pretrain → embed → probe → report",
     "import": "GDC/TCGA downloads and feature folders → a cohort",

@@ -16,7 +16,6 @@ with weights from another export.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -25,9 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmfm.io import atomic_path, write_json
+from mmfm.config import ConfigError, decode, to_dict
+from mmfm.io import atomic_path, sha256, write_json
 from mmfm.models.config import ModelConfig
-from mmfm.models.weight_porting import load_safetensors, port_state_dict, to_torch_state, torch_name_map
+from mmfm.models.weight_porting import (
+    load_safetensors,
+    port_state_dict,
+    to_torch_state,
+    torch_name_map,
+)
 
 FORMAT, VERSION = "mmfm-export", 1
 WEIGHTS = "model.safetensors"
@@ -37,14 +42,6 @@ INPUTS = ("slide encoders take tile features [B, N, D], a tile mask [B, N] and i
 
 class ExportFormatError(ValueError):
     """An export directory that is incomplete, from another format version, or whose files disagree."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_export(out_dir: str | Path, parts: dict[str, nnx.Module], model_cfg: ModelConfig, shapes: dict,
@@ -59,7 +56,7 @@ def write_export(out_dir: str | Path, parts: dict[str, nnx.Module], model_cfg: M
         weights.update(to_torch_state(module, prefix + "."))
     with atomic_path(out / WEIGHTS, suffix=".safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
-    config = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model_cfg), "shapes": dict(shapes),
+    config = {"format": FORMAT, "version": VERSION, "model": to_dict(model_cfg), "shapes": dict(shapes),
               "components": sorted(parts), "weights": WEIGHTS, "sha256": sha256(out / WEIGHTS),
               "n_parameters": int(sum(v.size for v in weights.values())), "source": source, "inputs": INPUTS}
     write_json(out / "config.json", config)
@@ -87,8 +84,12 @@ def read_export(export_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return config, load_safetensors(weights)
 
 
-def model_config(config: dict) -> ModelConfig:
-    return ModelConfig.from_dict(config["model"])
+def model_config(config: dict, where: str = "config.json") -> ModelConfig:
+    """The export's ModelConfig, decoded by the same typed schema as a recipe's `model:` section."""
+    try:
+        return decode(ModelConfig, config["model"], f"{where}: model")
+    except ConfigError as e:
+        raise ExportFormatError(str(e)) from e
 
 
 def load_slide_encoder(export_dir: str | Path, rngs: nnx.Rngs | None = None):
@@ -98,7 +99,7 @@ def load_slide_encoder(export_dir: str | Path, rngs: nnx.Rngs | None = None):
     config, weights = read_export(export_dir)
     if "encoders.slide" not in config["components"]:
         raise ExportFormatError(f"{export_dir}: no slide encoder (components: {config['components']})")
-    cfg = model_config(config)
+    cfg = model_config(config, f"{export_dir}/config.json")
     feature_dim = int(config["shapes"]["feature_dim"])
     enc = build_slide_encoder(cfg.slide, feature_dim, dtype=jnp.float32, rngs=rngs or nnx.Rngs(0))
     _port_slide(enc, weights, f"{export_dir}/{config['weights']}")
@@ -113,11 +114,14 @@ def init_slide_encoder(encoder: nnx.Module, slide_cfg, export_dir: str | Path) -
     export's slide encoder (an imported public checkpoint, say). The architectures must agree field by field;
     dropout rates and attention kernels may differ."""
     config, weights = read_export(export_dir)
-    want = model_config(config).slide
-    diff = [f"{k}: export {getattr(getattr(want, want.kind), k)!r} vs config {v!r}"
-            for k, v in dataclasses.asdict(getattr(slide_cfg, slide_cfg.kind)).items()
-            if k not in RUNTIME_ONLY and getattr(getattr(want, want.kind), k) != v] if want.kind == slide_cfg.kind \
-        else [f"kind: export {want.kind!r} vs config {slide_cfg.kind!r}"]
+    want = model_config(config, f"{export_dir}/config.json").slide
+    if want.kind != slide_cfg.kind:
+        diff = [f"kind: export {want.kind!r} vs config {slide_cfg.kind!r}"]
+    else:
+        have = dataclasses.asdict(getattr(slide_cfg, slide_cfg.kind))
+        theirs = dataclasses.asdict(getattr(want, want.kind))
+        diff = [f"{k}: export {theirs[k]!r} vs config {v!r}" for k, v in have.items()
+                if k not in RUNTIME_ONLY and theirs[k] != v]
     if diff:
         raise ExportFormatError(f"{export_dir}: its slide encoder differs from model.slide ({'; '.join(diff)})")
     _port_slide(encoder, weights, f"{export_dir}/{config['weights']}")

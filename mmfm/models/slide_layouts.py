@@ -30,8 +30,8 @@ attributes; no code was copied.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -78,8 +78,8 @@ def _norm(src: str, dst: str) -> tuple[Rule, ...]:
 
 def _gated(src: str, heads: int) -> tuple[Rule, ...]:
     """attention_a / attention_b / attention_c under `src` → GatedAttentionPool; shared branches repeated per head."""
-    per_head_w = lambda w: np.tile(np.asarray(w).T, (1, heads))  # noqa: E731 - [A, H] → [H, heads·A], head-major
-    per_head_b = lambda b: np.tile(np.asarray(b), heads)  # noqa: E731
+    per_head_w = lambda w: np.tile(np.asarray(w).T, (1, heads))
+    per_head_b = lambda b: np.tile(np.asarray(b), heads)
     return (*_linear(f"{src}.attention_a.0", "pool.tanh_branch", per_head_w, per_head_b),
             *_linear(f"{src}.attention_b.0", "pool.gate_branch", per_head_w, per_head_b),
             Rule(re.escape(f"{src}.attention_c.weight"), "pool.score"))
