@@ -1,8 +1,9 @@
 """Case encoder vs mean late fusion on multi-slide cases of a simulated cohort (held-out cases only).
 
-    python scripts/compare_case_encoder.py --out out/case_cmp [--cases 300 --multi-slide-rate 0.5 --steps 300]
+    python scripts/compare_case_encoder.py --out out/case_cmp --json out/case_cmp.json \
+        [--cases 300 --multi-slide-rate 0.5 --steps 300 --seed 0]
 
-Simulates one cohort, pretrains configs/demo.yaml (slides fused by their mean) and configs/demo_case_encoder.yaml
+Simulates one cohort, pretrains demo.yaml (slides fused by their mean) and demo_case_encoder.yaml (mmfm/configs/)
 (a learned case encoder) on the same training cases with the same seed, embeds the held-out cases with each,
 and compares three case-level slide embeddings:
   mean_fusion       demo.yaml run: mean of the slide embeddings (the baseline, mmfm's default)
@@ -12,7 +13,9 @@ and compares three case-level slide embeddings:
 Metrics, on all held-out cases and on the multi-slide ones: slide → RNA retrieval recall@k among the held-out
 cases (the training objective's own task; gallery = every held-out case with RNA), and a 5-fold linear probe of
 the true subtype (truth/cases.csv; macro AUROC, balanced accuracy of out-of-fold predictions). Differences
-against mean_fusion are paired (same queries) with 95 % bootstrap intervals over cases. JSON + a markdown table.
+against mean_fusion are paired (same queries) with 95 % bootstrap intervals over cases. Writes the result as
+JSON (--json, default OUT/compare_case_encoder.json) and a markdown table beside it. Work files (cohort, runs,
+embeddings) stay in --out and are reused when the script runs again.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import numpy as np
 import pandas as pd
 
 from mmfm.io import write_json, write_text
+from mmfm.metrics import KS, ranked_hits, similarity
 
-REPO = Path(__file__).resolve().parents[1]
-KS = (1, 5, 10)
+RECIPES = Path(__file__).resolve().parents[1] / "mmfm" / "configs"
 
 
 def _train(cohort: Path, recipe: str, out: Path, steps: int, extra: list[str]) -> Path:
@@ -36,7 +39,7 @@ def _train(cohort: Path, recipe: str, out: Path, steps: int, extra: list[str]) -
 
     if (out / "checkpoints" / str(steps)).exists():
         return out
-    cfg = load_config(REPO / "configs" / recipe, [f"data.cohort={cohort}", f"train.steps={steps}",
+    cfg = load_config(RECIPES / recipe, [f"data.cohort={cohort}", f"train.steps={steps}",
                                                   "train.progress=false", *extra])
     pretrain(cfg, out, resume=(out / "checkpoints").exists())
     return out
@@ -44,12 +47,8 @@ def _train(cohort: Path, recipe: str, out: Path, steps: int, extra: list[str]) -
 
 def _retrieval_hits(z: np.ndarray, rna: np.ndarray) -> np.ndarray:
     """[n, len(KS)] bool: is case i's own RNA among the top k of its slide query (cosine; ties count against)."""
-    zq = z / np.linalg.norm(z, axis=1, keepdims=True)
-    zk = rna / np.linalg.norm(rna, axis=1, keepdims=True)
-    sim = zq @ zk.T
-    own = np.diag(sim)
-    rank = (sim > own[:, None]).sum(1) + ((sim == own[:, None]).sum(1) - 1)
-    return np.stack([rank < k for k in KS], 1)
+    top = ranked_hits(similarity(z, rna), np.eye(len(z), dtype=bool), max(KS))
+    return np.stack([top[:, :k].any(1) for k in KS], 1)
 
 
 def _probe(z: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -141,12 +140,12 @@ def compare(out: Path, n_cases: int, multi_rate: float, steps: int, seed: int, n
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Held-out cases with slide and RNA: {result['n_heldout_cases']} ({result['n_multi_slide']} multi-slide); "
-             f"{result['steps']} steps per run; cohort {result['cohort']}.", ""]
+    lines = [(f"Held-out cases with slide and RNA: {result['n_heldout_cases']} ({result['n_multi_slide']} "
+              f"multi-slide); {result['steps']} steps per run; cohort {result['cohort']}."), ""]
     for subset, s in result["subsets"].items():
         lines += [f"**{subset}** (n={s['n']}, chance recall@5 = {s['chance_recall@5']:.3f})", "",
-                  "| embedding | recall@1 | recall@5 | recall@10 | Δrecall@5 vs mean [95% CI] | subtype AUROC | "
-                  "ΔAUROC [95% CI] | subtype bAcc |", "|---|---|---|---|---|---|---|---|"]
+                  ("| embedding | recall@1 | recall@5 | recall@10 | Δrecall@5 vs mean [95% CI] | subtype AUROC | "
+                   "ΔAUROC [95% CI] | subtype bAcc |"), "|---|---|---|---|---|---|---|---|"]
         for name, r in s["table"].items():
             d5 = (f"{r['delta_recall@5']:+.3f} [{r['delta_recall@5_ci95'][0]:+.3f}, {r['delta_recall@5_ci95'][1]:+.3f}]"
                   if "delta_recall@5" in r else "—")
@@ -160,7 +159,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="out/case_cmp")
+    p.add_argument("--out", default="out/case_cmp", help="work directory (cohort, runs, embeddings; reused)")
+    p.add_argument("--json", default=None, help="result file (default: OUT/compare_case_encoder.json)")
     p.add_argument("--cases", type=int, default=300)
     p.add_argument("--multi-slide-rate", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=300)
@@ -170,9 +170,10 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     result = compare(out, a.cases, a.multi_slide_rate, a.steps, a.seed, a.n_boot, a.set)
-    write_json(out / "compare_case_encoder.json", result)
+    path = Path(a.json) if a.json else out / "compare_case_encoder.json"
+    write_json(path, result)
     text = markdown(result)
-    write_text(out / "compare_case_encoder.md", text)
+    write_text(path.with_suffix(".md"), text)
     print(text)
 
 
