@@ -102,8 +102,8 @@ def _check_twin(model, export, cohort, slide_ids):
 
 
 def test_trained_abmil_run_exports_every_tower_exactly(abmil_run, cohort, tmp_path):
-    from mmfm.models.weight_porting import load_safetensors, to_torch_state
     from mmfm.cli import main
+    from mmfm.models.weight_porting import load_safetensors, to_torch_state
     from mmfm.train.metrics import read_jsonl
     from mmfm.train.rundir import best_step, load_for_inference
 

@@ -22,7 +22,8 @@ from mmfm.models.export_format import write_export
 from mmfm.models.transformer import TransformerConfig
 
 D, PSL0 = 12, 512
-TINY = dict(width=16, depth=3, n_heads=2, mlp_ratio=2.0, block_q=8, block_k=8, mlp_chunk=16, readout_heads=2)
+TINY = {"width": 16, "depth": 3, "n_heads": 2, "mlp_ratio": 2.0, "block_q": 8, "block_k": 8, "mlp_chunk": 16,
+        "readout_heads": 2}
 CONFIGS = {
     "abmil_concat_mlp_head": (SlideConfig(abmil=ABMILConfig(hidden=16, attn_dim=8, n_heads=2)), CaseConfig(), 24),
     "abmil_mean_prenorm_exact": (SlideConfig(abmil=ABMILConfig(hidden=16, attn_dim=8, n_heads=3, merge="mean",

@@ -21,6 +21,7 @@ query chunks (never an N×N matrix for the whole bag).
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -85,7 +86,7 @@ class ABMIL(nn.Module):
         super().__init__()
         dims = [feature_dim] + [cfg["hidden"]] * cfg["n_pre_layers"]
         self.pre = nn.ModuleList(MLPBlock(i, o, cfg["act"], cfg["dropout"], cfg.get("pre_norm", False),
-                                          cfg.get("norm_eps", 1e-6)) for i, o in zip(dims[:-1], dims[1:]))
+                                          cfg.get("norm_eps", 1e-6)) for i, o in itertools.pairwise(dims))
         self.pool = GatedAttentionPool(dims[-1], cfg["attn_dim"], cfg["n_heads"], cfg["attn_dropout"])
         self.merge = cfg["merge"]
         self.out_dim = dims[-1] * (cfg["n_heads"] if self.merge == "concat" else 1)

@@ -160,8 +160,8 @@ def _vit(state: State, *, n_heads: int = 0, layer_pattern: str = "none", fragmen
 LAYOUTS: dict[str, Layout] = {
     "clam": Layout(r"attention_net\.\d+\.attention_a\.0\.weight", _clam),
     "tangle": Layout(r"pre_attn\.0\.weight", _tangle, (
-        (r"attn\.\d+\..*|proj_multihead\..*", "TANGLEv2 multi-head ABMIL (per-head feature slices) has no "
-                                              "counterpart in mmfm's ABMIL, whose heads pool the same features"),)),
+        (r"attn\.\d+\..*|proj_multihead\..*", ("TANGLEv2 multi-head ABMIL (per-head feature slices) has no "
+                                               "counterpart in mmfm's ABMIL, whose heads pool the same features")),)),
     "vit": Layout(r"blocks\.0\.attn\.qkv\.weight", _vit, (
         (r"pos_embed", "absolute position embeddings: mmfm's transformer is position-free or uses 2D RoPE"),
         (r"fc_norm\..*", "average-pool readout norm: mmfm reads the class token"),
