@@ -150,17 +150,26 @@ def test_clam_layout_multi_branch_from_a_state_dict(tmp_path):
     assert (cfg.abmil.hidden, cfg.abmil.attn_dim, cfg.abmil.act) == (16, 8, "relu")
 
 
-def test_tangle_layout_under_its_prefix_from_safetensors(tmp_path):
+def test_tangle_layout_under_its_prefix_from_safetensors_through_the_command(tmp_path, capsys):
+    import yaml
     from safetensors.torch import save_file
+
+    from mmfm.cli import main
+    from mmfm.config import decode
+    from mmfm.models.config import ModelConfig
 
     ref = randomised(Tangle(), seed=1)
     state = {f"wsi_embedder.{k}": v for k, v in ref.state_dict().items()}
     state["rna_embedder.blocks.0.0.weight"] = torch.ones(4, 4)  # another tower: left alone, reported
     save_file(state, str(tmp_path / "tangle.safetensors"))
-    res = import_encoder(tmp_path / "tangle.safetensors", "tangle", tmp_path / "tangle")
-    assert res["left_alone"] == ["rna_embedder.blocks.0.0.weight"]
+    assert main(["import-encoder", "--checkpoint", str(tmp_path / "tangle.safetensors"), "--layout", "tangle",
+                 "--out", str(tmp_path / "tangle")]) == 0
+    out = capsys.readouterr().out
+    assert "abmil slide encoder on 12-d tile features" in out and "1 outside the slide encoder left alone" in out
     cfg = compare(ref, tmp_path / "tangle", seed=1)
     assert cfg.abmil.pre_norm and cfg.abmil.n_pre_layers == 2 and cfg.abmil.act == "gelu_exact"
+    printed = yaml.safe_load(out[out.index("model:"):])  # the architecture a recipe copies
+    assert decode(ModelConfig, printed["model"]).slide == cfg
 
 
 def test_vit_layout(tmp_path):
@@ -201,6 +210,20 @@ def test_mismatches_name_every_key(tmp_path):
     msg = str(err.value)
     for key in ("pool.gate_branch.bias", "attention_net.3.attention_x.weight", "attention_net.3.attention_b.0.weight"):
         assert key in msg, msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_command_errors_are_one_line_naming_the_file_or_key(tmp_path, capsys):
+    from mmfm.cli import main
+
+    torch.save(randomised(ViT()).state_dict(), tmp_path / "v.pt")
+    for argv, message in [(["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt: weights file not found"),
+                          (["--checkpoint", str(tmp_path / "v.pt"), "--layout", "vit"], "set n_heads"),
+                          (["--checkpoint", str(tmp_path / "v.pt"), "--layout", "vitt"], "layout"),
+                          (["--checkpoint", str(tmp_path / "v.pt"), "--layout", "clam"], "no key(s) match")]:
+        assert main(["import-encoder", "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmfm import-encoder: error:") and message in err, err
     assert not (tmp_path / "o").exists()
 
 

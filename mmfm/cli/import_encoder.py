@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import yaml
+
 from mmfm.bridges.slide_import import LayoutOptions
 
 DESCRIPTION = """\
@@ -38,7 +40,9 @@ def run(cfg: Config) -> int:
         if not getattr(cfg, key):
             raise ValueError(f"--{key}: required")
     res = import_encoder(cfg.checkpoint, cfg.layout, cfg.out, narrow(cfg, LayoutOptions))
-    kind = res["slide"]["kind"]
-    print(f"wrote {cfg.out}: {cfg.layout} checkpoint → {kind} slide encoder on {res['feature_dim']}-d tile "
-          f"features ({res['n_tensors']} tensors; {len(res['left_alone'])} outside the slide encoder left alone)")
+    slide = {k: v for k, v in res["slide"].items() if k in ("kind", res["slide"]["kind"])}
+    print(f"wrote {cfg.out}: {cfg.layout} checkpoint → {slide['kind']} slide encoder on {res['feature_dim']}-d tile "
+          f"features ({res['n_tensors']} tensors; {len(res['left_alone'])} outside the slide encoder left alone).\n"
+          f"Its architecture, for a recipe that starts from it (train.init_slide_encoder: {cfg.out}):\n"
+          + yaml.safe_dump({"model": {"slide": slide}}, sort_keys=False))
     return 0
