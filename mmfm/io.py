@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -51,6 +52,15 @@ def write_h5ad(path: str | os.PathLike, adata) -> None:
     """An AnnData, atomically."""
     with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (pins an export's weights to its config)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def id_list(values, limit: int = 10) -> str:

@@ -151,7 +151,8 @@ def test_modalities_config_restricts_the_batch(cohort):
     loader = _loader(cohort, modalities=("slide", "mutation"))
     batch = next(loader)
     assert set(batch) == {"case_index", "mutation/values", "mutation/mask", "mutation/present",
-                          "slide/features", "slide/coords", "slide/tile_mask", "slide/fragment", "slide/present"}
+                          "slide/features", "slide/coords", "slide/tile_mask", "slide/fragment", "slide/slide_index",
+                          "slide/present"}
     assert loader.shapes.n_genes == 0 and loader.transforms == {}
     rna_only = _loader(cohort, modalities=("rna",))  # only cases with RNA remain
     assert sorted(rna_only.case_ids) == sorted(RNA_CASES)
@@ -304,7 +305,7 @@ def test_multi_slide_sample_and_pool(cohort):
     for batch in _take(sample, 8):
         r = list(batch["case_index"]).index(cohort.case_index["c00"])
         slide, _ = _tiles(batch, r)
-        assert len(set(slide)) == 1
+        assert len(set(slide)) == 1 and not batch["slide/slide_index"][r].any()
         seen |= set(slide)
     assert seen == c00  # the sampled slide changes between epochs
 
@@ -314,6 +315,8 @@ def test_multi_slide_sample_and_pool(cohort):
     assert set(slide) == c00 and len(set(zip(slide, row))) == 64
     frag = pool["slide/fragment"][r]
     assert not set(frag[slide == _slide_no("c00", 0)]) & set(frag[slide == _slide_no("c00", 1)])
+    index = pool["slide/slide_index"][r]  # which of the case's slides each tile is from (the case encoder's input)
+    np.testing.assert_array_equal(index, np.where(slide == _slide_no("c00", 0), 0, 1))
     r = list(pool["case_index"]).index(cohort.case_index["c08"])  # 25 + 8 tiles < 64: all, then masked
     slide, row = _tiles(pool, r)
     mask = pool["slide/tile_mask"][r]

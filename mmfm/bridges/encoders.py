@@ -94,7 +94,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors and torch raise various types for bad files
         raise EncoderError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model"):  # common checkpoint wrappers
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -26,6 +26,8 @@ COMMANDS = {
     "pretrain": "sharded multimodal pretraining",
     "launch": "pretrain as a SLURM / local job that re-queues itself (submitit)",
     "embed": "slide/case embeddings for every modality → AnnData",
+    "export": "a trained run → safetensors + config for PyTorch",
+    "import-encoder": "a public PyTorch slide-encoder checkpoint → an mmfm export",
     "probe": "survival / classification / retrieval / robustness / zero-shot probes",
     "heatmap": "per-tile attention and similarity maps of a run on one slide",
     "demo": "simulate → pretrain → embed → probe → report",

@@ -12,6 +12,7 @@ one case are all positives for that case's RNA). Padding rows have case_index = 
   slide/coords               [B, K, 2]  int32          grid (col, row) = level-0 (x, y) // patch_size_level0
   slide/tile_mask            [B, K]     bool           True = real tile, False = padding
   slide/fragment             [B, K]     int32          tissue-fragment index per tile (0 when unknown)
+  slide/slide_index          [B, K]     int32          which of the case's slides the tile is from (0 unless pooled)
   slide/present              [B]        bool
   rna/values                 [B, G]     float32        preprocessed expression on the run's gene vocabulary
   rna/gene_mask              [B, G]     bool           gene measured in this case's cohort (absent ≠ zero)
@@ -89,6 +90,7 @@ def random_batch(shapes: BatchShapes, seed: int = 0, n_cases: int | None = None,
         n_real = rng.integers(max(1, k // 2), k + 1, size=b)
         out["slide/tile_mask"] = np.arange(k)[None, :] < n_real[:, None]
         out["slide/fragment"] = (out["slide/coords"][..., 0] >= side // 2).astype(np.int32)
+        out["slide/slide_index"] = np.zeros((b, k), np.int32)
         out["slide/present"] = present()
     if s.n_genes:
         out["rna/values"] = rng.standard_normal((b, s.n_genes), dtype=np.float32)

@@ -103,6 +103,7 @@ class _MakeBatch:
         coords = np.zeros((b, k, 2), np.int32)
         fragment = np.zeros((b, k), np.int32)
         tile_mask = np.zeros((b, k), bool)
+        slide_index = np.zeros((b, k), np.int32)  # which of the case's slides a tile comes from
         present = np.zeros(b, bool)
         for r, c in enumerate(cases):
             slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
@@ -123,6 +124,7 @@ class _MakeBatch:
                     continue
                 feats[r, pos] = got["features"]
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
+                slide_index[r, pos] = q
                 frag = got.get("fragment")
                 if frag is not None:
                     fragment[r, pos] = frag + frag_base
@@ -132,7 +134,7 @@ class _MakeBatch:
                     frag_base += 1
             present[r] = True
         return {"slide/features": feats, "slide/coords": coords, "slide/tile_mask": tile_mask,
-                "slide/fragment": fragment, "slide/present": present}
+                "slide/fragment": fragment, "slide/slide_index": slide_index, "slide/present": present}
 
 
 def _omics(name: str, adata, case_ids: list[str], transform, fit_kwargs: dict):

@@ -5,7 +5,9 @@ power-of-two buckets (tile mask False on padding; the slide encoders are padding
 cohort of bags from 100 to 100k tiles compiles a handful of shapes. A case with several slides
 gets the mean of its slide embeddings (late fusion, Patho-Bench's default) or one embedding of
 its pooled tiles (`multi_slide='pool'`; each further slide's grid is shifted right of the
-previous one so positions never collide).
+previous one so positions never collide). A run trained with a case encoder (`model.case.kind:
+transformer`) gets its case-level 'slide' embedding from that encoder over the case's slide-encoder
+embeddings (every slide, whole bags); its per-slide 'slide' embedding is that of a one-slide case.
 
 Written files:
   OUT.h5ad         obs = cases (site, clinical, mutation flags, split, has_<modality>);
@@ -197,6 +199,9 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
     slides = cohort.slides[cohort.slides["case_id"].astype(str).isin(case_ids) & (cohort.slides["n_tiles"] > 0)]
     slide_embs: dict[str, np.ndarray] = {}
     case_embs: dict[str, np.ndarray] = {}
+    if getattr(model, "case_encoder", None) is not None and cfg.multi_slide != "mean":
+        raise ValueError(f"{run_dir}: the run aggregates slides with its case encoder (model.case.kind=transformer); "
+                         f"multi_slide={cfg.multi_slide!r} would bypass it, use 'mean' (slides encoded one by one)")
     if "slide" in model.modalities and len(slides):
         encoders = _slide_encoders(model, run_cfg, shapes, cfg)
         reader = BagReader(max_open=8)
@@ -207,6 +212,8 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
             by_case = pd.Series(np.arange(len(slides)), index=slides["case_id"].astype(str).to_numpy())
             for name, e in slide_embs.items():
                 case_embs[name] = _case_mean(e, by_case, case_ids)
+            if model.case_encoder is not None:
+                case_embs["slide"] = _case_encoded(model, slide_embs["slide_backbone"], by_case, case_ids, cfg)
         else:
             groups = slides.groupby(slides["case_id"].astype(str)).groups
             pooled_ids = [c for c in case_ids if c in groups]
@@ -242,6 +249,28 @@ def _case_mean(slide_emb: np.ndarray, by_case: pd.Series, case_ids: list[str]) -
         if c in by_case.index:
             out[i] = slide_emb[np.atleast_1d(by_case.loc[c])].mean(0)
     return out
+
+
+def _case_encoded(model, backbone: np.ndarray, by_case: pd.Series, case_ids: list[str],
+                  cfg: EmbedConfig) -> np.ndarray:
+    """The run's case encoder over the slide-encoder embeddings of each case's slides (NaN rows: no slide)."""
+    groups = [np.atleast_1d(by_case.loc[c]) if c in by_case.index else np.zeros(0, int) for c in case_ids]
+    s = max([1, *map(len, groups)])
+    x = np.zeros((len(case_ids), s, backbone.shape[1]), np.float32)
+    m = np.zeros((len(case_ids), s), bool)
+    for i, g in enumerate(groups):
+        x[i, :len(g)], m[i, :len(g)] = backbone[g], True
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x, m: nnx.merge(graphdef, state).aggregate_slides(x, m))
+    out = []
+    for start in range(0, len(case_ids), cfg.batch_size):
+        xb, mb = x[start:start + cfg.batch_size], m[start:start + cfg.batch_size]
+        pad = cfg.batch_size - len(xb)  # fixed shape: one compile
+        got = run(state, np.pad(xb, ((0, pad), (0, 0), (0, 0))), np.pad(mb, ((0, pad), (0, 0))))
+        out.append(np.asarray(got)[:len(xb)])
+    e = np.concatenate(out).astype(np.float32)
+    e[~m.any(1)] = np.nan
+    return e
 
 
 def _h5ad_safe(df: pd.DataFrame) -> pd.DataFrame:

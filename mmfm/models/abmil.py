@@ -1,6 +1,6 @@
 """Gated multi-head attention-based MIL (Ilse et al. 2018; the TANGLE / MADELEINE / Threads slide encoder).
 
-Tiles pass a pre-attention MLP (Linear → activation → Dropout); each head scores every tile with a gated
+Tiles pass a pre-attention MLP (Linear → [LayerNorm] → activation → Dropout); each head scores every tile with a gated
 attention a = w_hᵀ(tanh(V h) ⊙ σ(U h)), softmax over the bag's *valid* tiles only, and pools the tile
 embeddings with those weights. Heads are concatenated (or averaged). Memory and time are linear in N,
 padding tiles get exactly zero weight (padding-invariant), and the weights are returned for heatmaps.
@@ -30,6 +30,8 @@ class ABMILConfig:
     dropout: float = 0.1        # pre-attention MLP
     attn_dropout: float = 0.25  # on the gated attention features
     merge: str = "concat"       # concat | mean over heads
+    pre_norm: bool = False      # LayerNorm after each pre-attention Linear (TANGLE's pre_attn); off: CLAM's fc
+    norm_eps: float = 1e-6      # that LayerNorm's epsilon (torch's default 1e-5 for imported TANGLE weights)
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
@@ -68,7 +70,8 @@ class ABMIL(nnx.Module):
         if cfg.merge not in ("concat", "mean"):
             raise ValueError(f"slide.abmil.merge={cfg.merge!r}; choose concat or mean")
         dims = [feature_dim] + [cfg.hidden] * cfg.n_pre_layers
-        self.pre = nnx.data([MLPBlock(i, o, act=cfg.act, dropout=cfg.dropout, layer_norm=False, rngs=rngs)
+        self.pre = nnx.data([MLPBlock(i, o, act=cfg.act, dropout=cfg.dropout, layer_norm=cfg.pre_norm,
+                                      eps=cfg.norm_eps, rngs=rngs)
                              for i, o in zip(dims[:-1], dims[1:])])
         self.pool = GatedAttentionPool(dims[-1], cfg.attn_dim, cfg.n_heads, dropout=cfg.attn_dropout, rngs=rngs)
         self.merge, self.dtype = cfg.merge, dtype

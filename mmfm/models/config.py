@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmfm.models.abmil import ABMILConfig
+from mmfm.models.case import CaseConfig
 from mmfm.models.omics import OmicsConfig
 from mmfm.models.transformer import TransformerConfig
 
@@ -46,6 +47,7 @@ class ModelConfig:
     head_dropout: float = 0.0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # params and outputs stay fp32
     slide: SlideConfig = field(default_factory=SlideConfig)
+    case: CaseConfig = field(default_factory=CaseConfig)  # multi-slide cases: mean late fusion or a case encoder
     rna: OmicsConfig = field(default_factory=OmicsConfig)
     protein: OmicsConfig = field(default_factory=lambda: OmicsConfig(hidden=256))
     mutation: OmicsConfig = field(default_factory=lambda: OmicsConfig(hidden=64, n_layers=1, dropout=0.1))

@@ -12,6 +12,7 @@ a caller that sets `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(rules)` gets p
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -22,7 +23,10 @@ from mmfm.models.axes import EMBED, HIDDEN
 
 Names = tuple[str, ...]
 
-_ACTIVATIONS: dict[str, Callable] = {"gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu}
+# "gelu" is the tanh approximation (nnx.gelu's default); "gelu_exact" is the erf form of torch's nn.GELU(),
+# needed to reproduce imported PyTorch checkpoints to float precision.
+_ACTIVATIONS: dict[str, Callable] = {"gelu": nnx.gelu, "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+                                     "relu": nnx.relu, "silu": nnx.silu}
 
 
 def activation(name: str) -> Callable:
@@ -116,9 +120,9 @@ class MLPBlock(nnx.Module):
     """Linear → (LayerNorm) → activation → Dropout: the unit of every MLP encoder here."""
 
     def __init__(self, din: int, dout: int, *, act: str = "gelu", dropout: float = 0.0, layer_norm: bool = True,
-                 names: Names = (EMBED, HIDDEN), rngs: nnx.Rngs):
+                 names: Names = (EMBED, HIDDEN), eps: float = 1e-6, rngs: nnx.Rngs):
         self.linear = Dense(din, dout, names, rngs=rngs)
-        self.norm = LayerNorm(dout, names[1], rngs=rngs) if layer_norm else None
+        self.norm = LayerNorm(dout, names[1], rngs=rngs, eps=eps) if layer_norm else None
         self.act = activation(act)
         self.drop = Dropout(dropout, rngs=rngs)
 

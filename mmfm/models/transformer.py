@@ -1,7 +1,7 @@
 """Transformer slide encoder over tile features with axial 2D RoPE and fragment-local layers.
 
-Tiles are projected D → width (Linear + LayerNorm), register tokens are prepended, and pre-LN blocks
-(attention + GELU MLP) follow. `layer_pattern`:
+Tiles are projected D → width (Linear + LayerNorm, unless `input_norm=False`), register tokens are
+prepended, and pre-LN blocks (attention + GELU MLP) follow. `layer_pattern`:
   "alternate" (EXAONE Path 2.5 style): even layers are position-free global attention over tiles and
   registers; odd layers use 2D RoPE on the tiles' grid indices and, with `fragment_local`, let a tile
   attend only to tiles of its own tissue fragment. Registers sit out RoPE layers (their own segment):
@@ -10,7 +10,8 @@ Tiles are projected D → width (Linear + LayerNorm), register tokens are prepen
   "none": every layer is position-free and global.
 Readout "mean_concat" = concat(masked mean of raw tile features, masked mean of final tile tokens), the
 cheap strong prior of EXAONE; "attention" = gated multi-head attention pooling over final tile tokens
-(weights returned for heatmaps). All attention goes through `mmfm.models.attention` (blockwise by
+(weights returned for heatmaps); "cls" = the final first register (a ViT's class token, for imported
+checkpoints). All attention goes through `mmfm.models.attention` (blockwise by
 default), so a 100k-tile bag never builds an N×N matrix.
 """
 
@@ -25,7 +26,7 @@ from flax import nnx
 from mmfm.models.abmil import GatedAttentionPool
 from mmfm.models.attention import IMPLS, attention
 from mmfm.models.axes import EMBED, HEADS, HIDDEN, TILES
-from mmfm.models.layers import Dense, Dropout, LayerNorm, masked_mean, param
+from mmfm.models.layers import Dense, Dropout, LayerNorm, activation, masked_mean, param
 from mmfm.models.rope import apply_rope, rope_angles
 from mmfm.models.slide import SlideOutput
 
@@ -41,12 +42,14 @@ class TransformerConfig:
     layer_pattern: str = "alternate"   # alternate | rope | none
     fragment_local: bool = True        # RoPE layers attend within one tissue fragment
     rope_base: float = 100.0
-    readout: str = "mean_concat"       # mean_concat | attention
+    readout: str = "mean_concat"       # mean_concat | attention | cls (first register, needs n_registers ≥ 1)
     readout_heads: int = 4
     attn_impl: str = "blockwise"       # blockwise | xla | cudnn
     block_q: int = 512
     block_k: int = 1024
     mlp_chunk: int = 4096              # MLPs run over token chunks: the N×4·width hidden is never whole
+    act: str = "gelu"                  # MLP activation: gelu (tanh approximation) | gelu_exact (torch nn.GELU)
+    input_norm: bool = True            # LayerNorm after the input projection (a timm ViT has none)
 
     def layer_uses_rope(self, i: int) -> bool:
         return self.layer_pattern == "rope" or (self.layer_pattern == "alternate" and i % 2 == 1)
@@ -55,8 +58,10 @@ class TransformerConfig:
         errors = []
         if self.layer_pattern not in ("alternate", "rope", "none"):
             errors.append(f"layer_pattern={self.layer_pattern!r} (alternate | rope | none)")
-        if self.readout not in ("mean_concat", "attention"):
-            errors.append(f"readout={self.readout!r} (mean_concat | attention)")
+        if self.readout not in ("mean_concat", "attention", "cls"):
+            errors.append(f"readout={self.readout!r} (mean_concat | attention | cls)")
+        if self.readout == "cls" and not self.n_registers:
+            errors.append("readout=cls reads the first register: needs n_registers ≥ 1")
         if self.attn_impl not in IMPLS:
             errors.append(f"attn_impl={self.attn_impl!r} {IMPLS}")
         if self.width % self.n_heads or (self.width // self.n_heads) % 4:
@@ -78,9 +83,10 @@ class Block(nnx.Module):
         self.drop = Dropout(cfg.dropout, rngs=rngs)
         self.n_heads, self.impl, self.block_q, self.block_k = cfg.n_heads, cfg.attn_impl, cfg.block_q, cfg.block_k
         self.mlp_chunk = cfg.mlp_chunk
+        self.act = activation(cfg.act)
 
     def mlp(self, x):
-        return self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
+        return self.fc2(self.act(self.fc1(self.norm2(x))))
 
     def __call__(self, x, valid, segment, rope, *, deterministic: bool):
         b, n, w = x.shape
@@ -109,19 +115,21 @@ class TransformerSlideEncoder(nnx.Module):
         cfg.validate()
         self.cfg, self.dtype = cfg, dtype
         self.proj = Dense(feature_dim, cfg.width, (EMBED, HIDDEN), rngs=rngs)
-        self.proj_norm = LayerNorm(cfg.width, HIDDEN, rngs=rngs)
+        self.proj_norm = LayerNorm(cfg.width, HIDDEN, rngs=rngs) if cfg.input_norm else None
         self.registers = (param(rngs, nnx.initializers.normal(0.02), (cfg.n_registers, cfg.width), (TILES, EMBED))
                           if cfg.n_registers else None)
         self.blocks = nnx.data([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width, rngs=rngs)
         self.pool = (GatedAttentionPool(cfg.width, cfg.width // 2, cfg.readout_heads, rngs=rngs)
                      if cfg.readout == "attention" else None)
-        self.out_dim = cfg.width if cfg.readout == "attention" else feature_dim + cfg.width
+        self.out_dim = feature_dim + cfg.width if cfg.readout == "mean_concat" else cfg.width
 
     def __call__(self, features, coords, mask, fragment=None, *, deterministic: bool = True) -> SlideOutput:
         cfg, r = self.cfg, self.cfg.n_registers
         b, n, _ = features.shape
-        x = self.proj_norm(self.proj(features.astype(self.dtype)))
+        x = self.proj(features.astype(self.dtype))
+        if self.proj_norm is not None:
+            x = self.proj_norm(x)
         tile_seg = (fragment.astype(jnp.int32) + 1 if (cfg.fragment_local and fragment is not None)
                     else jnp.ones((b, n), jnp.int32))
         valid, global_seg, rope_seg = mask, jnp.zeros((b, n), jnp.int32), tile_seg
@@ -142,6 +150,8 @@ class TransformerSlideEncoder(nnx.Module):
                 x = block(x, valid, rope_seg if use_rope else global_seg, (cos, sin) if use_rope else None,
                           deterministic=deterministic)
         tokens = self.norm(x[:, r:])
+        if cfg.readout == "cls":
+            return SlideOutput(self.norm(x[:, 0]).astype(jnp.float32), tokens, None)
         if self.pool is not None:
             pooled, attn = self.pool(tokens, mask, deterministic=deterministic)
             return SlideOutput(pooled.mean(1), tokens, attn)

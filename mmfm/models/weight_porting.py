@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -103,3 +104,42 @@ def port_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], na
         var = flat[path]
         var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
     nnx.update(module, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------- mmfm's own PyTorch names
+# Exports name every weight after its NNX path, as a PyTorch twin built from nn.Linear / nn.LayerNorm with the
+# same attribute names would (`mmfm/bridges/torch_slide.py`): a Dense `kernel` [in, out] becomes `weight`
+# [out, in], a LayerNorm `scale` becomes `weight`, everything else keeps its name and layout.
+
+def _torch_leaf(leaf: str) -> tuple[str, Transform]:
+    if leaf == "kernel":
+        return "weight", transpose
+    if leaf == "scale":
+        return "weight", identity
+    return leaf, identity
+
+
+def _weights(module: nnx.Module):
+    return nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState)))
+
+
+def to_torch_state(module: nnx.Module, prefix: str = "") -> dict[str, np.ndarray]:
+    """Every weight of `module` (not RNG streams) under mmfm's PyTorch names, in PyTorch layout, fp32 host arrays."""
+    out = {}
+    for path, var in _weights(module):
+        leaf, fn = _torch_leaf(str(path[-1]))
+        name = prefix + ".".join(map(str, (*path[:-1], leaf)))
+        out[name] = np.ascontiguousarray(fn(np.asarray(jax.device_get(var.get_value()), np.float32)))
+    return out
+
+
+def torch_name_map(module: nnx.Module, prefix: str = "", ignore: tuple[str, ...] = ()) -> NameMap:
+    """The inverse of `to_torch_state` for `module`: loads mmfm's PyTorch names (an export, or the state_dict of
+    the PyTorch twin) back into it; `ignore` lists regexes of keys that belong to other parts of the model."""
+    rules = []
+    for path, _ in _weights(module):
+        leaf, _ = _torch_leaf(str(path[-1]))
+        inverse = transpose if path[-1] == "kernel" else identity
+        rules.append(Rule(re.escape(prefix + ".".join(map(str, (*path[:-1], leaf)))), ".".join(map(str, path)),
+                          inverse))
+    return NameMap(tuple(rules), ignore)

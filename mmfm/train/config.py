@@ -47,6 +47,7 @@ class TrainConfig:
     #                                    any mesh; rbg can be cheaper (backend-dependent) but its bits depend on it
     progress: bool = True              # tqdm bar with ETA on process 0
     inject_nan_step: int = -1          # fault injection for tests: feed NaN tile features at this step
+    init_slide_encoder: str = ""       # export dir (mmfm export / import-encoder) whose slide encoder starts the run
 
 
 @dataclass
@@ -86,6 +87,17 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.modalities: needs distinct entries from {MODALITIES}, got {cfg.data.modalities}")
     if (t.mesh.data == -1) and (t.mesh.fsdp == -1):
         raise ConfigError("train.mesh: at most one axis may be -1")
+    if t.init_slide_encoder and "slide" not in cfg.data.modalities:
+        raise ConfigError(f"train.init_slide_encoder initialises the slide encoder: data.modalities needs 'slide', "
+                          f"got {list(cfg.data.modalities)}")
+    if cfg.model.case.kind == "transformer":  # a case encoder learns from rows that hold several slides
+        if "slide" not in cfg.data.modalities:
+            raise ConfigError(f"model.case.kind=transformer aggregates slides: data.modalities needs 'slide', "
+                              f"got {list(cfg.data.modalities)}")
+        if cfg.loader.multi_slide != "pool":
+            raise ConfigError(f"model.case.kind=transformer needs loader.multi_slide=pool (got "
+                              f"{cfg.loader.multi_slide!r}: each row would hold one slide and the case encoder "
+                              f"would never see a multi-slide case)")
     return cfg
 
 

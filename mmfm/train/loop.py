@@ -211,6 +211,15 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                                process_index=jax.process_index(), process_count=jax.process_count())
     except ValueError as e:  # too few usable cases for a batch, a modality no case has
         raise ConfigError(f"{cfg.data.cohort}: {e}") from e
+    init_weights = None  # checked against model.slide before the run directory is touched; unused on resume
+    if t.init_slide_encoder:
+        from mmfm.train.export import slide_weights
+
+        try:
+            init_weights = slide_weights(t.init_slide_encoder, cfg.model.slide, loader.shapes.feature_dim)
+        except Exception:
+            loader.close()
+            raise
     try:  # only now: a config or cohort error leaves no directory behind
         rundir.prepare(out, resume)  # every process checks before any process writes
         multihost_utils.sync_global_devices("mmfm:run-dir-checked")
@@ -235,6 +244,10 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
         # re-materialise through an identity jit so the restored buffers are donatable
         ts.state = jax.jit(lambda s: s, out_shardings=ts.shardings)(state)
         loader.set_state(loader_state)
+    elif init_weights is not None:
+        from mmfm.train.export import place_weights
+
+        place_weights(ts, init_weights)
 
     step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
                               grad_accum=t.grad_accum)

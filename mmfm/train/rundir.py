@@ -199,6 +199,17 @@ def resolve_step(run_dir: epath.Path, cfg: RunConfig, step: int | str | None, st
     return step
 
 
+def checkpoint_step(run_dir, step: int | str | None = None) -> int:
+    """The step `load_for_inference(run_dir, step)` restores (latest, best or a number), for the record."""
+    run_dir = run_path(run_dir)
+    cfg = read_config(run_dir)
+    ckpt = Checkpointer(run_dir, cfg.train, read_only=True)
+    try:
+        return resolve_step(run_dir, cfg, step, ckpt.all_steps())
+    finally:
+        ckpt.close()
+
+
 def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=None):
     """→ (model, run_config, transforms): the trained `MultimodalModel` (eval with deterministic=True),
     the resolved RunConfig and the fitted omics transforms ({'rna': OmicsTransform, ...}).
