@@ -80,6 +80,7 @@ class TaskSpec:
     baseline: tuple[str, ...] = ()  # numeric obs columns forming a covariate baseline, reported beside
     C: float | str | tuple[float, ...] = 0.5  # number, 'auto' (45-value sweep) or a list, swept by inner CV
     balanced: bool = True
+    standardize: bool = False  # z-score features with each training fold's mean/SD before the fit (recorded)
     models: tuple[str, ...] = survival.MODELS
     alphas: tuple[float, ...] = survival.ALPHAS  # one value = fixed; several = inner-CV choice on train
     alpha_select: str = "inner_cv"  # or "each": one result row per α, as Patho-Bench reports its grid
@@ -346,15 +347,17 @@ def run_classification(adata, spec, folds, col: Collector, target: str, labels: 
             if spec.type == "fewshot":
                 for rec in fewshot.run(feats.loc[tr].to_numpy(), ytr, feats.loc[te].to_numpy(), yte, len(classes),
                                        shots=spec.shots, draws=spec.draws, seed=spec.seed + i, C=spec.C,
-                                       balanced=spec.balanced):
+                                       balanced=spec.balanced, standardize=spec.standardize):
                     k = rec.pop("shots")
                     col.add({**_key(spec, emb, target, shots=k), "draw": rec.pop("draw")}, i, rec)
                 continue
             proba, C = classification.fit_predict(feats.loc[tr].to_numpy(), ytr, feats.loc[te].to_numpy(),
-                                                  len(classes), C=spec.C, balanced=spec.balanced, seed=spec.seed)
+                                                  len(classes), C=spec.C, balanced=spec.balanced, seed=spec.seed,
+                                                  standardize=spec.standardize)
             col.evaluate(key, i, len(te), lambda idx: classification.metrics(yte[idx], proba[idx]), single,
                          spec.seed)
-            col.add(key, i, {"C": C, "n_test": len(te)})
+            col.add(key, i, {"C": C, "n_test": len(te), "n_train": len(tr), "n_classes": len(classes),
+                             "standardized": float(spec.standardize)})
     return classes
 
 
@@ -392,14 +395,16 @@ def run_survival(adata, spec, folds, col: Collector):
                 try:
                     risk, risk_tr, alpha = survival.fit_risk(kind, feats.loc[tr].to_numpy(), ytr,
                                                              feats.loc[te].to_numpy(), alphas=alphas,
-                                                             l1_ratio=spec.l1_ratio, seed=spec.seed)
+                                                             l1_ratio=spec.l1_ratio, seed=spec.seed,
+                                                             standardize=spec.standardize)
                 except (ArithmeticError, ValueError) as e:
                     col.notes.append(f"{spec.name} {emb} {model} {fc}: fit failed ({e}); recorded as N/A")
                     col.add(key, i, {m: np.nan for m in survival.METRICS})
                     continue
                 col.evaluate(key, i, len(te), lambda idx: survival.metrics(
                     ytr, yte[idx], risk[idx], tau=spec.tau, horizons=spec.horizons), single, spec.seed)
-                col.add(key, i, {"alpha": alpha, "n_test": len(te)})
+                col.add(key, i, {"alpha": alpha, "n_test": len(te), "n_train": len(tr),
+                                 "standardized": float(spec.standardize)})
                 pooled.append(pd.DataFrame({"case_id": te, "fold": i, "time": yte["time"], "event": yte["event"],
                                             "risk": risk, "high_risk": risk > np.median(risk_tr)}))
             if pooled:
@@ -454,17 +459,19 @@ def run_robustness(adata, spec, col: Collector, plot_dir: Path | None, projectio
         ok = np.isfinite(x).all(1) & known
         if len(np.unique(groups[ok])) < 2:
             raise TaskError(f"task {spec.name!r}: fewer than 2 cases have embedding {emb!r}, 'label' and 'site'")
-        qc = robustness.query_counts(x[ok], bio[ok], site[ok], groups[ok], max(spec.ks),
-                                     subset=None if subset is None else subset[ok])
+        sub = None if subset is None else subset[ok]
+        qc = robustness.query_counts(x[ok], bio[ok], site[ok], groups[ok], max(spec.ks), subset=sub)
         ks = np.asarray(spec.ks) - 1
+        refs = {"": qc, **{f"{p}_": robustness.expected_query_counts(bio[ok], site[ok], groups[ok], max(spec.ks),
+                                                                      subset=sub, mode=m)
+                           for p, m in robustness.REFERENCES.items()}}
 
-        def score(idx):
-            ri = robustness.indices(pd.DataFrame(qc[idx][:, ks].sum(0), columns=list(robustness.KINDS),
-                                                 index=spec.ks))
-            return {f"{m}@{k}": ri.loc[k, m] for k in spec.ks for m in ("robustness_index", "bio_vs_confounding")}
+        def score(idx):  # the embedding's RI and, on the same query rows, the chance and site-only references
+            return robustness.scores(refs, spec.ks, idx)
 
         # query rows are the bootstrap unit (PathoROB bootstraps queries), so RI gets a CI like single-fold probes
         col.evaluate(_key(spec, emb, target=spec.label), "all", int(ok.sum()), score, True, spec.seed)
+        col.add(_key(spec, emb, target=spec.label), "all", {"n_test": int(ok.sum())})
         col.robustness_curves[(spec.name, emb)] = robustness.indices(
             pd.DataFrame(qc.sum(0)[ks], columns=list(robustness.KINDS), index=pd.Index(spec.ks, name="k")))
         if plot_dir is not None:
