@@ -42,7 +42,8 @@ CONVENTIONS = (
     "Paired differences (model − baseline) use the same folds: mean [95% t-interval] with SE = SD of the k fold "
     "differences / √k and the paired t-test p; folds share training cases, which makes that test anti-conservative, "
     "so `p (NB)` is the Nadeau–Bengio corrected resampled t-test (variance × (1 + k·n_test/n_train)). One fold: the "
-    "same bootstrap resamples for both embeddings, percentile interval of the difference, two-sided bootstrap p. "
+    "same bootstrap resamples for both embeddings, percentile interval of the difference, two-sided bootstrap p "
+    "(2·(min(#Δ≤0, #Δ≥0)+1)/(B+1)). "
     "Embeddings are paired only when their test sets have the same size (the same cases).")
 
 
@@ -172,7 +173,8 @@ def paired_table(results: pd.DataFrame, boot: pd.DataFrame, roles: dict[str, str
         for m, b in product([e for e in embs if role(e, roles) == "model"],
                             [e for e in embs if role(e, roles) == "baseline"]):
             sm, sb = _test_sizes(book, key, m), _test_sizes(book, key, b)
-            if "n_test" in sm and "n_test" in sb and not sm["n_test"].equals(sb["n_test"]):
+            common = sm.index.intersection(sb.index)  # a fold whose fit failed on one side is simply left out
+            if "n_test" in sm and "n_test" in sb and (sm.loc[common, "n_test"] != sb.loc[common, "n_test"]).any():
                 est = stats.Paired(*[float("nan")] * 5, n=0, method="not paired (different test cases)")
             elif g[g.embedding == m].fold.isin(["pooled", "all"]).any() or g[g.embedding == m].fold.nunique() == 1:
                 bk = boot[(boot.task == key[0]) & (boot.target == key[2]) & (boot.model == key[3])

@@ -100,14 +100,15 @@ def _t_p(mean: float, se: float, dof: int) -> float:
 
 def paired_bootstrap(a, b, level: float = 0.95) -> Paired:
     """Difference of two metrics computed on the SAME bootstrap resamples (index-aligned draws): bootstrap mean,
-    percentile interval, SE = SD of the differences, two-sided p = 2 · min(P(d ≤ 0), P(d ≥ 0))."""
+    percentile interval, SE = SD of the differences, two-sided p = 2 · (min(#{d ≤ 0}, #{d ≥ 0}) + 1) / (B + 1)
+    (the +1 keeps a Monte-Carlo p above its resolution 1/B instead of reporting 0)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     d = d[np.isfinite(d)]
     if d.size == 0:
         return Paired(*[float("nan")] * 5, n=0, method="paired bootstrap")
     q = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(d, [q, 100.0 - q])
-    p = min(1.0, 2.0 * min((d <= 0).mean(), (d >= 0).mean()))
+    p = min(1.0, 2.0 * (min((d <= 0).sum(), (d >= 0).sum()) + 1) / (d.size + 1))
     return Paired(float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else float("nan"), float(lo), float(hi),
                   float(p), int(d.size), "paired bootstrap")
 
