@@ -33,8 +33,8 @@ def test_random_ranking_reference_matches_many_random_embeddings(lung):
     group = np.arange(n) // 2  # pairs of rows are one "slide": never each other's neighbours
     expected = robustness.expected_query_counts(bio, site, group, k, mode="random").sum(0)
     rng = np.random.default_rng(0)
-    mc = np.mean([robustness.counts(rng.normal(size=(n, 8)), bio, site, group, k).to_numpy() for _ in range(300)], 0)
-    np.testing.assert_allclose(expected, mc, rtol=0.05, atol=1.0)
+    mc = np.mean([robustness.counts(rng.normal(size=(n, 8)), bio, site, group, k).to_numpy() for _ in range(150)], 0)
+    np.testing.assert_allclose(expected, mc, rtol=0.06, atol=1.5)
     np.testing.assert_allclose(expected.sum(1), np.arange(1, k + 1) * n)  # every rank filled
     ri = robustness.indices(pd.DataFrame(expected, columns=list(robustness.KINDS), index=range(1, k + 1)))
     # confounded sites: a random embedding's RI is not 0.5 but share(SO) / share(SO + OS) over all candidate pairs
@@ -48,11 +48,11 @@ def test_site_only_reference_matches_a_site_one_hot_embedding(lung):
     n, k = len(bio), 12
     group = np.arange(n)
     expected = robustness.expected_query_counts(bio, site, group, k, mode="site").sum(0)
-    sites = np.unique(site)
-    onehot = (site[:, None] == sites[None]).astype(float)
+    # a site-only embedding: each institution a point on the circle, a tiny jitter orders same-site rows at random
+    angle = 2 * np.pi * np.searchsorted(np.unique(site), site) / len(np.unique(site))
     rng = np.random.default_rng(1)
-    mc = np.mean([robustness.counts(onehot + 1e-3 * rng.normal(size=onehot.shape), bio, site, group, k).to_numpy()
-                  for _ in range(300)], 0)
+    mc = np.mean([robustness.counts(np.c_[np.cos(a), np.sin(a)], bio, site, group, k).to_numpy()
+                  for a in (angle + 1e-4 * rng.normal(size=n) for _ in range(150))], 0)
     np.testing.assert_allclose(expected, mc, rtol=0.06, atol=1.0)
     per_query = robustness.expected_query_counts(bio, site, group, k, mode="site")
     crowded = pd.Series(site).map(pd.Series(site).value_counts()).to_numpy() > k  # ≥ k same-site candidates
@@ -77,7 +77,7 @@ def test_probe_reports_chance_and_site_only_ri_on_the_same_rows(tmp_path, lung):
     assert r["chance_robustness_index@5"] == pytest.approx(ref["chance"].loc[5, "robustness_index"])
     assert r["site_only_robustness_index@5"] == pytest.approx(ref["site_only"].loc[5, "robustness_index"])
     assert r["n_test"] == len(bio) - 7
-    table = pd.read_csv(tmp_path / "references.csv", keep_default_na=False)
+    table = pd.read_csv(tmp_path / "references.csv", keep_default_na=False, dtype=str)
     assert table.chance.iloc[0] == (f"{ref['chance'].loc[5, 'robustness_index']:.3f} · site-only "
                                     f"{ref['site_only'].loc[5, 'robustness_index']:.3f}")
 
@@ -153,7 +153,7 @@ def test_report_rows_read_chance_baselines_model_oracle(tmp_path, wdbc):
     task = {"name": "dx", "type": "classification", "label": "dx", "folds": 4, "standardize": True,
             "embeddings": ["feat", "feat_meanpool", "oracle"]}
     res = probe(a, [task], tmp_path, plots=False)
-    refs = pd.read_csv(tmp_path / "references.csv", keep_default_na=False)
+    refs = pd.read_csv(tmp_path / "references.csv", keep_default_na=False, dtype=str)
     assert list(refs.columns) == ["task", "target", "metric", "chance", "baseline: feat_meanpool", "model: feat",
                                   "oracle"]
     assert refs.set_index("metric").chance.to_dict() == {"auroc": "0.500", "bacc": "0.500"}
