@@ -86,7 +86,7 @@ def _slide_table(out: Path) -> tuple[np.ndarray, pd.DataFrame]:
 
 def test_focal_option_dilutes_what_mean_pooling_sees(tmp_path):
     """With every case focal (5% of tiles), a mean-pool probe loses most of the subtype signal it had."""
-    knobs = dict(n_cases=200, seed=4, feature_dim=32, bag_size_median=150, n_genes=150, n_proteins=20,
+    knobs = dict(n_cases=160, seed=4, feature_dim=32, bag_size_median=120, n_genes=150, n_proteins=20,
                  site_effect=0.0, missing_slide=0.0, multi_slide_rate=0.0)
     acc = {}
     for rate in (0.0, 1.0):
@@ -117,21 +117,21 @@ def test_nonlinear_features_make_the_site_shift_depend_on_tissue_type(tmp_path):
         sites = sorted({k[0] for k in mean})
         d = [mean[(sites[0], t)] - mean[(sites[1], t)] for t in (0, 1)]
         agreement[hidden] = float(d[0] @ d[1] / np.linalg.norm(d[0]) / np.linalg.norm(d[1]))
-    assert agreement[0] > 0.8 and agreement[0] - agreement[HARDER["nonlinear"]["feature_mlp_hidden"]] > 0.3, agreement
+    assert agreement[0] > 0.9 and agreement[HARDER["nonlinear"]["feature_mlp_hidden"]] < 0.8, agreement
 
 
 def test_mnar_missingness_follows_tumour_size_and_keeps_the_rate(tmp_path):
     """RNA/protein go missing more often for small tumours (logistic slope ≈ −β, sklearn), the cohort-wide rate
     stays at the configured one, and the latent size tracks the log-hazard as documented."""
     beta = HARDER["mnar"]["mnar_strength"]
-    knobs = dict(n_cases=4000, feature_dim=4, bag_size_median=8, bag_size_min=4, bag_size_max=32, n_genes=120,
+    knobs = dict(n_cases=2500, feature_dim=4, bag_size_median=8, bag_size_min=4, bag_size_max=32, n_genes=120,
                  n_proteins=8, missing_slide=0.97, site_confounding=1e6)
     truth = read_truth(simulate_cohort(tmp_path / "mnar", SimConfig(**knobs, mnar_strength=beta)))
     z = truth[["tumour_size_z"]].to_numpy()
-    assert abs(z.mean()) < 0.06 and abs(z.std() - 1) < 0.05
+    assert abs(z.mean()) < 0.08 and abs(z.std() - 1) < 0.06
     assert sps.pearsonr(truth.tumour_size_z, truth.risk)[0] == pytest.approx(TUMOUR_SIZE_RISK_CORR, abs=0.05)
-    assert truth.risk.mean() == pytest.approx(RISK_MEAN, abs=0.06) and truth.risk.std() == pytest.approx(RISK_SD,
-                                                                                                          abs=0.06)
+    assert truth.risk.mean() == pytest.approx(RISK_MEAN, abs=0.08) and truth.risk.std() == pytest.approx(RISK_SD,
+                                                                                                          abs=0.08)
     for m, rate in (("rna", 0.15), ("protein", 0.35)):
         missing = ~truth[f"has_{m}"].astype(bool)
         assert abs(missing.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / len(truth)), m
