@@ -3,9 +3,9 @@
 sklearn LogisticRegression, lbfgs, max_iter 10000, random_state 0, by default NO feature scaling (embeddings are
 compared as they come out of the encoder, as Patho-Bench does); `standardize=True` z-scores every feature with the
 mean/SD of the data the model is fitted on (a StandardScaler in the same pipeline: the training fold, and each inner
-fold of a C sweep), so embeddings of different scale and width meet the same C on equal terms. C is fixed (0.5 with balanced class weights, the shipped Patho-Bench/THREADS setting)
-or chosen from a grid by inner cross-validation on the training fold only: public splits have no validation fold,
-and picking C on the test fold is leakage.
+fold of a C sweep), so embeddings of different scale and width meet the same C on equal terms. C is fixed (0.5 with
+balanced class weights, the shipped Patho-Bench/THREADS setting) or chosen from a grid by inner cross-validation on
+the training fold only: public splits have no validation fold, and picking C on the test fold is leakage.
 """
 
 from __future__ import annotations
