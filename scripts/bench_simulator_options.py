@@ -5,17 +5,18 @@
 For each option (default, then `mmfm.data.simulate.HARDER`: focal morphology, nonlinear tile features, MNAR omics)
 with everything else equal: simulate a cohort → pretrain the demo recipe (configs/demo.yaml: gated ABMIL ↔ RNA ↔
 protein, all-pairs SigLIP) on half of the cases → embed the other half with every tile → probe them. Embeddings
-side by side: `slide` (pretrained, projected), `slide_backbone` (before the head), baselines `slide_meanpool`
-(mean of raw tile features) and `slide_random` (same architecture, random init), and the `oracle` (the probe on
-the simulator's programmes + subtype, on the same cases) as the ceiling. Chance levels sit beside every number
+side by side: `slide` (pretrained, projected), baselines `slide_meanpool` (mean of raw tile features) and
+`slide_random` (same architecture, random init), and the `oracle` (the probe on the simulator's programmes +
+subtype, on the same cases) as the ceiling; `slide_backbone` is embedded but not probed (runtime). Chance levels sit beside every number
 and model − baseline differences come with paired 95% CIs and tests (mmfm.eval.report).
 
 Protocol, fixed before any run: 5-fold patient-level CV on the held-out cases; features z-scored per training
-fold (so 64-d projections and 256-d means meet the regulariser on equal terms); logistic C and Cox α chosen by
+fold (so 64-d projections and 128-d means meet the regulariser on equal terms); logistic C and Cox α chosen by
 inner CV on the training fold (α grid: Patho-Bench's 0.02 / 0.07 plus 0.2 / 0.5, because elastic-net Cox on
-z-scored 64–256-d features of ~150 cases overflows at the smallest α); no held-out evaluation during pretraining
+z-scored 64–128-d features of ~150 cases overflows at the smallest α); no held-out evaluation during pretraining
 and the last checkpoint is embedded, so nothing about the probe cases steers the model. One pretraining seed per option: the paired CIs are over folds,
-not over pretraining runs. JSON: per option the simulator config, timings, the reference table (chance ·
+not over pretraining runs. Sizes (400 cases, 200 steps, D = 128, ~300 tiles per slide) keep the four options
+at ≈ 3 CPU-minutes each. JSON: per option the simulator config, timings, the reference table (chance ·
 baselines · model · oracle) and the paired table; `table` is the compact comparison printed at the end.
 """
 
@@ -38,7 +39,7 @@ from mmfm.io import write_json
 from mmfm.train import load_config, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-EMBEDDINGS = ["slide_meanpool", "slide_random", "slide", "slide_backbone", "oracle"]
+EMBEDDINGS = ["slide_meanpool", "slide_random", "slide", "oracle"]
 PROTOCOL = {"embeddings": EMBEDDINGS, "folds": 5, "standardize": True}
 TASKS = [
     {"name": "survival", "type": "survival", "time": "os_days", "event": "os_event", "models": ["coxnet"],
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--options", nargs="+", default=["default", *HARDER], choices=["default", *HARDER])
     p.add_argument("--cases", type=int, default=400)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--feature-dim", type=int, default=256)
+    p.add_argument("--feature-dim", type=int, default=128)
     p.add_argument("--bag-size-median", type=int, default=300)
     p.add_argument("--n-genes", type=int, default=1000)
     p.add_argument("--n-bootstrap", type=int, default=200)
