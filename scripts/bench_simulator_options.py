@@ -4,20 +4,21 @@
 
 For each option (default, then `mmfm.data.simulate.HARDER`: focal morphology, nonlinear tile features, MNAR omics)
 with everything else equal: simulate a cohort → pretrain the demo recipe (configs/demo.yaml: gated ABMIL ↔ RNA ↔
-protein, all-pairs SigLIP) on half of the cases → embed the other half with every tile → probe them. Embeddings
-side by side: `slide` (pretrained, projected), baselines `slide_meanpool` (mean of raw tile features) and
-`slide_random` (same architecture, random init), and the `oracle` (the probe on the simulator's programmes +
-subtype, on the same cases) as the ceiling; `slide_backbone` is embedded but not probed (runtime). Chance levels sit beside every number
-and model − baseline differences come with paired 95% CIs and tests (mmfm.eval.report).
+protein, all-pairs SigLIP) on half of the cases → embed the other half with every tile → probe them. Side by side:
+`slide` (pretrained, projected), the baselines `slide_meanpool` (mean of raw tile features) and `slide_random`
+(same architecture, random init), and the `oracle` (the same probe on the simulator's programmes + subtype, on the
+same cases) as the ceiling; `slide_backbone` is embedded but not probed (runtime). Chance levels sit beside every
+number and model − baseline differences come with paired 95% CIs and tests (mmfm.eval.report).
 
 Protocol, fixed before any run: 5-fold patient-level CV on the held-out cases; features z-scored per training
 fold (so 64-d projections and 128-d means meet the regulariser on equal terms); logistic C and Cox α chosen by
 inner CV on the training fold (α grid: Patho-Bench's 0.02 / 0.07 plus 0.2 / 0.5, because elastic-net Cox on
 z-scored 64–128-d features of ~150 cases overflows at the smallest α); no held-out evaluation during pretraining
-and the last checkpoint is embedded, so nothing about the probe cases steers the model. One pretraining seed per option: the paired CIs are over folds,
-not over pretraining runs. Sizes (400 cases, 200 steps, D = 128, ~300 tiles per slide) keep the four options
-at ≈ 3 CPU-minutes each. JSON: per option the simulator config, timings, the reference table (chance ·
-baselines · model · oracle) and the paired table; `table` is the compact comparison printed at the end.
+and the last checkpoint is embedded, so nothing about the probe cases steers the model. One pretraining seed per
+option: the paired CIs are over folds, not over pretraining runs. Sizes (400 cases, 200 steps, D = 128, ~300
+tiles per slide) keep each option at ≈ 3 CPU-minutes. JSON: per option the simulator config, wall and CPU
+seconds per phase, the reference table (chance · baselines · model · oracle) and the paired table; `table` is the
+compact comparison printed at the end.
 """
 
 from __future__ import annotations
