@@ -206,16 +206,26 @@ def _paired_markdown(paired: pd.DataFrame) -> pd.DataFrame:
         "k": paired.n, "method": paired.method})
 
 
+OVERLAP_WARNINGS = {  # what → (heading, why the numbers are not clean held-out estimates)
+    "pretraining": ("test cases were seen in pretraining",
+                    "These numbers are NOT held-out estimates (run with --allow_overlap):"),
+    "validation": ("test cases were validation cases of the run",
+                   "They chose the checkpoint (held-out evaluation during pretraining, --step best), so these "
+                   "numbers are optimistically selected (run with --allow_validation_overlap):"),
+}
+
+
 def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, notes: list[str],
-                     overlap: dict[str, list[str]], *, references: pd.DataFrame | None = None,
-                     paired: pd.DataFrame | None = None) -> str:
+                     overlap: dict[str, list[str]], *, validation_overlap: dict[str, list[str]] | None = None,
+                     references: pd.DataFrame | None = None, paired: pd.DataFrame | None = None) -> str:
     out = ["# Probe summary", ""]
-    if overlap:
-        out += ["## WARNING: test cases were seen in pretraining", "",
-                "These numbers are NOT held-out estimates (run with --allow-overlap):", ""]
-        out += [f"- `{t}`: {len(c)} case(s): {', '.join(c[:10])}{' …' if len(c) > 10 else ''}"
-                for t, c in overlap.items()]
-        out.append("")
+    for what, cases in (("pretraining", overlap), ("validation", validation_overlap or {})):
+        if cases:
+            heading, why = OVERLAP_WARNINGS[what]
+            out += [f"## WARNING: {heading}", "", why, ""]
+            out += [f"- `{t}`: {len(c)} case(s): {', '.join(c[:10])}{' …' if len(c) > 10 else ''}"
+                    for t, c in cases.items()]
+            out.append("")
     out += [CONVENTIONS, ""]
     if references is not None and len(references):
         out += ["## Chance · baselines · model · oracle", "", markdown_table(references), ""]
@@ -343,13 +353,14 @@ def plot_embedding(x: np.ndarray, bio, site, path: Path, *, title: str, method: 
 
 def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, *, notes: list[str],
                   overlap: dict[str, list[str]], survival_preds: dict, robustness_curves: dict, plots: bool,
-                  roles: dict[str, str] | None = None) -> None:
+                  roles: dict[str, str] | None = None, validation_overlap: dict[str, list[str]] | None = None) -> None:
     references, paired = reference_table(summary, results, roles), paired_table(results, boot, roles)
     for name, df in (("results.csv", results), ("bootstrap.csv", boot), ("summary.csv", summary),
                      ("references.csv", references), ("paired.csv", paired)):
         with atomic_path(out / name, suffix=".csv") as tmp:
             df.to_csv(tmp, index=False)
-    write_text(out / "summary.md", summary_markdown(summary, results, notes, overlap, references=references,
+    write_text(out / "summary.md", summary_markdown(summary, results, notes, overlap,
+                                                    validation_overlap=validation_overlap, references=references,
                                                     paired=paired))
     if not plots:
         return

@@ -84,7 +84,7 @@ class HeldOutEvaluator:
         ids = [c for i, c in enumerate(ids) if any(p[i] for p in present.values())][: cfg.data.eval_max_cases]
         self.batch_size = eval_batch_size(len(ids), cfg.loader.batch_size, mesh.size)
         if self.batch_size == 0:
-            raise ValueError(f"data.heldout_fraction: {len(ids)} held-out cases cannot fill one batch on "
+            raise ValueError(f"data.val_fraction: {len(ids)} validation cases cannot fill one batch on "
                              f"{mesh.size} devices; raise it or set train.eval_every=0")
         lcfg = dataclasses.replace(cfg.loader, batch_size=self.batch_size, shuffle=False, seed=cfg.train.seed,
                                    workers=0, prefetch=0)
