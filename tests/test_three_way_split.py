@@ -32,7 +32,7 @@ def test_split_by_site_keeps_every_site_on_one_side():
     parts = split_cases(IDS, 0.2, 1, val_fraction=0.1, sites=sites)
     on = [{site_of[c] for c in p} for p in parts]
     assert not (on[0] & on[1] or on[0] & on[2] or on[1] & on[2])
-    assert sorted(sum(parts, [])) == sorted(IDS)
+    assert sorted(c for p in parts for c in p) == sorted(IDS)
     size = pd.Series(sites).value_counts()
     for cases, want, sites_in in ((parts[2], 20, on[2]), (parts[1], 10, on[1])):
         # whole sites are taken while the partition is short: at least its share, and the last site was needed

@@ -153,7 +153,7 @@ def _fold_values(g: pd.DataFrame, emb: str) -> pd.Series:
 
 
 def _test_sizes(book: pd.DataFrame, key: tuple, emb: str) -> pd.DataFrame:
-    task, kind, target, model, shots, _ = key
+    task, _, target, model, _, _ = key
     b = book[(book.task == task) & (book.target == target) & (book.model == model) & (book.embedding == emb)]
     return b.pivot_table(index="fold", columns="metric", values="value", aggfunc="first")
 
@@ -210,8 +210,8 @@ OVERLAP_WARNINGS = {  # what → (heading, why the numbers are not clean held-ou
     "pretraining": ("test cases were seen in pretraining",
                     "These numbers are NOT held-out estimates (run with --allow_overlap):"),
     "validation": ("test cases were validation cases of the run",
-                   "They chose the checkpoint (held-out evaluation during pretraining, --step best), so these "
-                   "numbers are optimistically selected (run with --allow_validation_overlap):"),
+                   ("They chose the checkpoint (held-out evaluation during pretraining, --step best), so these "
+                    "numbers are optimistically selected (run with --allow_validation_overlap):")),
 }
 
 
@@ -398,16 +398,10 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
     return s.pivot_table(index="row", columns="embedding", values="text", aggfunc="first", sort=False).fillna("")
 
 
-def chance_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The expected recall@5 of a random ranking for each retrieval row: a constant, so no interval."""
-    s = summary[summary["metric"] == "chance_recall@5"]
-    return pd.DataFrame({"task": s["task"], "pair": s["embedding"],
-                         "chance recall@5": s["mean"].map(lambda v: f"{v:.3f}")})
-
-
 CAPTIONS = (  # (file-name pattern, caption) for the report's plots, most specific first
-    (r"^training_curves\.png$", "pretraining loss per pair, and held-out recall@5 during training — on at most "
-     "`data.eval_max_cases` held-out cases with a fixed tile sample per slide, so not the table's numbers"),
+    (r"^training_curves\.png$", ("pretraining loss per pair, and recall@5 on the validation cases during training "
+                                  "— at most `data.eval_max_cases` of them, a fixed tile sample per slide, never "
+                                  "the probes' held-out cases")),
     (r"^km_(.+)\.png$", "Kaplan–Meier curves of the predicted high- vs low-risk halves (pooled test folds), "
      "log-rank p — {0}"),
     (r"^(.+)_ri\.png$", "robustness index against k (neighbours sharing biology rather than site) — {0}"),
