@@ -73,7 +73,8 @@ def run_option(name: str, overrides: dict, a: argparse.Namespace, root: Path) ->
     clock.lap("simulate")
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"data.cohort={cohort}", f"train.steps={a.steps}", "train.eval_every=0", f"train.ckpt_every={a.steps}",
-        "train.progress=false", "data.heldout_fraction=0.5", f"data.split_seed={a.seed}", f"train.seed={a.seed}",
+        "train.progress=false", "data.heldout_fraction=0.5", "data.val_fraction=0",
+        f"data.split_seed={a.seed}", f"train.seed={a.seed}",
         f"loader.n_genes={min(500, a.n_genes)}"])
     run_dir = root / f"run-{name}"
     pretrain(cfg, run_dir, resume=(run_dir / "checkpoints").exists())
