@@ -117,7 +117,7 @@ def wdbc():
 
 
 def test_standardize_uses_training_fold_statistics(wdbc):
-    xtr, ytr, xte, yte = wdbc
+    xtr, ytr, xte, _ = wdbc
     mu, sd = xtr.mean(0), xtr.std(0)
     ref = LogisticRegression(C=0.5, max_iter=10000, random_state=0, class_weight="balanced").fit((xtr - mu) / sd, ytr)
     proba, _ = classification.fit_predict(xtr, ytr, xte, 2, standardize=True)

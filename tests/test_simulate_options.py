@@ -22,7 +22,7 @@ from mmfm.data.simulate import (HARDER, RISK_MEAN, RISK_SD, SUBTYPES, TILE_TYPES
 from mmfm.data.truth import oracle_embedding, read_truth
 from mmfm.eval.references import attach_oracle
 
-SMALL = dict(n_cases=24, feature_dim=16, bag_size_median=80, n_genes=150, n_proteins=20)
+SMALL = {"n_cases": 24, "feature_dim": 16, "bag_size_median": 80, "n_genes": 150, "n_proteins": 20}
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -81,8 +81,8 @@ def test_focal_region_carries_the_case_appearance_and_the_rest_looks_neutral(coh
 def test_focal_option_dilutes_what_mean_pooling_sees(tmp_path):
     """Mean of a slide's tumour tiles (truth types): the subtype's growth pattern is plain to a linear probe when
     every tumour tile shows it and mostly lost when only the foci (5% of tiles) do, in every case."""
-    knobs = dict(n_cases=160, seed=4, feature_dim=32, bag_size_median=120, n_genes=150, n_proteins=20,
-                 site_effect=0.0, missing_slide=0.0, multi_slide_rate=0.0)
+    knobs = {"n_cases": 160, "seed": 4, "feature_dim": 32, "bag_size_median": 120, "n_genes": 150, "n_proteins": 20,
+             "site_effect": 0.0, "missing_slide": 0.0, "multi_slide_rate": 0.0}
     acc = {}
     for rate in (0.0, 1.0):
         out = simulate_cohort(tmp_path / f"f{rate}", SimConfig(**knobs, focal_rate=rate))
@@ -101,8 +101,8 @@ def test_focal_option_dilutes_what_mean_pooling_sees(tmp_path):
 def test_nonlinear_features_make_the_site_shift_depend_on_tissue_type(tmp_path):
     """Linear features: a site's stain shift moves every tile type's mean feature by the same vector. Through the
     random MLP it no longer does: the per-type site differences decorrelate (NumPy on the written bags)."""
-    knobs = dict(n_cases=60, seed=2, n_sites=2, site_confounding=1e6, feature_dim=64, bag_size_median=400,
-                 missing_slide=0.0, multi_slide_rate=0.0, n_genes=150, n_proteins=20)
+    knobs = {"n_cases": 60, "seed": 2, "n_sites": 2, "site_confounding": 1e6, "feature_dim": 64,
+             "bag_size_median": 400, "missing_slide": 0.0, "multi_slide_rate": 0.0, "n_genes": 150, "n_proteins": 20}
     agreement = {}
     for hidden in (0, HARDER["nonlinear"]["feature_mlp_hidden"]):
         out = simulate_cohort(tmp_path / f"h{hidden}", SimConfig(**knobs, feature_mlp_hidden=hidden))
@@ -126,8 +126,8 @@ def test_mnar_missingness_follows_tumour_size_and_keeps_the_rate(tmp_path):
     """RNA/protein go missing more often for small tumours (logistic slope ≈ −β, sklearn), the cohort-wide rate
     stays at the configured one, and the latent size tracks the log-hazard as documented."""
     beta = HARDER["mnar"]["mnar_strength"]
-    knobs = dict(n_cases=2500, feature_dim=4, bag_size_median=8, bag_size_min=4, bag_size_max=32, n_genes=120,
-                 n_proteins=8, missing_slide=0.97, site_confounding=1e6)
+    knobs = {"n_cases": 2500, "feature_dim": 4, "bag_size_median": 8, "bag_size_min": 4, "bag_size_max": 32,
+             "n_genes": 120, "n_proteins": 8, "missing_slide": 0.97, "site_confounding": 1e6}
     truth = read_truth(simulate_cohort(tmp_path / "mnar", SimConfig(**knobs, mnar_strength=beta)))
     z = truth[["tumour_size_z"]].to_numpy()
     assert abs(z.mean()) < 0.08 and abs(z.std() - 1) < 0.06

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,7 +346,7 @@ def make_world(cfg: SimConfig) -> World:
         r, h = _rng(cfg, _WORLD, _W_MLP), cfg.feature_mlp_hidden
         dims = [L] + [h] * MLP_LAYERS
         layers = tuple(((MLP_GAIN / np.sqrt(a) * r.standard_normal((a, b))).astype(np.float32),
-                        (MLP_BIAS_SD * r.standard_normal(b)).astype(np.float32)) for a, b in zip(dims, dims[1:]))
+                        (MLP_BIAS_SD * r.standard_normal(b)).astype(np.float32)) for a, b in itertools.pairwise(dims))
         mlp = (layers, (np.sqrt(MLP_OUT_VAR / h) * r.standard_normal((h, D))).astype(np.float32))
 
     genes, gene_site = _gene_model(cfg, _rng(cfg, _WORLD, _W_GENES))
@@ -490,7 +491,7 @@ def missing_probability(cfg: SimConfig, modality: str, size_z: float) -> float:
     return _sigmoid(_mnar_intercept(base, cfg.mnar_strength) - cfg.mnar_strength * size_z)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnar_intercept(rate: float, beta: float) -> float:
     """a with E[σ(a − β z)] = rate for z ~ N(0, 1) (Gauss–Hermite quadrature, 64 nodes)."""
     x, w = np.polynomial.hermite_e.hermegauss(64)
@@ -579,7 +580,7 @@ def focal_region(cfg: SimConfig, i: int, j: int, grid: np.ndarray) -> np.ndarray
     if not is_focal(cfg, i):
         return np.ones(n, bool)
     score = _field(np.asarray(grid, np.float64), _rng(cfg, _FOCAL, i, j), FOCAL_LENGTH_SCALE)
-    m = max(1, int(round(cfg.focal_fraction * n)))
+    m = max(1, round(cfg.focal_fraction * n))
     mask = np.zeros(n, bool)
     mask[np.argsort(-score, kind="stable")[:m]] = True
     return mask

@@ -56,7 +56,7 @@ def split_cases(case_ids, fraction: float, seed: int, *, val_fraction: float = 0
         names = sorted(site.unique())
         units = [list(site.index[site == names[i]]) for i in rng.permutation(len(names))]
     parts: dict[str, list[str]] = {"heldout": [], "val": [], "train": []}
-    want = {"heldout": int(round(fraction * len(ids))), "val": int(round(val_fraction * len(ids)))}
+    want = {"heldout": round(fraction * len(ids)), "val": round(val_fraction * len(ids))}
     for unit in units:
         parts[next((p for p in ("heldout", "val") if len(parts[p]) < want[p]), "train")] += unit
     if sites is not None and ids and not parts["train"]:
