@@ -60,7 +60,7 @@ class DemoConfig:
     out: str = "demo_out"              # report folder (cohort, runs, embeddings, report/)
     cases: int = 500                   # simulated cases
     seed: int = 0                      # simulator seed
-    seeds: int = 1                     # pretraining seeds (train.seed, +1, …): the report gives the spread across them
+    seeds: int = 1                     # pretraining seeds (train.seed, +1, …); the report gives their spread
     sim: SimConfig = field(default_factory=SimConfig)  # simulator knobs (n_cases and seed come from above)
     recipe: RunConfig = field(default_factory=demo_recipe)  # the pretraining recipe (data.cohort set by the demo)
     n_bootstrap: int = 100             # bootstrap resamples for single-fold probes

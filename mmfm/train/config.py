@@ -53,9 +53,9 @@ class TrainConfig:
 class DataConfig:
     cohort: str = ""                   # cohort directory (see mmfm.data.cohort)
     modalities: tuple[Modality, ...] = ("slide", "rna")  # what the run trains on: the loader emits them, the model encodes them
-    heldout_fraction: float = 0.2      # probe-test cases (patient-level): never pretrained on, never used to choose a checkpoint
-    val_fraction: float = 0.1          # validation cases: held-out evaluation during training and --step best (never probed)
-    split_by_site: bool = False        # whole sites (cases.csv `site`) per partition: test and validation centres unseen
+    heldout_fraction: float = 0.2      # probe-test cases (patient-level): never trained on nor used to pick a checkpoint
+    val_fraction: float = 0.1          # validation cases: evaluation during training and --step best (never probed)
+    split_by_site: bool = False        # whole sites (cases.csv `site`) per partition: held-out centres unseen
     split_seed: int = 0
     eval_max_cases: int = 256          # cap on validation cases evaluated (fixed subset, same every eval)
 
