@@ -1,7 +1,8 @@
 """Held-out evaluation during pretraining: cross-modal retrieval recall@k and RankMe.
 
-Held-out cases (never trained on, first `data.eval_max_cases` by id) are embedded with the current
-weights in eval mode. Each slide is represented by a fixed sample of `loader.tiles_per_slide` tiles
+The run's validation cases (never trained on, first `data.eval_max_cases` by id; never the probes' held-out
+cases, so choosing a checkpoint or a recipe on these curves cannot leak into the probes) are embedded with the
+current weights in eval mode. Each slide is represented by a fixed sample of `loader.tiles_per_slide` tiles
 (seeded per case, unshuffled), the same at every evaluation, so curves are comparable across steps
 (all tiles would need a per-bag-size compile; the embed command does that).
 Rows of one case are averaged (then re-normalised) into one case embedding per modality.
