@@ -64,6 +64,6 @@ def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
     a = [_fold_means(demo / "report" / d / "results.csv", "subtype", "auroc", "slide") for d in ("", "seed-1")]
     b = [_fold_means(demo / "report" / d / "results.csv", "subtype", "auroc", "slide_meanpool") for d in ("", "seed-1")]
     t = sps.ttest_rel(a, b)
-    assert row.unit == "seeds" and int(row.n) == 2
+    assert row.method == "paired t over seeds" and int(row.n) == 2
     assert float(row["mean"]) == pytest.approx(np.mean(np.subtract(a, b)))
     assert float(row.p) == pytest.approx(t.pvalue)

@@ -206,12 +206,14 @@ def report_tables(summaries: list[pd.DataFrame], results: pd.DataFrame, out: Pat
     headline = combined[[(k, m) in HEADLINE for k, m in zip(combined.type, base)]]
     refs = reference_table(headline[headline.type != "retrieval"], results)
     retrieval = reference_table(headline[headline.type == "retrieval"], results)
-    per_fold = pd.read_csv(out / "paired.csv", keep_default_na=False)
+    per_fold = pd.read_csv(out / "paired.csv", dtype=str, keep_default_na=False)  # keys as written ('' = none)
+    numbers = ["mean", "se", "lo", "hi", "p", "p_corrected", "n"]
+    per_fold[numbers] = per_fold[numbers].apply(pd.to_numeric, errors="coerce")
     per_fold = per_fold[[(k, m) in HEADLINE for k, m in zip(per_fold.type, per_fold.metric)]]
     paired = seeds_mod.paired_over_seeds(summaries, per_fold, MODEL)
     shown = paired.assign(comparison=MODEL + " − " + paired.baseline, p=paired.p.map(_p),
                           p_nb=paired.p_corrected.map(_p))
-    shown = shown[["task", "target", "metric", "comparison", "text", "p", "p_nb", "n", "unit"]].rename(
+    shown = shown[["task", "target", "metric", "comparison", "text", "p", "p_nb", "n", "method"]].rename(
         columns={"text": "Δ [95% CI]", "p_nb": "p (NB)"})
     each = seeds_mod.per_seed(summaries, seeds, MODEL)
     each = each[[(k, m) in HEADLINE for k, m in zip(each.type, each.metric)]]

@@ -49,22 +49,26 @@ def per_seed(summaries: list[pd.DataFrame], seeds: list[int], embedding: str) ->
 def paired_over_seeds(summaries: list[pd.DataFrame], folds: pd.DataFrame, embedding: str) -> pd.DataFrame:
     """`embedding` − each baseline per comparison row: across seeds (N ≥ 2) from the seed means, else the probe's
     per-fold paired test of the one seed (`folds` = its paired table). Columns: KEY, baseline, mean, lo, hi, p,
-    p_corrected (Nadeau–Bengio, folds only), n, unit ('seeds' or 'folds'), text."""
-    cols = KEY + ["baseline", "mean", "lo", "hi", "p", "p_corrected", "n", "unit", "text"]
+    p_corrected (Nadeau–Bengio, folds only), n (seeds, folds or resamples), method, text."""
+    cols = KEY + ["baseline", "mean", "lo", "hi", "p", "p_corrected", "n", "method", "text"]
     mine = folds[folds.embedding == embedding]
     if len(summaries) == 1:
-        return pd.DataFrame({**{c: mine[c] for c in KEY + ["baseline", "mean", "lo", "hi", "p", "p_corrected", "n",
-                                                          "text"]}, "unit": "folds"})[cols]
-    means = [s.set_index(["embedding", *KEY])["mean"] for s in summaries]
+        return mine[cols].reset_index(drop=True)
+    text_key = {c: str for c in ["embedding", *KEY]}  # `folds` may come from paired.csv: match keys as text
+    means = [s.astype(text_key).set_index(["embedding", *KEY])["mean"] for s in summaries]
     rows = []
     for _, r in mine.drop_duplicates(KEY + ["baseline"]).iterrows():
-        key = tuple(r[c] for c in KEY)
-        try:
-            a = [m.loc[(embedding, *key)] for m in means]
-            b = [m.loc[(r.baseline, *key)] for m in means]
-        except KeyError:  # missing in some seed
-            continue
-        est = stats.paired(a, b)
+        key = tuple(str(r[c]) for c in KEY)
+        if str(r.method).startswith("not paired"):  # different cases (e.g. a covariate some cases lack)
+            est = stats.Paired(*[float("nan")] * 5, n=0, method=r.method)
+        else:
+            try:
+                a = [m.loc[(embedding, *key)] for m in means]
+                b = [m.loc[(r.baseline, *key)] for m in means]
+            except KeyError:  # missing in some seed
+                continue
+            est = stats.paired(a, b)
         rows.append({**dict(zip(KEY, key)), "baseline": r.baseline, "mean": est.mean, "lo": est.lo, "hi": est.hi,
-                     "p": est.p, "p_corrected": float("nan"), "n": est.n, "unit": "seeds", "text": est.format()})
+                     "p": est.p, "p_corrected": float("nan"), "n": est.n,
+                     "method": "paired t over seeds" if est.n else est.method, "text": est.format()})
     return pd.DataFrame(rows, columns=cols)
