@@ -58,7 +58,8 @@ def raw_blocks(cfg: tconfig.RunConfig, cohort: Path, blocks: int, block: int) ->
     """Steps/s of the jitted step on device-resident batches, per block (one sync per block)."""
     t = cfg.train
     c = Cohort.open(cfg.data.cohort)
-    train_ids, _ = split_cases(c.cases.index, cfg.data.heldout_fraction, cfg.data.split_seed)
+    train_ids, _, _ = split_cases(c.cases.index, cfg.data.heldout_fraction, cfg.data.split_seed,
+                                  val_fraction=cfg.data.val_fraction)
     mesh = sharding.make_mesh(t.mesh)
     with TileBagLoader(c, cfg.loader, train_ids, cfg.data.modalities) as loader:
         bsh = sharding.batch_sharding(mesh)

@@ -68,17 +68,20 @@ def test_embed_a_trained_run(tmp_path):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
         f"data.cohort={cohort_dir}", "train.steps=2", "train.eval_every=2", "train.ckpt_every=2",
         "train.progress=false", "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32",
-        "data.heldout_fraction=0.5"])
-    pretrain(cfg, tmp_path / "run")  # held-out evaluation must skip cases that have none of the run's modalities
-    held = json.loads((tmp_path / "run" / "splits.json").read_text())["heldout"]
-    none = ~Cohort.open(cohort_dir).presence().loc[held, ["slide", "rna", "protein"]].any(axis=1)
+        "data.heldout_fraction=0.3", "data.val_fraction=0.3"])
+    pretrain(cfg, tmp_path / "run")  # validation evaluation must skip cases that have none of the run's modalities
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    held = splits["heldout"]
+    none = ~Cohort.open(cohort_dir).presence().loc[splits["val"], ["slide", "rna", "protein"]].any(axis=1)
     assert none.any()  # the case this exercises
     cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad")
     cohort = Cohort.open(cohort_dir)
 
     assert list(cases.obs_names) == list(cohort.cases.index.astype(str))
-    assert set(cases.obs["split"]) == {"pretrain", "heldout"}
-    assert sorted(cases.uns["pretrain_cases"]) == sorted(json.loads((tmp_path / "run" / "splits.json").read_text())["train"])
+    assert cases.obs["split"].value_counts().to_dict() == {"pretrain": len(splits["train"]),
+                                                           "heldout": len(held), "validation": len(splits["val"])}
+    assert sorted(cases.uns["pretrain_cases"]) == splits["train"]
+    assert sorted(cases.uns["validation_cases"]) == splits["val"]
     # absent modalities are NaN rows, never zeros
     has_rna = cohort.presence()["rna"].reindex(cases.obs_names).to_numpy()
     assert np.isnan(cases.obsm["rna"][~has_rna]).all() and np.isfinite(cases.obsm["rna"][has_rna]).all()

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mmfm import config as mconfig
 from mmfm.data.batch import BatchShapes, random_batch
-from mmfm.models import DEFAULT_AXIS_RULES, ModelConfig, MultimodalModel, SlideConfig
+from mmfm.models import DEFAULT_AXIS_RULES, ModelConfig, MultimodalModel, SlideConfig, text
 from mmfm.models.abmil import ABMILConfig
 from mmfm.models.omics import OmicsConfig
 from mmfm.models.transformer import TransformerConfig
@@ -130,7 +130,6 @@ def test_config_round_trip_and_clear_errors():
 
 
 def test_report_modality_uses_the_pretrained_text_encoder():
-    text = pytest.importorskip("mmfm.models.text")
     shapes = BatchShapes(batch_size=2, report_len=12)
     model = MultimodalModel(ModelConfig(embed_dim=8), shapes, ("report",), rngs=nnx.Rngs(7))
     ids, mask = text.tokenize(["invasive ductal carcinoma, grade 3", "benign breast tissue"], 12)

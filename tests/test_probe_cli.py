@@ -98,10 +98,11 @@ def test_classification_equals_independent_sklearn_fit_on_same_folds(run_cli):
         lr = LogisticRegression(C=0.5, class_weight="balanced", max_iter=10000, random_state=0).fit(x[tr], y[tr])
         ref.append(roc_auc_score(y[te], lr.predict_proba(x[te])[:, 1]))
     np.testing.assert_allclose(got.value, ref, atol=1e-6)
-    # summary.md reports mean ± SE (ddof=0) over the three folds, 3 decimals, baseline as a row of the same table
+    # summary.md reports mean ± SE (sample SD / √k) over the three folds, 3 decimals, baseline as a row of the same
+    # table
     md = (out / "summary.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| er | X |"))
-    assert f"{np.mean(ref):.3f} ± {np.std(ref) / np.sqrt(3):.3f}" in row
+    assert f"{np.mean(ref):.3f} ± {np.std(ref, ddof=1) / np.sqrt(3):.3f}" in row
     assert any(line.startswith("| er | baseline:age+size |") for line in md.splitlines())
 
 

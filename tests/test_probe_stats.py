@@ -6,15 +6,18 @@ import pytest
 from mmfm.eval import stats
 
 
-def test_mean_se_uses_population_std_over_folds():
+def test_mean_se_uses_sample_std_over_folds():
     v = [0.61, 0.7, 0.66, np.nan, 0.58, 0.73]
     e = stats.mean_se(v)
     f = np.array([0.61, 0.7, 0.66, 0.58, 0.73])  # an undefined fold (NaN) is left out
+    se = np.sqrt(((f - f.mean()) ** 2).sum() / (len(f) - 1)) / np.sqrt(len(f))  # sample SD (k − 1) / √k
     assert e.mean == pytest.approx(f.mean())
-    assert e.se == pytest.approx(np.std(f, ddof=0) / np.sqrt(5))
+    assert e.se == pytest.approx(se)
     assert e.n == 5
-    assert e.format() == f"{f.mean():.3f} ± {np.std(f) / np.sqrt(5):.3f}"
+    assert e.format() == f"{f.mean():.3f} ± {se:.3f}"
     assert stats.mean_se([np.nan]).format() == "N/A"
+    one = stats.mean_se([0.7, np.nan])
+    assert one.n == 1 and np.isnan(one.se) and one.format() == "0.700"  # one fold has no SE
 
 
 def test_percentile_ci_matches_numpy():

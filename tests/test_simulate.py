@@ -22,6 +22,7 @@ from sksurv.metrics import concordance_index_censored
 
 from mmfm.cli import main
 from mmfm.data.bags import grid_indices, read_bag, read_header
+from mmfm.data.cohort import Cohort, validate
 from mmfm.data.simulate import (DRIVERS, HAZARD_PROGRAMMES, HAZARD_SUBTYPE, HAZARD_TP53, PROGRAMMES, SUBTYPES,
                                 TILE_TYPES, SimConfig, simulate_cohort)
 
@@ -92,11 +93,10 @@ def test_layout_follows_contract(cohort):
 
 
 def test_validator_accepts_output(cohort, truth):
-    cohort_mod = pytest.importorskip("mmfm.data.cohort")
-    report = cohort_mod.validate(cohort)
+    report = validate(cohort)
     assert report.ok, report.format()
     assert not report.warnings, report.format()
-    c = cohort_mod.Cohort.open(cohort)
+    c = Cohort.open(cohort)
     presence = c.presence().loc[truth.index]
     np.testing.assert_array_equal(presence["slide"], truth["n_slides"] > 0)
     for m in ("rna", "protein", "report", "mutation"):

@@ -74,9 +74,18 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cohort, jit_cache, t
     assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
-def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path):
+def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path, monkeypatch):
     sets = overrides(cohort, "train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.mesh.fsdp=2",
+                     "data.val_fraction=0.25",
                      "train.best_metric=recall@5/slide->rna", "model.compute_dtype=bfloat16")
+    evaluated = []  # the cases held-out evaluation (and so `best`) sees
+
+    class Spy(loop.evaluate.HeldOutEvaluator):
+        def __init__(self, cohort, cfg, ids, *args):
+            evaluated.extend(ids)
+            super().__init__(cohort, cfg, ids, *args)
+
+    monkeypatch.setattr(loop.evaluate, "HeldOutEvaluator", Spy)
     res = loop.pretrain(config.load_config(REPO / "configs/demo.yaml", sets), tmp_path / "run")
     run = res.run_dir
     for name in ("config.yaml", "env.json", "splits.json", "shapes.json", "eval.jsonl", "transforms/index.json"):
@@ -84,7 +93,10 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["mesh"] == {"data": 4, "fsdp": 2} and len(env["devices"]) == 8 and env["versions"]["jax"]
     splits = json.loads((run / "splits.json").read_text())
-    assert not set(splits["train"]) & set(splits["heldout"]) and len(splits["heldout"]) == 12
+    parts = [set(splits[k]) for k in ("train", "val", "heldout")]
+    assert len(splits["heldout"]) == 12 and len(splits["val"]) == 12
+    assert sum(map(len, parts)) == len(set.union(*parts)) == 48  # three disjoint partitions of every case
+    assert sorted(evaluated) == splits["val"]  # evaluation during training never sees the probe-test cases
     ev = metrics.read_jsonl(run / "eval.jsonl")
     assert [r["step"] for r in ev] == [2, 4]
     assert all(0 <= r["recall@1/slide->rna"] <= r["recall@5/slide->rna"] <= r["recall@10/slide->rna"] <= 1
@@ -111,6 +123,10 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path):
     assert set(e4) == {"slide", "rna", "protein"}
     assert not np.allclose(np.asarray(e4["slide"]), np.asarray(e2["slide"]), atol=1e-4)      # step 4 ≠ step 2
     np.testing.assert_allclose(np.linalg.norm(np.asarray(e4["rna"]), axis=-1), 1.0, rtol=1e-3)
+    # a run without validation cases (written before they existed: it evaluated on its held-out cases) has no `best`
+    (run / "splits.json").write_text(json.dumps({k: v for k, v in splits.items() if k != "val"}))
+    with pytest.raises(rundir.RunDirError, match="no validation cases"):
+        load_for_inference(run, step="best")
 
 
 def test_pretrain_refuses_a_used_run_dir_and_a_too_small_cohort(cohort, tmp_path):

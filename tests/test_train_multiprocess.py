@@ -33,7 +33,7 @@ def cohort(tmp_path_factory):
 def test_two_processes_match_one_process_with_two_devices(cohort, tmp_path):
     sets = [f"data.cohort={cohort}", "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32",
             "train.steps=4", "train.ckpt_every=2", "train.eval_every=4", "train.log_every=1", "train.progress=false",
-            "data.heldout_fraction=0.25", "model.embed_dim=16", "model.slide.abmil.hidden=16",
+            "data.heldout_fraction=0.25", "data.val_fraction=0.25", "model.embed_dim=16", "model.slide.abmil.hidden=16",
             "model.slide.abmil.attn_dim=8", "model.rna.hidden=16", "model.protein.hidden=16"]
     base = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml")]
     flags = [a for s in sets for a in ("--set", s)]

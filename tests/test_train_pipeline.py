@@ -129,6 +129,7 @@ def test_run_files_and_metrics_go_through_epath_to_a_gs_url(tmp_path):
     assumes a local path (tensorboard and orbax bring their own gs:// support)."""
     from mmfm.data.omics import OmicsTransform
     from mmfm.train import rundir
+    from mmfm.train.config import DataConfig
 
     run = "gs://bucket/run"
     tr = OmicsTransform(genes=["A", "B"], mean=np.array([0.5, 1 / 3]), std=np.array([1.0, 2.0]), normalize=True,
@@ -137,7 +138,7 @@ def test_run_files_and_metrics_go_through_epath_to_a_gs_url(tmp_path):
         out = paths.run_path(run)
         assert str(out) == run and str(out / "checkpoints") == run + "/checkpoints"
         rundir.prepare(out, resume=False)
-        rundir.write_splits(out, ["c1", "c2"], ["c3"], 0.25, 0)
+        rundir.write_splits(out, {"train": ["c1", "c2"], "val": [], "heldout": ["c3"]}, DataConfig())
         rundir.save_transforms(out / "transforms", {"rna": tr, "protein": None})
         w = metrics.MetricsWriter(run, 10, progress=False, flush_every_s=3600, tensorboard=False)
         w.log(1, {"loss": 2.0})

@@ -56,4 +56,4 @@ def test_wheel_installed_demo_runs_outside_the_repo(installed, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "demo" / "run" / "config.yaml").exists()
-    assert "| row |" in (tmp_path / "demo" / "report" / "README.md").read_text()
+    assert "| task | target | metric | chance |" in (tmp_path / "demo" / "report" / "README.md").read_text()

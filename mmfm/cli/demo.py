@@ -1,10 +1,11 @@
 """`mmfm demo`: the main job — simulate → validate → pretrain → embed held-out cases → probe → report.
 
 Every step is the public API a researcher would call on their own cohort; the demo only wires them
-together. Probes run on the cases held out from pretraining (patient-level), with the pretrained
-slide embedding beside the mean-pool and random-init baselines, and report CIs whatever the numbers
-show. Re-running reuses finished steps (the cohort is deterministic for its seed; pretraining resumes
-from its last checkpoint).
+together. Probes run on the cases held out from pretraining and from checkpoint choice (patient-level), with
+the pretrained slide embedding beside the mean-pool and random-init baselines, chance and the simulator's
+oracle, and report CIs and paired differences whatever the numbers show. `--seeds N` pretrains N times (same
+split and folds) and reports the spread across seeds. Re-running reuses finished steps (the cohort is
+deterministic for its seed; pretraining resumes from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mmfm.config import load
@@ -32,11 +34,12 @@ TASKS = Path(str(CONFIGS / "tasks" / "demo.yaml"))
 DESCRIPTION = """\
 The whole pipeline on a simulated cohort, as a researcher would run it on their own: simulate → validate →
 pretrain (configs/demo.yaml, shipped with the package) → embed the held-out cases → probe
-(configs/tasks/demo.yaml) → report (--out/report/README.md with every plot). The pretrained slide embedding
-sits beside the mean-pool and random-init baselines. Re-running reuses finished steps. Any key of the
-pretraining recipe can be changed with --set train.steps=50 (or --recipe.train.steps=50).
+(configs/tasks/demo.yaml) → report (--out/report/README.md with every plot). Each row reads chance · baselines
+(mean-pool, random-init) · pretrained · oracle (the simulator's latent variables), with paired differences
+model − baseline; --seeds N pretrains N seeds and reports the spread across them. Re-running reuses finished
+steps. Any key of the pretraining recipe can be changed with --set train.steps=50 (or --recipe.train.steps=50).
 
-example: mmfm demo --out demo_out --cases 500"""
+example: mmfm demo --out demo_out --cases 500 --seeds 3"""
 
 SET_PREFIX = "recipe."
 
@@ -54,9 +57,10 @@ def demo_recipe() -> RunConfig:
 
 @dataclass
 class DemoConfig:
-    out: str = "demo_out"              # report folder (cohort, run, embeddings, report/)
+    out: str = "demo_out"              # report folder (cohort, runs, embeddings, report/)
     cases: int = 500                   # simulated cases
     seed: int = 0                      # simulator seed
+    seeds: int = 1                     # pretraining seeds (train.seed, +1, …); the report gives their spread
     sim: SimConfig = field(default_factory=SimConfig)  # simulator knobs (n_cases and seed come from above)
     recipe: RunConfig = field(default_factory=demo_recipe)  # the pretraining recipe (data.cohort set by the demo)
     n_bootstrap: int = 100             # bootstrap resamples for single-fold probes
@@ -64,6 +68,8 @@ class DemoConfig:
 
 
 Config = DemoConfig
+MODEL = "slide"  # the pretrained embedding the report compares with the baselines
+ORACLE = "oracle"  # the simulator's latent programmes + subtype, probed on the same cases (the ceiling)
 
 
 def _step(name: str, t0: float) -> float:
@@ -72,16 +78,37 @@ def _step(name: str, t0: float) -> float:
     return now
 
 
+def _pretrain(run_cfg: RunConfig, run_dir: Path) -> None:
+    """Train, or reuse a finished run of the same config (resume an unfinished one)."""
+    from mmfm.train.config import dump_config
+    from mmfm.train.loop import pretrain
+
+    same_run = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == dump_config(run_cfg)
+    if run_dir.exists() and not same_run:
+        shutil.rmtree(run_dir)  # the demo's own output from another configuration
+    pretrain(run_cfg, run_dir, resume=same_run and (run_dir / "checkpoints").exists())
+
+
+def demo_tasks(specs: list) -> list:
+    """The demo's task file with the oracle beside every embedding-level task (retrieval pairs stay as they are)."""
+    return [s if s.type == "retrieval" else dataclasses.replace(s, embeddings=(*s.embeddings, ORACLE))
+            for s in specs]
+
+
 def demo(cfg: DemoConfig | None = None) -> dict:
     from mmfm.data.cohort import CohortError, validate
     from mmfm.data.simulate import simulate_cohort
-    from mmfm.eval.embed import embed
+    from mmfm.eval.embed import EmbedConfig, embed
     from mmfm.eval.probe import probe
-    from mmfm.eval.report import chance_rows, headline_table, markdown_table, plot_captions, reading_notes
-    from mmfm.train.config import check, dump_config
-    from mmfm.train.loop import pretrain
+    from mmfm.eval.references import attach_oracle
+    from mmfm.eval.report import plot_captions, reading_notes
+    from mmfm.eval.tasks import load_tasks
+    from mmfm.io import write_h5ad
+    from mmfm.train.config import check
 
     cfg = cfg or DemoConfig()
+    if cfg.seeds < 1:
+        raise ValueError(f"--seeds {cfg.seeds}: must be >= 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -97,51 +124,109 @@ def demo(cfg: DemoConfig | None = None) -> dict:
     if not report.ok:
         raise CohortError(f"{cohort_dir}: the simulated cohort does not validate (see above)")
 
-    run_cfg = check(dataclasses.replace(cfg.recipe, data=dataclasses.replace(cfg.recipe.data, cohort=str(cohort_dir))))
-    run_dir = out / "run"
-    same_run = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == dump_config(run_cfg)
-    if run_dir.exists() and not same_run:
-        shutil.rmtree(run_dir)  # the demo's own output from another configuration
-    resume = same_run and (run_dir / "checkpoints").exists()
-    pretrain(run_cfg, run_dir, resume=resume)
-    t = _step("pretrain", t)
+    tasks = demo_tasks(load_tasks(TASKS))
+    base_cfg = check(dataclasses.replace(cfg.recipe, data=dataclasses.replace(cfg.recipe.data, cohort=str(cohort_dir))))
+    seeds = [base_cfg.train.seed + i for i in range(cfg.seeds)]
+    results, first = [], None
+    for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
+        tag = "" if i == 0 else f"-seed{seed}"
+        run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
+        run_dir = out / f"run{tag}"
+        _pretrain(run_cfg, run_dir)
+        t = _step(f"pretrain (seed {seed})", t)
+        splits = json.loads((run_dir / "splits.json").read_text())
+        held = list(splits["heldout"])
+        # the baselines do not depend on the pretraining seed: embedded once, copied to the other seeds
+        adata, slides = embed(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", case_ids=held,
+                              cfg=EmbedConfig() if first is None else EmbedConfig(baselines=()))
+        if first is None:
+            attach_oracle(adata, cohort_dir, like=MODEL)
+            first = adata
+        else:
+            for key in set(first.obsm) - set(adata.obsm):
+                adata.obsm[key] = first.obsm[key]
+        write_h5ad(out / f"embeddings{tag}.h5ad", adata)
+        t = _step(f"embed (seed {seed}: {len(held)} held-out cases, {slides.n_obs} slides, all tiles)", t)
+        results.append(probe(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""),
+                             n_bootstrap=cfg.n_bootstrap, plots=cfg.plots and i == 0))
+        t = _step(f"probe (seed {seed})", t)
 
-    splits = json.loads((run_dir / "splits.json").read_text())
-    held = list(splits["heldout"])
-    emb_path = out / "embeddings.h5ad"
-    _, slides = embed(run_dir, cohort_dir, emb_path, case_ids=held)
-    t = _step(f"embed ({len(held)} held-out cases, {slides.n_obs} slides, all tiles)", t)
-
-    res = probe(emb_path, TASKS, out / "report", n_bootstrap=cfg.n_bootstrap, plots=cfg.plots)
-    t = _step("probe", t)
-
-    table = headline_table(res.summary)
-    chance = chance_rows(res.summary)
     if cfg.plots:
-        _training_curves(run_dir, out / "report")
-    fewer = any("folds reduced" in n for n in res.notes)
-    text = ["# mmfm demo", "",
-            f"{cfg.cases} simulated cases (seed {cfg.seed}); pretraining on {len(splits['train'])} cases "
-            f"({run_cfg.train.steps} steps, {run_cfg.model.slide.kind} slide encoder, {run_cfg.objective.kind}); "
-            f"probes on the {len(held)} held-out cases ({slides.n_obs} slides; a case's slides are averaged), "
-            f"patient-level CV (5 folds{'; fewer where a task has few cases, see the notes in summary.md' if fewer else ''}), "
-            "mean ± SE over folds; retrieval and robustness: mean [95% bootstrap CI].", "",
-            "`slide` = pretrained (projected), `slide_backbone` = pretrained before the head, "
-            "`slide_meanpool` / `slide_random` = baselines.", "",
-            markdown_table(table.reset_index()) if len(table) else "(no headline metrics)", "",
-            "Chance level of the retrieval rows (random ranking of the same gallery):", "",
-            markdown_table(chance) if len(chance) else "-", ""]
-    notes = reading_notes(res.summary)
+        _training_curves(out / "run", out / "report")
+    tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
+    fewer = any("folds reduced" in n for r in results for n in r.notes)
+    spread = (f"mean ± SD across the {len(seeds)} pretraining seeds {seeds} (each seed: mean over its folds, or its "
+              "point estimate for retrieval and robustness)" if len(seeds) > 1 else
+              "mean ± SE over folds (SE = sample SD / √k); retrieval and robustness: mean [95% bootstrap CI]")
+    setup = (f"{cfg.cases} simulated cases (seed {cfg.seed}); pretraining on {len(splits['train'])} cases "
+             f"({run_cfg.train.steps} steps, {run_cfg.model.slide.kind} slide encoder, {run_cfg.objective.kind}; "
+             f"{len(seeds)} seed(s)), {len(splits['val'])} validation cases for the training curve and checkpoint "
+             f"choice; probes on the {len(held)} held-out cases ({slides.n_obs} slides; a case's slides are "
+             f"averaged) that neither saw, patient-level CV (5 folds"
+             f"{'; fewer where a task has few cases, see the notes in summary.md' if fewer else ''}). "
+             f"Cells: {spread}.")
+    legend = (f"`{MODEL}` = pretrained (projected), `slide_backbone` = pretrained before the head, `slide_meanpool` "
+              f"/ `slide_random` = baselines, `{ORACLE}` = the same probe on the simulator's latent programmes and "
+              "subtype (the ceiling); chance: AUROC and C-index 0.5, retrieval = a random ranking, robustness = a "
+              "random ranking and a site-only embedding of the same query rows.")
+    text = ["# mmfm demo", "", setup, "", legend, "",
+            "## Chance · baselines · model · oracle", "", tables["references"], "",
+            "Cross-modal retrieval (recall@5):", "", tables["retrieval"], "",
+            f"## Paired differences: {MODEL} − baseline", "",
+            ("Unit = pretraining seed: Δ per seed (mean over its folds), mean [95% t-interval] and paired t-test over "
+             "the seeds." if len(seeds) > 1 else
+             "Same folds for both: Δ = mean of the per-fold differences [95% t-interval], paired t-test p, and p (NB) "
+             "= Nadeau–Bengio corrected (folds share training cases); single-fold metrics: paired bootstrap."),
+            "", tables["paired"], ""]
+    if len(seeds) > 1:
+        text += [f"Per seed ({MODEL}):", "", tables["per_seed"], ""]
+    notes = reading_notes(results[0].summary)
     if notes:
         text += ["Reading notes:", ""] + [f"- {n}" for n in notes] + [""]
     captions = plot_captions(out / "report")
     if captions:
         text += ["Plots:", ""] + [f"- [`{name}`]({name}): {caption}" for name, caption in captions] + [""]
-    text += [f"Full results: `{out / 'report' / 'summary.md'}` (every metric, fold and note).",
+    others = "; other seeds under report/seed-*/" if len(seeds) > 1 else ""
+    text += [f"Full results: `{out / 'report' / 'summary.md'}` (every metric, fold and note{others}).",
              f"Total time: {time.perf_counter() - t0:.0f}s"]
     write_text(out / "report" / "README.md", "\n".join(text) + "\n")
     print("\n".join(text))
-    return {"table": table, "summary": res.summary, "run_dir": run_dir, "report": out / "report"}
+    return {"tables": tables, "summaries": [r.summary for r in results], "seeds": seeds, "run_dir": out / "run",
+            "report": out / "report"}
+
+
+def report_tables(summaries: list[pd.DataFrame], results: pd.DataFrame, out: Path, seeds: list[int]) -> dict:
+    """The README's tables (markdown) from the per-seed probe summaries; also written as CSV beside them."""
+    from mmfm.eval import seeds as seeds_mod
+    from mmfm.eval.report import HEADLINE, markdown_table, reference_table
+    from mmfm.io import write_csv
+
+    combined = seeds_mod.combine(summaries)
+    base = combined.metric.str.replace(r"^(chance_|site_only_)", "", regex=True)
+    headline = combined[[(k, m) in HEADLINE for k, m in zip(combined.type, base)]]
+    refs = reference_table(headline[headline.type != "retrieval"], results)
+    retrieval = reference_table(headline[headline.type == "retrieval"], results)
+    per_fold = pd.read_csv(out / "paired.csv", dtype=str, keep_default_na=False)  # keys as written ('' = none)
+    numbers = ["mean", "se", "lo", "hi", "p", "p_corrected", "n"]
+    per_fold[numbers] = per_fold[numbers].apply(pd.to_numeric, errors="coerce")
+    per_fold = per_fold[[(k, m) in HEADLINE for k, m in zip(per_fold.type, per_fold.metric)]]
+    paired = seeds_mod.paired_over_seeds(summaries, per_fold, MODEL)
+    shown = paired.assign(comparison=MODEL + " − " + paired.baseline, p=paired.p.map(_p),
+                          p_nb=paired.p_corrected.map(_p))
+    shown = shown[["task", "target", "metric", "comparison", "text", "p", "p_nb", "n", "method"]].rename(
+        columns={"text": "Δ [95% CI]", "p_nb": "p (NB)"})
+    each = seeds_mod.per_seed(summaries, seeds, MODEL)
+    each = each[[(k, m) in HEADLINE for k, m in zip(each.type, each.metric)]]
+    for name, df in (("references_seeds.csv", refs), ("paired_seeds.csv", paired), ("per_seed.csv", each)):
+        write_csv(out / name, df, index=False)
+    return {"references": markdown_table(refs) if len(refs) else "(none)",
+            "retrieval": markdown_table(retrieval) if len(retrieval) else "(none)",
+            "paired": markdown_table(shown) if len(shown) else "(none)",
+            "per_seed": markdown_table(each.drop(columns=["type", "model", "shots"]).round(3))}
+
+
+def _p(v) -> str:
+    return "—" if not np.isfinite(v) else f"{v:.3g}"
 
 
 def _training_curves(run_dir: Path, out: Path) -> Path | None:

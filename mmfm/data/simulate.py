@@ -21,7 +21,9 @@ The latent truth goes to `truth/` — training code never reads it; tests and pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import yaml
-from scipy import ndimage
+from scipy import ndimage, optimize
 from tqdm.auto import tqdm
 
 from mmfm import MODALITIES
@@ -44,8 +46,8 @@ DRIVERS = ("TP53", "PIK3CA", "KRAS", "PTEN", "ARID1A", "BRCA1")
 TILE_TYPES = ("tumour", "stroma", "immune", "necrosis", "normal", "adipose", "artefact")
 
 # Random streams: the second seed word says what a generator is for (never reuse one for two purposes).
-_WORLD, _CASE, _SLIDE, _RNA, _PROTEIN, _REPORT = 1, 2, 3, 4, 5, 6
-_W_SITES, _W_FEATURES, _W_GENES, _W_PROTEINS = 1, 2, 3, 4
+_WORLD, _CASE, _SLIDE, _RNA, _PROTEIN, _REPORT, _FOCAL, _SIZE = 1, 2, 3, 4, 5, 6, 7, 8
+_W_SITES, _W_FEATURES, _W_GENES, _W_PROTEINS, _W_MLP = 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,12 @@ class SimConfig:
     median_os_days: float = 1500.0  # baseline median survival at zero log-hazard
     weibull_shape: float = 1.3  # Weibull shape of the proportional-hazards survival times
     max_follow_up_days: float = 3650.0  # censoring: uniform up to this, or earlier by exponential loss to follow-up
+    # Harder options (data card §Harder options; `HARDER` holds the value each is benchmarked at). All off by
+    # default: the default cohort stays the documented demo cohort, byte for byte.
+    focal_rate: float = 0.0  # share of cases whose case-specific tile appearance is confined to a focal region
+    focal_fraction: float = 0.05  # share of a focal slide's tiles inside that region (when focal_rate > 0)
+    feature_mlp_hidden: int = 0  # > 0: tile features = a fixed random tanh MLP of this width (0 = linear)
+    mnar_strength: float = 0.0  # log-odds of a missing RNA/protein profile per SD of smaller tumour (0 = MCAR)
 
     @property
     def patch_size_level0(self) -> int:
@@ -92,7 +100,7 @@ class SimConfig:
                   "max_slides_per_case", "patch_size", "n_genes", "n_proteins"):
             if getattr(self, k) < 1:
                 bad.append(f"{k}={getattr(self, k)} must be >= 1")
-        for k in ("multi_slide_rate",) + tuple(f"missing_{m}" for m in MODALITIES):
+        for k in ("multi_slide_rate", "focal_rate") + tuple(f"missing_{m}" for m in MODALITIES):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 bad.append(f"{k}={getattr(self, k)} must be in [0, 1]")
         if self.bag_size_max < self.bag_size_min:
@@ -102,7 +110,9 @@ class SimConfig:
         for k in ("site_confounding", "median_os_days", "weibull_shape", "max_follow_up_days"):
             if getattr(self, k) <= 0:
                 bad.append(f"{k}={getattr(self, k)} must be > 0")
-        for k in ("seed", "site_effect", "bag_size_sigma"):
+        if not 0.0 < self.focal_fraction <= 1.0:
+            bad.append(f"focal_fraction={self.focal_fraction} must be in (0, 1]")
+        for k in ("seed", "site_effect", "bag_size_sigma", "feature_mlp_hidden", "mnar_strength"):
             if getattr(self, k) < 0:
                 bad.append(f"{k}={getattr(self, k)} must be >= 0")
         if bad:
@@ -188,6 +198,18 @@ SUBTYPE_TUMOUR_SHIFT = 0.5  # growth-pattern shift of tumour tiles per subtype (
 TILE_NOISE_SD, FEATURE_NOISE_SD = 1.0, 0.5
 SITE_STAIN_LATENT_SD, SITE_STAIN_FEATURE_SD, SITE_GAIN_SD, SLIDE_STAIN_SD = 0.35, 0.08, 0.05, 0.2
 FRAGMENT_COUNT_P = np.array([0.35, 0.35, 0.2, 0.1])
+# Harder options (SimConfig focal_*, feature_mlp_hidden, mnar_strength; priors in the data card §Harder options).
+FOCAL_LENGTH_SCALE = 4.0  # tiles: a focal region is where one smooth random field is highest (a few compact foci)
+MLP_LAYERS, MLP_GAIN, MLP_BIAS_SD = 2, 3.0, 0.5  # tanh layers h ← tanh(gain·h·W/√fan_in + b): a linear map of
+#   the latent explains ≈ 60% of the feature variance (one layer, or gain 1, leaves ≥ 80% linear)
+MLP_OUT_VAR = 2.5  # output W ~ N(0, MLP_OUT_VAR/H): per-dim feature variance ≈ the linear model's (1.76 vs 1.85)
+TUMOUR_SIZE_RISK_CORR = 0.4  # latent tumour size vs log-hazard: HR ≈ 1.46 per SD of size
+MNAR_MODALITIES = ("rna", "protein")  # profiles that need fresh-frozen tissue: lost more often for small tumours
+HARDER = {  # the value each harder option is benchmarked at (scripts/bench_simulator_options.py), fixed a priori
+    "focal": {"focal_rate": 0.5, "focal_fraction": 0.05},
+    "nonlinear": {"feature_mlp_hidden": 256},
+    "mnar": {"mnar_strength": 1.0},
+}
 LIBRARY_SIZE_MEDIAN, LIBRARY_SIZE_SD = 3e6, 0.4  # reads over the simulated genes; log-normal depth
 GENE_SITE_SD, PROTEIN_SITE_SD, PROTEIN_NOISE_SD = 0.1, 0.2, 0.35
 
@@ -233,6 +255,20 @@ PROTEIN_DRIVER_EFFECT = {  # (antibody, driver) → log-intensity shift
 }
 
 
+def _risk_moments() -> tuple[float, float]:
+    """Mean and SD of the log-hazard at the base subtype prevalence, from the constants above (standardises size)."""
+    via_drivers = DRIVER_EFFECTS @ HAZARD_PROGRAMMES
+    via_drivers[DRIVERS.index("TP53")] += HAZARD_TP53
+    mean_s = SUBTYPE_MEANS @ HAZARD_PROGRAMMES + HAZARD_SUBTYPE + via_drivers @ DRIVER_PREVALENCE
+    noise_var = HAZARD_PROGRAMMES @ (PROGRAMME_SD ** 2 * PROGRAMME_CORR) @ HAZARD_PROGRAMMES
+    var_s = noise_var + via_drivers ** 2 @ (DRIVER_PREVALENCE * (1 - DRIVER_PREVALENCE))
+    mean = float(SUBTYPE_PREVALENCE @ mean_s)
+    return mean, float(np.sqrt(SUBTYPE_PREVALENCE @ var_s + SUBTYPE_PREVALENCE @ (mean_s - mean) ** 2))
+
+
+RISK_MEAN, RISK_SD = _risk_moments()
+
+
 def _round_robin(modules: dict[str, list[str]]) -> list[tuple[str, str]]:
     """(name, module) interleaved across modules, so a truncated panel still covers every module."""
     out, lists, i = [], list(modules.items()), 0
@@ -260,6 +296,7 @@ class World:
     gene_site: np.ndarray  # [S, G] batch effect (log scale)
     proteins: pd.DataFrame  # index antibody: module, base, load_<programme>, mut_<driver>
     protein_site: np.ndarray  # [S, P]
+    mlp: tuple | None = None  # nonlinear features: (((W [in, H], b [H]), ...), W_out [H, D])
 
     gene_arrays: dict[str, np.ndarray] = dataclasses.field(init=False)  # the tables as arrays, once
     protein_arrays: dict[str, np.ndarray] = dataclasses.field(init=False)
@@ -304,10 +341,18 @@ def make_world(cfg: SimConfig) -> World:
     subtype_tumour = SUBTYPE_TUMOUR_SHIFT * _unit_rows(r, len(SUBTYPES), L)
     projection = r.standard_normal((L, D)) / np.sqrt(L)
 
+    mlp = None
+    if cfg.feature_mlp_hidden:
+        r, h = _rng(cfg, _WORLD, _W_MLP), cfg.feature_mlp_hidden
+        dims = [L] + [h] * MLP_LAYERS
+        layers = tuple(((MLP_GAIN / np.sqrt(a) * r.standard_normal((a, b))).astype(np.float32),
+                        (MLP_BIAS_SD * r.standard_normal(b)).astype(np.float32)) for a, b in itertools.pairwise(dims))
+        mlp = (layers, (np.sqrt(MLP_OUT_VAR / h) * r.standard_normal((h, D))).astype(np.float32))
+
     genes, gene_site = _gene_model(cfg, _rng(cfg, _WORLD, _W_GENES))
     proteins, protein_site = _protein_model(cfg, _rng(cfg, _WORLD, _W_PROTEINS))
     return World(site_weights, site_subtype, site_stain_latent, site_stain_feature, site_gain, prototypes,
-                 appearance, subtype_tumour, projection, genes, gene_site, proteins, protein_site)
+                 appearance, subtype_tumour, projection, genes, gene_site, proteins, protein_site, mlp)
 
 
 def _gene_model(cfg: SimConfig, r: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
@@ -383,6 +428,7 @@ class Case:
     censor_days: float
     n_slides: int
     has: dict  # modality → bool (slide ⇔ n_slides > 0)
+    size_z: float = 0.0  # standardised latent tumour size (drives missingness only when mnar_strength > 0)
 
     @property
     def os_days(self) -> float:
@@ -417,12 +463,45 @@ def draw_case(cfg: SimConfig, world: World, i: int) -> Case:
     event = float((-np.log(1.0 - r.random()) / (lam * np.exp(risk))) ** (1.0 / k))
     censor = float(min(r.uniform(30.0, cfg.max_follow_up_days), r.exponential(LOSS_TO_FOLLOW_UP_MEAN_DAYS)))
     u = r.random(len(MODALITIES) + 2)  # presence draws, one per modality + slide-count draws
-    has = {m: bool(u[k_] >= getattr(cfg, f"missing_{m}")) for k_, m in enumerate(MODALITIES)}
+    size_z = tumour_size_z(cfg, i, risk)
+    has = {m: bool(u[k_] >= missing_probability(cfg, m, size_z)) for k_, m in enumerate(MODALITIES)}
     n_slides = 0
     if has["slide"]:
         multi = u[-2] < cfg.multi_slide_rate and cfg.max_slides_per_case > 1
         n_slides = 2 + int(u[-1] * (cfg.max_slides_per_case - 1)) if multi else 1
-    return Case(i, case_id(i), site, subtype, prog, muts, grade_score, grade, risk, event, censor, n_slides, has)
+    return Case(i, case_id(i), site, subtype, prog, muts, grade_score, grade, risk, event, censor, n_slides, has,
+                size_z)
+
+
+def tumour_size_z(cfg: SimConfig, i: int, risk: float) -> float:
+    """Latent tumour size of case i in SD units, correlated with its log-hazard (bigger tumours do worse).
+    Its own stream, so it exists (in truth/) without moving any other draw."""
+    rho = TUMOUR_SIZE_RISK_CORR
+    eps = _rng(cfg, _SIZE, i).standard_normal()
+    return float(rho * (risk - RISK_MEAN) / RISK_SD + np.sqrt(1.0 - rho ** 2) * eps)
+
+
+def missing_probability(cfg: SimConfig, modality: str, size_z: float) -> float:
+    """P(modality absent): the configured rate (MCAR), or for RNA/protein with mnar_strength β > 0
+    σ(a − β·size_z): small tumours leave no fresh-frozen tissue for sequencing or RPPA (MNAR). The intercept a
+    keeps the cohort-wide rate at the configured one (size_z ~ N(0, 1)), so only *which* cases miss changes."""
+    base = getattr(cfg, f"missing_{modality}")
+    if modality not in MNAR_MODALITIES or cfg.mnar_strength == 0 or base in (0.0, 1.0):
+        return base
+    return _sigmoid(_mnar_intercept(base, cfg.mnar_strength) - cfg.mnar_strength * size_z)
+
+
+@functools.cache
+def _mnar_intercept(rate: float, beta: float) -> float:
+    """a with E[σ(a − β z)] = rate for z ~ N(0, 1) (Gauss–Hermite quadrature, 64 nodes)."""
+    x, w = np.polynomial.hermite_e.hermegauss(64)
+    w = w / w.sum()
+    return float(optimize.brentq(lambda a: w @ (1.0 / (1.0 + np.exp(-(a - beta * x)))) - rate, -50.0, 50.0))
+
+
+def is_focal(cfg: SimConfig, i: int) -> bool:
+    """Whether case i's case-specific tile appearance is confined to focal regions (own stream)."""
+    return cfg.focal_rate > 0 and bool(_rng(cfg, _FOCAL, i).random() < cfg.focal_rate)
 
 
 # ----------------------------------------------------------------------------------------------- slides
@@ -492,6 +571,21 @@ def _layout(n: int, r: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.
     return xy, np.concatenate(frag), np.concatenate(depth)
 
 
+def focal_region(cfg: SimConfig, i: int, j: int, grid: np.ndarray) -> np.ndarray:
+    """[N] bool: the tiles of slide j of case i that carry the case's own appearance — all of them, or in a focal
+    case the `focal_fraction` where a smooth random field is highest (a few compact foci, as a subclone or a
+    subtype-defining pattern occupies a few regions). `grid` = the bag's level-0 coords // patch_size_level0, in
+    bag order; deterministic, so attention maps can be graded against it from the bag alone."""
+    n = len(grid)
+    if not is_focal(cfg, i):
+        return np.ones(n, bool)
+    score = _field(np.asarray(grid, np.float64), _rng(cfg, _FOCAL, i, j), FOCAL_LENGTH_SCALE)
+    m = max(1, round(cfg.focal_fraction * n))
+    mask = np.zeros(n, bool)
+    mask[np.argsort(-score, kind="stable")[:m]] = True
+    return mask
+
+
 @dataclass(frozen=True)
 class Slide:
     features: np.ndarray  # [N, D] float16
@@ -499,6 +593,7 @@ class Slide:
     fragment: np.ndarray  # [N] int32
     types: np.ndarray  # [N] int8 index into TILE_TYPES (truth)
     level0_size: tuple[int, int]
+    informative: np.ndarray  # [N] bool: tiles carrying the case-specific appearance (all unless focal)
 
 
 def simulate_slide(cfg: SimConfig, world: World, case: Case, j: int) -> Slide:
@@ -522,8 +617,18 @@ def simulate_slide(cfg: SimConfig, world: World, case: Case, j: int) -> Slide:
     shift[TILE_TYPES.index("tumour")] += world.subtype_tumour[case.subtype]
     offset = world.site_stain_latent[case.site] + SLIDE_STAIN_SD * r.standard_normal(cfg.latent_dim)
     z = (world.prototypes + shift + offset).astype(np.float32)[types]
+    informative = focal_region(cfg, case.index, j, xy)
+    if not informative.all():  # outside the foci a tile looks like its type in a programme-neutral case
+        z = np.where(informative[:, None], z, (world.prototypes + offset).astype(np.float32)[types])
     z += TILE_NOISE_SD * r.standard_normal(z.shape, dtype=np.float32)
-    feats = z @ (world.site_gain[case.site] * world.projection).astype(np.float32)
+    if world.mlp is None:
+        feats = z @ (world.site_gain[case.site] * world.projection).astype(np.float32)
+    else:  # stain and tissue state interact: no linear read-out of the latent, pooling is no longer sufficient
+        layers, w_out = world.mlp
+        h = z
+        for w, b in layers:
+            h = np.tanh(h @ w + b)
+        feats = h @ (world.site_gain[case.site] * w_out).astype(np.float32)
     noise = r.standard_normal(feats.shape, dtype=np.float32)
     noise *= FEATURE_NOISE_SD  # in place: at 20k × 1024 every temporary costs 80 MB
     feats += noise
@@ -531,7 +636,7 @@ def simulate_slide(cfg: SimConfig, world: World, case: Case, j: int) -> Slide:
     psl0 = cfg.patch_size_level0
     coords = xy.astype(np.int64) * psl0
     extent = (xy.max(axis=0) + 1 + r.integers(4, 40, size=2)) * psl0
-    return Slide(feats.astype(np.float16), coords, fragment, types, (int(extent[0]), int(extent[1])))
+    return Slide(feats.astype(np.float16), coords, fragment, types, (int(extent[0]), int(extent[1])), informative)
 
 
 # ----------------------------------------------------------------------------------------------- omics
@@ -667,8 +772,11 @@ Training code never reads this folder; tests, probes and the data card grade aga
   composition coefficients) and the drawn site weights and per-site subtype prevalence.
 - `cases.csv`: one row per case: site, true subtype, programme values (`prog_*`), true driver status
   (`true_mut_*`, also when cases.csv hides it), grade score, true log-hazard `risk`, uncensored event and
-  censoring times, observed `os_days`/`os_event`, modality presence, and the report facts (necrosis, lvi, til…).
-- `slides.csv`: per slide: n_tiles, n_fragments and the fraction of each tile type (`frac_*`).
+  censoring times, observed `os_days`/`os_event`, modality presence, latent `tumour_size_z` and the
+  probability `p_missing_rna`/`p_missing_protein` it implies (MNAR option), `focal` (case-specific appearance
+  confined to foci), and the report facts (necrosis, lvi, til…).
+- `slides.csv`: per slide: n_tiles, n_fragments, the fraction of each tile type (`frac_*`) and of tiles carrying
+  the case-specific appearance (`informative_fraction`; which ones: `mmfm.data.simulate.focal_region`).
 - `tiles/<slide_id>.npy`: int8 tile type per bag row (same order as the bag), codes = `tile_types` in model.json.
 - `genes.csv`, `proteins.csv`: per-feature module, baseline, programme loadings, subtype/driver effects.
 """
@@ -691,6 +799,8 @@ def _claim(out: Path, cfg: SimConfig) -> None:
     want = dataclasses.asdict(cfg)
     if marker.exists():
         have = json.loads(marker.read_text())
+        have = {**{k: v for k, v in dataclasses.asdict(SimConfig()).items() if k not in have}, **have}  # knobs
+        # added after the cohort was written held their default value then
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             raise ValueError(f"{out}: holds a cohort simulated with a different config (keys {diff}); "
@@ -700,11 +810,12 @@ def _claim(out: Path, cfg: SimConfig) -> None:
     write_json(marker, want)
 
 
-def _slide_summary(sid: str, case: Case, types: np.ndarray, fragment: np.ndarray) -> dict:
+def _slide_summary(sid: str, case: Case, types: np.ndarray, fragment: np.ndarray, informative: np.ndarray) -> dict:
     counts = np.bincount(types, minlength=len(TILE_TYPES)) / max(len(types), 1)
     return {"slide_id": sid, "case_id": case.case_id, "n_tiles": len(types),
             "n_fragments": int(fragment.max()) + 1 if len(fragment) else 0,
-            **{f"frac_{t}": round(float(c), 6) for t, c in zip(TILE_TYPES, counts)}}
+            **{f"frac_{t}": round(float(c), 6) for t, c in zip(TILE_TYPES, counts)},
+            "informative_fraction": round(float(informative.mean()), 6)}
 
 
 def _write_slide(cfg: SimConfig, world: World, out: Path, case: Case, j: int) -> dict:
@@ -713,7 +824,9 @@ def _write_slide(cfg: SimConfig, world: World, out: Path, case: Case, j: int) ->
     bag, truth = out / "bags" / f"{sid}.h5", out / "truth" / "tiles" / f"{sid}.npy"
     if bag.exists() and truth.exists():  # both are written atomically, bag first
         with h5py.File(bag, "r") as f:
-            return _slide_summary(sid, case, np.load(truth), f["fragment"][:])
+            grid = f["coords"][:] // cfg.patch_size_level0
+            return _slide_summary(sid, case, np.load(truth), f["fragment"][:],
+                                  focal_region(cfg, case.index, j, grid))
     s = simulate_slide(cfg, world, case, j)
     write_bag(bag, s.features, s.coords, patch_size_level0=cfg.patch_size_level0, encoder=cfg.encoder_name,
               fragment=s.fragment,
@@ -722,7 +835,7 @@ def _write_slide(cfg: SimConfig, world: World, out: Path, case: Case, j: int) ->
                            "level0_height": s.level0_size[1], "overlap": 0, "name": sid},
               feature_attrs={"simulated": True})
     _save_npy(truth, s.types)
-    return _slide_summary(sid, case, s.types, s.fragment)
+    return _slide_summary(sid, case, s.types, s.fragment, s.informative)
 
 
 def _model_json(cfg: SimConfig, world: World) -> dict:
@@ -767,6 +880,8 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
                       "risk": c.risk, "event_days": c.event_days, "censor_days": c.censor_days,
                       "os_days": c.os_days, "os_event": c.os_event, "n_slides": c.n_slides,
                       **{f"has_{m}": c.has[m] for m in MODALITIES if m != "slide"},
+                      "tumour_size_z": c.size_z, "focal": is_focal(cfg, i),
+                      **{f"p_missing_{m}": missing_probability(cfg, m, c.size_z) for m in MNAR_MODALITIES},
                       **{f"report_{k}": facts[k] for k in ("necrosis", "lvi", "til", "reported_grade")}})
 
     case_df = pd.DataFrame(cases)

@@ -33,16 +33,36 @@ PARTS = ("train", "test", "val")
 FOLD = re.compile(r"fold_\d+")
 
 
+def split_cases(case_ids, fraction: float, seed: int, *, val_fraction: float = 0.0,
+                sites=None) -> tuple[list[str], list[str], list[str]]:
+    """Patient-level pretraining split (a case is a patient): (train, validation, held-out), deterministic in `seed`.
 
-
-def split_cases(case_ids, fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Patient-level held-out split (a case is a patient) for pretraining: (train, held-out), deterministic in `seed`."""
+    Held-out cases (`fraction`) are the probes' test cases: never pretrained on and never used to choose a
+    checkpoint or a recipe; validation cases (`val_fraction`, of all cases) are what held-out evaluation during
+    pretraining and `--step best` see. The held-out set does not depend on `val_fraction`. With `sites` (one per
+    case, in `case_ids` order) whole sites go to one partition — held-out and validation centres are then unseen
+    in pretraining — so the fractions are met approximately (sites in random order, each taken while the
+    partition is short of its share).
+    """
     ids = sorted(map(str, case_ids))
-    n_held = int(round(fraction * len(ids)))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    held = sorted(ids[i] for i in order[:n_held])
-    train = sorted(ids[i] for i in order[n_held:])
-    return train, held
+    rng = np.random.default_rng(seed)
+    if sites is None:
+        units = [[ids[i]] for i in rng.permutation(len(ids))]
+    else:
+        site = pd.Series(list(sites), index=[str(c) for c in case_ids], dtype=object).loc[ids]
+        if site.isna().any():
+            raise ValueError(f"split by site: case(s) without a site: {id_list(site.index[site.isna()])}")
+        site = site.astype(str)
+        names = sorted(site.unique())
+        units = [list(site.index[site == names[i]]) for i in rng.permutation(len(names))]
+    parts: dict[str, list[str]] = {"heldout": [], "val": [], "train": []}
+    want = {"heldout": round(fraction * len(ids)), "val": round(val_fraction * len(ids))}
+    for unit in units:
+        parts[next((p for p in ("heldout", "val") if len(parts[p]) < want[p]), "train")] += unit
+    if sites is not None and ids and not parts["train"]:
+        raise ValueError(f"split by site: {len(units)} site(s) leave no training cases at heldout_fraction="
+                         f"{fraction}, val_fraction={val_fraction}")
+    return sorted(parts["train"]), sorted(parts["val"]), sorted(parts["heldout"])
 
 
 def fold_columns(df: pd.DataFrame) -> list[str]:

@@ -1,9 +1,11 @@
 """Linear probe for classification and mutation tasks (Patho-Bench protocol).
 
-sklearn LogisticRegression, lbfgs, max_iter 10000, random_state 0, NO feature scaling (embeddings are compared as
-they come out of the encoder). C is fixed (0.5 with balanced class weights, the shipped Patho-Bench/THREADS setting)
-or chosen from a grid by inner cross-validation on the training fold only: public splits have no validation fold,
-and picking C on the test fold is leakage.
+sklearn LogisticRegression, lbfgs, max_iter 10000, random_state 0, by default NO feature scaling (embeddings are
+compared as they come out of the encoder, as Patho-Bench does); `standardize=True` z-scores every feature with the
+mean/SD of the data the model is fitted on (a StandardScaler in the same pipeline: the training fold, and each inner
+fold of a C sweep), so embeddings of different scale and width meet the same C on equal terms. C is fixed (0.5 with
+balanced class weights, the shipped Patho-Bench/THREADS setting) or chosen from a grid by inner cross-validation on
+the training fold only: public splits have no validation fold, and picking C on the test fold is leakage.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (balanced_accuracy_score, cohen_kappa_score, f1_score, log_loss,
                              roc_auc_score)
 from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 C_GRID = tuple(float(c) for c in np.logspace(-5, 6, 45))
 """Patho-Bench's 'auto' sweep: 45 log-spaced costs between 1e-5 and 1e6."""
@@ -27,20 +31,23 @@ def _logreg(C: float, balanced: bool) -> LogisticRegression:
     return LogisticRegression(C=C, max_iter=10000, random_state=0, class_weight="balanced" if balanced else None)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, balanced: bool) -> LogisticRegression:
+def _fit(x: np.ndarray, y: np.ndarray, C: float, balanced: bool,
+         standardize: bool = False) -> LogisticRegression | Pipeline:
+    model = make_pipeline(StandardScaler(), _logreg(C, balanced)) if standardize else _logreg(C, balanced)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return _logreg(C, balanced).fit(x, y)
+        return model.fit(x, y)
 
 
-def _proba(model: LogisticRegression, x: np.ndarray, n_classes: int) -> np.ndarray:
+def _proba(model: LogisticRegression | Pipeline, x: np.ndarray, n_classes: int) -> np.ndarray:
     """Class probabilities over ALL classes 0..n_classes-1 (a class absent from training gets 0)."""
     p = np.zeros((len(x), n_classes))
     p[:, model.classes_] = model.predict_proba(x)
     return p
 
 
-def select_C(x: np.ndarray, y: np.ndarray, grid, *, balanced: bool, inner_folds: int = 3, seed: int = 0) -> float:
+def select_C(x: np.ndarray, y: np.ndarray, grid, *, balanced: bool, inner_folds: int = 3, seed: int = 0,
+             standardize: bool = False) -> float:
     """C with the lowest mean validation log-loss over stratified inner folds of the TRAINING data."""
     counts = np.bincount(y)
     n_splits = min(inner_folds, int(counts[counts > 0].min()))
@@ -52,7 +59,7 @@ def select_C(x: np.ndarray, y: np.ndarray, grid, *, balanced: bool, inner_folds:
     for C in grid:
         loss = 0.0
         for tr, va in folds:
-            m = _fit(x[tr], y[tr], C, balanced)
+            m = _fit(x[tr], y[tr], C, balanced, standardize)
             p = np.zeros((len(va), len(classes)))
             p[:, np.searchsorted(classes, m.classes_)] = m.predict_proba(x[va])
             loss += log_loss(y[va], p, labels=classes)
@@ -61,14 +68,17 @@ def select_C(x: np.ndarray, y: np.ndarray, grid, *, balanced: bool, inner_folds:
 
 
 def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int, *,
-                C: float | str = 0.5, balanced: bool = True, seed: int = 0) -> tuple[np.ndarray, float]:
+                C: float | str = 0.5, balanced: bool = True, seed: int = 0,
+                standardize: bool = False) -> tuple[np.ndarray, float]:
     """Fit on the training fold, return (test probabilities [n_test, n_classes], the C used).
 
     `C='auto'` sweeps `C_GRID`; a list sweeps that list; both by inner CV on the training fold.
+    `standardize`: z-score features with the training fold's mean/SD (also inside each inner fold).
     """
     if isinstance(C, str) or np.ndim(C) > 0:
-        C = select_C(x_train, y_train, C_GRID if isinstance(C, str) else tuple(C), balanced=balanced, seed=seed)
-    model = _fit(x_train, y_train, float(C), balanced)
+        C = select_C(x_train, y_train, C_GRID if isinstance(C, str) else tuple(C), balanced=balanced, seed=seed,
+                     standardize=standardize)
+    model = _fit(x_train, y_train, float(C), balanced, standardize)
     return _proba(model, x_test, n_classes), float(C)
 
 

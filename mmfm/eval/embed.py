@@ -10,12 +10,14 @@ transformer`) gets its case-level 'slide' embedding from that encoder over the c
 embeddings (every slide, whole bags); its per-slide 'slide' embedding is that of a one-slide case.
 
 Written files:
-  OUT.h5ad         obs = cases (site, clinical, mutation flags, split, has_<modality>);
+  OUT.h5ad         obs = cases (site, clinical, mutation flags, has_<modality>, split: 'pretrain' / 'validation' /
+                   'heldout' / 'unseen' = the run's training, validation, probe-test or other cases);
                    obsm[<modality>] = projected embeddings in the shared space (NaN rows where absent),
                    obsm['slide_backbone'] = slide encoder output before the projection head,
                    obsm['slide_meanpool'] = mean of raw tile features (baseline),
                    obsm['slide_random'] = the same architecture, randomly initialised (baseline);
-                   uns['pretrain_cases'] = the run's training cases (the probe's leakage guard reads it).
+                   uns['pretrain_cases'], uns['validation_cases'] = the run's training and validation cases
+                   (the probe's leakage guards read them).
   OUT.slides.h5ad  the same slide embeddings per slide (obs = slides with their case's metadata).
 """
 
@@ -227,13 +229,14 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
 
     obs = cohort.cases.loc[case_ids].copy()
     obs.index = obs.index.astype(str)
-    obs["split"] = np.where(obs.index.isin(splits["train"]), "pretrain",
-                            np.where(obs.index.isin(splits["heldout"]), "heldout", "unseen"))
+    obs["split"] = np.select([obs.index.isin(splits[k]) for k in ("train", "val", "heldout")],
+                             ["pretrain", "validation", "heldout"], "unseen")
     obs["n_slides"] = slides.groupby(slides["case_id"].astype(str)).size().reindex(obs.index, fill_value=0).to_numpy()
     for name, e in case_embs.items():
         obs[f"has_{name}"] = np.isfinite(e).all(1)
     meta = {"run_dir": str(run_dir.absolute()), "cohort": str(cohort.root), "step": str(step or "latest"),
-            "embed_config": json.dumps(asdict(cfg)), "pretrain_cases": list(map(str, splits["train"]))}
+            "embed_config": json.dumps(asdict(cfg)), "pretrain_cases": list(map(str, splits["train"])),
+            "validation_cases": list(map(str, splits["val"]))}
     cases = ad.AnnData(obs=_h5ad_safe(obs), obsm=case_embs, uns=meta)
     slide_obs = slides[["case_id"]].join(cohort.cases, on="case_id")
     slide_obs.index = slide_obs.index.astype(str)

@@ -22,7 +22,8 @@ def draw(y_train: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def run(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, n_classes: int, *,
-        shots=SHOTS, draws: int = 10, seed: int = 0, C: float = 0.5, balanced: bool = True) -> list[dict]:
+        shots=SHOTS, draws: int = 10, seed: int = 0, C: float = 0.5, balanced: bool = True,
+        standardize: bool = False) -> list[dict]:
     """One record {shots, draw, **metrics} per (k, draw); draws are seeded by (seed, k, draw)."""
     smallest = np.bincount(y_train)[np.unique(y_train)].min()
     records = []
@@ -32,6 +33,6 @@ def run(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np
         for d in range(draws):
             idx = draw(y_train, k, np.random.default_rng([seed, k, d]))
             proba, _ = classification.fit_predict(x_train[idx], y_train[idx], x_test, n_classes, C=C,
-                                                  balanced=balanced)
+                                                  balanced=balanced, standardize=standardize)
             records.append({"shots": k, "draw": d, **classification.metrics(y_test, proba)})
     return records

@@ -2,8 +2,8 @@
 
 A fold table has one row per case (index `case_id`) and one column per fold (`fold_0` … `fold_{k-1}`) holding
 'train' or 'test'. Two guards keep a probe honest: a case on both sides of a fold is refused (`mmfm.data.splits`
-checks every split it reads or makes), and test cases seen in pretraining are refused unless explicitly allowed
-(`check_pretraining_overlap`), and then reported.
+checks every split it reads or makes), and test cases seen in pretraining — or used as validation cases, which
+chose the checkpoint — are refused unless explicitly allowed (`check_overlap`), and then reported.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class LeakageError(RuntimeError):
-    """Probe test cases were seen in pretraining (refused unless allow_overlap)."""
+    """Probe test cases were seen in pretraining or validation (refused unless allowed)."""
 
 
 def case_folds(split: pd.DataFrame) -> pd.DataFrame:
@@ -76,6 +76,14 @@ def write_folds(folds: pd.DataFrame, path: Path) -> None:
         folds.to_csv(tmp, sep="\t", index_label="case_id")
 
 
+def seen_cases(given: set[str] | str | Path | None, recorded) -> set[str]:
+    """Cases a probe must not test on: `given` (a set, or a file for read_pretrain_cases) ∪ `recorded` (the
+    AnnData's uns entry written by `mmfm embed`)."""
+    if isinstance(given, (str, Path)):
+        given = read_pretrain_cases(given)
+    return set(map(str, given or ())) | set(map(str, recorded if recorded is not None else ()))
+
+
 def read_pretrain_cases(path: str | Path) -> set[str]:
     """Case ids, one per line, or a CSV/TSV with a `case_id` column."""
     path = Path(path)
@@ -86,16 +94,24 @@ def read_pretrain_cases(path: str | Path) -> set[str]:
     return {line.strip() for line in text if line.strip() and not line.startswith("#")}
 
 
-def check_pretraining_overlap(tested: dict[str, set[str]], pretrain: set[str],
-                              allow: bool) -> dict[str, list[str]]:
-    """{task: its test cases seen in pretraining}; raises LeakageError on any overlap unless `allow`."""
-    overlap = {task: sorted(cases & pretrain) for task, cases in tested.items() if cases & pretrain}
+OVERLAP_FLAGS = {"pretraining": "--allow_overlap", "validation": "--allow_validation_overlap"}
+
+
+def check_overlap(tested: dict[str, set[str]], seen: set[str], allow: bool,
+                  what: str = "pretraining") -> dict[str, list[str]]:
+    """{task: its test cases used in `what`}; raises LeakageError on any overlap unless `allow`.
+
+    'pretraining': the encoder was trained on them. 'validation': they chose the checkpoint or the recipe
+    (held-out evaluation during pretraining, `--step best`), so a score on them is optimistically selected.
+    """
+    overlap = {task: sorted(cases & seen) for task, cases in tested.items() if cases & seen}
     if overlap:
-        msg = "; ".join(f"{t}: {len(c)} test case(s) seen in pretraining (e.g. {', '.join(c[:3])})"
+        flag = OVERLAP_FLAGS[what]
+        msg = "; ".join(f"{t}: {len(c)} test case(s) seen in {what} (e.g. {', '.join(c[:3])})"
                         for t, c in overlap.items())
         if not allow:
-            raise LeakageError(f"probe test cases overlap the pretraining cases — {msg}. Probe on held-out cases, "
-                               "or pass --allow-overlap to run anyway (the overlap is then recorded in summary.md)")
-        log.warning("PRETRAINING OVERLAP (allowed): %s", msg)
-        warnings.warn(f"PRETRAINING OVERLAP (allowed by --allow-overlap): {msg}")
+            raise LeakageError(f"probe test cases overlap the {what} cases — {msg}. Probe on the run's held-out "
+                               f"cases, or pass {flag} to run anyway (the overlap is then recorded in summary.md)")
+        log.warning("%s OVERLAP (allowed): %s", what.upper(), msg)
+        warnings.warn(f"{what.upper()} OVERLAP (allowed by {flag}): {msg}")
     return overlap

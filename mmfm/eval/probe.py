@@ -9,7 +9,9 @@ Outputs: `results.csv` (one metric value per row), `bootstrap.csv` (single-fold 
 
 Leakage guards: a case on both sides of a fold is refused (mmfm.data.splits checks every split it reads or makes);
 test cases that were seen in pretraining (`pretrain_cases`, or `uns['pretrain_cases']`) are refused unless
-`allow_overlap`, and then flagged in summary.md.
+`allow_overlap`, and test cases that were the run's validation cases (`validation_cases`, or
+`uns['validation_cases']`: they chose the checkpoint) unless `allow_validation_overlap`; either is then flagged in
+summary.md.
 
 The driver: load tasks → plan folds → leakage check → run each through the registry → write outputs. Task types,
 their keys and how to add one: `mmfm.eval.tasks`; folds and leakage guards: `mmfm.eval.folds`.
@@ -56,6 +58,8 @@ class ProbeConfig:
     splits: str | None = None  # Patho-Bench split file (case_id, slide_id, fold_i = train/test) for all tasks
     allow_overlap: bool = False  # run even if test cases were seen in pretraining (recorded in summary.md)
     pretrain_cases: str | None = None  # case ids used in pretraining (one per line, or CSV with case_id)
+    allow_validation_overlap: bool = False  # run even if test cases were validation cases (recorded in summary.md)
+    validation_cases: str | None = None  # case ids that chose the checkpoint (default: uns['validation_cases'])
     n_bootstrap: int = 100  # bootstrap resamples for single-fold tasks
     plots: bool = True  # write PNG plots (per task, Kaplan–Meier, robustness curves and projections)
     projection: Literal["umap", "pca"] = "umap"  # robustness embedding plot
@@ -67,20 +71,19 @@ class ProbeResult:
     summary: pd.DataFrame
     out: Path
     notes: list[str]
-    overlap: dict[str, list[str]]
+    overlap: dict[str, list[str]]  # task → its test cases seen in pretraining (allowed)
+    validation_overlap: dict[str, list[str]]  # task → its test cases that were validation cases (allowed)
 
 
 def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits: str | Path | None = None,
-          allow_overlap: bool = False, pretrain_cases: set[str] | str | Path | None = None, n_bootstrap: int = 100,
-          plots: bool = True, projection: str = "umap") -> ProbeResult:
+          allow_overlap: bool = False, pretrain_cases: set[str] | str | Path | None = None,
+          allow_validation_overlap: bool = False, validation_cases: set[str] | str | Path | None = None,
+          n_bootstrap: int = 100, plots: bool = True, projection: str = "umap") -> ProbeResult:
     """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(pretrain_cases, (str, Path)):
-        pretrain_cases = folds.read_pretrain_cases(pretrain_cases)
-    pretrain = set(map(str, pretrain_cases or ())) | set(map(str, adata.uns.get("pretrain_cases", ())))
     shared_split = folds.read_split_file(splits) if splits else None
 
     plans = []
@@ -88,8 +91,11 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
         for emb in spec.embeddings:
             row_features(adata, spec, emb)  # fail early, naming the key
         plans.append((spec, *spec.plan(adata, shared_split)))
-    overlap = folds.check_pretraining_overlap({s.name: s.tested(adata, t) for s, t, _ in plans}, pretrain,
-                                              allow_overlap)
+    tested = {s.name: s.tested(adata, t) for s, t, _ in plans}
+    overlap = folds.check_overlap(tested, folds.seen_cases(pretrain_cases, adata.uns.get("pretrain_cases")),
+                                  allow_overlap)
+    val_overlap = folds.check_overlap(tested, folds.seen_cases(validation_cases, adata.uns.get("validation_cases")),
+                                      allow_validation_overlap, "validation")
     for spec, targets, _ in plans:
         for t in targets:
             folds.write_folds(t.folds, out / "folds" / f"{report.slug(spec.name, t.name)}.tsv")
@@ -108,13 +114,15 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
                                            "boot", "value"])
     summary = report.summarize(results, boot)
     report.write_outputs(out, results, boot, summary, notes=col.notes, overlap=overlap,
+                         validation_overlap=val_overlap,
                          survival_preds=col.survival_preds if plots else {},
                          robustness_curves=col.robustness_curves if plots else {}, plots=plots)
-    return ProbeResult(results, summary, out, col.notes, overlap)
+    return ProbeResult(results, summary, out, col.notes, overlap, val_overlap)
 
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """`probe` from its typed command configuration."""
     return probe(cfg.embeddings, cfg.tasks, cfg.out, splits=cfg.splits, allow_overlap=cfg.allow_overlap,
-                 pretrain_cases=cfg.pretrain_cases, n_bootstrap=cfg.n_bootstrap, plots=cfg.plots,
+                 pretrain_cases=cfg.pretrain_cases, allow_validation_overlap=cfg.allow_validation_overlap,
+                 validation_cases=cfg.validation_cases, n_bootstrap=cfg.n_bootstrap, plots=cfg.plots,
                  projection=cfg.projection)

@@ -1,12 +1,18 @@
-"""Probe outputs: results.csv / bootstrap.csv, summary.md (one table per task, baselines as rows) and PNG plots.
+"""Probe outputs: results.csv / bootstrap.csv, summary.md and PNG plots.
 
-Plots use matplotlib's object API (`Figure` + Agg canvas), so nothing depends on a display or pyplot state.
+summary.md opens with one row per task × metric reading chance · baselines · model · oracle (`reference_table`,
+also references.csv), then the paired differences model − baseline with 95% CIs and paired tests
+(`paired_table`, also paired.csv), then one table per task. Roles come from embedding names
+(mmfm.eval.references.role) unless given. Plots use matplotlib's object API (`Figure` + Agg canvas), so nothing
+depends on a display or pyplot state.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import warnings
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +22,30 @@ from matplotlib.figure import Figure
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from mmfm.eval import stats
+from mmfm.eval.references import REFERENCE_PREFIXES, ROLES, chance_level, role
 from mmfm.io import atomic_path, write_text
 
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
-BOOKKEEPING = {"C", "alpha", "n_test", "n_queries"}  # in results.csv, not in the summary tables
+ROW = ["task", "type", "target", "model", "shots", "metric"]  # one comparison row: every embedding side by side
+BOOKKEEPING = {"C", "alpha", "n_test", "n_train", "n_classes", "standardized", "n_queries"}  # results.csv only
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
            "retrieval": ("recall@5", "top5_acc"), "robustness": None, "zeroshot": ("auroc",)}  # headline metrics
-CHANCE = {"auroc": 0.5, "c_index": 0.5}
+TABLE_METRICS = {  # metrics of the reference and paired tables (globs)
+    "classification": ("auroc", "bacc"), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index", "uno_c"),
+    "retrieval": ("recall@1", "recall@5", "top1_acc", "top5_acc"), "robustness": ("robustness_index@*",),
+    "zeroshot": ("auroc", "bacc")}
+CONVENTIONS = (
+    "Several folds: mean ± SE over folds, SE = sample SD (ddof=1) / √k (few-shot: over folds × draws). One fold: "
+    "bootstrap mean [2.5%, 97.5%] over resampled test cases. Robustness: point estimate [2.5%, 97.5%] over "
+    "resampled query rows. The pooled log-rank p is a single value. Chance: AUROC / C-index / td-AUC 0.5, "
+    "balanced accuracy 1/K, kappa 0; retrieval `chance_*` = expected value of a random ranking; robustness "
+    "`chance_*` = a random ranking and `site_only_*` = same-site neighbours first, on the same query rows. "
+    "Paired differences (model − baseline) use the same folds: mean [95% t-interval] with SE = SD of the k fold "
+    "differences / √k and the paired t-test p; folds share training cases, which makes that test anti-conservative, "
+    "so `p (NB)` is the Nadeau–Bengio corrected resampled t-test (variance × (1 + k·n_test/n_train)). One fold: the "
+    "same bootstrap resamples for both embeddings, percentile interval of the difference, two-sided bootstrap p "
+    "(2·(min(#Δ≤0, #Δ≥0)+1)/(B+1)). "
+    "Embeddings are paired only when their test sets have the same size (the same cases).")
 
 
 def slug(*parts: str) -> str:
@@ -73,20 +96,142 @@ def task_table(summary: pd.DataFrame) -> pd.DataFrame:
     return wide[keep + [c for c in wide.columns if c not in rows]].fillna("N/A")
 
 
+def _in_table(kind: str, metric: str) -> bool:
+    return any(fnmatch.fnmatchcase(metric, pat) for pat in TABLE_METRICS.get(kind, ()))
+
+
+def _row_label(metric: str, model, shots) -> str:
+    return metric + (f" ({model})" if model else "") + (f", {int(shots)}-shot" if shots != "" else "")
+
+
+def _ordered(embeddings, roles) -> list[str]:
+    """Embeddings in first-appearance order within the role order baseline → model → oracle."""
+    return sorted(dict.fromkeys(embeddings), key=lambda e: ROLES.index(role(e, roles)))
+
+
+def _chance_text(summary: pd.DataFrame, row: tuple, embeddings: list[str], n_classes) -> str:
+    task, _, target, model, shots, metric = row
+    at = summary[(summary.task == task) & (summary.target == target) & (summary.model == model)
+                 & (summary.shots == shots) & summary.embedding.isin(embeddings)]
+    parts = []
+    for prefix, label in zip(REFERENCE_PREFIXES, ("", "site-only ")):
+        v = at[at.metric == prefix + metric]["mean"].to_numpy(float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            parts.append(label + (f"{v.min():.3f}" if np.ptp(v) < 5e-4 else f"{v.min():.3f}–{v.max():.3f}"))
+    if not parts:
+        c = chance_level(metric, n_classes)
+        parts.append(f"{c:.3f}" if np.isfinite(c) else "—")
+    return " · ".join(parts)
+
+
+def reference_table(summary: pd.DataFrame, results: pd.DataFrame, roles: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per task × target × metric (× Cox model, × shots): chance · baselines · models · oracle.
+
+    Cells are the summary text (mean ± SE or mean [CI]); columns are `<role>: <embedding>` ('—' = not probed).
+    Chance comes from the probe's `chance_`/`site_only_` results on the same rows where it depends on them.
+    """
+    s = summary[[_in_table(t, m) for t, m in zip(summary.type, summary.metric)]]
+    if s.empty:
+        return pd.DataFrame()
+    order = _ordered(s.embedding, roles)
+    cols = {e: e if role(e, roles) == "oracle" else f"{role(e, roles)}: {e}" for e in order}
+    n_classes = results[results.metric == "n_classes"].groupby(["task", "target"]).value.first()
+    rows = []
+    for key, g in s.groupby(ROW, sort=False):
+        task, _, target, model, shots, metric = key
+        row = {"task": task, "target": target, "metric": _row_label(metric, model, shots),
+               "chance": _chance_text(summary, key, list(g.embedding), n_classes.get((task, target)))}
+        row.update({cols[e]: t for e, t in zip(g.embedding, g.text)})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["task", "target", "metric", "chance", *cols.values()]).fillna("—")
+
+
+def _fold_values(g: pd.DataFrame, emb: str) -> pd.Series:
+    """Per-fold values of one embedding (few-shot: mean over the draws of a fold)."""
+    v = g[g.embedding == emb]
+    return v.groupby("fold").value.mean()
+
+
+def _test_sizes(book: pd.DataFrame, key: tuple, emb: str) -> pd.DataFrame:
+    task, _, target, model, _, _ = key
+    b = book[(book.task == task) & (book.target == target) & (book.model == model) & (book.embedding == emb)]
+    return b.pivot_table(index="fold", columns="metric", values="value", aggfunc="first")
+
+
+def paired_table(results: pd.DataFrame, boot: pd.DataFrame, roles: dict[str, str] | None = None) -> pd.DataFrame:
+    """Model − baseline differences per task × target × metric on the same folds (or the same bootstrap resamples).
+
+    Folds: stats.paired over the fold values (mean over draws for few-shot), with the Nadeau–Bengio correction from
+    the recorded n_test/n_train. One fold / robustness: stats.paired_bootstrap over index-aligned resamples.
+    Pairs whose recorded test sizes differ (different cases) are listed with method 'not paired'.
+    """
+    res = results[[_in_table(t, m) for t, m in zip(results.type, results.metric)]]
+    book = results[results.metric.isin(["n_test", "n_train"])]
+    rows = []
+    for key, g in res.groupby(ROW, sort=False):
+        embs = list(dict.fromkeys(g.embedding))
+        for m, b in product([e for e in embs if role(e, roles) == "model"],
+                            [e for e in embs if role(e, roles) == "baseline"]):
+            sm, sb = _test_sizes(book, key, m), _test_sizes(book, key, b)
+            common = sm.index.intersection(sb.index)  # a fold whose fit failed on one side is simply left out
+            if "n_test" in sm and "n_test" in sb and (sm.loc[common, "n_test"] != sb.loc[common, "n_test"]).any():
+                est = stats.Paired(*[float("nan")] * 5, n=0, method="not paired (different test cases)")
+            elif g[g.embedding == m].fold.isin(["pooled", "all"]).any() or g[g.embedding == m].fold.nunique() == 1:
+                bk = boot[(boot.task == key[0]) & (boot.target == key[2]) & (boot.model == key[3])
+                          & (boot.shots == key[4]) & (boot.metric == key[5])]
+                a, c = (bk[bk.embedding == e].set_index("boot").value for e in (m, b))
+                a, c = a.align(c, join="inner")
+                est = stats.paired_bootstrap(a, c)
+            else:
+                a, c = _fold_values(g, m).align(_fold_values(g, b), join="inner")
+                ratio = (sm["n_test"] / sm["n_train"]).mean() if {"n_test", "n_train"} <= set(sm) else None
+                est = stats.paired(a, c, test_train_ratio=ratio)
+            rows.append({"task": key[0], "type": key[1], "target": key[2], "model": key[3], "shots": key[4],
+                         "metric": key[5], "embedding": m, "baseline": b, "mean": est.mean, "se": est.se,
+                         "lo": est.lo, "hi": est.hi, "p": est.p, "p_corrected": est.p_corrected, "n": est.n,
+                         "method": est.method, "text": est.format()})
+    return pd.DataFrame(rows, columns=["task", "type", "target", "model", "shots", "metric", "embedding", "baseline",
+                                       "mean", "se", "lo", "hi", "p", "p_corrected", "n", "method", "text"])
+
+
+def _paired_markdown(paired: pd.DataFrame) -> pd.DataFrame:
+    def p(v):
+        return "—" if not np.isfinite(v) else f"{v:.3g}"
+
+    return pd.DataFrame({
+        "task": paired.task, "target": paired.target,
+        "metric": [_row_label(m, mo, sh) for m, mo, sh in zip(paired.metric, paired.model, paired.shots)],
+        "model − baseline": paired.embedding + " − " + paired.baseline, "Δ [95% CI]": paired.text,
+        "SE": [p(v) for v in paired.se], "p": [p(v) for v in paired.p], "p (NB)": [p(v) for v in paired.p_corrected],
+        "k": paired.n, "method": paired.method})
+
+
+OVERLAP_WARNINGS = {  # what → (heading, why the numbers are not clean held-out estimates)
+    "pretraining": ("test cases were seen in pretraining",
+                    "These numbers are NOT held-out estimates (run with --allow_overlap):"),
+    "validation": ("test cases were validation cases of the run",
+                   ("They chose the checkpoint (held-out evaluation during pretraining, --step best), so these "
+                    "numbers are optimistically selected (run with --allow_validation_overlap):")),
+}
+
+
 def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, notes: list[str],
-                     overlap: dict[str, list[str]]) -> str:
+                     overlap: dict[str, list[str]], *, validation_overlap: dict[str, list[str]] | None = None,
+                     references: pd.DataFrame | None = None, paired: pd.DataFrame | None = None) -> str:
     out = ["# Probe summary", ""]
-    if overlap:
-        out += ["## WARNING: test cases were seen in pretraining", "",
-                "These numbers are NOT held-out estimates (run with --allow-overlap):", ""]
-        out += [f"- `{t}`: {len(c)} case(s): {', '.join(c[:10])}{' …' if len(c) > 10 else ''}"
-                for t, c in overlap.items()]
-        out.append("")
-    out += ["Several folds: mean ± SE over folds (SE = std(ddof=0)/√n; few-shot: over folds × draws). One fold: "
-            "bootstrap mean [2.5%, 97.5%] over resampled test cases. Robustness: point estimate [2.5%, 97.5%] over "
-            "resampled query rows. "
-            "The pooled log-rank p is a single value. Retrieval `chance_*` columns are the expected value under a "
-            "random ranking.", ""]
+    for what, cases in (("pretraining", overlap), ("validation", validation_overlap or {})):
+        if cases:
+            heading, why = OVERLAP_WARNINGS[what]
+            out += [f"## WARNING: {heading}", "", why, ""]
+            out += [f"- `{t}`: {len(c)} case(s): {', '.join(c[:10])}{' …' if len(c) > 10 else ''}"
+                    for t, c in cases.items()]
+            out.append("")
+    out += [CONVENTIONS, ""]
+    if references is not None and len(references):
+        out += ["## Chance · baselines · model · oracle", "", markdown_table(references), ""]
+    if paired is not None and len(paired):
+        out += ["## Paired differences: model − baseline", "", markdown_table(_paired_markdown(paired)), ""]
     for task, s in summary.groupby("task", sort=False):
         folds = sorted(set(results.fold[results.task == task]) - {"pooled", "all"})
         out += [f"## {task} ({s.type.iloc[0]}, {f'{len(folds)} fold(s)' if folds else 'all rows'})", ""]
@@ -133,8 +278,8 @@ def plot_task(summary: pd.DataFrame, path: Path) -> bool:
         ax.barh(np.arange(len(s)), s["mean"], xerr=[lo, hi], capsize=3)
         ax.set_yticks(np.arange(len(s)), labels, fontsize=7)
         ax.set_xlabel(metric)
-        if metric in CHANCE:
-            ax.axvline(CHANCE[metric], color="grey", linestyle="--", linewidth=1)
+        if np.isfinite(chance_level(metric)):
+            ax.axvline(chance_level(metric), color="grey", linestyle="--", linewidth=1)
         chance = summary.set_index(["target", "embedding", "model", "metric"])["mean"]
         marks = [chance.get((t, e, m, f"chance_{x}"), np.nan)
                  for t, e, m, x in zip(s.target, s.embedding, s.model, s.metric)]
@@ -209,11 +354,16 @@ def plot_embedding(x: np.ndarray, bio, site, path: Path, *, title: str, method: 
 
 
 def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, *, notes: list[str],
-                  overlap: dict[str, list[str]], survival_preds: dict, robustness_curves: dict, plots: bool) -> None:
-    for name, df in (("results.csv", results), ("bootstrap.csv", boot), ("summary.csv", summary)):
+                  overlap: dict[str, list[str]], survival_preds: dict, robustness_curves: dict, plots: bool,
+                  roles: dict[str, str] | None = None, validation_overlap: dict[str, list[str]] | None = None) -> None:
+    references, paired = reference_table(summary, results, roles), paired_table(results, boot, roles)
+    for name, df in (("results.csv", results), ("bootstrap.csv", boot), ("summary.csv", summary),
+                     ("references.csv", references), ("paired.csv", paired)):
         with atomic_path(out / name, suffix=".csv") as tmp:
             df.to_csv(tmp, index=False)
-    write_text(out / "summary.md", summary_markdown(summary, results, notes, overlap))
+    write_text(out / "summary.md", summary_markdown(summary, results, notes, overlap,
+                                                    validation_overlap=validation_overlap, references=references,
+                                                    paired=paired))
     if not plots:
         return
     for task, s in summary.groupby("task", sort=False):
@@ -251,16 +401,10 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
     return s.pivot_table(index="row", columns="embedding", values="text", aggfunc="first", sort=False).fillna("")
 
 
-def chance_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The expected recall@5 of a random ranking for each retrieval row: a constant, so no interval."""
-    s = summary[summary["metric"] == "chance_recall@5"]
-    return pd.DataFrame({"task": s["task"], "pair": s["embedding"],
-                         "chance recall@5": s["mean"].map(lambda v: f"{v:.3f}")})
-
-
 CAPTIONS = (  # (file-name pattern, caption) for the report's plots, most specific first
-    (r"^training_curves\.png$", "pretraining loss per pair, and held-out recall@5 during training — on at most "
-     "`data.eval_max_cases` held-out cases with a fixed tile sample per slide, so not the table's numbers"),
+    (r"^training_curves\.png$", ("pretraining loss per pair, and recall@5 on the validation cases during training "
+                                  "— at most `data.eval_max_cases` of them, a fixed tile sample per slide, never "
+                                  "the probes' held-out cases")),
     (r"^km_(.+)\.png$", "Kaplan–Meier curves of the predicted high- vs low-risk halves (pooled test folds), "
      "log-rank p — {0}"),
     (r"^(.+)_ri\.png$", "robustness index against k (neighbours sharing biology rather than site) — {0}"),

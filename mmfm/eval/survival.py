@@ -5,7 +5,8 @@ l1_ratio 0, ridge `CoxPHSurvivalAnalysis(alpha=α)`. Patho-Bench ships the grid 
 every α on the test fold (its tutorial uses 0.07); choosing among them on test is leakage, so here a single α is
 used as given and a grid is resolved by inner cross-validation (Harrell's C) on the training fold only (the probe's
 `alpha_select: each` instead reports every α side by side, like Patho-Bench).
-Risk convention (sksurv): higher risk = earlier event.
+Risk convention (sksurv): higher risk = earlier event. `standardize=True` z-scores features with the mean/SD of the
+data each model is fitted on (training fold, and each inner fold of an α sweep), as in classification.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import warnings
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sksurv.compare import compare_survival
 from sksurv.linear_model import CoxnetSurvivalAnalysis, CoxPHSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc
@@ -38,10 +41,13 @@ def make_model(kind: str, alpha: float, l1_ratio: float = 0.5):
     raise ValueError(f"unknown survival model {kind!r}; expected one of {MODELS}")
 
 
-def _fit(kind: str, alpha: float, x: np.ndarray, y: np.ndarray, l1_ratio: float):
+def _fit(kind: str, alpha: float, x: np.ndarray, y: np.ndarray, l1_ratio: float, standardize: bool = False):
+    model = make_model(kind, alpha, l1_ratio)
+    if standardize:
+        model = make_pipeline(StandardScaler(), model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter; failures raise ArithmeticError
-        return make_model(kind, alpha, l1_ratio).fit(x, y)
+        return model.fit(x, y)
 
 
 def harrell_c(event, time, risk) -> float:
@@ -50,7 +56,7 @@ def harrell_c(event, time, risk) -> float:
 
 
 def select_alpha(kind: str, x: np.ndarray, y: np.ndarray, alphas, *, l1_ratio: float = 0.5,
-                 inner_folds: int = 3, seed: int = 0) -> float:
+                 inner_folds: int = 3, seed: int = 0, standardize: bool = False) -> float:
     """α with the best mean inner-fold Harrell's C on the TRAINING data (folds stratified by event)."""
     n_splits = min(inner_folds, int(y["event"].sum()))
     if n_splits < 2:
@@ -61,7 +67,7 @@ def select_alpha(kind: str, x: np.ndarray, y: np.ndarray, alphas, *, l1_ratio: f
         cs = []
         for tr, va in folds:
             try:
-                risk = _fit(kind, alpha, x[tr], y[tr], l1_ratio).predict(x[va])
+                risk = _fit(kind, alpha, x[tr], y[tr], l1_ratio, standardize).predict(x[va])
                 cs.append(harrell_c(y["event"][va], y["time"][va], risk) if y["event"][va].any() else np.nan)
             except (ArithmeticError, ValueError):
                 cs.append(np.nan)
@@ -70,12 +76,12 @@ def select_alpha(kind: str, x: np.ndarray, y: np.ndarray, alphas, *, l1_ratio: f
 
 
 def fit_risk(kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, alphas=(0.07,),
-             l1_ratio: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+             l1_ratio: float = 0.5, seed: int = 0, standardize: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Fit on the training fold; return (test risk, training risk, α used)."""
     alphas = tuple(alphas)
     alpha = alphas[0] if len(alphas) == 1 else select_alpha(kind, x_train, y_train, alphas, l1_ratio=l1_ratio,
-                                                            seed=seed)
-    model = _fit(kind, alpha, x_train, y_train, l1_ratio)
+                                                            seed=seed, standardize=standardize)
+    model = _fit(kind, alpha, x_train, y_train, l1_ratio, standardize)
     return model.predict(x_test), model.predict(x_train), float(alpha)
 
 

@@ -54,9 +54,11 @@ class TrainConfig:
 class DataConfig:
     cohort: str = ""                   # cohort directory (see mmfm.data.cohort)
     modalities: tuple[Modality, ...] = ("slide", "rna")  # what the run trains on: the loader emits them, the model encodes them
-    heldout_fraction: float = 0.2      # cases held out (patient-level) for retrieval / RankMe during training
+    heldout_fraction: float = 0.2      # probe-test cases (patient-level): never trained on nor used to pick a checkpoint
+    val_fraction: float = 0.1          # validation cases: evaluation during training and --step best (never probed)
+    split_by_site: bool = False        # whole sites (cases.csv `site`) per partition: held-out centres unseen
     split_seed: int = 0
-    eval_max_cases: int = 256          # cap on held-out cases evaluated (fixed subset, same every eval)
+    eval_max_cases: int = 256          # cap on validation cases evaluated (fixed subset, same every eval)
 
 
 @dataclass
@@ -83,6 +85,9 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.{e}") from e
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError("data.heldout_fraction: must be in [0, 1)")
+    if not 0.0 <= cfg.data.val_fraction < 1.0 - cfg.data.heldout_fraction:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1 - data.heldout_fraction = "
+                          f"{1.0 - cfg.data.heldout_fraction:g}) so that cases remain for training")
     if not cfg.data.modalities or len(set(cfg.data.modalities)) != len(cfg.data.modalities):
         raise ConfigError(f"data.modalities: needs distinct entries from {MODALITIES}, got {cfg.data.modalities}")
     if (t.mesh.data == -1) and (t.mesh.fsdp == -1):

@@ -1,7 +1,8 @@
 """Held-out evaluation during pretraining: cross-modal retrieval recall@k and RankMe.
 
-Held-out cases (never trained on, first `data.eval_max_cases` by id) are embedded with the current
-weights in eval mode. Each slide is represented by a fixed sample of `loader.tiles_per_slide` tiles
+The run's validation cases (never trained on, first `data.eval_max_cases` by id; never the probes' held-out
+cases, so choosing a checkpoint or a recipe on these curves cannot leak into the probes) are embedded with the
+current weights in eval mode. Each slide is represented by a fixed sample of `loader.tiles_per_slide` tiles
 (seeded per case, unshuffled), the same at every evaluation, so curves are comparable across steps
 (all tiles would need a per-bag-size compile; the embed command does that).
 Rows of one case are averaged (then re-normalised) into one case embedding per modality.
@@ -84,7 +85,7 @@ class HeldOutEvaluator:
         ids = [c for i, c in enumerate(ids) if any(p[i] for p in present.values())][: cfg.data.eval_max_cases]
         self.batch_size = eval_batch_size(len(ids), cfg.loader.batch_size, mesh.size)
         if self.batch_size == 0:
-            raise ValueError(f"data.heldout_fraction: {len(ids)} held-out cases cannot fill one batch on "
+            raise ValueError(f"data.val_fraction: {len(ids)} validation cases cannot fill one batch on "
                              f"{mesh.size} devices; raise it or set train.eval_every=0")
         lcfg = dataclasses.replace(cfg.loader, batch_size=self.batch_size, shuffle=False, seed=cfg.train.seed,
                                    workers=0, prefetch=0)

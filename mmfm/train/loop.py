@@ -199,7 +199,12 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
         raise ConfigError(f"loader.batch_size / train.grad_accum = {cfg.loader.batch_size // t.grad_accum} "
                           f"must be a multiple of the {mesh.size} devices")
     cohort = Cohort.open(cfg.data.cohort)
-    train_ids, held_ids = split_cases(cohort.cases.index, cfg.data.heldout_fraction, cfg.data.split_seed)
+    try:
+        train_ids, val_ids, held_ids = split_cases(
+            cohort.cases.index, cfg.data.heldout_fraction, cfg.data.split_seed, val_fraction=cfg.data.val_fraction,
+            sites=cohort.cases["site"] if cfg.data.split_by_site else None)
+    except ValueError as e:
+        raise ConfigError(f"data.split_by_site: {cfg.data.cohort}/cases.csv: {e}") from e
     if cfg.loader.report_cache and "report" in cfg.data.modalities and cohort.reports is not None:
         from mmfm.data.report_cache import resolve_folder
         from mmfm.models.text_cache import fill_report_cache
@@ -230,7 +235,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
     shapes = loader.shapes
     modalities = loader.modalities
     if jax.process_index() == 0:
-        rundir.write_splits(out, train_ids, held_ids, cfg.data.heldout_fraction, cfg.data.split_seed)
+        rundir.write_splits(out, {"train": train_ids, "val": val_ids, "heldout": held_ids}, cfg.data)
         rundir.write_shapes(out, shapes)
         rundir.save_transforms(out / "transforms", loader.transforms)
 
@@ -254,8 +259,8 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
     last_eval, evaluator, writer, feed = None, None, None, None
     logs = None
     try:
-        if t.eval_every > 0 and held_ids:
-            evaluator = evaluate.HeldOutEvaluator(cohort, cfg, held_ids, loader, ts, mesh, modalities)
+        if t.eval_every > 0 and val_ids:  # validation cases only: the held-out ones stay unseen until the probes
+            evaluator = evaluate.HeldOutEvaluator(cohort, cfg, val_ids, loader, ts, mesh, modalities)
         writer = MetricsWriter(out, t.steps, start, progress=t.progress)
         watch = NonFiniteWatch()
         feed = DevicePrefetcher(loader, batch_sharding(mesh), depth=device_prefetch, start_step=start,

@@ -1,7 +1,7 @@
 """The run directory: what `mmfm pretrain` writes and what every later step (`embed`, `probe`, export) reads.
 
     RUN/config.yaml        resolved RunConfig          RUN/env.json        versions, devices, mesh
-    RUN/splits.json        train / held-out cases      RUN/shapes.json     BatchShapes the model was built for
+    RUN/splits.json        train / val / held-out      RUN/shapes.json     BatchShapes the model was built for
     RUN/transforms/        fitted omics transforms     RUN/checkpoints/    orbax steps (+ loader state)
     RUN/metrics.jsonl, eval.jsonl, tb/                 training and held-out curves
 
@@ -133,12 +133,16 @@ def write_shapes(run_dir: epath.Path, shapes: BatchShapes) -> None:
 
 
 def read_splits(run_dir) -> dict:
-    return read_json(_need(run_dir, "splits.json"))
+    """{'train', 'val', 'heldout': case ids, ...}: pretraining, validation (held-out evaluation, `best`) and the
+    probes' test cases. A run written before validation cases existed has 'val' = [] (it evaluated on held-out)."""
+    return {"val": [], **read_json(_need(run_dir, "splits.json"))}
 
 
-def write_splits(run_dir: epath.Path, train: list[str], heldout: list[str], fraction: float, seed: int) -> None:
-    write_json(run_dir / "splits.json", {"train": train, "heldout": heldout,
-                                         "heldout_fraction": fraction, "seed": seed})
+def write_splits(run_dir: epath.Path, parts: dict[str, list[str]], data) -> None:
+    """`parts` = {'train', 'val', 'heldout'} case ids; `data` = the run's DataConfig (fractions, seed, by site)."""
+    write_json(run_dir / "splits.json", {**parts, "heldout_fraction": data.heldout_fraction,
+                                         "val_fraction": data.val_fraction, "split_by_site": data.split_by_site,
+                                         "seed": data.split_seed})
 
 
 def save_transforms(directory: epath.Path, transforms: dict) -> None:
@@ -189,6 +193,10 @@ def resolve_step(run_dir: epath.Path, cfg: RunConfig, step: int | str | None, st
     if step is None or step == "latest":
         return steps[-1]
     if step == "best":
+        if not read_splits(run_dir)["val"]:
+            raise RunDirError(f"{run_dir}: no validation cases (data.val_fraction = 0, or a run from before they "
+                              f"existed, which evaluated on its held-out cases); choosing 'best' would pick on the "
+                              f"probes' test cases — use a step number or the latest checkpoint")
         return best_step(run_dir, cfg.train.best_metric, cfg.train.best_mode, steps)
     try:
         step = int(step)

@@ -20,6 +20,7 @@ from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskError, case_f
 class LinearSpec(FoldSpec):
     C: float | Literal["auto"] | tuple[float, ...] = 0.5  # fixed, 'auto' (45-value sweep) or a list; inner CV
     balanced: bool = True  # class-balanced loss weights
+    standardize: bool = False  # z-score features with each training fold's mean/SD before the fit (recorded)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,13 +101,15 @@ def _run_target(adata, spec: LinearSpec, folds: pd.DataFrame, col: Collector, ta
             if isinstance(spec, FewshotSpec):
                 for rec in fewshot.run(feats.loc[tr].to_numpy(), ytr, feats.loc[te].to_numpy(), yte, len(classes),
                                        shots=spec.shots, draws=spec.draws, seed=spec.seed + i, C=spec.C,
-                                       balanced=spec.balanced):
+                                       balanced=spec.balanced, standardize=spec.standardize):
                     k = rec.pop("shots")
                     col.add({**result_key(spec, emb, target, shots=k), "draw": rec.pop("draw")}, i, rec)
                 continue
             proba, C = classification.fit_predict(feats.loc[tr].to_numpy(), ytr, feats.loc[te].to_numpy(),
-                                                  len(classes), C=spec.C, balanced=spec.balanced, seed=spec.seed)
+                                                  len(classes), C=spec.C, balanced=spec.balanced, seed=spec.seed,
+                                                  standardize=spec.standardize)
             col.evaluate(key, i, len(te), lambda idx: classification.metrics(yte[idx], proba[idx]), single,
                          spec.seed)
-            col.add(key, i, {"C": C, "n_test": len(te)})
+            col.add(key, i, {"C": C, "n_test": len(te), "n_train": len(tr), "n_classes": len(classes),
+                             "standardized": float(spec.standardize)})
     return classes

@@ -31,17 +31,20 @@ def run(adata, spec: RobustnessSpec, targets: list[Target], col: Collector) -> N
         ok = np.isfinite(x).all(1) & known
         if len(np.unique(groups[ok])) < 2:
             raise TaskError(f"task {spec.name!r}: fewer than 2 cases have embedding {emb!r}, 'label' and 'site'")
-        qc = robustness.query_counts(x[ok], bio[ok], site[ok], groups[ok], max(spec.ks),
-                                     subset=None if subset is None else subset[ok])
+        sub = None if subset is None else subset[ok]
+        qc = robustness.query_counts(x[ok], bio[ok], site[ok], groups[ok], max(spec.ks), subset=sub)
         ks = np.asarray(spec.ks) - 1
+        refs = {"": qc, **{f"{p}_": robustness.expected_query_counts(bio[ok], site[ok], groups[ok], max(spec.ks),
+                                                                      subset=sub, mode=m)
+                           for p, m in robustness.REFERENCES.items()}}
 
-        def score(idx):
-            ri = robustness.indices(pd.DataFrame(qc[idx][:, ks].sum(0), columns=list(robustness.KINDS),
-                                                 index=spec.ks))
-            return {f"{m}@{k}": ri.loc[k, m] for k in spec.ks for m in ("robustness_index", "bio_vs_confounding")}
+        def score(idx):  # the embedding's RI and, on the same query rows, the chance and site-only references
+            return robustness.scores(refs, spec.ks, idx)
 
         # query rows are the bootstrap unit (PathoROB bootstraps queries), so RI gets a CI like single-fold probes
-        col.evaluate(result_key(spec, emb, target=spec.label), "all", int(ok.sum()), score, True, spec.seed)
+        key = result_key(spec, emb, target=spec.label)
+        col.evaluate(key, "all", int(ok.sum()), score, True, spec.seed)
+        col.add(key, "all", {"n_test": int(ok.sum())})
         col.robustness_curves[(spec.name, emb)] = robustness.indices(
             pd.DataFrame(qc.sum(0)[ks], columns=list(robustness.KINDS), index=pd.Index(spec.ks, name="k")))
         if col.plot_dir is not None:

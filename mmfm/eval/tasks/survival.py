@@ -26,6 +26,7 @@ class SurvivalSpec(FoldSpec):
     l1_ratio: float = 0.5  # CoxNet elastic-net mix
     tau: float | None = None  # Uno's C truncation (days); default 80th percentile of training time
     horizons: tuple[float, ...] = ()  # time-dependent AUC horizons (days), e.g. [365, 1095, 1825]
+    standardize: bool = False  # z-score features with each training fold's mean/SD before the fit (recorded)
 
     def outcomes(self, adata) -> pd.DataFrame:
         """Cases with a known time and event: columns `time`, `event`."""
@@ -73,14 +74,16 @@ def run(adata, spec: SurvivalSpec, targets: list[Target], col: Collector) -> Non
                 try:
                     risk, risk_tr, alpha = survival.fit_risk(kind, feats.loc[tr].to_numpy(), ytr,
                                                              feats.loc[te].to_numpy(), alphas=alphas,
-                                                             l1_ratio=spec.l1_ratio, seed=spec.seed)
+                                                             l1_ratio=spec.l1_ratio, seed=spec.seed,
+                                                             standardize=spec.standardize)
                 except (ArithmeticError, ValueError) as e:
                     col.notes.append(f"{spec.name} {emb} {model} {fc}: fit failed ({e}); recorded as N/A")
                     col.add(key, i, {m: np.nan for m in survival.METRICS})
                     continue
                 col.evaluate(key, i, len(te), lambda idx: survival.metrics(
                     ytr, yte[idx], risk[idx], tau=spec.tau, horizons=spec.horizons), single, spec.seed)
-                col.add(key, i, {"alpha": alpha, "n_test": len(te)})
+                col.add(key, i, {"alpha": alpha, "n_test": len(te), "n_train": len(tr),
+                                 "standardized": float(spec.standardize)})
                 pooled.append(pd.DataFrame({"case_id": te, "fold": i, "time": yte["time"], "event": yte["event"],
                                             "risk": risk, "high_risk": risk > np.median(risk_tr)}))
             if pooled:
