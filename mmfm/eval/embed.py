@@ -201,7 +201,7 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
     slides = cohort.slides[cohort.slides["case_id"].astype(str).isin(case_ids) & (cohort.slides["n_tiles"] > 0)]
     slide_embs: dict[str, np.ndarray] = {}
     case_embs: dict[str, np.ndarray] = {}
-    if getattr(model, "case_encoder", None) is not None and cfg.multi_slide != "mean":
+    if model.case_encoder is not None and cfg.multi_slide != "mean":
         raise ValueError(f"{run_dir}: the run aggregates slides with its case encoder (model.case.kind=transformer); "
                          f"multi_slide={cfg.multi_slide!r} would bypass it, use 'mean' (slides encoded one by one)")
     if "slide" in model.modalities and len(slides):
