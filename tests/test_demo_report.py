@@ -39,7 +39,11 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     readme = (demo / "report" / "README.md").read_text()
     assert "## Chance · baselines · model · oracle" in readme
     assert ("| task | target | metric | chance | baseline: slide_meanpool | baseline: slide_random | "
-            "baseline: baseline:grade | model: slide | model: slide_backbone | model: rna | oracle |") in readme
+            "baseline: baseline:grade | model: slide | model: slide_backbone | model: rna | model: report | oracle |") in readme
+    # report text is a modality of the demo: slide↔report retrieval and zero-shot rows beside the linear probes
+    assert "model: slide->report" in readme and "model: report->slide" in readme
+    assert "| necrosis (zero-shot) | report_necrosis | auroc (zero-shot) | 0.500 |" in readme
+    assert "| necrosis | report_necrosis | auroc | 0.500 |" in readme
     refs = pd.read_csv(demo / "report" / "references_seeds.csv", keep_default_na=False).set_index("task")
     assert refs.loc["subtype", "chance"] == "0.500" and refs.loc["overall survival", "chance"] == "0.500"
     assert "site-only" in refs.loc["site robustness", "chance"]  # RI is read against a site-only embedding too

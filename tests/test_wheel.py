@@ -53,7 +53,7 @@ def test_wheel_installed_demo_runs_outside_the_repo(installed, tmp_path):
          "--set", "train.steps=2", "--set", "train.eval_every=0", "--set", "train.progress=false",
          "--set", "loader.batch_size=8", "--set", "loader.tiles_per_slide=16", "--set", "loader.n_genes=50",
          "--n_bootstrap", "5", "--no-plots"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "demo" / "run" / "config.yaml").exists()
     assert "| task | target | metric | chance |" in (tmp_path / "demo" / "report" / "README.md").read_text()

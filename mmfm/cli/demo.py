@@ -28,13 +28,16 @@ from mmfm.io import write_text
 from mmfm.train.config import RunConfig
 
 CONFIGS = resources.files("mmfm") / "configs"  # shipped as package data: works from a wheel, no checkout
-CONFIG = Path(str(CONFIGS / "demo.yaml"))
-TASKS = Path(str(CONFIGS / "tasks" / "demo.yaml"))
+CONFIG = Path(str(CONFIGS / "demo_report.yaml"))  # slide ↔ RNA ↔ protein ↔ report text (frozen MiniLM, cached)
+TASKS = Path(str(CONFIGS / "tasks" / "demo_report.yaml"))  # + report facts: linear beside zero-shot
+HEATMAP_SLIDES = 2  # held-out slides drawn in report/heatmaps/
 
 DESCRIPTION = """\
 The whole pipeline on a simulated cohort, as a researcher would run it on their own: simulate → validate →
-pretrain (configs/demo.yaml, shipped with the package) → embed the held-out cases → probe
-(configs/tasks/demo.yaml) → report (--out/report/README.md with every plot). Each row reads chance · baselines
+pretrain slide ↔ RNA ↔ protein ↔ report text (configs/demo_report.yaml, shipped with the package) → embed
+the held-out cases → probe (configs/tasks/demo_report.yaml: survival, subtype, mutations, retrieval across
+every pair, robustness, and the facts the reports state, linear beside zero-shot) → heatmaps of two held-out
+slides → report (--out/report/README.md with every plot). Each row reads chance · baselines
 (mean-pool, random-init) · pretrained · oracle (the simulator's latent variables), with paired differences
 model − baseline; --seeds N pretrains N seeds and reports the spread across them. Re-running reuses finished
 steps. Any key of the pretraining recipe can be changed with --set train.steps=50 (or --recipe.train.steps=50).
@@ -90,9 +93,23 @@ def _pretrain(run_cfg: RunConfig, run_dir: Path) -> None:
 
 
 def demo_tasks(specs: list) -> list:
-    """The demo's task file with the oracle beside every embedding-level task (retrieval pairs stay as they are)."""
-    return [s if s.type == "retrieval" else dataclasses.replace(s, embeddings=(*s.embeddings, ORACLE))
+    """The demo's task file with the oracle beside every embedding-level task (retrieval pairs and zero-shot, which
+    needs the text tower's space, stay as they are)."""
+    return [s if s.type in ("retrieval", "zeroshot") else dataclasses.replace(s, embeddings=(*s.embeddings, ORACLE))
             for s in specs]
+
+
+def _heatmaps(run_dir: Path, cohort_dir: Path, slide_ids: list[str], out: Path) -> list[Path]:
+    """Attention and similarity (to the case's RNA and report, and to a typed prompt) of a few held-out slides, on
+    their tile grid (a simulated cohort has no slide images)."""
+    from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
+
+    pngs = []
+    for sid in slide_ids:
+        res = heatmap(HeatmapConfig(run=str(run_dir), cohort=str(cohort_dir), slide=sid, out=str(out / sid),
+                                    queries=("rna", "report", "Tumour necrosis is present.")))
+        pngs += [p for figs in res.figures.values() for p in figs]
+    return pngs
 
 
 def demo(cfg: DemoConfig | None = None) -> dict:
@@ -103,6 +120,7 @@ def demo(cfg: DemoConfig | None = None) -> dict:
     from mmfm.eval.references import attach_oracle
     from mmfm.eval.report import plot_captions, reading_notes
     from mmfm.eval.tasks import load_tasks
+    from mmfm.eval.truth import join_truth
     from mmfm.io import write_h5ad
     from mmfm.train.config import check
 
@@ -145,14 +163,21 @@ def demo(cfg: DemoConfig | None = None) -> dict:
         else:
             for key in set(first.obsm) - set(adata.obsm):
                 adata.obsm[key] = first.obsm[key]
+        adata = join_truth(adata, cohort_dir)  # the facts the simulated reports state: labels of the report tasks
         write_h5ad(out / f"embeddings{tag}.h5ad", adata)
         t = _step(f"embed (seed {seed}: {len(held)} held-out cases, {slides.n_obs} slides, all tiles)", t)
         results.append(probe(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""),
                              n_bootstrap=cfg.n_bootstrap, plots=cfg.plots and i == 0))
         t = _step(f"probe (seed {seed})", t)
 
+    heat = []
     if cfg.plots:
         _training_curves(out / "run", out / "report")
+        queried = [k for k in ("rna", "report") if k in adata.obsm]  # a heatmap query needs the case's own data
+        full = adata.obs_names[np.isfinite(np.hstack([adata.obsm[k] for k in queried])).all(axis=1)]
+        shown = slides.obs_names[slides.obs["case_id"].astype(str).isin(full)][:HEATMAP_SLIDES].tolist()
+        heat = _heatmaps(out / "run", cohort_dir, shown, out / "report" / "heatmaps")
+        t = _step(f"heatmaps ({', '.join(shown)})", t)
     tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
     fewer = any("folds reduced" in n for r in results for n in r.notes)
     spread = (f"mean ± SD across the {len(seeds)} pretraining seeds {seeds} (each seed: mean over its folds, or its "
@@ -186,6 +211,11 @@ def demo(cfg: DemoConfig | None = None) -> dict:
     captions = plot_captions(out / "report")
     if captions:
         text += ["Plots:", ""] + [f"- [`{name}`]({name}): {caption}" for name, caption in captions] + [""]
+    if heat:
+        rel = [p.relative_to(out / "report") for p in heat]
+        text += ["Heatmaps of held-out slides (tile grid; attention of each head, similarity to the case's RNA, its "
+                 "report and the prompt 'Tumour necrosis is present.'; tile scores in the h5 beside):", ""] + \
+                [f"- [`{r}`]({r})" for r in rel] + [""]
     others = "; other seeds under report/seed-*/" if len(seeds) > 1 else ""
     text += [f"Full results: `{out / 'report' / 'summary.md'}` (every metric, fold and note{others}).",
              f"Total time: {time.perf_counter() - t0:.0f}s"]
