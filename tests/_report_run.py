@@ -18,7 +18,7 @@ def tiny_report_run(base: Path) -> tuple[Path, Path]:
     cfg = load_config(REPO / "configs" / "demo_report.yaml", [
         f"data.cohort={cohort}", "train.steps=3", "train.eval_every=3", "train.ckpt_every=3",
         "train.progress=false", "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=24",
-        "loader.report_max_len=64", "data.heldout_fraction=0.5", "data.modalities=[slide, rna, report]",
+        "loader.report_max_len=64", "data.heldout_fraction=0.5", "data.val_fraction=0.3", "data.modalities=[slide, rna, report]",
         "model.report.max_len=64", "train.best_metric=''"])
     pretrain(cfg, base / "run")
     return cohort, base / "run"

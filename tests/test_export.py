@@ -17,7 +17,7 @@ from mmfm.train.export import export_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.steps=3", "train.ckpt_every=1", "train.keep_last=5", "train.progress=false", "train.warmup=1",
-        "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32", "data.heldout_fraction=0.4",
+        "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32", "data.heldout_fraction=0.4", "data.val_fraction=0.3",
         "model.embed_dim=16", "model.slide.abmil.hidden=16", "model.slide.abmil.attn_dim=8",
         "model.rna.hidden=16", "model.protein.hidden=16"]
 pytestmark = pytest.mark.slow

@@ -25,6 +25,8 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
     - {name: subtype_fewshot, type: fewshot, label: subtype, embeddings: [slide], shots: [1, 4, 16], draws: 10}
     - {name: xmodal, type: retrieval, pairs: [[slide, rna], [rna, slide]], label: subtype, embeddings: [slide]}
     - {name: site_ri, type: robustness, label: subtype, site: site, embeddings: [slide], ks: [5, 10, 20]}
+    - {name: grade_zs, type: zeroshot, label: grade, embeddings: [slide, report],
+       classes: {1: [low grade, well differentiated], 3: [high grade, poorly differentiated]}}
 """
 
 from __future__ import annotations
