@@ -1,13 +1,27 @@
-"""Tests run with 8 forced CPU devices so sharding is real; set before jax is imported."""
+"""Tests run with 8 forced CPU devices so sharding is real; set before jax is imported.
+
+The run compiles through one persistent compilation cache of its own (fresh per `pytest` run, shared by the xdist
+workers and every `mmfm` subprocess, removed at the end): tests stay independent of the user's ~/.cache and of
+earlier runs, yet a function compiled by one test is loaded, not recompiled, by the next. Export
+MMFM_COMPILATION_CACHE=DIR to keep a cache across runs instead (e.g. `.jax_cache/`, ignored by git)."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if "MMFM_COMPILATION_CACHE" not in os.environ:  # the controller (or a plain run) sets it; xdist workers inherit it
+    os.environ["MMFM_COMPILATION_CACHE"] = _RUN_CACHE = tempfile.mkdtemp(prefix="mmfm-pytest-jax-")
+else:
+    _RUN_CACHE = None
+from mmfm.cli import jit_cache  # noqa: E402
+
+jit_cache.configure()
 
 from pathlib import Path  # noqa: E402
 
@@ -55,6 +69,11 @@ def tiny_cohort(tmp_path_factory) -> Path:
     simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,
                                    bag_size_median=64, bag_size_max=256))
     return out
+
+
+def pytest_unconfigure(config):
+    if _RUN_CACHE is not None:  # only the process that made it (the controller under xdist) removes it
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

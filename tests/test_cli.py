@@ -4,6 +4,7 @@ come from the same fields; user errors are one line on stderr with exit code 2."
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -98,3 +99,36 @@ def test_import_errors_name_the_source_or_file(tmp_path, capsys):
     assert main(["import", "clinical", "--out", str(tmp_path / "c"), "--cdr", str(tmp_path / "missing.tsv")]) == 2
     err = capsys.readouterr().err
     assert "missing.tsv" in err and "Traceback" not in err
+
+
+def test_compilation_cache_defaults_to_the_user_cache_dir_and_respects_overrides(tmp_path):
+    from mmfm.cli.jit_cache import configure, pop_flag
+
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert configure(environ=env) == str(tmp_path / "mmfm" / "jax") == env["JAX_COMPILATION_CACHE_DIR"]
+    assert int(env["JAX_COMPILATION_CACHE_MAX_SIZE"]) > 0  # bounded: JAX then locks the directory across processes
+    env = {"MMFM_COMPILATION_CACHE": str(tmp_path / "mine")}
+    assert configure(environ=env) == str(tmp_path / "mine")
+    env = {"JAX_COMPILATION_CACHE_DIR": "/explicit", "MMFM_COMPILATION_CACHE": str(tmp_path / "mine")}
+    assert configure(environ=env) == "/explicit"  # an explicit JAX setting wins over a directory
+    for off in ({"MMFM_COMPILATION_CACHE": "off"}, {"JAX_COMPILATION_CACHE_DIR": "/explicit"}):
+        value = pop_flag(["demo", "--compilation-cache", "off"])[1] if "JAX_COMPILATION_CACHE_DIR" in off else None
+        assert configure(value, environ=off) is None and off["JAX_ENABLE_COMPILATION_CACHE"] == "false"
+    assert pop_flag(["embed", "--compilation-cache=/c", "--run", "r"]) == (["embed", "--run", "r"], "/c")
+    assert pop_flag(["--no-compilation-cache", "demo"]) == (["demo"], "off")
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    code = ("from mmfm.cli import jit_cache; jit_cache.configure()\n"
+            "import jax, jax.numpy as jnp\n"
+            "hits = []\n"
+            "jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e))\n"
+            "print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).sum()))\n"
+            "print(hits.count('/jax/compilation_cache/cache_hits'))\n")
+    env = dict(os.environ, MMFM_COMPILATION_CACHE=str(tmp_path / "jit"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    (v1, h1), (v2, h2) = (r.stdout.split() for r in runs)
+    assert v1 == v2 and int(h1) == 0 and int(h2) >= 1  # same result, the second run compiled nothing
+    assert any(p.name.endswith("-cache") for p in (tmp_path / "jit").iterdir())

@@ -8,7 +8,8 @@
 Flags: `--a.b=value` or `--a.b value` (value parsed as YAML), `--set a.b=value`, `--config FILE.yaml`; a bare
 `--flag` is `true`, a bare `--no-flag` is `false`. A user error (bad flag, file, config key, cohort) prints one
 line on stderr naming the file / key and exits 2 — set MMFM_DEBUG=1 for the traceback. Modules are imported
-only when their command runs, so `mmfm validate` never imports jax or torch.
+only when their command runs, so `mmfm validate` never imports jax or torch. Every command compiles through a
+persistent compilation cache (mmfm/cli/jit_cache.py; `--compilation-cache DIR|off` or MMFM_COMPILATION_CACHE).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 import os
 import sys
 
+from mmfm.cli import jit_cache
 from mmfm.config import ConfigError, fail, help_text, parse_cli
 
 COMMANDS = {
@@ -59,7 +61,8 @@ def load_command(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, cache = jit_cache.pop_flag(list(sys.argv[1:] if argv is None else argv))
+    jit_cache.configure(cache)  # before any command imports jax
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

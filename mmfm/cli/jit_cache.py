@@ -1,0 +1,71 @@
+"""The persistent XLA compilation cache every `mmfm` command uses: a command compiles a function once per machine.
+
+Configured through JAX's own environment variables before jax is imported (so `mmfm validate` still never imports
+it, and subprocesses — `mmfm launch`, multi-process training — inherit it):
+
+    MMFM_COMPILATION_CACHE unset     $XDG_CACHE_HOME/mmfm/jax (default ~/.cache/mmfm/jax)
+    MMFM_COMPILATION_CACHE=DIR       that directory
+    MMFM_COMPILATION_CACHE=off       no persistent cache (also: --compilation-cache off on any command)
+    JAX_COMPILATION_CACHE_DIR=DIR    an explicit JAX setting wins over all of the above but `off`
+
+Several processes may share one directory: JAX 0.10's file cache writes an entry in place (no rename), but with a
+size bound (`JAX_COMPILATION_CACHE_MAX_SIZE`, default 4 GiB, least recently used entries evicted) every read and
+write holds a file lock on the directory, so no process reads a half-written entry. A corrupt entry (a writer
+killed mid-write) is a cache miss with a warning, never an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV = "MMFM_COMPILATION_CACHE"
+OFF = ("off", "0", "false", "no", "none", "")
+MAX_SIZE = 4 << 30  # bytes; a finite bound also turns on JAX's cross-process file lock
+MIN_COMPILE_SECS = 0.1  # JAX's default (1 s) skips most functions of a CPU run; reading a hit costs milliseconds
+
+
+def default_dir(environ=os.environ) -> Path:
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmfm" / "jax"
+
+
+def configure(value: str | None = None, environ=os.environ) -> str | None:
+    """Turn the cache on (or off) for this process and its children; `value` (a --compilation-cache flag) wins over
+    MMFM_COMPILATION_CACHE. Returns the cache directory, or None when off."""
+    value = environ.get(ENV) if value is None else value
+    if value is not None and value.strip().lower() in OFF:
+        environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        path = None
+    else:
+        path = environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(value).expanduser() if value
+                                                                   else default_dir(environ)))
+        environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECS))
+        environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_SIZE))
+    if environ is os.environ and "jax" in sys.modules:  # imported already (a test, a notebook calling main()): env vars are read at import only
+        import jax
+
+        jax.config.update("jax_enable_compilation_cache", path is not None)
+        if path is not None:
+            jax.config.update("jax_compilation_cache_dir", path)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                              float(environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+            jax.config.update("jax_compilation_cache_max_size", int(environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+    return path
+
+
+def pop_flag(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv without `--compilation-cache VALUE` / `--compilation-cache=VALUE` / `--no-compilation-cache`, and VALUE."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--no-compilation-cache":
+            value = "off"
+        elif a.startswith("--compilation-cache="):
+            value = a.split("=", 1)[1]
+        elif a == "--compilation-cache" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 1
+        else:
+            rest.append(a)
+        i += 1
+    return rest, value
