@@ -43,6 +43,23 @@ def test_every_tile_is_used_and_order_is_kept():
     assert all(s[0] * s[1] <= 4096 for s in calls)          # memory bound per call (one bag may exceed it alone)
 
 
+def test_rows_are_padded_to_a_power_of_two_and_padding_changes_nothing():
+    """Any number of bags per bucket → power-of-two row counts (shapes shared across cohorts); the padded rows
+    are all-masked and dropped: every bag's embedding is the NumPy mean of its own tiles, whatever its batch."""
+    for n_bags in (1, 3, 5, 7):
+        bags = random_bags([10 + 7 * i for i in range(n_bags)], seed=n_bags)
+        calls = []
+
+        def encode(f, c, m, fr):
+            calls.append(f.shape)
+            assert m.any(1).sum() == n_bags  # one call: the bags, then all-masked padding rows
+            return jax.jit(masked_mean)(f, c, m, fr)
+
+        got = encode_bags(encode, bags, EmbedConfig(max_tiles_per_call=8 * 256, min_bucket=256))
+        np.testing.assert_allclose(got, np.stack([b.features.mean(0) for b in bags]), rtol=1e-5, atol=1e-6)
+        assert calls == [(min(8, 1 << (n_bags - 1).bit_length()), 256, 8)]
+
+
 def test_pooled_bags_keep_slides_apart_on_the_grid():
     a, b = random_bags([5, 7], seed=1)
     a.fragment[:] = [0, 0, 1, 1, 1]

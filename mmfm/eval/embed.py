@@ -1,8 +1,9 @@
 """`mmfm embed`: slide- and case-level embeddings of every modality, as AnnData.
 
 Inference reads **all tiles** of every bag (no sampling). Bags are sorted by length and padded to
-power-of-two buckets (tile mask False on padding; the slide encoders are padding-invariant), so a
-cohort of bags from 100 to 100k tiles compiles a handful of shapes. A case with several slides
+power-of-two buckets (tile mask False on padding; the slide encoders are padding-invariant), and the
+rows of a call to a power of two, so a cohort of bags from 100 to 100k tiles compiles a handful of
+shapes, the same ones for another cohort or command (the persistent compilation cache then hits). A case with several slides
 gets the mean of its slide embeddings (late fusion, Patho-Bench's default) or one embedding of
 its pooled tiles (`multi_slide='pool'`; each further slide's grid is shifted right of the
 previous one so positions never collide). A run trained with a case encoder (`model.case.kind:
@@ -101,10 +102,11 @@ def encode_bags(encode: Callable, bags: list[Bag], cfg: EmbedConfig, desc: str =
         length = bucket_length(len(bags[order[i]].features), cfg.min_bucket)
         rows = max(1, cfg.max_tiles_per_call // length)
         group = [j for j in order[i:i + rows] if len(bags[j].features) <= length]
-        f = np.zeros((len(group), length, d), np.float32)
-        c = np.zeros((len(group), length, 2), np.int32)
-        m = np.zeros((len(group), length), bool)
-        fr = np.zeros((len(group), length), np.int32)
+        b = min(rows, bucket_length(len(group), 1))  # rows padded too (all-masked, dropped): shapes shared across
+        f = np.zeros((b, length, d), np.float32)     # cohorts and commands, so the compilation cache hits
+        c = np.zeros((b, length, 2), np.int32)
+        m = np.zeros((b, length), bool)
+        fr = np.zeros((b, length), np.int32)
         for r, j in enumerate(group):
             n = len(bags[j].features)
             f[r, :n], c[r, :n], m[r, :n], fr[r, :n] = bags[j].features, bags[j].coords, True, bags[j].fragment
@@ -258,7 +260,7 @@ def _case_encoded(model, backbone: np.ndarray, by_case: pd.Series, case_ids: lis
                   cfg: EmbedConfig) -> np.ndarray:
     """The run's case encoder over the slide-encoder embeddings of each case's slides (NaN rows: no slide)."""
     groups = [np.atleast_1d(by_case.loc[c]) if c in by_case.index else np.zeros(0, int) for c in case_ids]
-    s = max([1, *map(len, groups)])
+    s = bucket_length(max([1, *map(len, groups)]), 1)  # slides per case, padded (masked) to a power of two
     x = np.zeros((len(case_ids), s, backbone.shape[1]), np.float32)
     m = np.zeros((len(case_ids), s), bool)
     for i, g in enumerate(groups):
