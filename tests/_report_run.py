@@ -1,12 +1,11 @@
-"""One tiny trained run with report text (frozen MiniLM, cached features), shared by the tests of a session worker."""
+"""One tiny trained run with report text (frozen MiniLM, cached features): the `report_run` session fixture of
+tests/conftest.py builds it once per pytest run for every test that only needs *a* trained run."""
 
-import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=1)
 def tiny_report_run(base: Path) -> tuple[Path, Path]:
     """(cohort dir, run dir): 40 simulated cases, 16-d tile features, slide ↔ RNA ↔ report, 3 steps."""
     from mmfm.data.simulate import SimConfig, simulate_cohort

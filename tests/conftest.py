@@ -71,6 +71,40 @@ def tiny_cohort(tmp_path_factory) -> Path:
     return out
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(dir)` once per pytest run, shared by the xdist workers: the first worker builds under the run's common
+    temporary folder while holding a file lock, the others wait and reuse it. Tests must not write into it — copy it
+    first (`writable_copy`)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above each worker's popen-gwK/
+    out = root / f"shared-{name}"
+    with FileLock(f"{out}.lock"):
+        if not (out / ".built").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            build(out)
+            (out / ".built").touch()
+    return out
+
+
+def writable_copy(src: Path, dst: Path) -> Path:
+    """A private copy of a shared fixture's folder, for a test that writes into it."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".built"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(cohort dir, run dir) of one tiny trained run with report text (tests/_report_run.py), built once per run."""
+    from _report_run import tiny_report_run
+
+    base = built_once(tmp_path_factory, "report_run", tiny_report_run)
+    return base / "cohort", base / "run"
+
+
 def pytest_unconfigure(config):
     if _RUN_CACHE is not None:  # only the process that made it (the controller under xdist) removes it
         shutil.rmtree(_RUN_CACHE, ignore_errors=True)

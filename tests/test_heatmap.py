@@ -88,10 +88,8 @@ def test_transformer_tiles_decompose_the_slide_projection(readout):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from _report_run import tiny_report_run
-
-    return tiny_report_run(tmp_path_factory.getbasetemp() / "report_run")
+def run(report_run):
+    return report_run
 
 
 @pytest.fixture(scope="module")

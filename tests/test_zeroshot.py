@@ -168,10 +168,8 @@ def test_demo_task_file_decodes_zero_shot_beside_linear_probes_and_retrieval():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from _report_run import tiny_report_run
-
-    return tiny_report_run(tmp_path_factory.getbasetemp() / "report_run")
+def run(report_run):
+    return report_run
 
 
 @pytest.mark.slow

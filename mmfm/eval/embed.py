@@ -135,11 +135,11 @@ def _slide_encoders(model, run_cfg, shapes, cfg: EmbedConfig) -> dict[str, Calla
     from mmfm.models import build_slide_encoder
     from mmfm.models.layers import compute_dtype
 
-    fns = {
-        "slide": _jit_slide_encoder(model, lambda mdl, f, c, m, fr: mdl.encode_slide(f, c, m, fr).embedding),
-        "slide_backbone": _jit_slide_encoder(
-            model, lambda mdl, f, c, m, fr: mdl.encode_slide(f, c, m, fr, project=False).embedding),
-    }
+    def both(mdl, f, c, m, fr):  # one compiled program (XLA shares the encoder pass), not two
+        return jnp.concatenate([mdl.encode_slide(f, c, m, fr).embedding,
+                                mdl.encode_slide(f, c, m, fr, project=False).embedding], axis=-1)
+
+    fns = {"slide|slide_backbone": _jit_slide_encoder(model, both)}
     if "meanpool" in cfg.baselines:
         fns["slide_meanpool"] = jax.jit(
             lambda f, c, m, fr: (f * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1))
@@ -148,6 +148,18 @@ def _slide_encoders(model, run_cfg, shapes, cfg: EmbedConfig) -> dict[str, Calla
                                    dtype=compute_dtype(run_cfg.model.compute_dtype), rngs=nnx.Rngs(cfg.random_seed))
         fns["slide_random"] = _jit_slide_encoder(rand, lambda enc, f, c, m, fr: enc(f, c, m, fr).embedding)
     return fns
+
+
+def _split_paired(embs: dict[str, np.ndarray], embed_dim: int) -> dict[str, np.ndarray]:
+    """'slide|slide_backbone' [N, E + D] → 'slide' [N, E] and 'slide_backbone' [N, D]."""
+    out = {}
+    for name, e in embs.items():
+        if "|" in name:
+            proj, backbone = name.split("|")
+            out[proj], out[backbone] = e[:, :embed_dim], e[:, embed_dim:]
+        else:
+            out[name] = e
+    return out
 
 
 def _other_modalities(model, cohort, run_cfg, transforms, case_ids: list[str], cfg: EmbedConfig) -> dict[str, np.ndarray]:
@@ -212,7 +224,8 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
         bags = {sid: load_bag(r.path, int(r.patch_size_level0), int(r.n_tiles), reader)
                 for sid, r in slides.iterrows()}
         if cfg.multi_slide == "mean":
-            slide_embs = {name: encode_bags(fn, list(bags.values()), cfg, desc=name) for name, fn in encoders.items()}
+            slide_embs = _split_paired({name: encode_bags(fn, list(bags.values()), cfg, desc=name)
+                                        for name, fn in encoders.items()}, run_cfg.model.embed_dim)
             by_case = pd.Series(np.arange(len(slides)), index=slides["case_id"].astype(str).to_numpy())
             for name, e in slide_embs.items():
                 case_embs[name] = _case_mean(e, by_case, case_ids)
@@ -222,8 +235,9 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
             groups = slides.groupby(slides["case_id"].astype(str)).groups
             pooled_ids = [c for c in case_ids if c in groups]
             pooled = [pool_bags([bags[s] for s in groups[c]]) for c in pooled_ids]
-            for name, fn in encoders.items():
-                e = encode_bags(fn, pooled, cfg, desc=name)
+            pooled_embs = _split_paired({name: encode_bags(fn, pooled, cfg, desc=name)
+                                         for name, fn in encoders.items()}, run_cfg.model.embed_dim)
+            for name, e in pooled_embs.items():
                 full = np.full((len(case_ids), e.shape[1]), np.nan, np.float32)
                 full[[case_ids.index(c) for c in pooled_ids]] = e
                 case_embs[name] = full
