@@ -71,8 +71,9 @@ def child(out: str, demo_args: list[str]) -> dict:
             mark.update(t=now, c=c)
 
     def on_duration(event, secs, **kw):
-        if event in EVENTS:
-            events.append((time.perf_counter(), EVENTS[event], str(kw.get("fun_name", "?")), secs))
+        if event in EVENTS:  # tracing names the Python function, lowering and compiling 'jit(<name>)'
+            name = re.sub(r"^jit\((.*)\)$", r"\1", str(kw.get("fun_name", "?")))
+            events.append((time.perf_counter(), EVENTS[event], name, secs))
 
     def on_event(event, **kw):
         hits[event.rsplit("/", 1)[-1]] += 1
@@ -134,6 +135,8 @@ def main() -> int:
         subprocess.run(cmd, env=env, check=True)
         runs.append(json.loads(part.read_text()))
         r = runs[-1]
+        if r["rc"] != 0:
+            raise SystemExit(f"[profile] run {i + 1}: mmfm demo exited {r['rc']} (see above)")
         print(f"[profile] run {i + 1}: {r['wall_s']:.1f}s wall, {r['compile_s']:.1f}s compiling "
               f"({r['compiles']} compiles), cache {r['cache_events']}", flush=True)
     result = {"cases": args.cases, "demo_args": demo_args, "cache": cache, "cpu": _cpu_model(),
