@@ -96,7 +96,7 @@ def run(report_run):
 def cmu_cohort(run, wsi_dir, tmp_path_factory):
     """The tiny run's cohort plus a bag for the real CMU-1-Small-Region.svs: the extraction's own tissue grid
     (128 px tiles at 20×), random 16-d features, attached to a case that has RNA and a report."""
-    import shutil
+    from conftest import writable_copy
 
     from mmfm.bridges.readers import open_slide
     from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid
@@ -104,8 +104,7 @@ def cmu_cohort(run, wsi_dir, tmp_path_factory):
     from mmfm.data.cohort import Cohort
 
     cohort_dir, run_dir = run
-    out = tmp_path_factory.mktemp("cmu") / "cohort"
-    shutil.copytree(cohort_dir, out)
+    out = writable_copy(cohort_dir, tmp_path_factory.mktemp("cmu") / "cohort")  # the shared run stays untouched
     wsi = wsi_dir / "CMU-1-Small-Region.svs"
     with open_slide(wsi) as r:
         ps = patch_size_level0(128, 20.0, r.mpp)
