@@ -1,29 +1,23 @@
-"""The demo as data: pipeline files decode into typed configs (an unknown key names its dotted key), `mmfm run` of
-the quick pipeline writes the report `mmfm demo --quick` writes, and runs on an existing cohort without simulating.
-
-One tiny run of configs/pipelines/demo_quick.yaml (shrunk further with --set) is shared by the tests that run."""
+"""The demo as data: pipeline files decode into typed configs (`base:` inheritance, paths relative to the file, an
+unknown key refused naming the file and dotted key) and are checked before anything is written. The runs of a
+pipeline are tested in test_demo_report.py (`mmfm run` on an existing cohort, `mmfm demo --quick`) and
+test_wheel.py (`mmfm demo --quick` from the installed wheel)."""
 
 import os
-import shutil
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pandas as pd
 import pytest
 
 from mmfm.cli import main
-from mmfm.cli.pipeline import PIPELINES, CohortStep, Pipeline, load_pipeline, recipe
+from mmfm.cli.pipeline import (PIPELINES, CohortStep, HeatmapStep, Pipeline, heatmap_slides, load_pipeline, recipe,
+                               similarity_to)
 from mmfm.config import ConfigError
 from mmfm.data.simulate import SimConfig
 
 QUICK = str(PIPELINES / "demo_quick.yaml")
-TINY = [f"--{k}={v}" for k, v in {  # full pipeline keys: `mmfm run` and `mmfm demo` both accept them
-    "cohort.simulate.n_cases": 60, "cohort.simulate.feature_dim": 16, "cohort.simulate.bag_size_median": 32,
-    "cohort.simulate.n_genes": 100, "cohort.simulate.n_proteins": 8, "probe.n_bootstrap": 5,
-    "pretrain.overrides.train.steps": 2, "pretrain.overrides.train.eval_every": 2,
-    "pretrain.overrides.train.ckpt_every": 2, "pretrain.overrides.train.progress": "false",
-    "pretrain.overrides.loader.batch_size": 8, "pretrain.overrides.loader.tiles_per_slide": 16,
-    "pretrain.overrides.loader.n_genes": 50, "pretrain.overrides.model.embed_dim": 16}.items()]
-SAME = ["README.md", "references_seeds.csv", "paired_seeds.csv", "per_seed.csv", "results.csv", "summary.md"]
 
 
 def test_shipped_pipelines_decode_typed_and_quick_states_only_its_differences():
@@ -56,48 +50,18 @@ def test_unknown_keys_are_refused_naming_the_file_and_dotted_key(tmp_path, capsy
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline") / "quick"
-    assert main(["run", QUICK, "--out", str(out), *TINY]) == 0
-    return out
-
-
-def _same_report(a: Path, b: Path) -> None:
-    for name in SAME:
-        x, y = (p.read_text().splitlines() for p in (a / name, b / name))
-        assert [s for s in x if not s.startswith("Total time")] == [s for s in y if not s.startswith("Total time")], name
-
-
-@pytest.mark.slow
-def test_run_of_the_quick_pipeline_is_demo_quick(quick, tmp_path):
-    shutil.copytree(quick / "report", tmp_path / "report")
-    ckpts = sorted((quick / "run" / "checkpoints").rglob("*"))
-    stamps = [p.stat().st_mtime_ns for p in ckpts]
-    assert main(["demo", "--quick", "--out", str(quick), *TINY]) == 0
-    assert [p.stat().st_mtime_ns for p in sorted((quick / "run" / "checkpoints").rglob("*"))] == stamps  # reused
-    _same_report(tmp_path / "report", quick / "report")
-    readme = (quick / "report" / "README.md").read_text()
-    rows = pd.read_csv(quick / "report" / "references_seeds.csv", keep_default_na=False)
-    tasks = set(rows.task)  # every task type of the task file is a row, the oracle beside it
-    assert {"overall survival", "subtype", "driver mutations", "site robustness", "necrosis (zero-shot)"} <= tasks
-    assert "60 simulated cases (seed 0)" in readme and "`oracle` = the same probe" in readme
-    heat = sorted((quick / "report" / "heatmaps").rglob("*.png"))  # one slide: attention + RNA, report, prompt
-    assert len({p.parent for p in heat}) == 1 and len(heat) == 4
-    assert "similarity to the case's RNA, its report and the prompt 'Tumour necrosis is present.'" in readme
-
-
-@pytest.mark.slow
-def test_run_on_an_existing_cohort_does_not_simulate(quick, tmp_path):
-    cohort = next(quick.glob("cohort-*"))
-    shutil.copytree(quick / "run", tmp_path / "out" / "run")  # same recipe, same cohort: the run is reused
-    assert main(["run", QUICK, "--out", str(tmp_path / "out"), "--cohort.path", str(cohort), *TINY,
-                 "--report.plots=false"]) == 0
-    assert not list((tmp_path / "out").glob("cohort-*"))
-    readme = (tmp_path / "out" / "report" / "README.md").read_text()
-    assert f"The cohort {cohort}; pretraining on" in readme
-    a, b = (pd.read_csv(d / "report" / "references_seeds.csv", keep_default_na=False) for d in (quick, tmp_path / "out"))
-    pd.testing.assert_frame_equal(a, b)  # the same cohort and run: the same table as when it was simulated
+def test_heatmap_slides_are_held_out_slides_whose_case_has_every_queried_modality():
+    cases = ad.AnnData(np.zeros((3, 2)), obs=pd.DataFrame(index=["a", "b", "c"]))
+    cases.obsm["rna"] = np.array([[np.nan, 1], [1, 1], [1, 1]])
+    cases.obsm["report"] = np.array([[1.0], [np.nan], [1.0]])
+    slides = ad.AnnData(np.zeros((4, 2)), obs=pd.DataFrame({"case_id": ["a", "b", "c", "c"]},
+                                                           index=["a-s0", "b-s0", "c-s0", "c-s1"]))
+    cfg = HeatmapStep(slides=2, queries=["rna", "report", "Tumour necrosis is present."])
+    assert heatmap_slides(cases, slides, cfg) == ["c-s0", "c-s1"]  # a: no RNA, b: no report
+    assert heatmap_slides(cases, slides, HeatmapStep(slides=3, queries=["a prompt"])) == ["a-s0", "b-s0", "c-s0"]
+    assert similarity_to(cfg.queries, cases.obsm) == \
+           "the case's RNA, its report and the prompt 'Tumour necrosis is present.'"  # the demo's README line
+    assert similarity_to(["rna"], cases.obsm) == "the case's RNA"
 
 
 def test_existing_cohort_must_exist(tmp_path):
