@@ -108,5 +108,5 @@ def test_an_existing_cohort_is_validated_not_simulated(demo):
     assert not list(demo.glob("cohort-*"))  # nothing simulated into the output folder
     assert (demo / "run" / "config.yaml").read_text().count(f"cohort: {cohort}") == 1  # pretrained on the given one
     readme = (demo / "report" / "README.md").read_text()
-    assert readme.startswith(f"# mmfm demo\n\nThe cohort {cohort}; pretraining on")
+    assert readme.startswith(f"# mmfm run\n\nThe cohort {cohort}; pretraining on")
     assert "`oracle` = the same probe" in readme  # the cohort has its truth: the ceiling is still probed

@@ -96,7 +96,7 @@ def read_pipeline(path: str | Path) -> dict:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
-    """A checked Pipeline: unknown keys name the file and dotted key, the recipe and task file are read once."""
+    """A checked Pipeline (see `check`): unknown keys name the file and dotted key."""
     raw = read_pipeline(path)
     for o in overrides:
         apply_override(raw, o)
@@ -179,7 +179,7 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
             heat = heatmaps(out / "run", cohort_dir, shown, p.heatmaps.queries, out / "report" / "heatmaps")
             t = step(f"heatmaps ({', '.join(shown)})", t)
     tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
-    text = report_text(p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth)
+    text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth)
     text.append(f"Total time: {time.perf_counter() - t0:.0f}s")
     write_text(out / "report" / "README.md", "\n".join(text) + "\n")
     print("\n".join(text))
@@ -273,7 +273,7 @@ def heatmaps(run_dir: Path, cohort_dir: Path, slide_ids: list[str], queries: lis
     return pngs
 
 
-def report_text(p: Pipeline, out: Path, tables: dict, results: list, seeds: list[int], run_cfg: RunConfig,
+def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list, seeds: list[int], run_cfg: RunConfig,
                 splits: dict, adata, slides, heat: list[Path], truth: bool) -> list[str]:
     """report/README.md: the setup, the reference and paired tables, reading notes, plots and heatmaps."""
     from mmfm.eval.report import plot_captions, reading_notes
@@ -297,7 +297,7 @@ def report_text(p: Pipeline, out: Path, tables: dict, results: list, seeds: list
     legend = (f"`{MODEL}` = pretrained (projected), `slide_backbone` = pretrained before the head, `slide_meanpool` "
               f"/ `slide_random` = baselines{oracle}; chance: AUROC and C-index 0.5, retrieval = a random ranking, "
               "robustness = a random ranking and a site-only embedding of the same query rows.")
-    text = ["# mmfm demo", "", setup, "", legend, "",
+    text = [f"# {title}", "", setup, "", legend, "",
             "## Chance · baselines · model · oracle", "", tables["references"], "",
             "Cross-modal retrieval (recall@5):", "", tables["retrieval"], "",
             f"## Paired differences: {MODEL} − baseline", "",
