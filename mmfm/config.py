@@ -146,7 +146,8 @@ def cli_args(argv: Sequence[str], aliases: dict[str, str] | None = None,
 
     Accepted forms, all equivalent: `--a.b=c`, `--a.b c`, `--set a.b=c`; `--config FILE` (or draccus's
     `--config_path FILE`) names the YAML file. Flags are spelled with `_` or `-` alike; a bare `--flag` is
-    true and a bare `--no-flag` false. `aliases` maps a short flag to its dotted key (`cases` → `n_cases`);
+    true and a bare `--no-flag` false. `aliases` maps a short flag or a key's first part to its dotted key
+    (`cases` → `n_cases`, `sim.seed` → `cohort.simulate.seed`);
     `set_prefix` puts `--set` overrides under a sub-config (the demo's `recipe.`).
     """
     aliases = aliases or {}
@@ -172,7 +173,8 @@ def cli_args(argv: Sequence[str], aliases: dict[str, str] | None = None,
             out.append(set_prefix + value)
         else:
             key = name.replace("-", "_")
-            out.append(f"{aliases.get(key, key)}={value}")
+            head, dot, tail = key.partition(".")
+            out.append(f"{aliases[head] + dot + tail if head in aliases else key}={value}")
         i += 1
     return path, out
 
@@ -183,16 +185,17 @@ def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | dict | None 
     path, overrides = cli_args(argv, aliases, set_prefix)
     raw = dict(base) if isinstance(base, dict) else read_yaml(base) if base is not None else {}
     if path is not None:
-        raw = _merge(raw, read_yaml(path))
+        raw = merge(raw, read_yaml(path))
     for o in overrides:
         apply_override(raw, o)
     return decode(cls, raw, str(path) if path is not None else "")
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, key by key through nested mappings (a list or value replaces)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

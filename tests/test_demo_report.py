@@ -1,6 +1,8 @@
-"""`mmfm demo --seeds 2` at toy sizes: the report's table reads chance · baselines · model · oracle, every model
-cell is the mean ± SD across seeds of what each seed's probe wrote, and the paired comparison over seeds is the
-paired t-test a reader would compute from those files (scipy)."""
+"""The demo's pipeline (configs/pipelines/demo_quick.yaml) at toy sizes with two pretraining seeds, run by
+`mmfm run` on an existing cohort: the report's table reads chance · baselines · model · oracle, every model cell is
+the mean ± SD across seeds of what each seed's probe wrote, and the paired comparison over seeds is the paired
+t-test a reader would compute from those files (scipy). `mmfm demo --quick` with the demo's short flags decodes to
+the same pipeline, so it writes the same report; the wheel test runs it."""
 
 import json
 from pathlib import Path
@@ -11,22 +13,47 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from mmfm.cli import demo as demo_cmd
 from mmfm.cli import main
+from mmfm.cli import run as run_cmd
+from mmfm.cli.pipeline import PIPELINES, Pipeline
+from mmfm.config import narrow, parse_cli
 
-pytestmark = pytest.mark.slow
-TOY = ["--cases", "60", "--sim.feature_dim", "16", "--sim.bag_size_median", "40", "--sim.n_genes", "300",
-       "--n_bootstrap", "5", "--no-plots", "--seeds", "2"]
-for key, value in {"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2, "train.progress": "false",
-                   "loader.batch_size": 8, "loader.tiles_per_slide": 16, "loader.n_genes": 50, "model.embed_dim": 16,
-                   "model.slide.abmil.hidden": 16, "model.slide.abmil.attn_dim": 8, "model.rna.hidden": 16,
-                   "model.protein.hidden": 16, "data.eval_max_cases": 16}.items():
-    TOY += ["--set", f"{key}={value}"]
+QUICK = str(PIPELINES / "demo_quick.yaml")
+RECIPE = {"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2, "train.progress": "false",
+          "loader.batch_size": 8, "loader.tiles_per_slide": 16, "loader.n_genes": 50, "model.embed_dim": 16,
+          "model.slide.abmil.hidden": 16, "model.slide.abmil.attn_dim": 8, "model.rna.hidden": 16,
+          "model.protein.hidden": 16, "data.eval_max_cases": 16}
+DEMO = ["--cases", "60", "--sim.feature_dim", "16", "--sim.bag_size_median", "40", "--sim.n_genes", "300",
+        "--n_bootstrap", "5", "--no-plots", "--seeds", "2", *[a for k, v in RECIPE.items() for a in ("--set", f"{k}={v}")]]
+RUN = ["--cohort.simulate.n_cases=60", "--cohort.simulate.feature_dim=16", "--cohort.simulate.bag_size_median=40",
+       "--cohort.simulate.n_genes=300", "--probe.n_bootstrap=5", "--report.plots=false", "--pretrain.seeds=2",
+       *[f"--pretrain.overrides.{k}={v}" for k, v in RECIPE.items()]]
+
+
+def _pipeline(cmd, argv: list[str]) -> Pipeline:
+    """What `mmfm <cmd> ARGV` runs (the command line's own parsing, nothing run)."""
+    return narrow(parse_cli(cmd.Config, argv, base=cmd.base(argv), aliases=getattr(cmd, "ALIASES", {}),
+                            set_prefix=getattr(cmd, "SET_PREFIX", "")), Pipeline)
+
+
+def test_demo_quick_is_the_quick_pipeline_file_under_the_same_keys():
+    demo = _pipeline(demo_cmd, ["--quick", "--out", "o", *DEMO])
+    assert demo == _pipeline(run_cmd, ["--pipeline", QUICK, "--out", "o", *RUN])
+    assert demo.cohort.simulate.n_cases == 60 and demo.pretrain.seeds == 2 and not demo.report.plots
+    assert _pipeline(demo_cmd, ["--out", "o"]) != _pipeline(demo_cmd, ["--quick", "--out", "o"])
+    assert _pipeline(demo_cmd, ["--quick=false", "--out", "o"]) == _pipeline(demo_cmd, ["--out", "o"])
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--out", str(out), *TOY]) == 0
+    """`mmfm run` on the cohort `mmfm demo --quick` would simulate, simulated beforehand: no simulation step."""
+    from mmfm.data.simulate import simulate_cohort
+
+    base = tmp_path_factory.mktemp("demo")
+    cohort = simulate_cohort(base / "cohort", _pipeline(demo_cmd, ["--quick", *DEMO]).cohort.simulate)
+    out = base / "out"
+    assert main(["run", QUICK, "--out", str(out), "--cohort.path", str(cohort), *RUN]) == 0
     return out
 
 
@@ -35,6 +62,7 @@ def _fold_means(results: Path, task: str, metric: str, embedding: str) -> float:
     return float(r[(r.task == task) & (r.metric == metric) & (r.embedding == embedding)].value.mean())  # NaN: skipped
 
 
+@pytest.mark.slow
 def test_report_table_reads_chance_baselines_model_oracle(demo):
     readme = (demo / "report" / "README.md").read_text()
     assert "## Chance · baselines · model · oracle" in readme
@@ -55,6 +83,7 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     assert oracle > 0.9  # the latent subtype is in the oracle: a sanity check that the right truth was attached
 
 
+@pytest.mark.slow
 def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
     s0, s1 = (json.loads((demo / d / "splits.json").read_text()) for d in ("run", "run-seed1"))
     assert s0 == s1 and s0["val"] and not set(s0["val"]) & set(s0["heldout"])
@@ -71,3 +100,13 @@ def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
     assert row.method == "paired t over seeds" and int(row.n) == 2
     assert float(row["mean"]) == pytest.approx(np.mean(np.subtract(a, b)))
     assert float(row.p) == pytest.approx(t.pvalue)
+
+
+@pytest.mark.slow
+def test_an_existing_cohort_is_validated_not_simulated(demo):
+    cohort = demo.parent / "cohort"
+    assert not list(demo.glob("cohort-*"))  # nothing simulated into the output folder
+    assert (demo / "run" / "config.yaml").read_text().count(f"cohort: {cohort}") == 1  # pretrained on the given one
+    readme = (demo / "report" / "README.md").read_text()
+    assert readme.startswith(f"# mmfm run\n\nThe cohort {cohort}; pretraining on")
+    assert "`oracle` = the same probe" in readme  # the cohort has its truth: the ceiling is still probed

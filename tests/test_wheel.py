@@ -37,7 +37,7 @@ def installed(tmp_path_factory):
 
 def test_wheel_ships_recipes_and_task_files(installed):
     _, names = installed
-    for f in ("demo.yaml", "tangle_like.yaml", "tasks/demo.yaml"):
+    for f in ("demo.yaml", "tangle_like.yaml", "tasks/demo.yaml", "pipelines/demo.yaml", "pipelines/demo_quick.yaml"):
         assert f"mmfm/configs/{f}" in names
 
 
@@ -48,12 +48,12 @@ def test_wheel_installed_demo_runs_outside_the_repo(installed, tmp_path):
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(site)), where  # the wheel's copy, not the checkout
     res = subprocess.run(
-        [sys.executable, "-m", "mmfm.cli", "demo", "--out", str(tmp_path / "demo"), "--cases", "60",
+        [sys.executable, "-m", "mmfm.cli", "demo", "--quick", "--out", str(tmp_path / "demo"), "--cases", "60",
          "--sim.feature_dim", "16", "--sim.bag_size_median", "40", "--sim.n_genes", "300",
          "--set", "train.steps=2", "--set", "train.eval_every=0", "--set", "train.progress=false",
          "--set", "loader.batch_size=8", "--set", "loader.tiles_per_slide=16", "--set", "loader.n_genes=50",
          "--n_bootstrap", "5", "--no-plots"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert (tmp_path / "demo" / "run" / "config.yaml").exists()
+    assert (tmp_path / "demo" / "run" / "config.yaml").exists()  # demo_quick.yaml's `base: demo.yaml`, from the wheel
     assert "| task | target | metric | chance |" in (tmp_path / "demo" / "report" / "README.md").read_text()

@@ -32,7 +32,8 @@ COMMANDS = {
     "import-encoder": "a public PyTorch slide-encoder checkpoint → an mmfm export",
     "probe": "survival / classification / retrieval / robustness / zero-shot probes",
     "heatmap": "per-tile attention and similarity maps of a run on one slide",
-    "demo": "simulate → pretrain → embed → probe → report",
+    "demo": "simulate → pretrain → embed → probe → report (the shipped pipeline file; --quick: small)",
+    "run": "a pipeline file (cohort → pretrain → embed → probe → heatmaps → report) on any cohort",
     "import": "GDC/TCGA downloads and feature folders → a cohort",
 }
 MODULES = {"import": "imports"}  # command → module under mmfm/cli when the name is a Python keyword
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         positional = getattr(mod, "POSITIONAL", None)
         if positional and rest and not rest[0].startswith("-"):
             rest = [f"--{positional}", rest[0], *rest[1:]]
-        base = mod.base() if hasattr(mod, "base") else None  # e.g. the demo's recipe under overrides
+        base = mod.base(rest) if hasattr(mod, "base") else None  # e.g. the pipeline file under the flags
         cfg = parse_cli(config, rest, base=base, aliases=getattr(mod, "ALIASES", {}),
                         set_prefix=getattr(mod, "SET_PREFIX", ""))
         return int(run(cfg) or 0)

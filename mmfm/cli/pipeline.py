@@ -1,0 +1,394 @@
+"""The demo as data: a pipeline file (cohort → validate → pretrain → embed → probe → heatmaps → report) and its runner.
+
+`mmfm demo` runs the shipped configs/pipelines/demo.yaml, `mmfm run PIPELINE.yaml` any pipeline file, on a simulated
+cohort or an existing one. Every step is the public API a researcher would call on their own cohort; this module only
+wires them together. Probes run on the cases held out from pretraining and from checkpoint choice (patient-level),
+the pretrained embedding beside the mean-pool and random-init baselines, chance and — when the cohort carries its
+latent truth (simulated cohorts do) — the simulator's oracle, with CIs and paired differences whatever the numbers
+show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
+reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
+
+A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
+the recipe and task file it names are relative to the file too, paths given on the command line to the current
+directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from mmfm.config import ConfigError, apply_override, decode, merge, read_yaml
+from mmfm.data.simulate import SimConfig
+from mmfm.eval.tasks import load_tasks
+from mmfm.io import write_text
+from mmfm.train.config import RunConfig
+
+PIPELINES = Path(str(resources.files("mmfm") / "configs" / "pipelines"))  # package data: works from a wheel
+MODEL = "slide"  # the pretrained embedding the report compares with the baselines
+ORACLE = "oracle"  # the simulator's latent programmes + subtype, probed on the same cases (the ceiling)
+
+
+@dataclass
+class CohortStep:
+    path: str = ""                     # an existing cohort directory (validated, never written); set: no simulation
+    simulate: SimConfig | None = None  # else the simulator's config; the cohort goes to OUT/cohort-<config hash>
+
+
+@dataclass
+class PretrainStep:
+    recipe: str = ""                   # the pretraining recipe (YAML; data.cohort is set by the pipeline)
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys changed here, nested like the recipe
+    seeds: int = 1                     # pretraining seeds (train.seed, +1, …); the report gives their spread
+
+
+@dataclass
+class ProbeStep:
+    tasks: str = ""                    # the probe task file (YAML list of tasks)
+    n_bootstrap: int = 100             # bootstrap resamples for single-fold probes
+
+
+@dataclass
+class HeatmapStep:
+    slides: int = 2                    # held-out slides drawn (the first with every queried modality); 0: none
+    queries: list[str] = field(default_factory=lambda: ["rna", "report", "Tumour necrosis is present."])
+
+
+@dataclass
+class ReportStep:
+    plots: bool = True                 # PNG plots, training curves and heatmaps in the report
+    projection: Literal["umap", "pca"] = "umap"  # the robustness task's 2-D embedding plots
+
+
+@dataclass
+class Pipeline:
+    out: str = ""                      # output folder (cohort, runs, embeddings, report/)
+    cohort: CohortStep = field(default_factory=CohortStep)
+    pretrain: PretrainStep = field(default_factory=PretrainStep)
+    probe: ProbeStep = field(default_factory=ProbeStep)
+    heatmaps: HeatmapStep = field(default_factory=HeatmapStep)
+    report: ReportStep = field(default_factory=ReportStep)
+
+
+FILE_PATHS = (("pretrain", "recipe"), ("probe", "tasks"))  # relative to the pipeline file that names them
+
+
+def read_pipeline(path: str | Path) -> dict:
+    """A pipeline file as a mapping: its `base:` chain merged key by key, file paths made absolute."""
+    path = Path(path)
+    raw = read_yaml(path)
+    for section, key in FILE_PATHS:
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if value:
+            raw[section] = {**raw[section], key: str((path.parent / value).resolve())}
+    parent = raw.pop("base", None)
+    return merge(read_pipeline(path.parent / parent), raw) if parent else raw
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
+    """A checked Pipeline (see `check`): unknown keys name the file and dotted key."""
+    raw = read_pipeline(path)
+    for o in overrides:
+        apply_override(raw, o)
+    return check(decode(Pipeline, raw, str(path)), str(path))
+
+
+def check(p: Pipeline, where: str = "") -> Pipeline:
+    """Refuse a pipeline that cannot run before anything is written: no output, no cohort, bad recipe or tasks."""
+    prefix = f"{where}: " if where else ""
+    if not p.out:
+        raise ConfigError(f"{prefix}out: required (the output folder)")
+    if not p.cohort.path and p.cohort.simulate is None:
+        raise ConfigError(f"{prefix}cohort: give cohort.path (an existing cohort) or cohort.simulate (a SimConfig)")
+    if p.cohort.path and not Path(p.cohort.path).is_dir():
+        raise ConfigError(f"{prefix}cohort.path: {p.cohort.path} is not a directory")
+    if p.pretrain.seeds < 1:
+        raise ConfigError(f"{prefix}pretrain.seeds: {p.pretrain.seeds} must be >= 1")
+    for name, value in (("pretrain.recipe", p.pretrain.recipe), ("probe.tasks", p.probe.tasks)):
+        if not value:
+            raise ConfigError(f"{prefix}{name}: required (a YAML file)")
+    recipe(p)
+    load_tasks(p.probe.tasks)
+    return p
+
+
+def recipe(p: Pipeline) -> RunConfig:
+    """The pretraining recipe with the pipeline's overrides; an unknown key names pretrain.overrides and its key."""
+    raw = merge(read_yaml(p.pretrain.recipe), p.pretrain.overrides)
+    try:
+        return decode(RunConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"pretrain.recipe {p.pretrain.recipe} + pretrain.overrides: {e}") from e
+
+
+def run_pipeline(p: Pipeline, log: str = "run") -> dict:
+    """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
+    from mmfm.train.config import check as check_run
+
+    out = Path(p.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cpu = [time.process_time()]
+
+    def step(name: str, t: float) -> float:  # wall and CPU seconds (all threads): on a shared machine they differ
+        now, used = time.perf_counter(), time.process_time()
+        print(f"[{log}] {name} done in {now - t:.1f}s (CPU {used - cpu[0]:.1f}s)", flush=True)
+        cpu[0] = used
+        return now
+
+    cohort_dir, about = cohort(p, out)
+    t = step(about, t0)
+    validated(cohort_dir, log)
+    truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
+    tasks = with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks)
+
+    base_cfg = recipe(p)
+    base_cfg = check_run(dataclasses.replace(base_cfg, data=dataclasses.replace(base_cfg.data,
+                                                                                cohort=str(cohort_dir))))
+    seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
+    results, first = [], None
+    for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
+        tag = "" if i == 0 else f"-seed{seed}"
+        run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
+        run_dir = out / f"run{tag}"
+        pretrain(run_cfg, run_dir)
+        t = step(f"pretrain (seed {seed})", t)
+        splits = json.loads((run_dir / "splits.json").read_text())
+        adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
+                                 first, truth)
+        first = first if first is not None else adata
+        t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
+        results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
+        t = step(f"probe (seed {seed})", t)
+
+    heat = []
+    if p.report.plots:
+        training_curves(out / "run", out / "report")
+        if p.heatmaps.slides:
+            shown = heatmap_slides(adata, slides, p.heatmaps)
+            heat = heatmaps(out / "run", cohort_dir, shown, p.heatmaps.queries, out / "report" / "heatmaps")
+            t = step(f"heatmaps ({', '.join(shown)})", t)
+    tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
+    text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth)
+    text.append(f"Total time: {time.perf_counter() - t0:.0f}s")
+    write_text(out / "report" / "README.md", "\n".join(text) + "\n")
+    print("\n".join(text))
+    return {"tables": tables, "summaries": [r.summary for r in results], "seeds": seeds, "run_dir": out / "run",
+            "report": out / "report"}
+
+
+def cohort(p: Pipeline, out: Path) -> tuple[Path, str]:
+    """The cohort folder: the existing one, or one simulated per simulator config (same config resumes)."""
+    from mmfm.data.simulate import simulate_cohort
+
+    if p.cohort.path:
+        return Path(p.cohort.path), f"cohort {p.cohort.path} (existing, not simulated)"
+    sim = p.cohort.simulate
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]
+    return simulate_cohort(out / f"cohort-{key}", sim), f"simulate ({sim.n_cases} cases)"
+
+
+def validated(cohort_dir: Path, log: str) -> None:
+    from mmfm.data.cohort import CohortError, validate
+
+    report = validate(cohort_dir)
+    print(report.format() if not report.ok else f"[{log}] cohort valid: {len(report.warnings)} warning(s)")
+    if not report.ok:
+        raise CohortError(f"{cohort_dir}: the cohort does not validate (see above)")
+
+
+def with_oracle(path: str) -> list:
+    """The task file with the oracle beside every embedding-level task (retrieval pairs and zero-shot, which
+    needs the text tower's space, stay as they are)."""
+    return [s if s.type in ("retrieval", "zeroshot") else dataclasses.replace(s, embeddings=(*s.embeddings, ORACLE))
+            for s in load_tasks(path)]
+
+
+def pretrain(run_cfg: RunConfig, run_dir: Path) -> None:
+    """Train, or reuse a finished run of the same config (resume an unfinished one)."""
+    from mmfm.train.config import dump_config
+    from mmfm.train.loop import pretrain as train
+
+    same_run = (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() == dump_config(run_cfg)
+    if run_dir.exists() and not same_run:
+        shutil.rmtree(run_dir)  # the pipeline's own output from another configuration
+    train(run_cfg, run_dir, resume=same_run and (run_dir / "checkpoints").exists())
+
+
+def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first, truth: bool):
+    """The held-out cases' embeddings, with the oracle and the report facts when the cohort has its truth. The
+    baselines do not depend on the pretraining seed: embedded for the first seed, copied to the others."""
+    from mmfm.eval.embed import EmbedConfig, embed
+    from mmfm.eval.references import attach_oracle
+    from mmfm.eval.truth import join_truth
+    from mmfm.io import write_h5ad
+
+    adata, slides = embed(run_dir, cohort_dir, path, case_ids=held,
+                          cfg=EmbedConfig() if first is None else EmbedConfig(baselines=()))
+    if first is None and truth:
+        attach_oracle(adata, cohort_dir, like=MODEL)
+    for key in set(first.obsm if first is not None else ()) - set(adata.obsm):
+        adata.obsm[key] = first.obsm[key]
+    if truth:
+        adata = join_truth(adata, cohort_dir)  # the facts the simulated reports state: labels of the report tasks
+    write_h5ad(path, adata)
+    return adata, slides
+
+
+def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool):
+    from mmfm.eval.probe import probe
+
+    return probe(adata, tasks, out, n_bootstrap=p.probe.n_bootstrap, plots=p.report.plots and plots,
+                 projection=p.report.projection)
+
+
+def heatmap_slides(adata, slides, cfg: HeatmapStep) -> list[str]:
+    """The first held-out slides whose case has every modality a query names (a heatmap query needs its data)."""
+    queried = [k for k in cfg.queries if k in adata.obsm]
+    full = adata.obs_names[np.isfinite(np.hstack([adata.obsm[k] for k in queried])).all(axis=1)] if queried \
+        else adata.obs_names
+    return slides.obs_names[slides.obs["case_id"].astype(str).isin(full)][:cfg.slides].tolist()
+
+
+def heatmaps(run_dir: Path, cohort_dir: Path, slide_ids: list[str], queries: list[str], out: Path) -> list[Path]:
+    """Attention and similarity (to the case's own modalities and to typed prompts) of a few held-out slides, on
+    their tile grid (a simulated cohort has no slide images)."""
+    from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
+
+    pngs = []
+    for sid in slide_ids:
+        res = heatmap(HeatmapConfig(run=str(run_dir), cohort=str(cohort_dir), slide=sid, out=str(out / sid),
+                                    queries=tuple(queries)))
+        pngs += [p for figs in res.figures.values() for p in figs]
+    return pngs
+
+
+def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list, seeds: list[int], run_cfg: RunConfig,
+                splits: dict, adata, slides, heat: list[Path], truth: bool) -> list[str]:
+    """report/README.md: the setup, the reference and paired tables, reading notes, plots and heatmaps."""
+    from mmfm.eval.report import plot_captions, reading_notes
+
+    fewer = any("folds reduced" in n for r in results for n in r.notes)
+    spread = (f"mean ± SD across the {len(seeds)} pretraining seeds {seeds} (each seed: mean over its folds, or its "
+              "point estimate for retrieval and robustness)" if len(seeds) > 1 else
+              "mean ± SE over folds (SE = sample SD / √k); retrieval and robustness: mean [95% bootstrap CI]")
+    sim = p.cohort.simulate
+    source = (f"The cohort {p.cohort.path}" if p.cohort.path else
+              f"{sim.n_cases} simulated cases (seed {sim.seed})")
+    setup = (f"{source}; pretraining on {len(splits['train'])} cases "
+             f"({run_cfg.train.steps} steps, {run_cfg.model.slide.kind} slide encoder, {run_cfg.objective.kind}; "
+             f"{len(seeds)} seed(s)), {len(splits['val'])} validation cases for the training curve and checkpoint "
+             f"choice; probes on the {adata.n_obs} held-out cases ({slides.n_obs} slides; a case's slides are "
+             f"averaged) that neither saw, patient-level CV (5 folds"
+             f"{'; fewer where a task has few cases, see the notes in summary.md' if fewer else ''}). "
+             f"Cells: {spread}.")
+    oracle = (f", `{ORACLE}` = the same probe on the simulator's latent programmes and subtype (the ceiling)"
+              if truth else "")
+    legend = (f"`{MODEL}` = pretrained (projected), `slide_backbone` = pretrained before the head, `slide_meanpool` "
+              f"/ `slide_random` = baselines{oracle}; chance: AUROC and C-index 0.5, retrieval = a random ranking, "
+              "robustness = a random ranking and a site-only embedding of the same query rows.")
+    text = [f"# {title}", "", setup, "", legend, "",
+            "## Chance · baselines · model · oracle", "", tables["references"], "",
+            "Cross-modal retrieval (recall@5):", "", tables["retrieval"], "",
+            f"## Paired differences: {MODEL} − baseline", "",
+            ("Unit = pretraining seed: Δ per seed (mean over its folds), mean [95% t-interval] and paired t-test over "
+             "the seeds." if len(seeds) > 1 else
+             "Same folds for both: Δ = mean of the per-fold differences [95% t-interval], paired t-test p, and p (NB) "
+             "= Nadeau–Bengio corrected (folds share training cases); single-fold metrics: paired bootstrap."),
+            "", tables["paired"], ""]
+    if len(seeds) > 1:
+        text += [f"Per seed ({MODEL}):", "", tables["per_seed"], ""]
+    notes = reading_notes(results[0].summary)
+    if notes:
+        text += ["Reading notes:", ""] + [f"- {n}" for n in notes] + [""]
+    captions = plot_captions(out / "report")
+    if captions:
+        text += ["Plots:", ""] + [f"- [`{name}`]({name}): {caption}" for name, caption in captions] + [""]
+    if heat:
+        rel = [h.relative_to(out / "report") for h in heat]
+        said = similarity_to(p.heatmaps.queries, adata.obsm)
+        text += [f"Heatmaps of held-out slides (tile grid; attention of each head, similarity to {said}; tile scores "
+                 "in the h5 beside):", ""] + [f"- [`{r}`]({r})" for r in rel] + [""]
+    others = "; other seeds under report/seed-*/" if len(seeds) > 1 else ""
+    text += [f"Full results: `{out / 'report' / 'summary.md'}` (every metric, fold and note{others})."]
+    return text
+
+
+def similarity_to(queries: list[str], modalities) -> str:
+    """'the case's RNA, its report and the prompt '…'' — what the heatmaps compare the tiles with."""
+    own = [q.upper() if q == "rna" else q for q in queries if q in modalities]
+    said = [("the case's " if i == 0 else "its ") + q for i, q in enumerate(own)]
+    said += [f"the prompt '{q}'" for q in queries if q not in modalities]
+    return " and ".join([", ".join(said[:-1]), said[-1]]) if len(said) > 1 else "".join(said)
+
+
+def report_tables(summaries: list[pd.DataFrame], results: pd.DataFrame, out: Path, seeds: list[int]) -> dict:
+    """The README's tables (markdown) from the per-seed probe summaries; also written as CSV beside them."""
+    from mmfm.eval import seeds as seeds_mod
+    from mmfm.eval.report import HEADLINE, markdown_table, reference_table
+    from mmfm.io import write_csv
+
+    combined = seeds_mod.combine(summaries)
+    base = combined.metric.str.replace(r"^(chance_|site_only_)", "", regex=True)
+    headline = combined[[(k, m) in HEADLINE for k, m in zip(combined.type, base)]]
+    refs = reference_table(headline[headline.type != "retrieval"], results)
+    retrieval = reference_table(headline[headline.type == "retrieval"], results)
+    per_fold = pd.read_csv(out / "paired.csv", dtype=str, keep_default_na=False)  # keys as written ('' = none)
+    numbers = ["mean", "se", "lo", "hi", "p", "p_corrected", "n"]
+    per_fold[numbers] = per_fold[numbers].apply(pd.to_numeric, errors="coerce")
+    per_fold = per_fold[[(k, m) in HEADLINE for k, m in zip(per_fold.type, per_fold.metric)]]
+    paired = seeds_mod.paired_over_seeds(summaries, per_fold, MODEL)
+    shown = paired.assign(comparison=MODEL + " − " + paired.baseline, p=paired.p.map(_p),
+                          p_nb=paired.p_corrected.map(_p))
+    shown = shown[["task", "target", "metric", "comparison", "text", "p", "p_nb", "n", "method"]].rename(
+        columns={"text": "Δ [95% CI]", "p_nb": "p (NB)"})
+    each = seeds_mod.per_seed(summaries, seeds, MODEL)
+    each = each[[(k, m) in HEADLINE for k, m in zip(each.type, each.metric)]]
+    for name, df in (("references_seeds.csv", refs), ("paired_seeds.csv", paired), ("per_seed.csv", each)):
+        write_csv(out / name, df, index=False)
+    return {"references": markdown_table(refs) if len(refs) else "(none)",
+            "retrieval": markdown_table(retrieval) if len(retrieval) else "(none)",
+            "paired": markdown_table(shown) if len(shown) else "(none)",
+            "per_seed": markdown_table(each.drop(columns=["type", "model", "shots"]).round(3))}
+
+
+def _p(v) -> str:
+    return "—" if not np.isfinite(v) else f"{v:.3g}"
+
+
+def training_curves(run_dir: Path, out: Path) -> Path | None:
+    """Loss and held-out recall over steps, from metrics.jsonl / eval.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmfm.train.metrics import read_jsonl
+
+    m = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
+    e = pd.DataFrame(read_jsonl(run_dir / "eval.jsonl")) if (run_dir / "eval.jsonl").exists() else pd.DataFrame()
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(m["step"], m["loss"], label="total")
+    for c in [c for c in m.columns if c.startswith("loss/")]:
+        ax[0].plot(m["step"], m[c], label=c.removeprefix("loss/"), lw=0.8)
+    ax[0].set(xlabel="step", ylabel="loss", title="pretraining loss")
+    ax[0].legend(fontsize=7)
+    for c in [c for c in e.columns if "recall@5" in c]:
+        ax[1].plot(e["step"], e[c], marker="o", label=c)
+    ax[1].set(xlabel="step", ylabel="recall@5", title="held-out retrieval")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,70 @@
+"""The demo as data: pipeline files decode into typed configs (`base:` inheritance, paths relative to the file, an
+unknown key refused naming the file and dotted key) and are checked before anything is written. The runs of a
+pipeline are tested in test_demo_report.py (`mmfm run` on an existing cohort, `mmfm demo --quick`) and
+test_wheel.py (`mmfm demo --quick` from the installed wheel)."""
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmfm.cli import main
+from mmfm.cli.pipeline import (PIPELINES, CohortStep, HeatmapStep, Pipeline, heatmap_slides, load_pipeline, recipe,
+                               similarity_to)
+from mmfm.config import ConfigError
+from mmfm.data.simulate import SimConfig
+
+QUICK = str(PIPELINES / "demo_quick.yaml")
+
+
+def test_shipped_pipelines_decode_typed_and_quick_states_only_its_differences():
+    full, quick = load_pipeline(PIPELINES / "demo.yaml"), load_pipeline(QUICK)
+    assert isinstance(full, Pipeline) and isinstance(full.cohort.simulate, SimConfig)
+    assert (full.cohort.simulate.n_cases, full.heatmaps.slides, full.report.projection) == (500, 2, "umap")
+    # quick: its own keys over demo.yaml's, the rest inherited key by key (seed, task file, recipe, queries)
+    assert quick.cohort.simulate.n_cases < 500 and quick.cohort.simulate.seed == full.cohort.simulate.seed == 0
+    assert (quick.probe.tasks, quick.pretrain.recipe, quick.heatmaps.queries) == \
+           (full.probe.tasks, full.pretrain.recipe, full.heatmaps.queries)
+    assert Path(full.pretrain.recipe) == (PIPELINES.parent / "demo_report.yaml").resolve()  # relative to the file
+    run = recipe(quick)
+    assert run.train.steps == 20 and run.loader.tiles_per_slide == 32  # quick's overrides
+    assert tuple(run.data.modalities) == ("slide", "rna", "protein", "report") and run.model.embed_dim == 64  # the recipe's
+
+
+def test_unknown_keys_are_refused_naming_the_file_and_dotted_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {os.path.relpath(QUICK, tmp_path)}\nprobe: {{n_bootstrp: 3}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key\(s\) probe\.n_bootstrp"):
+        load_pipeline(bad)
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "probe.n_bootstrp" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"pretrain\.overrides: unknown config key\(s\) train\.stepz"):
+        load_pipeline(QUICK, ["pretrain.overrides.train.stepz=3"])
+    assert main(["demo", "--quick", "--set", "train.stepz=3"]) == 2  # the demo's --set is pretrain.overrides.*
+    assert "train.stepz" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"cohort: give cohort\.path"):
+        load_pipeline(QUICK, ["cohort.simulate=null"])
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_heatmap_slides_are_held_out_slides_whose_case_has_every_queried_modality():
+    cases = ad.AnnData(np.zeros((3, 2)), obs=pd.DataFrame(index=["a", "b", "c"]))
+    cases.obsm["rna"] = np.array([[np.nan, 1], [1, 1], [1, 1]])
+    cases.obsm["report"] = np.array([[1.0], [np.nan], [1.0]])
+    slides = ad.AnnData(np.zeros((4, 2)), obs=pd.DataFrame({"case_id": ["a", "b", "c", "c"]},
+                                                           index=["a-s0", "b-s0", "c-s0", "c-s1"]))
+    cfg = HeatmapStep(slides=2, queries=["rna", "report", "Tumour necrosis is present."])
+    assert heatmap_slides(cases, slides, cfg) == ["c-s0", "c-s1"]  # a: no RNA, b: no report
+    assert heatmap_slides(cases, slides, HeatmapStep(slides=3, queries=["a prompt"])) == ["a-s0", "b-s0", "c-s0"]
+    assert similarity_to(cfg.queries, cases.obsm) == \
+           "the case's RNA, its report and the prompt 'Tumour necrosis is present.'"  # the demo's README line
+    assert similarity_to(["rna"], cases.obsm) == "the case's RNA"
+
+
+def test_existing_cohort_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="cohort.path: .*nope is not a directory"):
+        load_pipeline(QUICK, [f"cohort.path={tmp_path / 'nope'}"])
+    assert CohortStep().simulate is None  # nothing is simulated unless the file says so
