@@ -26,6 +26,8 @@ jit_cache.configure()
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import submitit  # noqa: E402, F401  (its logging handlers bind to the session's streams, never to a test's
+#                   capsys buffer, closed after that test: `mmfm launch --help` under capsys imports it otherwise)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
