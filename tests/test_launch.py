@@ -5,7 +5,6 @@ through a time-out signal, a checkpoint, a re-queue and a resume."""
 import os
 import pickle
 import random
-import signal
 import stat
 import subprocess
 import sys
