@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import jit_cache_dir
 from mmfm.cli import launch
 from mmfm.config import parse_cli
 from mmfm.train import metrics
@@ -117,8 +118,8 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
             "train.progress=false", "data.heldout_fraction=0.25", "model.embed_dim=16", "model.slide.abmil.hidden=16",
             "model.slide.abmil.attn_dim=8", "model.rna.hidden=16", "model.protein.hidden=16"]
     flags = ["--config", str(REPO / "configs/demo.yaml"), *[a for s in sets for a in ("--set", s)]]
-    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cache = dict(JAX_COMPILATION_CACHE_DIR=jit_cache_dir(tmp_path / "jit"),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     for k, v in dict(cache, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                      MMFM_FAULTS=f"train.step@{stop}:SIGUSR2").items():
         monkeypatch.setenv(k, v)  # what each task inherits: one CPU device per process, the time-out warning

@@ -272,7 +272,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                 item = next(feed)
                 step = item.step
                 ts.state, metrics = step_fn(ts.state, item.batch)
-                faults.point("train.step", step)  # a testing aid (mmfm.faults): a stop signal here stops after this step
+                faults.point("train.step", step)  # testing aid (mmfm.faults): a stop signal here stops after it
                 watch.update(metrics, step)
                 logs.count(item)
                 logs.fetch()  # the previous log step's metrics: this step is already queued behind them
