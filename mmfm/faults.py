@@ -12,9 +12,10 @@ outside; instead the run is told where to fail through an environment variable, 
 A spec is `POINT@N:ACTION`, several joined by commas. POINT is a name or a glob (fnmatch) over the names the code
 passes to `point`; N is the step the code passes (train.step, checkpoint.save) or, for points without one, the N-th
 time this process reaches a matching point. ACTION is a signal delivered to this process (SIGTERM, SIGINT,
-SIGUSR1, SIGUSR2, SIGKILL: the handlers run before `point` returns), `raise` (`InjectedFault`) or `exit` /
-`exit=CODE` (`os._exit`, no clean-up: a crash). Each spec fires at most once per process. Unset, `point` is a
-single `None` check.
+SIGUSR1, SIGUSR2, SIGKILL; from the main thread its handler has run when `point` returns), `raise`
+(`InjectedFault`) or `exit` / `exit=CODE` (`os._exit`, no clean-up: a crash). Each spec fires at most once per
+process; a resumed run starts past the step it stopped at, so a step fault never fires twice in one run. Unset,
+`point` is a single `None` check.
 """
 
 from __future__ import annotations
