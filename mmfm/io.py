@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from mmfm import faults
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -27,6 +29,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets ordinary permissions
     try:
         yield tmp
+        faults.point(f"write:{path.name}")  # a testing aid (mmfm.faults): killed here, the old file stays whole
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -40,15 +40,22 @@ TINY_RUN = ["loader.batch_size=16", "loader.tiles_per_slide=32", "loader.n_genes
             "model.rna.hidden=32", "model.protein.hidden=32", "train.shard_min_size=256"]  # any recipe → seconds
 
 
-def pretrain_process(out, sets, *flags, cache, devices=8) -> subprocess.Popen:
-    """`mmfm pretrain` of the demo recipe with `--set` overrides in a subprocess (so it can be signalled or killed),
-    sharing a persistent compilation cache `cache` across runs of the same shapes."""
+def pretrain_process(out, sets, *flags, cache, devices=8, faults: str = "") -> subprocess.Popen:
+    """`mmfm pretrain` of the demo recipe with `--set` overrides in a subprocess, sharing a persistent compilation
+    cache `cache` across runs of the same shapes; `faults`: its $MMFM_FAULTS (`mmfm.faults`: a signal or kill at a
+    chosen step or write, never a race with the run)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               JAX_COMPILATION_CACHE_DIR=jit_cache_dir(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults)
     cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
            "--out", str(out), *[a for s in sets for a in ("--set", s)], *flags]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def jit_cache_dir(default) -> str:
+    """The compilation cache for `mmfm` subprocesses: `default`, unless JAX_COMPILATION_CACHE_DIR is set (a warm
+    cache kept across runs: scripts/flake_check.sh)."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default)
 
 
 def tiny_sets(cohort, *extra) -> list[str]:

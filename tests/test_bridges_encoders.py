@@ -1,6 +1,7 @@
 """Tile-encoder registry, preprocessing, pooling, and offline-only weight loading."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -122,25 +123,26 @@ def test_autocast_choice():
     assert enc.PRECISIONS["bf16"] == torch.bfloat16
 
 
-class _Sleeper(torch.nn.Module):
-    """Stands in for a network whose speed depends on whether bf16 autocast is on."""
+class _Slow(torch.nn.Module):
+    """Stands in for a network whose speed depends on whether bf16 autocast is on: it advances a fake clock (the
+    one `autocast_dtype` reads) by 50 ms in its slow dtype, so the outcome never depends on the machine's load."""
 
-    def __init__(self, slow_in: torch.dtype):
+    def __init__(self, slow_in: torch.dtype, clock: list):
         super().__init__()
-        self.slow_in, self.lin = slow_in, torch.nn.Linear(3, 4)
+        self.slow_in, self.clock, self.lin = slow_in, clock, torch.nn.Linear(3, 4)
 
     def forward(self, x):
-        import time
-
         bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        time.sleep(0.05 if (torch.bfloat16 if bf16 else torch.float32) == self.slow_in else 0.0)
+        self.clock[0] += 0.05 if (torch.bfloat16 if bf16 else torch.float32) == self.slow_in else 0.0
         return self.lin(x.mean((2, 3)))
 
 
 @pytest.mark.parametrize("slow_in, pick", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
-def test_cpu_auto_precision_takes_the_faster(slow_in, pick):
-    """On CPU, a bf16 model runs under bf16 autocast only if a trial shows it is faster (50 ms margin here)."""
-    e = TileEncoder(REGISTRY["uni2-h"], _Sleeper(slow_in), "", True)
+def test_cpu_auto_precision_takes_the_faster(slow_in, pick, monkeypatch):
+    """On CPU, a bf16 model runs under bf16 autocast only if a trial shows it is faster."""
+    clock = [0.0]
+    monkeypatch.setattr(enc, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    e = TileEncoder(REGISTRY["uni2-h"], _Slow(slow_in, clock), "", True)
     tiles = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     assert autocast_dtype(e, torch.device("cpu"), "auto", tiles) == pick
     assert autocast_dtype(e, torch.device("cpu"), "auto") == torch.float32  # no sample, no trial: fp32

@@ -5,17 +5,16 @@ through a time-out signal, a checkpoint, a re-queue and a resume."""
 import os
 import pickle
 import random
-import signal
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import jit_cache_dir
 from mmfm.cli import launch
 from mmfm.config import parse_cli
 from mmfm.train import metrics
@@ -103,53 +102,41 @@ def _logs(tmp_path) -> str:
     return "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*_log.err")))
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        kids += [int(k) for k in text]
-    return kids
-
-
 @pytest.mark.slow
 def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path, monkeypatch):
+    """Both tasks get submitit's time-out signal (SIGUSR2) right after step 3 (`mmfm.faults`, inherited through the
+    job's environment): JAX's preemption sync stops both after step 3 exactly, the job re-queues itself once and the
+    resumed run (past step 3, so the fault never fires again) ends with the curve of one process."""
     from mmfm.data.simulate import SimConfig, simulate_cohort
 
     cohort = tmp_path / "cohort"
     simulate_cohort(cohort, SimConfig(n_cases=40, n_sites=3, feature_dim=16, n_genes=32, n_proteins=8,
                                       bag_size_median=48, bag_size_max=128))
+    n, stop = 6, 3
     sets = [f"data.cohort={cohort}", "loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32",
-            "train.steps=12", "train.ckpt_every=3", "train.eval_every=0", "train.log_every=1", "train.progress=false",
-            "data.heldout_fraction=0.25", "model.embed_dim=16", "model.slide.abmil.hidden=16",
+            f"train.steps={n}", f"train.ckpt_every={n}", "train.eval_every=0", "train.log_every=1",
+            "train.progress=false", "data.heldout_fraction=0.25", "model.embed_dim=16", "model.slide.abmil.hidden=16",
             "model.slide.abmil.attn_dim=8", "model.rna.hidden=16", "model.protein.hidden=16"]
     flags = ["--config", str(REPO / "configs/demo.yaml"), *[a for s in sets for a in ("--set", s)]]
-    cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    for k, v in dict(cache, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu").items():
-        monkeypatch.setenv(k, v)  # what each task inherits: one CPU device per process
+    cache = dict(JAX_COMPILATION_CACHE_DIR=jit_cache_dir(tmp_path / "jit"),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    for k, v in dict(cache, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+                     MMFM_FAULTS=f"train.step@{stop}:SIGUSR2").items():
+        monkeypatch.setenv(k, v)  # what each task inherits: one CPU device per process, the time-out warning
     cfg = parse_cli(launch.Config, ["--executor", "local", "--gpus_per_node", "2", "--time", "30",
                                     "--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "two"), *flags])
-    job = launch.submit(cfg)
-    ckpt = tmp_path / "two" / "checkpoints" / "3"
-    deadline = time.time() + 400
-    while time.time() < deadline and not job.done() and not ckpt.exists():
-        time.sleep(0.02)
-    assert not job.done(), _logs(tmp_path)
-    tasks = _children(job._process.pid)
-    assert len(tasks) == 2
-    for pid in tasks:  # submitit's time-out warning, as SLURM's --signal delivers it to every task
-        os.kill(pid, signal.SIGUSR2)
-    result = job.results()[0]  # the job re-queued itself once and finished
-    assert result["step"] == 12 and result["checkpoints"][-1] == 12, result
+    result = launch.submit(cfg).results()[0]  # the job re-queued itself once and finished
+    assert result["step"] == n and result["checkpoints"] == [stop, n], result
     log = _logs(tmp_path)
-    stops = sorted({int(x.split(";")[0]) for x in log.split("stopped by SIGUSR2 after step ")[1:]})
-    assert len(stops) == 1 and 3 <= stops[0] < 12, log  # both processes stopped after the same step
+    stops = [int(x.split(";")[0]) for x in log.split("stopped by SIGUSR2 after step ")[1:]]
+    assert stops == [stop, stop], log  # each task once, after the same step: one re-queue, no second fault
+    monkeypatch.delenv("MMFM_FAULTS")
     one = subprocess.run([sys.executable, "-m", "mmfm.cli", "pretrain", "--out", str(tmp_path / "one"), *flags],
                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
     a = metrics.read_jsonl(tmp_path / "two" / "metrics.jsonl")
     b = metrics.read_jsonl(tmp_path / "one" / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, n + 1))  # no step logged twice
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)

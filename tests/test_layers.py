@@ -1,8 +1,8 @@
 """The package's layers run one way: data → models → objectives → train → eval → cli, bridges beside.
 
 Read from the source (every `import`, including imports inside functions), so a lazy import cannot hide an
-arrow that runs back up a layer. `mmfm/__init__.py`, `io.py`, `config.py` and `metrics.py` are the base every
-layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there).
+arrow that runs back up a layer. `mmfm/__init__.py`, `io.py`, `config.py`, `metrics.py` and `faults.py` are the base
+every layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there).
 """
 
 from __future__ import annotations

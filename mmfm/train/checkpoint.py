@@ -22,10 +22,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from mmfm import faults
 from mmfm.train.config import TrainConfig
 from mmfm.train.paths import run_path
-
-ITEMS = ("state", "loader", "meta")
 
 
 def abstract_target(abstract_state, shardings):
@@ -61,6 +60,27 @@ def _quiet_read_only():
         logger.removeFilter(notice)
 
 
+class _MetaHandler(ocp.JsonCheckpointHandler):
+    """The `meta` item's JSON handler, holding the `checkpoint.save` fault point (`mmfm.faults`, a testing aid):
+    inside orbax's save of a step, its files being written under the temporary name and nothing committed."""
+
+    async def async_save(self, directory, item=None, args=None):
+        futures = await super().async_save(directory, item, args)
+        faults.point("checkpoint.save", args.item["step"])
+        return futures
+
+
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    registry, meta = ocp.handlers.DefaultCheckpointHandlerRegistry(), _MetaHandler()
+    registry.add("state", ocp.args.StandardSave)
+    registry.add("state", ocp.args.StandardRestore)
+    registry.add("loader", ocp.args.JsonSave)
+    registry.add("loader", ocp.args.JsonRestore)
+    registry.add("meta", ocp.args.JsonSave, meta)
+    registry.add("meta", ocp.args.JsonRestore, meta)
+    return registry
+
+
 class Checkpointer:
     """Keep the last `keep_last` steps plus the best one by `best_metric` (when set)."""
 
@@ -77,7 +97,7 @@ class Checkpointer:
             enable_async_checkpointing=cfg.async_checkpoint and not read_only,
             create=not read_only, read_only=read_only)
         with _quiet_read_only():  # orbax warns "Given directory is read only" for what inference asked for
-            self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handlers())
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

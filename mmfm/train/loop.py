@@ -30,6 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmfm import faults
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader
 from mmfm.data.splits import split_cases
@@ -271,6 +272,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                 item = next(feed)
                 step = item.step
                 ts.state, metrics = step_fn(ts.state, item.batch)
+                faults.point("train.step", step)  # testing aid (mmfm.faults): a stop signal here stops after it
                 watch.update(metrics, step)
                 logs.count(item)
                 logs.fetch()  # the previous log step's metrics: this step is already queued behind them

@@ -10,16 +10,23 @@ Several processes must stop at the *same* step, or the next step's collectives h
 initialised, the decision is JAX's preemption service (`multihost_utils.reached_preemption_sync_point`): the
 coordination service hears a SIGTERM on any process and agrees with every process on the first step all can
 still reach. JAX listens for SIGTERM itself, so SIGTERM is left to it and the other signals are re-sent to this
-process as SIGTERM to join the same protocol. A single process just reads its flag.
+process as SIGTERM to join the same protocol. JAX's notifier looks for the signal once a second, so a process that
+caught SIGINT/SIGUSR1/SIGUSR2 waits at its next step boundary until every process has reported its step to the
+protocol: the stop then lands on the first step after the fastest process's, not a second of steps later (and
+a signal delivered at step N on every process stops all of them after step N exactly). A single process just
+reads its flag.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
+import time
 
 EXIT_PREEMPTED = 75
+COUNTERS_KEY = "PREEMPTION_CURRENT_COUNTER/"  # where JAX's sync protocol collects each process's step (XLA's tsl)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -38,6 +45,21 @@ def _distributed() -> bool:
     return jax.distributed.is_initialized()
 
 
+def _await_counters(timeout_s: float = 60.0) -> None:
+    """Block until every process has given JAX's sync protocol its step (the protocol then holds the lock that
+    `reached_preemption_sync_point` takes, so the next call sees the agreed step)."""
+    import jax
+    from jax._src import distributed
+
+    client, n = distributed.global_state.client, jax.process_count()
+    deadline = time.monotonic() + timeout_s
+    while len(client.key_value_dir_get(COUNTERS_KEY)) < n:
+        if time.monotonic() > deadline:  # a JAX without this key: the stop comes later, still agreed
+            logging.warning("preemption sync: no step reports from every process after %.0f s", timeout_s)
+            return
+        time.sleep(0.01)
+
+
 class StopRequest:
     """Context manager around the training loop: installs the handlers, restores the previous ones on exit.
 
@@ -50,6 +72,7 @@ class StopRequest:
         self.received: str | None = None
         self._previous: dict = {}
         self._multi = False
+        self._reported = False
 
     def __enter__(self):
         self._multi = _distributed()
@@ -78,6 +101,9 @@ class StopRequest:
         if self._multi:
             from jax.experimental import multihost_utils
 
+            if self.received is not None and not self._reported:
+                _await_counters()
+                self._reported = True
             if multihost_utils.reached_preemption_sync_point(step):
                 self.received = self.received or "SIGTERM"
                 return True
