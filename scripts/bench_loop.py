@@ -30,7 +30,7 @@ import jax
 
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.data.splits import split_cases
 from mmfm.train import config as tconfig, loop, metrics, optim, sharding
 

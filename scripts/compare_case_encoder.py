@@ -72,7 +72,7 @@ def _ci(values: np.ndarray) -> list[float]:
 def compare(out: Path, n_cases: int, multi_rate: float, steps: int, seed: int, n_boot: int, extra: list[str]) -> dict:
     import anndata as ad
 
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
     from mmfm.eval.classification import metrics as cls_metrics
     from mmfm.eval.embed import EmbedConfig, embed
 

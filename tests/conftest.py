@@ -49,7 +49,7 @@ def run_losses(run_dir) -> dict[int, float]:
 
 def tiny_cohort(tmp_path_factory) -> Path:
     """48 simulated cases with small shapes (default missing rates), the cohort of TINY_RUN runs."""
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     out = tmp_path_factory.mktemp("tiny") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     return simulate_cohort(tmp_path_factory.mktemp("export") / "cohort", SimConfig(
         n_cases=32, seed=4, feature_dim=16, bag_size_median=90, bag_size_min=64, bag_size_max=160, n_genes=40,

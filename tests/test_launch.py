@@ -113,7 +113,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path, monkeypatch):
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     cohort = tmp_path / "cohort"
     simulate_cohort(cohort, SimConfig(n_cases=40, n_sites=3, feature_dim=16, n_genes=32, n_proteins=8,

@@ -1,8 +1,12 @@
-"""The package's layers run one way: data → models → objectives → train → eval → cli, bridges beside.
+"""The package's layers run one way: data → (simulate, importers) → models → objectives → train → eval → cli,
+bridges beside.
 
 Read from the source (every `import`, including imports inside functions), so a lazy import cannot hide an
 arrow that runs back up a layer. `mmfm/__init__.py`, `io.py`, `config.py` and `metrics.py` are the base every
-layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there).
+layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there). The producers of
+cohorts (`simulate`, `importers`) write what `data` reads: models, objectives and training never import them
+(training reads a cohort, never how it was made); eval may grade against the simulator's truth. `testing`
+(fixtures for tests and notebooks) sits on top: nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mmfm"
-RANK = {"base": 0, "data": 1, "models": 2, "objectives": 3, "train": 4, "eval": 5, "bridges": 5, "cli": 6}
+RANK = {"base": 0, "data": 1, "simulate": 2, "importers": 2, "models": 3, "objectives": 4, "train": 5, "eval": 6,
+        "bridges": 6, "cli": 7, "testing": 8}
+PRODUCERS = ("simulate", "importers")
 
 
 def layer(module: str) -> str:
@@ -56,6 +62,10 @@ def test_every_import_runs_down_the_layers():
                 bad.append(f"{mod} → {dep} (only cli and bridges import the torch bridges)")
             elif src != "bridges" and RANK[dst] > RANK[src]:
                 bad.append(f"{mod} → {dep} ({src} must not import {dst})")
+            elif dst in PRODUCERS and src in ("models", "objectives", "train"):
+                bad.append(f"{mod} → {dep} ({src} reads cohorts, never the code that produced them)")
+            elif src in PRODUCERS and dst in PRODUCERS and src != dst:
+                bad.append(f"{mod} → {dep} (the producers of cohorts stand side by side)")
     assert not bad, "imports running back up a layer:\n" + "\n".join(sorted(bad))
 
 
@@ -85,8 +95,8 @@ def test_no_import_cycle():
 
 
 def test_data_layer_imports_no_model_or_trainer():
-    """The grain loader brings jax (grain uses it); the contract, simulator and splits stay numpy-only."""
-    code = ("import sys, mmfm.data.cohort, mmfm.data.simulate, mmfm.data.splits, mmfm.data.omics;"
+    """The grain loader brings jax (grain uses it); the contract, simulator, importers and splits stay numpy-only."""
+    code = ("import sys, mmfm.data.cohort, mmfm.simulate, mmfm.importers, mmfm.data.splits, mmfm.data.omics;"
             "light = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'torch', 'optax'));"
             "import mmfm.data.loader, mmfm.data.text;"
             "bad = light + sorted(m for m in sys.modules if "

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mmfm.config import load
-from mmfm.data.simulate import SimConfig
+from mmfm.simulate import SimConfig
 from mmfm.io import write_text
 from mmfm.train.config import RunConfig
 
@@ -114,13 +114,13 @@ def _heatmaps(run_dir: Path, cohort_dir: Path, slide_ids: list[str], out: Path) 
 
 def demo(cfg: DemoConfig | None = None) -> dict:
     from mmfm.data.cohort import CohortError, validate
-    from mmfm.data.simulate import simulate_cohort
+    from mmfm.simulate import simulate_cohort
     from mmfm.eval.embed import EmbedConfig, embed
     from mmfm.eval.probe import probe
     from mmfm.eval.references import attach_oracle
     from mmfm.eval.report import plot_captions, reading_notes
     from mmfm.eval.tasks import load_tasks
-    from mmfm.eval.truth import join_truth
+    from mmfm.simulate.truth import join_truth
     from mmfm.io import write_h5ad
     from mmfm.train.config import check
 
