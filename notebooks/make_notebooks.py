@@ -64,7 +64,7 @@ result
     """
 import pandas as pd
 import matplotlib.pyplot as plt
-from mmfm.train.metrics import read_jsonl
+from mmfm.train.monitor import read_jsonl
 
 metrics = pd.DataFrame(read_jsonl(OUT / "run" / "metrics.jsonl"))
 ax = metrics.plot(x="step", y=[c for c in metrics.columns if c == "loss" or c.startswith("loss/")], figsize=(6, 3))

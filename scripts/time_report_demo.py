@@ -40,7 +40,7 @@ class Clock:
 
 
 def median_step(run_dir: Path) -> float:
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
 
     rows = [r["step_time_s"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 1 and "step_time_s" in r]
     return round(statistics.median(rows), 4)

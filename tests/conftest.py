@@ -42,7 +42,7 @@ def tiny_sets(cohort, *extra) -> list[str]:
 
 def run_losses(run_dir) -> dict[int, float]:
     """step → logged loss of a run directory's metrics.jsonl."""
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
 
     return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")}
 

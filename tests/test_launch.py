@@ -18,7 +18,7 @@ import pytest
 
 from mmfm.cli import launch
 from mmfm.config import parse_cli
-from mmfm.train import metrics
+from mmfm.train import monitor
 from mmfm.train.sharding import Cluster, DistributedError, detect_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,8 +148,8 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
-    a = metrics.read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    b = metrics.read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    a = monitor.read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    b = monitor.read_jsonl(tmp_path / "one" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)

@@ -112,3 +112,24 @@ def test_validate_command_stays_light():
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# A base name that two modules share means the same idea in two roles, and the folder says the role:
+ROLE_PAIRS = {
+    "config.py": "the config system (mmfm/config.py) and the two typed schemas it decodes (ModelConfig, RunConfig)",
+    "embed.py": "a command (cli/) and what it runs (eval/)", "export.py": "command and train/ export",
+    "extract.py": "command and bridges/ extraction", "heatmap.py": "command and eval/ heatmaps",
+    "probe.py": "command and the eval/ probe pipeline",
+    "classification.py": "estimator (eval/probes/) and task type (eval/tasks/)", "survival.py": "probes/ and tasks/",
+    "retrieval.py": "probes/ and tasks/", "robustness.py": "probes/ and tasks/",
+    "multimodal.py": "the model (models/) and its loss (objectives/)",
+    "omics.py": "preprocessing (data/) and encoders (models/)", "text.py": "tokenizer (data/) and encoder (models/)",
+}
+
+
+def test_no_two_modules_share_a_name_unless_the_folder_names_the_role():
+    names: dict[str, list[str]] = {}
+    for p in PKG.rglob("*.py"):
+        names.setdefault(p.name, []).append(str(p.relative_to(PKG)))
+    twins = {n: sorted(ps) for n, ps in names.items() if len(ps) > 1 and n not in ("__init__.py", "__main__.py")}
+    assert not set(twins) - set(ROLE_PAIRS), {n: twins[n] for n in set(twins) - set(ROLE_PAIRS)}

@@ -266,7 +266,7 @@ def _training_curves(run_dir: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
 
     m = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
     e = pd.DataFrame(read_jsonl(run_dir / "eval.jsonl")) if (run_dir / "eval.jsonl").exists() else pd.DataFrame()

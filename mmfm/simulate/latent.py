@@ -108,10 +108,8 @@ class World:
                                "mut": _cols(self.proteins, "mut_", DRIVERS)}
 
 
-
 def _cols(df: pd.DataFrame, prefix: str, names: tuple[str, ...]) -> np.ndarray:
     return df[[f"{prefix}{n}" for n in names]].to_numpy()
-
 
 
 # ----------------------------------------------------------------------------------------------- cases

@@ -55,7 +55,6 @@ PROTEIN_DRIVER_EFFECT = {  # (antibody, driver) → log-intensity shift
 }
 
 
-
 def _round_robin(modules: dict[str, list[str]]) -> list[tuple[str, str]]:
     """(name, module) interleaved across modules, so a truncated panel still covers every module."""
     out, lists, i = [], list(modules.items()), 0

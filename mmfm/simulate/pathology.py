@@ -57,6 +57,7 @@ FINDINGS = {
 REPORT_GRADE_ERROR = 0.12  # inter-observer variability: reported grade off by one
 FINDING_OMITTED = 0.1
 
+
 def report_facts(case: Case, r: np.random.Generator) -> dict:
     """What a pathologist would see, drawn from the latent state (reports are noisy, not a label oracle)."""
     prol, imm, hyp, strom, _ = case.programmes

@@ -86,7 +86,6 @@ class SimConfig:
             raise ValueError("SimConfig: " + "; ".join(bad))
 
 
-
 def rng(cfg: SimConfig, *words: int) -> np.random.Generator:
     """The generator of one stream: `words` = (purpose, case, slide, ...)."""
     return np.random.default_rng([cfg.seed, *words])

@@ -13,13 +13,13 @@ from mmfm.simulate.latent import (DRIVER_EFFECTS, DRIVER_PREVALENCE, DRIVERS, GR
                                   Case, World, case_id)
 from mmfm.simulate.molecular import gene_model, protein_model
 from mmfm.simulate.observation import missing_probability, survival_days, tumour_size_z
-from mmfm.simulate.sim_config import (CASE, W_FEATURES, W_GENES, W_PROTEINS, W_SITES, WORLD, SimConfig,
-                                      rng)
+from mmfm.simulate.sim_config import CASE, W_FEATURES, W_GENES, W_PROTEINS, W_SITES, WORLD, SimConfig, rng
 from mmfm.simulate.tile_features import (SITE_GAIN_SD, SITE_STAIN_FEATURE_SD, SITE_STAIN_LATENT_SD,
                                          SUBTYPE_TUMOUR_SHIFT, TYPE_APPEARANCE)
 
-def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    v = rng.standard_normal((n, dim))
+
+def _unit_rows(r: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = r.standard_normal((n, dim))
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
