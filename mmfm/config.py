@@ -101,14 +101,39 @@ def dump(cfg) -> str:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping, with `base:` resolved: the file named by `base` (relative to this file; it may have its own
+    base) is read first and this file's keys are deep-merged over it — mappings merge key by key, anything else
+    (lists included) is replaced. So a recipe states only its difference from the one it builds on."""
+    return inherit(path, merge)
+
+
+def inherit(path: str | Path, merge_fn, chain: tuple[Path, ...] = (), prepare=None):
+    """The YAML document at `path` with its `base:` chain resolved by `merge_fn(base_doc, doc)`; a cycle or a
+    missing base is a ConfigError naming the files. Top-level mappings only carry `base` (a list has no key).
+    `prepare(path, doc)`, if given, rewrites each document of the chain before the merge (e.g. file-relative paths)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: {e}") from e
-    if not isinstance(raw, dict):
+    raw = {} if raw is None else raw
+    if prepare is not None and isinstance(raw, dict):
+        raw = prepare(path, raw)
+    if not isinstance(raw, (dict, list)) or (merge_fn is merge and not isinstance(raw, dict)):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return raw
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    raw = dict(raw)
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: expected the name of a YAML file, got {base!r}")
+    parent = path.parent / base
+    chain = (*chain, path)
+    if parent.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError("base: inheritance cycle " + " → ".join(str(p) for p in (*chain, parent)))
+    if not parent.is_file():
+        raise ConfigError(f"{path}: base: no such file {parent}")
+    return merge_fn(inherit(parent, merge_fn, chain, prepare), raw)
 
 
 def apply_override(raw: dict, assignment: str) -> dict:
@@ -192,7 +217,7 @@ def parse_cli(cls: type[T], argv: Sequence[str], base: str | Path | dict | None 
 
 
 def merge(base: dict, top: dict) -> dict:
-    """`top` over `base`, key by key through nested mappings (a list or value replaces)."""
+    """`top` deep-merged over `base`: mappings merge key by key, any other value (lists included) replaces."""
     out = dict(base)
     for k, v in top.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v

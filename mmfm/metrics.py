@@ -1,5 +1,5 @@
 """Retrieval metrics in NumPy, one definition for the training monitor (`train/evaluate.py`) and the probes
-(`eval/retrieval.py`).
+(`eval/probes/retrieval.py`).
 
 A key is *relevant* to a query when it belongs to the same case (cross-modal) or has the same label. Keys are
 ranked by similarity, and **ties count against the query**: among keys of equal similarity the irrelevant ones

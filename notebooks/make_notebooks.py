@@ -36,7 +36,7 @@ TRAIN = ["train.steps=6", "train.eval_every=3", "train.ckpt_every=3", "loader.ba
 """,
     """md:## 1. A cohort (simulated here; `data_cards/cohort_format.md` describes the contract for your own)""",
     """
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.data.cohort import Cohort, validate
 
 cohort_dir = simulate_cohort(OUT / "cohort", SimConfig(n_cases=N_CASES, seed=0, **SIM))
@@ -64,7 +64,7 @@ result
     """
 import pandas as pd
 import matplotlib.pyplot as plt
-from mmfm.train.metrics import read_jsonl
+from mmfm.train.monitor import read_jsonl
 
 metrics = pd.DataFrame(read_jsonl(OUT / "run" / "metrics.jsonl"))
 ax = metrics.plot(x="step", y=[c for c in metrics.columns if c == "loss" or c.startswith("loss/")], figsize=(6, 3))
@@ -126,7 +126,7 @@ res.summary[["task", "embedding", "model", "metric", "text"]]
 """,
     """md:## 2. A simulated cohort: mean-pooled tile features → mutations and survival""",
     """
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.data.cohort import Cohort
 from mmfm.data.bags import read_bag
 
@@ -182,14 +182,14 @@ TRAIN = (["train.steps=6", "train.eval_every=3", "train.ckpt_every=3", "train.wa
     """md:## 1. A GDC-format download (written by the fixtures: two projects, DX and frozen slides, two aliquots of
 one case, a case without MAF, a case without RNA)""",
     """
-from mmfm.data.importers.fixtures import write_gdc_download
+from mmfm.testing import write_gdc_download
 
 dl = write_gdc_download(OUT / "download", n_extra=N_EXTRA, seed=0, feature_dim=16)
 sorted(str(p.relative_to(dl.root)) for p in dl.root.iterdir())
 """,
     """md:## 2. Import: one call per source, each a typed config (the same fields as `mmfm import <name> --flags`)""",
     """
-from mmfm.data.importers import IMPORTERS
+from mmfm.importers import IMPORTERS
 
 cohort_dir = OUT / "cohort"
 steps = {
@@ -287,7 +287,7 @@ weights and the truncation length, and each row is found by the SHA-256 of its r
 import logging
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("mmfm.models.text_cache").setLevel(logging.INFO)
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.train import load_config, pretrain
 
 cohort_dir = simulate_cohort(OUT / "cohort", SimConfig(n_cases=N_CASES, seed=0, **SIM))
@@ -305,7 +305,7 @@ tower the zero-shot tasks use. The labels `report_necrosis`, `report_lvi`, `repo
 cohort's latent truth (training never reads it).""",
     """
 from mmfm.eval.embed import embed, EmbedConfig
-from mmfm.eval.truth import join_truth
+from mmfm.simulate.truth import join_truth
 
 held = json.loads((OUT / "run" / "splits.json").read_text())["heldout"]
 cases, _ = embed(OUT / "run", cohort_dir, OUT / "embeddings.h5ad", case_ids=held)

@@ -22,7 +22,7 @@ from mmfm.data.bags import read_bag, read_rows
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import LoaderConfig, TileBagLoader
 from mmfm.data.sampling import BagReader, sample_tiles
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.io import write_json
 
 

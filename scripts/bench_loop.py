@@ -30,9 +30,9 @@ import jax
 
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.data.splits import split_cases
-from mmfm.train import config as tconfig, loop, metrics, optim, sharding
+from mmfm.train import config as tconfig, loop, monitor, optim, sharding
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -84,19 +84,19 @@ def raw_blocks(cfg: tconfig.RunConfig, cohort: Path, blocks: int, block: int) ->
 def loop_intervals(cfg: tconfig.RunConfig, out: Path, device_prefetch: int | None) -> list[float]:
     """Steps/s of `pretrain()` between consecutive metrics records (first interval dropped)."""
     stamps = []
-    original = metrics.MetricsWriter.log
+    original = monitor.MetricsWriter.log
 
     def log(self, step, m, file="metrics.jsonl", prefix="train"):
         if file == "metrics.jsonl":
             stamps.append((step, time.perf_counter()))
         return original(self, step, m, file=file, prefix=prefix)
 
-    metrics.MetricsWriter.log = log
+    monitor.MetricsWriter.log = log
     try:
         kwargs = {"device_prefetch": device_prefetch} if device_prefetch is not None else {}
         loop.pretrain(cfg, out, **kwargs)
     finally:
-        metrics.MetricsWriter.log = original
+        monitor.MetricsWriter.log = original
     stamps = [s for s in stamps if s[0] % cfg.train.log_every == 0]  # drop the step-1 record
     return [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(stamps[1:], stamps[2:])]
 

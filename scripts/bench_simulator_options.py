@@ -2,7 +2,7 @@
 
     python scripts/bench_simulator_options.py --json out/bench/bench_simulator_options.json [--cases 400 --steps 200]
 
-For each option (default, then `mmfm.data.simulate.HARDER`: focal morphology, nonlinear tile features, MNAR omics)
+For each option (default, then `mmfm.simulate.HARDER`: focal morphology, nonlinear tile features, MNAR omics)
 with everything else equal: simulate a cohort → pretrain the demo recipe (configs/demo.yaml: gated ABMIL ↔ RNA ↔
 protein, all-pairs SigLIP) on half of the cases → embed the other half with every tile → probe them. Side by side:
 `slide` (pretrained, projected), the baselines `slide_meanpool` (mean of raw tile features) and `slide_random`
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfm.data.simulate import HARDER, SimConfig, simulate_cohort
+from mmfm.simulate import HARDER, SimConfig, simulate_cohort
 from mmfm.eval.embed import embed
 from mmfm.eval.probe import probe
 from mmfm.eval.references import attach_oracle

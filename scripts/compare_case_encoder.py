@@ -55,7 +55,7 @@ def _probe(z: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
     """Out-of-fold class probabilities of a 5-fold logistic-regression probe."""
     from sklearn.model_selection import StratifiedKFold
 
-    from mmfm.eval.classification import fit_predict
+    from mmfm.eval.probes.classification import fit_predict
 
     n_classes = int(y.max()) + 1
     proba = np.zeros((len(y), n_classes))
@@ -72,8 +72,8 @@ def _ci(values: np.ndarray) -> list[float]:
 def compare(out: Path, n_cases: int, multi_rate: float, steps: int, seed: int, n_boot: int, extra: list[str]) -> dict:
     import anndata as ad
 
-    from mmfm.data.simulate import SimConfig, simulate_cohort
-    from mmfm.eval.classification import metrics as cls_metrics
+    from mmfm.simulate import SimConfig, simulate_cohort
+    from mmfm.eval.probes.classification import metrics as cls_metrics
     from mmfm.eval.embed import EmbedConfig, embed
 
     cohort = simulate_cohort(out / "cohort", SimConfig(n_cases=n_cases, seed=seed, multi_slide_rate=multi_rate))

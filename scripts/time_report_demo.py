@@ -40,7 +40,7 @@ class Clock:
 
 
 def median_step(run_dir: Path) -> float:
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
 
     rows = [r["step_time_s"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 1 and "step_time_s" in r]
     return round(statistics.median(rows), 4)
@@ -52,12 +52,12 @@ def main(out: Path, cases: int, steps: int) -> dict:
     from mmfm.bridges.heatmap_render import HeatmapConfig, heatmap
     from mmfm.data.cohort import Cohort
     from mmfm.data.report_cache import resolve_folder
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
     from mmfm.eval.embed import embed
     from mmfm.eval.probe import probe
     from mmfm.eval.report import markdown_table
     from mmfm.eval.tasks import load_tasks
-    from mmfm.eval.truth import join_truth
+    from mmfm.simulate.truth import join_truth
     from mmfm.io import write_json, write_text
     from mmfm.models.text_cache import fill_report_cache
     from mmfm.train import load_config, pretrain

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_report_run(base: Path) -> tuple[Path, Path]:
     """(cohort dir, run dir): 40 simulated cases, 16-d tile features, slide ↔ RNA ↔ report, 3 steps."""
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
     from mmfm.train.config import load_config
     from mmfm.train.loop import pretrain
 

@@ -65,14 +65,14 @@ def tiny_sets(cohort, *extra) -> list[str]:
 
 def run_losses(run_dir) -> dict[int, float]:
     """step → logged loss of a run directory's metrics.jsonl."""
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
 
     return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")}
 
 
 def tiny_cohort(tmp_path_factory) -> Path:
     """48 simulated cases with small shapes (default missing rates), the cohort of TINY_RUN runs."""
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     out = tmp_path_factory.mktemp("tiny") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,

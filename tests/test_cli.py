@@ -15,7 +15,7 @@ from mmfm.cli import COMMANDS, load_command, main
 
 
 def _commands():
-    from mmfm.data.importers import IMPORTERS
+    from mmfm.importers import IMPORTERS
 
     return [[n] for n in COMMANDS if n != "import"] + [["import", s] for s in IMPORTERS]
 
@@ -77,7 +77,7 @@ def test_import_commands_build_a_cohort_that_validates(tmp_path, capsys):
     """`mmfm import <source>` on a GDC-format folder (the published formats, written by the fixture writer):
     the same importers as the Python API, driven by flags."""
     from mmfm.data.cohort import validate
-    from mmfm.data.importers.fixtures import write_gdc_download
+    from mmfm.testing import write_gdc_download
 
     dl = write_gdc_download(tmp_path / "gdc")
     out = str(tmp_path / "cohort")

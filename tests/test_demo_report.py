@@ -48,7 +48,7 @@ def test_demo_quick_is_the_quick_pipeline_file_under_the_same_keys():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """`mmfm run` on the cohort `mmfm demo --quick` would simulate, simulated beforehand: no simulation step."""
-    from mmfm.data.simulate import simulate_cohort
+    from mmfm.simulate import simulate_cohort
 
     base = tmp_path_factory.mktemp("demo")
     cohort = simulate_cohort(base / "cohort", _pipeline(demo_cmd, ["--quick", *DEMO]).cohort.simulate)

@@ -73,7 +73,7 @@ def test_pooled_bags_keep_slides_apart_on_the_grid():
 def test_embed_a_trained_run(tmp_path):
     """A tiny real run: slide embeddings equal the model on the full bag; case = mean of its slides."""
     from mmfm.data.cohort import Cohort
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
     from mmfm.eval.embed import embed
     from mmfm.train.config import load_config
     from mmfm.train import load_for_inference, pretrain

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     return simulate_cohort(tmp_path_factory.mktemp("export") / "cohort", SimConfig(
         n_cases=32, seed=4, feature_dim=16, bag_size_median=90, bag_size_min=64, bag_size_max=160, n_genes=40,
@@ -104,7 +104,7 @@ def _check_twin(model, export, cohort, slide_ids):
 def test_trained_abmil_run_exports_every_tower_exactly(abmil_run, cohort, tmp_path):
     from mmfm.cli import main
     from mmfm.models.weight_porting import load_safetensors, to_torch_state
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
     from mmfm.train.rundir import best_step, load_for_inference
 
     assert main(["export", "--run", str(abmil_run), "--out", str(tmp_path / "export"), "--step", "best"]) == 0

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from mmfm.data.cohort import Cohort, validate
-from mmfm.data.importers import ImportDataError, clinical, gdc_rna, reports
-from mmfm.data.importers.fixtures import write_gdc_download
+from mmfm.importers import ImportDataError, clinical, gdc_rna, reports
+from mmfm.testing import write_gdc_download
 from mmfm.data.tcga import BarcodeError
 
 

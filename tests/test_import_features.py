@@ -16,8 +16,8 @@ import yaml
 from mmfm.cli.imports import SUBCOMMANDS
 from mmfm.data.bags import read_bag
 from mmfm.data.cohort import Cohort, validate
-from mmfm.data.importers import ImportDataError, features, gdc_rna
-from mmfm.data.importers.fixtures import write_gdc_download
+from mmfm.importers import ImportDataError, features, gdc_rna
+from mmfm.testing import write_gdc_download
 
 import_features = SUBCOMMANDS["features"][1]  # what `mmfm import features` runs: .pt files read by the torch bridge
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from mmfm.data.cohort import Cohort, validate
-from mmfm.data.importers import ImportDataError, gdc_rna, maf
-from mmfm.data.importers.fixtures import write_gdc_download
+from mmfm.importers import ImportDataError, gdc_rna, maf
+from mmfm.testing import write_gdc_download
 from mmfm.data.tcga import BarcodeError
 
-# the rule, written out independently of mmfm.data.importers.maf.NON_SILENT
+# the rule, written out independently of mmfm.importers.maf.NON_SILENT
 PROTEIN_ALTERING = {"Missense_Mutation", "Nonsense_Mutation", "Frame_Shift_Del", "Frame_Shift_Ins", "In_Frame_Del",
                     "In_Frame_Ins", "Splice_Site", "Translation_Start_Site", "Nonstop_Mutation"}
 PANEL = ("TP53", "PIK3CA", "KRAS", "GATA3", "TTN")

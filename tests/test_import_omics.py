@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from mmfm.data.cohort import Cohort, validate
-from mmfm.data.importers import ImportDataError, gdc_protein, gdc_rna
-from mmfm.data.importers.fixtures import ANTIBODIES, write_gdc_download
+from mmfm.importers import ImportDataError, gdc_protein, gdc_rna
+from mmfm.testing import ANTIBODIES, write_gdc_download
 from mmfm.data.tcga import BarcodeError
 
 RNA_CASES = ["TCGA-05-4244", "TCGA-05-4395", "TCGA-44-2655", "TCGA-A2-A0CM", "TCGA-A2-A0T2"]  # E2-A14N has none

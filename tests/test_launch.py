@@ -17,7 +17,7 @@ import pytest
 from conftest import jit_cache_dir
 from mmfm.cli import launch
 from mmfm.config import parse_cli
-from mmfm.train import metrics
+from mmfm.train import monitor
 from mmfm.train.sharding import Cluster, DistributedError, detect_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
     """Both tasks get submitit's time-out signal (SIGUSR2) right after step 3 (`mmfm.faults`, inherited through the
     job's environment): JAX's preemption sync stops both after step 3 exactly, the job re-queues itself once and the
     resumed run (past step 3, so the fault never fires again) ends with the curve of one process."""
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     cohort = tmp_path / "cohort"
     simulate_cohort(cohort, SimConfig(n_cases=40, n_sites=3, feature_dim=16, n_genes=32, n_proteins=8,
@@ -135,8 +135,8 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
-    a = metrics.read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    b = metrics.read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    a = monitor.read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    b = monitor.read_jsonl(tmp_path / "one" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, n + 1))  # no step logged twice
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)

@@ -1,8 +1,12 @@
-"""The package's layers run one way: data → models → objectives → train → eval → cli, bridges beside.
+"""The package's layers run one way: data → (simulate, importers) → models → objectives → train → eval → cli,
+bridges beside.
 
 Read from the source (every `import`, including imports inside functions), so a lazy import cannot hide an
-arrow that runs back up a layer. `mmfm/__init__.py`, `io.py`, `config.py`, `metrics.py` and `faults.py` are the base
-every layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there).
+arrow that runs back up a layer. `mmfm/__init__.py`, `io.py`, `config.py`, `metrics.py` and `faults.py` are the
+base every layer may use; only `cli` and the bridges themselves may import `bridges` (torch lives there). The producers of
+cohorts (`simulate`, `importers`) write what `data` reads: models, objectives and training never import them
+(training reads a cohort, never how it was made); eval may grade against the simulator's truth. `testing`
+(fixtures for tests and notebooks) sits on top: nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mmfm"
-RANK = {"base": 0, "data": 1, "models": 2, "objectives": 3, "train": 4, "eval": 5, "bridges": 5, "cli": 6}
+RANK = {"base": 0, "data": 1, "simulate": 2, "importers": 2, "models": 3, "objectives": 4, "train": 5, "eval": 6,
+        "bridges": 6, "cli": 7, "testing": 8}
+PRODUCERS = ("simulate", "importers")
 
 
 def layer(module: str) -> str:
@@ -56,6 +62,10 @@ def test_every_import_runs_down_the_layers():
                 bad.append(f"{mod} → {dep} (only cli and bridges import the torch bridges)")
             elif src != "bridges" and RANK[dst] > RANK[src]:
                 bad.append(f"{mod} → {dep} ({src} must not import {dst})")
+            elif dst in PRODUCERS and src in ("models", "objectives", "train"):
+                bad.append(f"{mod} → {dep} ({src} reads cohorts, never the code that produced them)")
+            elif src in PRODUCERS and dst in PRODUCERS and src != dst:
+                bad.append(f"{mod} → {dep} (the producers of cohorts stand side by side)")
     assert not bad, "imports running back up a layer:\n" + "\n".join(sorted(bad))
 
 
@@ -85,8 +95,8 @@ def test_no_import_cycle():
 
 
 def test_data_layer_imports_no_model_or_trainer():
-    """The grain loader brings jax (grain uses it); the contract, simulator and splits stay numpy-only."""
-    code = ("import sys, mmfm.data.cohort, mmfm.data.simulate, mmfm.data.splits, mmfm.data.omics;"
+    """The grain loader brings jax (grain uses it); the contract, simulator, importers and splits stay numpy-only."""
+    code = ("import sys, mmfm.data.cohort, mmfm.simulate, mmfm.importers, mmfm.data.splits, mmfm.data.omics;"
             "light = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'torch', 'optax'));"
             "import mmfm.data.loader, mmfm.data.text;"
             "bad = light + sorted(m for m in sys.modules if "
@@ -102,3 +112,24 @@ def test_validate_command_stays_light():
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# A base name that two modules share means the same idea in two roles, and the folder says the role:
+ROLE_PAIRS = {
+    "config.py": "the config system (mmfm/config.py) and the two typed schemas it decodes (ModelConfig, RunConfig)",
+    "embed.py": "a command (cli/) and what it runs (eval/)", "export.py": "command and train/ export",
+    "extract.py": "command and bridges/ extraction", "heatmap.py": "command and eval/ heatmaps",
+    "probe.py": "command and the eval/ probe pipeline",
+    "classification.py": "estimator (eval/probes/) and task type (eval/tasks/)", "survival.py": "probes/ and tasks/",
+    "retrieval.py": "probes/ and tasks/", "robustness.py": "probes/ and tasks/",
+    "multimodal.py": "the model (models/) and its loss (objectives/)",
+    "omics.py": "preprocessing (data/) and encoders (models/)", "text.py": "tokenizer (data/) and encoder (models/)",
+}
+
+
+def test_no_two_modules_share_a_name_unless_the_folder_names_the_role():
+    names: dict[str, list[str]] = {}
+    for p in PKG.rglob("*.py"):
+        names.setdefault(p.name, []).append(str(p.relative_to(PKG)))
+    twins = {n: sorted(ps) for n, ps in names.items() if len(ps) > 1 and n not in ("__init__.py", "__main__.py")}
+    assert not set(twins) - set(ROLE_PAIRS), {n: twins[n] for n in set(twins) - set(ROLE_PAIRS)}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mmfm.cli import main
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from mmfm.cli import main
 from mmfm.cli.pipeline import (PIPELINES, CohortStep, HeatmapStep, Pipeline, heatmap_slides, load_pipeline, recipe,
                                similarity_to)
 from mmfm.config import ConfigError
-from mmfm.data.simulate import SimConfig
+from mmfm.simulate import SimConfig
 
 QUICK = str(PIPELINES / "demo_quick.yaml")
 

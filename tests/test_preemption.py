@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, pretrain_process, tiny_cohort
 from conftest import run_losses as losses
 from conftest import tiny_sets as sets
-from mmfm.train import config, loop, metrics
+from mmfm.train import config, loop, monitor
 from mmfm.train.checkpoint import Checkpointer
 
 cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per module
@@ -44,9 +44,9 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(cohor
 def test_nan_between_log_steps_stops_at_its_step_and_is_never_checkpointed(cohort, tmp_path):
     cfg = config.load_config(REPO / "configs/demo.yaml", sets(cohort, "train.steps=8", "train.log_every=4",
                                                              "train.ckpt_every=2", "train.inject_nan_step=3"))
-    with pytest.raises(metrics.NonFiniteError, match=r"non-finite value at step 3 in .*loss"):
+    with pytest.raises(monitor.NonFiniteError, match=r"non-finite value at step 3 in .*loss"):
         loop.pretrain(cfg, tmp_path / "run", device_prefetch=3)
     assert Checkpointer(tmp_path / "run", cfg.train, read_only=True).all_steps() == [2]
-    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]  # step 4 not logged
+    assert [r["step"] for r in monitor.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]  # step 4 not logged
     cfg = config.load_config(tmp_path / "run" / "config.yaml")
     assert json.loads((tmp_path / "run" / "splits.json").read_text())["train"]

@@ -6,7 +6,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from mmfm.eval import classification, fewshot
+from mmfm.eval.probes import classification, fewshot
 
 
 def _mann_whitney_auc(y, score):

@@ -15,7 +15,8 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-from mmfm.eval import classification, report, robustness, stats, survival
+from mmfm.eval import report, stats
+from mmfm.eval.probes import classification, robustness, survival
 from mmfm.eval.probe import probe
 from mmfm.eval.references import chance_level, role
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfm.eval import retrieval
+from mmfm.eval.probes import retrieval
 
 
 def _unit(angles_deg):

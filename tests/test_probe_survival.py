@@ -8,7 +8,7 @@ from lifelines.utils import concordance_index
 from sksurv.datasets import load_breast_cancer
 from sksurv.metrics import concordance_index_censored
 
-from mmfm.eval import survival
+from mmfm.eval.probes import survival
 
 
 def _gse7390():

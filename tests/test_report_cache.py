@@ -94,7 +94,7 @@ def test_model_on_cached_features_equals_model_on_tokens():
 def test_loader_emits_cached_features_and_falls_back_without_them(tmp_path, caplog):
     from mmfm.data.cohort import Cohort
     from mmfm.data.loader import LoaderConfig, case_presence, case_tensors
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
     from mmfm.models.text import TextConfig
     from mmfm.models.text_cache import fill_report_cache, sentence_features
 

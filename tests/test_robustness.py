@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from lifelines.datasets import load_lung
 
-from mmfm.eval import robustness
+from mmfm.eval.probes import robustness
 
 
 def _unit(angles_deg):

@@ -23,8 +23,8 @@ from sksurv.metrics import concordance_index_censored
 from mmfm.cli import main
 from mmfm.data.bags import grid_indices, read_bag, read_header
 from mmfm.data.cohort import Cohort, validate
-from mmfm.data.simulate import (DRIVERS, HAZARD_PROGRAMMES, HAZARD_SUBTYPE, HAZARD_TP53, PROGRAMMES, SUBTYPES,
-                                TILE_TYPES, SimConfig, simulate_cohort)
+from mmfm.simulate import DRIVERS, PROGRAMMES, SUBTYPES, TILE_TYPES, SimConfig, simulate_cohort
+from mmfm.simulate.latent import HAZARD_PROGRAMMES, HAZARD_SUBTYPE, HAZARD_TP53
 
 SMALL = dict(feature_dim=16, bag_size_median=60, n_genes=150, n_proteins=20)
 STATS = SimConfig(n_cases=300, seed=3, feature_dim=32, bag_size_median=120, bag_size_max=3000, n_genes=300,

@@ -17,10 +17,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from mmfm.data.bags import read_bag
-from mmfm.data.simulate import (HARDER, RISK_MEAN, RISK_SD, SUBTYPES, TILE_TYPES, TUMOUR_SIZE_RISK_CORR,
-                                TYPE_APPEARANCE, SimConfig, focal_region, missing_probability, simulate_cohort)
-from mmfm.data.truth import oracle_embedding, read_truth
 from mmfm.eval.references import attach_oracle
+from mmfm.simulate import (HARDER, SUBTYPES, TILE_TYPES, SimConfig, focal_region, missing_probability, oracle_embedding,
+                           read_truth, simulate_cohort)
+from mmfm.simulate.observation import RISK_MEAN, RISK_SD, TUMOUR_SIZE_RISK_CORR
+from mmfm.simulate.tile_features import TYPE_APPEARANCE
 
 SMALL = {"n_cases": 24, "feature_dim": 16, "bag_size_median": 80, "n_genes": 150, "n_proteins": 20}
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfm.data.importers import clinical, features, gdc_rna, maf
-from mmfm.data.importers.fixtures import write_gdc_download
+from mmfm.importers import clinical, features, gdc_rna, maf
+from mmfm.testing import write_gdc_download
 from mmfm.eval.probe import load_tasks
 
 COLUMN_KEYS = ("label", "labels", "time", "event", "site", "baseline")  # spec keys that name obs columns

@@ -18,7 +18,7 @@ from mmfm.models.abmil import ABMILConfig
 from mmfm.models.omics import OmicsConfig
 from mmfm.objectives import LogitParams, ObjectiveConfig, multimodal_loss
 from mmfm import config as mconfig
-from mmfm.train import checkpoint, config, metrics, optim, sharding
+from mmfm.train import checkpoint, config, monitor, optim, sharding
 from mmfm.train.loop import make_train_step
 from mmfm.train.sharding import MeshConfig
 from mmfm.train.state import TrainModule, init_state
@@ -230,26 +230,26 @@ def test_checkpoint_keeps_last_n_plus_best(tmp_path):
 # ----------------------------------------------------------------------------- monitoring
 
 def test_nan_guard_names_step_and_metric():
-    metrics.check_finite({"loss": 1.0, "grad_norm": 2.0}, 3)
-    with pytest.raises(metrics.NonFiniteError, match=r"step 7 in grad_norm, loss"):
-        metrics.check_finite({"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3}, 7)
+    monitor.check_finite({"loss": 1.0, "grad_norm": 2.0}, 3)
+    with pytest.raises(monitor.NonFiniteError, match=r"step 7 in grad_norm, loss"):
+        monitor.check_finite({"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3}, 7)
 
 
 def test_metrics_writer_jsonl_and_resume_truncation(tmp_path):
-    w = metrics.MetricsWriter(tmp_path, 10, progress=False)
+    w = monitor.MetricsWriter(tmp_path, 10, progress=False)
     for s in (1, 2, 3, 4):
         w.log(s, {"loss": 1.0 / s, "t/slide-rna": np.float32(10.0)})
     w.log(4, {"recall@1/slide->rna": 0.5}, file="eval.jsonl", prefix="eval")
     w.close()
-    rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    rows = monitor.read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[1]["loss"] == 0.5
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    w = metrics.MetricsWriter(tmp_path, 10, start_step=2, progress=False)  # resumed from the step-2 checkpoint
+    w = monitor.MetricsWriter(tmp_path, 10, start_step=2, progress=False)  # resumed from the step-2 checkpoint
     w.close()
-    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
-    assert metrics.read_jsonl(tmp_path / "eval.jsonl") == []
+    assert [r["step"] for r in monitor.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert monitor.read_jsonl(tmp_path / "eval.jsonl") == []
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1}) + "\n{\"step\": 2, \"lo")
-    assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1}]  # torn last line
+    assert monitor.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1}]  # torn last line
 
 
 # ----------------------------------------------------------------------------- held-out evaluation metrics

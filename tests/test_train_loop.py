@@ -15,7 +15,7 @@ from conftest import REPO, pretrain_process, tiny_cohort
 from conftest import run_losses as losses
 from conftest import tiny_sets as overrides
 from mmfm.data.batch import BatchShapes, random_batch
-from mmfm.train import config, load_for_inference, loop, metrics, rundir, sharding
+from mmfm.train import config, load_for_inference, loop, monitor, rundir, sharding
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.sharding import MeshConfig
 
@@ -65,7 +65,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cohort, jit_cache, t
     model, _, _ = load_for_inference(tmp_path / "run")
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert leaves and all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
-    assert [r["step"] for r in metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in monitor.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path, monk
     assert len(splits["heldout"]) == 12 and len(splits["val"]) == 12
     assert sum(map(len, parts)) == len(set.union(*parts)) == 48  # three disjoint partitions of every case
     assert sorted(evaluated) == splits["val"]  # evaluation during training never sees the probe-test cases
-    ev = metrics.read_jsonl(run / "eval.jsonl")
+    ev = monitor.read_jsonl(run / "eval.jsonl")
     assert [r["step"] for r in ev] == [2, 4]
     assert all(0 <= r["recall@1/slide->rna"] <= r["recall@5/slide->rna"] <= r["recall@10/slide->rna"] <= 1
                for r in ev)

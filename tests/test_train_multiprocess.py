@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfm.train import metrics
+from mmfm.train import monitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "multiprocess"))
 from launch import launch  # noqa: E402
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from mmfm.data.simulate import SimConfig, simulate_cohort
+    from mmfm.simulate import SimConfig, simulate_cohort
 
     out = tmp_path_factory.mktemp("mp") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=40, n_sites=3, feature_dim=16, n_genes=32, n_proteins=8,
@@ -45,13 +45,13 @@ def test_two_processes_match_one_process_with_two_devices(cohort, tmp_path):
     assert one.returncode == 0, one.stdout + one.stderr
     two_env = json.loads((tmp_path / "two" / "env.json").read_text())
     assert two_env["process_count"] == 2 and len(two_env["devices"]) == 2
-    a = metrics.read_jsonl(tmp_path / "two" / "metrics.jsonl")
-    b = metrics.read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    a = monitor.read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    b = monitor.read_jsonl(tmp_path / "one" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-4)
-    ea = metrics.read_jsonl(tmp_path / "two" / "eval.jsonl")[-1]
-    eb = metrics.read_jsonl(tmp_path / "one" / "eval.jsonl")[-1]
+    ea = monitor.read_jsonl(tmp_path / "two" / "eval.jsonl")[-1]
+    eb = monitor.read_jsonl(tmp_path / "one" / "eval.jsonl")[-1]
     assert ea["n_cases/slide-rna"] == eb["n_cases/slide-rna"] >= 5
     np.testing.assert_allclose(ea["recall@5/slide->rna"], eb["recall@5/slide->rna"])
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmfm.train import metrics, paths, preempt, sharding
+from mmfm.train import monitor, paths, preempt, sharding
 from mmfm.train.prefetch import DevicePrefetcher
 
 
@@ -69,7 +69,7 @@ def test_prefetch_raises_the_loaders_error_in_the_consumer_and_closes_when_full(
 
 
 def test_nonfinite_watch_reports_the_first_bad_step_without_syncing_each_step():
-    watch = metrics.NonFiniteWatch()
+    watch = monitor.NonFiniteWatch()
     snaps = []
     for step, loss in enumerate([1.0, 0.5, np.nan, 0.2, np.inf], start=1):
         watch.update({"loss": jnp.float32(loss), "lr": jnp.float32(1e-3), "t": {"slide-rna": jnp.float32(step)},
@@ -80,9 +80,9 @@ def test_nonfinite_watch_reports_the_first_bad_step_without_syncing_each_step():
     first, values = jax.device_get(snaps[4])
     assert int(first) == 3 and np.isnan(values["loss"]) and values["t/slide-rna"] == 3.0  # the first bad step kept
     assert watch.first_bad_step() == 3
-    with pytest.raises(metrics.NonFiniteError, match=r"non-finite value at step 3 in loss \(e\.g\. loss=nan\)"):
+    with pytest.raises(monitor.NonFiniteError, match=r"non-finite value at step 3 in loss \(e\.g\. loss=nan\)"):
         watch.check()
-    clean = metrics.NonFiniteWatch()
+    clean = monitor.NonFiniteWatch()
     clean.update({"loss": jnp.float32(1.0)}, 1)
     clean.check()
     assert clean.first_bad_step() is None
@@ -140,12 +140,12 @@ def test_run_files_and_metrics_go_through_epath_to_a_gs_url(tmp_path):
         rundir.prepare(out, resume=False)
         rundir.write_splits(out, {"train": ["c1", "c2"], "val": [], "heldout": ["c3"]}, DataConfig())
         rundir.save_transforms(out / "transforms", {"rna": tr, "protein": None})
-        w = metrics.MetricsWriter(run, 10, progress=False, flush_every_s=3600, tensorboard=False)
+        w = monitor.MetricsWriter(run, 10, progress=False, flush_every_s=3600, tensorboard=False)
         w.log(1, {"loss": 2.0})
         w.log(2, {"loss": np.float32(1.5)})
         assert not (out / "metrics.jsonl").exists()  # buffered until a flush (every checkpoint, close)
         w.flush()
-        assert metrics.read_jsonl(run + "/metrics.jsonl") == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+        assert monitor.read_jsonl(run + "/metrics.jsonl") == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
         assert rundir.read_splits(run)["heldout"] == ["c3"]
         got = rundir.load_transforms(run + "/transforms")["rna"]
         with pytest.raises(rundir.RunDirError, match="run directory is not empty"):

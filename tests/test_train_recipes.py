@@ -12,7 +12,7 @@ from mmfm import MODALITIES
 from mmfm.train import config, loop, optim, sharding, state
 from mmfm.train.sharding import MeshConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if p.stem != "base")
 SHRINK = ["loader.batch_size=8", "loader.tiles_per_slide=16", "loader.n_genes=32", "loader.report_max_len=16",
           "model.embed_dim=16", "model.slide.abmil.hidden=16", "model.slide.abmil.attn_dim=8",
           "model.slide.transformer.width=32", "model.slide.transformer.depth=2", "model.slide.transformer.n_heads=2",

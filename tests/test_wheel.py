@@ -37,7 +37,8 @@ def installed(tmp_path_factory):
 
 def test_wheel_ships_recipes_and_task_files(installed):
     _, names = installed
-    for f in ("demo.yaml", "tangle_like.yaml", "tasks/demo.yaml", "pipelines/demo.yaml", "pipelines/demo_quick.yaml"):
+    for f in ("base.yaml", "demo.yaml", "demo_report.yaml", "tangle_like.yaml", "tasks/demo.yaml",
+              "tasks/demo_report.yaml", "pipelines/demo.yaml", "pipelines/demo_quick.yaml"):  # with what they inherit
         assert f"mmfm/configs/{f}" in names
 
 

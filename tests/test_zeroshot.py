@@ -179,7 +179,7 @@ def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path):
     from mmfm.data.cohort import Cohort
     from mmfm.eval.embed import EmbedConfig, embed
     from mmfm.eval.text_tower import encode_text, load_tower
-    from mmfm.eval.truth import join_truth
+    from mmfm.simulate.truth import join_truth
 
     cohort_dir, run_dir = run
     held = json.loads((run_dir / "splits.json").read_text())["heldout"]
@@ -210,7 +210,7 @@ def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path):
 
 
 def test_join_truth_labels_only_cases_with_a_report(tmp_path):
-    from mmfm.eval.truth import join_truth
+    from mmfm.simulate.truth import join_truth
 
     (tmp_path / "truth").mkdir()
     pd.DataFrame({"case_id": ["a", "b", "c"], "has_report": [True, False, True],

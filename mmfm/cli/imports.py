@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfm.data.importers import IMPORTERS, ImportDataError, features
+from mmfm.importers import IMPORTERS, ImportDataError, features
 
 DESCRIPTION = """\
 Create or extend a cohort directory from what a lab downloaded: GDC STAR gene counts (+ sample sheet) or

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mmfm.config import ConfigError, apply_override, decode, merge, read_yaml
-from mmfm.data.simulate import SimConfig
+from mmfm.config import ConfigError, apply_override, decode, inherit, merge, read_yaml
+from mmfm.simulate import SimConfig
 from mmfm.eval.tasks import load_tasks
 from mmfm.io import write_text
 from mmfm.train.config import RunConfig
@@ -84,15 +84,18 @@ FILE_PATHS = (("pretrain", "recipe"), ("probe", "tasks"))  # relative to the pip
 
 
 def read_pipeline(path: str | Path) -> dict:
-    """A pipeline file as a mapping: its `base:` chain merged key by key, file paths made absolute."""
-    path = Path(path)
-    raw = read_yaml(path)
+    """A pipeline file as a mapping: its `base:` chain merged key by key (`mmfm.config.inherit`), the files each
+    document names made absolute relative to that document first."""
+    return inherit(path, merge, prepare=_absolute_paths)
+
+
+def _absolute_paths(path: Path, raw: dict) -> dict:
+    raw = dict(raw)
     for section, key in FILE_PATHS:
         value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
         if value:
             raw[section] = {**raw[section], key: str((path.parent / value).resolve())}
-    parent = raw.pop("base", None)
-    return merge(read_pipeline(path.parent / parent), raw) if parent else raw
+    return raw
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
@@ -189,7 +192,7 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
 
 def cohort(p: Pipeline, out: Path) -> tuple[Path, str]:
     """The cohort folder: the existing one, or one simulated per simulator config (same config resumes)."""
-    from mmfm.data.simulate import simulate_cohort
+    from mmfm.simulate import simulate_cohort
 
     if p.cohort.path:
         return Path(p.cohort.path), f"cohort {p.cohort.path} (existing, not simulated)"
@@ -230,7 +233,7 @@ def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first
     baselines do not depend on the pretraining seed: embedded for the first seed, copied to the others."""
     from mmfm.eval.embed import EmbedConfig, embed
     from mmfm.eval.references import attach_oracle
-    from mmfm.eval.truth import join_truth
+    from mmfm.simulate.truth import join_truth
     from mmfm.io import write_h5ad
 
     adata, slides = embed(run_dir, cohort_dir, path, case_ids=held,
@@ -373,7 +376,7 @@ def training_curves(run_dir: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmfm.train.metrics import read_jsonl
+    from mmfm.train.monitor import read_jsonl
 
     m = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
     e = pd.DataFrame(read_jsonl(run_dir / "eval.jsonl")) if (run_dir / "eval.jsonl").exists() else pd.DataFrame()

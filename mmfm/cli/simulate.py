@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmfm.config import narrow
-from mmfm.data.simulate import SimConfig, simulate_cohort
+from mmfm.simulate import SimConfig, simulate_cohort
 
 DESCRIPTION = """\
 Simulate a cohort directory (cases.csv, slides.csv, TRIDENT h5 bags, rna.h5ad, protein.h5ad, reports.jsonl)

@@ -1,1 +1,3 @@
-"""Cohort contract, simulator, omics preprocessing, splits and the tile-bag loader."""
+"""The cohort contract (cohort, bags, TCGA barcodes), sampling, splits, omics transforms and the tile-bag loader.
+
+Producers of cohorts (mmfm.simulate, mmfm.importers) sit above this package and write what it reads."""

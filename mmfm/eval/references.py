@@ -14,7 +14,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from mmfm.data.truth import oracle_embedding
+from mmfm.simulate.truth import oracle_embedding
 
 ROLES = ("baseline", "model", "oracle")
 CHANCE = {"auroc": 0.5, "c_index": 0.5, "uno_c": 0.5, "td_auc": 0.5, "kappa": 0.0}

@@ -10,7 +10,7 @@ Stable entry points (used by `mmfm embed` / `mmfm demo`):
 from mmfm.train.config import ConfigError, RunConfig, load_config
 from mmfm.train.loop import PretrainResult, pretrain
 from mmfm.train.rundir import RunDirError, load_for_inference
-from mmfm.train.metrics import NonFiniteError
+from mmfm.train.monitor import NonFiniteError
 
 __all__ = ["ConfigError", "NonFiniteError", "PretrainResult", "RunConfig", "RunDirError", "load_config",
            "load_for_inference", "pretrain"]

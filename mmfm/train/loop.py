@@ -38,7 +38,7 @@ from mmfm.objectives import multimodal_loss
 from mmfm.train import evaluate, rundir
 from mmfm.train.checkpoint import Checkpointer, gather_json
 from mmfm.train.config import ConfigError, RunConfig, load_config
-from mmfm.train.metrics import MetricsWriter, NonFiniteWatch, check_finite
+from mmfm.train.monitor import MetricsWriter, NonFiniteWatch, check_finite
 from mmfm.train.optim import make_optimizer, schedule
 from mmfm.train.paths import run_path
 from mmfm.train.preempt import Preempted, StopRequest

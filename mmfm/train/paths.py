@@ -5,18 +5,19 @@ and the two writers below, so `--out gs://bucket/run` works for checkpoints, met
 (remote schemes need their epath backend installed: `pip install gcsfs` for `gs://`). Cohorts are *not* run
 directories: they are read with memory-mapped HDF5 and stay on a file system (local disk or shared NFS/Lustre).
 
-Writes are whole-file and atomic: the text goes to a hidden temporary name beside the target, then
-`replace` moves it over — `os.replace` on a file system; on an object store each object appears whole anyway.
-Nothing appends, because object stores cannot.
+Writes are whole-file and atomic: on a file system through the package's one atomic writer (`mmfm.io`: a hidden
+temporary name beside the target, then `os.replace`); on an object store an object appears whole when its upload
+completes, so it is written directly. Nothing appends, because object stores cannot.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 
 from etils import epath
+
+from mmfm import io
 
 
 def run_path(path: str | os.PathLike) -> epath.Path:
@@ -26,16 +27,13 @@ def run_path(path: str | os.PathLike) -> epath.Path:
 
 
 def write_text(path: epath.Path, text: str) -> None:
-    """Atomic whole-file write (temporary sibling, then replace); creates the parent directory."""
+    """Atomic whole-file write; creates the parent directory."""
     path = run_path(path)
+    if "://" not in os.fspath(path):  # a file system (local, NFS, Lustre)
+        io.write_text(path, text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    path.write_text(text)
 
 
 def write_json(path: epath.Path, obj, indent: int | None = 2) -> None:

@@ -29,7 +29,7 @@ from mmfm.config import ConfigError, decode, to_dict
 from mmfm.data.batch import BatchShapes
 from mmfm.train.checkpoint import Checkpointer
 from mmfm.train.config import RunConfig, check, dump_config
-from mmfm.train.metrics import read_jsonl
+from mmfm.train.monitor import read_jsonl
 from mmfm.train.optim import make_optimizer
 from mmfm.train.paths import read_json, run_path, write_json, write_text
 from mmfm.train.sharding import make_mesh

@@ -46,9 +46,8 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
 
-from mmfm.config import ConfigError, decode
+from mmfm.config import ConfigError, decode, inherit, merge
 from mmfm.eval.tasks import classification, retrieval, robustness, survival, zeroshot
 from mmfm.eval.tasks.base import TaskError, TaskSpec, TaskType
 
@@ -85,14 +84,17 @@ def decode_task(raw, where: str) -> TaskSpec:
 
 
 def load_tasks(source: str | Path | list) -> list[TaskSpec]:
-    """Tasks from a YAML file (a list, or a mapping with key `tasks`) or from a list of dicts / specs."""
+    """Tasks from a YAML file (a list, or a mapping with key `tasks`) or from a list of dicts / specs.
+
+    A file that is a mapping may name `base: OTHER.yaml` (relative to it): it gets the base's tasks, a task of the
+    same name deep-merged with its own entry (so it states only what differs), new names appended in order."""
     where = "tasks"
     if isinstance(source, (str, Path)):
         where = str(source)
         try:
-            source = yaml.safe_load(Path(source).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise TaskError(f"{where}: cannot read tasks: {e}") from e
+            source = inherit(source, _merge_tasks)
+        except ConfigError as e:
+            raise TaskError(f"cannot read tasks: {e}") from e
         if isinstance(source, dict):
             if "tasks" not in source:
                 raise TaskError(f"{where}: expected a list of tasks or a mapping with key 'tasks'")
@@ -104,3 +106,16 @@ def load_tasks(source: str | Path | list) -> list[TaskSpec]:
     if dupes:
         raise TaskError(f"{where}: duplicate task names {dupes}")
     return specs
+
+
+def _merge_tasks(base: list | dict, top: dict) -> dict:
+    """A task file over its base: tasks merge by name (see `load_tasks`), other keys as in `mmfm.config.merge`."""
+    tasks = list(base.get("tasks") or []) if isinstance(base, dict) else list(base)
+    names = [t.get("name") if isinstance(t, dict) else None for t in tasks]
+    for t in top.get("tasks") or []:
+        name = t.get("name") if isinstance(t, dict) else None
+        if name is not None and name in names:
+            tasks[names.index(name)] = merge(tasks[names.index(name)], t)
+        else:
+            tasks.append(t)
+    return {**(merge(base, top) if isinstance(base, dict) else top), "tasks": tasks}

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from mmfm.eval import classification, fewshot
+from mmfm.eval.probes import classification, fewshot
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskError, case_features, case_values, fold_sides,
                                   label_target, result_key)
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 import numpy as np
 
-from mmfm.eval import retrieval
 from mmfm.eval import folds as folds_mod
+from mmfm.eval.probes import retrieval
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, case_features, case_values, fold_sides, label_target,
                                   result_key, row_features, row_groups)
 

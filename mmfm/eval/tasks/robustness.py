@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mmfm.eval import report, retrieval, robustness
+from mmfm.eval import report
+from mmfm.eval.probes import retrieval, robustness
 from mmfm.eval.tasks.base import Collector, Target, TaskError, TaskSpec, column, result_key, row_features, row_groups
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mmfm.data.splits import survival_strata
-from mmfm.eval import survival
+from mmfm.eval.probes import survival
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskError, case_features, case_values, fold_sides,
                                   result_key)
 

@@ -12,8 +12,8 @@ writes `imports/<source>.json` (matched / unmatched / duplicates / the rules app
 TCGA ids are parsed by `mmfm.data.tcga`.
 """
 
-from mmfm.data.importers import clinical, features, gdc_protein, gdc_rna, maf, reports
-from mmfm.data.importers.common import ImportDataError, ImportReport
+from mmfm.importers import clinical, features, gdc_protein, gdc_rna, maf, reports
+from mmfm.importers.common import ImportDataError, ImportReport
 
 IMPORTERS = {
     "gdc-rna": (gdc_rna.GdcRnaConfig, gdc_rna.run),

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmfm.data import tcga
-from mmfm.data.importers.common import ImportDataError, ImportReport
+from mmfm.importers.common import ImportDataError, ImportReport
 
 RULE_TEXT = {
     "first": "one sample per case: lowest sample-type code (01 primary tumour first), then lowest vial, portion, "

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from mmfm.data import tcga
-from mmfm.data.importers import aliquots
-from mmfm.data.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
+from mmfm.importers import aliquots
+from mmfm.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
                                         partial_files, read_csv_str, update_cases)
-from mmfm.data.importers.sample_sheet import match_files, read_sample_sheet
+from mmfm.importers.sample_sheet import match_files, read_sample_sheet
 from mmfm.io import write_h5ad
 
 RPPA_COLUMNS = ("AGID", "lab_id", "catalog_number", "set_id", "peptide_target", "protein_expression")

@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from mmfm.data import tcga
-from mmfm.data.importers import aliquots
-from mmfm.data.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
+from mmfm.importers import aliquots
+from mmfm.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
                                         partial_files, read_csv_str, update_cases)
-from mmfm.data.importers.sample_sheet import match_files, read_sample_sheet
+from mmfm.importers.sample_sheet import match_files, read_sample_sheet
 from mmfm.io import write_h5ad
 
 STAR_COLUMNS = ("gene_id", "gene_name", "gene_type", "unstranded", "stranded_first", "stranded_second",

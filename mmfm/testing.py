@@ -1,4 +1,7 @@
-"""A tiny GDC/TCGA-style download written in the published formats, for tests and the notebook (never downloaded).
+"""Test fixtures shipped with the package: a tiny GDC/TCGA-style download written in the published formats, so the
+tests, notebooks/03_from_gdc_download.ipynb and a user checking an importer can run the importers offline
+(nothing is downloaded). `write_gdc_download(root)` writes it; `ANTIBODIES`, `ROSTER` say what it holds.
+Nothing in the package imports this module (tests/test_layers.py: it sits above every layer).
 
 Six named cases over TCGA-BRCA and TCGA-LUAD carry the awkward situations real downloads have (see ROSTER), plus
 `n_extra` ordinary cases. Values share one latent state per case (tile features, RNA, protein, survival and

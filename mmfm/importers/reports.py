@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmfm.data import tcga
-from mmfm.data.importers.common import (ImportDataError, ImportReport, dumps, ensure_cohort, finish, input_files,
+from mmfm.importers.common import (ImportDataError, ImportReport, dumps, ensure_cohort, finish, input_files,
                                         read_csv_str, update_cases)
 from mmfm.io import write_text
 

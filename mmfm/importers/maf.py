@@ -29,10 +29,10 @@ from typing import Literal
 import pandas as pd
 
 from mmfm.data import tcga
-from mmfm.data.importers import aliquots
-from mmfm.data.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
+from mmfm.importers import aliquots
+from mmfm.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
                                         read_csv_str, update_cases)
-from mmfm.data.importers.sample_sheet import match_files, read_sample_sheet
+from mmfm.importers.sample_sheet import match_files, read_sample_sheet
 
 NON_SILENT = ("Missense_Mutation", "Nonsense_Mutation", "Frame_Shift_Del", "Frame_Shift_Ins", "In_Frame_Del",
               "In_Frame_Ins", "Splice_Site", "Translation_Start_Site", "Nonstop_Mutation")

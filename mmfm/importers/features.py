@@ -30,7 +30,7 @@ import yaml
 
 from mmfm.data import tcga
 from mmfm.data.bags import patch_size_level0, read_header, write_bag
-from mmfm.data.importers.common import (PLACEHOLDER_ENCODER, ImportDataError, ImportReport, ensure_cohort, finish,
+from mmfm.importers.common import (PLACEHOLDER_ENCODER, ImportDataError, ImportReport, ensure_cohort, finish,
                                         input_files, read_csv_str, update_cases, write_csv)
 from mmfm.io import write_text
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfm.eval import classification
+from mmfm.eval.probes import classification
 
 SHOTS = (1, 2, 4, 8, 16, 25)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from mmfm.data import tcga
-from mmfm.data.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, read_csv_str,
+from mmfm.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, read_csv_str,
                                         update_cases)
 
 ENDPOINTS = ("OS", "DSS", "DFI", "PFI")

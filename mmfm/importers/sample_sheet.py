@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmfm.data import tcga
-from mmfm.data.importers.common import ImportDataError, ImportReport
+from mmfm.importers.common import ImportDataError, ImportReport
 
 REQUIRED = ("File ID", "File Name", "Project ID", "Case ID", "Sample ID")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
