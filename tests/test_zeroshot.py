@@ -199,8 +199,8 @@ def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path):
     np.testing.assert_allclose(scores.to_numpy()[ok], unit(cases.obsm["slide"][ok]) @ cls.T, atol=1e-5)
     assert list(scores.columns) == ["g1", "g3"] and np.isnan(scores.to_numpy()[~ok]).all()
 
-    tasks = [t for t in yaml.safe_load((REPO / "configs/tasks/demo_report.yaml").read_text())
-             if t["name"] == "necrosis (zero-shot)"]
+    tasks = [t for t in load_tasks(REPO / "configs/tasks/demo_report.yaml") if t.name == "necrosis (zero-shot)"]
+    assert len(tasks) == 1
     tasks.append({"name": "xmodal", "type": "retrieval", "pairs": [["slide", "report"], ["report", "slide"]]})
     r = probe(join_truth(cases, cohort_dir), tasks, tmp_path / "probe", n_bootstrap=10, plots=False)
     zs = r.results[r.results.type == "zeroshot"]
