@@ -97,6 +97,7 @@ class Fitted:
     bins: np.ndarray | None = None  # survival 'nll' inner bin edges
     steps: int = 0
     train_s: float = 0.0
+    epoch_s: list[float] = field(default_factory=list)  # training time of each epoch (validation excluded)
 
 
 # ---------------------------------------------------------------- batches
@@ -250,15 +251,15 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
     step, tx = _step_fn(graphdef, kind, frozen, cfg.weight_decay)
-    enc, head, rest = jax.device_put((enc, head, rest), replicated)
+    enc, head, rest = jax.device_put((enc, head, rest), replicated, may_alias=False)  # the caller keeps its model
     opt_enc, opt_head = jax.device_put((tx.init(enc), tx.init(head)), replicated)
     class_w = balanced_weights(tr.y, n_classes) if kind == "class" else np.zeros(1, np.float32)
     loss = loss_fn(kind)
     va_batch = {**{k: jnp.asarray(v) for k, v in out_va.items()}, "valid": jnp.ones(len(va.ids), jnp.float32)}
 
-    best, history, steps = None, [], 0
+    best, history, steps, epoch_s = None, [], 0, []
     for epoch in range(1, cfg.epochs + 1):
-        losses = []
+        losses, t_epoch = [], time.perf_counter()
         for batch in epoch_batches(tr, rows, cfg, rng, out_tr):
             lr = float(sched(steps))
             aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
@@ -267,6 +268,8 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
                                                              jax.device_put(batch, sharded), aux)
             losses.append(value)
             steps += 1
+        jax.block_until_ready(losses)
+        epoch_s.append(time.perf_counter() - t_epoch)
         current = nnx.merge(graphdef, enc, head, rest)
         val_loss = float(loss(jnp.asarray(predict(current, va, cfg)), va_batch, {"class_w": jnp.asarray(class_w)}))
         history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))), "val_loss": val_loss})
@@ -274,7 +277,8 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
             best = (epoch, val_loss, jax.device_get((enc, head, rest)))
         log.debug("mil epoch %d: train %.4f val %.4f", epoch, history[-1]["train_loss"], val_loss)
     epoch, _, (enc, head, rest) = best
-    return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0)
+    return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0,
+                  epoch_s)
 
 
 def head_size(kind: Kind, n_classes: int, cfg: MilConfig) -> int:
