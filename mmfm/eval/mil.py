@@ -251,7 +251,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
     step, tx = _step_fn(graphdef, kind, frozen, cfg.weight_decay)
-    enc, head, rest = jax.device_put((enc, head, rest), replicated, may_alias=False)  # the caller keeps its model
+    enc, head, rest = jax.device_put((enc, head, rest), replicated)
     opt_enc, opt_head = jax.device_put((tx.init(enc), tx.init(head)), replicated)
     class_w = balanced_weights(tr.y, n_classes) if kind == "class" else np.zeros(1, np.float32)
     loss = loss_fn(kind)

@@ -146,6 +146,7 @@ class _Encoders:
 
     def build(self, init: str, seed: int):
         """(encoder, encoder lr scale, warm-up epochs, frozen)."""
+        import jax
         import jax.numpy as jnp
         from flax import nnx
 
@@ -160,7 +161,8 @@ class _Encoders:
         if init == "scratch":
             return build_slide_encoder(self._slide_cfg, self.feature_dim, dtype=jnp.float32,
                                        rngs=nnx.Rngs(seed)), 1.0, 0.0, False
-        enc = nnx.merge(*self._pretrained)
+        graphdef, state = self._pretrained
+        enc = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))  # training donates its buffers
         if init == "finetune":
             return enc, cfg.encoder_lr_scale, cfg.warmup_epochs, False
         return enc, 0.0, 0.0, True
