@@ -1,8 +1,9 @@
 """Supervised MIL training for the `mil` probes: tile bags → slide encoder → case → head, one fold at a time.
 
 Settings (every one a key of the task's `train:` mapping, `MilConfig`) come from the literature, not from the test
-folds: AdamW lr 2e-4 and weight decay 1e-5 (CLAM's documented recipe, Lu et al. 2021; Patch-GCN), dropout 0.25 and
-sizes 512/256 (CLAM), 20 epochs with a cosine schedule and at most 2048 tiles sampled per slide per step
+folds: AdamW lr 2e-4 per bag (√B-scaled for B bags per step) and weight decay 1e-5 (CLAM's documented recipe,
+Lu et al. 2021; Patch-GCN), dropout 0.25 and sizes 512/256 (CLAM), 20 epochs with a cosine schedule and at most
+2048 tiles sampled per slide per step
 (Patho-Bench's ABMIL-from-scratch fine-tune config), class-balanced cross-entropy (Patho-Bench). Unlike
 Patho-Bench (fixed epochs, last checkpoint — which its users report overfits), the epoch is chosen on an inner
 validation split of the TRAINING fold (lowest validation loss, CLAM's criterion); the test fold is predicted once.
@@ -55,6 +56,7 @@ class MilConfig:
     attn_dim: int = 256  # abmil: gated attention width (CLAM 'small')
     max_tiles: int = 2048  # tiles sampled per slide per training step (Patho-Bench); evaluation uses every tile
     batch_size: int = 8  # slide rows per step (rounded up to a multiple of the device count)
+    lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr is for one bag per step; B rows per step use lr·√B
     val_folds: int = 5  # 1/val_folds of the training fold (patient-level, stratified) chooses the epoch
     encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr × this
     warmup_epochs: float = 1.0  # finetune: linear warm-up of every lr, then cosine
@@ -173,9 +175,12 @@ def loss_fn(kind: Kind) -> Callable[[jax.Array, dict, dict], jax.Array]:
     return lambda out, b, aux: cox_nll(out[:, 0], b["time"], b["event"], b["valid"])
 
 
-def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up (if any), then cosine to 0 at the last step (Patho-Bench's cosine schedule)."""
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else cfg.lr, cfg.lr, warmup_steps,
+def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int, rows: int) -> optax.Schedule:
+    """Linear warm-up (if any), then cosine to 0 at the last step (Patho-Bench's cosine schedule). The literature's
+    rates are for one bag per step; `rows` bags per step take lr·√rows, the square-root scaling rule for Adam
+    (Malladi et al. 2022), so an epoch of B-bag steps moves the weights about as far as B single-bag steps."""
+    lr = cfg.lr * (np.sqrt(rows) if cfg.lr_scaling == "sqrt" else 1.0)
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
                                               max(total_steps, warmup_steps + 1))
 
 
@@ -244,7 +249,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     rows = _rows_per_step(cfg, max(len(b) for b in tr.bags))
     rng = np.random.default_rng(seed)
     n_steps = len(epoch_batches(tr, rows, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
-    sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)))
+    sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), rows)
     enc_scale = 0.0 if frozen else encoder_lr_scale
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
