@@ -1,8 +1,9 @@
 """Supervised MIL training for the `mil` probes: tile bags → slide encoder → case → head, one fold at a time.
 
 Settings (every one a key of the task's `train:` mapping, `MilConfig`) come from the literature, not from the test
-folds: AdamW lr 2e-4 per bag (√B-scaled for B bags per step) and weight decay 1e-5 (CLAM's documented recipe,
-Lu et al. 2021; Patch-GCN), dropout 0.25 and sizes 512/256 (CLAM), 20 epochs with a cosine schedule and at most
+folds: one case per step (CLAM and Patho-Bench train with batch size 1), AdamW lr 2e-4 and weight decay 1e-5
+(CLAM's documented recipe, Lu et al. 2021; Patch-GCN), dropout 0.25 and sizes 512/256 (CLAM), 20 epochs with a
+cosine schedule and at most
 2048 tiles sampled per slide per step
 (Patho-Bench's ABMIL-from-scratch fine-tune config), class-balanced cross-entropy (Patho-Bench). Unlike
 Patho-Bench (fixed epochs, last checkpoint — which its users report overfits), the epoch is chosen on an inner
@@ -11,9 +12,12 @@ validation split of the TRAINING fold (lowest validation loss, CLAM's criterion)
 Patho-Bench's 2.5e-5 for pretrained slide encoders) after a linear warm-up of `warmup_epochs` (Patho-Bench: one);
 the fresh head keeps lr. `frozen` trains the head only.
 
-Fast path: a step takes `batch_size` slide rows of one length bucket (power of two ≥ the longest sampled slide in
-the batch; masks on padding), runs as one jitted step with donated parameters and optimiser state, its rows
-sharded over every local device (data parallel, parameters replicated). Evaluation reads every tile of every
+One case per step matters: batches of 8 cases (lr·√8) made 8× fewer updates and left ABMIL below the mean-pool
+linear probe on the default simulated cohort, where one case per step beats it (tests/test_mil.py).
+
+Fast path: a step takes `batch_size` cases of one length bucket (power of two ≥ the longest sampled slide;
+masks on padding), their slides as rows, as one jitted step with donated parameters and optimiser state; with
+`batch_size` > 1 the rows are sharded over the local devices (data parallel, parameters replicated). Evaluation reads every tile of every
 slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several slides is the
 mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches, same result.
 """
@@ -55,8 +59,8 @@ class MilConfig:
     hidden: int = 512  # abmil: tile features → hidden (CLAM 'small')
     attn_dim: int = 256  # abmil: gated attention width (CLAM 'small')
     max_tiles: int = 2048  # tiles sampled per slide per training step (Patho-Bench); evaluation uses every tile
-    batch_size: int = 8  # slide rows per step (rounded up to a multiple of the device count)
-    lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr is for one bag per step; B rows per step use lr·√B
+    batch_size: int = 1  # cases per step: 1 = CLAM / Patho-Bench (one bag per step); more: data parallel
+    lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr is for one case per step; B cases per step use lr·√B
     val_folds: int = 5  # 1/val_folds of the training fold (patient-level, stratified) chooses the epoch
     encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr × this
     warmup_epochs: float = 1.0  # finetune: linear warm-up of every lr, then cosine
@@ -105,15 +109,17 @@ class Fitted:
 # ---------------------------------------------------------------- batches
 
 
-def _rows_per_step(cfg: MilConfig, max_slides: int) -> int:
+def _n_devices(cfg: MilConfig) -> int:
+    """Devices a step shards its rows over: the most that divide the device count and have a case each (one case
+    per step runs on one device — no padded rows)."""
     n_dev = jax.device_count()
-    rows = max(cfg.batch_size, max_slides)
-    return -(-rows // n_dev) * n_dev
+    return max(d for d in range(1, n_dev + 1) if n_dev % d == 0 and d <= cfg.batch_size)
 
 
-def epoch_batches(cases: CaseSet, rows: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict) -> list[dict]:
+def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict) -> list[dict]:
     """One epoch of padded batches: cases shuffled, grouped by the length bucket of their longest sampled slide,
-    packed `rows` slide rows per batch, batch order shuffled. `outcome`: per-case arrays placed in case slots."""
+    packed `cfg.batch_size` cases per batch (rows: their slides, rounded up to a multiple of `n_dev`), batch order
+    shuffled. `outcome`: per-case arrays placed in case slots."""
     picks, bucket = [], []
     for bags in cases.bags:
         idx = [sample_tiles(len(b.features), min(len(b.features), cfg.max_tiles), rng)[0] for b in bags]
@@ -122,12 +128,13 @@ def epoch_batches(cases: CaseSet, rows: int, cfg: MilConfig, rng: np.random.Gene
     groups: dict[int, list[list[int]]] = {}
     for c in rng.permutation(len(cases.ids)):
         chunks = groups.setdefault(bucket[c], [[]])
-        if sum(len(cases.bags[j]) for j in chunks[-1]) + len(cases.bags[c]) > rows:
+        if len(chunks[-1]) == cfg.batch_size:
             chunks.append([])
         chunks[-1].append(int(c))
     batches = [(length, chunk) for length, chunks in groups.items() for chunk in chunks]
     order = rng.permutation(len(batches))
-    return [_pack(cases, picks, *batches[i], rows, outcome) for i in order]
+    rows = lambda chunk: -(-sum(len(cases.bags[c]) for c in chunk) // n_dev) * n_dev  # noqa: E731
+    return [_pack(cases, picks, length, chunk, rows(chunk), outcome) for length, chunk in (batches[i] for i in order)]
 
 
 def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outcome: dict) -> dict:
@@ -175,11 +182,11 @@ def loss_fn(kind: Kind) -> Callable[[jax.Array, dict, dict], jax.Array]:
     return lambda out, b, aux: cox_nll(out[:, 0], b["time"], b["event"], b["valid"])
 
 
-def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int, rows: int) -> optax.Schedule:
+def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int, cases: int) -> optax.Schedule:
     """Linear warm-up (if any), then cosine to 0 at the last step (Patho-Bench's cosine schedule). The literature's
-    rates are for one bag per step; `rows` bags per step take lr·√rows, the square-root scaling rule for Adam
-    (Malladi et al. 2022), so an epoch of B-bag steps moves the weights about as far as B single-bag steps."""
-    lr = cfg.lr * (np.sqrt(rows) if cfg.lr_scaling == "sqrt" else 1.0)
+    rates are for one case per step; `cases` per step take lr·√cases, the square-root scaling rule for Adam
+    (Malladi et al. 2022). That rule does not restore the number of updates: B cases per step make B× fewer."""
+    lr = cfg.lr * (np.sqrt(cases) if cfg.lr_scaling == "sqrt" else 1.0)
     return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
                                               max(total_steps, warmup_steps + 1))
 
@@ -246,13 +253,13 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     t0 = time.perf_counter()
     bins = time_bins(tr.time, tr.event, cfg.n_bins) if kind == "nll" else None
     out_tr, out_va = outcome_arrays(kind, tr, bins), outcome_arrays(kind, va, bins)
-    rows = _rows_per_step(cfg, max(len(b) for b in tr.bags))
+    n_dev = _n_devices(cfg)
     rng = np.random.default_rng(seed)
-    n_steps = len(epoch_batches(tr, rows, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
-    sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), rows)
+    n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
+    sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
     enc_scale = 0.0 if frozen else encoder_lr_scale
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_dev])
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
     step, tx = _step_fn(graphdef, kind, frozen, cfg.weight_decay)
@@ -265,7 +272,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     best, history, steps, epoch_s = None, [], 0, []
     for epoch in range(1, cfg.epochs + 1):
         losses, t_epoch = [], time.perf_counter()
-        for batch in epoch_batches(tr, rows, cfg, rng, out_tr):
+        for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr):
             lr = float(sched(steps))
             aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
                                   "lr_head": np.float32(lr)}, replicated)
