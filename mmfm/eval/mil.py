@@ -65,7 +65,7 @@ class MilConfig:
     encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr × this
     warmup_epochs: float = 1.0  # finetune: linear warm-up of every lr, then cosine
     n_bins: int = 4  # survival 'nll': time bins at the quartiles of uncensored training times (Patch-GCN)
-    survival_loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (the MIL standard) or Cox partial likelihood
+    survival_loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (the MIL standard) or Cox (batch_size ≥ 2)
     min_bucket: int = 64  # smallest padded bag length
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
@@ -250,6 +250,9 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     """Train on `tr` for cfg.epochs; keep the epoch with the lowest loss on `va` (every tile, deterministic)."""
     from mmfm.objectives.supervised import time_bins
 
+    if kind == "cox" and cfg.batch_size < 2:
+        raise ValueError("train.survival_loss=cox needs train.batch_size >= 2: its risk set is the step's cases "
+                         "(one case per step has no pair to rank; e.g. batch_size: 32)")
     t0 = time.perf_counter()
     bins = time_bins(tr.time, tr.event, cfg.n_bins) if kind == "nll" else None
     out_tr, out_va = outcome_arrays(kind, tr, bins), outcome_arrays(kind, va, bins)
