@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--bag", type=int, default=300, help="median tiles per slide of the simulated cohort")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-tiles", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8, help="mmfm: slide rows per step")
+    ap.add_argument("--batch", type=int, default=1, help="mmfm: cases per step (torch: always one)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
