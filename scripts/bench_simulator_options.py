@@ -65,7 +65,8 @@ class Clock:
         self._t = now
 
 
-def run_option(name: str, overrides: dict, a: argparse.Namespace, root: Path) -> dict:
+def run_option(name: str, overrides: dict, a: argparse.Namespace, root: Path, tasks: list | None = None) -> dict:
+    """simulate → pretrain on half the cases → embed the other half → probe `tasks` (default: TASKS)."""
     sim = SimConfig(n_cases=a.cases, seed=a.seed, feature_dim=a.feature_dim, bag_size_median=a.bag_size_median,
                     n_genes=a.n_genes, **overrides)
     clock = Clock()
@@ -83,7 +84,7 @@ def run_option(name: str, overrides: dict, a: argparse.Namespace, root: Path) ->
     adata, _ = embed(run_dir, cohort, root / f"embeddings-{name}.h5ad", case_ids=held)
     attach_oracle(adata, cohort, like="slide")
     clock.lap("embed")
-    res = probe(adata, TASKS, root / f"probe-{name}", n_bootstrap=a.n_bootstrap, plots=False)
+    res = probe(adata, tasks or TASKS, root / f"probe-{name}", n_bootstrap=a.n_bootstrap, plots=False)
     clock.lap("probe")
     refs = pd.read_csv(root / f"probe-{name}" / "references.csv", keep_default_na=False)
     paired = pd.read_csv(root / f"probe-{name}" / "paired.csv")

@@ -12,6 +12,7 @@ import yaml
 
 from mmfm.eval.probe import TaskError, load_tasks, probe
 from mmfm.eval.tasks import TASKS
+from mmfm.eval.tasks.mil import MilSpec
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskType, case_features, fold_sides, label_target,
                                   result_key)
 from mmfm.eval.tasks.classification import ClassificationSpec, FewshotSpec, MutationSpec
@@ -36,8 +37,10 @@ def _adata(n=60, seed=0) -> ad.AnnData:
 
 def test_demo_task_file_loads_into_typed_specs():
     specs = {s.name: s for s in load_tasks(REPO / "configs" / "tasks" / "demo.yaml")}
-    assert [type(s) for s in specs.values()] == [SurvivalSpec, ClassificationSpec, MutationSpec, RetrievalSpec,
-                                                 RobustnessSpec]
+    assert [type(s) for s in specs.values()] == [SurvivalSpec, ClassificationSpec, MilSpec, MutationSpec,
+                                                 RetrievalSpec, RobustnessSpec]
+    mil = specs["subtype MIL"]
+    assert mil.beside == "subtype" and mil.inits == ("abmil", "finetune") and mil.train.batch_size == 8
     assert specs["overall survival"].models == ("coxnet",) and specs["overall survival"].baseline == ("grade",)
     assert specs["driver mutations"].labels == ("mut_*",) and specs["driver mutations"].min_positives == 5
     ret = specs["cross-modal retrieval"]

@@ -1,4 +1,5 @@
-"""`mmfm probe`: frozen-embedding probes (classification, mutation, survival, retrieval, few-shot, robustness).
+"""`mmfm probe`: frozen-embedding probes (classification, mutation, survival, retrieval, few-shot, robustness) and,
+beside them, supervised MIL / fine-tuning on the tile bags (`mil`, mmfm.eval.tasks.mil).
 
 Input is ANY AnnData: features in `X` or `obsm[key]`, labels and outcomes in `obs`, one row per slide or per case
 (`group` names the case column; obs_names are the cases when it is absent). Rows of a case are late-fused (mean of
@@ -25,6 +26,8 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
     - {name: subtype_fewshot, type: fewshot, label: subtype, embeddings: [slide], shots: [1, 4, 16], draws: 10}
     - {name: xmodal, type: retrieval, pairs: [[slide, rna], [rna, slide]], label: subtype, embeddings: [slide]}
     - {name: site_ri, type: robustness, label: subtype, site: site, embeddings: [slide], ks: [5, 10, 20]}
+    - {name: subtype_mil, type: mil, label: subtype, beside: subtype, inits: [abmil, finetune, frozen],
+       train: {epochs: 20, max_tiles: 2048}}
     - {name: grade_zs, type: zeroshot, label: grade, embeddings: [slide, report],
        classes: {1: [low grade, well differentiated], 3: [high grade, poorly differentiated]}}
 """
@@ -44,6 +47,7 @@ from mmfm.eval import folds, report
 from mmfm.eval.folds import LeakageError
 from mmfm.eval.tasks import TASKS, load_tasks
 from mmfm.eval.tasks.base import Collector, TaskError, row_features
+from mmfm.eval.tasks.mil import check_beside
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ class ProbeConfig:
     n_bootstrap: int = 100  # bootstrap resamples for single-fold tasks
     plots: bool = True  # write PNG plots (per task, Kaplan–Meier, robustness curves and projections)
     projection: Literal["umap", "pca"] = "umap"  # robustness embedding plot
+    cohort: str | None = None  # cohort with the tile bags of `mil` tasks (default: the one the embeddings record)
 
 
 @dataclass
@@ -80,7 +85,8 @@ class ProbeResult:
 def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits: str | Path | None = None,
           allow_overlap: bool = False, pretrain_cases: set[str] | str | Path | None = None,
           allow_validation_overlap: bool = False, validation_cases: set[str] | str | Path | None = None,
-          n_bootstrap: int = 100, plots: bool = True, projection: str = "umap") -> ProbeResult:
+          n_bootstrap: int = 100, plots: bool = True, projection: str = "umap",
+          cohort: str | Path | None = None) -> ProbeResult:
     """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
@@ -93,6 +99,7 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
         for emb in spec.embeddings:
             row_features(adata, spec, emb)  # fail early, naming the key
         plans.append((spec, *spec.plan(adata, shared_split)))
+    check_beside(plans)
     tested = {s.name: s.tested(adata, t) for s, t, _ in plans}
     overlap = folds.check_overlap(tested, folds.seen_cases(pretrain_cases, adata.uns.get("pretrain_cases")),
                                   allow_overlap)
@@ -102,7 +109,8 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
         for t in targets:
             folds.write_folds(t.folds, out / "folds" / f"{report.slug(spec.name, t.name)}.tsv")
 
-    col = Collector(n_bootstrap=n_bootstrap, plot_dir=out if plots else None, projection=projection)
+    col = Collector(n_bootstrap=n_bootstrap, plot_dir=out if plots else None, projection=projection,
+                    cohort=None if cohort is None else str(cohort))
     for i, (spec, targets, notes) in enumerate(plans):
         col.notes += notes
         t0 = time.perf_counter()
@@ -127,4 +135,4 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     return probe(cfg.embeddings, cfg.tasks, cfg.out, splits=cfg.splits, allow_overlap=cfg.allow_overlap,
                  pretrain_cases=cfg.pretrain_cases, allow_validation_overlap=cfg.allow_validation_overlap,
                  validation_cases=cfg.validation_cases, n_bootstrap=cfg.n_bootstrap, plots=cfg.plots,
-                 projection=cfg.projection)
+                 projection=cfg.projection, cohort=cfg.cohort)

@@ -16,7 +16,8 @@ import numpy as np
 
 from mmfm.simulate.truth import oracle_embedding
 
-ROLES = ("baseline", "model", "oracle")
+ROLES = ("baseline", "model", "supervised", "oracle")
+SUPERVISED_PREFIX = "mil:"  # rows trained on the task's labels from the tile bags (mmfm.eval.tasks.mil)
 CHANCE = {"auroc": 0.5, "c_index": 0.5, "uno_c": 0.5, "td_auc": 0.5, "kappa": 0.0}
 REFERENCE_PREFIXES = ("chance_", "site_only_")  # probe results that are references, not an embedding's score
 
@@ -33,14 +34,16 @@ def chance_level(metric: str, n_classes: float | None = None) -> float:
 
 
 def role(embedding: str, roles: dict[str, str] | None = None) -> str:
-    """'oracle' (name starts with 'oracle'), 'baseline' (mean-pool / random-init / covariate baselines) or 'model';
-    `roles` overrides by exact name."""
+    """'oracle' (name starts with 'oracle'), 'baseline' (mean-pool / random-init / covariate baselines),
+    'supervised' (`mil:*`, trained on the labels) or 'model'; `roles` overrides by exact name."""
     if roles and embedding in roles:
         if roles[embedding] not in ROLES:
             raise ValueError(f"role of {embedding!r} is {roles[embedding]!r}; expected one of {ROLES}")
         return roles[embedding]
     if embedding.startswith("oracle"):
         return "oracle"
+    if embedding.startswith(SUPERVISED_PREFIX):
+        return "supervised"
     if embedding.startswith("baseline:") or embedding.endswith(("_meanpool", "_random")) or \
             embedding in ("meanpool", "random"):
         return "baseline"

@@ -27,11 +27,13 @@ from mmfm.io import atomic_path, write_text
 
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
 ROW = ["task", "type", "target", "model", "shots", "metric"]  # one comparison row: every embedding side by side
-BOOKKEEPING = {"C", "alpha", "n_test", "n_train", "n_classes", "standardized", "n_queries"}  # results.csv only
+BOOKKEEPING = {"C", "alpha", "n_test", "n_train", "n_classes", "standardized", "n_queries", "epoch"}  # results.csv only
+COSTS = ("wall_s",)  # seconds per fold (fit + predict): shown in the tables, never paired
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
            "retrieval": ("recall@5", "top5_acc"), "robustness": None, "zeroshot": ("auroc",)}  # headline metrics
 TABLE_METRICS = {  # metrics of the reference and paired tables (globs)
-    "classification": ("auroc", "bacc"), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index", "uno_c"),
+    "classification": ("auroc", "bacc", "wall_s"), "mutation": ("auroc", "wall_s"), "fewshot": ("bacc",),
+    "survival": ("c_index", "uno_c", "wall_s"),
     "retrieval": ("recall@1", "recall@5", "top1_acc", "top5_acc"), "robustness": ("robustness_index@*",),
     "zeroshot": ("auroc", "bacc")}
 CONVENTIONS = (
@@ -164,15 +166,16 @@ def paired_table(results: pd.DataFrame, boot: pd.DataFrame, roles: dict[str, str
 
     Folds: stats.paired over the fold values (mean over draws for few-shot), with the Nadeau–Bengio correction from
     the recorded n_test/n_train. One fold / robustness: stats.paired_bootstrap over index-aligned resamples.
-    Pairs whose recorded test sizes differ (different cases) are listed with method 'not paired'.
+    Pairs whose recorded test sizes differ (different cases) are listed with method 'not paired'. Supervised rows
+    (`mil:*`, trained on the labels) are paired against each model embedding (the pretrained linear probe).
     """
-    res = results[[_in_table(t, m) for t, m in zip(results.type, results.metric)]]
+    res = results[[_in_table(t, m) and m not in COSTS for t, m in zip(results.type, results.metric)]]
     book = results[results.metric.isin(["n_test", "n_train"])]
     rows = []
     for key, g in res.groupby(ROW, sort=False):
         embs = list(dict.fromkeys(g.embedding))
-        for m, b in product([e for e in embs if role(e, roles) == "model"],
-                            [e for e in embs if role(e, roles) == "baseline"]):
+        of = {r: [e for e in embs if role(e, roles) == r] for r in ("baseline", "model", "supervised")}
+        for m, b in [*product(of["model"], of["baseline"]), *product(of["supervised"], of["model"])]:
             sm, sb = _test_sizes(book, key, m), _test_sizes(book, key, b)
             common = sm.index.intersection(sb.index)  # a fold whose fit failed on one side is simply left out
             if "n_test" in sm and "n_test" in sb and (sm.loc[common, "n_test"] != sb.loc[common, "n_test"]).any():

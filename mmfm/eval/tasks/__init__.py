@@ -12,6 +12,7 @@ types and cross-field problems are a `TaskError` naming the file, the task (inde
     retrieval       retrieval         RetrievalSpec        pairs and/or label
     robustness      robustness        RobustnessSpec       label, site
     zeroshot        zeroshot          ZeroshotSpec         label, classes (a run's text tower encodes them)
+    mil             mil               MilSpec              label | labels | time + event; tile bags of the cohort
 
 Adding a task type is one new module and one line in `TASKS` — as zeroshot was (abridged):
 
@@ -48,7 +49,7 @@ from pathlib import Path
 
 
 from mmfm.config import ConfigError, decode, inherit, merge
-from mmfm.eval.tasks import classification, retrieval, robustness, survival, zeroshot
+from mmfm.eval.tasks import classification, mil, retrieval, robustness, survival, zeroshot
 from mmfm.eval.tasks.base import TaskError, TaskSpec, TaskType
 
 TASKS: dict[str, TaskType] = {
@@ -59,6 +60,7 @@ TASKS: dict[str, TaskType] = {
     "retrieval": TaskType(retrieval.RetrievalSpec, retrieval.run),
     "robustness": TaskType(robustness.RobustnessSpec, robustness.run),
     "zeroshot": TaskType(zeroshot.ZeroshotSpec, zeroshot.run),
+    "mil": TaskType(mil.MilSpec, mil.run),
 }
 
 

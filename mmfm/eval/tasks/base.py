@@ -209,6 +209,7 @@ class Collector:
     n_bootstrap: int = 100
     plot_dir: Path | None = None  # where per-task plots go (None: no plots)
     projection: str = "umap"  # robustness embedding plot: 'umap' or 'pca'
+    cohort: str | None = None  # where `mil` tasks find the tile bags (None: the cohort the embeddings record)
     rows: list[dict] = field(default_factory=list)
     boot: list[dict] = field(default_factory=list)
     survival_preds: dict = field(default_factory=dict)

@@ -5,6 +5,7 @@ in their targets and in what is fitted on each training fold."""
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,13 +80,14 @@ def run(adata, spec: LinearSpec, targets: list[Target], col: Collector) -> None:
             col.notes.append(f"{spec.name}: classes {list(map(str, classes))}; {t.folds.shape[1]} fold(s)")
 
 
-def _encode(labels: pd.Series) -> tuple[pd.Series, list]:
+def encode_labels(labels: pd.Series) -> tuple[pd.Series, list]:
+    """Labels → 0..K-1 in sorted class order (the `mil` rows of a target encode them the same way)."""
     classes = sorted(labels.unique(), key=lambda v: (str(type(v)), v))
     return labels.map({c: i for i, c in enumerate(classes)}).astype(int), classes
 
 
 def _run_target(adata, spec: LinearSpec, folds: pd.DataFrame, col: Collector, target: str, labels: pd.Series):
-    y_all, classes = _encode(labels)
+    y_all, classes = encode_labels(labels)
     single = folds.shape[1] == 1
     for emb in spec.probe_embeddings():
         feats = case_features(adata, spec, emb)
@@ -105,11 +107,12 @@ def _run_target(adata, spec: LinearSpec, folds: pd.DataFrame, col: Collector, ta
                     k = rec.pop("shots")
                     col.add({**result_key(spec, emb, target, shots=k), "draw": rec.pop("draw")}, i, rec)
                 continue
+            t0 = time.perf_counter()
             proba, C = classification.fit_predict(feats.loc[tr].to_numpy(), ytr, feats.loc[te].to_numpy(),
                                                   len(classes), C=spec.C, balanced=spec.balanced, seed=spec.seed,
                                                   standardize=spec.standardize)
             col.evaluate(key, i, len(te), lambda idx: classification.metrics(yte[idx], proba[idx]), single,
                          spec.seed)
             col.add(key, i, {"C": C, "n_test": len(te), "n_train": len(tr), "n_classes": len(classes),
-                             "standardized": float(spec.standardize)})
+                             "standardized": float(spec.standardize), "wall_s": time.perf_counter() - t0})
     return classes

@@ -4,6 +4,7 @@ Kaplan–Meier plot and the log-rank p."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,6 +72,7 @@ def run(adata, spec: SurvivalSpec, targets: list[Target], col: Collector) -> Non
                 if ytr["event"].sum() < 2 or len(te) == 0:
                     col.notes.append(f"{spec.name} {emb} {model} {fc}: skipped (<2 training events or empty test)")
                     continue
+                t0 = time.perf_counter()
                 try:
                     risk, risk_tr, alpha = survival.fit_risk(kind, feats.loc[tr].to_numpy(), ytr,
                                                              feats.loc[te].to_numpy(), alphas=alphas,
@@ -83,7 +85,7 @@ def run(adata, spec: SurvivalSpec, targets: list[Target], col: Collector) -> Non
                 col.evaluate(key, i, len(te), lambda idx: survival.metrics(
                     ytr, yte[idx], risk[idx], tau=spec.tau, horizons=spec.horizons), single, spec.seed)
                 col.add(key, i, {"alpha": alpha, "n_test": len(te), "n_train": len(tr),
-                                 "standardized": float(spec.standardize)})
+                                 "standardized": float(spec.standardize), "wall_s": time.perf_counter() - t0})
                 pooled.append(pd.DataFrame({"case_id": te, "fold": i, "time": yte["time"], "event": yte["event"],
                                             "risk": risk, "high_risk": risk > np.median(risk_tr)}))
             if pooled:

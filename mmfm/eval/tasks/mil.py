@@ -1,0 +1,284 @@
+"""`mil`: supervised attention-MIL and fine-tuning on the tile bags, beside the linear probes of the same target.
+
+A `mil` task names its target as the linear tasks do — `label` (as `classification`), `labels` (as `mutation`,
+one target per gene) or `time` + `event` (as `survival`) — and gets its folds from that linear twin
+(`linear()`): the same patient-level folds for the same seed, from the one fold implementation
+(`mmfm.eval.folds`). `beside: <task>` files its rows under that linear task (same table, paired per-fold
+differences against its pretrained embedding); the probe checks both tasks have identical folds. Each `inits`
+entry is a row, its embedding named `mil:<init>`:
+
+    abmil     gated ABMIL from scratch at CLAM's sizes (mmfm.models.mil.clam_abmil)
+    scratch   the slide-encoder architecture of `run`, randomly initialised
+    finetune  `run`'s slide encoder (a run directory or an `mmfm export` / `mmfm import-encoder` directory),
+              trained end to end with a fresh head (encoder lr × encoder_lr_scale, warm-up)
+    frozen    that encoder frozen, only the head trained (the bridge to the linear probe)
+
+Per outer fold: an inner validation split of the training fold (fold 0 of `train.val_folds` patient-level folds
+of the training cases, stratified like the outer ones) chooses the epoch; the test fold is predicted once, with
+every tile, and scored by the linear probes' metric code. Tile bags come from the cohort the embeddings were made
+from (`uns['cohort']`), `mmfm probe --cohort`, or the task's `cohort` key. Training settings: `train:`
+(mmfm.eval.probes.mil.MilConfig, sources in mmfm/eval/probes/mil.py). Bookkeeping per fold: `wall_s` (train + predict),
+`epoch` (the kept one), `n_train`, `n_test`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from mmfm.eval import folds as folds_mod
+from mmfm.eval.probes import classification, mil, survival
+from mmfm.eval.references import SUPERVISED_PREFIX
+from mmfm.eval.tasks.base import Collector, FoldSpec, Target, TaskError, fold_sides, result_key
+from mmfm.eval.tasks.classification import ClassificationSpec, MutationSpec, encode_labels
+from mmfm.eval.tasks.survival import SurvivalSpec
+
+INITS = ("abmil", "scratch", "finetune", "frozen")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MilSpec(FoldSpec):
+    embeddings: tuple[str, ...] = ()  # unused: MIL reads tile bags
+    label: str | None = None  # obs column of a class label (as `classification`)
+    labels: tuple[str, ...] = ()  # 0/1 obs columns, globs allowed (as `mutation`)
+    min_positives: int = 2  # as `mutation`
+    time: str | None = None  # survival time column (as `survival`, with `event`)
+    event: str | None = None
+    inits: tuple[Literal["abmil", "scratch", "finetune", "frozen"], ...] = ("abmil",)
+    beside: str | None = None  # linear task whose table and paired tests these rows join (same folds: checked)
+    run: str | None = None  # run or export directory for scratch / finetune / frozen (default: the embeddings' run)
+    cohort: str | None = None  # cohort with the tile bags (default: --cohort, then the embeddings' cohort)
+    train: mil.MilConfig = field(default_factory=mil.MilConfig)
+
+    def __post_init__(self):
+        given = [k for k, v in (("label", self.label), ("labels", self.labels), ("time", self.time)) if v]
+        if len(given) != 1:
+            raise ValueError(f"a mil task needs exactly one target: 'label', 'labels' or 'time' + 'event' "
+                             f"(got {given or 'none'})")
+        if bool(self.time) != bool(self.event):
+            raise ValueError("'time' and 'event' go together")
+
+    @property
+    def kind(self) -> str:
+        """The linear task type whose target, folds and metrics these rows share."""
+        return "classification" if self.label else "mutation" if self.labels else "survival"
+
+    def linear(self) -> FoldSpec:
+        """The linear probe of the same target with the same fold keys (its targets and folds are ours)."""
+        keys = {k: getattr(self, k) for k in ("name", "group", "seed", "site", "folds", "test_size",
+                                              "site_preserved", "splits")}
+        if self.label:
+            return ClassificationSpec(**keys, type="classification", label=self.label)
+        if self.labels:
+            return MutationSpec(**keys, type="mutation", labels=self.labels, min_positives=self.min_positives)
+        return SurvivalSpec(**keys, type="survival", time=self.time, event=self.event)
+
+    def targets(self, adata, notes):
+        return self.linear().targets(adata, notes)
+
+
+def check_beside(plans: list[tuple]) -> None:
+    """Every `beside` names a task of the same target with identical folds (so rows pair case for case)."""
+    by_name = {spec.name: (spec, targets) for spec, targets, _ in plans}
+    for spec, targets, _ in plans:
+        if not isinstance(spec, MilSpec) or spec.beside is None:
+            continue
+        if spec.beside not in by_name:
+            raise TaskError(f"task {spec.name!r}: key 'beside' names {spec.beside!r}, which is not a task here")
+        other, theirs = by_name[spec.beside]
+        if other.type != spec.kind:
+            raise TaskError(f"task {spec.name!r}: key 'beside' names a {other.type!r} task; its target is "
+                            f"{spec.kind!r}")
+        mine = {t.name: t.folds for t in targets}
+        for t in theirs:
+            f = mine.get(t.name)
+            if f is None or not f.sort_index().equals(t.folds.sort_index()):
+                raise TaskError(f"task {spec.name!r}: folds of target {t.name or spec.beside!r} differ from task "
+                                f"{spec.beside!r} (give both the same seed, folds, splits and target)")
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def _run_source(spec: MilSpec, adata) -> str:
+    src = spec.run or adata.uns.get("run_dir")
+    if not src:
+        raise TaskError(f"task {spec.name!r}: inits {list(spec.inits)} need key 'run' (a run or export directory); "
+                        "the embeddings record none")
+    return str(src)
+
+
+@dataclass
+class _Encoders:
+    """Builds a fresh encoder per fold for each init (pretrained weights are read once, kept on the host)."""
+
+    spec: MilSpec
+    feature_dim: int
+    source: str | None = None
+    _pretrained: tuple | None = None
+    _slide_cfg: object = None
+
+    def _load(self):
+        import jax
+        from flax import nnx
+
+        from mmfm.models.export_format import load_slide_encoder
+        from mmfm.train import rundir
+
+        if self._pretrained is not None:
+            return
+        path = Path(self.source)
+        if (path / "config.json").is_file() and not (path / "config.yaml").is_file():  # an export directory
+            enc, self._slide_cfg, dim = load_slide_encoder(path)
+        else:
+            model, cfg, _ = rundir.load_for_inference(path)
+            enc, self._slide_cfg, dim = model.encoders["slide"], cfg.model.slide, rundir.read_shapes(path).feature_dim
+        if dim != self.feature_dim:
+            raise TaskError(f"task {self.spec.name!r}: {self.source} encodes {dim}-d tile features, the cohort's bags "
+                            f"are {self.feature_dim}-d")
+        graphdef, state = nnx.split(enc)
+        self._pretrained = (graphdef, jax.device_get(state))
+
+    def build(self, init: str, seed: int):
+        """(encoder, encoder lr scale, warm-up epochs, frozen)."""
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from mmfm.models import build_slide_encoder
+        from mmfm.models.mil import clam_abmil
+
+        cfg = self.spec.train
+        if init == "abmil":
+            return (clam_abmil(self.feature_dim, hidden=cfg.hidden, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
+                               rngs=nnx.Rngs(seed)), 1.0, 0.0, False)
+        self._load()
+        if init == "scratch":
+            return build_slide_encoder(self._slide_cfg, self.feature_dim, dtype=jnp.float32,
+                                       rngs=nnx.Rngs(seed)), 1.0, 0.0, False
+        graphdef, state = self._pretrained
+        enc = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))  # training donates its buffers
+        if init == "finetune":
+            return enc, cfg.encoder_lr_scale, cfg.warmup_epochs, False
+        return enc, 0.0, 0.0, True
+
+
+# ---------------------------------------------------------------- data
+
+
+def _cohort_root(spec: MilSpec, adata, col: Collector) -> Path:
+    root = spec.cohort or col.cohort or adata.uns.get("cohort")
+    if not root:
+        raise TaskError(f"task {spec.name!r}: no tile bags: the embeddings record no cohort; pass --cohort or "
+                        "key 'cohort'")
+    return Path(str(root))
+
+
+def read_bags(root: Path, cases) -> dict[str, list]:
+    """case → its slides' bags (every tile), for the given cases that have a slide with tiles."""
+    from mmfm.data.cohort import Cohort
+    from mmfm.data.sampling import BagReader
+    from mmfm.eval.embed import load_bag
+
+    cohort = Cohort.open(root, scan_features=False, scan_cache=False)
+    slides = cohort.slides[cohort.slides["case_id"].astype(str).isin(set(map(str, cases)))
+                           & (cohort.slides["n_tiles"] > 0)]
+    reader = BagReader(max_open=8)
+    out: dict[str, list] = {}
+    for _, r in slides.iterrows():
+        out.setdefault(str(r.case_id), []).append(load_bag(r.path, int(r.patch_size_level0), int(r.n_tiles), reader))
+    reader.close()
+    return out
+
+
+# ---------------------------------------------------------------- the runner
+
+
+def run(adata, spec: MilSpec, targets: list[Target], col: Collector) -> None:
+    cases = sorted(set().union(*(t.folds.index for t in targets)))
+    bags = read_bags(_cohort_root(spec, adata, col), cases)
+    if not bags:
+        raise TaskError(f"task {spec.name!r}: none of the {len(cases)} cases has a slide with tiles in the cohort")
+    feature_dim = next(iter(bags.values()))[0].features.shape[1]
+    needs_run = [i for i in spec.inits if i != "abmil"]
+    encoders = _Encoders(spec, feature_dim, _run_source(spec, adata) if needs_run else None)
+    outcomes = spec.linear().outcomes(adata) if spec.kind == "survival" else None
+    for t in targets:
+        if spec.kind == "survival":
+            y, n_classes, kind = None, 0, spec.train.survival_loss
+            case_ids = t.folds.index.intersection(outcomes.index)
+        else:
+            y, classes = encode_labels(t.labels)
+            n_classes, kind = len(classes), "class"
+            case_ids = t.folds.index.intersection(y.index)
+        case_ids = pd.Index([c for c in case_ids if c in bags])
+        full = mil.CaseSet(list(case_ids), [bags[c] for c in case_ids],
+                           y=None if y is None else y[case_ids].to_numpy(),
+                           time=None if outcomes is None else outcomes.time[case_ids].to_numpy(float),
+                           event=None if outcomes is None else outcomes.event[case_ids].to_numpy(float))
+        for init in spec.inits:
+            _run_init(spec, t, init, kind, n_classes, full, encoders, col)
+
+
+def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, full: mil.CaseSet,
+              encoders: _Encoders, col: Collector) -> None:
+    from flax import nnx
+
+    from mmfm.models.mil import MILModel
+
+    pos = pd.Series(np.arange(len(full.ids)), index=full.ids)
+    emb = SUPERVISED_PREFIX + init
+    key = {**result_key(spec, emb, t.name or (spec.label or "")), "task": spec.beside or spec.name, "type": spec.kind}
+    single = t.folds.shape[1] == 1
+    for i, fc in enumerate(t.folds.columns):
+        tr, te = fold_sides(t.folds, fc, pd.Index(full.ids))
+        where = f"{spec.name}/{t.name or init} {emb} {fc}"
+        if len(te) == 0 or (kind == "class" and len(np.unique(full.y[pos[tr]])) < 2):
+            col.notes.append(f"{where}: skipped (one class in train or empty test)")
+            continue
+        t0 = time.perf_counter()
+        itr, iva = inner_split(spec, t, tr, i)
+        seed = spec.seed + i
+        encoder, scale, warmup, frozen = encoders.build(init, seed)
+        model = MILModel(encoder, mil.head_size(kind, n_classes, spec.train), dropout=spec.train.dropout,
+                         rngs=nnx.Rngs(seed + 1))
+        fitted = mil.train(model, kind, full.take(pos[itr].to_numpy()), full.take(pos[iva].to_numpy()),
+                           spec.train, seed=seed, encoder_lr_scale=scale, warmup_epochs=warmup, frozen=frozen,
+                           n_classes=n_classes)
+        test = full.take(pos[te].to_numpy())
+        out = mil.predict(fitted.model, test, spec.train)
+        wall = time.perf_counter() - t0
+        if kind == "class":
+            e = np.exp(out - out.max(1, keepdims=True))
+            proba = e / e.sum(1, keepdims=True)
+            col.evaluate(key, i, len(te), lambda idx: classification.metrics(test.y[idx], proba[idx]), single,
+                         spec.seed)
+            col.add(key, i, {"n_classes": n_classes})
+        else:
+            from mmfm.objectives.supervised import survival_risk
+
+            risk = survival_risk(out) if kind == "nll" else out[:, 0]
+            trn = full.take(pos[tr].to_numpy())
+            ytr, yte = survival.surv(trn.event, trn.time), survival.surv(test.event, test.time)
+            col.evaluate(key, i, len(te), lambda idx: survival.metrics(ytr, yte[idx], risk[idx], tau=None),
+                         single, spec.seed)
+        col.add(key, i, {"wall_s": wall, "epoch": fitted.epoch, "n_test": len(te), "n_train": len(tr)})
+        col.notes.append(f"{where}: epoch {fitted.epoch}/{spec.train.epochs} kept (inner validation loss), "
+                         f"{fitted.steps} steps, {wall:.1f}s")
+
+
+def inner_split(spec: MilSpec, t: Target, train_cases: pd.Index, fold: int) -> tuple[pd.Index, pd.Index]:
+    """(inner training, validation) cases: fold 0 of `train.val_folds` patient-level folds of the TRAINING cases,
+    stratified like the outer folds — the test fold never enters model selection."""
+    strata = None if t.labels is None else t.labels.reindex(train_cases)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class smaller than val_folds
+        inner = folds_mod.generate_folds(train_cases, strata, None, k=spec.train.val_folds, seed=spec.seed + fold,
+                                         site_preserved=False, test_size=None)
+    return fold_sides(inner, "fold_0", train_cases)

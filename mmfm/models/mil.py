@@ -1,0 +1,63 @@
+"""A supervised MIL predictor: any slide encoder, late fusion of a case's slides, dropout and a linear head.
+
+Rows of a batch are slides; `case_of_row` says which case slot each row belongs to. A case's embedding is the mean
+of its slides' encoder embeddings — the late fusion `mmfm embed` uses for the linear probes — so a multi-slide case
+is treated by the MIL rows as by the linear rows. `clam_abmil` is the from-scratch baseline at CLAM's sizes:
+Linear(D → 512) + ReLU + dropout 0.25, one gated attention branch of 256, dropout 0.25 (CLAM `Attn_Net_Gated`,
+models/model_clam.py; Lu et al. 2021), classifier Linear(512 → K).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmfm.models.abmil import ABMIL, ABMILConfig
+from mmfm.models.axes import EMBED, JOINT
+from mmfm.models.layers import Dense, Dropout
+
+
+def clam_abmil(feature_dim: int, *, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25,
+               rngs: nnx.Rngs) -> ABMIL:
+    """Gated ABMIL at CLAM's default ('small') sizes, from scratch.
+
+    The attention score vector is re-drawn with fan-in = attn_dim (CLAM's Linear(attn_dim, 1)): `ABMIL`'s
+    lecun-normal init of the [heads, attn_dim] score reads fan-in 1 (std 1), which makes the initial attention
+    nearly one-hot (a random tile) and left this from-scratch model at chance on the simulated cohort."""
+    cfg = ABMILConfig(hidden=hidden, n_heads=1, attn_dim=attn_dim, n_pre_layers=1, act="relu", dropout=dropout,
+                      attn_dropout=dropout, merge="concat", pre_norm=False)
+    enc = ABMIL(cfg, feature_dim, rngs=rngs)
+    score = enc.pool.score
+    score.set_value(nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)(rngs.params(), score.shape))
+    return enc
+
+
+class MILModel(nnx.Module):
+    """encoder → per-case mean over its slides → dropout → Linear(out_dim → n_out)."""
+
+    def __init__(self, encoder: nnx.Module, n_out: int, *, dropout: float = 0.0, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.drop = Dropout(dropout, rngs=rngs)
+        self.head = Dense(encoder.out_dim, n_out, (EMBED, JOINT), rngs=rngs)
+
+    def embed(self, features, coords, mask, fragment=None, *, deterministic: bool = True) -> jax.Array:
+        """[R, out_dim] fp32 slide embeddings of the rows (every tile of a row that its mask keeps)."""
+        return self.encoder(features, coords, mask, fragment, deterministic=deterministic).embedding.astype(
+            jnp.float32)
+
+    def predict(self, case_emb: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """[C, n_out] fp32 outputs from case embeddings."""
+        return self.head(self.drop(case_emb, deterministic=deterministic)).astype(jnp.float32)
+
+    def __call__(self, features, coords, mask, fragment, case_of_row, row_valid, *, deterministic: bool = True,
+                 frozen: bool = False) -> jax.Array:
+        """[R, n_out] outputs per case slot (slot c = mean of the valid rows with case_of_row == c). `frozen`: the
+        encoder runs deterministic and passes no gradient (only the head trains)."""
+        emb = self.embed(features, coords, mask, fragment, deterministic=deterministic or frozen)
+        if frozen:
+            emb = jax.lax.stop_gradient(emb)
+        r = emb.shape[0]
+        member = ((case_of_row[None, :] == jnp.arange(r)[:, None]) & row_valid[None, :]).astype(jnp.float32)
+        case_emb = (member @ emb) / jnp.maximum(member.sum(1, keepdims=True), 1.0)
+        return self.predict(case_emb, deterministic=deterministic)

@@ -1,0 +1,242 @@
+"""`mil` probes: the gated-attention MIL model and its losses against independent PyTorch / NumPy computations, and
+the task run on a tiny simulated cohort beside the linear probe of the same target (same test cases, no test case
+in model selection, determinism, frozen vs fine-tuned encoders)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_cohort
+from flax import nnx
+
+from mmfm.eval.probes import mil
+from mmfm.eval.probe import probe
+from mmfm.eval.tasks.base import TaskError
+from mmfm.eval.tasks.mil import read_bags
+from mmfm.models.mil import MILModel, clam_abmil
+from mmfm.objectives.supervised import assign_bins, cox_nll, survival_nll, time_bins, weighted_ce
+
+TINY_TRAIN = {"epochs": 2, "hidden": 16, "attn_dim": 8, "max_tiles": 64}
+
+
+# ---------------------------------------------------------------- model and losses vs independent references
+
+
+def _torch_mil(p: dict, x, mask, case_of_row, row_valid):
+    """Gated ABMIL (CLAM) written out in torch from the same weights: ReLU projection, tanh ⊙ sigmoid attention,
+    masked softmax, attention-weighted sum, mean over a case's slides, linear head."""
+    h = torch.relu(x @ p["w1"] + p["b1"])
+    a = torch.tanh(h @ p["wa"] + p["ba"]) * torch.sigmoid(h @ p["wb"] + p["bb"])
+    logits = (a @ p["score"][0]).masked_fill(~mask, float("-inf"))
+    attn = torch.softmax(logits, dim=1)
+    slide = (attn[..., None] * h).sum(1)
+    member = ((case_of_row[None, :] == torch.arange(len(case_of_row))[:, None]) & row_valid[None, :]).to(slide.dtype)
+    case = member @ slide / member.sum(1, keepdim=True).clamp(min=1)
+    return case @ p["wh"] + p["bh"]
+
+
+def test_gated_attention_mil_and_gradients_match_torch():
+    rng = np.random.default_rng(0)
+    d, n, r = 12, 7, 4
+    model = MILModel(clam_abmil(d, hidden=8, attn_dim=6, dropout=0.0, rngs=nnx.Rngs(0)), 3, rngs=nnx.Rngs(1))
+    x = rng.normal(size=(r, n, d)).astype(np.float32)
+    mask = np.ones((r, n), bool)
+    mask[1, 4:] = mask[2, 2:] = False
+    x[~mask] = 99.0  # padding must not matter
+    case_of_row = np.array([0, 0, 1, 0], np.int32)  # case 0 = rows 0 and 1 (two slides), case 1 = row 2
+    row_valid = np.array([True, True, True, False])
+    y = np.array([2, 0, 0, 0], np.int32)
+    valid = np.array([1, 1, 0, 0], np.float32)
+    w = np.array([0.5, 1.0, 2.0], np.float32)
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        out = m(jnp.asarray(x), jnp.zeros((r, n, 2), jnp.int32), jnp.asarray(mask), None, jnp.asarray(case_of_row),
+                jnp.asarray(row_valid))
+        return weighted_ce(out, jnp.asarray(y), jnp.asarray(w), jnp.asarray(valid)), out
+
+    (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    flat = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(params)}
+    names = {"w1": "encoder.pre.0.linear.kernel", "b1": "encoder.pre.0.linear.bias",
+             "wa": "encoder.pool.tanh_branch.kernel", "ba": "encoder.pool.tanh_branch.bias",
+             "wb": "encoder.pool.gate_branch.kernel", "bb": "encoder.pool.gate_branch.bias",
+             "score": "encoder.pool.score", "wh": "head.kernel", "bh": "head.bias"}
+    assert set(names.values()) == set(flat)  # every parameter is covered by the reference
+    tp = {k: torch.tensor(flat[v], dtype=torch.float64, requires_grad=True) for k, v in names.items()}
+    t_out = _torch_mil(tp, torch.tensor(x, dtype=torch.float64), torch.tensor(mask), torch.tensor(case_of_row).long(),
+                       torch.tensor(row_valid))
+    keep = torch.tensor(valid > 0)
+    t_loss = torch.nn.functional.cross_entropy(t_out[keep], torch.tensor(y).long()[keep],
+                                               weight=torch.tensor(w, dtype=torch.float64))
+    t_loss.backward()
+    np.testing.assert_allclose(np.asarray(out)[:2], t_out.detach().numpy()[:2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(value), t_loss.item(), rtol=1e-5)
+    gflat = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
+    for k, v in names.items():
+        np.testing.assert_allclose(gflat[v], tp[k].grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def _nll_reference(logits, bins, event, alpha=0.0, eps=1e-7):
+    """Patho-Bench / Patch-GCN NLLSurvLoss written with NumPy and its clamp."""
+    h = 1 / (1 + np.exp(-logits))
+    s = np.cumprod(1 - h, axis=1)
+    s_pad = np.concatenate([np.ones((len(h), 1)), s], axis=1)
+    i = np.arange(len(h))
+    unc = -event * (np.log(np.clip(s_pad[i, bins], eps, None)) + np.log(np.clip(h[i, bins], eps, None)))
+    cen = -(1 - event) * np.log(np.clip(s_pad[i, bins + 1], eps, None))
+    return np.mean(unc + (1 - alpha) * cen)
+
+
+def test_discrete_time_survival_nll_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(9, 4))
+    bins = rng.integers(0, 4, 9)
+    event = (rng.random(9) < 0.6).astype(float)
+    got = survival_nll(jnp.asarray(logits), jnp.asarray(bins), jnp.asarray(event), jnp.ones(9))
+    np.testing.assert_allclose(float(got), _nll_reference(logits, bins, event), rtol=1e-5)
+    half = survival_nll(jnp.asarray(logits), jnp.asarray(bins), jnp.asarray(event), jnp.asarray(np.arange(9) < 5))
+    np.testing.assert_allclose(float(half), _nll_reference(logits[:5], bins[:5], event[:5]), rtol=1e-5)
+    time = rng.exponential(100, 50)
+    ev = rng.random(50) < 0.5
+    edges = time_bins(time, ev, 4)
+    np.testing.assert_allclose(edges, np.quantile(time[ev], [0.25, 0.5, 0.75]))
+    counts = np.bincount(assign_bins(time[ev], edges), minlength=4)
+    assert counts.min() >= ev.sum() // 4 - 1  # quartiles of the uncensored times
+
+
+def test_cox_partial_likelihood_matches_numpy():
+    rng = np.random.default_rng(2)
+    risk, time = rng.normal(size=8), rng.permutation(8).astype(float) + 1
+    event = np.array([1, 0, 1, 1, 0, 1, 0, 1], float)
+    ref = -sum(risk[i] - np.log(np.exp(risk[time >= time[i]]).sum()) for i in range(8) if event[i]) / event.sum()
+    got = cox_nll(jnp.asarray(risk), jnp.asarray(time), jnp.asarray(event), jnp.ones(8))
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the task on a tiny cohort
+
+
+cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per module
+
+
+def _adata(root) -> ad.AnnData:
+    """Case-level mean-pool embeddings (late fusion of slide means) and the cohort's labels, as `mmfm embed` writes."""
+    from mmfm.data.cohort import Cohort
+
+    c = Cohort.open(root)
+    bags = read_bags(root, c.cases.index)
+    ids = [i for i in c.cases.index if i in bags]
+    x = np.stack([np.mean([b.features.mean(0) for b in bags[i]], 0) for i in ids])
+    obs = c.cases.loc[ids][["subtype", "os_days", "os_event"]].copy()
+    obs["subtype"] = obs["subtype"].astype(str)
+    return ad.AnnData(obs=obs, obsm={"slide_meanpool": x}, uns={"cohort": str(root)})
+
+
+def _tasks(**mil_keys):
+    return [{"name": "subtype", "type": "classification", "label": "subtype", "embeddings": ["slide_meanpool"],
+             "folds": 3},
+            {"name": "subtype_mil", "type": "mil", "label": "subtype", "beside": "subtype", "folds": 3,
+             "train": TINY_TRAIN, **mil_keys}]
+
+
+def test_mil_rows_pair_with_linear_rows_and_never_select_on_test(cohort, tmp_path, monkeypatch):
+    seen = {"train": [], "predict": []}
+    real_train, real_predict = mil.train, mil.predict
+
+    def spy_train(model, kind, tr, va, cfg, **kw):
+        seen["train"].append((set(tr.ids), set(va.ids)))
+        return real_train(model, kind, tr, va, cfg, **kw)
+
+    def spy_predict(model, cases, cfg):
+        seen["predict"].append(set(cases.ids))
+        return real_predict(model, cases, cfg)
+
+    monkeypatch.setattr(mil, "train", spy_train)
+    monkeypatch.setattr(mil, "predict", spy_predict)
+    adata = _adata(cohort)
+    res = probe(adata, _tasks(), tmp_path / "a", n_bootstrap=0, plots=False)
+    folds = pd.read_csv(tmp_path / "a" / "folds" / "subtype.tsv", sep="\t", index_col=0)
+    mil_folds = pd.read_csv(tmp_path / "a" / "folds" / "subtype_mil.tsv", sep="\t", index_col=0)
+    pd.testing.assert_frame_equal(folds, mil_folds)  # the linear twin's folds, from the one fold implementation
+    assert len(seen["train"]) == folds.shape[1]
+    tests = [p for p in seen["predict"] if not any(p == va for _, va in seen["train"])]
+    for (tr, va), test, fc in zip(seen["train"], tests, folds.columns):
+        want_test = set(folds.index[folds[fc] == "test"].astype(str))
+        want_train = set(folds.index[folds[fc] == "train"].astype(str))
+        assert test == want_test  # exactly the linear probe's test cases
+        assert tr | va == want_train and not (tr & va) and va  # selection: inside the training fold only
+        assert not ((tr | va) & want_test)
+    r = res.results
+    n_test = r[r.metric == "n_test"].pivot_table(index="fold", columns="embedding", values="value")
+    assert (n_test["mil:abmil"] == n_test["slide_meanpool"]).all()
+    assert set(r[r.embedding == "mil:abmil"].task) == {"subtype"}  # filed beside the linear task
+    assert np.isfinite(r[(r.embedding == "mil:abmil") & (r.metric == "auroc")].value).all()
+    assert (r[(r.embedding == "mil:abmil") & (r.metric == "wall_s")].value > 0).all()
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "supervised: mil:abmil" in summary
+
+
+def test_mil_is_deterministic_for_a_seed(cohort, tmp_path):
+    adata = _adata(cohort)
+    runs = [probe(adata, _tasks(), tmp_path / str(i), n_bootstrap=0, plots=False).results for i in range(2)]
+    a, b = (r[(r.embedding == "mil:abmil") & (r.metric == "auroc")].value.to_numpy() for r in runs)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_beside_needs_identical_folds(cohort, tmp_path):
+    with pytest.raises(TaskError, match="folds of target"):
+        probe(_adata(cohort), _tasks(seed=1), tmp_path, n_bootstrap=0, plots=False)
+
+
+def test_survival_mil_nll_and_cox(cohort, tmp_path):
+    adata = _adata(cohort)
+    tasks = [{"type": "mil", "time": "os_days", "event": "os_event", "folds": 2,
+              "train": {**TINY_TRAIN, "survival_loss": loss, "batch_size": 8 if loss == "cox" else 1}, "name": f"os_{loss}"} for loss in ("nll", "cox")]
+    r = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False).results
+    c = r[r.metric == "c_index"]
+    assert set(c.task) == {"os_nll", "os_cox"} and np.isfinite(c.value).all()
+
+
+def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path):
+    from mmfm.models.abmil import ABMILConfig
+    from mmfm.models.config import ModelConfig, SlideConfig
+    from mmfm.models.export_format import load_slide_encoder, write_export
+    from mmfm.models.multimodal import build_slide_encoder
+
+    adata = _adata(cohort)
+    d = adata.obsm["slide_meanpool"].shape[1]
+    slide = SlideConfig(kind="abmil", abmil=ABMILConfig(hidden=16, n_heads=1, attn_dim=8))
+    enc = build_slide_encoder(slide, d, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    write_export(tmp_path / "e", {"encoders.slide": enc}, ModelConfig(slide=slide),
+                 {"batch_size": 2, "feature_dim": d}, {"test": True})
+    before = nnx.state(load_slide_encoder(tmp_path / "e")[0], nnx.Param)
+    kept = {}
+    real_train = mil.train
+
+    def spy_train(model, kind, tr, va, cfg, *, frozen=False, **kw):
+        fitted = real_train(model, kind, tr, va, cfg, frozen=frozen, **kw)
+        kept.setdefault("frozen" if frozen else "other", []).append(nnx.state(fitted.model.encoder, nnx.Param))
+        return fitted
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mil, "train", spy_train)
+    try:
+        tasks = [{"name": "s", "type": "mil", "label": "subtype", "folds": 2, "run": str(tmp_path / "e"),
+                  "inits": ["scratch", "finetune", "frozen"], "train": TINY_TRAIN}]
+        r = probe(adata, tasks, tmp_path / "p", n_bootstrap=0, plots=False).results
+    finally:
+        mp.undo()
+    assert set(r.embedding) == {"mil:scratch", "mil:finetune", "mil:frozen"}
+    leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s)]  # noqa: E731
+    for s in kept["frozen"]:
+        for a, b in zip(leaves(s), leaves(before)):
+            np.testing.assert_array_equal(a, b)
+    finetuned = kept["other"][2:]  # scratch folds first, then finetune
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(finetuned[0]), leaves(before)))
