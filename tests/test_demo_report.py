@@ -67,7 +67,8 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     readme = (demo / "report" / "README.md").read_text()
     assert "## Chance · baselines · model · oracle" in readme
     assert ("| task | target | metric | chance | baseline: slide_meanpool | baseline: slide_random | "
-            "baseline: baseline:grade | model: slide | model: slide_backbone | model: rna | model: report | oracle |") in readme
+            "baseline: baseline:grade | model: slide | model: slide_backbone | model: rna | model: report | "
+            "supervised: mil:abmil | supervised: mil:finetune | oracle |") in readme  # MIL rows beside the linear ones
     # report text is a modality of the demo: slide↔report retrieval and zero-shot rows beside the linear probes
     assert "model: slide->report" in readme and "model: report->slide" in readme
     assert "| necrosis (zero-shot) | report_necrosis | auroc (zero-shot) | 0.500 |" in readme
