@@ -241,3 +241,12 @@ def test_feature_equals_the_reference_forward(name, tmp_path):
     assert got.shape == want.shape == (1, spec.dim)
     assert want.std() > 0.1  # a live feature, not a constant
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_trident_names_map_onto_registry_entries():
+    """`mmfm import features` and the cohort check read TRIDENT's names as these registry entries."""
+    from mmfm.data.tile_encoders import TRIDENT_NAMES, canonical
+
+    assert set(TRIDENT_NAMES.values()) <= set(REGISTRY)
+    assert set(DOC) - {"hibou-b"} <= set(TRIDENT_NAMES.values())  # Hibou-B is not in TRIDENT
+    assert canonical("conch_v15") == "conch-v1.5" and canonical("uni") == "uni" and canonical("other") == "other"

@@ -49,7 +49,6 @@ class EncoderSpec:
     layout: str = "timm"  # key layout of the published file (mmfm/bridges/encoder_layouts.py)
     interpolation: str = "bilinear"  # resize filter of the authors' transform (bilinear | bicubic)
     mag: float = 20.0  # magnification the encoder was trained and is run at (20× = 0.5 µm/px)
-    trident: str | None = None  # TRIDENT's name for the same encoder (`mmfm import features` maps it)
 
 
 _VIT_TEST = dict(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)
@@ -65,43 +64,40 @@ _HIBOU = dict(mean=HIBOU_MEAN, std=HIBOU_STD, layout="hf-dinov2", interpolation=
 def _kaiko(variant: str, arch: str, dim: int, img_size: int = 224) -> EncoderSpec:
     """Kaiko.ai's ViTs as timm ports (`1aurent/<arch>.kaiko_ai_towards_large_pathology_fms`); TRIDENT builds the
     L/14 at 518 px and feeds 224-px tiles (timm resamples the position embedding)."""
-    return EncoderSpec(f"kaiko-{variant}", arch, dim, trident=f"kaiko-{variant}",
+    return EncoderSpec(f"kaiko-{variant}", arch, dim,
                        hf_repo=f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms",
                        kwargs=dict(img_size=img_size, num_classes=0, dynamic_img_size=True), **_KAIKO)
 
 
 REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in [
-    EncoderSpec("uni", "vit_large_patch16_224", 1024, precision="fp16", hf_repo="MahmoodLab/UNI", trident="uni_v1",
+    EncoderSpec("uni", "vit_large_patch16_224", 1024, precision="fp16", hf_repo="MahmoodLab/UNI",
                 kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)),
     EncoderSpec("uni2-h", "vit_giant_patch14_224", 1536, precision="bf16", hf_repo="MahmoodLab/UNI2-h",
-                trident="uni_v2",
                 kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
                             mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
                             dynamic_img_size=True, **_SWIGLU)),
     EncoderSpec("virchow", "vit_huge_patch14_224", 2560, precision="fp16", pooling="cls_mean",
-                interpolation="bicubic", hf_repo="paige-ai/Virchow", trident="virchow", kwargs=_VIRCHOW),
+                interpolation="bicubic", hf_repo="paige-ai/Virchow", kwargs=_VIRCHOW),
     EncoderSpec("virchow2", "vit_huge_patch14_224", 2560, precision="fp16", pooling="cls_mean",
-                interpolation="bicubic", hf_repo="paige-ai/Virchow2", trident="virchow2",
+                interpolation="bicubic", hf_repo="paige-ai/Virchow2",
                 kwargs=dict(_VIRCHOW, reg_tokens=4)),
-    EncoderSpec("h-optimus-0", "vit_giant_patch14_reg4_dinov2", 1536, hf_repo="bioptimus/H-optimus-0",
-                trident="hoptimus0", **_HOPTIMUS),
-    EncoderSpec("h-optimus-1", "vit_giant_patch14_reg4_dinov2", 1536, hf_repo="bioptimus/H-optimus-1",
-                trident="hoptimus1", **_HOPTIMUS),
+    EncoderSpec("h-optimus-0", "vit_giant_patch14_reg4_dinov2", 1536, hf_repo="bioptimus/H-optimus-0", **_HOPTIMUS),
+    EncoderSpec("h-optimus-1", "vit_giant_patch14_reg4_dinov2", 1536, hf_repo="bioptimus/H-optimus-1", **_HOPTIMUS),
     EncoderSpec("gigapath", "vit_giant_patch14_dinov2", 1536, precision="fp16", resize=256,
-                hf_repo="prov-gigapath/prov-gigapath", trident="gigapath",
+                hf_repo="prov-gigapath/prov-gigapath",
                 kwargs=dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
                             init_values=1e-5, mlp_ratio=5.33334, num_classes=0)),
     # CONCH v1.5: 512-px tiles at 20× resized to 448; feature = the contrastive attentional pool, not the CLS
     EncoderSpec("conch-v1.5", "vit_large_patch16_224", 768, input_size=448, resize=448, precision="fp16",
-                layout="conch-v1.5", hf_repo="MahmoodLab/conchv1_5", trident="conch_v15",
+                layout="conch-v1.5", hf_repo="MahmoodLab/conchv1_5",
                 kwargs=dict(img_size=448, init_values=1.0, num_classes=0, global_pool="")),
     # Phikon-v2: HF Dinov2Model ViT-L/16 without registers; feature = CLS of last_hidden_state
     EncoderSpec("phikon-v2", "vit_large_patch16_224", 1024, layout="hf-dinov2", hf_repo="owkin/phikon-v2",
-                trident="phikon_v2", kwargs=dict(img_size=224, init_values=1e-5, num_classes=0)),
+                kwargs=dict(img_size=224, init_values=1e-5, num_classes=0)),
     # Hibou: HF DINOv2 with 4 registers and SwiGLU (fc1 width = 2 × ⌈⅔·4·D⌉₈); feature = pooler_output (CLS)
     EncoderSpec("hibou-b", "vit_base_patch14_reg4_dinov2", 768, hf_repo="histai/hibou-b",
                 kwargs=dict(img_size=224, num_classes=0, mlp_ratio=2 * 2048 / 768, **_SWIGLU), **_HIBOU),
-    EncoderSpec("hibou-l", "vit_large_patch14_reg4_dinov2", 1024, hf_repo="histai/hibou-L", trident="hibou_l",
+    EncoderSpec("hibou-l", "vit_large_patch14_reg4_dinov2", 1024, hf_repo="histai/hibou-L",
                 kwargs=dict(img_size=224, num_classes=0, mlp_ratio=2 * 2736 / 1024, **_SWIGLU), **_HIBOU),
     _kaiko("vits16", "vit_small_patch16_224", 384),
     _kaiko("vits8", "vit_small_patch8_224", 384),
@@ -113,7 +109,6 @@ REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in [
                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), hf_repo="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
     EncoderSpec("vit-test", "vit_tiny_patch16_224", 64, kwargs=_VIT_TEST),
 ]}
-BY_TRIDENT_NAME = {s.trident: s.name for s in REGISTRY.values() if s.trident}
 
 
 def get_spec(name: str) -> EncoderSpec:

@@ -228,6 +228,7 @@ def update_cohort(out: Path, cfg: ExtractConfig, dim: int, done: list[str], fail
             pd.DataFrame(columns=["case_id", "site"])
         add = sorted(set(slides["case_id"]) - set(cases["case_id"]))
         cases = pd.concat([cases, pd.DataFrame({"case_id": add})]).fillna("").sort_values("case_id")
+        cases["site"] = tcga.fill_sites(cases["case_id"], cases["site"])  # TCGA: the tissue source site
         write_csv(cpath, cases, index=False)
 
 
