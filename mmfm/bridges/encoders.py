@@ -48,7 +48,7 @@ class EncoderSpec:
     hf_repo: str | None = None  # where an offline HF cache may hold the weights
     layout: str = "timm"  # key layout of the published file (mmfm/bridges/encoder_layouts.py)
     interpolation: str = "bilinear"  # resize filter of the authors' transform (bilinear | bicubic)
-    mag: float = 20.0  # magnification the encoder was trained and is run at (20× = 0.5 µm/px)
+    mag: float | None = 20.0  # magnification it was trained and is run at (20× = 0.5 µm/px); None: test models
 
 
 _VIT_TEST = dict(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)
@@ -105,9 +105,9 @@ REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in [
     _kaiko("vitb8", "vit_base_patch8_224", 768),
     _kaiko("vitl14", "vit_large_patch14_reg4_dinov2", 1024, img_size=518),
     # ViT-Ti/16 (timm's augreg weights if cached) and a 2-block 64-d ViT: CPU tests and benchmarks.
-    EncoderSpec("vit-tiny", "vit_tiny_patch16_224", 192, kwargs=dict(num_classes=0),
+    EncoderSpec("vit-tiny", "vit_tiny_patch16_224", 192, kwargs=dict(num_classes=0), mag=None,
                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), hf_repo="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
-    EncoderSpec("vit-test", "vit_tiny_patch16_224", 64, kwargs=_VIT_TEST),
+    EncoderSpec("vit-test", "vit_tiny_patch16_224", 64, kwargs=_VIT_TEST, mag=None),
 ]}
 
 
