@@ -38,14 +38,9 @@ DOC = {
                     size=224, interp="bicubic", norm=(HIBOU_MEAN, HIBOU_STD), feature="cls"),
     "hibou-l": dict(D=1024, L=24, P=14, G=16, R=4, H=2736, swiglu=True, cls_pos=True, layout="hf-dinov2",
                     size=224, interp="bicubic", norm=(HIBOU_MEAN, HIBOU_STD), feature="cls"),
-    "kaiko-vits16": dict(D=384, L=12, P=16, G=14, R=0, H=1536, swiglu=False, cls_pos=True, layout="timm",
-                         size=224, interp="bilinear", norm=KAIKO, feature="cls", ls=False),
-    "kaiko-vits8": dict(D=384, L=12, P=8, G=28, R=0, H=1536, swiglu=False, cls_pos=True, layout="timm",
-                        size=224, interp="bilinear", norm=KAIKO, feature="cls", ls=False),
-    "kaiko-vitb16": dict(D=768, L=12, P=16, G=14, R=0, H=3072, swiglu=False, cls_pos=True, layout="timm",
-                         size=224, interp="bilinear", norm=KAIKO, feature="cls", ls=False),
-    "kaiko-vitb8": dict(D=768, L=12, P=8, G=28, R=0, H=3072, swiglu=False, cls_pos=True, layout="timm",
-                        size=224, interp="bilinear", norm=KAIKO, feature="cls", ls=False),
+    **{f"kaiko-{v}": dict(D=D, L=12, P=P, G=224 // P, R=0, H=4 * D, swiglu=False, cls_pos=True, layout="timm",
+                          size=224, interp="bilinear", norm=KAIKO, feature="cls", ls=False)
+       for v, D, P in (("vits16", 384, 16), ("vits8", 384, 8), ("vitb16", 768, 16), ("vitb8", 768, 8))},
     "kaiko-vitl14": dict(D=1024, L=24, P=14, G=37, R=4, H=4096, swiglu=False, cls_pos=False, layout="timm",
                          size=224, interp="bilinear", norm=KAIKO, feature="cls"),
 }
