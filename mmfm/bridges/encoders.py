@@ -46,6 +46,7 @@ class EncoderSpec:
     precision: str = "fp32"  # autocast dtype the authors run inference with
     pooling: str = "model"  # "model": the model's pooled output; "cls_mean": CLS ‖ mean of patch tokens
     hf_repo: str | None = None  # where an offline HF cache may hold the weights
+    hf_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # the weights file's name there
     layout: str = "timm"  # key layout of the published file (mmfm/bridges/encoder_layouts.py)
     interpolation: str = "bilinear"  # resize filter of the authors' transform (bilinear | bicubic)
     mag: float | None = 20.0  # magnification it was trained and is run at (20× = 0.5 µm/px); None: test models
@@ -89,7 +90,7 @@ REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in [
                             init_values=1e-5, mlp_ratio=5.33334, num_classes=0)),
     # CONCH v1.5: 512-px tiles at 20× resized to 448; feature = the contrastive attentional pool, not the CLS
     EncoderSpec("conch-v1.5", "vit_large_patch16_224", 768, input_size=448, resize=448, precision="fp16",
-                layout="conch-v1.5", hf_repo="MahmoodLab/conchv1_5",
+                layout="conch-v1.5", hf_repo="MahmoodLab/conchv1_5", hf_files=("pytorch_model_vision.bin",),
                 kwargs=dict(img_size=448, init_values=1.0, num_classes=0, global_pool="")),
     # Phikon-v2: HF Dinov2Model ViT-L/16 without registers; feature = CLS of last_hidden_state
     EncoderSpec("phikon-v2", "vit_large_patch16_224", 1024, layout="hf-dinov2", hf_repo="owkin/phikon-v2",
@@ -153,7 +154,7 @@ def cached_weights(spec: EncoderSpec) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    for fname in ("model.safetensors", "pytorch_model.bin"):
+    for fname in spec.hf_files:
         got = try_to_load_from_cache(spec.hf_repo, fname)
         if isinstance(got, str):
             return Path(got)
