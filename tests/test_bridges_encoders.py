@@ -146,3 +146,18 @@ def test_cpu_auto_precision_takes_the_faster(slow_in, pick, monkeypatch):
     tiles = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     assert autocast_dtype(e, torch.device("cpu"), "auto", tiles) == pick
     assert autocast_dtype(e, torch.device("cpu"), "auto") == torch.float32  # no sample, no trial: fp32
+
+
+def test_offline_cache_file_names_per_encoder(monkeypatch, tmp_path):
+    """CONCH v1.5 ships its vision tower as `pytorch_model_vision.bin`: that is the file looked up offline."""
+    repo = tmp_path / "models--MahmoodLab--conchv1_5"
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    assert enc.cached_weights(REGISTRY["conch-v1.5"]) is None
+    (snap / "pytorch_model.bin").write_bytes(b"")  # the generic name is not CONCH v1.5's file
+    assert enc.cached_weights(REGISTRY["conch-v1.5"]) is None
+    (snap / "pytorch_model_vision.bin").write_bytes(b"")
+    assert enc.cached_weights(REGISTRY["conch-v1.5"]) == snap / "pytorch_model_vision.bin"

@@ -2,6 +2,7 @@
 exit 2 with nothing written; a run with no bag leaves no cohort; small fragments are kept; upsampling warns; a
 corrupt slide prints only the clear message."""
 
+import dataclasses
 import json
 import logging
 
@@ -200,6 +201,18 @@ def test_target_finer_than_the_scan_warns(tmp_path, capsys, wsi_dir):
     assert rc == 0 and f"{SLIDE}.svs: scanned at 0.499 µm/px (from file, ≈20×)" in err and "2.00×" in err
     rc, _, err = _run(capsys, wsi, tmp_path / "cohort3", "--mpp", "0.5", "--mag", "20")
     assert rc == 0 and err == ""
+
+
+def test_magnification_other_than_the_encoders_warns(tmp_path, capsys, monkeypatch):
+    """An encoder trained at 20× (the registry's `mag`) run at 10× warns once; the test encoders have no `mag`."""
+    monkeypatch.setitem(REGISTRY, "vit-test", dataclasses.replace(REGISTRY["vit-test"], mag=20.0))
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    _tissue_png(wsi / "s0.png")
+    rc, _, err = _run(capsys, wsi, tmp_path / "cohort", "--mpp", "1.0", "--mag", "10", "--patch_size", "128")
+    assert rc == 0
+    assert err == (f"{PROG}: warning: --mag 10: vit-test was trained on tiles at 20× (0.5 µm/px); features at 10× "
+                   "are out of its training distribution\n")
 
 
 # ---- 4. corrupt slides: the clear message only ------------------------------------------------------------------

@@ -130,6 +130,22 @@ def test_trident_written_bag_opens_unchanged(mini):
     assert c.slides.loc["S1", "n_tiles"] == n and not c.slides.loc["S1", "has_fragment"]
 
 
+def test_trident_and_mmfm_names_of_one_encoder_are_one_encoder(mini):
+    """cohort.yaml says mmfm's `conch-v1.5`, bags say TRIDENT's `conch_v15` or mmfm's name: one encoder; a bag of
+    another encoder (even a TRIDENT name of it) is an error naming the slide."""
+    (mini / "cohort.yaml").write_text(yaml.safe_dump({**SPEC.to_dict(), "tile_encoder": {
+        "name": "conch-v1.5", "feature_dim": D}}))
+    for i, sid in enumerate(SLIDES["slide_id"]):
+        write_bag(mini / "bags" / f"{sid}.h5", _features(seed=i), _coords(), patch_size_level0=512,
+                  encoder=("conch_v15", "conch-v1.5")[i % 2])
+    assert validate(mini).ok, validate(mini).format()
+    write_bag(mini / "bags" / "S2.h5", _features(), _coords(), patch_size_level0=512, encoder="uni_v1")
+    rep = validate(mini)
+    assert [e for e in rep.errors if "encoder" in e] == [
+        "bags/S2.h5 (slide S2, case C2): features attr encoder='uni_v1' differs from cohort.yaml tile_encoder.name "
+        "'conch-v1.5' (a cohort holds features of one tile encoder)"]
+
+
 def _set_csv(root, name, edit):
     df = pd.read_csv(root / name, dtype=str, keep_default_na=False)
     edit(df)
@@ -196,6 +212,13 @@ ERRORS = {
                                      fragment=np.zeros(N_TILES - 2)),
                  "bags/S1.h5 (slide S1, case C1): fragment must be an integer dataset of shape (20,), got (18,) int32"),
     "feature dim": (_bag("S1", features=_features(d=D - 2)), "feature dim 6 differs from cohort.yaml tile_encoder.feature_dim 8"),
+    # one cohort, one feature space: another encoder or magnification is an error naming the slide
+    "encoder attr": (lambda r: write_bag(r / "bags" / "S1.h5", _features(), _coords(), patch_size_level0=512,
+                                         encoder="other"), "bags/S1.h5 (slide S1, case C1): features attr encoder='other'"),
+    "target magnification": (lambda r: write_bag(r / "bags" / "S1.h5", _features(), _coords(), patch_size_level0=512,
+                                                 encoder="enc", coord_attrs={"target_magnification": 10}),
+                             "bags/S1.h5 (slide S1, case C1): coords attr target_magnification=10 differs from "
+                             "cohort.yaml 20.0"),
     "negative counts": (_omics_edit("rna.h5ad", counts=np.array([[1, 2, 3, 4], [1, -2, 0, 0], [0, 0, 0, 1]], np.float32)),
                         "rna.h5ad: X has negative values in 1 row(s) (case(s) C1)"),
     "NaN counts": (_omics_edit("protein.h5ad", counts=np.array([[1, np.nan], [3, 4]], np.float32)),
@@ -225,8 +248,6 @@ def test_each_error_is_reported_with_its_location(mini, name):
 
 WARNINGS = {
     "no modality": (lambda r: None, None),  # C4 loses its only flag: clinical data alone is no modality
-    "encoder attr": (lambda r: write_bag(r / "bags" / "S1.h5", _features(), _coords(), patch_size_level0=512,
-                                         encoder="other"), "bags/S1.h5 (slide S1, case C1): features attr encoder='other'"),
     "small bag": (lambda r: write_bag(r / "bags" / "S1.h5", _features(3), _coords(3), patch_size_level0=512,
                                       encoder="enc"), "bags/S1.h5 (slide S1, case C1): only 3 tiles"),
     "mutation flag": (_cell("cases.csv", 1, "mut_TP53", "yes"), "cases.csv line 3 (case C1): mut_TP53 'yes' is not one of [0, 1]"),
@@ -235,9 +256,6 @@ WARNINGS = {
     "random-init features": (lambda r: write_bag(r / "bags" / "S1.h5", _features(), _coords(), patch_size_level0=512,
                                                  encoder="enc", root_attrs={"random_init_weights": True}),
                              "bags/S1.h5 (slide S1, case C1): features come from a RANDOMLY INITIALISED tile encoder"),
-    "target magnification": (lambda r: write_bag(r / "bags" / "S1.h5", _features(), _coords(), patch_size_level0=512,
-                                                 encoder="enc", coord_attrs={"target_magnification": 10}),
-                             "coords attr target_magnification=10 differs from cohort.yaml 20.0"),
 }
 
 

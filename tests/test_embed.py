@@ -91,7 +91,9 @@ def test_embed_a_trained_run(tmp_path):
     held = splits["heldout"]
     none = ~Cohort.open(cohort_dir).presence().loc[splits["val"], ["slide", "rna", "protein"]].any(axis=1)
     assert none.any()  # the case this exercises
-    cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad")
+    tangle = _tangle_export(tmp_path, feature_dim=32)  # a public slide encoder brought in by import-encoder
+    cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad",
+                          cfg=EmbedConfig(extra_encoders=(str(tangle),)))
     cohort = Cohort.open(cohort_dir)
 
     assert list(cases.obs_names) == list(cohort.cases.index.astype(str))
@@ -120,6 +122,8 @@ def test_embed_a_trained_run(tmp_path):
                                slides[slides.obs["case_id"] == case].obsm["slide"].mean(0), atol=1e-6)
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["slide_random"].shape[0] == cases.n_obs
 
+    _extra_encoder_column_and_probe(tmp_path, tangle, cases, slides, bag, g, frag)
+
     # `mmfm embed`: by default only the run's held-out cases; --baselines "[]" skips the baselines
     from mmfm.cli import main
 
@@ -131,3 +135,44 @@ def test_embed_a_trained_run(tmp_path):
     assert "slide" in held_ad.obsm and not {"slide_meanpool", "slide_random"} & set(held_ad.obsm)
     np.testing.assert_allclose(held_ad.obsm["slide"], cases[held].obsm["slide"], atol=1e-5)
     assert main(["embed", "--run", str(tmp_path / "nope"), "--cohort", str(cohort_dir), "--out", str(out)]) == 2
+
+
+def _tangle_export(tmp_path, feature_dim, h=16, a=8, seed=0):
+    """A TANGLE-layout checkpoint with random weights, imported by `import-encoder` into an export directory."""
+    from safetensors.numpy import save_file
+
+    from mmfm.bridges.slide_import import import_encoder
+
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    state = {"pre_attn.0.weight": w(h, feature_dim), "pre_attn.0.bias": w(h), "pre_attn.1.weight": 1 + w(h),
+             "pre_attn.1.bias": w(h), "attn.attention_a.0.weight": w(a, h), "attn.attention_a.0.bias": w(a),
+             "attn.attention_b.0.weight": w(a, h), "attn.attention_b.0.bias": w(a),
+             "attn.attention_c.weight": w(1, a), "attn.attention_c.bias": w(1)}
+    save_file(state, str(tmp_path / f"tangle{feature_dim}.safetensors"))
+    out = tmp_path / ("tangle" if feature_dim == 32 else f"tangle{feature_dim}")
+    import_encoder(tmp_path / f"tangle{feature_dim}.safetensors", "tangle", out)
+    return out
+
+
+def _extra_encoder_column_and_probe(tmp_path, tangle, cases, slides, bag, g, frag):
+    """The imported encoder embeds the same whole bags as obsm['slide_tangle'], equal to that encoder on the
+    slide's bag, and a probe table holds it beside the run's `slide`; an export on other tile features, or
+    whose column is taken, is refused, naming it."""
+    from mmfm.eval.embed import _extra_encoders
+    from mmfm.eval.probe import probe
+    from mmfm.models.export_format import load_slide_encoder
+
+    enc, _, _ = load_slide_encoder(tangle)
+    direct = enc(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
+                 frag[None].astype(np.int32)).embedding
+    np.testing.assert_allclose(slides.obsm["slide_tangle"][0], np.asarray(direct)[0], atol=1e-5)
+    assert cases.obsm["slide_tangle"].shape == (cases.n_obs, 16)
+    res = probe(cases, [{"name": "subtype", "type": "classification", "label": "subtype", "folds": 3,
+                         "embeddings": ["slide", "slide_tangle"]}], tmp_path / "probe", allow_overlap=True,
+                allow_validation_overlap=True, n_bootstrap=10, plots=False)
+    assert set(res.results["embedding"]) == {"slide", "slide_tangle"}
+    with pytest.raises(ValueError, match="tangle8: encodes 8-d tile features, the cohort's bags hold 32-d"):
+        _extra_encoders((str(_tangle_export(tmp_path, feature_dim=8)),), 32, taken=set())
+    with pytest.raises(ValueError, match="its column 'slide_tangle' is already taken"):
+        _extra_encoders((str(tangle),), 32, taken={"slide_tangle"})

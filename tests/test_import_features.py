@@ -40,6 +40,11 @@ def _slides(out):
     return pd.read_csv(out / "slides.csv", dtype=str).set_index("slide_id")
 
 
+def _encoder_attr(path):
+    with h5py.File(path, "r") as f:
+        return f["features"].attrs["encoder"]
+
+
 def test_trident_files_are_linked_and_replace_the_placeholder(dl, tmp_path):
     out = tmp_path / "c"
     gdc_rna.run(gdc_rna.GdcRnaConfig(out=out, inputs=(dl.rna_dir,), sample_sheet=dl.rna_sheet))
@@ -55,7 +60,9 @@ def test_trident_files_are_linked_and_replace_the_placeholder(dl, tmp_path):
     assert not (out / "bags").exists()
     spec = yaml.safe_load((out / "cohort.yaml").read_text())
     feats, _, attrs = _h5(files[0])
-    assert spec["tile_encoder"] == {"name": "uni_v1", "feature_dim": feats.shape[1]}
+    assert _encoder_attr(files[0]) == "uni_v1"  # TRIDENT's name, written as mmfm's
+    assert spec["tile_encoder"] == {"name": "uni", "feature_dim": feats.shape[1]}
+    assert rep.rules["encoder"].startswith("uni (TRIDENT names mapped")
     assert (spec["target_magnification"], spec["patch_size"]) == (attrs["target_magnification"], attrs["patch_size"])
     v = validate(out)
     assert v.ok, v.format()
@@ -173,13 +180,24 @@ def test_disagreeing_encoders_and_cohorts_are_refused(dl, tmp_path):
     odd = sorted(d.glob("*.h5"))[2]
     with h5py.File(odd, "a") as f:
         f["features"].attrs["encoder"] = "conch_v15"
-    with pytest.raises(ImportDataError, match=rf"{odd}: encoder 'conch_v15' differs from 'uni_v1'"):
+    with pytest.raises(ImportDataError, match=rf"{odd}: encoder 'conch-v1.5' differs from 'uni'"):
         features.run(features.FeaturesConfig(out=tmp_path / "a", inputs=(d,)))
     out = tmp_path / "b"
     features.run(features.FeaturesConfig(out=out, inputs=(dl.trident_dir,)))
-    with pytest.raises(ImportDataError, match=r"cohort.yaml: tile_encoder is .*uni_v1.* but the imported features"):
+    with pytest.raises(ImportDataError, match=r"cohort.yaml: tile_encoder is .*'uni'.* but the imported features"):
         features.run(features.FeaturesConfig(out=out, inputs=(dl.clam_h5_dir,), encoder="conch_v15", mag=20.0,
                                              patch_size=256, patch_size_level0=512))
+
+
+def test_encoder_from_the_trident_folder_name(dl, tmp_path):
+    """No `encoder` attribute: TRIDENT's `features_<encoder>/` folder names it, in mmfm's spelling."""
+    d = tmp_path / "features_conch_v15"
+    shutil.copytree(dl.trident_dir, d)
+    for f in d.glob("*.h5"):
+        with h5py.File(f, "a") as h:
+            del h["features"].attrs["encoder"]
+    features.run(features.FeaturesConfig(out=tmp_path / "c", inputs=(d,)))
+    assert yaml.safe_load((tmp_path / "c" / "cohort.yaml").read_text())["tile_encoder"]["name"] == "conch-v1.5"
 
 
 def test_pt_files_without_torch_get_a_clear_message(dl, tmp_path, monkeypatch):

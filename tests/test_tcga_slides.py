@@ -1,5 +1,5 @@
-"""TCGA slide names in extraction and validation: a GDC slide file maps to its participant (not its file stem), and
-`validate` warns about a case that mixes FFPE (DX) and frozen (TS/BS/MS) slides."""
+"""TCGA slide names in extraction and validation: a GDC slide file maps to its participant (not its file stem) and
+its tissue source site, and `validate` warns about a case that mixes FFPE (DX) and frozen (TS/BS/MS) slides."""
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,8 @@ def test_extract_maps_gdc_slide_files_to_their_case(tmp_path, wsi_dir):
     slides = pd.read_csv(out / "slides.csv", dtype=str).set_index("slide_id")
     assert slides["case_id"].to_dict() == {DX: "TCGA-A2-A0T2", TS: "TCGA-A2-A0T2"}
     assert slides.loc[DX, "path"] == f"bags/{DX}.h5"  # the slide id keeps the UUID: two DX files never collide
-    assert list(pd.read_csv(out / "cases.csv", dtype=str)["case_id"]) == ["TCGA-A2-A0T2"]
+    cases = pd.read_csv(out / "cases.csv", dtype=str)  # the tissue source site, as the GDC importers write it
+    assert cases.to_dict("records") == [{"case_id": "TCGA-A2-A0T2", "site": "A2"}]
     rep = validate(out)
     assert rep.ok, rep.format()
     mixed = [w for w in rep.warnings if MIXED in w]

@@ -10,7 +10,8 @@ anything else is redone; `--shard i/n` takes every n-th slide of the sorted list
 with its reason in `extract_summary_<i>-of-<n>.json` and the rest go on. `cohort.yaml`, `slides.csv` and
 `cases.csv` are written only by a run that has at least one bag (a run where every slide failed leaves no cohort
 that `mmfm validate` would accept, and changes no table of an existing one); they are merged under a file lock so
-array jobs can finish in any order. A target magnification finer than the scan warns (`UpsamplingWarning`).
+array jobs can finish in any order. A target magnification finer than the scan warns (`UpsamplingWarning`), and so
+does one other than the encoder's own (`MagnificationWarning`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ UPSAMPLE_TOLERANCE = 1.1  # a 40× scan at 0.263 µm/px read at --mag 40 (5 % fi
 
 class UpsamplingWarning(UserWarning):
     """The target magnification is finer than the scan: tiles are interpolated, not read."""
+
+
+class MagnificationWarning(UserWarning):
+    """--mag is not the magnification the encoder was trained at: its features are out of distribution."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,7 @@ def update_cohort(out: Path, cfg: ExtractConfig, dim: int, done: list[str], fail
             pd.DataFrame(columns=["case_id", "site"])
         add = sorted(set(slides["case_id"]) - set(cases["case_id"]))
         cases = pd.concat([cases, pd.DataFrame({"case_id": add})]).fillna("").sort_values("case_id")
+        cases["site"] = tcga.fill_sites(cases["case_id"], cases["site"])  # TCGA: the tissue source site
         write_csv(cpath, cases, index=False)
 
 
@@ -310,6 +316,10 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         raise ValueError(f"encoder {encoder.spec.name!r} given but the config says {cfg.encoder!r}")
     device = check_config(cfg)
     spec = get_spec(cfg.encoder)
+    if spec.mag is not None and not np.isclose(cfg.mag, spec.mag):
+        warnings.warn(MagnificationWarning(
+            f"--mag {cfg.mag:g}: {spec.name} was trained on tiles at {spec.mag:g}× ({mag_to_mpp(spec.mag):.3g} "
+            f"µm/px); features at {cfg.mag:g}× are out of its training distribution"))
     wsi_dir, out = Path(cfg.wsi_dir), Path(cfg.out)
     every = list_slides(wsi_dir)
     case_map = read_case_map(cfg.case_map, [p.stem for p in every])

@@ -13,7 +13,9 @@ DESCRIPTION = """\
 Embed the cases of a cohort with a trained run (every tile of every bag, no sampling): OUT.h5ad holds one row
 per case with each modality's embedding in obsm (plus the mean-pool and random-init baselines), OUT.slides.h5ad
 one row per slide. By default only the run's held-out cases are embedded — the ones `mmfm probe` may test on;
---cases all embeds every case, --cases FILE those listed (one case_id per line).
+--cases all embeds every case, --cases FILE those listed (one case_id per line). --extra_encoders "[DIR, …]"
+adds the slide encoders of export directories (a public checkpoint brought in by `mmfm import-encoder`) as
+obsm['slide_<DIR name>'], so `mmfm probe` compares them with the run's encoder (embeddings: [slide, slide_<name>]).
 
 example: mmfm embed --run runs/demo --cohort cohort --out runs/demo/embeddings.h5ad"""
 

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from mmfm import MODALITIES
-from mmfm.data import tcga
+from mmfm.data import tcga, tile_encoders
 from mmfm.data.bags import read_header
 from mmfm.data.scan_cache import ScanCache
 from mmfm.io import id_list
@@ -302,6 +302,7 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         if spec is not None and feats.ndim == 2 and hdr.dim != spec.feature_dim:
             problems.append(f"feature dim {hdr.dim} differs from cohort.yaml tile_encoder.feature_dim "
                             f"{spec.feature_dim}")
+        problems += _provenance_problems(hdr, spec)
         if scan is not None and not problems:
             bad, first = scan.result(path, lambda: _scan_nonfinite(feats))
             if bad:
@@ -314,13 +315,6 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         rep.warn(f"{where}: features come from a RANDOMLY INITIALISED tile encoder (random_init_weights=True); "
                  "they are for testing pipelines, not for results")
     enc = hdr.feature_attrs.get("encoder")
-    if spec is not None and enc is not None and str(enc) != spec.encoder_name:
-        rep.warn(f"{where}: features attr encoder={enc!r} differs from cohort.yaml tile_encoder.name "
-                 f"{spec.encoder_name!r}")
-    mag = hdr.coord_attrs.get("target_magnification")
-    if spec is not None and mag is not None and _as_float(mag) != spec.target_magnification:
-        rep.warn(f"{where}: coords attr target_magnification={mag!r} differs from cohort.yaml "
-                 f"{spec.target_magnification}")
     ps = hdr.coord_attrs.get("patch_size")
     if spec is not None and ps is not None and _as_float(ps) != spec.patch_size:
         rep.warn(f"{where}: coords attr patch_size={ps!r} differs from cohort.yaml {spec.patch_size}")
@@ -328,6 +322,23 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
         rep.warn(f"{where}: only {hdr.n_tiles} tiles (< {SMALL_BAG_TILES})")
     return {"n_tiles": hdr.n_tiles, "patch_size_level0": hdr.patch_size_level0, "feature_dim": hdr.dim,
             "encoder": None if enc is None else str(enc), "has_fragment": hdr.has_fragment}
+
+
+def _provenance_problems(hdr, spec: CohortSpec | None) -> list[str]:
+    """A bag of another tile encoder or magnification than cohort.yaml's: its features live in another space (a
+    probe or slide encoder would mix them silently). TRIDENT's and mmfm's names of one encoder are one encoder."""
+    if spec is None:
+        return []
+    out = []
+    enc = hdr.feature_attrs.get("encoder")
+    if enc is not None and tile_encoders.canonical(str(enc)) != tile_encoders.canonical(spec.encoder_name):
+        out.append(f"features attr encoder={enc!r} differs from cohort.yaml tile_encoder.name "
+                   f"{spec.encoder_name!r} (a cohort holds features of one tile encoder)")
+    mag = hdr.coord_attrs.get("target_magnification")
+    if mag is not None and _as_float(mag) != spec.target_magnification:
+        out.append(f"coords attr target_magnification={mag!r} differs from cohort.yaml "
+                   f"{spec.target_magnification} (a cohort holds tiles of one magnification)")
+    return out
 
 
 def _as_float(v) -> float | None:

@@ -14,6 +14,7 @@ Source: GDC docs "TCGA Barcode" and code tables (summary in /work/shared/referen
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 SAMPLE_TYPES = {
@@ -151,6 +152,12 @@ def case_of(text: str, where: str = "") -> str:
 def site_of(case_id: str) -> str | None:
     """The tissue source site of a TCGA id, or None for a non-TCGA id (no site can be derived)."""
     return parse_barcode(case_id).site if is_barcode(case_id) else None
+
+
+def fill_sites(case_ids: Iterable[str], sites: Iterable[str]) -> list[str]:
+    """Each case's site: the one already known, else the tissue source site of a TCGA id, else "" (unknown).
+    Every writer of cases.csv (importers, `mmfm extract`) fills sites this one way."""
+    return [str(s) if s else site_of(str(c)) or "" for c, s in zip(case_ids, sites)]
 
 
 def name_barcode(name: str) -> str:

@@ -16,7 +16,9 @@ Written files:
                    obsm[<modality>] = projected embeddings in the shared space (NaN rows where absent),
                    obsm['slide_backbone'] = slide encoder output before the projection head,
                    obsm['slide_meanpool'] = mean of raw tile features (baseline),
-                   obsm['slide_random'] = the same architecture, randomly initialised (baseline);
+                   obsm['slide_random'] = the same architecture, randomly initialised (baseline),
+                   obsm['slide_<name>'] = each `extra_encoders` export (e.g. a public slide encoder imported by
+                   `mmfm import-encoder`) on the same whole bags;
                    uns['pretrain_cases'], uns['validation_cases'] = the run's training and validation cases
                    (the probe's leakage guards read them).
   OUT.slides.h5ad  the same slide embeddings per slide (obs = slides with their case's metadata).
@@ -53,6 +55,7 @@ class EmbedConfig:
     batch_size: int = 64               # rows per call for non-slide modalities
     baselines: tuple[Literal["meanpool", "random"], ...] = ("meanpool", "random")  # [] skips them
     random_seed: int = 12345           # seed of the random-init baseline encoder
+    extra_encoders: tuple[str, ...] = ()  # export dirs (mmfm import-encoder / export): obsm['slide_<dir name>']
 
 
 def bucket_length(n: int, min_bucket: int) -> int:
@@ -147,6 +150,25 @@ def _slide_encoders(model, run_cfg, shapes, cfg: EmbedConfig) -> dict[str, Calla
         rand = build_slide_encoder(run_cfg.model.slide, shapes.feature_dim,
                                    dtype=compute_dtype(run_cfg.model.compute_dtype), rngs=nnx.Rngs(cfg.random_seed))
         fns["slide_random"] = _jit_slide_encoder(rand, lambda enc, f, c, m, fr: enc(f, c, m, fr).embedding)
+    fns.update(_extra_encoders(cfg.extra_encoders, shapes.feature_dim, taken=set("|".join(fns).split("|"))))
+    return fns
+
+
+def _extra_encoders(dirs: tuple[str, ...], feature_dim: int, taken: set[str]) -> dict[str, Callable]:
+    """'slide_<dir name>' → encode function of each exported slide encoder (an imported public checkpoint, say),
+    embedded on the same whole bags as the run's own, so a probe table compares them side by side."""
+    from mmfm.models.export_format import load_slide_encoder
+
+    fns: dict[str, Callable] = {}
+    for d in dirs:
+        name = f"slide_{Path(d).name}"
+        if name in taken or name in fns:
+            raise ValueError(f"--extra_encoders {d}: its column {name!r} is already taken; rename the directory")
+        enc, _, dim = load_slide_encoder(d)
+        if dim != feature_dim:
+            raise ValueError(f"--extra_encoders {d}: encodes {dim}-d tile features, the cohort's bags hold "
+                             f"{feature_dim}-d ones (another tile encoder)")
+        fns[name] = _jit_slide_encoder(enc, lambda enc, f, c, m, fr: enc(f, c, m, fr).embedding)
     return fns
 
 

@@ -123,10 +123,9 @@ def update_cases(out: Path, case_ids: Iterable[str], report: ImportReport, *,
     cases = read_csv_str(path).drop(columns=list(drop))
     new = [c for c in dict.fromkeys(map(str, case_ids)) if c not in set(cases["case_id"])]
     if new:
-        cases = pd.concat([cases, pd.DataFrame({"case_id": new, "site": [tcga.site_of(c) or "" for c in new]})])
+        cases = pd.concat([cases, pd.DataFrame({"case_id": new})])
     cases = cases.fillna("").reset_index(drop=True)
-    empty_site = cases["site"].eq("")
-    cases.loc[empty_site, "site"] = [tcga.site_of(c) or "" for c in cases.loc[empty_site, "case_id"]]
+    cases["site"] = tcga.fill_sites(cases["case_id"], cases["site"])
     if project:
         if "project" not in cases:
             cases["project"] = ""

@@ -10,6 +10,8 @@ it comes from, in order, the file's `patch_size_level0` attribute, the `patch_si
 `patch_size` × `downsample` attributes (in `coords_dir`), or `patch_size` · (10 / `mag`) / mpp with the slide's level-0
 µm/px from `mpp_csv` or `mpp` (the geometry `mmfm extract` uses); otherwise the file is an error.
 
+The encoder is the file's `encoder` attribute, else TRIDENT's `features_<encoder>/` folder name, else the `encoder`
+setting; TRIDENT's names are written as mmfm's (`conch_v15` → `conch-v1.5`, `mmfm.data.tile_encoders`).
 Slide id = the file name without `.h5`/`.pt` (as `mmfm extract` names bags); case = the TCGA participant of the name
 (`TCGA-…-DX1.<uuid>` → `TCGA-…`), or the `case_map` CSV. A file with no case, a slide of another preservation
 (`preservation`), a zero-tile file and a second file of one slide (a TRIDENT-layout h5 is preferred, then any h5,
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmfm.data import tcga
+from mmfm.data import tcga, tile_encoders
 from mmfm.data.bags import patch_size_level0, read_header, write_bag
 from mmfm.importers.common import (PLACEHOLDER_ENCODER, ImportDataError, ImportReport, ensure_cohort, finish,
                                         input_files, read_csv_str, update_cases, write_csv)
@@ -42,7 +44,7 @@ PtReader = Callable[[Path], np.ndarray]  # a CLAM .pt file → [N, D] features; 
 class FeaturesConfig:
     out: Path  # cohort directory to create or extend
     inputs: tuple[Path, ...]  # folders (or files) of TRIDENT/CLAM .h5 and CLAM .pt tile features (not recursive)
-    encoder: str | None = None  # tile encoder name, required when the files do not say (CLAM)
+    encoder: str | None = None  # tile encoder (mmfm or TRIDENT name), required when the files do not say (CLAM)
     mag: float | None = None  # magnification the tiles were cut at, required when the files do not say (CLAM)
     patch_size: int | None = None  # tile size in px at mag, required when the files do not say (CLAM)
     patch_size_level0: int | None = None  # tile side in level-0 px, for every file that lacks it
@@ -107,8 +109,10 @@ def _probe(path: Path, report: ImportReport) -> _Slide | None:
     psl0 = h.patch_size_level0
     trident = psl0 is not None and "target_magnification" in h.coord_attrs
     enc = h.feature_attrs.get("encoder")
+    if enc in (None, "None") and path.parent.name.startswith("features_"):  # TRIDENT's features_<encoder>/ folder
+        enc = path.parent.name[len("features_"):]
     return _Slide(sid, path, "trident" if psl0 is not None else "h5", h.n_tiles, h.dim,
-                  None if enc in (None, "None") else str(enc),
+                  None if enc in (None, "None") else tile_encoders.canonical(str(enc)),
                   float(h.coord_attrs["target_magnification"]) if trident else None,
                   int(h.coord_attrs["patch_size"]) if trident and "patch_size" in h.coord_attrs else None, psl0)
 
@@ -181,7 +185,8 @@ def _level0_side(cfg: FeaturesConfig, slide: _Slide, attrs: dict, mpps: dict[str
 
 def _geometry(cfg: FeaturesConfig, slides: list[_Slide]) -> dict:
     """cohort.yaml facts agreed by every file and the settings; an error names the first file that disagrees."""
-    want: dict = {"encoder": cfg.encoder, "mag": cfg.mag, "patch_size": cfg.patch_size, "dim": None}
+    want: dict = {"encoder": cfg.encoder and tile_encoders.canonical(cfg.encoder), "mag": cfg.mag,
+                  "patch_size": cfg.patch_size, "dim": None}
     origin: dict = {k: "the settings" for k, v in want.items() if v is not None}
     for s in slides:
         for key in ("encoder", "mag", "patch_size", "dim"):
@@ -206,9 +211,12 @@ def _update_spec(out: Path, geo: dict) -> None:
     new = {"tile_encoder": {"name": geo["encoder"], "feature_dim": int(geo["dim"])},
            "target_magnification": float(geo["mag"]), "patch_size": int(geo["patch_size"])}
     slides = read_csv_str(out / "slides.csv")
-    if (doc.get("tile_encoder") or {}).get("name") != PLACEHOLDER_ENCODER and len(slides):
+    have = dict(doc.get("tile_encoder") or {})
+    if have.get("name") != PLACEHOLDER_ENCODER and len(slides):
+        if isinstance(have.get("name"), str):  # a cohort written with TRIDENT's name of the same encoder agrees
+            have["name"] = tile_encoders.canonical(have["name"])
         for key, val in new.items():
-            if doc.get(key) != val:
+            if (have if key == "tile_encoder" else doc.get(key)) != val:
                 raise ImportDataError(f"{path}: {key} is {doc.get(key)!r} but the imported features have {val!r}; "
                                       "import them into another cohort directory")
         return
@@ -289,7 +297,9 @@ def run(cfg: FeaturesConfig, read_pt: PtReader | None = None) -> ImportReport:
     update_cases(out, cases.values(), report)
     report.matched = [s.slide_id for s in slides]
     report.unmatch("cases of cases.csv without slides", sorted(before - set(table["case_id"])))
-    report.rules.update({"slide→case": "TCGA participant barcode of the file name (case_map first)",
+    report.rules.update({"encoder": f"{geo['encoder']} (TRIDENT names mapped to mmfm's: "
+                                    "data_cards/tile_encoders.md)",
+                         "slide→case": "TCGA participant barcode of the file name (case_map first)",
                          "preservation": cfg.preservation, "linked": "TRIDENT-layout h5 referenced in place"
                          if cfg.link else "every file copied into bags/"})
     mixed = pd.DataFrame([{"case": c, "p": tcga.slide_preservation(s)} for s, c in cases.items()])
