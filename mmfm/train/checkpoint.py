@@ -27,6 +27,10 @@ from mmfm.train.config import TrainConfig
 from mmfm.train.paths import run_path
 
 
+class LoaderStateMismatch(ValueError):
+    """A checkpoint saved by another number of processes with per-process loader states: intact, but unmappable."""
+
+
 def abstract_target(abstract_state, shardings):
     """ShapeDtypeStructs that carry the target shardings (what orbax restores into)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
@@ -124,7 +128,7 @@ class Checkpointer:
         elif all(p == per[0] for p in per):  # step-addressed loader: the same state on every process
             mine = per[0]
         else:
-            raise ValueError(f"{self.directory / str(step)}: saved by {len(per)} process(es) with different "
+            raise LoaderStateMismatch(f"{self.directory / str(step)}: saved by {len(per)} process(es) with different "
                              f"loader states, resuming with {jax.process_count()}; cannot map them")
         return got["state"], mine, got["meta"]
 
@@ -135,6 +139,19 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def quarantine(self, step: int):
+        """Move step `step` aside to RUN_DIR/checkpoints.corrupt/<step> (process 0; kept for a post-mortem, never
+        listed or overwritten) and re-read the step list → the new path."""
+        dest = self.directory.parent / "checkpoints.corrupt" / str(step)
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = dest.with_name(f"{step}.{len(list(dest.parent.iterdir()))}")
+            (self.directory / str(step)).rename(dest)
+        multihost_utils.sync_global_devices(f"mmfm:quarantine-{step}")
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
