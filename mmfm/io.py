@@ -57,6 +57,16 @@ def write_h5ad(path: str | os.PathLike, adata) -> None:
         adata.write_h5ad(tmp)
 
 
+def ends_mid_line(path: str | os.PathLike) -> bool:
+    """A text file cut short (a truncated download or copy): not empty and its last byte is not a newline."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) not in (b"\n", b"\r")
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks (pins an export's weights to its config)."""
     h = hashlib.sha256()

@@ -34,6 +34,7 @@ from mmfm.bridges.encoders import (TileEncoder, autocast_dtype, encode,
 from mmfm.bridges.readers import IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, upsampling
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
+from mmfm.config import yaml_problem
 from mmfm.data import tcga
 from mmfm.data.bags import mag_to_mpp, patch_size_level0, read_header, write_bag
 from mmfm.io import id_list, write_csv, write_json, write_text
@@ -144,7 +145,7 @@ def check_cohort_yaml(out: Path, cfg: ExtractConfig, dim: int) -> bool:
     try:
         have = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from e
+        raise ValueError(f"{path}: not valid YAML ({yaml_problem(e)})") from e
     if not isinstance(have, dict):
         raise ValueError(f"{path}: expected a mapping, got {type(have).__name__}")
     for key, val in _cohort_spec(cfg, dim).items():

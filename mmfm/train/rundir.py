@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mmfm.config import ConfigError, decode, to_dict
+from mmfm.config import ConfigError, decode, to_dict, yaml_problem
 from mmfm.data.batch import BatchShapes
 from mmfm.locks import LockedError, OwnerLock
 from mmfm.train.checkpoint import Checkpointer, LoaderStateMismatch
@@ -60,6 +60,8 @@ def resume_flag(resume: Resume) -> bool:
 
 def prepare(out: epath.Path, resume: bool) -> None:
     """Refuse to train into a used directory unless resuming — before any work, so nothing is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: --out is a file, not a run directory")
     if not resume and out.exists() and any(out.iterdir()):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:6])
         raise RunDirError(f"{out}: run directory is not empty ({names}); pass --resume auto to continue it, "
@@ -168,7 +170,7 @@ def read_config(run_dir) -> RunConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from e
     try:
         return check(decode(RunConfig, raw, str(path)))
     except ConfigError as e:
