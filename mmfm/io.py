@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp
         faults.point(f"write:{path.name}")  # a testing aid (mmfm.faults): killed here, the old file stays whole
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(e.errno, f"{path}: no space left on device ({e.strerror}); the previous "
+                                   f"{path.name} is intact") from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from mmfm.cli import main
 from mmfm.locks import LockedError, Owner, OwnerLock, _start_ticks
 from mmfm.train import config, loop
 from mmfm.train.checkpoint import Checkpointer
+from mmfm.train.monitor import read_jsonl
 
 cohort = pytest.fixture(scope="module")(tiny_cohort)
 
@@ -166,3 +168,57 @@ def test_resume_with_no_intact_checkpoint_names_them_and_moves_nothing(four_step
         loop.pretrain(cfg, run, resume="auto")
     assert Checkpointer(run, cfg.train, read_only=True).all_steps() == [2, 4]
     assert not (run / "checkpoints.corrupt").exists() and not (run / ".lock").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs (a real file system that fills up); skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (the full-disk case)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path, leave: int = 8192) -> Path:
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_resumes_when_space_is_back(
+        four_steps, small_disk, capsys):
+    """Checkpoint 2 written, then the disk fills: steps 3-4 end in an error naming the checkpoint and "no space"
+    (not in a later error of the clean-up), with checkpoint 2 and metrics.jsonl intact and no temporary file left;
+    once space is back `--resume auto` removes the partial step and ends exactly as the uninterrupted run."""
+    cfg4, ref, want = four_steps
+    run = writable_copy(ref, small_disk / "run")
+    shutil.rmtree(run / "checkpoints" / "4")  # as if killed after checkpoint 2
+    kept = snapshot_files(run)
+    kept.pop("metrics.jsonl")  # the resume keeps the records up to its checkpoint (checked below)
+    filler = fill(small_disk)
+    with pytest.raises(OSError) as err:
+        loop.pretrain(cfg4, run, resume="auto")
+    msg = str(err.value)
+    assert f"{run}/checkpoints/4: no space left on device while saving checkpoint 4; checkpoints [2] are intact" \
+        in msg, msg
+    after = snapshot_files(run)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    partial = [k for k in after if k.startswith("checkpoints/4.orbax-checkpoint-tmp")]  # never listed as a step
+    assert {k: v for k, v in after.items() if k != "metrics.jsonl" and k not in partial} == kept
+    filler.unlink()
+    capsys.readouterr()
+    res = loop.pretrain(cfg4, run, resume="auto")
+    assert res.checkpoints == [2, 4] and not list((run / "checkpoints").glob("*tmp*"))  # the partial one removed
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+
+
+def snapshot_files(root: Path) -> dict[str, str]:
+    """Every file under `root` with its hash (tensorboard's event files aside: appended by design)."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and "tb" not in p.relative_to(root).parts}

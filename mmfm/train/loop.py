@@ -18,6 +18,7 @@ ends the run after the current step with a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,24 @@ class _Logs:
             self.t, self.step = now, step
 
 
+def close_all(closers, failing: bool) -> None:
+    """Run every closer. While an error propagates (`failing`), a closer's own error (often the same full disk
+    or lost file system) is logged, not raised, so the first error is the one the user sees."""
+    first = None
+    for close in closers:
+        if not close:
+            continue
+        try:
+            close()
+        except Exception as e:
+            if failing:
+                logging.getLogger(__name__).warning("while stopping after an error: %s", e)
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
 def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = False, *,
              device_prefetch: int = 2) -> PretrainResult:
     """Train per `config` into `out_dir` (a path or `gs://…` URL).
@@ -238,7 +257,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
             lock.release()
         raise
     last_eval, evaluator, writer, feed = None, None, None, None
-    logs = None
+    logs, failed = None, True
     try:
         shapes = loader.shapes
         modalities = loader.modalities
@@ -300,16 +319,8 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                     raise Preempted(step, stop.received, out)
                 logs.restart(step)  # evaluation and checkpointing are not training time
             logs.fetch()
+        failed = False
     finally:
-        if feed is not None:
-            feed.close()
-        if writer is not None:
-            writer.close()
-        if ckpt is not None:
-            ckpt.close()
-        loader.close()
-        if evaluator is not None:
-            evaluator.close()
-        if lock is not None:
-            lock.release()
+        close_all([feed and feed.close, writer and writer.close, ckpt and ckpt.close, loader.close,
+                   evaluator and evaluator.close, lock and lock.release], failing=failed)
     return PretrainResult(out, t.steps, logs.last, last_eval, ckpt.all_steps())
