@@ -38,6 +38,14 @@ def _message(e: Exception) -> str:
     return text or type(e).__name__
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: 'line L, column C: what' (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    what = what or " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
 def decode(cls: type[T], raw: dict | None, where: str = "") -> T:
     """Build dataclass `cls` from a mapping (YAML-loaded); unknown keys and wrong types name the dotted key."""
     raw = {} if raw is None else raw
@@ -114,8 +122,10 @@ def inherit(path: str | Path, merge_fn, chain: tuple[Path, ...] = (), prepare=No
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise ConfigError(f"{path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from e
     raw = {} if raw is None else raw
     if prepare is not None and isinstance(raw, dict):
         raw = prepare(path, raw)
@@ -146,7 +156,7 @@ def apply_override(raw: dict, assignment: str) -> dict:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: cannot parse {text!r}: {e}") from e
+        raise ConfigError(f"override {key}: cannot parse {text!r}: {yaml_problem(e)}") from e
     node = raw
     for i, p in enumerate(parts[:-1]):
         nxt = node.setdefault(p, {})

@@ -16,6 +16,10 @@ SIGUSR1, SIGUSR2, SIGKILL; from the main thread its handler has run when `point`
 (`InjectedFault`) or `exit` / `exit=CODE` (`os._exit`, no clean-up: a crash). Each spec fires at most once per
 process; a resumed run starts past the step it stopped at, so a step fault never fires twice in one run. Unset,
 `point` is a single `None` check.
+
+`MMFM_FAULTS_TRACE=FILE` appends every point this process reaches to FILE, one `name@at` line each (`at`: the step,
+or the hit count for points without one) — the menu from which a kill harness draws its points
+(`mmfm.testing.kill_points`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import signal
 from dataclasses import dataclass
 
 ENV = "MMFM_FAULTS"
+TRACE_ENV = "MMFM_FAULTS_TRACE"
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGKILL")
 _SPEC = re.compile(r"(?P<point>[^@,]+)@(?P<at>\d+):(?P<action>SIG[A-Z0-9]+|raise|exit(?:=\d+)?)")
 
@@ -60,18 +65,26 @@ def parse(text: str) -> list[Fault]:
 
 
 _FAULTS: list[Fault] | None = None
+_TRACE: str | None = None
+_COUNTS: dict[str, int] = {}
 
 
-def arm(text: str | None) -> None:
-    """(Re)arm from a spec string; None or '' disarms. Done once at import from $MMFM_FAULTS."""
-    global _FAULTS
-    _FAULTS = (parse(text) or None) if text else None
+def arm(text: str | None, trace: str | None = None) -> None:
+    """(Re)arm from a spec string and a trace file; None or '' disarms. Done at import from the environment."""
+    global _FAULTS, _TRACE
+    _TRACE = trace or None
+    _COUNTS.clear()
+    _FAULTS = (parse(text) if text else []) or ([] if _TRACE else None)
 
 
 def point(name: str, at: int | None = None) -> None:
     """A named injection point; `at` = the step (None: count this process's hits of each matching fault)."""
     if _FAULTS is None:
         return
+    if _TRACE is not None:
+        _COUNTS[name] = _COUNTS.get(name, 0) + 1
+        with open(_TRACE, "a") as fh:
+            fh.write(f"{name}@{_COUNTS[name] if at is None else at}\n")
     for f in _FAULTS:
         if f.fired or not fnmatch.fnmatchcase(name, f.point):
             continue
@@ -89,4 +102,4 @@ def _act(f: Fault, name: str) -> None:
     signal.raise_signal(getattr(signal, f.action))  # to this thread: its handler has run when this returns
 
 
-arm(os.environ.get(ENV))
+arm(os.environ.get(ENV), os.environ.get(TRACE_ENV))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp
         faults.point(f"write:{path.name}")  # a testing aid (mmfm.faults): killed here, the old file stays whole
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(e.errno, f"{path}: no space left on device ({e.strerror}); the previous "
+                                   f"{path.name} is intact") from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -55,6 +61,16 @@ def write_h5ad(path: str | os.PathLike, adata) -> None:
     """An AnnData, atomically."""
     with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
+
+
+def ends_mid_line(path: str | os.PathLike) -> bool:
+    """A text file cut short (a truncated download or copy): not empty and its last byte is not a newline."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) not in (b"\n", b"\r")
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -264,3 +264,40 @@ def test_cli_flags_aliases_and_user_errors(tmp_path, capsys):
     assert err.startswith("mmfm extract: error: ") and "none" in err and err.count("\n") == 1
     assert main(["extract", "--out", str(tmp_path / "o"), "--encoder", "vit-test", "--min-tissue", "lots"]) == 2
     assert "min_tissue_fraction" in capsys.readouterr().err
+
+
+def test_a_slide_claimed_by_a_live_worker_is_left_to_it_and_done_by_the_next_run(tmp_path):
+    """Workers over one slide list share it by per-slide locks: a slide another live worker holds is not touched
+    (no bag, no table row from this run, its temp file kept); once that worker is gone, a re-run does that slide
+    only, and the cohort is whole."""
+    import socket
+    import subprocess
+    import sys
+
+    from mmfm.locks import _start_ticks
+
+    wsi, out = tmp_path / "wsi", tmp_path / "cohort"
+    _png_slides(wsi, n=3)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "bags").mkdir(parents=True)
+        (out / "bags" / ".s1.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                                           "start": _start_ticks(other.pid), "since": "now"}))
+        (out / "bags" / ".s1.h5.abc.tmp").write_text("the other worker's bag, half written")
+        assert _extract(wsi, out, "--mpp", "0.5") == 0
+        first = next(out.glob("extract_summary_0-of-1.*.json"))
+        got = {r["slide_id"]: r["status"] for r in json.loads(first.read_text())["slides"]}
+        assert got == {"s0": "ok", "s1": "claimed", "s2": "ok"}
+        assert f"in use by pid {other.pid}" in json.loads(first.read_text())["slides"][1]["reason"]
+        assert not (out / "bags" / "s1.h5").exists() and (out / "bags" / ".s1.h5.abc.tmp").exists()
+        assert list(pd.read_csv(out / "slides.csv")["slide_id"]) == ["s0", "s2"]
+        assert not (out / "bags" / ".s0.lock").exists()  # its own claims released
+    finally:
+        other.kill()
+        other.wait()
+    assert _extract(wsi, out, "--mpp", "0.5") == 0  # the claim's owner is gone: taken over
+    got = {r["slide_id"]: r["status"] for r in _summary(out)["slides"]}
+    assert got == {"s0": "skipped", "s1": "ok", "s2": "skipped"}
+    assert list(pd.read_csv(out / "slides.csv")["slide_id"]) == ["s0", "s1", "s2"]
+    assert not list((out / "bags").glob(".*"))  # no lock or temp file left
+    assert validate(out).ok

@@ -83,3 +83,13 @@ def test_a_kill_inside_an_atomic_write_keeps_the_old_file(tmp_path):
     with pytest.raises(faults.InjectedFault):
         io.write_text(target, "second\n")
     assert target.read_text() == "first\n"
+
+
+def test_a_trace_lists_every_point_reached_with_its_step_or_count(tmp_path):
+    faults.arm(None, trace=str(tmp_path / "trace"))
+    faults.point("train.step", 1)
+    faults.point("write:cases.csv")
+    faults.point("write:cases.csv")
+    faults.point("checkpoint.save", 2)
+    assert (tmp_path / "trace").read_text().split() == ["train.step@1", "write:cases.csv@1", "write:cases.csv@2",
+                                                        "checkpoint.save@2"]

@@ -54,9 +54,9 @@ def test_trident_files_are_linked_and_replace_the_placeholder(dl, tmp_path):
     slides = _slides(out)
     assert list(slides.index) == [f.name[:-3] for f in files]  # slide id = file name without .h5 (UUID kept)
     assert slides["case_id"].tolist() == [f.name[:12] for f in files]
-    for f in files:  # linked where they lie, not copied
+    for f in files:  # linked where they lie, not copied; outside the cohort: absolute (never a climbing ../)
         assert (out / slides.loc[f.name[:-3], "path"]).resolve() == f.resolve()
-        assert not os.path.isabs(slides.loc[f.name[:-3], "path"])
+        assert os.path.isabs(slides.loc[f.name[:-3], "path"])
     assert not (out / "bags").exists()
     spec = yaml.safe_load((out / "cohort.yaml").read_text())
     feats, _, attrs = _h5(files[0])

@@ -10,14 +10,17 @@ anything else is redone; `--shard i/n` takes every n-th slide of the sorted list
 with its reason in `extract_summary_<i>-of-<n>.json` and the rest go on. `cohort.yaml`, `slides.csv` and
 `cases.csv` are written only by a run that has at least one bag (a run where every slide failed leaves no cohort
 that `mmfm validate` would accept, and changes no table of an existing one); they are merged under a file lock so
-array jobs can finish in any order. A target magnification finer than the scan warns (`UpsamplingWarning`), and so
-does one other than the encoder's own (`MagnificationWarning`).
+array jobs can finish in any order. Several workers over one slide list share it without `--shard`: each claims a
+slide with a lock (`bags/.<slide>.lock`, `mmfm.locks`) before touching it, so no slide is done twice, and a dead
+worker's claims are taken over by the next run. A target magnification finer than the scan warns
+(`UpsamplingWarning`), and so does one other than the encoder's own (`MagnificationWarning`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,9 +38,11 @@ from mmfm.bridges.encoders import (TileEncoder, autocast_dtype, encode,
 from mmfm.bridges.readers import IMAGE_SUFFIXES, SLIDE_SUFFIXES, SlideError, open_slide, upsampling
 from mmfm.bridges.tiles import SlidePlan, TileBatches, mp_context
 from mmfm.bridges.tissue import TissueConfig, segment_tissue, tile_grid, write_qc
+from mmfm.config import yaml_problem
 from mmfm.data import tcga
 from mmfm.data.bags import mag_to_mpp, patch_size_level0, read_header, write_bag
 from mmfm.io import id_list, write_csv, write_json, write_text
+from mmfm.locks import LockedError, OwnerLock
 
 ACCEPTED_SUFFIXES = SLIDE_SUFFIXES + IMAGE_SUFFIXES
 UPSAMPLE_TOLERANCE = 1.1  # a 40× scan at 0.263 µm/px read at --mag 40 (5 % finer) is not worth a warning
@@ -77,7 +82,7 @@ class ExtractConfig:
 class SlideResult:
     slide_id: str
     path: str
-    status: str  # ok | skipped | failed
+    status: str  # ok | skipped | failed | claimed (another worker extracts it: per-slide lock)
     reason: str = ""
     warning: str = ""
     n_tiles: int = 0
@@ -149,7 +154,7 @@ def check_cohort_yaml(out: Path, cfg: ExtractConfig, dim: int) -> bool:
     try:
         have = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from e
+        raise ValueError(f"{path}: not valid YAML ({yaml_problem(e)})") from e
     if not isinstance(have, dict):
         raise ValueError(f"{path}: expected a mapping, got {type(have).__name__}")
     for key, val in _cohort_spec(cfg, dim).items():
@@ -345,31 +350,31 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         encoder = load_encoder(cfg.encoder, cfg.weights, random_init=cfg.random_init)
     out.mkdir(parents=True, exist_ok=True)
     plans: list[SlidePlan] = []
-    for path in tqdm(todo, unit="slide", desc="tissue", disable=not cfg.progress or not todo):
-        for stale in (out / "bags").glob(f".{path.stem}.h5.*"):  # temp files of an interrupted run
-            stale.unlink()
-        t0 = time.time()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UpsamplingWarning)
+    claims: dict[str, OwnerLock] = {}
+    try:
+        for path in tqdm(todo, unit="slide", desc="tissue", disable=not cfg.progress or not todo):
+            claim = OwnerLock(out / "bags" / f".{path.stem}.lock", what=f"slide {path.stem}")
             try:
-                plan = plan_slide(path, cfg, out)
-            except Exception as e:  # one bad slide never stops the batch; the summary says why
-                plan, msg = None, str(e) if isinstance(e, SlideError) else f"{path}: {type(e).__name__}: {e}"
-        note = "; ".join(str(w.message) for w in caught if issubclass(w.category, UpsamplingWarning))
-        for w in caught:  # re-issued outside the recorder: the caller (the CLI) decides how to show them
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if plan is None:
-            results[path.stem] = SlideResult(path.stem, str(path), "failed", msg, note, seconds=time.time() - t0)
-            continue
-        plans.append(plan)
-        results[path.stem] = SlideResult(path.stem, str(path), "failed", "not encoded", note,
-                                         n_fragments=plan.meta["n_fragments"], seconds=time.time() - t0)
+                claim.acquire()
+            except LockedError as e:  # another worker extracts it now: its bag and table rows are that worker's
+                results[path.stem] = SlideResult(path.stem, str(path), "claimed", str(e))
+                continue
+            claims[path.stem] = claim
+            bag = out / "bags" / f"{path.stem}.h5"
+            if bag.exists() and bag_is_complete(bag, cfg, spec.dim, source):  # finished by another worker meanwhile
+                results[path.stem] = SlideResult(path.stem, str(path), "skipped", "complete bag exists")
+                claims.pop(path.stem).release()
+                continue
+            _plan_one(path, cfg, out, plans, results)
+        n_encoded, encode_seconds, precision = 0, 0.0, None
+        if plans:
+            encoder = encoder.to(device)
+            n_encoded, encode_seconds, precision = _encode_plans(plans, cfg, encoder, device, out, results)
+    finally:
+        for claim in claims.values():
+            claim.release()
 
-    n_encoded, encode_seconds, precision = 0, 0.0, None
-    if plans:
-        encoder = encoder.to(device)
-        n_encoded, encode_seconds, precision = _encode_plans(plans, cfg, encoder, device, out, results)
-
+    done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
     done = [s for s, r in results.items() if r.status in ("ok", "skipped")]
     failed = [s for s, r in results.items() if r.status == "failed"]
     if done:
@@ -382,12 +387,37 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         "n_slides": len(slides), "n_ok": sum(r.status == "ok" for r in results.values()),
         "n_skipped": sum(r.status == "skipped" for r in results.values()),
         "n_failed": len(failed), "n_bags": len(done),
+        "n_claimed": sum(r.status == "claimed" for r in results.values()),
         "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if n_encoded else None,
         "seconds": time.time() - t_start,
         "slides": [asdict(r) for r in results.values()],
     }
-    write_json(out / f"extract_summary_{i}-of-{n}.json", summary)
+    name = f"extract_summary_{i}-of-{n}" + (f".{os.getpid()}" if summary["n_claimed"] else "")  # workers side by side
+    write_json(out / f"{name}.json", summary)
     return summary
+
+
+def _plan_one(path: Path, cfg: ExtractConfig, out: Path, plans: list[SlidePlan],
+              results: dict[str, SlideResult]) -> None:
+    """Tissue mask and tile grid of one claimed slide → `plans`; a slide that fails is recorded, never raised."""
+    for stale in (out / "bags").glob(f".{path.stem}.h5.*"):  # temp files of an interrupted run (ours: claimed)
+        stale.unlink()
+    t0 = time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UpsamplingWarning)
+        try:
+            plan = plan_slide(path, cfg, out)
+        except Exception as e:  # one bad slide never stops the batch; the summary says why
+            plan, msg = None, str(e) if isinstance(e, SlideError) else f"{path}: {type(e).__name__}: {e}"
+    note = "; ".join(str(w.message) for w in caught if issubclass(w.category, UpsamplingWarning))
+    for w in caught:  # re-issued outside the recorder: the caller (the CLI) decides how to show them
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if plan is None:
+        results[path.stem] = SlideResult(path.stem, str(path), "failed", msg, note, seconds=time.time() - t0)
+        return
+    plans.append(plan)
+    results[path.stem] = SlideResult(path.stem, str(path), "failed", "not encoded", note,
+                                     n_fragments=plan.meta["n_fragments"], seconds=time.time() - t0)
 
 
 def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncoder, device: torch.device,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +33,11 @@ import pandas as pd
 import yaml
 
 from mmfm import MODALITIES
+from mmfm.config import yaml_problem
 from mmfm.data import tcga, tile_encoders
 from mmfm.data.bags import read_header
 from mmfm.data.scan_cache import ScanCache
-from mmfm.io import id_list
+from mmfm.io import ends_mid_line, id_list
 
 SMALL_BAG_TILES = 16  # bags below this are legal but suspicious (a failed tissue mask, a thumbnail)
 SCAN_CHUNK_BYTES = 64 << 20  # feature rows are scanned for NaN/inf in blocks of about this size
@@ -138,7 +140,7 @@ def _read_spec(root: Path, rep: ValidationReport) -> CohortSpec | None:
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        rep.error(f"cohort.yaml: not valid YAML ({e})")
+        rep.error(f"cohort.yaml: not valid YAML ({yaml_problem(e)})")
         return None
     if not isinstance(d, dict):
         rep.error("cohort.yaml: must be a mapping of keys to values")
@@ -176,6 +178,10 @@ def _read_csv(path: Path, required: tuple[str, ...], rep: ValidationReport) -> p
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         rep.error(f"{path.name}: cannot be parsed as CSV ({e})")
+        return None
+    if ends_mid_line(path):
+        rep.error(f"{path.name}: ends in the middle of line {len(df) + 1} (a truncated copy or download?); "
+                  f"nothing of it is used")
         return None
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
@@ -265,6 +271,10 @@ def _read_cases(root: Path, rep: ValidationReport) -> pd.DataFrame | None:
         if half.any():
             rep.warn(f"cases.csv: {int(half.sum())} case(s) with only one of os_days/os_event known "
                      f"(unusable for survival): {id_list(out.loc[half, 'case_id'], LIST_MAX)}")
+        known = out["os_event"].dropna()
+        if len(known) and not known.any():
+            rep.warn(f"cases.csv: every one of the {len(known)} case(s) with a known os_event is censored (0): "
+                     f"survival probes on this cohort have no events to score")
     return out.set_index("case_id")
 
 
@@ -380,6 +390,11 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
             continue
         if not rel:
             rep.error(f"{where}: empty path", exclude=f"{where} (no bag path)")
+            keep[i] = False
+            continue
+        if not Path(rel).is_absolute() and os.path.normpath(rel).split(os.sep)[0] == "..":
+            rep.error(f"{where}: bag path {rel} climbs out of the cohort directory (a relative path stays inside "
+                      f"it; write an absolute path to use a bag elsewhere)", exclude=f"{where} (path outside)")
             keep[i] = False
             continue
         path = (root / rel).resolve()

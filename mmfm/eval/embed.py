@@ -22,12 +22,15 @@ Written files:
                    uns['pretrain_cases'], uns['validation_cases'] = the run's training and validation cases
                    (the probe's leakage guards read them).
   OUT.slides.h5ad  the same slide embeddings per slide (obs = slides with their case's metadata).
+Each file is written atomically, the slide file first; both carry the run's uns['embed_id'], so a pair from one
+`embed` is recognisable even if a run was killed between the two writes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -274,13 +277,13 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
         obs[f"has_{name}"] = np.isfinite(e).all(1)
     meta = {"run_dir": str(run_dir.absolute()), "cohort": str(cohort.root), "step": str(step or "latest"),
             "embed_config": json.dumps(asdict(cfg)), "pretrain_cases": list(map(str, splits["train"])),
-            "validation_cases": list(map(str, splits["val"]))}
+            "validation_cases": list(map(str, splits["val"])), "embed_id": uuid.uuid4().hex}
     cases = ad.AnnData(obs=_h5ad_safe(obs), obsm=case_embs, uns=meta)
     slide_obs = slides[["case_id"]].join(cohort.cases, on="case_id")
     slide_obs.index = slide_obs.index.astype(str)
     slide_ad = ad.AnnData(obs=_h5ad_safe(slide_obs), obsm=slide_embs if cfg.multi_slide == "mean" else {}, uns=meta)
+    write_h5ad(out.with_suffix(".slides.h5ad"), slide_ad)  # first: a new OUT.h5ad always has its slides beside it
     write_h5ad(out, cases)
-    write_h5ad(out.with_suffix(".slides.h5ad"), slide_ad)
     return cases, slide_ad
 
 

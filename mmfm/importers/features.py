@@ -271,6 +271,8 @@ def run(cfg: FeaturesConfig, read_pt: PtReader | None = None) -> ImportReport:
         facts = {"case": cases[s.slide_id], "file": str(s.path), "preservation": tcga.slide_preservation(s.slide_id)}
         if s.kind == "trident" and cfg.link:
             path = Path(os.path.relpath(s.path.resolve(), out.resolve()))
+            if path.parts[0] == "..":  # outside the cohort: absolute (a relative path never climbs out)
+                path = s.path.resolve()
             facts.update(stored="linked", patch_size_level0=s.psl0)
         else:
             feats, coords, attrs = _load(cfg, s, read_pt)

@@ -33,6 +33,7 @@ from mmfm.importers import aliquots
 from mmfm.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
                                         read_csv_str, update_cases)
 from mmfm.importers.sample_sheet import match_files, read_sample_sheet
+from mmfm.io import ends_mid_line
 
 NON_SILENT = ("Missense_Mutation", "Nonsense_Mutation", "Frame_Shift_Del", "Frame_Shift_Ins", "In_Frame_Del",
               "In_Frame_Ins", "Splice_Site", "Translation_Start_Site", "Nonstop_Mutation")
@@ -68,6 +69,9 @@ def read_maf(path: Path) -> tuple[pd.DataFrame, int]:
                          usecols=lambda c: c in NEEDED or c == "FILTER", compression="infer")
     except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise ImportDataError(f"{path}: cannot be read as a MAF: {e}") from e
+    if opener is open and ends_mid_line(path):
+        raise ImportDataError(f"{path}: ends in the middle of a line (line {skip + 1 + len(df)}): a truncated "
+                              f"download? Fetch the file again")
     missing = [c for c in NEEDED if c not in df.columns]
     if missing:
         raise ImportDataError(f"{path} line {skip + 1}: MAF column(s) {missing} missing")

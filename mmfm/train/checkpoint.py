@@ -13,6 +13,7 @@ checkpoint written on a (4×2) mesh restores onto (8×1), 2 devices or 1.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 
@@ -25,6 +26,17 @@ from orbax.checkpoint import checkpoint_managers as cm
 from mmfm import faults
 from mmfm.train.config import TrainConfig
 from mmfm.train.paths import run_path
+
+
+def no_space(e: BaseException) -> bool:
+    """A full disk or quota, whichever library raised it (OSError errno, or tensorstore's text)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "no space left" in str(e).lower() or (e.__cause__ is not None and no_space(e.__cause__))
+
+
+class LoaderStateMismatch(ValueError):
+    """A checkpoint saved by another number of processes with per-process loader states: intact, but unmappable."""
 
 
 def abstract_target(abstract_state, shardings):
@@ -95,7 +107,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_checkpoint and not read_only,
-            create=not read_only, read_only=read_only)
+            create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)  # a save cut short (kill, full disk) leaves a *-tmp* step
         with _quiet_read_only():  # orbax warns "Given directory is read only" for what inference asked for
             self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handlers())
 
@@ -106,12 +119,20 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, loader_states: list, meta: dict, metrics: dict | None = None) -> None:
-        """Save (async); `loader_states` = every process's loader state (see `gather_json`)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            loader=ocp.args.JsonSave({"per_process": loader_states}),
-            meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
-            metrics=metrics, force=True)
+        """Save (async); `loader_states` = every process's loader state (see `gather_json`). A full disk is an
+        `OSError` naming the step's directory (the earlier steps stay; the partial one, never listed, is removed by
+        the next run's `cleanup_tmp_directories`)."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                loader=ocp.args.JsonSave({"per_process": loader_states}),
+                meta=ocp.args.JsonSave(dict(meta, step=int(step)))),
+                metrics=metrics, force=True)
+        except Exception as e:
+            if not no_space(e):
+                raise
+            raise OSError(errno.ENOSPC, f"{self.directory / str(step)}: no space left on device while saving "
+                                        f"checkpoint {step}; checkpoints {self.all_steps()} are intact") from e
 
     def restore(self, step: int, target):
         """→ (state on the target shardings, this process's loader state, meta)."""
@@ -124,7 +145,7 @@ class Checkpointer:
         elif all(p == per[0] for p in per):  # step-addressed loader: the same state on every process
             mine = per[0]
         else:
-            raise ValueError(f"{self.directory / str(step)}: saved by {len(per)} process(es) with different "
+            raise LoaderStateMismatch(f"{self.directory / str(step)}: saved by {len(per)} process(es) with different "
                              f"loader states, resuming with {jax.process_count()}; cannot map them")
         return got["state"], mine, got["meta"]
 
@@ -135,6 +156,19 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def quarantine(self, step: int):
+        """Move step `step` aside to RUN_DIR/checkpoints.corrupt/<step> (process 0; kept for a post-mortem, never
+        listed or overwritten) and re-read the step list → the new path."""
+        dest = self.directory.parent / "checkpoints.corrupt" / str(step)
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = dest.with_name(f"{step}.{len(list(dest.parent.iterdir()))}")
+            (self.directory / str(step)).rename(dest)
+        multihost_utils.sync_global_devices(f"mmfm:quarantine-{step}")
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

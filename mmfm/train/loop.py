@@ -18,6 +18,7 @@ ends the run after the current step with a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,24 @@ class _Logs:
             self.t, self.step = now, step
 
 
+def close_all(closers, failing: bool) -> None:
+    """Run every closer. While an error propagates (`failing`), a closer's own error (often the same full disk
+    or lost file system) is logged, not raised, so the first error is the one the user sees."""
+    first = None
+    for close in closers:
+        if not close:
+            continue
+        try:
+            close()
+        except Exception as e:
+            if failing:
+                logging.getLogger(__name__).warning("while stopping after an error: %s", e)
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
 def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = False, *,
              device_prefetch: int = 2) -> PretrainResult:
     """Train per `config` into `out_dir` (a path or `gs://…` URL).
@@ -226,40 +245,43 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
         except Exception:
             loader.close()
             raise
+    lock = ckpt = None
     try:  # only now: a config or cohort error leaves no directory behind
         rundir.prepare(out, resume)  # every process checks before any process writes
+        lock = rundir.lock(out)  # a second job into a live run directory stops here, before it writes
         multihost_utils.sync_global_devices("mmfm:run-dir-checked")
         rundir.write_run_files(out, cfg, mesh, resume)
     except Exception:
         loader.close()
+        if lock is not None:
+            lock.release()
         raise
-    shapes = loader.shapes
-    modalities = loader.modalities
-    if jax.process_index() == 0:
-        rundir.write_splits(out, {"train": train_ids, "val": val_ids, "heldout": held_ids}, cfg.data)
-        rundir.write_shapes(out, shapes)
-        rundir.save_transforms(out / "transforms", loader.transforms)
-
-    tx = make_optimizer(t)
-    ts = init_state(build_module(cfg, shapes, modalities), tx, mesh, t.axis_rules, t.shard_min_size)
-    ckpt = Checkpointer(out, t)
-    start = 0
-    if resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        state, loader_state, _ = ckpt.restore(start, ts.abstract)
-        # re-materialise through an identity jit so the restored buffers are donatable
-        ts.state = jax.jit(lambda s: s, out_shardings=ts.shardings)(state)
-        loader.set_state(loader_state)
-    elif init_weights is not None:
-        from mmfm.train.export import place_weights
-
-        place_weights(ts, init_weights)
-
-    step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
-                              grad_accum=t.grad_accum)
     last_eval, evaluator, writer, feed = None, None, None, None
-    logs = None
+    logs, failed = None, True
     try:
+        shapes = loader.shapes
+        modalities = loader.modalities
+        if jax.process_index() == 0:
+            rundir.write_splits(out, {"train": train_ids, "val": val_ids, "heldout": held_ids}, cfg.data)
+            rundir.write_shapes(out, shapes)
+            rundir.save_transforms(out / "transforms", loader.transforms)
+
+        tx = make_optimizer(t)
+        ts = init_state(build_module(cfg, shapes, modalities), tx, mesh, t.axis_rules, t.shard_min_size)
+        ckpt = Checkpointer(out, t)
+        start = 0
+        if resume and ckpt.latest_step() is not None:
+            start, (state, loader_state, _) = rundir.restore_newest_intact(ckpt, ts.abstract)
+            # re-materialise through an identity jit so the restored buffers are donatable
+            ts.state = jax.jit(lambda s: s, out_shardings=ts.shardings)(state)
+            loader.set_state(loader_state)
+        elif init_weights is not None:
+            from mmfm.train.export import place_weights
+
+            place_weights(ts, init_weights)
+
+        step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
+                                  grad_accum=t.grad_accum)
         if t.eval_every > 0 and val_ids:  # validation cases only: the held-out ones stay unseen until the probes
             evaluator = evaluate.HeldOutEvaluator(cohort, cfg, val_ids, loader, ts, mesh, modalities)
         writer = MetricsWriter(out, t.steps, start, progress=t.progress)
@@ -297,13 +319,8 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                     raise Preempted(step, stop.received, out)
                 logs.restart(step)  # evaluation and checkpointing are not training time
             logs.fetch()
+        failed = False
     finally:
-        if feed is not None:
-            feed.close()
-        if writer is not None:
-            writer.close()
-        ckpt.close()
-        loader.close()
-        if evaluator is not None:
-            evaluator.close()
+        close_all([feed and feed.close, writer and writer.close, ckpt and ckpt.close, loader.close,
+                   evaluator and evaluator.close, lock and lock.release], failing=failed)
     return PretrainResult(out, t.steps, logs.last, last_eval, ckpt.all_steps())

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import jax
+import numpy as np
 import yaml
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from mmfm.config import ConfigError, decode, to_dict
+from mmfm.config import ConfigError, decode, to_dict, yaml_problem
 from mmfm.data.batch import BatchShapes
-from mmfm.train.checkpoint import Checkpointer
+from mmfm.locks import LockedError, OwnerLock
+from mmfm.train.checkpoint import Checkpointer, LoaderStateMismatch
 from mmfm.train.config import RunConfig, check, dump_config
 from mmfm.train.monitor import read_jsonl
 from mmfm.train.optim import make_optimizer
@@ -56,11 +60,60 @@ def resume_flag(resume: Resume) -> bool:
 
 def prepare(out: epath.Path, resume: bool) -> None:
     """Refuse to train into a used directory unless resuming — before any work, so nothing is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: --out is a file, not a run directory")
     if not resume and out.exists() and any(out.iterdir()):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:6])
         raise RunDirError(f"{out}: run directory is not empty ({names}); pass --resume auto to continue it, "
                           f"or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def lock(out: epath.Path) -> OwnerLock | None:
+    """Process 0 holds RUN/.lock while the run trains (`mmfm.locks`): a second job into a live run directory is
+    refused before it writes anything, a dead job's lock (kill -9, a lost node) is taken over and said so. Every
+    process learns the outcome, so a refused multi-process job stops everywhere. Object-store run directories
+    (gs://) have no atomic create: they are not locked."""
+    held, err = None, ""
+    if jax.process_index() == 0 and "://" not in os.fspath(out):
+        try:
+            held = OwnerLock(Path(os.fspath(out)) / ".lock", what=f"{out}: run directory")
+            held.acquire()
+        except LockedError as e:
+            held, err = None, str(e)
+    if jax.process_count() > 1 and int(multihost_utils.broadcast_one_to_all(np.int32(bool(err)))) and not err:
+        err = f"{out}: run directory is in use by another job (process 0 names it)"
+    if err:
+        raise RunDirError(err)
+    return held
+
+
+def restore_newest_intact(ckpt: Checkpointer, target):
+    """(step, `Checkpointer.restore` output) of the newest checkpoint that restores. Newer ones that do not
+    (truncated or missing files: a disk that filled, a copy cut short) are moved to RUN/checkpoints.corrupt/ and
+    named on stderr, so only the steps after the intact one are lost and no later save collides with them. When
+    none restores, nothing is moved and the error names them all. Every process agrees on each step's verdict."""
+    failed: list[tuple[int, str]] = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            got, why = ckpt.restore(step, target), ""
+        except LoaderStateMismatch:
+            raise
+        except Exception as e:  # orbax / tensorstore raise many types for a damaged step
+            got, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if jax.process_count() > 1:
+            why = why or ("unreadable on another process" if int(np.max(multihost_utils.process_allgather(
+                np.int32(bool(why))))) else "")
+        if not why:
+            for bad, reason in failed:
+                moved = ckpt.quarantine(bad)
+                if jax.process_index() == 0:
+                    print(f"mmfm pretrain: {ckpt.directory / str(bad)}: unreadable ({reason}); moved to {moved}, "
+                          f"resuming from step {step}", file=sys.stderr, flush=True)
+            return step, got
+        failed.append((step, why))
+    raise RunDirError(f"{ckpt.directory}: no checkpoint restores (" +
+                      "; ".join(f"step {s}: {w}" for s, w in failed) + "); start a new run directory")
 
 
 def versions() -> dict:
@@ -117,7 +170,7 @@ def read_config(run_dir) -> RunConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(e)})") from e
     try:
         return check(decode(RunConfig, raw, str(path)))
     except ConfigError as e:
