@@ -180,6 +180,10 @@ CASES: dict[str, Bad] = {
     "slides.csv unknown case": Bad(
         lambda ws: (edit_csv(ws / "cohort/slides.csv", lambda d: d.assign(case_id=d.case_id.mask(d.index == 0, "X9"))),
                     validate(ws))[1], r"slides\.csv line 2 \(slide \S+\): case_id 'X9' not in cases\.csv", 1),
+    "slides.csv slide id climbs out": Bad(
+        lambda ws: (edit_csv(ws / "cohort/slides.csv",
+                             lambda d: d.assign(slide_id=d.slide_id.mask(d.index == 1, "../../heatmaps/x"))),
+                    validate(ws))[1], r"slides\.csv line 3: slide_id '\.\./\.\./heatmaps/x' is not a file name", 1),
     "slides.csv path climbs out": Bad(
         lambda ws: (edit_csv(ws / "cohort/slides.csv",
                              lambda d: d.assign(path=d.path.mask(d.index == 0, "../../../../etc/passwd"))),

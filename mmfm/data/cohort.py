@@ -196,13 +196,19 @@ def _read_csv(path: Path, required: tuple[str, ...], rep: ValidationReport) -> p
 
 
 def _unique_ids(df: pd.DataFrame, col: str, fname: str, rep: ValidationReport) -> np.ndarray:
-    """Keep mask: rows with an empty id or a repeat of an earlier id are errors and excluded."""
+    """Keep mask: rows with an empty id, a slide id that is not a file name (slide ids name output files, so one
+    read from a file must never climb out of an output directory) or a repeat of an earlier id are errors and
+    excluded."""
     keep = np.ones(len(df), bool)
     first: dict[str, int] = {}
     for i, v in enumerate(df[col]):
         line = i + 2  # header is line 1
         if not v:
             rep.error(f"{fname} line {line}: empty {col}", exclude=f"{fname} line {line} (empty {col})")
+            keep[i] = False
+        elif col == "slide_id" and (v in (".", "..") or any(c in v for c in "/\\\0")):  # names bag / heatmap files
+            rep.error(f"{fname} line {line}: {col} {v!r} is not a file name (no '/', '\\', '.' or '..')",
+                      exclude=f"{fname} line {line} ({col} {v!r}, not a file name)")
             keep[i] = False
         elif v in first:
             rep.error(f"{fname} line {line}: duplicate {col} '{v}' (first on line {first[v]})",
