@@ -73,6 +73,19 @@ def ends_mid_line(path: str | os.PathLike) -> bool:
         return fh.read(1) not in (b"\n", b"\r")
 
 
+HEADER_LIMIT = 1 << 20  # a table's header line longer than this is not a header (a binary or a one-line dump)
+
+
+def check_header(path: str | os.PathLike, limit: int = HEADER_LIMIT) -> None:
+    """Raise ValueError naming `path` when its first line is longer than `limit` bytes, reading at most `limit`
+    bytes: a huge or malformed file fails in bounded memory instead of being parsed whole."""
+    with open(path, "rb") as fh:
+        head = fh.read(limit + 1)
+    if len(head) > limit and b"\n" not in head:
+        raise ValueError(f"{path}: no line break in the first {limit >> 20} MiB: not a table (a binary file, or a "
+                         f"header cut or corrupted?)")
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks (pins an export's weights to its config)."""
     h = hashlib.sha256()

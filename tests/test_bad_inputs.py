@@ -171,6 +171,9 @@ CASES: dict[str, Bad] = {
                     validate(ws))[1], r"cases\.csv line 3 \(case \S+\): os_days 'n/a'", 1),
     "cases.csv cut mid-line": Bad(lambda ws: (cut_mid_line(ws / "cohort/cases.csv"), validate(ws))[1],
                                   r"cases\.csv: ends in the middle of line 25", 1),
+    "cases.csv a 2 MiB header": Bad(lambda ws: ((ws / "cohort/cases.csv").write_bytes(b"case_id," * (1 << 18)),
+                                               validate(ws))[1],
+                                    r"cases\.csv: cannot be parsed as CSV \(cases\.csv: no line break in the first 1 MiB", 1),
     "slides.csv missing column": Bad(
         lambda ws: (edit_csv(ws / "cohort/slides.csv", lambda d: d.drop(columns="path")), validate(ws))[1],
         r"slides\.csv: required column\(s\) \['path'\] missing", 1),
@@ -274,6 +277,10 @@ CASES: dict[str, Bad] = {
         lambda ws: ((ws / "a.maf.gz").write_bytes(gzip.compress((MAF_HEADER + MAF_ROW * 200).encode())[:120]),
                     ["import", "maf", "--out", str(ws / "cohort"), "--inputs", f"[{ws / 'a.maf.gz'}]"])[1],
         r"a\.maf\.gz: cannot be read as a MAF"),
+    "maf one huge line": Bad(
+        lambda ws: ((ws / "a.maf").write_bytes(b"\0\1" * (1 << 20)),
+                    ["import", "maf", "--out", str(ws / "cohort"), "--inputs", f"[{ws / 'a.maf'}]"])[1],
+        r"a\.maf: cannot be read as a MAF: \S+a\.maf: no line break in the first 1 MiB"),
     "maf missing column": Bad(
         lambda ws: ((ws / "a.maf").write_text("Hugo_Symbol\tFILTER\nTP53\tPASS\n"),
                     ["import", "maf", "--out", str(ws / "cohort"), "--inputs", f"[{ws / 'a.maf'}]"])[1],

@@ -222,3 +222,15 @@ def snapshot_files(root: Path) -> dict[str, str]:
     """Every file under `root` with its hash (tensorboard's event files aside: appended by design)."""
     return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file() and "tb" not in p.relative_to(root).parts}
+
+
+def test_every_atomic_writer_names_the_file_and_no_space_and_keeps_the_old_one(small_disk):
+    from mmfm import io
+
+    target = small_disk / "cases.csv"
+    target.write_text("case_id\nA\n")
+    fill(small_disk, leave=0)
+    with pytest.raises(OSError, match=rf"{target}: no space left on device .*the previous cases\.csv is intact"):
+        io.write_text(target, "case_id\n" + "B\n" * 100_000)
+    assert target.read_text() == "case_id\nA\n"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["cases.csv", "filler"]  # no temporary file left

@@ -37,7 +37,7 @@ from mmfm.config import yaml_problem
 from mmfm.data import tcga, tile_encoders
 from mmfm.data.bags import read_header
 from mmfm.data.scan_cache import ScanCache
-from mmfm.io import ends_mid_line, id_list
+from mmfm.io import check_header, ends_mid_line, id_list
 
 SMALL_BAG_TILES = 16  # bags below this are legal but suspicious (a failed tissue mask, a thumbnail)
 SCAN_CHUNK_BYTES = 64 << 20  # feature rows are scanned for NaN/inf in blocks of about this size
@@ -175,9 +175,10 @@ def _read_csv(path: Path, required: tuple[str, ...], rep: ValidationReport) -> p
         rep.error(f"{path.name}: missing (expected at {path})")
         return None
     try:
+        check_header(path)
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        rep.error(f"{path.name}: cannot be parsed as CSV ({e})")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        rep.error(f"{path.name}: cannot be parsed as CSV ({str(e).replace(str(path), path.name)})")
         return None
     if ends_mid_line(path):
         rep.error(f"{path.name}: ends in the middle of line {len(df) + 1} (a truncated copy or download?); "

@@ -33,7 +33,7 @@ from mmfm.importers import aliquots
 from mmfm.importers.common import (ImportDataError, ImportReport, ensure_cohort, finish, input_files,
                                         read_csv_str, update_cases)
 from mmfm.importers.sample_sheet import match_files, read_sample_sheet
-from mmfm.io import ends_mid_line
+from mmfm.io import check_header, ends_mid_line
 
 NON_SILENT = ("Missense_Mutation", "Nonsense_Mutation", "Frame_Shift_Del", "Frame_Shift_Ins", "In_Frame_Del",
               "In_Frame_Ins", "Splice_Site", "Translation_Start_Site", "Nonstop_Mutation")
@@ -60,6 +60,8 @@ def read_maf(path: Path) -> tuple[pd.DataFrame, int]:
     opener = gzip.open if path.name.endswith(".gz") else open
     skip = 0
     try:
+        if opener is open:
+            check_header(path)
         with opener(path, "rt", encoding="utf-8") as fh:
             for line in fh:
                 if not line.startswith("#"):
@@ -67,7 +69,8 @@ def read_maf(path: Path) -> tuple[pd.DataFrame, int]:
                 skip += 1
         df = pd.read_csv(path, sep="\t", skiprows=skip, dtype=str, keep_default_na=False, low_memory=False,
                          usecols=lambda c: c in NEEDED or c == "FILTER", compression="infer")
-    except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError,
+            UnicodeDecodeError) as e:
         raise ImportDataError(f"{path}: cannot be read as a MAF: {e}") from e
     if opener is open and ends_mid_line(path):
         raise ImportDataError(f"{path}: ends in the middle of a line (line {skip + 1 + len(df)}): a truncated "
