@@ -294,6 +294,21 @@ CASES: dict[str, Bad] = {
                     ["import", "gdc-rna", "--out", str(ws / "cohort"), "--format", "wide",
                      "--inputs", f"[{ws / 'x.tsv'}]"])[1],
         r"x\.tsv: cannot be read"),
+    # the other commands
+    "extract slide folder missing": Bad(
+        lambda ws: ["extract", "--wsi-dir", str(ws / "no_slides"), "--out", str(ws / "x"), "--encoder", "vit-test",
+                    "--random-init"], r"--wsi_dir \S+/no_slides: no such directory"),
+    "extract unknown encoder": Bad(
+        lambda ws: ((ws / "wsi").mkdir(), ["extract", "--wsi-dir", str(ws / "wsi"), "--out", str(ws / "x"),
+                                           "--encoder", "uni-9", "--random-init"])[1],
+        r"unknown encoder 'uni-9'; known: "),
+    "import-encoder checkpoint missing": Bad(
+        lambda ws: ["import-encoder", "--checkpoint", str(ws / "w.safetensors"), "--out", str(ws / "enc")],
+        r"w\.safetensors: weights file not found"),
+    "run pipeline file missing": Bad(lambda ws: ["run", str(ws / "pipe.yaml")], r"pipe\.yaml: .*No such file"),
+    "launch unknown executor": Bad(
+        lambda ws: ["launch", "--executor", "kubernetes", "--config", DEMO, "--out", str(ws / "run")],
+        r"executor: Cannot convert 'kubernetes'"),
     # simulate
     "simulate zero cases": Bad(lambda ws: ["simulate", "--out", str(ws / "sim"), "--n_cases", "0"], r"n_cases=0 must be >= 1"),
     "simulate out is a file": Bad(lambda ws: ((ws / "sim").write_text("x"), ["simulate", "--out", str(ws / "sim"),
