@@ -204,7 +204,8 @@ def result_key(spec: TaskSpec, embedding: str, target: str = "", model: str = ""
 
 @dataclass
 class Collector:
-    """Accumulates metric rows, bootstrap draws, pooled survival predictions, robustness curves and notes."""
+    """Accumulates metric rows, bootstrap draws, pooled survival predictions, per-target regression scores,
+    robustness curves and notes."""
 
     n_bootstrap: int = 100
     plot_dir: Path | None = None  # where per-task plots go (None: no plots)
@@ -213,6 +214,7 @@ class Collector:
     rows: list[dict] = field(default_factory=list)
     boot: list[dict] = field(default_factory=list)
     survival_preds: dict = field(default_factory=dict)
+    per_target: list[pd.DataFrame] = field(default_factory=list)  # regression: one score row per target × fold
     robustness_curves: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
