@@ -38,6 +38,7 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class ProbeConfig:
     n_bootstrap: int = 100  # bootstrap resamples for single-fold tasks
     plots: bool = True  # write PNG plots (per task, Kaplan–Meier, robustness curves and projections)
     projection: Literal["umap", "pca"] = "umap"  # robustness embedding plot
-    cohort: str | None = None  # cohort with the tile bags of `mil` tasks (default: the one the embeddings record)
+    cohort: str | None = None  # cohort of `mil` tile bags and `regression` omics (default: the embeddings' one)
 
 
 @dataclass
@@ -94,13 +95,15 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
+    if cohort is not None:  # tasks reading the cohort (mil, regression): --cohort where the task names none
+        specs = [dataclasses.replace(s, cohort=str(cohort)) if getattr(s, "cohort", "") is None else s for s in specs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shared_split = folds.read_split_file(splits) if splits else None
 
     plans = []
     for spec in specs:
-        for emb in spec.embeddings:
+        for emb in spec.obsm_keys():
             row_features(adata, spec, emb)  # fail early, naming the key
         plans.append((spec, *spec.plan(adata, shared_split)))
     check_beside(plans)

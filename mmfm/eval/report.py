@@ -31,12 +31,13 @@ BOOKKEEPING = {"C", "alpha", "n_test", "n_train", "n_classes", "standardized", "
 COSTS = ("wall_s",)  # seconds per fold (fit + predict): shown in the tables, never paired
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
            "retrieval": ("recall@5", "top5_acc"), "robustness": None, "zeroshot": ("auroc",),
-           "regression": ("pearson_mean",)}  # headline metrics
+           "regression": ("pearson_mean",), "spots": ("pearson_mean",)}  # headline metrics
 TABLE_METRICS = {  # metrics of the reference and paired tables (globs)
     "classification": ("auroc", "bacc", "wall_s"), "mutation": ("auroc", "wall_s"), "fewshot": ("bacc",),
     "survival": ("c_index", "uno_c", "wall_s"),
     "retrieval": ("recall@1", "recall@5", "top1_acc", "top5_acc"), "robustness": ("robustness_index@*",),
-    "zeroshot": ("auroc", "bacc"), "regression": ("pearson_mean", "pearson_median", "n_significant", "wall_s")}
+    "zeroshot": ("auroc", "bacc"), "regression": ("pearson_mean", "pearson_median", "n_significant", "wall_s"),
+    "spots": ("pearson_mean", "pearson_median", "r2_mean", "wall_s")}
 CONVENTIONS = (
     "Several folds: mean ± SE over folds, SE = sample SD (ddof=1) / √k (few-shot: over folds × draws). One fold: "
     "bootstrap mean [2.5%, 97.5%] over resampled test cases. Robustness: point estimate [2.5%, 97.5%] over "
@@ -428,6 +429,7 @@ HEADLINE = {  # (task type, metric) → column label of the printed table
     ("robustness", "robustness_index@10"): "RI@10",
     ("regression", "pearson_mean"): "mean r",
     ("regression", "n_significant"): "# significant (BH 5%)",
+    ("spots", "pearson_mean"): "mean r (spots)",
 }
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 from scipy import stats as sps
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -21,9 +23,18 @@ from sklearn.linear_model import RidgeCV
 from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
 
+from mmfm.data.omics import top_variable
+
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 5, 15))  # ridge grid, chosen per target by LOO on the train fold
 MODELS = ("ridge", "mlp")
 SUMMARY = ("pearson_mean", "pearson_median", "spearman_mean", "r2_mean", "n_significant")
+
+
+def top_genes(y_train: pd.DataFrame, k: int) -> list[str]:
+    """The k most variable genes (scanpy seurat dispersion of log1p values) of the TRAINING rows, in column order."""
+    idx = top_variable(ad.AnnData(y_train.to_numpy(np.float32), var=pd.DataFrame(index=y_train.columns)),
+                       min(k, y_train.shape[1]))
+    return list(y_train.columns[np.sort(idx)])
 
 
 def bh(p: np.ndarray) -> np.ndarray:

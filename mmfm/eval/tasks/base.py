@@ -42,6 +42,10 @@ class TaskSpec:
     group: str = "case_id"  # obs column holding the case (patient) id; obs_names when absent
     seed: int = 0
 
+    def obsm_keys(self) -> tuple[str, ...]:
+        """The AnnData embeddings this task reads (checked before any task runs)."""
+        return self.embeddings
+
     def plan(self, adata: ad.AnnData, shared: pd.DataFrame | None) -> tuple[list[Target], list[str]]:
         """(targets with their folds, notes); a task that fits nothing evaluates every row and has no folds."""
         return [], []

@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from mmfm.data.omics import counts_of, log_normalize, top_variable
+from mmfm.data.omics import counts_of, log_normalize
 from mmfm.eval.probes import regression
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskError, case_features, case_values, fold_sides,
                                   result_key, row_groups)
@@ -125,9 +125,7 @@ def chosen(spec: RegressionSpec, y_train: pd.DataFrame) -> list[str]:
     if spec.how != "normalize_log1p":
         raise TaskError(f"task {spec.name!r}: 'hvg' ranks log-normalised counts; use transform normalize_log1p "
                         "or name the genes in 'names'")
-    k = min(spec.hvg, y_train.shape[1])
-    idx = top_variable(ad.AnnData(y_train.to_numpy(np.float32), var=pd.DataFrame(index=y_train.columns)), k)
-    return list(y_train.columns[np.sort(idx)])
+    return regression.top_genes(y_train, spec.hvg)
 
 
 def run(adata, spec: RegressionSpec, targets: list[Target], col: Collector) -> None:
@@ -135,9 +133,7 @@ def run(adata, spec: RegressionSpec, targets: list[Target], col: Collector) -> N
     y_all = spec.values(adata)
     y_all.index = y_all.index.astype(str)
     folds = target.folds
-    single = folds.shape[1] == 1
     genes = {fc: chosen(spec, y_all.loc[fold_sides(folds, fc, folds.index)[0]]) for fc in folds.columns}
-    fit = {"model": spec.model, "alphas": spec.alphas, "hidden": spec.hidden}
     for emb in spec.probe_embeddings():
         feats = case_features(adata, spec, emb)
         cases = feats.index.intersection(y_all.index)
@@ -147,23 +143,29 @@ def run(adata, spec: RegressionSpec, targets: list[Target], col: Collector) -> N
                 col.notes.append(f"{spec.name} {emb} {fc}: skipped ({len(tr)} training / {len(te)} test cases)")
                 continue
             y = y_all[genes[fc]]
-            ytr, yte = y.loc[tr].to_numpy(), y.loc[te].to_numpy()
-            t0 = time.perf_counter()
-            f = regression.Features(feats.loc[tr].to_numpy(), pca=spec.pca, standardize=spec.standardize,
-                                    seed=spec.seed)
-            xte = f(feats.loc[te].to_numpy())
-            pred, alpha = regression.fit_predict(f.train, ytr, xte, seed=spec.seed, **fit)
-            key = result_key(spec, emb, model=spec.model)
-            col.evaluate(key, i, len(te), lambda idx: regression.summary(regression.per_target(yte[idx], pred[idx]),
-                                                                         spec.fdr), single, spec.seed)
-            wall = time.perf_counter() - t0
-            if spec.permutations:
-                null = regression.permutation_null(f.train, ytr, xte, yte, permutations=spec.permutations,
-                                                   fdr=spec.fdr, seed=spec.seed + i, **fit)
-                col.add(key, i, {f"chance_{k}": v for k, v in null.items()})
-            col.add(key, i, {"alpha": float(np.median(alpha)), "n_targets": len(genes[fc]), "n_test": len(te),
-                             "n_train": len(tr), "wall_s": wall})
-            s = regression.per_target(yte, pred)
-            col.per_target.append(pd.DataFrame({"task": spec.name, "embedding": emb, "model": spec.model,
-                                                "fold": i, "target": genes[fc], **s, "q": regression.bh(s["p"]),
-                                                "alpha": alpha}))
+            score_fold(spec, col, emb, i, feats.loc[tr].to_numpy(), y.loc[tr].to_numpy(), feats.loc[te].to_numpy(),
+                       y.loc[te].to_numpy(), genes[fc], single=folds.shape[1] == 1)
+
+
+def score_fold(spec, col: Collector, emb: str, i: int, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+               y_test: np.ndarray, names: list[str], single: bool) -> None:
+    """One embedding × fold of a regression-type spec (`regression`, `spots`): features fitted on the training rows
+    (z-score, PCA-k), the model, the per-target scores and their summary, the permutation null, bookkeeping."""
+    fit = {"model": spec.model, "alphas": spec.alphas, "hidden": spec.hidden}
+    t0 = time.perf_counter()
+    f = regression.Features(x_train, pca=spec.pca, standardize=spec.standardize, seed=spec.seed)
+    xte = f(x_test)
+    pred, alpha = regression.fit_predict(f.train, y_train, xte, seed=spec.seed, **fit)
+    key = result_key(spec, emb, model=spec.model)
+    col.evaluate(key, i, len(y_test), lambda idx: regression.summary(regression.per_target(y_test[idx], pred[idx]),
+                                                                     spec.fdr), single, spec.seed)
+    wall = time.perf_counter() - t0
+    if spec.permutations:
+        null = regression.permutation_null(f.train, y_train, xte, y_test, permutations=spec.permutations,
+                                           fdr=spec.fdr, seed=spec.seed + i, **fit)
+        col.add(key, i, {f"chance_{k}": v for k, v in null.items()})
+    col.add(key, i, {"alpha": float(np.median(alpha)), "n_targets": len(names), "n_test": len(y_test),
+                     "n_train": len(y_train), "wall_s": wall})
+    s = regression.per_target(y_test, pred)
+    col.per_target.append(pd.DataFrame({"task": spec.name, "embedding": emb, "model": spec.model, "fold": i,
+                                        "target": names, **s, "q": regression.bh(s["p"]), "alpha": alpha}))
