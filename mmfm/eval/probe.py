@@ -26,6 +26,7 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
     - {name: subtype, type: classification, label: subtype, embeddings: [slide], C: 0.5, folds: 5}
     - {name: expression, type: regression, source: rna, hvg: 50, embeddings: [slide, slide_meanpool],
        baseline: [grade], pca: 256}
+    - {name: st_genes, type: spots, embeddings: [tiles], hvg: 50, pca: 256}
     - {name: drivers, type: mutation, labels: ["mut_*"], embeddings: [slide], min_positives: 5}
     - {name: subtype_fewshot, type: fewshot, label: subtype, embeddings: [slide], shots: [1, 4, 16], draws: 10}
     - {name: xmodal, type: retrieval, pairs: [[slide, rna], [rna, slide]], label: subtype, embeddings: [slide]}
