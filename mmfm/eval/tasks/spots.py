@@ -3,8 +3,11 @@ HEST-Benchmark's protocol on patient-level folds.
 
 Each spot of a slide's spot table (mmfm.data.spots) is paired with the tile containing its centre; the embedding
 of a spot is that tile's feature vector (`tiles`: the cohort's tile features). Per fold, fitted on the training
-patients' spots only: the top-`hvg` highly variable genes (HEST: 50), PCA-`pca` of the features (HEST: 256) and a
-ridge per gene (α by leave-one-out; HEST fixes one α); scored by Pearson r per gene over the test patients' spots.
+patients' spots only: the top-`hvg` highly variable genes (HEST: 50; it ships fixed gene lists), PCA-`pca` of the
+features (HEST: 256) and a ridge per gene (α by leave-one-out; HEST fixes α = 100 / (n_features · n_targets):
+`alphas: [0.0078]` for 256 × 50); scored by Pearson r per gene over the test patients' spots. Spots of one slide
+are not independent, so the per-gene p-values (and `n_significant`) are optimistic; the permutation null on the
+same spots shows by how much. Facts and sources: data_cards/hest.md.
 References on the same spots: `chance_*` = permutation null, `baseline:mean` = the training mean of each gene (R²
 only: a constant prediction has no correlation), and on simulated cohorts `oracle` = the true type of the tile
 under the spot (one-hot) and the case's programmes (truth/). Targets: log1p of the counts (HEST-Benchmark's
