@@ -173,6 +173,27 @@ def test_regression_errors_name_the_key(tmp_path, task, message):
               plots=False)
 
 
+def test_protein_targets_are_the_panel_normalised_like_rna(tmp_path):
+    emb, counts, genes = _world(tmp_path)
+    panel = ad.AnnData(counts[:, :6] * 10, obs=pd.DataFrame(index=emb.obs_names),
+                       var=pd.DataFrame(index=[f"AB{j}" for j in range(6)]))
+    panel.write_h5ad(tmp_path / "cohort" / "protein.h5ad")
+    task = {"name": "prot", "type": "regression", "source": "protein", "alphas": [1.0], "permutations": 0,
+            "embeddings": ["slide"], "folds": 3}
+    probe(emb, [task], tmp_path / "out", plots=False)
+    per = pd.read_csv(tmp_path / "out" / "per_target.csv")
+    folds = _folds(tmp_path / "out", "prot")
+    te = folds.index[folds.fold_0 == "test"]
+    y = pd.DataFrame(_lognorm(counts[:, :6] * 10), index=emb.obs_names).loc[te].to_numpy()
+    tr = folds.index[folds.fold_0 == "train"]
+    x = pd.DataFrame(emb.obsm["slide"], index=emb.obs_names)
+    ytr = pd.DataFrame(_lognorm(counts[:, :6] * 10), index=emb.obs_names).loc[tr]
+    pred = Ridge(alpha=1.0).fit(x.loc[tr], ytr).predict(x.loc[te])
+    r = [pearsonr(y[:, j], pred[:, j])[0] for j in range(6)]
+    got = per[per.fold == 0].set_index("target").loc[[f"AB{j}" for j in range(6)], "pearson"]
+    np.testing.assert_allclose(got, r, atol=1e-5)
+
+
 def test_mlp_option_runs_on_the_same_folds(tmp_path):
     emb, _, _ = _world(tmp_path)
     task = {"name": "m", "type": "regression", "source": "rna", "hvg": 5, "model": "mlp", "hidden": 16,
