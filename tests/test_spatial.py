@@ -104,6 +104,11 @@ def test_validate_names_a_broken_spot_table(tmp_path):
     _spot_table(out / "spots" / "TENX1.h5ad", xy + 10 * S)  # off every tile
     rep = validate(out)
     assert not rep.ok and any("spots spots/TENX1.h5ad: none of its 54 spot centres" in e for e in rep.errors)
+    a = _spot_table(out / "spots" / "TENX1.h5ad", xy)
+    a.X[3, 1] = -1.0
+    a.write_h5ad(out / "spots" / "TENX1.h5ad")
+    assert any("non-negative" in e and "spots/TENX1.h5ad" in e for e in validate(out).errors)
+    assert validate(out, scan_features=False).ok  # headers only: counts are scanned with the features
     _spot_table(out / "spots" / "TENX1.h5ad", xy, diameter=None)
     assert any("uns['spot_diameter_px']" in e and "slide TENX1" in e for e in validate(out).errors)
     cohort = Cohort.open(out, strict=False)  # the slide's bag stays usable, its spot table is left out

@@ -331,9 +331,11 @@ def _check_bag(path: Path, where: str, spec: CohortSpec | None, rep: ValidationR
             "encoder": None if enc is None else str(enc), "has_fragment": hdr.has_fragment}
 
 
-def _check_spots(root: Path, rel: str, bag: Path, tile_size: int, where: str, rep: ValidationReport) -> int:
-    """A slide's spot table (mmfm.data.spots): readable, on the contract, its spot centres on the slide's tiles.
-    Returns the number of spots matched to a tile (0 = unusable: an error, the slide's bag stays usable)."""
+def _check_spots(root: Path, rel: str, bag: Path, tile_size: int, where: str, rep: ValidationReport,
+                 counts: bool) -> int:
+    """A slide's spot table (mmfm.data.spots): readable, on the contract (its counts scanned too when `counts`, as
+    bag features are), its spot centres on the slide's tiles. Returns the number of spots matched to a tile (0 =
+    unusable: an error, the slide's bag stays usable)."""
     from mmfm.data.spots import MIN_MATCHED, SpotError, match_spots, read_spots
 
     where = f"{where}: spots {rel}"
@@ -341,7 +343,7 @@ def _check_spots(root: Path, rel: str, bag: Path, tile_size: int, where: str, re
         rep.error(f"{where}: file missing", exclude=f"{where} (spot table missing)")
         return 0
     try:
-        spots = read_spots(root / rel)
+        spots = read_spots(root / rel, counts=counts)
     except SpotError as e:
         rep.error(f"{where}: {e}", exclude=f"{where} (invalid spot table)")
         return 0
@@ -410,7 +412,8 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
             keep[i] = False
             continue
         spots = str(row.get("spots", "") or "")
-        fact["n_spots"] = _check_spots(root, spots, path, fact["patch_size_level0"], where, rep) if spots else 0
+        fact["n_spots"] = (_check_spots(root, spots, path, fact["patch_size_level0"], where, rep, scan is not None)
+                           if spots else 0)
         fact["spots"] = str((root / spots).resolve()) if spots and fact["n_spots"] else ""
         facts.append({"path": str(path), **fact})
     out = df[keep].drop(columns=["path", *(["spots"] if "spots" in df else [])]).reset_index(drop=True)

@@ -28,13 +28,23 @@ class SpotError(ValueError):
     """A spot table that breaks the contract; the message names the file and key."""
 
 
-def read_spots(path: str | Path) -> ad.AnnData:
-    """A spot table checked against the contract: coordinates, diameter and counts (counts_of's checks)."""
+def read_spots(path: str | Path, counts: bool = True) -> ad.AnnData:
+    """A spot table checked against the contract: coordinates, diameter and (`counts`) the counts (counts_of's
+    checks). `counts=False` reads the table backed, leaving X on disk (a header check of a large Visium HD table)."""
     path = Path(path)
     try:
-        a = ad.read_h5ad(path)
+        a = ad.read_h5ad(path, backed=None if counts else "r")
     except (OSError, KeyError, ValueError) as e:
         raise SpotError(f"{path}: unreadable spot table ({e})") from e
+    try:
+        _check(a, path, counts)
+    finally:
+        if not counts:
+            a.file.close()
+    return a
+
+
+def _check(a: ad.AnnData, path: Path, counts: bool) -> None:
     if "spatial" not in a.obsm:
         raise SpotError(f"{path}: obsm['spatial'] (spot centres, level-0 px) missing")
     xy = np.asarray(a.obsm["spatial"], np.float64)
@@ -47,11 +57,11 @@ def read_spots(path: str | Path) -> ad.AnnData:
                         f"got {d!r}")
     if not a.obs_names.is_unique:
         raise SpotError(f"{path}: spot ids (obs_names) must be unique")
-    try:
-        counts_of(a)
-    except ValueError as e:
-        raise SpotError(f"{path}: {e}") from e
-    return a
+    if counts:
+        try:
+            counts_of(a)
+        except ValueError as e:
+            raise SpotError(f"{path}: {e}") from e
 
 
 def match_spots(centres: np.ndarray, tile_xy: np.ndarray, tile_size: float) -> np.ndarray:
