@@ -85,7 +85,8 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     assert list(expr.index) == ["pearson_mean (ridge)", "n_significant (ridge)"]
     row = expr.loc["pearson_mean (ridge)"]
     assert "—" not in set(row[["baseline: slide_meanpool", "baseline: baseline:grade", "model: slide", "oracle"]])
-    r = [_fold_means(demo / "report" / d / "results.csv", "expression", "pearson_mean", "slide") for d in ("", "seed-1")]
+    r = [_fold_means(demo / "report" / d / "results.csv", "expression", "pearson_mean", "slide")
+         for d in ("", "seed-1")]
     assert row["model: slide"] == f"{np.mean(r):.3f} ± {np.std(r, ddof=1):.3f}"
     null = [_fold_means(demo / "report" / "results.csv", "expression", "chance_pearson_mean", e)
             for e in ("slide_meanpool", "slide_random", "baseline:grade", "oracle")]  # the same for every seed

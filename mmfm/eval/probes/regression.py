@@ -74,7 +74,7 @@ def per_target(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def summary(scores: dict[str, np.ndarray], fdr: float = 0.05) -> dict[str, float]:
-    """Per task: mean / median r over targets, mean ρ and R², and the number of targets with BH q ≤ fdr and r > 0."""
+    """Per task: mean / median r over targets, mean ρ and R², and how many targets have BH q ≤ fdr and r > 0."""
     r = scores["pearson"]
     sig = (bh(scores["p"]) <= fdr) & (np.nan_to_num(r) > 0)
     with warnings.catch_warnings():
