@@ -159,3 +159,56 @@ def test_spot_probe_on_patient_level_folds(spatial_cohort, tmp_path):
     assert (folds == "test").sum(axis=1).eq(1).all()  # every patient tested once, all its spots on one side
     per = pd.read_csv(tmp_path / "out" / "per_target.csv")
     assert per.groupby(["embedding", "fold"]).target.nunique().eq(20).all()
+
+
+def _space_ranger(folder, barcodes, genes, counts, positions, diameter):
+    """A Space Ranger `outs/` folder as 10x documents it: filtered_feature_bc_matrix.h5 (CSC, features × barcodes),
+    spatial/tissue_positions.csv (barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres),
+    spatial/scalefactors_json.json and the two PNG images."""
+    import matplotlib.image
+    import scipy.sparse as sp
+
+    (folder / "spatial").mkdir(parents=True)
+    m = sp.csc_matrix(counts.T.astype(np.int32))
+    with h5py.File(folder / "filtered_feature_bc_matrix.h5", "w") as f:
+        f.attrs["library_ids"] = np.array([b"lib1"])
+        g = f.create_group("matrix")
+        g["barcodes"] = np.array([b.encode() for b in barcodes])
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        g["shape"] = np.array(m.shape, np.int32)
+        ft = g.create_group("features")
+        ft["id"] = np.array([f"ENSG{i:05d}".encode() for i in range(len(genes))])
+        ft["name"] = np.array([n.encode() for n in genes])
+        ft["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+        ft["genome"] = np.array([b"GRCh38"] * len(genes))
+    positions.to_csv(folder / "spatial" / "tissue_positions.csv", index=False)
+    (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(
+        {"spot_diameter_fullres": diameter, "tissue_hires_scalef": 0.1, "tissue_lowres_scalef": 0.03,
+         "fiducial_diameter_fullres": 1.6 * diameter}))
+    for res in ("hires", "lowres"):
+        matplotlib.image.imsave(folder / "spatial" / f"tissue_{res}_image.png", np.zeros((4, 4, 3)))
+
+
+def test_import_visium_reads_a_space_ranger_folder(tmp_path):
+    from mmfm.importers.hest import VisiumConfig, run_visium
+
+    tiles = np.array([[x, y] for x in range(0, 3 * S, S) for y in range(0, 2 * S, S)])
+    barcodes = [f"ACGT{i:04d}-1" for i in range(6)]
+    x, y = np.array([100, 700, 1300, 200, 900, 5000]), np.array([50, 60, 70, 800, 900, 50])
+    positions = pd.DataFrame({"barcode": barcodes, "in_tissue": [1, 1, 1, 1, 0, 1], "array_row": range(6),
+                              "array_col": range(6), "pxl_row_in_fullres": y, "pxl_col_in_fullres": x})
+    counts = np.random.default_rng(0).poisson(3, (6, 4))
+    _space_ranger(tmp_path / "sampleA" / "outs", barcodes, ["G1", "G2", "G3", "G4"], counts, positions, 180.5)
+    (tmp_path / "features").mkdir()
+    _bag(tmp_path / "features" / "sampleA.h5", tiles)
+    out = tmp_path / "cohort"
+    report = run_visium(VisiumConfig(out=out, inputs=(tmp_path / "sampleA" / "outs",), features=tmp_path / "features"))
+    assert report.matched == ["sampleA"] and report.validation["ok"], report.validation
+    spots = ad.read_h5ad(out / "spots" / "sampleA.h5ad")
+    keep = [0, 1, 2, 3, 5]  # in tissue
+    assert list(spots.obs_names) == [barcodes[i] for i in keep]
+    np.testing.assert_array_equal(spots.obsm["spatial"], np.stack([x, y], 1)[keep])  # (x, y) = (col, row)
+    np.testing.assert_array_equal(np.asarray(spots.X.todense() if hasattr(spots.X, "todense") else spots.X),
+                                  counts[keep])
+    assert spots.uns["spot_diameter_px"] == 180.5
+    assert Cohort.open(out).slides.loc["sampleA", "n_spots"] == 4  # the spot at x = 5000 lies on no tile
