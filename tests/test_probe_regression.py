@@ -201,3 +201,15 @@ def test_mlp_option_runs_on_the_same_folds(tmp_path):
     res = probe(emb, [task], tmp_path / "out", plots=False)
     v = res.results[res.results.metric == "pearson_mean"].value
     assert len(v) == 3 and np.isfinite(v).all()
+
+
+def test_permutation_null_fitted_side_by_side_equals_one_fit_per_permutation():
+    r = np.random.default_rng(4)
+    x, y = r.standard_normal((30, 5)), r.standard_normal((30, 3))
+    xt, yt = r.standard_normal((10, 5)), r.standard_normal((10, 3))
+    got = regression.permutation_null(x, y, xt, yt, permutations=3, fdr=0.05, seed=7, model="ridge")
+    rng = np.random.default_rng(7)
+    runs = [regression.summary(regression.per_target(yt, regression.fit_predict(
+        x, y[rng.permutation(30)], xt)[0]), 0.05) for _ in range(3)]
+    for k in regression.SUMMARY:
+        assert got[k] == pytest.approx(np.mean([run[k] for run in runs]), abs=1e-10)
