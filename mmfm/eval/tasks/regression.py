@@ -159,7 +159,7 @@ def score_fold(spec, col: Collector, emb: str, i: int, x_train: np.ndarray, y_tr
     f = regression.Features(x_train, pca=spec.pca, standardize=spec.standardize, seed=spec.seed)
     xte = f(x_test)
     pred, alpha = regression.fit_predict(f.train, y_train, xte, seed=spec.seed, **fit)
-    key = result_key(spec, emb, model=spec.model)
+    key = result_key(spec, emb, model="" if spec.model == "ridge" else spec.model)  # ridge: the default linear probe
     col.evaluate(key, i, len(y_test), lambda idx: regression.summary(regression.per_target(y_test[idx], pred[idx]),
                                                                      spec.fdr), single, spec.seed)
     wall = time.perf_counter() - t0

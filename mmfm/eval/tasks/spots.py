@@ -151,7 +151,7 @@ def run(adata, spec: SpotsSpec, targets: list[Target], col: Collector) -> None:
         for emb, x in feats.items():
             score_fold(spec, col, emb, i, x[tr], y[tr], x[te], y[te], genes, single)
         mean = np.broadcast_to(y[tr].mean(0), y[te].shape)  # the mean predictor: R² only (no correlation)
-        key = result_key(spec, "baseline:mean", model=spec.model)
+        key = result_key(spec, "baseline:mean", model="" if spec.model == "ridge" else spec.model)
         col.evaluate(key, i, int(te.sum()), lambda idx: {"r2_mean": float(np.nanmean(
             regression.per_target(y[te][idx], mean[idx])["r2"]))}, single, spec.seed)
         col.add(key, i, {"n_test": int(te.sum()), "n_train": int(tr.sum())})
