@@ -1,7 +1,9 @@
 """`mil`: supervised attention-MIL and fine-tuning on the tile bags, beside the linear probes of the same target.
 
 A `mil` task names its target as the linear tasks do — `label` (as `classification`), `labels` (as `mutation`,
-one target per gene) or `time` + `event` (as `survival`) — and gets its folds from that linear twin
+one target per gene), `time` + `event` (as `survival`) or `source` (+ `names` / `hvg`, as `regression`: an MSE head
+on the fold's targets z-scored with its training cases, the same genes per fold as the linear twin) — and gets its
+folds from that linear twin
 (`linear()`): the same patient-level folds for the same seed, from the one fold implementation
 (`mmfm.eval.folds`). `beside: <task>` files its rows under that linear task (same table, paired per-fold
 differences against its pretrained embedding); the probe checks both tasks have identical folds. Each `inits`
