@@ -3,9 +3,8 @@
 A `mil` task names its target as the linear tasks do — `label` (as `classification`), `labels` (as `mutation`,
 one target per gene), `time` + `event` (as `survival`) or `source` (+ `names` / `hvg`, as `regression`: an MSE head
 on the fold's targets z-scored with its training cases, the same genes per fold as the linear twin) — and gets its
-folds from that linear twin
-(`linear()`): the same patient-level folds for the same seed, from the one fold implementation
-(`mmfm.eval.folds`). `beside: <task>` files its rows under that linear task (same table, paired per-fold
+folds from that linear twin (`linear()`): the same patient-level folds for the same seed, from the one fold
+implementation (`mmfm.eval.folds`). `beside: <task>` files its rows under that linear task (same table, paired per-fold
 differences against its pretrained embedding); the probe checks both tasks have identical folds. Each `inits`
 entry is a row, its embedding named `mil:<init>`:
 
