@@ -13,7 +13,9 @@ number and model − baseline differences come with paired 95% CIs and tests (mm
 Protocol, fixed before any run: 5-fold patient-level CV on the held-out cases; features z-scored per training
 fold (so 64-d projections and 128-d means meet the regulariser on equal terms); logistic C and Cox α chosen by
 inner CV on the training fold (α grid: Patho-Bench's 0.02 / 0.07 plus 0.2 / 0.5, because elastic-net Cox on
-z-scored 64–128-d features of ~150 cases overflows at the smallest α); no held-out evaluation during pretraining
+z-scored 64–128-d features of ~150 cases overflows at the smallest α); expression: the top-50 highly variable genes
+of each training fold's bulk RNA, ridge with α per gene by leave-one-out on the training fold, mean Pearson r and
+per gene (pretrained above mean-pool in how many genes); no held-out evaluation during pretraining
 and the last checkpoint is embedded, so nothing about the probe cases steers the model. One pretraining seed per
 option: the paired CIs are over folds, not over pretraining runs. Sizes (400 cases, 200 steps, D = 128, ~300
 tiles per slide) keep each option at ≈ 3 CPU-minutes. JSON: per option the simulator config, wall and CPU
@@ -36,6 +38,7 @@ from mmfm.simulate import HARDER, SimConfig, simulate_cohort
 from mmfm.eval.embed import embed
 from mmfm.eval.probe import probe
 from mmfm.eval.references import attach_oracle
+from mmfm.eval.report import per_target_r
 from mmfm.io import write_json
 from mmfm.train import load_config, pretrain
 
@@ -49,8 +52,10 @@ TASKS = [
     {"name": "TP53", "type": "mutation", "labels": ["mut_TP53"], "C": [0.001, 0.01, 0.1, 1.0], **PROTOCOL},
     {"name": "site robustness", "type": "robustness", "label": "subtype", "site": "site", "embeddings": EMBEDDINGS,
      "ks": [10]},
+    {"name": "expression", "type": "regression", "source": "rna", "hvg": 50, **PROTOCOL},
 ]
-HEADLINE = {"survival": "c_index", "subtype": "auroc", "TP53": "auroc", "site robustness": "robustness_index@10"}
+HEADLINE = {"survival": "c_index", "subtype": "auroc", "TP53": "auroc", "site robustness": "robustness_index@10",
+            "expression": "pearson_mean"}
 
 
 class Clock:
@@ -87,10 +92,14 @@ def run_option(name: str, overrides: dict, a: argparse.Namespace, root: Path, ta
     res = probe(adata, tasks or TASKS, root / f"probe-{name}", n_bootstrap=a.n_bootstrap, plots=False)
     clock.lap("probe")
     refs = pd.read_csv(root / f"probe-{name}" / "references.csv", keep_default_na=False)
+    genes = per_target_r(pd.read_csv(root / f"probe-{name}" / "per_target.csv"), "slide", "slide_meanpool")
     paired = pd.read_csv(root / f"probe-{name}" / "paired.csv")
     return {"sim": dataclasses.asdict(sim), "n_probe_cases": int(np.isfinite(adata.obsm["slide"]).all(1).sum()),
             "seconds": clock.seconds,
             "references": refs.to_dict("records"), "paired": paired.to_dict("records"),
+            "per_gene_r": {"genes": len(genes), "slide_mean": float(genes.slide.mean()),
+                           "slide_meanpool_mean": float(genes.slide_meanpool.mean()),
+                           "slide_above_meanpool": int((genes.slide > genes.slide_meanpool).sum())},
             "summary": res.summary[["task", "target", "embedding", "metric", "mean", "se", "lo", "hi", "n"]]
             .to_dict("records")}
 
@@ -115,6 +124,9 @@ def compact(option: str, r: dict) -> list[dict]:
                 row[f"slide-{b}"] = p.iloc[0]["text"]
                 row[f"p(slide-{b})"] = float(p.iloc[0]["p"])
                 row[f"pNB(slide-{b})"] = float(p.iloc[0]["p_corrected"])
+        if task == "expression":  # per gene (mean r over the folds that chose it): pretrained vs mean-pool
+            g = r["per_gene_r"]
+            row["genes slide>meanpool"] = f"{g['slide_above_meanpool']}/{g['genes']}"
         rows.append(row)
     return rows
 

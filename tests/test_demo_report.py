@@ -79,6 +79,19 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     # every model cell = mean ± SD (ddof=1) over the seeds of each seed's own fold mean (results.csv)
     per_seed = [_fold_means(demo / "report" / d / "results.csv", "subtype", "auroc", "slide") for d in ("", "seed-1")]
     assert refs.loc["subtype", "model: slide"] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"
+    # the bulk expression row: mean per-gene r and significant genes, read against the permutation null on the same
+    # folds, the mean-pool / random-init / grade-only (RNA-free) baselines and the oracle
+    expr = refs.loc[["expression"]].set_index("metric")
+    assert list(expr.index) == ["pearson_mean", "n_significant"]
+    row = expr.loc["pearson_mean"]
+    assert "—" not in set(row[["baseline: slide_meanpool", "baseline: baseline:grade", "model: slide", "oracle"]])
+    r = [_fold_means(demo / "report" / d / "results.csv", "expression", "pearson_mean", "slide")
+         for d in ("", "seed-1")]
+    assert row["model: slide"] == f"{np.mean(r):.3f} ± {np.std(r, ddof=1):.3f}"
+    null = [_fold_means(demo / "report" / "results.csv", "expression", "chance_pearson_mean", e)
+            for e in ("slide_meanpool", "slide_random", "baseline:grade", "oracle")]  # the same for every seed
+    lo, hi = (float(v) for v in (row["chance"].split("–") * 2)[:2])  # the permutation null's range over columns
+    assert lo - 5e-4 <= min(null) and max(null) <= hi + 5e-4 and -0.3 < lo <= hi < 0.3
     oracle = _fold_means(demo / "report" / "results.csv", "subtype", "auroc", "oracle")
     assert refs.loc["subtype", "oracle"] == f"{oracle:.3f} ± 0.000"  # the ceiling does not depend on the seed
     assert oracle > 0.9  # the latent subtype is in the oracle: a sanity check that the right truth was attached
@@ -98,6 +111,9 @@ def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
     a = [_fold_means(demo / "report" / d / "results.csv", "subtype", "auroc", "slide") for d in ("", "seed-1")]
     b = [_fold_means(demo / "report" / d / "results.csv", "subtype", "auroc", "slide_meanpool") for d in ("", "seed-1")]
     t = sps.ttest_rel(a, b)
+    expr = paired[paired.task == "expression"]
+    assert {"slide_meanpool", "slide_random", "baseline:grade"} <= set(expr.baseline)
+    assert set(expr.metric) == {"pearson_mean", "n_significant"}
     assert row.method == "paired t over seeds" and int(row.n) == 2
     assert float(row["mean"]) == pytest.approx(np.mean(np.subtract(a, b)))
     assert float(row.p) == pytest.approx(t.pvalue)

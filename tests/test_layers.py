@@ -122,6 +122,8 @@ ROLE_PAIRS = {
     "probe.py": "command and the eval/ probe pipeline",
     "classification.py": "estimator (eval/probes/) and task type (eval/tasks/)", "survival.py": "probes/ and tasks/",
     "retrieval.py": "probes/ and tasks/", "robustness.py": "probes/ and tasks/",
+    "regression.py": "probes/ and tasks/",
+    "spots.py": "the spot-table contract (data/) and the spot probe (eval/tasks/)",
     "multimodal.py": "the model (models/) and its loss (objectives/)",
     "mil.py": "the model (models/), its supervised training (eval/probes/) and the task type (eval/tasks/)",
     "omics.py": "preprocessing (data/) and encoders (models/)", "text.py": "tokenizer (data/) and encoder (models/)",

@@ -240,3 +240,33 @@ def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path)
             np.testing.assert_array_equal(a, b)
     finetuned = kept["other"][2:]  # scratch folds first, then finetune
     assert any(not np.array_equal(a, b) for a, b in zip(leaves(finetuned[0]), leaves(before)))
+
+
+def test_regression_mil_predicts_the_linear_twins_genes_on_its_folds(cohort, tmp_path):
+    """`source: rna` MIL rows (MSE head on the fold's z-scored genes) sit beside the linear regression task: the
+    same folds, the same genes per fold (chosen on the training cases), paired case for case."""
+    adata = _adata(cohort)
+    tasks = [{"name": "expr", "type": "regression", "source": "rna", "hvg": 8, "embeddings": ["slide_meanpool"],
+              "folds": 2, "permutations": 0},
+             {"name": "expr_mil", "type": "mil", "source": "rna", "hvg": 8, "beside": "expr", "folds": 2,
+              "train": TINY_TRAIN}]
+    res = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False)
+    r = res.results
+    n_test = r[r.metric == "n_test"].pivot_table(index="fold", columns="embedding", values="value")
+    assert (n_test["mil:abmil"] == n_test["slide_meanpool"]).all()
+    assert np.isfinite(r[(r.embedding == "mil:abmil") & (r.metric == "pearson_mean")].value).all()
+    per = pd.read_csv(tmp_path / "per_target.csv")
+    genes = per.groupby(["embedding", "fold"]).target.apply(frozenset).unstack(0)
+    assert (genes["mil:abmil"] == genes["slide_meanpool"]).all() and genes["mil:abmil"].map(len).eq(8).all()
+    assert set(r[r.embedding == "mil:abmil"].task) == {"expr"}  # filed beside the linear task, same table
+    refs = pd.read_csv(tmp_path / "references.csv")
+    assert "supervised: mil:abmil" in refs.columns and (refs.task == "expr").any()
+
+
+def test_mse_loss_matches_numpy():
+    import jax.numpy as jnp
+
+    r = np.random.default_rng(0)
+    out, y, valid = r.standard_normal((5, 3)), r.standard_normal((5, 3)), np.array([1, 1, 0, 1, 0], np.float32)
+    got = mil.loss_fn("mse")(jnp.asarray(out), {"y": jnp.asarray(y), "valid": jnp.asarray(valid)}, {})
+    np.testing.assert_allclose(float(got), ((out - y) ** 2).mean(1)[valid > 0].mean(), rtol=1e-5)

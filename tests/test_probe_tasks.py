@@ -16,6 +16,7 @@ from mmfm.eval.tasks.mil import MilSpec
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskType, case_features, fold_sides, label_target,
                                   result_key)
 from mmfm.eval.tasks.classification import ClassificationSpec, FewshotSpec, MutationSpec
+from mmfm.eval.tasks.regression import RegressionSpec
 from mmfm.eval.tasks.retrieval import RetrievalSpec
 from mmfm.eval.tasks.robustness import RobustnessSpec
 from mmfm.eval.tasks.survival import SurvivalSpec
@@ -38,7 +39,9 @@ def _adata(n=60, seed=0) -> ad.AnnData:
 def test_demo_task_file_loads_into_typed_specs():
     specs = {s.name: s for s in load_tasks(REPO / "configs" / "tasks" / "demo.yaml")}
     assert [type(s) for s in specs.values()] == [SurvivalSpec, ClassificationSpec, MilSpec, MutationSpec,
-                                                 RetrievalSpec, RobustnessSpec]
+                                                 RegressionSpec, RetrievalSpec, RobustnessSpec]
+    expr = specs["expression"]
+    assert (expr.source, expr.hvg, expr.names, expr.baseline) == ("rna", 50, (), ("grade",))
     mil = specs["subtype MIL"]
     assert mil.beside == "subtype" and mil.inits == ("abmil", "finetune") and mil.train.batch_size == 8
     assert specs["overall survival"].models == ("coxnet",) and specs["overall survival"].baseline == ("grade",)

@@ -11,7 +11,8 @@ from mmfm.importers import IMPORTERS, ImportDataError, features
 DESCRIPTION = """\
 Create or extend a cohort directory from what a lab downloaded: GDC STAR gene counts (+ sample sheet) or
 Xena-style matrices, GDC RPPA or TCPA protein tables, masked-somatic / MC3 MAFs, TCGA-CDR or GDC clinical
-tables, TCGA-Reports transcriptions, TRIDENT / CLAM feature folders. Every import prints and writes
+tables, TCGA-Reports transcriptions, TRIDENT / CLAM feature folders, spatial transcriptomics (HEST-1k samples,
+Visium Space Ranger folders) as spot tables beside the slides' tile features. Every import prints and writes
 imports/<source>.json (what matched, what did not, the rule applied per case), writes atomically, can be re-run
 and ends with `mmfm validate`. TCGA barcodes map aliquots and slides to cases (data_cards/gdc_tcga.md).
 
@@ -29,6 +30,10 @@ SUMMARIES = {
     "reports": "TCGA-Reports-style CSV (patient_filename, text) or a folder of one text per case → reports.jsonl.",
     "features": "TRIDENT h5 (linked as they are), CLAM h5 / .pt (converted; patch_size_level0 required or computed "
                 "from --mag --patch_size --mpp, never guessed) → slides.csv and bags/.",
+    "hest": "HEST-1k samples (HEST_v*.csv metadata, st/<id>.h5ad) with their tile features (--features, <id>.h5 "
+            "from wsis/<id>.tif) → spots/<id>.h5ad spot tables in level-0 px, named in slides.csv `spots`.",
+    "visium": "Space Ranger outs/ folders (scanpy read_visium; in-tissue spots) with their tile features "
+              "(--features, <folder name>.h5) → spots/<sample>.h5ad, named in slides.csv `spots`.",
 }
 
 EXAMPLES = {
@@ -38,6 +43,8 @@ EXAMPLES = {
     "clinical": "mmfm import clinical --out cohort --cdr TCGA-CDR.tsv --gdc_clinical clinical.tsv",
     "reports": 'mmfm import reports --out cohort --inputs "[TCGA_Reports.csv]"',
     "features": 'mmfm import features --out cohort --inputs "[trident/20x_256px_0px_overlap/features_uni_v1/]"',
+    "hest": "mmfm import hest --out cohort --root hest_data --features trident/20x_256px_0px_overlap/features_uni_v1",
+    "visium": 'mmfm import visium --out cohort --inputs "[run1/outs]" --features trident/features_uni_v1',
 }
 
 def read_clam_pt(path: Path) -> np.ndarray:

@@ -299,7 +299,10 @@ def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list,
               if truth else "")
     legend = (f"`{MODEL}` = pretrained (projected), `slide_backbone` = pretrained before the head, `slide_meanpool` "
               f"/ `slide_random` = baselines{oracle}; chance: AUROC and C-index 0.5, retrieval = a random ranking, "
-              "robustness = a random ranking and a site-only embedding of the same query rows.")
+              "robustness = a random ranking and a site-only embedding of the same query rows, regression (e.g. "
+              "`expression`: mean Pearson r per gene over each training fold's top highly variable genes, and the "
+              "genes significant after Benjamini–Hochberg 5%) = the same model fitted on shuffled training targets; "
+              "`baseline:grade` = the grade covariate alone (an RNA-free baseline).")
     text = [f"# {title}", "", setup, "", legend, "",
             "## Chance · baselines · model · oracle", "", tables["references"], "",
             "Cross-modal retrieval (recall@5):", "", tables["retrieval"], "",

@@ -6,6 +6,7 @@ A cohort is a directory (full contract: data_cards/cohort_format.md):
   slides.csv     slide_id, case_id, path (bag path relative to the cohort directory)
   bags/*.h5      TRIDENT-layout tile-feature bags (`mmfm.data.bags`)
   rna.h5ad, protein.h5ad, reports.jsonl   optional modalities, keyed by case_id
+  spots/<slide>.h5ad   optional spot tables of spatial transcriptomics (slides.csv column `spots`, mmfm.data.spots)
 
 Validation is one pass that collects every error and warning, each naming the file and the row,
 slide or case, so a broken cohort is fixed in one round instead of one crash at a time. Each error
@@ -358,6 +359,36 @@ def _provenance_problems(hdr, spec: CohortSpec | None) -> list[str]:
     return out
 
 
+def _check_spots(root: Path, rel: str, bag: Path, tile_size: int, where: str, rep: ValidationReport,
+                 counts: bool) -> int:
+    """A slide's spot table (mmfm.data.spots): readable, on the contract (its counts scanned too when `counts`, as
+    bag features are), its spot centres on the slide's tiles. Returns the number of spots matched to a tile (0 =
+    unusable: an error, the slide's bag stays usable)."""
+    from mmfm.data.spots import MIN_MATCHED, SpotError, match_spots, read_spots
+
+    where = f"{where}: spots {rel}"
+    if not (root / rel).is_file():
+        rep.error(f"{where}: file missing", exclude=f"{where} (spot table missing)")
+        return 0
+    try:
+        spots = read_spots(root / rel, counts=counts)
+    except SpotError as e:
+        rep.error(f"{where}: {e}", exclude=f"{where} (invalid spot table)")
+        return 0
+    with h5py.File(bag, "r") as f:
+        coords = f["coords"][:]
+    hit = match_spots(spots.obsm["spatial"], coords, tile_size) >= 0
+    if not hit.any():
+        rep.error(f"{where}: none of its {spots.n_obs} spot centres lies on one of the slide's {len(coords)} tiles "
+                  "(obsm['spatial'] must be level-0 pixels of the slide the bag was cut from)",
+                  exclude=f"{where} (spots off the tiles)")
+        return 0
+    if hit.mean() < MIN_MATCHED:
+        rep.warn(f"{where}: only {int(hit.sum())} of {spots.n_obs} spot centres lie on a tile (spots off the tissue "
+                 "mask, or coordinates at another level?)")
+    return int(hit.sum())
+
+
 def _as_float(v) -> float | None:
     try:
         return float(v)
@@ -413,11 +444,15 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
         if fact is None:
             keep[i] = False
             continue
+        spots = str(row.get("spots", "") or "")
+        fact["n_spots"] = (_check_spots(root, spots, path, fact["patch_size_level0"], where, rep, scan is not None)
+                           if spots else 0)
+        fact["spots"] = str((root / spots).resolve()) if spots and fact["n_spots"] else ""
         facts.append({"path": str(path), **fact})
-    out = df[keep].drop(columns="path").reset_index(drop=True)
+    out = df[keep].drop(columns=["path", *(["spots"] if "spots" in df else [])]).reset_index(drop=True)
     out = pd.concat([out, pd.DataFrame(facts, columns=["path", "n_tiles", "patch_size_level0", "feature_dim",
-                                                       "encoder", "has_fragment"])], axis=1)
-    for col in ("n_tiles", "patch_size_level0", "feature_dim"):
+                                                       "encoder", "has_fragment", "spots", "n_spots"])], axis=1)
+    for col in ("n_tiles", "patch_size_level0", "feature_dim", "n_spots"):
         out[col] = out[col].astype(np.int64)
     out["has_fragment"] = out["has_fragment"].astype(bool)
     return out.set_index("slide_id")

@@ -64,7 +64,7 @@ def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
-def _top_variable(adata: AnnData, n: int) -> np.ndarray:
+def top_variable(adata: AnnData, n: int) -> np.ndarray:
     """Column indices of the n genes of highest normalised dispersion (scanpy 'seurat' flavour).
 
     Exactly n, ties broken by gene order: scanpy's own cut-off keeps every tie, which would make the
@@ -120,7 +120,7 @@ class OmicsTransform:
                 raise ValueError(f"OmicsTransform.fit: n_top_genes must be ≥ 1, got {n_top_genes}")
             if not normalize:  # the dispersion ranking undoes log1p; on raw values it is meaningless
                 raise ValueError("OmicsTransform.fit: n_top_genes needs normalize=True (use a fixed panel instead)")
-            sub = sub[:, np.sort(_top_variable(sub, n_top_genes))]
+            sub = sub[:, np.sort(top_variable(sub, n_top_genes))]
         x = _dense(sub.X)
         std = x.std(axis=0)
         return cls(genes=[str(g) for g in sub.var_names], mean=x.mean(axis=0),

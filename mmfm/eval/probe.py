@@ -1,4 +1,5 @@
-"""`mmfm probe`: frozen-embedding probes (classification, mutation, survival, retrieval, few-shot, robustness) and,
+"""`mmfm probe`: frozen-embedding probes (classification, mutation, survival, regression, retrieval, few-shot,
+robustness) and,
 beside them, supervised MIL / fine-tuning on the tile bags (`mil`, mmfm.eval.tasks.mil).
 
 Input is ANY AnnData: features in `X` or `obsm[key]`, labels and outcomes in `obs`, one row per slide or per case
@@ -6,7 +7,8 @@ Input is ANY AnnData: features in `X` or `obsm[key]`, labels and outcomes in `ob
 the row embeddings, Patho-Bench's default) for case-level probes; rows whose vector holds NaN count as "modality
 absent". Folds come from a Patho-Bench split file or are generated patient-level by `mmfm.data.splits.make_folds`.
 Outputs: `results.csv` (one metric value per row), `bootstrap.csv` (single-fold tasks), `summary.md`, PNG plots,
-`folds/<task>.tsv` (the exact case × fold assignment used).
+`folds/<task>.tsv` (the exact case × fold assignment used), `per_target.csv` (regression: each target's r, ρ,
+R², p and BH q per fold).
 
 Leakage guards: a case on both sides of a fold is refused (mmfm.data.splits checks every split it reads or makes);
 test cases that were seen in pretraining (`pretrain_cases`, or `uns['pretrain_cases']`) are refused unless
@@ -22,6 +24,9 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
     - {name: os, type: survival, time: os_days, event: os_event, embeddings: [slide, rna], baseline: [grade],
        models: [coxnet, coxph], alphas: [0.01, 0.02, 0.07], horizons: [365, 1095, 1825]}
     - {name: subtype, type: classification, label: subtype, embeddings: [slide], C: 0.5, folds: 5}
+    - {name: expression, type: regression, source: rna, hvg: 50, embeddings: [slide, slide_meanpool],
+       baseline: [grade], pca: 256}
+    - {name: st_genes, type: spots, embeddings: [tiles], hvg: 50, pca: 256}
     - {name: drivers, type: mutation, labels: ["mut_*"], embeddings: [slide], min_positives: 5}
     - {name: subtype_fewshot, type: fewshot, label: subtype, embeddings: [slide], shots: [1, 4, 16], draws: 10}
     - {name: xmodal, type: retrieval, pairs: [[slide, rna], [rna, slide]], label: subtype, embeddings: [slide]}
@@ -34,6 +39,7 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -69,7 +75,7 @@ class ProbeConfig:
     n_bootstrap: int = 100  # bootstrap resamples for single-fold tasks
     plots: bool = True  # write PNG plots (per task, Kaplan–Meier, robustness curves and projections)
     projection: Literal["umap", "pca"] = "umap"  # robustness embedding plot
-    cohort: str | None = None  # cohort with the tile bags of `mil` tasks (default: the one the embeddings record)
+    cohort: str | None = None  # cohort of `mil` tile bags and `regression` omics (default: the embeddings' one)
 
 
 @dataclass
@@ -90,13 +96,15 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
+    if cohort is not None:  # tasks reading the cohort (mil, regression): --cohort where the task names none
+        specs = [dataclasses.replace(s, cohort=str(cohort)) if getattr(s, "cohort", "") is None else s for s in specs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shared_split = folds.read_split_file(splits) if splits else None
 
     plans = []
     for spec in specs:
-        for emb in spec.embeddings:
+        for emb in spec.obsm_keys():
             row_features(adata, spec, emb)  # fail early, naming the key
         plans.append((spec, *spec.plan(adata, shared_split)))
     check_beside(plans)
@@ -126,7 +134,8 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     report.write_outputs(out, results, boot, summary, notes=col.notes, overlap=overlap,
                          validation_overlap=val_overlap,
                          survival_preds=col.survival_preds if plots else {},
-                         robustness_curves=col.robustness_curves if plots else {}, plots=plots)
+                         robustness_curves=col.robustness_curves if plots else {}, plots=plots,
+                         per_target=pd.concat(col.per_target, ignore_index=True) if col.per_target else None)
     return ProbeResult(results, summary, out, col.notes, overlap, val_overlap)
 
 

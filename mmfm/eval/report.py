@@ -27,20 +27,23 @@ from mmfm.io import atomic_path, write_text
 
 GROUP = ["task", "type", "target", "embedding", "model", "shots", "metric"]
 ROW = ["task", "type", "target", "model", "shots", "metric"]  # one comparison row: every embedding side by side
-BOOKKEEPING = {"C", "alpha", "n_test", "n_train", "n_classes", "standardized", "n_queries", "epoch"}  # results.csv only
+BOOKKEEPING = {"C", "alpha", "n_test", "n_train", "n_classes", "standardized", "n_queries", "epoch", "n_targets"}  # results.csv only
 COSTS = ("wall_s",)  # seconds per fold (fit + predict): shown in the tables, never paired
 PRIMARY = {"classification": ("auroc",), "mutation": ("auroc",), "fewshot": ("bacc",), "survival": ("c_index",),
-           "retrieval": ("recall@5", "top5_acc"), "robustness": None, "zeroshot": ("auroc",)}  # headline metrics
+           "retrieval": ("recall@5", "top5_acc"), "robustness": None, "zeroshot": ("auroc",),
+           "regression": ("pearson_mean",), "spots": ("pearson_mean",)}  # headline metrics
 TABLE_METRICS = {  # metrics of the reference and paired tables (globs)
     "classification": ("auroc", "bacc", "wall_s"), "mutation": ("auroc", "wall_s"), "fewshot": ("bacc",),
     "survival": ("c_index", "uno_c", "wall_s"),
     "retrieval": ("recall@1", "recall@5", "top1_acc", "top5_acc"), "robustness": ("robustness_index@*",),
-    "zeroshot": ("auroc", "bacc")}
+    "zeroshot": ("auroc", "bacc"), "regression": ("pearson_mean", "pearson_median", "n_significant", "wall_s"),
+    "spots": ("pearson_mean", "pearson_median", "r2_mean", "wall_s")}
 CONVENTIONS = (
     "Several folds: mean ± SE over folds, SE = sample SD (ddof=1) / √k (few-shot: over folds × draws). One fold: "
     "bootstrap mean [2.5%, 97.5%] over resampled test cases. Robustness: point estimate [2.5%, 97.5%] over "
     "resampled query rows. The pooled log-rank p is a single value. Chance: AUROC / C-index / td-AUC 0.5, "
-    "balanced accuracy 1/K, kappa 0; retrieval `chance_*` = expected value of a random ranking; robustness "
+    "balanced accuracy 1/K, kappa 0; regression `chance_*` = the same model fitted on training targets shuffled "
+    "against the features (permutation null), scored on the same test fold; retrieval `chance_*` = expected value of a random ranking; robustness "
     "`chance_*` = a random ranking and `site_only_*` = same-site neighbours first, on the same query rows. "
     "Paired differences (model − baseline) use the same folds: mean [95% t-interval] with SE = SD of the k fold "
     "differences / √k and the paired t-test p; folds share training cases, which makes that test anti-conservative, "
@@ -358,8 +361,12 @@ def plot_embedding(x: np.ndarray, bio, site, path: Path, *, title: str, method: 
 
 def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary: pd.DataFrame, *, notes: list[str],
                   overlap: dict[str, list[str]], survival_preds: dict, robustness_curves: dict, plots: bool,
-                  roles: dict[str, str] | None = None, validation_overlap: dict[str, list[str]] | None = None) -> None:
+                  roles: dict[str, str] | None = None, validation_overlap: dict[str, list[str]] | None = None,
+                  per_target: pd.DataFrame | None = None) -> None:
     references, paired = reference_table(summary, results, roles), paired_table(results, boot, roles)
+    if per_target is not None and len(per_target):
+        with atomic_path(out / "per_target.csv", suffix=".csv") as tmp:
+            per_target.to_csv(tmp, index=False)
     for name, df in (("results.csv", results), ("bootstrap.csv", boot), ("summary.csv", summary),
                      ("references.csv", references), ("paired.csv", paired)):
         with atomic_path(out / name, suffix=".csv") as tmp:
@@ -381,6 +388,36 @@ def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary:
         by_task.setdefault(task, {})[emb] = c
     for task, curves in by_task.items():
         plot_robustness(curves, out / f"{slug(task)}_ri.png", task)
+    for task, g in (per_target.groupby("task", sort=False) if per_target is not None and len(per_target) else ()):
+        plot_per_target(g, out / f"{slug(task)}_per_target.png", task, roles)
+
+
+def per_target_r(per_target: pd.DataFrame, model: str, baseline: str) -> pd.DataFrame:
+    """Per target: mean Pearson r over the folds that chose it, of `model` and `baseline` (targets both have)."""
+    r = per_target.groupby(["embedding", "target"], sort=False).pearson.mean().unstack(0)
+    return r[[model, baseline]].dropna()
+
+
+def plot_per_target(per_target: pd.DataFrame, path: Path, title: str, roles: dict[str, str] | None = None) -> bool:
+    """Scatter of per-target r: the first model embedding against the mean-pool baseline (else the first one)."""
+    embs = list(dict.fromkeys(per_target.embedding))
+    models = [e for e in embs if role(e, roles) == "model"]
+    bases = [e for e in embs if role(e, roles) == "baseline"]
+    bases = [e for e in bases if e.endswith("meanpool")] or bases
+    if not models or not bases:
+        return False
+    r = per_target_r(per_target, models[0], bases[0])
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    ax.scatter(r[bases[0]], r[models[0]], s=10)
+    lo, hi = min(r.min().min(), 0.0) - 0.05, max(r.max().max(), 0.0) + 0.05
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"{bases[0]}: Pearson r", ylabel=f"{models[0]}: Pearson r")
+    above = int((r[models[0]] > r[bases[0]]).sum())
+    ax.set_title(f"{title}: {len(r)} targets, {above} above the diagonal\nmean r {r[models[0]].mean():.3f} vs "
+                 f"{r[bases[0]].mean():.3f}", fontsize=9)
+    _save(fig, path)
+    return True
 
 
 HEADLINE = {  # (task type, metric) → column label of the printed table
@@ -390,6 +427,9 @@ HEADLINE = {  # (task type, metric) → column label of the printed table
     ("zeroshot", "auroc"): "AUROC",
     ("retrieval", "recall@5"): "recall@5",
     ("robustness", "robustness_index@10"): "RI@10",
+    ("regression", "pearson_mean"): "mean r",
+    ("regression", "n_significant"): "# significant (BH 5%)",
+    ("spots", "pearson_mean"): "mean r (spots)",
 }
 
 
@@ -412,6 +452,8 @@ CAPTIONS = (  # (file-name pattern, caption) for the report's plots, most specif
      "log-rank p — {0}"),
     (r"^(.+)_ri\.png$", "robustness index against k (neighbours sharing biology rather than site) — {0}"),
     (r"^(.+)_projection\.png$", "2-D projection of the embedding coloured by biology and by site — {0}"),
+    (r"^(.+)_per_target\.png$", "Pearson r per target (mean over the folds that chose it), pretrained against "
+     "mean-pool; above the diagonal = better predicted by the pretrained embedding — {0}"),
     (r"^(.+)\.png$", "headline metric per embedding (bar = mean; whisker = SE over folds or 95% CI; "
      "dashed line = chance) — {0}"),
 )

@@ -119,16 +119,25 @@ def protein_model(cfg: SimConfig, r: np.random.Generator) -> tuple[pd.DataFrame,
     return df, cfg.site_effect * PROTEIN_SITE_SD * r.standard_normal((cfg.n_sites, p))
 
 
+def rna_log_mean(world: World, case: Case) -> np.ndarray:
+    """Per-gene log expression of a case (programmes, subtype, drivers, site batch), before sequencing depth."""
+    g = world.gene_arrays
+    return (g["base"] + g["load"] @ case.programmes + g["sub"][:, case.subtype]
+            + g["mut"] @ case.mutations.astype(float) + world.gene_site[case.site])
+
+
+def nb_counts(r: np.random.Generator, log_mu: np.ndarray, library: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """Gamma–Poisson (negative binomial) counts: relative expression exp(log_mu) scaled to each row's library."""
+    p = np.exp(log_mu - log_mu.max(axis=-1, keepdims=True))
+    mu = np.asarray(library)[..., None] * p / p.sum(axis=-1, keepdims=True)
+    return r.poisson(r.gamma(1.0 / phi, phi * mu)).astype(np.float32)
+
+
 def rna_counts(cfg: SimConfig, world: World, case: Case) -> np.ndarray:
     """Bulk RNA-seq counts: gamma–Poisson (negative binomial) around programme-driven means, varying depth."""
     r = rng(cfg, RNA, case.index)
-    g = world.gene_arrays
-    log_mu = (g["base"] + g["load"] @ case.programmes + g["sub"][:, case.subtype]
-              + g["mut"] @ case.mutations.astype(float) + world.gene_site[case.site])
-    p = np.exp(log_mu - log_mu.max())
-    mu = np.exp(np.log(LIBRARY_SIZE_MEDIAN) + LIBRARY_SIZE_SD * r.standard_normal()) * p / p.sum()
-    phi = g["dispersion"]
-    return r.poisson(r.gamma(1.0 / phi, phi * mu)).astype(np.float32)
+    library = np.exp(np.log(LIBRARY_SIZE_MEDIAN) + LIBRARY_SIZE_SD * r.standard_normal())
+    return nb_counts(r, rna_log_mean(world, case), library, world.gene_arrays["dispersion"])
 
 
 def protein_values(cfg: SimConfig, world: World, case: Case) -> np.ndarray:

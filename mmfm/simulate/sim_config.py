@@ -13,7 +13,7 @@ import numpy as np
 from mmfm import MODALITIES
 
 # Random streams: the second seed word says what a generator is for (never reuse one for two purposes).
-WORLD, CASE, SLIDE, RNA, PROTEIN, REPORT, FOCAL, SIZE = 1, 2, 3, 4, 5, 6, 7, 8
+WORLD, CASE, SLIDE, RNA, PROTEIN, REPORT, FOCAL, SIZE, SPOTS = 1, 2, 3, 4, 5, 6, 7, 8, 9
 W_SITES, W_FEATURES, W_GENES, W_PROTEINS, W_MLP = 1, 2, 3, 4, 5
 
 
@@ -55,6 +55,9 @@ class SimConfig:
     focal_fraction: float = 0.05  # share of a focal slide's tiles inside that region (when focal_rate > 0)
     feature_mlp_hidden: int = 0  # > 0: tile features = a fixed random tanh MLP of this width (0 = linear)
     mnar_strength: float = 0.0  # log-odds of a missing RNA/protein profile per SD of smaller tumour (0 = MCAR)
+    # Spatial transcriptomics (off by default: the default cohort is unchanged): a share of slides gets a Visium-like
+    # spot table spots/<slide>.h5ad (mmfm.simulate.spatial), from the same latent state as the bulk RNA and tiles.
+    spatial_rate: float = 0.0  # share of slides with a spot table
 
     @property
     def patch_size_level0(self) -> int:
@@ -67,7 +70,7 @@ class SimConfig:
                   "max_slides_per_case", "patch_size", "n_genes", "n_proteins"):
             if getattr(self, k) < 1:
                 bad.append(f"{k}={getattr(self, k)} must be >= 1")
-        for k in ("multi_slide_rate", "focal_rate") + tuple(f"missing_{m}" for m in MODALITIES):
+        for k in ("multi_slide_rate", "focal_rate", "spatial_rate") + tuple(f"missing_{m}" for m in MODALITIES):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 bad.append(f"{k}={getattr(self, k)} must be in [0, 1]")
         if self.bag_size_max < self.bag_size_min:

@@ -29,6 +29,7 @@ from mmfm.simulate.molecular import protein_values, rna_counts
 from mmfm.simulate.observation import MNAR_MODALITIES, missing_probability
 from mmfm.simulate.pathology import report_facts, report_text
 from mmfm.simulate.sim_config import REPORT, SimConfig, rng
+from mmfm.simulate.spatial import has_spots, simulate_spots
 from mmfm.simulate.tile_features import simulate_slide
 from mmfm.simulate.world import draw_case, make_world
 
@@ -46,7 +47,9 @@ Training code never reads this folder; tests, probes and the data card grade aga
   confined to foci), and the report facts (necrosis, lvi, til…).
 - `slides.csv`: per slide: n_tiles, n_fragments, the fraction of each tile type (`frac_*`) and of tiles carrying
   the case-specific appearance (`informative_fraction`; which ones: `mmfm.simulate.focal_region`).
-- `tiles/<slide_id>.npy`: int8 tile type per bag row (same order as the bag), codes = `tile_types` in model.json.
+- `tiles/<slide_id>.npy`: int8 tile type per bag row (same order as the bag), codes = `tile_types` in model.json;
+  a spot of `spots/<slide_id>.h5ad` (option `spatial_rate`) lies on the tile `mmfm.data.spots.match_spots` finds,
+  and its expression is shifted by that tile's type (`mmfm.simulate.spatial`).
 - `genes.csv`, `proteins.csv`: per-feature module, baseline, programme loadings, subtype/driver effects.
 """
 
@@ -91,7 +94,8 @@ def _write_slide(cfg: SimConfig, world: World, out: Path, case: Case, j: int) ->
     """Write (or, when resuming, reuse) one bag and its tile truth; return the slide's truth row."""
     sid = slide_id(case.index, j)
     bag, truth = out / "bags" / f"{sid}.h5", out / "truth" / "tiles" / f"{sid}.npy"
-    if bag.exists() and truth.exists():  # both are written atomically, bag first
+    spots = out / "spots" / f"{sid}.h5ad" if has_spots(cfg, case, j) else None
+    if bag.exists() and truth.exists() and (spots is None or spots.exists()):  # each written atomically, bag first
         with h5py.File(bag, "r") as f:
             grid = f["coords"][:] // cfg.patch_size_level0
             return _slide_summary(sid, case, np.load(truth), f["fragment"][:],
@@ -104,6 +108,12 @@ def _write_slide(cfg: SimConfig, world: World, out: Path, case: Case, j: int) ->
                            "level0_height": s.level0_size[1], "overlap": 0, "name": sid},
               feature_attrs={"simulated": True})
     _save_npy(truth, s.types)
+    if spots is not None:
+        centres, _, counts, diameter = simulate_spots(cfg, world, case, j, s)
+        table = ad.AnnData(X=counts, obs=pd.DataFrame(index=pd.Index([f"{sid}-{k:05d}" for k in range(len(counts))])),
+                           var=pd.DataFrame(index=pd.Index(world.genes.index)),
+                           obsm={"spatial": centres}, uns={"spot_diameter_px": float(diameter)})
+        write_h5ad(spots, table)
     return _slide_summary(sid, case, s.types, s.fragment, s.informative)
 
 
@@ -130,7 +140,8 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
         facts = report_facts(c, rr)
         for j in range(c.n_slides):
             slide_truth.append(_write_slide(cfg, world, out, c, j))
-            slides.append({"slide_id": slide_id(i, j), "case_id": c.case_id, "path": f"bags/{slide_id(i, j)}.h5"})
+            slides.append({"slide_id": slide_id(i, j), "case_id": c.case_id, "path": f"bags/{slide_id(i, j)}.h5",
+                           "spots": f"spots/{slide_id(i, j)}.h5ad" if has_spots(cfg, c, j) else ""})
         if c.has["rna"]:
             rna.append(rna_counts(cfg, world, c))
             rna_ids.append(c.case_id)
@@ -158,7 +169,8 @@ def simulate_cohort(out: str | Path, cfg: SimConfig = SimConfig()) -> Path:
     for d in DRIVERS:
         case_df[f"mut_{d}"] = case_df[f"mut_{d}"].astype("Int64")
     write_csv(out / "cases.csv", case_df, index=False)
-    write_csv(out / "slides.csv", pd.DataFrame(slides, columns=["slide_id", "case_id", "path"]), index=False)
+    write_csv(out / "slides.csv", pd.DataFrame(slides, columns=["slide_id", "case_id", "path"]
+                                               + (["spots"] if cfg.spatial_rate > 0 else [])), index=False)
     if rna:
         _write_h5ad(out / "rna.h5ad", rna, rna_ids, genes)
     if prot:

@@ -49,7 +49,7 @@ from mmfm.objectives.supervised import balanced_weights, cox_nll, survival_nll, 
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["class", "nll", "cox"]
+Kind = Literal["class", "nll", "cox", "mse"]  # mse: continuous targets (z-scored on the training fold)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outco
          "mask": np.zeros((rows, length), bool), "fragment": np.zeros((rows, length), np.int32),
          "case_of_row": np.zeros(rows, np.int32), "row_valid": np.zeros(rows, bool),
          "valid": np.zeros(rows, np.float32)}
-    b.update({k: np.zeros(rows, v.dtype) for k, v in outcome.items()})
+    b.update({k: np.zeros((rows, *v.shape[1:]), v.dtype) for k, v in outcome.items()})
     r = 0
     for slot, c in enumerate(chunk):
         b["valid"][slot] = 1.0
@@ -171,6 +171,8 @@ def outcome_arrays(kind: Kind, cases: CaseSet, bins: np.ndarray | None) -> dict[
 
     if kind == "class":
         return {"y": cases.y.astype(np.int32)}
+    if kind == "mse":
+        return {"y": cases.y.astype(np.float32)}
     out = {"time": cases.time.astype(np.float32), "event": cases.event.astype(np.float32)}
     if kind == "nll":
         out["bin"] = assign_bins(cases.time, bins)
@@ -183,6 +185,9 @@ def loss_fn(kind: Kind) -> Callable[[jax.Array, dict, dict], jax.Array]:
         return lambda out, b, aux: weighted_ce(out, b["y"], aux["class_w"], b["valid"])
     if kind == "nll":
         return lambda out, b, aux: survival_nll(out, b["bin"], b["event"], b["valid"])
+    if kind == "mse":  # mean over targets and valid cases
+        return lambda out, b, aux: (((out - b["y"]) ** 2).mean(-1) * b["valid"]).sum() / jnp.maximum(
+            b["valid"].sum(), 1.0)
     return lambda out, b, aux: cox_nll(out[:, 0], b["time"], b["event"], b["valid"])
 
 
@@ -301,5 +306,5 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
 
 
 def head_size(kind: Kind, n_classes: int, cfg: MilConfig) -> int:
-    return {"class": n_classes, "nll": cfg.n_bins, "cox": 1}[kind]
+    return {"class": n_classes, "nll": cfg.n_bins, "cox": 1, "mse": n_classes}[kind]  # mse: n_classes = targets
 

@@ -13,6 +13,8 @@ types and cross-field problems are a `TaskError` naming the file, the task (inde
     robustness      robustness        RobustnessSpec       label, site
     zeroshot        zeroshot          ZeroshotSpec         label, classes (a run's text tower encodes them)
     mil             mil               MilSpec              label | labels | time + event; tile bags of the cohort
+    regression      regression        RegressionSpec       source (rna | protein | obs), names or hvg
+    spots           spots             SpotsSpec            spot tables of the cohort (slides.csv `spots`)
 
 Adding a task type is one new module and one line in `TASKS` — as zeroshot was (abridged):
 
@@ -49,7 +51,7 @@ from pathlib import Path
 
 
 from mmfm.config import ConfigError, decode, inherit, merge
-from mmfm.eval.tasks import classification, mil, retrieval, robustness, survival, zeroshot
+from mmfm.eval.tasks import classification, mil, regression, retrieval, robustness, spots, survival, zeroshot
 from mmfm.eval.tasks.base import TaskError, TaskSpec, TaskType
 
 TASKS: dict[str, TaskType] = {
@@ -61,6 +63,8 @@ TASKS: dict[str, TaskType] = {
     "robustness": TaskType(robustness.RobustnessSpec, robustness.run),
     "zeroshot": TaskType(zeroshot.ZeroshotSpec, zeroshot.run),
     "mil": TaskType(mil.MilSpec, mil.run),
+    "regression": TaskType(regression.RegressionSpec, regression.run),
+    "spots": TaskType(spots.SpotsSpec, spots.run),
 }
 
 

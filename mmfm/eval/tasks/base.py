@@ -42,6 +42,10 @@ class TaskSpec:
     group: str = "case_id"  # obs column holding the case (patient) id; obs_names when absent
     seed: int = 0
 
+    def obsm_keys(self) -> tuple[str, ...]:
+        """The AnnData embeddings this task reads (checked before any task runs)."""
+        return self.embeddings
+
     def plan(self, adata: ad.AnnData, shared: pd.DataFrame | None) -> tuple[list[Target], list[str]]:
         """(targets with their folds, notes); a task that fits nothing evaluates every row and has no folds."""
         return [], []
@@ -204,7 +208,8 @@ def result_key(spec: TaskSpec, embedding: str, target: str = "", model: str = ""
 
 @dataclass
 class Collector:
-    """Accumulates metric rows, bootstrap draws, pooled survival predictions, robustness curves and notes."""
+    """Accumulates metric rows, bootstrap draws, pooled survival predictions, per-target regression scores,
+    robustness curves and notes."""
 
     n_bootstrap: int = 100
     plot_dir: Path | None = None  # where per-task plots go (None: no plots)
@@ -213,6 +218,7 @@ class Collector:
     rows: list[dict] = field(default_factory=list)
     boot: list[dict] = field(default_factory=list)
     survival_preds: dict = field(default_factory=dict)
+    per_target: list[pd.DataFrame] = field(default_factory=list)  # regression: one score row per target × fold
     robustness_curves: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

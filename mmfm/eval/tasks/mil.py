@@ -1,9 +1,10 @@
 """`mil`: supervised attention-MIL and fine-tuning on the tile bags, beside the linear probes of the same target.
 
 A `mil` task names its target as the linear tasks do — `label` (as `classification`), `labels` (as `mutation`,
-one target per gene) or `time` + `event` (as `survival`) — and gets its folds from that linear twin
-(`linear()`): the same patient-level folds for the same seed, from the one fold implementation
-(`mmfm.eval.folds`). `beside: <task>` files its rows under that linear task (same table, paired per-fold
+one target per gene), `time` + `event` (as `survival`) or `source` (+ `names` / `hvg`, as `regression`: an MSE head
+on the fold's targets z-scored with its training cases, the same genes per fold as the linear twin) — and gets its
+folds from that linear twin (`linear()`): the same patient-level folds for the same seed, from the one fold
+implementation (`mmfm.eval.folds`). `beside: <task>` files its rows under that linear task (same table, paired per-fold
 differences against its pretrained embedding); the probe checks both tasks have identical folds. Each `inits`
 entry is a row, its embedding named `mil:<init>`:
 
@@ -33,10 +34,11 @@ import numpy as np
 import pandas as pd
 
 from mmfm.eval import folds as folds_mod
-from mmfm.eval.probes import classification, mil, survival
+from mmfm.eval.probes import classification, mil, regression, survival
 from mmfm.eval.references import SUPERVISED_PREFIX
 from mmfm.eval.tasks.base import Collector, FoldSpec, Target, TaskError, fold_sides, result_key
 from mmfm.eval.tasks.classification import ClassificationSpec, MutationSpec, encode_labels
+from mmfm.eval.tasks.regression import RegressionSpec, chosen
 from mmfm.eval.tasks.survival import SurvivalSpec
 
 INITS = ("abmil", "scratch", "finetune", "frozen")
@@ -50,6 +52,9 @@ class MilSpec(FoldSpec):
     min_positives: int = 2  # as `mutation`
     time: str | None = None  # survival time column (as `survival`, with `event`)
     event: str | None = None
+    source: Literal["rna", "protein", "obs"] | None = None  # continuous targets (as `regression`): MSE head
+    names: tuple[str, ...] = ()  # as `regression`
+    hvg: int = 50  # as `regression`: top-k highly variable genes of each training fold
     inits: tuple[Literal["abmil", "scratch", "finetune", "frozen"], ...] = ("abmil",)
     beside: str | None = None  # linear task whose table and paired tests these rows join (same folds: checked)
     run: str | None = None  # run or export directory for scratch / finetune / frozen (default: the embeddings' run)
@@ -57,9 +62,10 @@ class MilSpec(FoldSpec):
     train: mil.MilConfig = field(default_factory=mil.MilConfig)
 
     def __post_init__(self):
-        given = [k for k, v in (("label", self.label), ("labels", self.labels), ("time", self.time)) if v]
+        given = [k for k, v in (("label", self.label), ("labels", self.labels), ("time", self.time),
+                                ("source", self.source)) if v]
         if len(given) != 1:
-            raise ValueError(f"a mil task needs exactly one target: 'label', 'labels' or 'time' + 'event' "
+            raise ValueError(f"a mil task needs exactly one target: 'label', 'labels', 'time' + 'event' or 'source' "
                              f"(got {given or 'none'})")
         if bool(self.time) != bool(self.event):
             raise ValueError("'time' and 'event' go together")
@@ -67,7 +73,8 @@ class MilSpec(FoldSpec):
     @property
     def kind(self) -> str:
         """The linear task type whose target, folds and metrics these rows share."""
-        return "classification" if self.label else "mutation" if self.labels else "survival"
+        return ("classification" if self.label else "mutation" if self.labels else "regression" if self.source
+                else "survival")
 
     def linear(self) -> FoldSpec:
         """The linear probe of the same target with the same fold keys (its targets and folds are ours)."""
@@ -77,6 +84,9 @@ class MilSpec(FoldSpec):
             return ClassificationSpec(**keys, type="classification", label=self.label)
         if self.labels:
             return MutationSpec(**keys, type="mutation", labels=self.labels, min_positives=self.min_positives)
+        if self.source:
+            return RegressionSpec(**keys, type="regression", source=self.source, names=self.names, hvg=self.hvg,
+                                  cohort=self.cohort)
         return SurvivalSpec(**keys, type="survival", time=self.time, event=self.event)
 
     def targets(self, adata, notes):
@@ -209,10 +219,14 @@ def run(adata, spec: MilSpec, targets: list[Target], col: Collector) -> None:
     needs_run = [i for i in spec.inits if i != "abmil"]
     encoders = _Encoders(spec, feature_dim, _run_source(spec, adata) if needs_run else None)
     outcomes = spec.linear().outcomes(adata) if spec.kind == "survival" else None
+    values = spec.linear().values(adata) if spec.kind == "regression" else None
     for t in targets:
         if spec.kind == "survival":
             y, n_classes, kind = None, 0, spec.train.survival_loss
             case_ids = t.folds.index.intersection(outcomes.index)
+        elif spec.kind == "regression":  # targets and their scaling are chosen per fold (_fold_targets)
+            y, n_classes, kind = None, 0, "mse"
+            case_ids = t.folds.index.intersection(values.index.astype(str))
         else:
             y, classes = encode_labels(t.labels)
             n_classes, kind = len(classes), "class"
@@ -223,11 +237,22 @@ def run(adata, spec: MilSpec, targets: list[Target], col: Collector) -> None:
                            time=None if outcomes is None else outcomes.time[case_ids].to_numpy(float),
                            event=None if outcomes is None else outcomes.event[case_ids].to_numpy(float))
         for init in spec.inits:
-            _run_init(spec, t, init, kind, n_classes, full, encoders, col)
+            _run_init(spec, t, init, kind, n_classes, full, encoders, col, values)
+
+
+def _fold_targets(spec: MilSpec, values: pd.DataFrame, full: mil.CaseSet, train: pd.Index):
+    """(the case set with z-scored targets, target names, mean, SD): the fold's targets (as `regression`: the
+    training cases' top genes) scaled with the training cases' mean and SD — nothing from the test cases."""
+    v = values.set_axis(values.index.astype(str))
+    names = chosen(spec.linear(), v.loc[train])
+    y = v.loc[full.ids, names].to_numpy(np.float64)
+    mean, sd = v.loc[train, names].mean().to_numpy(), v.loc[train, names].std().to_numpy()
+    sd = np.where(sd > 0, sd, 1.0)
+    return mil.CaseSet(full.ids, full.bags, y=(y - mean) / sd), names, mean, sd
 
 
 def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, full: mil.CaseSet,
-              encoders: _Encoders, col: Collector) -> None:
+              encoders: _Encoders, col: Collector, values: pd.DataFrame | None = None) -> None:
     from flax import nnx
 
     from mmfm.models.mil import MILModel
@@ -243,15 +268,19 @@ def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, fu
             col.notes.append(f"{where}: skipped (one class in train or empty test)")
             continue
         t0 = time.perf_counter()
+        cases = full
+        if kind == "mse":  # this fold's targets, scaled on its training cases
+            cases, names, mean, sd = _fold_targets(spec, values, full, tr)
+            n_classes = len(names)
         itr, iva = inner_split(spec, t, tr, i)
         seed = spec.seed + i
         encoder, scale, warmup, frozen = encoders.build(init, seed)
         model = MILModel(encoder, mil.head_size(kind, n_classes, spec.train), dropout=spec.train.dropout,
                          rngs=nnx.Rngs(seed + 1))
-        fitted = mil.train(model, kind, full.take(pos[itr].to_numpy()), full.take(pos[iva].to_numpy()),
+        fitted = mil.train(model, kind, cases.take(pos[itr].to_numpy()), cases.take(pos[iva].to_numpy()),
                            spec.train, seed=seed, encoder_lr_scale=scale, warmup_epochs=warmup, frozen=frozen,
                            n_classes=n_classes)
-        test = full.take(pos[te].to_numpy())
+        test = cases.take(pos[te].to_numpy())
         out = mil.predict(fitted.model, test, spec.train)
         wall = time.perf_counter() - t0
         if kind == "class":
@@ -260,6 +289,13 @@ def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, fu
             col.evaluate(key, i, len(te), lambda idx: classification.metrics(test.y[idx], proba[idx]), single,
                          spec.seed)
             col.add(key, i, {"n_classes": n_classes})
+        elif kind == "mse":
+            pred, yte = out * sd + mean, test.y * sd + mean
+            col.evaluate(key, i, len(te), lambda idx: regression.summary(
+                regression.per_target(yte[idx], pred[idx]), spec.linear().fdr), single, spec.seed)
+            s = regression.per_target(yte, pred)
+            col.per_target.append(pd.DataFrame({"task": key["task"], "embedding": emb, "model": "mil", "fold": i,
+                                                "target": names, **s, "q": regression.bh(s["p"])}))
         else:
             from mmfm.objectives.supervised import survival_risk
 
