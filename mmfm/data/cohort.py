@@ -359,6 +359,12 @@ def _provenance_problems(hdr, spec: CohortSpec | None) -> list[str]:
     return out
 
 
+def _climbs_out(rel: str) -> bool:
+    """A relative path read from a table that leaves the cohort directory (`../`): names read from files must not
+    reach outside it. Absolute paths are the way to point elsewhere, on purpose."""
+    return not Path(rel).is_absolute() and os.path.normpath(rel).split(os.sep)[0] == ".."
+
+
 def _check_spots(root: Path, rel: str, bag: Path, tile_size: int, where: str, rep: ValidationReport,
                  counts: bool) -> int:
     """A slide's spot table (mmfm.data.spots): readable, on the contract (its counts scanned too when `counts`, as
@@ -367,6 +373,10 @@ def _check_spots(root: Path, rel: str, bag: Path, tile_size: int, where: str, re
     from mmfm.data.spots import MIN_MATCHED, SpotError, match_spots, read_spots
 
     where = f"{where}: spots {rel}"
+    if _climbs_out(rel):
+        rep.error(f"{where}: climbs out of the cohort directory (a relative path stays inside it)",
+                  exclude=f"{where} (spot table outside)")
+        return 0
     if not (root / rel).is_file():
         rep.error(f"{where}: file missing", exclude=f"{where} (spot table missing)")
         return 0
@@ -430,7 +440,7 @@ def _read_slides(root: Path, cases: pd.DataFrame | None, spec: CohortSpec | None
             rep.error(f"{where}: empty path", exclude=f"{where} (no bag path)")
             keep[i] = False
             continue
-        if not Path(rel).is_absolute() and os.path.normpath(rel).split(os.sep)[0] == "..":
+        if _climbs_out(rel):
             rep.error(f"{where}: bag path {rel} climbs out of the cohort directory (a relative path stays inside "
                       f"it; write an absolute path to use a bag elsewhere)", exclude=f"{where} (path outside)")
             keep[i] = False
