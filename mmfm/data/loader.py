@@ -119,6 +119,8 @@ class _MakeBatch:
             frag_base = 0  # pooled slides never share a fragment id
             for q, s in enumerate(slides):
                 pos = np.flatnonzero(which == q) if len(slides) > 1 else slice(None)
+                if len(slides) > 1 and not len(pos):
+                    continue  # a pooled slide none of whose tiles was drawn: its bag is not even opened
                 got = self.reader.read(t.slide_path[s], local[pos])
                 if not len(got["features"]):
                     continue
