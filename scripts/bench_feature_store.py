@@ -247,16 +247,18 @@ def main(argv=None) -> int:
         sampled = min(a.k, a.tiles) / a.tiles  # fraction of each bag's rows a step delivers
         cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=2)
         rounds = []
-        for workers in a.workers:
-            for cache in ("cold", "warm"):  # warm: the same steps again, just read
+        for workers in a.workers:  # cold without / with readahead side by side, then warm (the same steps again)
+            for cache, readahead in (("cold", False), ("cold", True), ("warm", False)):
                 if cache == "cold":
                     drop_cache(paths)
-                r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers}), steps)
-                r = {"workers": workers, "cache": cache, **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
+                r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers,
+                                                         "readahead": readahead}), steps)
+                r = {"workers": workers, "cache": cache, "readahead": readahead,
+                     **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
                      "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],
                      "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"], "memory": memory()}
                 rounds.append(r)
-                print(f"workers={workers} {cache}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
+                print(f"workers={workers} {cache}{' readahead' * readahead}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
                       f"batches/s, ratio {r['ratio_delivered']:.2f} (swept {r['ratio_swept']:.2f})", flush=True)
         res["rounds"] = rounds
         if a.processes > 1:

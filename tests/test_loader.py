@@ -261,6 +261,11 @@ def test_bag_reader_matches_h5py(tmp_path, layout):
     np.testing.assert_array_equal(got["coords"], coords[rows])
     assert (reader._open[str(path)].h5 is None) == (layout != "gzip")  # memory-mapped unless filtered
     reader.close()
+    dense = np.sort(rng.choice(n, 600, replace=False))  # dense enough for the readahead advice to be given
+    for rows in (dense, rows):
+        got = sampling.BagReader(readahead=True).read(path, rows)
+        np.testing.assert_array_equal(got["features"], feats[rows])
+        np.testing.assert_array_equal(got["coords"], coords[rows])
 
 
 def test_bag_reader_reopens_from_remembered_layout(tmp_path, monkeypatch):
@@ -379,8 +384,8 @@ def test_each_process_opens_only_the_bags_of_its_rows(cohort, monkeypatch, multi
     """Many hosts: process i of 2 opens exactly the bags whose tiles its rows of each global batch hold."""
     opened = []
     real_init = sampling._OpenBag.__init__
-    monkeypatch.setattr(sampling._OpenBag, "__init__", lambda self, path, layout: opened.append(path)
-                        or real_init(self, path, layout))
+    monkeypatch.setattr(sampling._OpenBag, "__init__", lambda self, path, *a: opened.append(path)
+                        or real_init(self, path, *a))
     kw = {"modalities": ("slide",), "multi_slide": multi_slide, "tiles_per_slide": 4}  # pool: c08's 8-tile slide often unsampled
     whole = _loader(cohort, **kw)
     parts = [_loader(cohort, process_index=i, process_count=2, **kw) for i in range(2)]

@@ -45,6 +45,7 @@ class LoaderConfig:
     feature_dtype: str = "float16"
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
+    readahead: bool = False  # madvise(WILLNEED) the span of a dense sample before gathering (cold storage)
 
     def __post_init__(self):
         if self.multi_slide not in ("sample", "pool"):
@@ -75,7 +76,7 @@ class _MakeBatch:
         self.rows = cfg.batch_size // process_count
         self.first_row = process_index * self.rows
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
-        self.reader = BagReader(cfg.open_bags)
+        self.reader = BagReader(cfg.open_bags, cfg.readahead)
         self._order = (-1, None)
 
     def cases(self, step: int) -> tuple[int, np.ndarray]:
