@@ -8,8 +8,9 @@ Writes a synthetic store in the cohort layout (cohort.yaml, cases.csv, slides.cs
       grain worker count, plus two OS processes each reading its half of every global batch,
   (c) (b) / (a), both for delivered bytes and for bag bytes swept (k of n rows sampled: the disk reads
       pages, not rows, so delivered bytes ≤ k/n of what a sweep moves),
-  (d) memory: peak RSS of this process and of its children, and RSS (anonymous / file-mapped) after
-      every round, to see whether it stays flat,
+  (d) memory: per round, the peak RSS of this process and its grain workers together, anonymous (what the
+      loader holds) apart from file-mapped (memory-mapped bags: page cache, reclaimable, bounded by
+      `open_bags` × bag size per process), and RSS after every round, to see whether it stays flat,
 plus a profile of one cold in-process round (where the time goes).
 
 The page cache is dropped with posix_fadvise(DONTNEED) (no root); `fincore` checks that it worked. On a VM
@@ -32,6 +33,7 @@ import resource
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +116,51 @@ def memory() -> dict:
     return {"rss_anon_mb": mb("RssAnon"), "rss_file_mb": mb("RssFile"),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def _rss_kb(pid: int | str) -> tuple[int, int]:
+    """(RssAnon, RssFile) of a process in kB; (0, 0) once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0, 0
+    got = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("RssAnon", "RssFile")}
+    return got.get("RssAnon", 0), got.get("RssFile", 0)
+
+
+class PeakMemory:
+    """Samples RSS of this process plus its children (grain workers) every `every` s: peak anonymous memory
+    (what the loader holds) apart from peak file-mapped pages (memory-mapped bags: page cache, reclaimable)."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.anon_kb, self.file_kb = every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _pids(self):
+        kids = []
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                kids += (task / "children").read_text().split()
+            except OSError:
+                pass
+        return ["self", *kids]
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            anon, file = np.sum([_rss_kb(p) for p in self._pids()], axis=0)
+            self.anon_kb, self.file_kb = max(self.anon_kb, int(anon)), max(self.file_kb, int(file))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def mb(self) -> dict:
+        return {"peak_anon_mb": self.anon_kb / 1024, "peak_file_mapped_mb": self.file_kb / 1024}
 
 
 def loader_round(cohort, cfg: LoaderConfig, steps: int, process_index: int = 0, process_count: int = 1,
@@ -251,12 +298,14 @@ def main(argv=None) -> int:
             for cache, readahead in (("cold", False), ("cold", True), ("warm", False)):
                 if cache == "cold":
                     drop_cache(paths)
-                r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers,
-                                                         "readahead": readahead}), steps)
+                with PeakMemory() as peak:
+                    r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers,
+                                                             "readahead": readahead}), steps)
                 r = {"workers": workers, "cache": cache, "readahead": readahead,
                      **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
                      "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],
-                     "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"], "memory": memory()}
+                     "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"],
+                     "memory": {**memory(), **peak.mb()}}
                 rounds.append(r)
                 print(f"workers={workers} {cache}{' readahead' * readahead}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
                       f"batches/s, ratio {r['ratio_delivered']:.2f} (swept {r['ratio_swept']:.2f})", flush=True)
