@@ -230,27 +230,22 @@ def profile_round(cohort, cfg: LoaderConfig, steps: int, paths, top: int = 12) -
         for (f, line, name), v in rows]}
 
 
-def machine() -> dict:
-    def run(*cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
+def _run(*cmd) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
 
-    lscpu = run("lscpu") or ""
+
+def machine() -> dict:
+    lscpu = _run("lscpu") or ""
     model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), None)
-    return {"cpu_model": model or platform.processor(), "cpus": os.cpu_count(), "uptime": run("uptime"),
+    return {"cpu_model": model or platform.processor(), "cpus": os.cpu_count(), "uptime": _run("uptime"),
             "loadavg": os.getloadavg()}
 
 
 def disk(path: Path) -> dict:
-    def run(*cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {"df": run("df", "-h", str(path)), "lsblk": run("lsblk", "-o", "NAME,SIZE,ROTA,TYPE,MODEL,MOUNTPOINTS")}
+    return {"df": _run("df", "-h", str(path)), "lsblk": _run("lsblk", "-o", "NAME,SIZE,ROTA,TYPE,MODEL,MOUNTPOINTS")}
 
 
 def main(argv=None) -> int:
