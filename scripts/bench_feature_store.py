@@ -43,6 +43,7 @@ import pandas as pd
 from mmfm.data.bags import write_bag
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import LoaderConfig, TileBagLoader
+from mmfm.data.sampling import READAHEAD
 from mmfm.io import write_json
 
 MiB = 2**20
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=0, help="batches per round (default: one epoch)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--readahead", nargs="+", default=list(READAHEAD), choices=READAHEAD,
+                   help="LoaderConfig.readahead modes timed cold, side by side")
     p.add_argument("--processes", type=int, default=2, help="OS processes for the aggregate round (0: skip)")
     p.add_argument("--dir", help="where the store goes (default: a temp dir); it is removed after")
     a = p.parse_args(argv)
@@ -289,8 +292,8 @@ def main(argv=None) -> int:
         sampled = min(a.k, a.tiles) / a.tiles  # fraction of each bag's rows a step delivers
         cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=2)
         rounds = []
-        for workers in a.workers:  # cold without / with readahead side by side, then warm (the same steps again)
-            for cache, readahead in (("cold", False), ("cold", True), ("warm", False)):
+        for workers in a.workers:  # cold for each readahead side by side, then warm (the same steps again)
+            for cache, readahead in [("cold", m) for m in a.readahead] + [("warm", "kernel")]:
                 if cache == "cold":
                     drop_cache(paths)
                 with PeakMemory() as peak:
@@ -302,7 +305,7 @@ def main(argv=None) -> int:
                      "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"],
                      "memory": {**memory(), **peak.mb()}}
                 rounds.append(r)
-                print(f"workers={workers} {cache}{' readahead' * readahead}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
+                print(f"workers={workers} {cache} readahead={readahead}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
                       f"batches/s, ratio {r['ratio_delivered']:.2f} (swept {r['ratio_swept']:.2f})", flush=True)
         res["rounds"] = rounds
         if a.processes > 1:

@@ -261,9 +261,9 @@ def test_bag_reader_matches_h5py(tmp_path, layout):
     np.testing.assert_array_equal(got["coords"], coords[rows])
     assert (reader._open[str(path)].h5 is None) == (layout != "gzip")  # memory-mapped unless filtered
     reader.close()
-    dense = np.sort(rng.choice(n, 600, replace=False))  # dense enough for the readahead advice to be given
-    for rows in (dense, rows):
-        got = sampling.BagReader(readahead=True).read(path, rows)
+    dense = np.sort(rng.choice(n, 600, replace=False))  # dense enough for the WILLNEED advice to be given
+    for mode, rows in (("willneed", dense), ("willneed", rows), ("random", rows)):
+        got = sampling.BagReader(readahead=mode).read(path, rows)
         np.testing.assert_array_equal(got["features"], feats[rows])
         np.testing.assert_array_equal(got["coords"], coords[rows])
 
@@ -421,6 +421,8 @@ def test_unknown_case_and_bad_bag_are_named(cohort, tmp_path):
         TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ["c00", "nope"])
     with pytest.raises(ValueError, match="multi_slide"):
         LoaderConfig(multi_slide="all")
+    with pytest.raises(ValueError, match="readahead must be one of.*'fast'"):
+        LoaderConfig(readahead="fast")
     with pytest.raises(ValueError, match="no.*rna data|rna data"):  # nothing to fit the RNA transform on
         TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ["c08", "c11"],
                       modalities=("slide", "rna"))

@@ -24,7 +24,7 @@ import numpy as np
 
 from mmfm import MODALITIES
 from mmfm.data.batch import BatchShapes
-from mmfm.data.sampling import BagReader, sample_tiles
+from mmfm.data.sampling import READAHEAD, BagReader, sample_tiles
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,11 @@ class LoaderConfig:
     feature_dtype: str = "float16"
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
-    readahead: bool = False  # madvise(WILLNEED) the span of a dense sample before gathering (cold storage)
+    readahead: str = "kernel"  # kernel | willneed | random: how cold bag pages are read (sampling.BagReader)
 
     def __post_init__(self):
+        if self.readahead not in READAHEAD:
+            raise ValueError(f"LoaderConfig.readahead must be one of {READAHEAD}, got {self.readahead!r}")
         if self.multi_slide not in ("sample", "pool"):
             raise ValueError(f"LoaderConfig.multi_slide must be 'sample' or 'pool', got {self.multi_slide!r}")
         for key in ("batch_size", "tiles_per_slide"):

@@ -97,8 +97,8 @@ class _MappedRows:
     at any byte offsets (several runs, unaligned B-tree gaps) come out in one vectorised gather.
     """
 
-    def __init__(self, mm: np.ndarray, runs: _Runs, readahead: mmap.mmap | None = None):
-        self.runs, self.readahead = runs, readahead
+    def __init__(self, mm: np.ndarray, runs: _Runs, willneed: mmap.mmap | None = None):
+        self.runs, self.willneed = runs, willneed
         self.row_bytes = int(np.prod(runs.shape[1:], dtype=np.int64)) * runs.dtype.itemsize
         ends = np.append(runs.first_rows[1:], runs.shape[0])
         if np.any(runs.starts + (ends - runs.first_rows) * self.row_bytes > mm.size):
@@ -111,11 +111,11 @@ class _MappedRows:
         r = self.runs
         run = np.searchsorted(r.first_rows, rows, side="right") - 1 if len(r.first_rows) > 1 else 0
         offsets = r.starts[run] + (rows - r.first_rows[run]) * self.row_bytes
-        if self.readahead is not None and len(rows) > 1:
+        if self.willneed is not None and len(rows) > 1:
             lo = int(offsets.min()) // mmap.PAGESIZE * mmap.PAGESIZE
             hi = int(offsets.max()) + self.row_bytes
             if 4 * len(rows) * self.row_bytes >= hi - lo:  # dense: most pages of the span are touched anyway
-                self.readahead.madvise(mmap.MADV_WILLNEED, lo, hi - lo)  # one large async read, not page faults
+                self.willneed.madvise(mmap.MADV_WILLNEED, lo, hi - lo)  # one large async read, not page faults
         got = self.records[offsets]
         return got.view(r.dtype).reshape((len(rows),) + r.shape[1:])
 
@@ -123,7 +123,7 @@ class _MappedRows:
 class _OpenBag:
     """One bag opened for row reads: memory-mapped views where its layout allows, else an h5py handle."""
 
-    def __init__(self, path: str, layout: dict[str, _Runs | None] | None, readahead: bool = False):
+    def __init__(self, path: str, layout: dict[str, _Runs | None] | None, readahead: str = "kernel"):
         self.path, self.h5 = path, None
         if layout is None or any(r is None for r in layout.values()):
             self.h5 = h5py.File(path, "r")
@@ -137,7 +137,9 @@ class _OpenBag:
         if self.h5 is None:
             with open(path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self.views = {name: _MappedRows(np.frombuffer(mm, np.uint8), runs, mm if readahead else None)
+            if readahead == "random":
+                mm.madvise(mmap.MADV_RANDOM)
+            self.views = {name: _MappedRows(np.frombuffer(mm, np.uint8), runs, mm if readahead == "willneed" else None)
                           for name, runs in layout.items()}
 
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -151,8 +153,16 @@ class _OpenBag:
         self.views = {}
 
 
+READAHEAD = ("kernel", "willneed", "random")
+
+
 class BagReader:
     """Reads given rows of many bags, keeping the last `max_open` bags open.
+
+    `readahead` (cold storage; `scripts/bench_feature_store.py` measures each): 'kernel' leaves page faults to the
+    kernel's read-around (it reads ~128 KiB around each, so a sample denser than a row per 128 KiB reads the whole
+    bag); 'willneed' asks for a dense sample's whole span at once (one large asynchronous read); 'random' turns
+    read-around off, so only the pages holding sampled rows are read (sparse samples on disks with many IOPS).
 
     A bag's byte layout is remembered after its first open (a few numbers per dataset), so
     reopening one that fell out of the cache is just a memory map, not an HDF5 metadata walk.
@@ -160,7 +170,9 @@ class BagReader:
     its own handles lazily. Thread-safe (a prefetch thread and a direct `batch()` call may overlap).
     """
 
-    def __init__(self, max_open: int = 128, readahead: bool = False):
+    def __init__(self, max_open: int = 128, readahead: str = "kernel"):
+        if readahead not in READAHEAD:
+            raise ValueError(f"readahead must be one of {READAHEAD}, got {readahead!r}")
         self.max_open, self.readahead = max_open, readahead
         self._open: collections.OrderedDict[str, _OpenBag] = collections.OrderedDict()
         self._layouts: dict[tuple, dict[str, _Runs | None]] = {}
