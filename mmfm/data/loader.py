@@ -45,7 +45,7 @@ class LoaderConfig:
     feature_dtype: str = "float16"
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
-    readahead: str = "kernel"  # kernel | willneed | random: how cold bag pages are read (sampling.BagReader)
+    readahead: str = "willneed"  # willneed | kernel | random: how cold bag pages are read (sampling.BagReader)
 
     def __post_init__(self):
         if self.readahead not in READAHEAD:

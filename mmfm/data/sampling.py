@@ -123,7 +123,7 @@ class _MappedRows:
 class _OpenBag:
     """One bag opened for row reads: memory-mapped views where its layout allows, else an h5py handle."""
 
-    def __init__(self, path: str, layout: dict[str, _Runs | None] | None, readahead: str = "kernel"):
+    def __init__(self, path: str, layout: dict[str, _Runs | None] | None, readahead: str = "willneed"):
         self.path, self.h5 = path, None
         if layout is None or any(r is None for r in layout.values()):
             self.h5 = h5py.File(path, "r")
@@ -153,16 +153,18 @@ class _OpenBag:
         self.views = {}
 
 
-READAHEAD = ("kernel", "willneed", "random")
+READAHEAD = ("willneed", "kernel", "random")
 
 
 class BagReader:
     """Reads given rows of many bags, keeping the last `max_open` bags open.
 
-    `readahead` (cold storage; `scripts/bench_feature_store.py` measures each): 'kernel' leaves page faults to the
-    kernel's read-around (it reads ~128 KiB around each, so a sample denser than a row per 128 KiB reads the whole
-    bag); 'willneed' asks for a dense sample's whole span at once (one large asynchronous read); 'random' turns
-    read-around off, so only the pages holding sampled rows are read (sparse samples on disks with many IOPS).
+    `readahead` (cold storage; `scripts/bench_feature_store.py` measures each): 'willneed' asks for a dense
+    sample's whole span at once (one large asynchronous read; 1.4-1.6× the cold rate of 'kernel' in 3 of 4 worker
+    counts there, on a virtio disk); 'kernel' leaves page faults to the kernel's read-around (~128 KiB around each,
+    so a sample denser than a row per 128 KiB reads the whole bag anyway); 'random' turns read-around off, so only
+    the pages holding sampled rows are read (5-10× slower on that virtio disk even at k/n = 1/8; for disks with
+    many IOPS and sparse samples, to be measured there).
 
     A bag's byte layout is remembered after its first open (a few numbers per dataset), so
     reopening one that fell out of the cache is just a memory map, not an HDF5 metadata walk.
@@ -170,7 +172,7 @@ class BagReader:
     its own handles lazily. Thread-safe (a prefetch thread and a direct `batch()` call may overlap).
     """
 
-    def __init__(self, max_open: int = 128, readahead: str = "kernel"):
+    def __init__(self, max_open: int = 128, readahead: str = "willneed"):
         if readahead not in READAHEAD:
             raise ValueError(f"readahead must be one of {READAHEAD}, got {readahead!r}")
         self.max_open, self.readahead = max_open, readahead
