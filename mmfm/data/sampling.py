@@ -160,8 +160,8 @@ class BagReader:
     """Reads given rows of many bags, keeping the last `max_open` bags open.
 
     `readahead` (cold storage; `scripts/bench_feature_store.py` measures each): 'willneed' asks for a dense
-    sample's whole span at once (one large asynchronous read; 1.4-1.6× the cold rate of 'kernel' in 3 of 4 worker
-    counts there, on a virtio disk); 'kernel' leaves page faults to the kernel's read-around (~128 KiB around each,
+    sample's whole span at once (one large asynchronous read; on a virtio disk it beat 'kernel' cold by 1.4-1.6×
+    in all 3 side-by-side rounds with ≥ 2 grain workers, and lost in-process, 0.63-0.96×); 'kernel' leaves page faults to the kernel's read-around (~128 KiB around each,
     so a sample denser than a row per 128 KiB reads the whole bag anyway); 'random' turns read-around off, so only
     the pages holding sampled rows are read (5-10× slower on that virtio disk even at k/n = 1/8; for disks with
     many IOPS and sparse samples, to be measured there).
