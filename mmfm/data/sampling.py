@@ -160,9 +160,10 @@ class BagReader:
     """Reads given rows of many bags, keeping the last `max_open` bags open.
 
     `readahead` (cold storage; `scripts/bench_feature_store.py` measures each): 'willneed' asks for a dense
-    sample's whole span at once (one large asynchronous read; on a virtio disk it beat 'kernel' cold by 1.4-1.6×
-    in all 3 side-by-side rounds with ≥ 2 grain workers, and lost in-process, 0.63-0.96×); 'kernel' leaves page faults to the kernel's read-around (~128 KiB around each,
-    so a sample denser than a row per 128 KiB reads the whole bag anyway); 'random' turns read-around off, so only
+    sample's whole span at once (one large asynchronous read; on a virtio disk, cold, it beat 'kernel' by
+    1.4-1.6× in 4 of 6 side-by-side rounds, all 3 with ≥ 2 grain workers among them, and lost 2: 0.63× in-process,
+    0.96× with 1 worker); 'kernel' leaves page faults to the kernel's read-around (~128 KiB around each, so a
+    sample denser than a row per 128 KiB reads the whole bag anyway); 'random' turns read-around off, so only
     the pages holding sampled rows are read (5-10× slower on that virtio disk even at k/n = 1/8; for disks with
     many IOPS and sparse samples, to be measured there).
 
