@@ -55,6 +55,11 @@ def test_real_svs_gives_valid_cohort_and_broken_file_is_reported(svs_run):
     assert by_id[SLIDE]["status"] == "ok" and by_id[SLIDE]["n_tiles"] > 20
     assert by_id["broken"]["status"] == "failed" and "broken.svs" in by_id["broken"]["reason"]
     assert (s["n_ok"], s["n_failed"], s["random_init_weights"]) == (1, 1, True)
+    st, n = s["stages"], by_id[SLIDE]["n_tiles"]  # per-stage timing: the broken slide fails at its mask
+    assert [st[k]["tiles"] for k in ("mask", "read", "encode", "write")] == [n] * 4 == [s["tiles_encoded"]] * 4
+    loop_s = s["tiles_encoded"] / s["tiles_per_s"]  # the encode loop's wall time holds its stages (workers=0)
+    assert sum(st[k]["seconds"] for k in ("encode", "write", "reader_wait")) <= loop_s
+    assert st["read"]["seconds"] <= st["reader_wait"]["seconds"] and min(v["seconds"] for v in st.values()) > 0
     rep = validate(out)
     assert rep.ok, rep.format()
     cohort = Cohort.open(out)

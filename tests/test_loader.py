@@ -261,6 +261,11 @@ def test_bag_reader_matches_h5py(tmp_path, layout):
     np.testing.assert_array_equal(got["coords"], coords[rows])
     assert (reader._open[str(path)].h5 is None) == (layout != "gzip")  # memory-mapped unless filtered
     reader.close()
+    dense = np.sort(rng.choice(n, 600, replace=False))  # dense enough for the WILLNEED advice to be given
+    for mode, rows in (("willneed", dense), ("kernel", dense), ("random", rows)):
+        got = sampling.BagReader(readahead=mode).read(path, rows)
+        np.testing.assert_array_equal(got["features"], feats[rows])
+        np.testing.assert_array_equal(got["coords"], coords[rows])
 
 
 def test_bag_reader_reopens_from_remembered_layout(tmp_path, monkeypatch):
@@ -374,6 +379,32 @@ def test_processes_partition_the_global_batch(cohort):
         _loader(cohort, batch_size=3, process_count=2)
 
 
+@pytest.mark.parametrize("multi_slide", ["sample", "pool"])
+def test_each_process_opens_only_the_bags_of_its_rows(cohort, monkeypatch, multi_slide):
+    """Many hosts: process i of 2 opens exactly the bags whose tiles its rows of each global batch hold."""
+    opened = []
+    real_init = sampling._OpenBag.__init__
+    monkeypatch.setattr(sampling._OpenBag, "__init__", lambda self, path, *a: opened.append(path)
+                        or real_init(self, path, *a))
+    kw = {"modalities": ("slide",), "multi_slide": multi_slide, "tiles_per_slide": 4}  # pool: c08's 8-tile slide often unsampled
+    whole = _loader(cohort, **kw)
+    parts = [_loader(cohort, process_index=i, process_count=2, **kw) for i in range(2)]
+    path_of = {_slide_no(c, j): str(cohort.root / "bags" / f"{c}_s{j}.h5")
+               for c, sizes in SLIDES.items() for j in range(len(sizes))}
+    for step in range(6 * whole.steps_per_epoch):
+        full = whole.batch(step)
+        halves = []
+        for i, part in enumerate(parts):
+            opened.clear()
+            part.batch(step)
+            part._make.reader.close()  # the next step opens its bags afresh
+            rows = slice(2 * i, 2 * i + 2)
+            used = {path_of[s] for s in np.unique(full["slide/coords"][rows, :, 1][full["slide/present"][rows]])}
+            assert len(opened) == len(set(opened)) and set(opened) == used, (step, i)
+            halves.append(used)
+        assert halves[0] and halves[1] and not halves[0] & halves[1]
+
+
 def test_prefetch_and_workers_do_not_change_batches(cohort):
     ref = _take(_loader(cohort), 3)
     with _loader(cohort, prefetch=2) as threaded:
@@ -390,6 +421,8 @@ def test_unknown_case_and_bad_bag_are_named(cohort, tmp_path):
         TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ["c00", "nope"])
     with pytest.raises(ValueError, match="multi_slide"):
         LoaderConfig(multi_slide="all")
+    with pytest.raises(ValueError, match="readahead must be one of.*'fast'"):
+        LoaderConfig(readahead="fast")
     with pytest.raises(ValueError, match="no.*rna data|rna data"):  # nothing to fit the RNA transform on
         TileBagLoader(cohort, LoaderConfig(batch_size=2, tiles_per_slide=K), ["c08", "c11"],
                       modalities=("slide", "rna"))

@@ -351,6 +351,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plans: list[SlidePlan] = []
     claims: dict[str, OwnerLock] = {}
+    mask_s = 0.0
     try:
         for path in tqdm(todo, unit="slide", desc="tissue", disable=not cfg.progress or not todo):
             claim = OwnerLock(out / "bags" / f".{path.stem}.lock", what=f"slide {path.stem}")
@@ -365,11 +366,14 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
                 results[path.stem] = SlideResult(path.stem, str(path), "skipped", "complete bag exists")
                 claims.pop(path.stem).release()
                 continue
+            t = time.perf_counter()
             _plan_one(path, cfg, out, plans, results)
-        n_encoded, encode_seconds, precision = 0, 0.0, None
+            mask_s += time.perf_counter() - t
+        n_encoded, encode_seconds, precision, stages = 0, 0.0, None, {}
         if plans:
             encoder = encoder.to(device)
-            n_encoded, encode_seconds, precision = _encode_plans(plans, cfg, encoder, device, out, results)
+            n_encoded, encode_seconds, precision, stages = _encode_plans(plans, cfg, encoder, device, out, results)
+        stages = {"mask": _stage(mask_s, sum(len(p.coords) for p in plans)), **stages}
     finally:
         for claim in claims.values():
             claim.release()
@@ -389,6 +393,7 @@ def extract(cfg: ExtractConfig, encoder: TileEncoder | None = None) -> dict:
         "n_failed": len(failed), "n_bags": len(done),
         "n_claimed": sum(r.status == "claimed" for r in results.values()),
         "tiles_encoded": n_encoded, "tiles_per_s": n_encoded / encode_seconds if n_encoded else None,
+        "stages": stages,
         "seconds": time.time() - t_start,
         "slides": [asdict(r) for r in results.values()],
     }
@@ -420,10 +425,17 @@ def _plan_one(path: Path, cfg: ExtractConfig, out: Path, plans: list[SlidePlan],
                                      n_fragments=plan.meta["n_fragments"], seconds=time.time() - t0)
 
 
+def _stage(seconds: float, tiles: int) -> dict:
+    return {"seconds": seconds, "tiles": tiles, "tiles_per_s": tiles / seconds if seconds > 0 else None}
+
+
 def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncoder, device: torch.device,
-                  out: Path, results: dict[str, SlideResult]) -> tuple[int, float, torch.dtype | None]:
+                  out: Path, results: dict[str, SlideResult]) -> tuple[int, float, torch.dtype | None, dict]:
     """Stream every planned slide's tiles through the encoder; write each bag when its last batch is done.
-    Returns (tiles encoded, seconds, autocast dtype) and records each slide's outcome in `results`."""
+    Returns (tiles encoded, seconds, autocast dtype, per-stage timing) and records each slide's outcome in
+    `results`. Stages: read (seconds summed over the tile-reading workers: with W workers the reader supplies up
+    to W × its tiles/s), encode (host → device, forward, device → host), write (bag files), and reader_wait (the
+    encoder loop blocked on the reader: a large share of the loop means reading is the bottleneck)."""
     data = TileBatches(plans, cfg.batch_size, cfg.patch_size)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda",
@@ -434,8 +446,18 @@ def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncod
     total = sum(len(p.coords) for p in plans)
     bar = tqdm(total=total, unit="tile", disable=not cfg.progress, desc=f"extract {cfg.encoder}")
     n_written = 0
+    took = dict.fromkeys(("read", "wait", "encode", "write"), 0.0)
+    n_read = n_batch_encoded = 0
     try:
-        for item in loader:
+        batches = iter(loader)
+        while True:
+            t = time.perf_counter()
+            item = next(batches, None)
+            took["wait"] += time.perf_counter() - t
+            if item is None:
+                break
+            took["read"] += item["read_s"]
+            n_read += len(item["tiles"])
             p, start = item["slide"], item["start"]
             plan, r = plans[p], results[plans[p].slide_id]
             n = len(plan.coords)
@@ -449,15 +471,21 @@ def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncod
                 continue
             if precision is None:
                 precision = autocast_dtype(encoder, device, cfg.precision, item["tiles"])
-            t = time.time()
-            feats.setdefault(p, []).append(encode(encoder, item["tiles"], precision).cpu())
-            r.seconds += time.time() - t
+            t = time.perf_counter()
+            feats.setdefault(p, []).append(encode(encoder, item["tiles"], precision).cpu())  # .cpu(): synchronised
+            dt = time.perf_counter() - t
+            took["encode"] += dt
+            r.seconds += dt
+            n_batch_encoded += len(item["tiles"])
             if start + cfg.batch_size >= n:
+                t = time.perf_counter()
                 try:
                     _write_slide_bag(out, plan, torch.cat(feats.pop(p)).numpy(), encoder, precision)
                 except OSError as e:  # disk full, permissions: this slide fails, the others may still fit
                     r.reason = f"{out / 'bags'}: writing {plan.slide_id}.h5: {e}"
                     continue
+                finally:
+                    took["write"] += time.perf_counter() - t
                 r.status, r.reason, r.n_tiles = "ok", "", n
                 n_encoded += n
                 n_written += 1
@@ -469,7 +497,9 @@ def _encode_plans(plans: list[SlidePlan], cfg: ExtractConfig, encoder: TileEncod
     finally:
         bar.close()
         data.close()  # the in-process reader of workers=0
-    return n_encoded, time.time() - t0, precision
+    tiles = {"read": n_read, "encode": n_batch_encoded, "write": n_encoded}
+    stages = {k: _stage(took[k], n) for k, n in tiles.items()}
+    return n_encoded, time.time() - t0, precision, {**stages, "reader_wait": {"seconds": took["wait"]}}
 
 
 def _write_slide_bag(out: Path, plan: SlidePlan, features: np.ndarray, encoder: TileEncoder,

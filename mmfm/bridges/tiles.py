@@ -7,6 +7,7 @@ worker start-up several seconds cheaper.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,17 @@ class TileBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         p, start, stop = self.keys[k]
         plan = self.plans[p]
+        t0 = time.perf_counter()  # read_s: this batch's read time in its worker (the reader stage of the summary)
         try:
             reader = self._reader(p)
             tiles = np.stack([reader.read_tile(xy, plan.size_level0, self.patch_size)
                               for xy in plan.coords[start:stop]])
-            return {"slide": p, "start": start, "tiles": torch.from_numpy(tiles), "error": ""}
+            return {"slide": p, "start": start, "tiles": torch.from_numpy(tiles), "error": "",
+                    "read_s": time.perf_counter() - t0}
         except Exception as e:  # corrupt tile data etc.: the slide fails, the loader goes on
             self.close()
             return {"slide": p, "start": start, "tiles": torch.zeros(0, dtype=torch.uint8),
+                    "read_s": time.perf_counter() - t0,
                     "error": f"{plan.path}: reading tiles {start}..{stop - 1} of {len(plan.coords)}: "
                              f"{type(e).__name__}: {e}"}
 

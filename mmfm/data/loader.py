@@ -24,7 +24,7 @@ import numpy as np
 
 from mmfm import MODALITIES
 from mmfm.data.batch import BatchShapes
-from mmfm.data.sampling import BagReader, sample_tiles
+from mmfm.data.sampling import READAHEAD, BagReader, sample_tiles
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ class LoaderConfig:
     feature_dtype: str = "float16"
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
+    readahead: str = "willneed"  # willneed | kernel | random: how cold bag pages are read (sampling.BagReader)
 
     def __post_init__(self):
+        if self.readahead not in READAHEAD:
+            raise ValueError(f"LoaderConfig.readahead must be one of {READAHEAD}, got {self.readahead!r}")
         if self.multi_slide not in ("sample", "pool"):
             raise ValueError(f"LoaderConfig.multi_slide must be 'sample' or 'pool', got {self.multi_slide!r}")
         for key in ("batch_size", "tiles_per_slide"):
@@ -75,7 +78,7 @@ class _MakeBatch:
         self.rows = cfg.batch_size // process_count
         self.first_row = process_index * self.rows
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
-        self.reader = BagReader(cfg.open_bags)
+        self.reader = BagReader(cfg.open_bags, cfg.readahead)
         self._order = (-1, None)
 
     def cases(self, step: int) -> tuple[int, np.ndarray]:
@@ -119,6 +122,8 @@ class _MakeBatch:
             frag_base = 0  # pooled slides never share a fragment id
             for q, s in enumerate(slides):
                 pos = np.flatnonzero(which == q) if len(slides) > 1 else slice(None)
+                if len(slides) > 1 and not len(pos):
+                    continue  # a pooled slide none of whose tiles was drawn: its bag is not even opened
                 got = self.reader.read(t.slide_path[s], local[pos])
                 if not len(got["features"]):
                     continue

@@ -1,0 +1,334 @@
+"""Feature-store throughput: the loader's sampled row reads against the disk's own sequential bandwidth.
+
+Writes a synthetic store in the cohort layout (cohort.yaml, cases.csv, slides.csv, bags/*.h5 via
+`write_bag`: random fp16, one slide per case), then measures in one run
+  (a) raw bandwidth: every bag read whole, sequentially (8 MiB reads), page cache dropped per file first,
+  (b) the loader (`TileBagLoader`, slide modality only) over one epoch's steps: delivered feature bytes/s
+      and batches/s, cold (cache dropped before the round) and warm (the same steps again), for each
+      grain worker count, plus two OS processes each reading its half of every global batch,
+  (c) (b) / (a), both for delivered bytes and for bag bytes swept (k of n rows sampled: the disk reads
+      pages, not rows, so delivered bytes ≤ k/n of what a sweep moves),
+  (d) memory: per round, the peak RSS of this process and its grain workers together, anonymous (what the
+      loader holds) apart from file-mapped (memory-mapped bags: page cache, reclaimable, bounded by
+      `open_bags` × bag size per process), and RSS after every round, to see whether it stays flat,
+plus a profile of one cold in-process round (where the time goes).
+
+The page cache is dropped with posix_fadvise(DONTNEED) (no root); `fincore` checks that it worked. On a VM
+the host may still cache the virtual disk: "cold" means cold in this kernel. Default size is the issue's
+(2,000 slides × 4,096 tiles × 1,536 ≈ 25 GB); the script refuses to fill the disk.
+
+  python scripts/bench_feature_store.py --json out/bench_feature_store.json --slides 256 --tiles 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import multiprocessing as mp
+import os
+import platform
+import pstats
+import resource
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfm.data.bags import write_bag
+from mmfm.data.cohort import Cohort
+from mmfm.data.loader import LoaderConfig, TileBagLoader
+from mmfm.data.sampling import READAHEAD
+from mmfm.io import write_json
+
+MiB = 2**20
+PATCH = 512  # level-0 pixels per tile
+
+
+def write_store(root: Path, slides: int, tiles: int, dim: int, seed: int = 0) -> list[Path]:
+    """The cohort layout with one `tiles`-row random fp16 bag per case; bags fsynced so the cache can drop them."""
+    (root / "bags").mkdir(parents=True)
+    (root / "cohort.yaml").write_text(
+        "name: bench-feature-store\nversion: '1'\ndescription: synthetic random fp16 bags\n"
+        f"tile_encoder: {{name: random, feature_dim: {dim}}}\ntarget_magnification: 20.0\npatch_size: 256\n")
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(tiles)))
+    coords = np.stack(np.divmod(np.arange(tiles), side), 1)[:, ::-1] * PATCH  # raster order, as extraction writes
+    paths = []
+    for i in range(slides):
+        feats = rng.integers(0, 0x3C00, (tiles, dim), dtype=np.uint16).view(np.float16)  # finite, in [0, 1)
+        path = write_bag(root / "bags" / f"s{i:05d}.h5", feats, coords, patch_size_level0=PATCH, encoder="random")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        paths.append(path)
+    pd.DataFrame({"case_id": [f"c{i:05d}" for i in range(slides)], "site": "s0"}).to_csv(root / "cases.csv", index=False)
+    pd.DataFrame({"slide_id": [f"s{i:05d}" for i in range(slides)], "case_id": [f"c{i:05d}" for i in range(slides)],
+                  "path": [f"bags/{p.name}" for p in paths]}).to_csv(root / "slides.csv", index=False)
+    return paths
+
+
+def drop_cache(paths) -> None:
+    """Evict the files' clean pages from the page cache (no root needed; dirty pages were fsynced)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(paths) -> float | None:
+    """Fraction of the files' bytes in the page cache (util-linux `fincore`), None if it is not installed."""
+    if not shutil.which("fincore"):
+        return None
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, paths)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    res, size = np.array(out, np.int64).reshape(-1, 2).sum(0)
+    return float(res / max(size, 1))
+
+
+def raw_bandwidth(paths, block: int = 8 * MiB) -> dict:
+    """Sequential whole-file reads, each file dropped from the cache just before it is read."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    total = seconds = 0.0
+    for p in paths:
+        drop_cache([p])
+        t0 = time.perf_counter()
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+        seconds += time.perf_counter() - t0
+    return {"raw_mb_per_s": total / MiB / seconds, "raw_bytes": int(total), "raw_seconds": seconds}
+
+
+def memory() -> dict:
+    """Current RSS split (file-mapped pages of memory-mapped bags count in RSS but are page cache) and peaks."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    mb = lambda key: int(status[key].split()[0]) / 1024 if key in status else None  # noqa: E731
+    return {"rss_anon_mb": mb("RssAnon"), "rss_file_mb": mb("RssFile"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def _rss_kb(pid: int | str) -> tuple[int, int]:
+    """(RssAnon, RssFile) of a process in kB; (0, 0) once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0, 0
+    got = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines) if k in ("RssAnon", "RssFile")}
+    return got.get("RssAnon", 0), got.get("RssFile", 0)
+
+
+class PeakMemory:
+    """Samples RSS of this process plus its children (grain workers) every `every` s: peak anonymous memory
+    (what the loader holds) apart from peak file-mapped pages (memory-mapped bags: page cache, reclaimable)."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.anon_kb, self.file_kb = every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _pids(self):
+        kids = []
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                kids += (task / "children").read_text().split()
+            except OSError:
+                pass
+        return ["self", *kids]
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            anon, file = np.sum([_rss_kb(p) for p in self._pids()], axis=0)
+            self.anon_kb, self.file_kb = max(self.anon_kb, int(anon)), max(self.file_kb, int(file))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def mb(self) -> dict:
+        return {"peak_anon_mb": self.anon_kb / 1024, "peak_file_mapped_mb": self.file_kb / 1024}
+
+
+def loader_round(cohort, cfg: LoaderConfig, steps: int, process_index: int = 0, process_count: int = 1,
+                 barrier=None) -> dict:
+    """Time `steps` batches from step 0. With workers, the first `workers` batches (worker start-up) are not
+    timed: the rate is steady state. `barrier`: waited on before the clock starts (processes in step)."""
+    loader = TileBagLoader(cohort, cfg, list(cohort.cases.index), modalities=("slide",),
+                           process_index=process_index, process_count=process_count)
+    if barrier is not None:
+        barrier.wait()
+    t0 = time.monotonic()
+    stamps, real_tiles = [], 0
+    for _ in range(steps):
+        real_tiles += int(next(loader)["slide/tile_mask"].sum())
+        stamps.append(time.monotonic())
+    loader.close()
+    skip = cfg.workers
+    timed = steps - skip
+    seconds = stamps[-1] - (stamps[skip - 1] if skip else t0)
+    feature_bytes = real_tiles * cohort.spec.feature_dim * np.dtype(cfg.feature_dtype).itemsize * timed / steps
+    return {"batches_per_s": timed / seconds, "mb_per_s": feature_bytes / MiB / seconds, "seconds": seconds,
+            "timed_batches": timed, "t0": t0, "t_end": stamps[-1], "bytes": feature_bytes}
+
+
+def _process_main(root: str, cfg: LoaderConfig, steps: int, index: int, count: int, barrier, queue):
+    cohort = Cohort.open(root, scan_features=False)
+    queue.put((index, loader_round(cohort, cfg, steps, index, count, barrier), memory()))
+
+
+def processes_round(root: Path, cfg: LoaderConfig, steps: int, count: int) -> dict:
+    """`count` OS processes, each its rows of every global batch, started together; aggregate rate."""
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(count)
+    procs = [ctx.Process(target=_process_main, args=(str(root), cfg, steps, i, count, barrier, queue))
+             for i in range(count)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    rounds = [r for _, r, _ in sorted(got, key=lambda g: g[0])]
+    start = min(r["t0"] for r in rounds)  # CLOCK_MONOTONIC: one clock for all processes
+    late = max(r["t0"] for r in rounds) - start
+    seconds = max(r["t_end"] for r in rounds) - start
+    total = sum(r["bytes"] for r in rounds)
+    return {"processes": count, "mb_per_s": total / MiB / seconds, "batches_per_s": steps / seconds,
+            "seconds": seconds, "late_start_s": late,
+            "per_process_mb_per_s": [r["mb_per_s"] for r in rounds],
+            "peak_rss_mb": [m["peak_rss_mb"] for _, _, m in sorted(got, key=lambda g: g[0])]}
+
+
+def profile_round(cohort, cfg: LoaderConfig, steps: int, paths, top: int = 12) -> dict:
+    """cProfile of one cold in-process round: the functions with the most own time."""
+    drop_cache(paths)
+    loader = TileBagLoader(cohort, cfg, list(cohort.cases.index), modalities=("slide",))
+    prof = cProfile.Profile()
+    prof.enable()
+    for s in range(steps):
+        loader.batch(s)
+    prof.disable()
+    loader.close()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    total = sum(v[2] for v in stats.stats.values())
+    return {"total_s": total, "top_own_time": [
+        {"function": f"{Path(f).name}:{line}({name})", "own_s": round(v[2], 3), "calls": v[1]}
+        for (f, line, name), v in rows]}
+
+
+def _run(*cmd) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict:
+    lscpu = _run("lscpu") or ""
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), None)
+    return {"cpu_model": model or platform.processor(), "cpus": os.cpu_count(), "uptime": _run("uptime"),
+            "loadavg": os.getloadavg()}
+
+
+def disk(path: Path) -> dict:
+    return {"df": _run("df", "-h", str(path)), "lsblk": _run("lsblk", "-o", "NAME,SIZE,ROTA,TYPE,MODEL,MOUNTPOINTS")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="OUT", required=True)
+    p.add_argument("--slides", type=int, default=2000, help="bags (one case each)")
+    p.add_argument("--tiles", type=int, default=4096, help="tiles per bag")
+    p.add_argument("--dim", type=int, default=1536)
+    p.add_argument("--k", type=int, default=2048, help="tiles_per_slide sampled per case per step")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=0, help="batches per round (default: one epoch)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--readahead", nargs="+", default=list(READAHEAD), choices=READAHEAD,
+                   help="LoaderConfig.readahead modes timed cold, side by side")
+    p.add_argument("--processes", type=int, default=2, help="OS processes for the aggregate round (0: skip)")
+    p.add_argument("--dir", help="where the store goes (default: a temp dir); it is removed after")
+    a = p.parse_args(argv)
+
+    size = a.slides * a.tiles * a.dim * 2
+    work = Path(tempfile.mkdtemp(prefix="bench_feature_store_", dir=a.dir))
+    free = shutil.disk_usage(work).free
+    if size * 1.1 + 4 * 2**30 > free:
+        work.rmdir()
+        raise SystemExit(f"store of {size / 2**30:.1f} GiB would leave under 4 GiB of {free / 2**30:.1f} GiB "
+                         f"free at {work.parent}: pass fewer --slides/--tiles or another --dir")
+    res: dict = {"machine": machine(), "disk": disk(work)}
+    try:
+        root = work / "store"
+        t0 = time.perf_counter()
+        paths = write_store(root, a.slides, a.tiles, a.dim)
+        res["write_s"] = time.perf_counter() - t0
+        res["store_gb"] = sum(p.stat().st_size for p in paths) / 2**30
+        cohort = Cohort.open(root, scan_features=False)
+        steps_per_epoch = a.slides // a.batch_size
+        steps = min(a.steps or steps_per_epoch, steps_per_epoch)  # one epoch: no bag read twice in a round
+        if steps <= max(a.workers):
+            raise SystemExit(f"{steps} steps per round ≤ {max(a.workers)} workers: more --slides or smaller --batch-size")
+        drop_cache(paths)
+        res["resident_after_drop"] = resident_fraction(paths)
+        res.update(raw_bandwidth(paths))
+        res["memory_after_raw"] = memory()
+
+        sampled = min(a.k, a.tiles) / a.tiles  # fraction of each bag's rows a step delivers
+        cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=2)
+        rounds = []
+        for workers in a.workers:  # cold for each readahead side by side, then warm (the same steps again)
+            for cache, readahead in [("cold", m) for m in a.readahead] + [("warm", "kernel")]:
+                if cache == "cold":
+                    drop_cache(paths)
+                with PeakMemory() as peak:
+                    r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers,
+                                                             "readahead": readahead}), steps)
+                r = {"workers": workers, "cache": cache, "readahead": readahead,
+                     **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
+                     "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],
+                     "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"],
+                     "memory": {**memory(), **peak.mb()}}
+                rounds.append(r)
+                print(f"workers={workers} {cache} readahead={readahead}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
+                      f"batches/s, ratio {r['ratio_delivered']:.2f} (swept {r['ratio_swept']:.2f})", flush=True)
+        res["rounds"] = rounds
+        if a.processes > 1:
+            drop_cache(paths)
+            pr = processes_round(root, cfg, steps, a.processes)
+            pr["ratio_delivered"] = pr["mb_per_s"] / res["raw_mb_per_s"]
+            pr["ratio_swept"] = pr["mb_per_s"] / sampled / res["raw_mb_per_s"]
+            res["processes_round"] = pr
+            print(f"{a.processes} processes cold: {pr['mb_per_s']:.0f} MB/s together, ratio {pr['ratio_delivered']:.2f}")
+        res["profile_cold_in_process"] = profile_round(cohort, cfg, min(steps, 4), paths)
+        res["memory_end"] = memory()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["settings"] = {"slides": a.slides, "tiles_per_bag": a.tiles, "dim": a.dim, "dtype": "float16",
+                       "tiles_per_slide": a.k, "sampled_fraction": sampled, "batch_size": a.batch_size,
+                       "steps_per_round": steps, "prefetch": cfg.prefetch,
+                       "bag_chunks": "write_bag default (256-row chunks, uncompressed)",
+                       "raw": "sequential 8 MiB reads of every bag, each dropped from the page cache first",
+                       "workers_timing": "rates skip the first `workers` batches (worker start-up)"}
+    res["machine"]["uptime_end"] = machine()["uptime"]
+    write_json(a.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
