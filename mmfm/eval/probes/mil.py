@@ -56,7 +56,7 @@ Kind = Literal["class", "nll", "cox"]
 class MilConfig:
     """Training settings of a `mil` task (task-file key `train:`); defaults cited in the module docstring."""
 
-    epochs: int = 20  # Patho-Bench ABMIL from scratch; the best epoch on the inner validation split is kept
+    epochs: int = 20  # Patho-Bench ABMIL from scratch (the schedule's length; `select` says which epoch is kept)
     lr: float = 2e-4  # AdamW (CLAM's documented lr; Patch-GCN)
     weight_decay: float = 1e-5  # CLAM, Patch-GCN
     dropout: float = 0.25  # CLAM: after the tile projection, in the gated attention, and before the head
@@ -65,11 +65,12 @@ class MilConfig:
     max_tiles: int = 2048  # tiles sampled per slide per training step (Patho-Bench); evaluation uses every tile
     batch_size: int = 1  # cases per step: 1 = CLAM / Patho-Bench (one bag per step); more: data parallel
     lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr is for one case per step; B cases per step use lr·√B
-    val_folds: int = 5  # 1/val_folds of the training fold (patient-level, stratified) chooses the epoch
+    val_folds: int = 5  # select inner/refit: 1/val_folds of the training fold (patient-level, stratified) validates
     encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr × this
     warmup_epochs: float = 1.0  # finetune: linear warm-up of every lr, then cosine
     n_bins: int = 4  # survival 'nll': time bins at the quartiles of uncensored training times (Patch-GCN)
     survival_loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (the MIL standard) or Cox (batch_size ≥ 2)
+    select: Literal["inner", "refit", "last"] = "refit"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
@@ -248,10 +249,26 @@ def predict(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
     return np.asarray(head(state, case_emb))
 
 
-def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig, *, seed: int,
-          encoder_lr_scale: float = 1.0, warmup_epochs: float = 0.0, frozen: bool = False,
-          n_classes: int = 0) -> Fitted:
-    """Train on `tr` for cfg.epochs; keep the epoch with the lowest loss on `va` (every tile, deterministic)."""
+def fit(make_model: Callable[[], MILModel], kind: Kind, tr: CaseSet, inner: tuple[np.ndarray, np.ndarray],
+        cfg: MilConfig, **kw) -> Fitted:
+    """Train on the training fold `tr` with the model selection `cfg.select` (module docstring); `inner` = (inner
+    training, validation) positions in `tr`. The test fold is not an argument: it cannot enter the selection.
+    `make_model()` builds a fresh model (same seed, same weights) each time one is trained."""
+    if cfg.select == "last":
+        return train(make_model(), kind, tr, None, cfg, **kw)
+    chosen = train(make_model(), kind, tr.take(inner[0]), tr.take(inner[1]), cfg, **kw)
+    if cfg.select == "inner":
+        return chosen
+    refit = train(make_model(), kind, tr, None, cfg, stop_epoch=chosen.epoch, **kw)
+    return Fitted(refit.model, chosen.epoch, chosen.history, refit.bins, chosen.steps + refit.steps,
+                  chosen.train_s + refit.train_s, chosen.epoch_s + refit.epoch_s)
+
+
+def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: MilConfig, *, seed: int,
+          encoder_lr_scale: float = 1.0, warmup_epochs: float = 0.0, frozen: bool = False, n_classes: int = 0,
+          stop_epoch: int | None = None) -> Fitted:
+    """Train on `tr` with the schedule of cfg.epochs epochs; keep the epoch with the lowest loss on `va` (every tile,
+    deterministic), or with `va` None the last epoch trained — `stop_epoch` if given (the schedule unchanged)."""
     from mmfm.objectives.supervised import time_bins
 
     if kind == "cox" and cfg.batch_size < 2:
@@ -259,7 +276,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
                          "(one case per step has no pair to rank; e.g. batch_size: 32)")
     t0 = time.perf_counter()
     bins = time_bins(tr.time, tr.event, cfg.n_bins) if kind == "nll" else None
-    out_tr, out_va = outcome_arrays(kind, tr, bins), outcome_arrays(kind, va, bins)
+    out_tr = outcome_arrays(kind, tr, bins)
     n_dev = _n_devices(cfg)
     rng = np.random.default_rng(seed)
     n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
@@ -274,10 +291,12 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     opt_enc, opt_head = jax.device_put((tx.init(enc), tx.init(head)), replicated)
     class_w = balanced_weights(tr.y, n_classes) if kind == "class" else np.zeros(1, np.float32)
     loss = loss_fn(kind)
-    va_batch = {**{k: jnp.asarray(v) for k, v in out_va.items()}, "valid": jnp.ones(len(va.ids), jnp.float32)}
+    if va is not None:
+        va_batch = {**{k: jnp.asarray(v) for k, v in outcome_arrays(kind, va, bins).items()},
+                    "valid": jnp.ones(len(va.ids), jnp.float32)}
 
     best, history, steps, epoch_s = None, [], 0, []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
         for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr):
             lr = float(sched(steps))
@@ -289,13 +308,16 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
             steps += 1
         jax.block_until_ready(losses)
         epoch_s.append(time.perf_counter() - t_epoch)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses)))})
+        if va is None:
+            continue
         current = nnx.merge(graphdef, enc, head, rest)
         val_loss = float(loss(jnp.asarray(predict(current, va, cfg)), va_batch, {"class_w": jnp.asarray(class_w)}))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))), "val_loss": val_loss})
+        history[-1]["val_loss"] = val_loss
         if best is None or val_loss < best[1]:
             best = (epoch, val_loss, jax.device_get((enc, head, rest)))
         log.debug("mil epoch %d: train %.4f val %.4f", epoch, history[-1]["train_loss"], val_loss)
-    epoch, _, (enc, head, rest) = best
+    epoch, _, (enc, head, rest) = best or (len(history), None, (enc, head, rest))
     return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0,
                   epoch_s)
 
