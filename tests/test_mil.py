@@ -244,13 +244,30 @@ def test_beside_needs_identical_folds(cohort, tmp_path):
         probe(_adata(cohort), _tasks(seed=1), tmp_path, n_bootstrap=0, plots=False)
 
 
-def test_survival_mil_nll_and_cox(cohort, tmp_path):
+def test_survival_mil_lines_up_with_the_linear_survival_probe(cohort, tmp_path):
+    """Discrete-time NLL rows beside a coxnet probe: filed under its model, Harrell and Uno C, paired per fold with
+    the pretrained embedding (checked against the fold differences); the Cox loss runs too."""
     adata = _adata(cohort)
-    tasks = [{"type": "mil", "time": "os_days", "event": "os_event", "folds": 2,
-              "train": {**TINY_TRAIN, "select": "last", "survival_loss": loss, "batch_size": 8 if loss == "cox" else 1}, "name": f"os_{loss}"} for loss in ("nll", "cox")]
-    r = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False).results
-    c = r[r.metric == "c_index"]
-    assert set(c.task) == {"os_nll", "os_cox"} and np.isfinite(c.value).all()
+    adata.obsm["slide"] = adata.obsm["slide_meanpool"] @ np.random.default_rng(0).normal(size=(32, 8))
+    tiny = {**TINY_TRAIN, "select": "last"}
+    tasks = [{"name": "os", "type": "survival", "time": "os_days", "event": "os_event", "embeddings": ["slide"],
+              "models": ["coxnet"], "folds": 2},
+             {"name": "os_nll", "type": "mil", "time": "os_days", "event": "os_event", "beside": "os", "folds": 2,
+              "train": tiny},
+             {"name": "os_cox", "type": "mil", "time": "os_days", "event": "os_event", "folds": 2,
+              "train": {**tiny, "survival_loss": "cox", "batch_size": 8}}]
+    res = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False)
+    r = res.results
+    nll = r[(r.task == "os") & (r.embedding == "mil:abmil")]
+    assert set(nll.model) == {"coxnet"} and {"c_index", "uno_c", "n_test"} <= set(nll.metric)
+    assert np.isfinite(r[(r.task == "os_cox") & (r.metric == "c_index")].value).all()
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    for metric in ("c_index", "uno_c"):
+        p = paired[(paired.embedding == "mil:abmil") & (paired.baseline == "slide") & (paired.metric == metric)]
+        assert len(p) == 1 and p.model.iloc[0] == "coxnet" and p.n.iloc[0] == 2
+        v = r[(r.task == "os") & (r.metric == metric)].pivot_table(index="fold", columns="embedding", values="value")
+        np.testing.assert_allclose(p["mean"].iloc[0], (v["mil:abmil"] - v["slide"]).mean())
+    assert "mil:abmil" in (tmp_path / "summary.md").read_text()
 
 
 def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path):

@@ -105,6 +105,21 @@ def check_beside(plans: list[tuple]) -> None:
                                 f"{spec.beside!r} (give both the same seed, folds, splits and target)")
 
 
+def file_beside(rows: list[dict]) -> list[dict]:
+    """A supervised survival row has no Cox model (model ''): file it under each model of the linear rows of its
+    task and target (coxnet, coxph), so the tables put it beside each and pair it with each on the same folds."""
+    models: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["type"] == "survival" and r["model"] and not r["embedding"].startswith(SUPERVISED_PREFIX):
+            models.setdefault((r["task"], r["target"]), []).append(r["model"])
+    out = []
+    for r in rows:
+        supervised = r["type"] == "survival" and not r["model"] and r["embedding"].startswith(SUPERVISED_PREFIX)
+        spread = models.get((r["task"], r["target"])) if supervised else None
+        out += [{**r, "model": m} for m in dict.fromkeys(spread)] if spread else [r]
+    return out
+
+
 # ---------------------------------------------------------------- encoders
 
 
