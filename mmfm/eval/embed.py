@@ -55,9 +55,13 @@ class EmbedConfig:
     random_seed: int = 12345           # seed of the random-init baseline encoder
 
 
-def bucket_length(n: int, min_bucket: int) -> int:
-    """Next power of two ≥ n (≥ min_bucket): few distinct shapes, ≤ 2× padding."""
-    return max(min_bucket, 1 << max(0, int(n - 1).bit_length()))
+def bucket_length(n: int, min_bucket: int, per_octave: int = 1) -> int:
+    """Smallest padded length ≥ n (≥ min_bucket) on a fixed ladder of `per_octave` evenly spaced sizes per power of
+    two: 1 = the powers of two (fewest shapes, ≤ 2× padding), 4 = 1, 1.25, 1.5, 1.75 × 2^k (≤ 1.25× padding)."""
+    n = max(int(n), min_bucket, 1)
+    base = 1 << (n.bit_length() - 1)  # largest power of two ≤ n
+    step = max(base // per_octave, 1)
+    return base + -(-(n - base) // step) * step
 
 
 @dataclass

@@ -72,10 +72,11 @@ class MilConfig:
     survival_loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (the MIL standard) or Cox (batch_size ≥ 2)
     select: Literal["inner", "refit", "last"] = "refit"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
+    buckets_per_octave: int = 4  # training bag lengths: 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, ≤ 4 shapes/octave)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
-        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket"):
+        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
         if self.val_folds < 2:
@@ -129,7 +130,7 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
     for bags in cases.bags:
         idx = [sample_tiles(len(b.features), min(len(b.features), cfg.max_tiles), rng)[0] for b in bags]
         picks.append(idx)
-        bucket.append(bucket_length(max(len(i) for i in idx), cfg.min_bucket))
+        bucket.append(bucket_length(max(len(i) for i in idx), cfg.min_bucket, cfg.buckets_per_octave))
     groups: dict[int, list[list[int]]] = {}
     for c in rng.permutation(len(cases.ids)):
         chunks = groups.setdefault(bucket[c], [[]])
@@ -281,6 +282,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     rng = np.random.default_rng(seed)
     n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
     sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
+    lrs = np.asarray(jax.device_get(jax.vmap(sched)(jnp.arange(n_steps * (cfg.epochs + 1)))), np.float32)
     enc_scale = 0.0 if frozen else encoder_lr_scale
 
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_dev])
@@ -299,7 +301,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
         for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr):
-            lr = float(sched(steps))
+            lr = lrs[min(steps, len(lrs) - 1)]  # one array, not a dispatched schedule call per step
             aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
                                   "lr_head": np.float32(lr)}, replicated)
             enc, head, rest, opt_enc, opt_head, value = step(enc, head, rest, opt_enc, opt_head,
