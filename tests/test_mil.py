@@ -306,3 +306,4 @@ def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path)
             np.testing.assert_array_equal(a, b)
     finetuned = kept["other"][2:]  # scratch's 2 folds first, then finetune
     assert any(not np.array_equal(a, b) for a, b in zip(leaves(finetuned[0]), leaves(before)))
+

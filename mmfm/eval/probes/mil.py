@@ -3,24 +3,27 @@
 Settings (every one a key of the task's `train:` mapping, `MilConfig`) come from the literature, not from the test
 folds: one case per step (CLAM and Patho-Bench train with batch size 1), AdamW lr 2e-4 and weight decay 1e-5
 (CLAM's documented recipe, Lu et al. 2021; Patch-GCN), dropout 0.25 and sizes 512/256 (CLAM), 20 epochs with a
-cosine schedule and at most
-2048 tiles sampled per slide per step
-(Patho-Bench's ABMIL-from-scratch fine-tune config), class-balanced cross-entropy (Patho-Bench). Unlike
-Patho-Bench (fixed epochs, last checkpoint — which its users report overfits), the epoch is chosen on an inner
-validation split of the TRAINING fold (lowest validation loss, CLAM's criterion); the test fold is predicted once.
-`finetune` starts the encoder from pretrained weights: its learning rate is `encoder_lr_scale` × lr (2e-5 ≈
-Patho-Bench's 2.5e-5 for pretrained slide encoders) after a linear warm-up of `warmup_epochs` (Patho-Bench: one);
-the fresh head keeps lr. `frozen` trains the head only.
+cosine schedule and at most 2048 tiles sampled per slide per step (Patho-Bench's ABMIL-from-scratch fine-tune
+config), class-balanced cross-entropy (Patho-Bench). `finetune` starts the encoder from pretrained weights: its
+learning rate is `encoder_lr_scale` × lr (2e-5 ≈ Patho-Bench's 2.5e-5 for pretrained slide encoders) after a linear
+warm-up of `warmup_epochs` (Patho-Bench: one); the fresh head keeps lr. `frozen` trains the head only.
+
+Model selection (`select`), always inside the training fold — `fit` is never given the test fold, which is predicted
+once with the kept parameters:
+  inner  train on the inner training split (1 − 1/val_folds of the fold), keep the epoch of lowest loss on the
+         inner validation split (CLAM's early-stopping criterion);
+  refit  choose the epoch that way, then retrain on the whole training fold (same seed and schedule) and stop there;
+  last   train on the whole training fold and keep the last epoch (Patho-Bench's fixed epochs, no validation; the
+         issue's PyTorch reference).
+DEFAULT_NOTE
 
 One case per step is the literature's setting; batches of B cases (lr·√B) make B× fewer updates. On folds 0-1 of
 5 of a 189-case default simulated cohort (1024-d, ~1000 tiles, 512 sampled) both reached a similar training loss
 in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0.813 / 0.822, mean-pool linear
-0.766 / 0.769 — the batch size is not what separates mmfm from the reference; the epoch chosen on ~30 inner
-validation cases is noisy (fold 1 kept epoch 3 of 20). Trained instead on the whole training fold for 10 epochs,
-last epoch kept (the issue's PyTorch reference), one case per step gave 0.845 / 0.874 on the same folds.
+0.766 / 0.769 (select inner): the batch size is not what separates mmfm from the reference.
 
-Fast path: a step takes `batch_size` cases of one length bucket (power of two ≥ the longest sampled slide;
-masks on padding), their slides as rows, as one jitted step with donated parameters and optimiser state; with
+Fast path: a step takes `batch_size` cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
+sampled slide, ≤ 25% padding and few compiled shapes; masks on padding), their slides as rows, as one jitted step with donated parameters and optimiser state; with
 `batch_size` > 1 the rows are sharded over the local devices (data parallel, parameters replicated). Evaluation reads every tile of every
 slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several slides is the
 mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches, same result.
