@@ -23,10 +23,11 @@ in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0
 0.766 / 0.769 (select inner): the batch size is not what separates mmfm from the reference.
 
 Fast path: a step takes `batch_size` cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
-sampled slide, ≤ 25% padding and few compiled shapes; masks on padding), their slides as rows, as one jitted step with donated parameters and optimiser state; with
-`batch_size` > 1 the rows are sharded over the local devices (data parallel, parameters replicated). Evaluation reads every tile of every
-slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several slides is the
-mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches, same result.
+sampled slide, ≤ 25% padding and few compiled shapes; masks on padding), their slides as rows, as one jitted step
+with donated parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data
+parallel, parameters replicated). Evaluation reads every tile of every slide through `mmfm.eval.embed.encode_bags`
+(length buckets, as `mmfm embed`). A case with several slides is the mean of its slide embeddings (late fusion, as
+the linear probe's embeddings). Same seed, same batches, same result.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class MilConfig:
     survival_loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (the MIL standard) or Cox (batch_size ≥ 2)
     select: Literal["inner", "refit", "last"] = "refit"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
-    buckets_per_octave: int = 4  # training bag lengths: 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, ≤ 4 shapes/octave)
+    buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
