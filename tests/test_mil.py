@@ -161,7 +161,7 @@ def test_mil_rows_pair_with_linear_rows_and_never_select_on_test(cohort, tmp_pat
     monkeypatch.setattr(mil, "train", spy_train)
     monkeypatch.setattr(mil, "predict", spy_predict)
     adata = _adata(cohort)
-    res = probe(adata, _tasks(), tmp_path / "a", n_bootstrap=0, plots=False)
+    res = probe(adata, _tasks(train={**TINY_TRAIN, "select": "refit"}), tmp_path / "a", n_bootstrap=0, plots=False)
     folds = pd.read_csv(tmp_path / "a" / "folds" / "subtype.tsv", sep="\t", index_col=0)
     mil_folds = pd.read_csv(tmp_path / "a" / "folds" / "subtype_mil.tsv", sep="\t", index_col=0)
     pd.testing.assert_frame_equal(folds, mil_folds)  # the linear twin's folds, from the one fold implementation
@@ -250,13 +250,12 @@ def test_survival_mil_lines_up_with_the_linear_survival_probe(cohort, tmp_path):
     the pretrained embedding (checked against the fold differences); the Cox loss runs too."""
     adata = _adata(cohort)
     adata.obsm["slide"] = adata.obsm["slide_meanpool"] @ np.random.default_rng(0).normal(size=(32, 8))
-    tiny = {**TINY_TRAIN, "select": "last"}
     tasks = [{"name": "os", "type": "survival", "time": "os_days", "event": "os_event", "embeddings": ["slide"],
               "models": ["coxnet"], "folds": 2},
              {"name": "os_nll", "type": "mil", "time": "os_days", "event": "os_event", "beside": "os", "folds": 2,
-              "train": tiny},
+              "train": TINY_TRAIN},
              {"name": "os_cox", "type": "mil", "time": "os_days", "event": "os_event", "folds": 2,
-              "train": {**tiny, "survival_loss": "cox", "batch_size": 8}}]
+              "train": {**TINY_TRAIN, "survival_loss": "cox", "batch_size": 8}}]
     res = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False)
     r = res.results
     nll = r[(r.task == "os") & (r.embedding == "mil:abmil")]
@@ -296,7 +295,7 @@ def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path)
     mp.setattr(mil, "train", spy_train)
     try:
         tasks = [{"name": "s", "type": "mil", "label": "subtype", "folds": 2, "run": str(tmp_path / "e"),
-                  "inits": ["scratch", "finetune", "frozen"], "train": {**TINY_TRAIN, "select": "last"}}]
+                  "inits": ["scratch", "finetune", "frozen"], "train": TINY_TRAIN}]
         r = probe(adata, tasks, tmp_path / "p", n_bootstrap=0, plots=False).results
     finally:
         mp.undo()
