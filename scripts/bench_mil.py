@@ -2,10 +2,9 @@
 
     python scripts/bench_mil.py --json out/bench/bench_mil.json [--cases 120 --dim 256 --bag 300 --epochs 3 ...]
 
-One process, one simulated default cohort, one outer fold (fold 0 of 5, patient-level, stratified on subtype) and
-its inner validation split — the probe's own (`mmfm.eval.tasks.mil.inner_split`). Both sides train `--epochs`
-epochs on the inner training cases with at most `--max-tiles` sampled tiles per slide per step, evaluate the
-validation cases every epoch (every tile) and the test fold once. mmfm: `mmfm.eval.probes.mil.train` (length-bucketed,
+One process, one simulated default cohort, one outer fold (fold 0 of 5, patient-level, stratified on subtype). Both
+sides train `--epochs` epochs on the whole training fold (`select: last`) with at most `--max-tiles` sampled tiles
+per slide per step and predict the test fold once with every tile. mmfm: `mmfm.eval.probes.mil.train` (length-bucketed,
 masked, jitted donated step over `--batch` slide rows, every local device). PyTorch: the CLAM recipe as it is
 usually run — eager, one bag per step (a case's slides concatenated), AdamW, the same lr / weight decay /
 dropout / sizes, balanced class weights. Reported per side: training bags/s (median over epochs after the first,
@@ -35,9 +34,9 @@ from mmfm.data.cohort import Cohort
 from mmfm.simulate import SimConfig, simulate_cohort
 from mmfm.eval import folds as folds_mod
 from mmfm.eval.probes import classification, mil
-from mmfm.eval.tasks.base import Target, fold_sides
+from mmfm.eval.tasks.base import fold_sides
 from mmfm.eval.tasks.classification import encode_labels
-from mmfm.eval.tasks.mil import MilSpec, inner_split, read_bags
+from mmfm.eval.tasks.mil import read_bags
 from mmfm.models.mil import MILModel, clam_abmil
 from mmfm.objectives.supervised import balanced_weights
 
@@ -86,11 +85,11 @@ class TorchABMIL(torch.nn.Module):
         return self.head(w @ h)
 
 
-def run_torch(tr, va, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
+def run_torch(tr, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     bags = lambda cs: [np.concatenate([b.features for b in bs]).astype(np.float32) for bs in cs.bags]  # noqa: E731
-    xtr, xva, xte = bags(tr), bags(va), bags(te)
+    xtr, xte = bags(tr), bags(te)
     model = TorchABMIL(xtr[0].shape[1], cfg.hidden, cfg.attn_dim, k, cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(balanced_weights(tr.y, k)))
@@ -100,7 +99,7 @@ def run_torch(tr, va, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
         with torch.no_grad():
             return np.concatenate([model(torch.from_numpy(x)).numpy() for x in xs])
 
-    t0, epoch_s, best = time.perf_counter(), [], None
+    t0, epoch_s = time.perf_counter(), []
     for _ in range(cfg.epochs):
         model.train()
         t = time.perf_counter()
@@ -112,28 +111,38 @@ def run_torch(tr, va, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
             loss_fn(model(torch.from_numpy(x)), torch.tensor([int(tr.y[i])])).backward()
             opt.step()
         epoch_s.append(time.perf_counter() - t)
-        val = float(torch.nn.functional.cross_entropy(torch.from_numpy(predict(xva)), torch.from_numpy(va.y).long(),
-                                                      weight=torch.tensor(balanced_weights(tr.y, k))))
-        if best is None or val < best[0]:
-            best = (val, {n: p.detach().clone() for n, p in model.state_dict().items()})
-    model.load_state_dict(best[1])
     out = predict(xte)
     wall = time.perf_counter() - t0
     p = np.exp(out - out.max(1, keepdims=True))
     return {"epoch_s": epoch_s, "wall_s": wall, "auroc": classification.auroc(te.y, p / p.sum(1, keepdims=True))}
 
 
-def run_mmfm(tr, va, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
+def run_mmfm(tr, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
     t0 = time.perf_counter()
     model = MILModel(clam_abmil(tr.bags[0][0].features.shape[1], hidden=cfg.hidden, attn_dim=cfg.attn_dim,
                                 dropout=cfg.dropout, rngs=nnx.Rngs(seed)), k, dropout=cfg.dropout,
                      rngs=nnx.Rngs(seed + 1))
-    fitted = mil.train(model, "class", tr, va, cfg, seed=seed, n_classes=k)
+    fitted = mil.train(model, "class", tr, None, cfg, seed=seed, n_classes=k)
     out = mil.predict(fitted.model, te, cfg)
     wall = time.perf_counter() - t0
     p = np.exp(out - out.max(1, keepdims=True))
     return {"epoch_s": fitted.epoch_s, "wall_s": wall, "steps": fitted.steps,
             "auroc": classification.auroc(te.y, p / p.sum(1, keepdims=True))}
+
+
+def meanpool_auroc(tr, te, k: int) -> float:
+    """The issue's reference baseline on the same fold: standardised mean-pool features, logistic regression (C 0.5,
+    balanced classes)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pool = lambda cs: np.stack([np.mean([b.features.mean(0) for b in bs], 0) for bs in cs.bags])  # noqa: E731
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, class_weight="balanced", max_iter=2000))
+    clf.fit(pool(tr), tr.y)
+    p = np.zeros((len(te.ids), k))
+    p[:, clf.classes_] = clf.predict_proba(pool(te))
+    return classification.auroc(te.y, p)
 
 
 def main() -> None:
@@ -163,16 +172,15 @@ def main() -> None:
     folds = folds_mod.generate_folds(labels.index, labels, None, k=5, seed=a.seed, site_preserved=False,
                                      test_size=None)
     tr, te = fold_sides(folds, "fold_0", labels.index)
-    cfg = mil.MilConfig(epochs=a.epochs, max_tiles=a.max_tiles, batch_size=a.batch)
-    spec = MilSpec(name="bench", type="mil", label="subtype", train=cfg)
-    itr, iva = inner_split(spec, Target("", labels, folds), tr, 0)
+    cfg = mil.MilConfig(epochs=a.epochs, max_tiles=a.max_tiles, batch_size=a.batch, select="last")
     pos = {c: i for i, c in enumerate(ids)}
     take = lambda idx: full.take([pos[c] for c in idx])  # noqa: E731
-    sets = take(itr), take(iva), take(te)
+    sets = take(tr), take(te)
 
     rate = gemm_rate(a.dim)
+    meanpool = meanpool_auroc(*sets, len(classes))
     sides = {"mmfm": run_mmfm(*sets, cfg, len(classes), a.seed), "torch": run_torch(*sets, cfg, len(classes), a.seed)}
-    n_train = len(itr)
+    n_train = len(tr)
     tiles = float(np.mean([min(sum(len(b.features) for b in bs), a.max_tiles) for bs in sets[0].bags]))
     flops = train_flops(tiles, a.dim, cfg.hidden, cfg.attn_dim, len(classes))
     for s in sides.values():
@@ -181,8 +189,9 @@ def main() -> None:
         s["gemm_fraction"] = s["bags_per_s"] * flops / rate["best"]
     out = {"cpu": platform.processor(), "load": os.getloadavg(), "devices": jax.device_count(),
            "platform": jax.default_backend(), "torch_threads": torch.get_num_threads(), "cases": len(ids),
-           "train_cases": n_train, "val_cases": len(iva), "test_cases": len(te), "feature_dim": a.dim,
+           "train_cases": n_train, "test_cases": len(te), "feature_dim": a.dim,
            "mean_sampled_tiles": tiles, "epochs": a.epochs, "gemm_flops_per_s": rate, "train_flops_per_bag": flops,
+           "meanpool_linear_auroc": meanpool,
            **sides, "ratio": sides["mmfm"]["bags_per_s"] / sides["torch"]["bags_per_s"]}
     try:
         import subprocess
@@ -192,7 +201,7 @@ def main() -> None:
         pass
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
-    print(json.dumps({k: out[k] for k in ("ratio", "load", "cpu")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("ratio", "load", "cpu", "meanpool_linear_auroc")}, indent=1))
     for k, s in sides.items():
         print(f"{k}: {s['bags_per_s']:.1f} bags/s, {100 * s['gemm_fraction']:.1f}% of GEMM rate, "
               f"fold {s['wall_s']:.1f}s, test AUROC {s['auroc']:.3f}")

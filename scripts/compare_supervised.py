@@ -1,7 +1,7 @@
 """Is pretraining worth it? Supervised MIL and fine-tuning beside the linear probes, per simulator option and seed.
 
     python scripts/compare_supervised.py --json out/compare_supervised.json [--options default focal nonlinear mnar
-        --seeds 0 1 2 --cases 400 --steps 200 --epochs 20]
+        --seeds 0 1 2 --cases 400 --steps 200 --epochs 20 --folds 5 --inits abmil finetune --train '{"hidden": 64}']
 
 For each simulator option (default, then `mmfm.simulate.HARDER`) and each seed, the pipeline of
 scripts/bench_simulator_options.py (simulate → pretrain the demo recipe on half the cases → embed the other half →
@@ -18,6 +18,7 @@ with the per-seed values.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,20 +36,20 @@ LINEAR = ["slide_meanpool", "slide_random", "slide", "oracle"]
 INITS = ["abmil", "scratch", "finetune", "frozen"]
 
 
-def tasks(epochs: int, max_tiles: int) -> list[dict]:
-    return [{"name": "subtype", "type": "classification", "label": "subtype", "embeddings": LINEAR, "folds": 5,
+def tasks(a) -> list[dict]:
+    return [{"name": "subtype", "type": "classification", "label": "subtype", "embeddings": LINEAR, "folds": a.folds,
              "C": [0.001, 0.01, 0.1, 1.0], "standardize": True},
-            {"name": "subtype MIL", "type": "mil", "label": "subtype", "beside": "subtype", "folds": 5,
-             "inits": INITS, "train": {"epochs": epochs, "max_tiles": max_tiles}}]
+            {"name": "subtype MIL", "type": "mil", "label": "subtype", "beside": "subtype", "folds": a.folds,
+             "inits": a.inits, "train": {"epochs": a.epochs, "max_tiles": a.max_tiles, **json.loads(a.train)}}]
 
 
-def rows(option: str, seed: int, r: dict) -> list[dict]:
+def rows(option: str, seed: int, r: dict, inits: list[str]) -> list[dict]:
     """AUROC of every row and each MIL − slide difference, for one option × seed."""
     s = pd.DataFrame(r["summary"])
     s = s[(s.task == "subtype") & (s.metric.isin(["auroc", "wall_s"]))]
     paired = pd.DataFrame(r["paired"])
     out = []
-    for emb in LINEAR + [f"mil:{i}" for i in INITS]:
+    for emb in LINEAR + [f"mil:{i}" for i in inits]:
         v = s[s.embedding == emb].set_index("metric")["mean"]
         row = {"option": option, "seed": seed, "row": emb, "auroc": float(v.get("auroc", np.nan)),
                "wall_s": float(v.get("wall_s", np.nan))}
@@ -60,7 +61,7 @@ def rows(option: str, seed: int, r: dict) -> list[dict]:
     return out
 
 
-def markdown(table: pd.DataFrame) -> str:
+def markdown(table: pd.DataFrame, a) -> str:
     agg = table.groupby(["option", "row"], sort=False).agg(
         auroc=("auroc", "mean"), delta=("delta_vs_slide", "mean"), wall_s=("wall_s", "mean"),
         per_seed=("auroc", lambda v: ", ".join(f"{x:.3f}" for x in v)),
@@ -70,7 +71,11 @@ def markdown(table: pd.DataFrame) -> str:
     agg["wall_s"] = agg.wall_s.map("{:.1f}".format)
     agg.columns = ["option", "row", "AUROC (mean over seeds)", "Δ vs pretrained linear", "s per fold",
                    "AUROC per seed", "Δ [95% CI] per seed"]
-    return "# Subtype: supervised MIL and fine-tuning beside the linear probes\n\n" + markdown_table(agg) + "\n"
+    sizes = (f"{a.cases} simulated cases (half pretrain, half probed), {a.steps} pretraining steps, {a.feature_dim}-d "
+             f"tile features, median {a.bag_size_median} tiles, {a.folds} folds, seeds {a.seeds}; mil: {a.epochs} "
+             f"epochs, ≤ {a.max_tiles} tiles per slide per step, train {a.train}")
+    return ("# Subtype: supervised MIL and fine-tuning beside the linear probes\n\n" + sizes + "\n\n"
+            + markdown_table(agg) + "\n")
 
 
 def main(argv=None) -> int:
@@ -86,22 +91,25 @@ def main(argv=None) -> int:
     p.add_argument("--n-genes", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--max-tiles", type=int, default=2048)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--inits", nargs="+", default=INITS, choices=INITS)
+    p.add_argument("--train", default="{}", help="more `train:` keys of the mil task, as JSON")
     a = p.parse_args(argv)
     a.n_bootstrap = 0
     root = Path(a.work or Path(a.json).with_suffix("")).absolute()
     clock = Clock()
-    out = {"args": vars(a), "tasks": tasks(a.epochs, a.max_tiles), "runs": {}, "table": []}
+    out = {"args": vars(a), "tasks": tasks(a), "runs": {}, "table": []}
     for name in a.options:
         for seed in a.seeds:
             a.seed = seed
             r = run_option(name, {} if name == "default" else HARDER[name], a, root / f"seed-{seed}", out["tasks"])
             out["runs"][f"{name}/seed-{seed}"] = r
-            out["table"] += rows(name, seed, r)
+            out["table"] += rows(name, seed, r, a.inits)
             write_json(a.json, out)  # partial results survive an interrupted run
     clock.lap("total")
     out["total_seconds"] = clock.seconds["total"]
     write_json(a.json, out)
-    md = markdown(pd.DataFrame(out["table"]))
+    md = markdown(pd.DataFrame(out["table"]), a)
     write_text(Path(a.json).with_suffix(".md"), md)
     print(md)
     return 0

@@ -25,6 +25,9 @@ def random_bags(lengths, d=8, seed=0):
 
 def test_bucket_lengths_are_powers_of_two_with_a_floor():
     assert [bucket_length(n, 256) for n in (1, 256, 257, 1000, 70000)] == [256, 256, 512, 1024, 131072]
+    ladder = sorted({bucket_length(n, 64, 4) for n in range(1, 2049)})  # the training ladder of `mil`
+    assert ladder == sorted({2 ** k * q // 4 for k in range(6, 11) for q in (4, 5, 6, 7)} | {2048})
+    assert all(bucket_length(n, 64, 4) >= n and bucket_length(n, 64, 4) <= max(64, 1.25 * n) for n in range(1, 2049))
 
 
 def test_every_tile_is_used_and_order_is_kept():

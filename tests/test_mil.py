@@ -151,7 +151,7 @@ def test_mil_rows_pair_with_linear_rows_and_never_select_on_test(cohort, tmp_pat
     real_train, real_predict = mil.train, mil.predict
 
     def spy_train(model, kind, tr, va, cfg, **kw):
-        seen["train"].append((set(tr.ids), set(va.ids)))
+        seen["train"].append((set(tr.ids), set(va.ids) if va is not None else set()))
         return real_train(model, kind, tr, va, cfg, **kw)
 
     def spy_predict(model, cases, cfg):
@@ -161,18 +161,19 @@ def test_mil_rows_pair_with_linear_rows_and_never_select_on_test(cohort, tmp_pat
     monkeypatch.setattr(mil, "train", spy_train)
     monkeypatch.setattr(mil, "predict", spy_predict)
     adata = _adata(cohort)
-    res = probe(adata, _tasks(), tmp_path / "a", n_bootstrap=0, plots=False)
+    res = probe(adata, _tasks(train={**TINY_TRAIN, "select": "refit"}), tmp_path / "a", n_bootstrap=0, plots=False)
     folds = pd.read_csv(tmp_path / "a" / "folds" / "subtype.tsv", sep="\t", index_col=0)
     mil_folds = pd.read_csv(tmp_path / "a" / "folds" / "subtype_mil.tsv", sep="\t", index_col=0)
     pd.testing.assert_frame_equal(folds, mil_folds)  # the linear twin's folds, from the one fold implementation
-    assert len(seen["train"]) == folds.shape[1]
-    tests = [p for p in seen["predict"] if not any(p == va for _, va in seen["train"])]
-    for (tr, va), test, fc in zip(seen["train"], tests, folds.columns):
+    assert len(seen["train"]) == 2 * folds.shape[1]  # select refit: inner run, then the whole training fold
+    vals = [va for _, va in seen["train"] if va]
+    tests = [p for p in seen["predict"] if p not in vals]
+    for (itr, va), (whole, none), test, fc in zip(seen["train"][::2], seen["train"][1::2], tests, folds.columns):
         want_test = set(folds.index[folds[fc] == "test"].astype(str))
         want_train = set(folds.index[folds[fc] == "train"].astype(str))
         assert test == want_test  # exactly the linear probe's test cases
-        assert tr | va == want_train and not (tr & va) and va  # selection: inside the training fold only
-        assert not ((tr | va) & want_test)
+        assert itr | va == want_train and not (itr & va) and va  # selection: inside the training fold only
+        assert whole == want_train and not none  # the refit: the whole training fold, no validation
     r = res.results
     n_test = r[r.metric == "n_test"].pivot_table(index="fold", columns="embedding", values="value")
     assert (n_test["mil:abmil"] == n_test["slide_meanpool"]).all()
@@ -190,18 +191,83 @@ def test_mil_is_deterministic_for_a_seed(cohort, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_selection_never_reads_test_labels(cohort):
+    """Each `select`: relabelling the test fold changes neither the kept epoch nor a test prediction; relabelling
+    training cases does (so the check can fail)."""
+    from mmfm.eval import folds as folds_mod
+    from mmfm.eval.tasks.base import Collector, Target
+    from mmfm.eval.tasks.mil import MilSpec, run
+
+    adata = _adata(cohort)
+    labels = adata.obs["subtype"]
+    folds = folds_mod.generate_folds(labels.index, labels, None, k=3, seed=0, site_preserved=False,
+                                     test_size=None)[["fold_0"]]
+    test, train = (labels.index[folds.fold_0 == s] for s in ("test", "train"))
+
+    def relabel(cases):
+        y = labels.copy()
+        y[cases] = np.roll(labels[cases].to_numpy(), 1)
+        return y
+
+    outs = {}
+    real_predict = mil.predict
+
+    def spy_predict(model, cases, cfg):
+        out = real_predict(model, cases, cfg)
+        if set(cases.ids) == set(test):
+            outs.setdefault("pred", []).append(out)
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mil, "predict", spy_predict)
+    try:
+        for select in ("inner", "refit", "last"):
+            spec = MilSpec(name="s", type="mil", label="subtype",
+                           train=mil.MilConfig(**TINY_TRAIN, select=select))
+            runs = {}
+            variants = [("true", labels), ("test relabelled", relabel(test))]
+            variants += [("train relabelled", relabel(train[:8]))] if select == "refit" else []
+            for name, y in variants:
+                outs.clear()
+                col = Collector(n_bootstrap=0)
+                run(adata, spec, [Target("", y, folds)], col)
+                runs[name] = ([r["value"] for r in col.rows if r["metric"] == "epoch"], outs["pred"][-1])
+            assert runs["true"][0] == runs["test relabelled"][0], select
+            np.testing.assert_array_equal(runs["true"][1], runs["test relabelled"][1], err_msg=select)
+            if select == "refit":
+                assert not np.allclose(runs["true"][1], runs["train relabelled"][1])
+    finally:
+        mp.undo()
+
+
 def test_beside_needs_identical_folds(cohort, tmp_path):
     with pytest.raises(TaskError, match="folds of target"):
         probe(_adata(cohort), _tasks(seed=1), tmp_path, n_bootstrap=0, plots=False)
 
 
-def test_survival_mil_nll_and_cox(cohort, tmp_path):
+def test_survival_mil_lines_up_with_the_linear_survival_probe(cohort, tmp_path):
+    """Discrete-time NLL rows beside a coxnet probe: filed under its model, Harrell and Uno C, paired per fold with
+    the pretrained embedding (checked against the fold differences); the Cox loss runs too."""
     adata = _adata(cohort)
-    tasks = [{"type": "mil", "time": "os_days", "event": "os_event", "folds": 2,
-              "train": {**TINY_TRAIN, "survival_loss": loss, "batch_size": 8 if loss == "cox" else 1}, "name": f"os_{loss}"} for loss in ("nll", "cox")]
-    r = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False).results
-    c = r[r.metric == "c_index"]
-    assert set(c.task) == {"os_nll", "os_cox"} and np.isfinite(c.value).all()
+    adata.obsm["slide"] = adata.obsm["slide_meanpool"] @ np.random.default_rng(0).normal(size=(32, 8))
+    tasks = [{"name": "os", "type": "survival", "time": "os_days", "event": "os_event", "embeddings": ["slide"],
+              "models": ["coxnet"], "folds": 2},
+             {"name": "os_nll", "type": "mil", "time": "os_days", "event": "os_event", "beside": "os", "folds": 2,
+              "train": TINY_TRAIN},
+             {"name": "os_cox", "type": "mil", "time": "os_days", "event": "os_event", "folds": 2,
+              "train": {**TINY_TRAIN, "survival_loss": "cox", "batch_size": 8}}]
+    res = probe(adata, tasks, tmp_path, n_bootstrap=0, plots=False)
+    r = res.results
+    nll = r[(r.task == "os") & (r.embedding == "mil:abmil")]
+    assert set(nll.model) == {"coxnet"} and {"c_index", "uno_c", "n_test"} <= set(nll.metric)
+    assert np.isfinite(r[(r.task == "os_cox") & (r.metric == "c_index")].value).all()
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    for metric in ("c_index", "uno_c"):
+        p = paired[(paired.embedding == "mil:abmil") & (paired.baseline == "slide") & (paired.metric == metric)]
+        assert len(p) == 1 and p.model.iloc[0] == "coxnet" and p.n.iloc[0] == 2
+        v = r[(r.task == "os") & (r.metric == metric)].pivot_table(index="fold", columns="embedding", values="value")
+        np.testing.assert_allclose(p["mean"].iloc[0], (v["mil:abmil"] - v["slide"]).mean())
+    assert "mil:abmil" in (tmp_path / "summary.md").read_text()
 
 
 def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path):
@@ -238,7 +304,7 @@ def test_frozen_keeps_the_export_encoder_and_finetune_moves_it(cohort, tmp_path)
     for s in kept["frozen"]:
         for a, b in zip(leaves(s), leaves(before)):
             np.testing.assert_array_equal(a, b)
-    finetuned = kept["other"][2:]  # scratch folds first, then finetune
+    finetuned = kept["other"][2:]  # scratch's 2 folds first, then finetune
     assert any(not np.array_equal(a, b) for a, b in zip(leaves(finetuned[0]), leaves(before)))
 
 

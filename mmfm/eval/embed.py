@@ -61,9 +61,13 @@ class EmbedConfig:
     extra_encoders: tuple[str, ...] = ()  # export dirs (mmfm import-encoder / export): obsm['slide_<dir name>']
 
 
-def bucket_length(n: int, min_bucket: int) -> int:
-    """Next power of two ≥ n (≥ min_bucket): few distinct shapes, ≤ 2× padding."""
-    return max(min_bucket, 1 << max(0, int(n - 1).bit_length()))
+def bucket_length(n: int, min_bucket: int, per_octave: int = 1) -> int:
+    """Smallest padded length ≥ n (≥ min_bucket) on a fixed ladder of `per_octave` evenly spaced sizes per power of
+    two: 1 = the powers of two (fewest shapes, ≤ 2× padding), 4 = 1, 1.25, 1.5, 1.75 × 2^k (≤ 1.25× padding)."""
+    n = max(int(n), min_bucket, 1)
+    base = 1 << (n.bit_length() - 1)  # largest power of two ≤ n
+    step = max(base // per_octave, 1)
+    return base + -(-(n - base) // step) * step
 
 
 @dataclass

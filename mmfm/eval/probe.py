@@ -53,7 +53,7 @@ from mmfm.eval import folds, report
 from mmfm.eval.folds import LeakageError
 from mmfm.eval.tasks import TASKS, load_tasks
 from mmfm.eval.tasks.base import Collector, TaskError, row_features
-from mmfm.eval.tasks.mil import check_beside
+from mmfm.eval.tasks.mil import check_beside, file_beside
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
         TASKS[spec.type].run(adata, spec, targets, col)
         log.info("task %d/%d %s done in %.1fs", i + 1, len(plans), spec.name, time.perf_counter() - t0)
 
-    results = pd.DataFrame(col.rows, columns=["task", "type", "target", "embedding", "model", "shots", "draw",
-                                              "metric", "fold", "value"])
-    boot = pd.DataFrame(col.boot, columns=["task", "type", "target", "embedding", "model", "shots", "metric",
-                                           "boot", "value"])
+    results = pd.DataFrame(file_beside(col.rows), columns=["task", "type", "target", "embedding", "model", "shots",
+                                                           "draw", "metric", "fold", "value"])
+    boot = pd.DataFrame(file_beside(col.boot), columns=["task", "type", "target", "embedding", "model", "shots",
+                                                        "metric", "boot", "value"])
     summary = report.summarize(results, boot)
     report.write_outputs(out, results, boot, summary, notes=col.notes, overlap=overlap,
                          validation_overlap=val_overlap,

@@ -48,7 +48,11 @@ class GatedAttentionPool(nnx.Module):
     def __init__(self, dim: int, attn_dim: int, n_heads: int, *, dropout: float = 0.0, rngs: nnx.Rngs):
         self.tanh_branch = Dense(dim, n_heads * attn_dim, (EMBED, HEADS), rngs=rngs)
         self.gate_branch = Dense(dim, n_heads * attn_dim, (EMBED, HEADS), rngs=rngs)
-        self.score = param(rngs, nnx.initializers.lecun_normal(), (n_heads, attn_dim), (HEADS, HIDDEN))
+        # one score vector per head, fan-in attn_dim (as torch's Linear(attn_dim, 1) of CLAM / TANGLE): lecun's
+        # default axes would read the [heads, attn_dim] shape as fan-in = heads (std 1), a near one-hot initial
+        # attention on a random tile that left from-scratch ABMIL at chance on the simulated cohort
+        self.score = param(rngs, nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2), (n_heads, attn_dim),
+                           (HEADS, HIDDEN))
         self.drop = Dropout(dropout, rngs=rngs)
         self.n_heads, self.attn_dim = n_heads, attn_dim
 

@@ -20,17 +20,10 @@ from mmfm.models.layers import Dense, Dropout
 
 def clam_abmil(feature_dim: int, *, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25,
                rngs: nnx.Rngs) -> ABMIL:
-    """Gated ABMIL at CLAM's default ('small') sizes, from scratch.
-
-    The attention score vector is re-drawn with fan-in = attn_dim (CLAM's Linear(attn_dim, 1)): `ABMIL`'s
-    lecun-normal init of the [heads, attn_dim] score reads fan-in 1 (std 1), which makes the initial attention
-    nearly one-hot (a random tile) and left this from-scratch model at chance on the simulated cohort."""
+    """Gated ABMIL at CLAM's default ('small') sizes, from scratch."""
     cfg = ABMILConfig(hidden=hidden, n_heads=1, attn_dim=attn_dim, n_pre_layers=1, act="relu", dropout=dropout,
                       attn_dropout=dropout, merge="concat", pre_norm=False)
-    enc = ABMIL(cfg, feature_dim, rngs=rngs)
-    score = enc.pool.score
-    score.set_value(nnx.initializers.lecun_normal(in_axis=-1, out_axis=-2)(rngs.params(), score.shape))
-    return enc
+    return ABMIL(cfg, feature_dim, rngs=rngs)
 
 
 class MILModel(nnx.Module):

@@ -3,27 +3,35 @@
 Settings (every one a key of the task's `train:` mapping, `MilConfig`) come from the literature, not from the test
 folds: one case per step (CLAM and Patho-Bench train with batch size 1), AdamW lr 2e-4 and weight decay 1e-5
 (CLAM's documented recipe, Lu et al. 2021; Patch-GCN), dropout 0.25 and sizes 512/256 (CLAM), 20 epochs with a
-cosine schedule and at most
-2048 tiles sampled per slide per step
-(Patho-Bench's ABMIL-from-scratch fine-tune config), class-balanced cross-entropy (Patho-Bench). Unlike
-Patho-Bench (fixed epochs, last checkpoint — which its users report overfits), the epoch is chosen on an inner
-validation split of the TRAINING fold (lowest validation loss, CLAM's criterion); the test fold is predicted once.
-`finetune` starts the encoder from pretrained weights: its learning rate is `encoder_lr_scale` × lr (2e-5 ≈
-Patho-Bench's 2.5e-5 for pretrained slide encoders) after a linear warm-up of `warmup_epochs` (Patho-Bench: one);
-the fresh head keeps lr. `frozen` trains the head only.
+cosine schedule and at most 2048 tiles sampled per slide per step (Patho-Bench's ABMIL-from-scratch fine-tune
+config), class-balanced cross-entropy (Patho-Bench). `finetune` starts the encoder from pretrained weights: its
+learning rate is `encoder_lr_scale` × lr (2e-5 ≈ Patho-Bench's 2.5e-5 for pretrained slide encoders) after a linear
+warm-up of `warmup_epochs` (Patho-Bench: one); the fresh head keeps lr. `frozen` trains the head only.
+
+Model selection (`select`), always inside the training fold — `fit` is never given the test fold, which is predicted
+once with the kept parameters:
+  inner  train on the inner training split (1 − 1/val_folds of the fold), keep the epoch of lowest loss on the
+         inner validation split (CLAM's early-stopping criterion);
+  refit  choose the epoch that way, then retrain on the whole training fold (same seed and schedule) and stop there;
+  last   train on the whole training fold and keep the last epoch (Patho-Bench's fixed epochs, no validation; the
+         issue's PyTorch reference).
+Default `last`, measured by scripts/select_mil.py on a cohort no reported table uses (default simulator, seed 7 —
+not the demo's seed 0 nor compare_supervised.py's seeds 0-2 —, 120 cases, 128-d, median 200 tiles, 10 epochs, 5
+folds; scripts/results/select_mil.md): subtype AUROC last 0.774, refit 0.756, inner 0.750 (mean-pool linear 0.788);
+the inner split's epoch swung between 2 and 10 across folds. Earlier, folds 0-1 of a 189-case 1024-d cohort: inner
+0.828 / 0.729, last 0.845 / 0.874. `last` is also the cheapest (refit trains twice).
 
 One case per step is the literature's setting; batches of B cases (lr·√B) make B× fewer updates. On folds 0-1 of
 5 of a 189-case default simulated cohort (1024-d, ~1000 tiles, 512 sampled) both reached a similar training loss
 in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0.813 / 0.822, mean-pool linear
-0.766 / 0.769 — the batch size is not what separates mmfm from the reference; the epoch chosen on ~30 inner
-validation cases is noisy (fold 1 kept epoch 3 of 20). Trained instead on the whole training fold for 10 epochs,
-last epoch kept (the issue's PyTorch reference), one case per step gave 0.845 / 0.874 on the same folds.
+0.766 / 0.769 (select inner): the batch size is not what separates mmfm from the reference.
 
-Fast path: a step takes `batch_size` cases of one length bucket (power of two ≥ the longest sampled slide;
-masks on padding), their slides as rows, as one jitted step with donated parameters and optimiser state; with
-`batch_size` > 1 the rows are sharded over the local devices (data parallel, parameters replicated). Evaluation reads every tile of every
-slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several slides is the
-mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches, same result.
+Fast path: a step takes `batch_size` cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
+sampled slide, ≤ 25% padding and few compiled shapes; masks on padding), their slides as rows, as one jitted step
+with donated parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data
+parallel, parameters replicated). Evaluation reads every tile of every slide through `mmfm.eval.embed.encode_bags`
+(length buckets, as `mmfm embed`). A case with several slides is the mean of its slide embeddings (late fusion, as
+the linear probe's embeddings). Same seed, same batches, same result.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ Kind = Literal["class", "nll", "cox", "mse"]  # mse: continuous targets (z-score
 class MilConfig:
     """Training settings of a `mil` task (task-file key `train:`); defaults cited in the module docstring."""
 
-    epochs: int = 20  # Patho-Bench ABMIL from scratch; the best epoch on the inner validation split is kept
+    epochs: int = 20  # Patho-Bench ABMIL from scratch (the schedule's length; `select` says which epoch is kept)
     lr: float = 2e-4  # AdamW (CLAM's documented lr; Patch-GCN)
     weight_decay: float = 1e-5  # CLAM, Patch-GCN
     dropout: float = 0.25  # CLAM: after the tile projection, in the gated attention, and before the head
@@ -65,16 +73,18 @@ class MilConfig:
     max_tiles: int = 2048  # tiles sampled per slide per training step (Patho-Bench); evaluation uses every tile
     batch_size: int = 1  # cases per step: 1 = CLAM / Patho-Bench (one bag per step); more: data parallel
     lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr is for one case per step; B cases per step use lr·√B
-    val_folds: int = 5  # 1/val_folds of the training fold (patient-level, stratified) chooses the epoch
+    val_folds: int = 5  # select inner/refit: 1/val_folds of the training fold (patient-level, stratified) validates
     encoder_lr_scale: float = 0.1  # finetune: encoder lr = lr × this
     warmup_epochs: float = 1.0  # finetune: linear warm-up of every lr, then cosine
     n_bins: int = 4  # survival 'nll': time bins at the quartiles of uncensored training times (Patch-GCN)
     survival_loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (the MIL standard) or Cox (batch_size ≥ 2)
+    select: Literal["inner", "refit", "last"] = "last"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
+    buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
-        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket"):
+        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
         if self.val_folds < 2:
@@ -128,7 +138,7 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
     for bags in cases.bags:
         idx = [sample_tiles(len(b.features), min(len(b.features), cfg.max_tiles), rng)[0] for b in bags]
         picks.append(idx)
-        bucket.append(bucket_length(max(len(i) for i in idx), cfg.min_bucket))
+        bucket.append(bucket_length(max(len(i) for i in idx), cfg.min_bucket, cfg.buckets_per_octave))
     groups: dict[int, list[list[int]]] = {}
     for c in rng.permutation(len(cases.ids)):
         chunks = groups.setdefault(bucket[c], [[]])
@@ -253,10 +263,26 @@ def predict(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
     return np.asarray(head(state, case_emb))
 
 
-def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig, *, seed: int,
-          encoder_lr_scale: float = 1.0, warmup_epochs: float = 0.0, frozen: bool = False,
-          n_classes: int = 0) -> Fitted:
-    """Train on `tr` for cfg.epochs; keep the epoch with the lowest loss on `va` (every tile, deterministic)."""
+def fit(make_model: Callable[[], MILModel], kind: Kind, tr: CaseSet, inner: tuple[np.ndarray, np.ndarray],
+        cfg: MilConfig, **kw) -> Fitted:
+    """Train on the training fold `tr` with the model selection `cfg.select` (module docstring); `inner` = (inner
+    training, validation) positions in `tr`. The test fold is not an argument: it cannot enter the selection.
+    `make_model()` builds a fresh model (same seed, same weights) each time one is trained."""
+    if cfg.select == "last":
+        return train(make_model(), kind, tr, None, cfg, **kw)
+    chosen = train(make_model(), kind, tr.take(inner[0]), tr.take(inner[1]), cfg, **kw)
+    if cfg.select == "inner":
+        return chosen
+    refit = train(make_model(), kind, tr, None, cfg, stop_epoch=chosen.epoch, **kw)
+    return Fitted(refit.model, chosen.epoch, chosen.history, refit.bins, chosen.steps + refit.steps,
+                  chosen.train_s + refit.train_s, chosen.epoch_s + refit.epoch_s)
+
+
+def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: MilConfig, *, seed: int,
+          encoder_lr_scale: float = 1.0, warmup_epochs: float = 0.0, frozen: bool = False, n_classes: int = 0,
+          stop_epoch: int | None = None) -> Fitted:
+    """Train on `tr` with the schedule of cfg.epochs epochs; keep the epoch with the lowest loss on `va` (every tile,
+    deterministic), or with `va` None the last epoch trained — `stop_epoch` if given (the schedule unchanged)."""
     from mmfm.objectives.supervised import time_bins
 
     if kind == "cox" and cfg.batch_size < 2:
@@ -264,11 +290,12 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
                          "(one case per step has no pair to rank; e.g. batch_size: 32)")
     t0 = time.perf_counter()
     bins = time_bins(tr.time, tr.event, cfg.n_bins) if kind == "nll" else None
-    out_tr, out_va = outcome_arrays(kind, tr, bins), outcome_arrays(kind, va, bins)
+    out_tr = outcome_arrays(kind, tr, bins)
     n_dev = _n_devices(cfg)
     rng = np.random.default_rng(seed)
     n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
     sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
+    lrs = np.asarray(jax.device_get(jax.vmap(sched)(jnp.arange(n_steps * (cfg.epochs + 1)))), np.float32)
     enc_scale = 0.0 if frozen else encoder_lr_scale
 
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_dev])
@@ -279,13 +306,15 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
     opt_enc, opt_head = jax.device_put((tx.init(enc), tx.init(head)), replicated)
     class_w = balanced_weights(tr.y, n_classes) if kind == "class" else np.zeros(1, np.float32)
     loss = loss_fn(kind)
-    va_batch = {**{k: jnp.asarray(v) for k, v in out_va.items()}, "valid": jnp.ones(len(va.ids), jnp.float32)}
+    if va is not None:
+        va_batch = {**{k: jnp.asarray(v) for k, v in outcome_arrays(kind, va, bins).items()},
+                    "valid": jnp.ones(len(va.ids), jnp.float32)}
 
     best, history, steps, epoch_s = None, [], 0, []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
         for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr):
-            lr = float(sched(steps))
+            lr = lrs[min(steps, len(lrs) - 1)]  # one array, not a dispatched schedule call per step
             aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
                                   "lr_head": np.float32(lr)}, replicated)
             enc, head, rest, opt_enc, opt_head, value = step(enc, head, rest, opt_enc, opt_head,
@@ -294,13 +323,16 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet, cfg: MilConfig,
             steps += 1
         jax.block_until_ready(losses)
         epoch_s.append(time.perf_counter() - t_epoch)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses)))})
+        if va is None:
+            continue
         current = nnx.merge(graphdef, enc, head, rest)
         val_loss = float(loss(jnp.asarray(predict(current, va, cfg)), va_batch, {"class_w": jnp.asarray(class_w)}))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))), "val_loss": val_loss})
+        history[-1]["val_loss"] = val_loss
         if best is None or val_loss < best[1]:
             best = (epoch, val_loss, jax.device_get((enc, head, rest)))
         log.debug("mil epoch %d: train %.4f val %.4f", epoch, history[-1]["train_loss"], val_loss)
-    epoch, _, (enc, head, rest) = best
+    epoch, _, (enc, head, rest) = best or (len(history), None, (enc, head, rest))
     return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0,
                   epoch_s)
 

@@ -42,6 +42,8 @@ from mmfm.eval.tasks.regression import RegressionSpec, chosen
 from mmfm.eval.tasks.survival import SurvivalSpec
 
 INITS = ("abmil", "scratch", "finetune", "frozen")
+SELECTED = {"inner": "kept (lowest inner validation loss)", "refit": "chosen on the inner validation split, "
+            "retrained on the whole training fold", "last": "kept (whole training fold, last epoch)"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +115,21 @@ def check_beside(plans: list[tuple]) -> None:
                                 f"{spec.beside!r} (give both the same seed, folds, splits and target)")
 
 
+def file_beside(rows: list[dict]) -> list[dict]:
+    """A supervised survival row has no Cox model (model ''): file it under each model of the linear rows of its
+    task and target (coxnet, coxph), so the tables put it beside each and pair it with each on the same folds."""
+    models: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["type"] == "survival" and r["model"] and not r["embedding"].startswith(SUPERVISED_PREFIX):
+            models.setdefault((r["task"], r["target"]), []).append(r["model"])
+    out = []
+    for r in rows:
+        supervised = r["type"] == "survival" and not r["model"] and r["embedding"].startswith(SUPERVISED_PREFIX)
+        spread = models.get((r["task"], r["target"])) if supervised else None
+        out += [{**r, "model": m} for m in dict.fromkeys(spread)] if spread else [r]
+    return out
+
+
 # ---------------------------------------------------------------- encoders
 
 
@@ -156,7 +173,7 @@ class _Encoders:
         self._pretrained = (graphdef, jax.device_get(state))
 
     def build(self, init: str, seed: int):
-        """(encoder, encoder lr scale, warm-up epochs, frozen)."""
+        """A fresh encoder for `init` (pretrained weights copied: training donates its buffers)."""
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -166,17 +183,20 @@ class _Encoders:
 
         cfg = self.spec.train
         if init == "abmil":
-            return (clam_abmil(self.feature_dim, hidden=cfg.hidden, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
-                               rngs=nnx.Rngs(seed)), 1.0, 0.0, False)
+            return clam_abmil(self.feature_dim, hidden=cfg.hidden, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
+                              rngs=nnx.Rngs(seed))
         self._load()
         if init == "scratch":
-            return build_slide_encoder(self._slide_cfg, self.feature_dim, dtype=jnp.float32,
-                                       rngs=nnx.Rngs(seed)), 1.0, 0.0, False
+            return build_slide_encoder(self._slide_cfg, self.feature_dim, dtype=jnp.float32, rngs=nnx.Rngs(seed))
         graphdef, state = self._pretrained
-        enc = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))  # training donates its buffers
-        if init == "finetune":
-            return enc, cfg.encoder_lr_scale, cfg.warmup_epochs, False
-        return enc, 0.0, 0.0, True
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))
+
+
+def init_settings(init: str, cfg: mil.MilConfig) -> dict:
+    """How `init` trains its encoder: lr scale, warm-up epochs, frozen."""
+    if init == "finetune":
+        return {"encoder_lr_scale": cfg.encoder_lr_scale, "warmup_epochs": cfg.warmup_epochs, "frozen": False}
+    return {"encoder_lr_scale": 0.0 if init == "frozen" else 1.0, "warmup_epochs": 0.0, "frozen": init == "frozen"}
 
 
 # ---------------------------------------------------------------- data
@@ -274,12 +294,15 @@ def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, fu
             n_classes = len(names)
         itr, iva = inner_split(spec, t, tr, i)
         seed = spec.seed + i
-        encoder, scale, warmup, frozen = encoders.build(init, seed)
-        model = MILModel(encoder, mil.head_size(kind, n_classes, spec.train), dropout=spec.train.dropout,
-                         rngs=nnx.Rngs(seed + 1))
-        fitted = mil.train(model, kind, cases.take(pos[itr].to_numpy()), cases.take(pos[iva].to_numpy()),
-                           spec.train, seed=seed, encoder_lr_scale=scale, warmup_epochs=warmup, frozen=frozen,
-                           n_classes=n_classes)
+        trn = cases.take(pos[tr].to_numpy())
+        where_in = pd.Series(np.arange(len(tr)), index=tr)
+
+        def make_model():
+            return MILModel(encoders.build(init, seed), mil.head_size(kind, n_classes, spec.train),
+                            dropout=spec.train.dropout, rngs=nnx.Rngs(seed + 1))
+
+        fitted = mil.fit(make_model, kind, trn, (where_in[itr].to_numpy(), where_in[iva].to_numpy()), spec.train,
+                         seed=seed, n_classes=n_classes, **init_settings(init, spec.train))
         test = cases.take(pos[te].to_numpy())
         out = mil.predict(fitted.model, test, spec.train)
         wall = time.perf_counter() - t0
@@ -300,13 +323,12 @@ def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, fu
             from mmfm.objectives.supervised import survival_risk
 
             risk = survival_risk(out) if kind == "nll" else out[:, 0]
-            trn = full.take(pos[tr].to_numpy())
             ytr, yte = survival.surv(trn.event, trn.time), survival.surv(test.event, test.time)
             col.evaluate(key, i, len(te), lambda idx: survival.metrics(ytr, yte[idx], risk[idx], tau=None),
                          single, spec.seed)
         col.add(key, i, {"wall_s": wall, "epoch": fitted.epoch, "n_test": len(te), "n_train": len(tr)})
-        col.notes.append(f"{where}: epoch {fitted.epoch}/{spec.train.epochs} kept (inner validation loss), "
-                         f"{fitted.steps} steps, {wall:.1f}s")
+        col.notes.append(f"{where}: select {spec.train.select}, epoch {fitted.epoch}/{spec.train.epochs} "
+                         f"{SELECTED[spec.train.select]}, {fitted.steps} steps, {wall:.1f}s")
 
 
 def inner_split(spec: MilSpec, t: Target, train_cases: pd.Index, fold: int) -> tuple[pd.Index, pd.Index]:
