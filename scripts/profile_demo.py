@@ -1,7 +1,7 @@
 """Where `mmfm demo`'s time goes: per stage, XLA compilation (trace + lower + compile or cache load, per jitted
 function) apart from everything else, and what a second demo on the same machine gains from the persistent cache.
 
-    python scripts/profile_demo.py --json out/profile_demo.json --cases 60 [--runs 2] [--cache DIR|off] \
+    python scripts/profile_demo.py --json out/profile_demo.json [--cases 60] [--runs 2] [--cache DIR|off] \
         [-- --set train.steps=100 ...]
 
 Each run is a fresh process and a fresh --out folder (so only the compilation cache carries over, not the demo's
@@ -112,7 +112,7 @@ def _r(v):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="write the figures here")
-    ap.add_argument("--cases", type=int, default=60, help="simulated cases (small: the profile, not the science)")
+    ap.add_argument("--cases", type=int, default=None, help="simulated cases (default: the pipeline file's)")
     ap.add_argument("--runs", type=int, default=2, help="demos in a row on one cache (1 = cold only)")
     ap.add_argument("--cache", default=None, help="compilation cache dir shared by the runs, or 'off' "
                                                   "(default: a new empty directory, so run 1 is cold)")
@@ -121,7 +121,8 @@ def main() -> int:
     args, demo_args = ap.parse_known_args()
     demo_args = [a for a in demo_args if a != "--"]
     if args.child_out:  # one profiled demo in this process
-        Path(args.json).write_text(json.dumps(child(args.child_out, ["--cases", str(args.cases), *demo_args])))
+        cases = [] if args.cases is None else ["--cases", str(args.cases)]
+        Path(args.json).write_text(json.dumps(child(args.child_out, [*cases, *demo_args])))
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="profile-demo-"))
     cache = args.cache or str(work / "jax-cache")
@@ -130,7 +131,7 @@ def main() -> int:
     runs = []
     for i in range(args.runs):
         part = work / f"run{i}.json"
-        cmd = [sys.executable, __file__, "--json", str(part), "--cases", str(args.cases),
+        cmd = [sys.executable, __file__, "--json", str(part), *([] if args.cases is None else ["--cases", str(args.cases)]),
                "--child-out", str(work / f"demo{i}"), *demo_args]
         subprocess.run(cmd, env=env, check=True)
         runs.append(json.loads(part.read_text()))

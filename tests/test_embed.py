@@ -47,8 +47,9 @@ def test_every_tile_is_used_and_order_is_kept():
 
 
 def test_rows_are_padded_to_a_power_of_two_and_padding_changes_nothing():
-    """Any number of bags per bucket → power-of-two row counts (shapes shared across cohorts); the padded rows
-    are all-masked and dropped: every bag's embedding is the NumPy mean of its own tiles, whatever its batch."""
+    """Any number of bags per bucket → power-of-two row counts, at least min_rows (shapes shared across cohorts);
+    the padded rows are all-masked and dropped: every bag's embedding is the NumPy mean of its own tiles, whatever
+    its batch."""
     for n_bags in (1, 3, 5, 7):
         bags = random_bags([10 + 7 * i for i in range(n_bags)], seed=n_bags)
         calls = []
@@ -58,9 +59,9 @@ def test_rows_are_padded_to_a_power_of_two_and_padding_changes_nothing():
             assert m.any(1).sum() == n_bags  # one call: the bags, then all-masked padding rows
             return jax.jit(masked_mean)(f, c, m, fr)
 
-        got = encode_bags(encode, bags, EmbedConfig(max_tiles_per_call=8 * 256, min_bucket=256))
+        got = encode_bags(encode, bags, EmbedConfig(max_tiles_per_call=8 * 256, min_bucket=256, min_rows=2))
         np.testing.assert_allclose(got, np.stack([b.features.mean(0) for b in bags]), rtol=1e-5, atol=1e-6)
-        assert calls == [(min(8, 1 << (n_bags - 1).bit_length()), 256, 8)]
+        assert calls == [(min(8, max(2, 1 << (n_bags - 1).bit_length())), 256, 8)]
 
 
 def test_pooled_bags_keep_slides_apart_on_the_grid():

@@ -55,6 +55,7 @@ class EmbedConfig:
     multi_slide: Literal["mean", "pool"] = "mean"  # case = mean of slide embeddings (late fusion) or one pooled bag
     max_tiles_per_call: int = 32768    # B × bucket length per encoder call (memory bound)
     min_bucket: int = 256              # smallest padded bag length
+    min_rows: int = 16                 # smallest padded row count per call (fewer shapes: a compile per shape)
     batch_size: int = 64               # rows per call for non-slide modalities
     baselines: tuple[Literal["meanpool", "random"], ...] = ("meanpool", "random")  # [] skips them
     random_seed: int = 12345           # seed of the random-init baseline encoder
@@ -112,8 +113,8 @@ def encode_bags(encode: Callable, bags: list[Bag], cfg: EmbedConfig, desc: str =
         length = bucket_length(len(bags[order[i]].features), cfg.min_bucket)
         rows = max(1, cfg.max_tiles_per_call // length)
         group = [j for j in order[i:i + rows] if len(bags[j].features) <= length]
-        b = min(rows, bucket_length(len(group), 1))  # rows padded too (all-masked, dropped): shapes shared across
-        f = np.zeros((b, length, d), np.float32)     # cohorts and commands, so the compilation cache hits
+        b = min(rows, bucket_length(len(group), cfg.min_rows))  # rows padded too (all-masked, dropped): shapes
+        f = np.zeros((b, length, d), np.float32)  # shared across cohorts and commands, so the compilation cache hits
         c = np.zeros((b, length, 2), np.int32)
         m = np.zeros((b, length), bool)
         fr = np.zeros((b, length), np.int32)

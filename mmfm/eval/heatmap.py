@@ -117,7 +117,9 @@ def case_query(model, run_cfg, transforms, cohort, case_id: str, modality: str) 
         raise HeatmapError(f"{cohort.root}: case {case_id!r} has no {modality} data to use as the query")
     dense = case_tensors(cohort, [case_id], run_cfg.loader, transforms=transforms, present=present).dense
     batch = {k: v for k, v in dense.items() if k.startswith(f"{modality}/")}
-    return np.asarray(model.encode(modality, batch, deterministic=True), np.float32)[0]
+    graphdef, state = nnx.split(model)  # one compiled program (cached across commands), not op-by-op dispatch
+    encode = jax.jit(lambda state, batch: nnx.merge(graphdef, state).encode(modality, batch, deterministic=True))
+    return np.asarray(encode(state, batch), np.float32)[0]
 
 
 def query_kinds(queries, modalities) -> list[str]:

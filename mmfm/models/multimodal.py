@@ -46,15 +46,28 @@ def build_slide_encoder(cfg: SlideConfig, feature_dim: int, *, dtype, rngs: nnx.
     raise ValueError(f"model.slide.kind={cfg.kind!r}; choose abmil or transformer")
 
 
-def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs):
+def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs, weights: dict | None):
     from mmfm.models.text import load_pretrained  # heavy: only when used
 
     text_cfg = dataclasses.replace(cfg.report, compute_dtype=cfg.compute_dtype)
-    return load_pretrained(text_cfg, rngs)
+    return load_pretrained(text_cfg, rngs, weights)
+
+
+def pretrained_weights(cfg: ModelConfig, modalities: Sequence[str]) -> dict[str, dict]:
+    """{modality: its encoder's pretrained weights read from files} (the report text trunk), host arrays: a jitted
+    constructor takes them as arguments (`MultimodalModel(..., pretrained=)`), so they are not compiled in as
+    constants (the MiniLM trunk alone made an 83 MB program that compiled slowly)."""
+    if "report" not in modalities:
+        return {}
+    from mmfm.models.text import pretrained_weights as text_weights
+
+    return {"report": text_weights(cfg.report)}
 
 
 class MultimodalModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, shapes: BatchShapes, modalities: Sequence[str], *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, shapes: BatchShapes, modalities: Sequence[str], *, rngs: nnx.Rngs,
+                 pretrained: dict[str, dict] | None = None):
+        """`pretrained`: as `pretrained_weights` gives (arrays or a jit's arguments); by default read from files."""
         errors = [f"data.modalities: unknown {m!r} (known: {MODALITIES})" for m in modalities if m not in INPUTS]
         errors += [f"data.modalities has {m!r} but the batch shapes give {INPUTS[m][1]}=0"
                    for m in modalities if m in INPUTS and not getattr(shapes, INPUTS[m][1])]
@@ -69,7 +82,7 @@ class MultimodalModel(nnx.Module):
             if m == "slide":
                 enc = build_slide_encoder(cfg.slide, size, dtype=dtype, rngs=rngs)
             elif m == "report":
-                enc = _build_report_encoder(cfg, rngs)
+                enc = _build_report_encoder(cfg, rngs, (pretrained or {}).get("report"))
             else:
                 enc = build_omics_encoder(getattr(cfg, m), size, dtype=dtype, rngs=rngs)
             encoders[m] = enc

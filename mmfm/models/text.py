@@ -25,7 +25,7 @@ from mmfm.data.text import minilm_dir, tokenize  # noqa: F401  (re-exported)
 from mmfm.models.config import TextConfig
 from mmfm.models.axes import EMBED, HEADS, HIDDEN, VOCAB
 from mmfm.models.layers import Names, variable
-from mmfm.models.weight_porting import NameMap, Rule, load_safetensors, port_state_dict, transpose
+from mmfm.models.weight_porting import NameMap, Rule, load_safetensors, mapped_state_dict, set_weights, transpose
 
 
 class Frozen(nnx.Variable):
@@ -195,9 +195,18 @@ BERT_NAME_MAP = NameMap(
 """HF BERT state-dict names → TextEncoder paths (also 'bert.'-prefixed and gamma/beta LayerNorm names)."""
 
 
-def load_pretrained(cfg: TextConfig = TextConfig(), rngs: nnx.Rngs | None = None) -> TextEncoder:
-    """Build a TextEncoder and fill it from `cfg.weights_dir/model.safetensors` (never a pickle)."""
-    model = TextEncoder(cfg, rngs=rngs or nnx.Rngs(0))
+def pretrained_weights(cfg: TextConfig = TextConfig()) -> dict[str, np.ndarray]:
+    """`cfg.weights_dir/model.safetensors` (never a pickle) as {TextEncoder path: host array}, checked against the
+    model without building it."""
+    abstract = nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)))
     weights = cfg.weights_dir / "model.safetensors"
-    port_state_dict(model, load_safetensors(weights), BERT_NAME_MAP, source=str(weights))
+    return mapped_state_dict(abstract, load_safetensors(weights), BERT_NAME_MAP, source=str(weights))
+
+
+def load_pretrained(cfg: TextConfig = TextConfig(), rngs: nnx.Rngs | None = None,
+                    weights: dict | None = None) -> TextEncoder:
+    """A TextEncoder filled with `weights` (as `pretrained_weights` gives; pass them into a jit as arguments) or,
+    by default, read from `cfg.weights_dir`."""
+    model = TextEncoder(cfg, rngs=rngs or nnx.Rngs(0))
+    set_weights(model, pretrained_weights(cfg) if weights is None else weights)
     return model

@@ -70,6 +70,13 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 def port_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], name_map: NameMap,
                     *, source: str = "state dict") -> None:
     """Copy `state_dict` into `module` in place (all variable types, trainable or frozen)."""
+    set_weights(module, mapped_state_dict(module, state_dict, name_map, source=source))
+
+
+def mapped_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], name_map: NameMap,
+                      *, source: str = "state dict") -> dict[str, np.ndarray]:
+    """`state_dict` placed by `name_map` as {'.'-joined module path: host array}, checked against `module` (which
+    may be abstract, from nnx.eval_shape): every variable filled, every key placed or ignored, shapes agreeing."""
     flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState))))  # weights, not RNG streams
     filled: dict[tuple, np.ndarray] = {}
     unexpected, mismatched, duplicate = [], [], []
@@ -90,7 +97,7 @@ def port_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], na
             continue
         if path in filled:
             duplicate.append(key)
-        filled[path] = arr
+        filled[path] = arr.astype(flat[path].dtype, copy=False)
     missing = [".".join(map(str, p)) for p in flat if p not in filled]
     problems = []
     for title, items in (("missing (model variables not in the checkpoint)", missing),
@@ -100,9 +107,15 @@ def port_state_dict(module: nnx.Module, state_dict: Mapping[str, np.ndarray], na
             problems.append(f"{title}: " + "; ".join(items[:20]) + (" …" if len(items) > 20 else ""))
     if problems:
         raise PortingError(f"cannot load {source}:\n  " + "\n  ".join(problems))
-    for path, arr in filled.items():
-        var = flat[path]
-        var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
+    return {".".join(map(str, path)): arr for path, arr in filled.items()}
+
+
+def set_weights(module: nnx.Module, weights: Mapping[str, jax.Array | np.ndarray]) -> None:
+    """Set `module`'s variables from {'.'-joined path: array} (as `mapped_state_dict` gives; inside a jit the
+    arrays are its arguments, never constants baked into the program)."""
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Not(nnx.RngState)))
+    for path, var in flat:
+        var.set_value(jnp.asarray(weights[".".join(map(str, path))], dtype=var.get_value().dtype))
     nnx.update(module, nnx.from_flat_state(flat))
 
 

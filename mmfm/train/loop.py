@@ -45,7 +45,7 @@ from mmfm.train.paths import run_path
 from mmfm.train.preempt import Preempted, StopRequest
 from mmfm.train.prefetch import DevicePrefetcher
 from mmfm.train.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated
-from mmfm.train.state import TrainState, build_module, init_state
+from mmfm.train.state import TrainState, abstract_state, build_module, init_state, pretrained_inputs
 
 FLOAT_INPUTS = ("slide/features", "rna/values", "protein/values", "mutation/values")  # NaN injection targets
 
@@ -267,18 +267,21 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
             rundir.save_transforms(out / "transforms", loader.transforms)
 
         tx = make_optimizer(t)
-        ts = init_state(build_module(cfg, shapes, modalities), tx, mesh, t.axis_rules, t.shard_min_size)
+        build = build_module(cfg, shapes, modalities)
         ckpt = Checkpointer(out, t)
         start = 0
-        if resume and ckpt.latest_step() is not None:
+        if resume and ckpt.latest_step() is not None:  # the checkpoint holds every value: nothing initialised
+            ts = abstract_state(build, tx, mesh, t.axis_rules, t.shard_min_size)
             start, (state, loader_state, _) = rundir.restore_newest_intact(ckpt, ts.abstract)
             # re-materialise through an identity jit so the restored buffers are donatable
             ts.state = jax.jit(lambda s: s, out_shardings=ts.shardings)(state)
             loader.set_state(loader_state)
-        elif init_weights is not None:
-            from mmfm.train.export import place_weights
+        else:
+            ts = init_state(build, tx, mesh, t.axis_rules, t.shard_min_size, pretrained_inputs(cfg, modalities))
+            if init_weights is not None:
+                from mmfm.train.export import place_weights
 
-            place_weights(ts, init_weights)
+                place_weights(ts, init_weights)
 
         step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
                                   grad_accum=t.grad_accum)

@@ -55,9 +55,10 @@ class NonFiniteWatch:
     def update(self, metrics: dict, step: int) -> None:
         flat = {jax.tree_util.keystr(p, simple=True, separator="/"): v
                 for p, v in jax.tree_util.tree_flatten_with_path(metrics)[0]}
-        if self.first is None:
-            self.first = jnp.zeros((), jnp.int32)
-            self.values = {k: jnp.zeros((), jnp.float32) for k, v in flat.items() if v.ndim == 0}
+        if self.first is None:  # placed as the update's outputs will be, so it compiles once, not twice
+            where = next((v.sharding for v in flat.values() if isinstance(v, jax.Array) and v.ndim == 0), None)
+            self.first, self.values = jax.device_put(
+                (np.int32(0), {k: np.float32(0) for k, v in flat.items() if v.ndim == 0}), where)
         self.first, self.values = self._update(self.first, self.values, flat, np.int32(step))
 
     def snapshot(self):

@@ -37,7 +37,7 @@ from mmfm.train.monitor import read_jsonl
 from mmfm.train.optim import make_optimizer
 from mmfm.train.paths import read_json, run_path, write_json, write_text
 from mmfm.train.sharding import make_mesh
-from mmfm.train.state import build_module, init_state
+from mmfm.train.state import abstract_state, build_module
 
 RESUME_MAY_CHANGE = ("train.steps", "train.progress", "train.async_checkpoint", "train.log_every",
                      "train.eval_every", "train.ckpt_every", "train.keep_last")  # never the numerics
@@ -290,8 +290,8 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
         if mesh is None:
             mesh = make_mesh(dataclasses.replace(cfg.train.mesh, data=-1, fsdp=1), jax.local_devices())
         modalities = tuple(m for m in cfg.data.modalities if getattr(shapes, INPUTS[m][1]))
-        ts = init_state(build_module(cfg, shapes, modalities), make_optimizer(cfg.train), mesh,
-                        cfg.train.axis_rules, cfg.train.shard_min_size)
+        ts = abstract_state(build_module(cfg, shapes, modalities), make_optimizer(cfg.train), mesh,
+                            cfg.train.axis_rules, cfg.train.shard_min_size)  # the checkpoint holds every value
         state = ckpt.restore_state(step, ts.abstract)
     finally:
         ckpt.close()

@@ -11,6 +11,7 @@ from flax import nnx
 
 from mmfm.data.batch import BatchShapes
 from mmfm.models import MultimodalModel
+from mmfm.models.multimodal import pretrained_weights
 from mmfm.objectives import LogitParams
 from mmfm.train.checkpoint import abstract_target
 from mmfm.train.config import RunConfig
@@ -28,31 +29,51 @@ class TrainModule(nnx.Module):
 @dataclass
 class TrainState:
     graphdef: nnx.GraphDef
-    state: nnx.State          # (TrainModule, nnx.Optimizer), sharded by `shardings`
+    state: nnx.State | None   # (TrainModule, nnx.Optimizer), sharded by `shardings`; None: abstract only
     shardings: nnx.State
     abstract: nnx.State       # ShapeDtypeStructs carrying `shardings` (restore target)
 
 
-def init_state(build: Callable[[], TrainModule], tx: optax.GradientTransformation, mesh,
-               rules, min_size: int) -> TrainState:
+def abstract_state(build: Callable[..., TrainModule], tx: optax.GradientTransformation, mesh, rules,
+                   min_size: int, inputs=None) -> TrainState:
+    """The train state's structure, shardings and restore target, nothing computed (`state` is None): what
+    restoring a checkpoint needs. `inputs`: the arguments `build` takes (see `init_state`)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(_creator(build, tx), inputs))
+    shardings = state_shardings(abstract, mesh, rules, min_size)
+    return TrainState(graphdef, None, shardings, abstract_target(abstract, shardings))
+
+
+def init_state(build: Callable[..., TrainModule], tx: optax.GradientTransformation, mesh,
+               rules, min_size: int, inputs=None) -> TrainState:
     """Parameters and optimizer state born sharded (jit with out_shardings): no host copy.
 
     Built with no mesh in context, so the models keep their logical annotations without eager
     sharding; the shardings come from those annotations through `rules` (see sharding.py).
+    `inputs` (weights read from files, see `pretrained_inputs`) enter the jit as arguments, `build(inputs)`:
+    closed over, they would be compiled into the program as constants.
     """
-    def create():
-        module = build()
+    ts = abstract_state(build, tx, mesh, rules, min_size, inputs)
+    create = _creator(build, tx)
+    ts.state = jax.jit(lambda inputs: nnx.split(create(inputs))[1], out_shardings=ts.shardings)(inputs)
+    return ts
+
+
+def _creator(build, tx):
+    def create(inputs):
+        module = build() if inputs is None else build(inputs)
         return module, nnx.Optimizer(module, tx, wrt=nnx.Param)
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(create))
-    shardings = state_shardings(abstract, mesh, rules, min_size)
-    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
-    return TrainState(graphdef, state, shardings, abstract_target(abstract, shardings))
+    return create
 
 
-def build_module(cfg: RunConfig, shapes: BatchShapes, modalities: Sequence[str]) -> Callable[[], TrainModule]:
-    def build():
+def build_module(cfg: RunConfig, shapes: BatchShapes, modalities: Sequence[str]) -> Callable[..., TrainModule]:
+    """`build(pretrained=None)`: the fresh TrainModule; `pretrained` as `pretrained_inputs` gives."""
+    def build(pretrained=None):
         rngs = nnx.Rngs(jax.random.key(cfg.train.seed, impl=cfg.train.prng_impl))
-        return TrainModule(MultimodalModel(cfg.model, shapes, modalities, rngs=rngs),
+        return TrainModule(MultimodalModel(cfg.model, shapes, modalities, rngs=rngs, pretrained=pretrained),
                            LogitParams(cfg.objective, tuple(modalities), rngs=rngs))
     return build
+
+
+def pretrained_inputs(cfg: RunConfig, modalities: Sequence[str]) -> dict | None:
+    """The encoders' pretrained weights read from files, host arrays (None when no encoder has any)."""
+    return pretrained_weights(cfg.model, modalities) or None

@@ -132,7 +132,7 @@ def _n_devices(cfg: MilConfig) -> int:
 
 def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict) -> list[dict]:
     """One epoch of padded batches: cases shuffled, grouped by the length bucket of their longest sampled slide,
-    packed `cfg.batch_size` cases per batch (rows: their slides, rounded up to a multiple of `n_dev`), batch order
+    packed `cfg.batch_size` cases per batch (rows: their slides, padded by `_rows`), batch order
     shuffled. `outcome`: per-case arrays placed in case slots."""
     picks, bucket = [], []
     for bags in cases.bags:
@@ -147,8 +147,15 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
         chunks[-1].append(int(c))
     batches = [(length, chunk) for length, chunks in groups.items() for chunk in chunks]
     order = rng.permutation(len(batches))
-    rows = lambda chunk: -(-sum(len(cases.bags[c]) for c in chunk) // n_dev) * n_dev  # noqa: E731
-    return [_pack(cases, picks, length, chunk, rows(chunk), outcome) for length, chunk in (batches[i] for i in order)]
+    return [_pack(cases, picks, length, chunk, _rows(cases, chunk, n_dev, cfg), outcome)
+            for length, chunk in (batches[i] for i in order)]
+
+
+def _rows(cases: CaseSet, chunk: list[int], n_dev: int, cfg: MilConfig) -> int:
+    """A batch's rows: its slides padded to a power of two (at least the batch size's), a multiple of n_dev — a few
+    shapes, so the step compiles a few times per task rather than once per slide count."""
+    slides = sum(len(cases.bags[c]) for c in chunk)
+    return -(-bucket_length(slides, bucket_length(cfg.batch_size, 1)) // n_dev) * n_dev
 
 
 def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outcome: dict) -> dict:
@@ -260,7 +267,10 @@ def predict(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
                       EmbedConfig(min_bucket=cfg.min_bucket, max_tiles_per_call=cfg.max_tiles_per_call), desc="mil")
     owner = np.repeat(np.arange(len(cases.bags)), [len(b) for b in cases.bags])
     case_emb = np.stack([emb[owner == i].mean(0) for i in range(len(cases.bags))]).astype(np.float32)
-    return np.asarray(head(state, case_emb))
+    n = len(case_emb)
+    padded = np.zeros((bucket_length(n, 16), case_emb.shape[1]), np.float32)  # a few shapes across folds
+    padded[:n] = case_emb
+    return np.asarray(head(state, padded))[:n]
 
 
 def fit(make_model: Callable[[], MILModel], kind: Kind, tr: CaseSet, inner: tuple[np.ndarray, np.ndarray],
