@@ -234,3 +234,19 @@ def test_every_atomic_writer_names_the_file_and_no_space_and_keeps_the_old_one(s
         io.write_text(target, "case_id\n" + "B\n" * 100_000)
     assert target.read_text() == "case_id\nA\n"
     assert sorted(p.name for p in small_disk.iterdir()) == ["cases.csv", "filler"]  # no temporary file left
+
+
+def test_a_new_run_directory_holding_only_process_0s_lock_is_still_new(tmp_path):
+    """Every process of a run checks that --out is new while process 0 may already hold RUN/.lock (found as a race
+    by scripts/flake_check.sh: process 1 refused the directory process 0 had just locked)."""
+    from mmfm.train import rundir
+    from mmfm.train.paths import run_path
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("{}")
+    (out / "..lock.host.123").write_text("{}")  # the lock's transient temporary name
+    rundir.prepare(run_path(out), resume=False)
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"run directory is not empty \(metrics\.jsonl\)"):
+        rundir.prepare(run_path(out), resume=False)

@@ -58,12 +58,21 @@ def resume_flag(resume: Resume) -> bool:
     return resume is not False
 
 
+LOCK = ".lock"
+
+
+def _lock_file(name: str) -> bool:
+    """RUN/.lock and its transient siblings (`mmfm.locks`: the hidden temporary and stale names)."""
+    return name == LOCK or name.startswith(f".{LOCK}.")
+
+
 def prepare(out: epath.Path, resume: bool) -> None:
     """Refuse to train into a used directory unless resuming — before any work, so nothing is overwritten."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out}: --out is a file, not a run directory")
-    if not resume and out.exists() and any(out.iterdir()):
-        names = ", ".join(sorted(p.name for p in out.iterdir())[:6])
+    used = [p.name for p in out.iterdir() if not _lock_file(p.name)] if out.exists() else []
+    if not resume and used:  # process 0's lock may already be there: the lock itself decides about live jobs
+        names = ", ".join(sorted(used)[:6])
         raise RunDirError(f"{out}: run directory is not empty ({names}); pass --resume auto to continue it, "
                           f"or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,7 @@ def lock(out: epath.Path) -> OwnerLock | None:
     held, err = None, ""
     if jax.process_index() == 0 and "://" not in os.fspath(out):
         try:
-            held = OwnerLock(Path(os.fspath(out)) / ".lock", what=f"{out}: run directory")
+            held = OwnerLock(Path(os.fspath(out)) / LOCK, what=f"{out}: run directory")
             held.acquire()
         except LockedError as e:
             held, err = None, str(e)
