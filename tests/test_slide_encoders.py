@@ -8,15 +8,16 @@ import pytest
 from flax import nnx
 
 from mmfm.models.abmil import ABMIL, ABMILConfig
-from mmfm.models.attention import attention
+from mmfm.models.attention import DistanceBias, alibi_slopes, attention
 from mmfm.models.rope import apply_rope, rope_angles
 from mmfm.models.transformer import TransformerConfig, TransformerSlideEncoder
 
 
-def naive_attention(q, k, v, valid, seg):
-    """NumPy reference: dense softmax over allowed keys, zero rows where nothing is allowed."""
+def naive_attention(q, k, v, valid, seg, bias=0.0):
+    """NumPy reference: dense softmax over allowed keys (+ an additive [B, H, N, N] bias), zero rows where nothing
+    is allowed."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
     ok = (np.asarray(valid)[:, None, :] & (np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]))[:, None]
     s = np.where(ok, s, -np.inf)
     mx = np.max(s, -1, keepdims=True)
@@ -57,6 +58,31 @@ def test_attention_matches_naive_forward_and_grad(impl, bq, bk, sorted_segments)
                                                     block_k=bk or 512)), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=2e-5)
+
+
+def test_alibi_bias_in_every_kernel_matches_numpy():
+    """2D ALiBi −slope_h·‖p_i − p_j‖₂ between positioned tokens (0 where either has none): blockwise (bias built per
+    block, blocks that do not divide N) = dense = NumPy, forward and gradient; the slopes are ALiBi's."""
+    assert alibi_slopes(4) == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]
+    assert alibi_slopes(12) == [2.0 ** -e for e in (1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5)]
+    q, k, v, valid, seg = _qkv(5, h=4)
+    rng = np.random.default_rng(6)
+    pos = rng.integers(0, 20, (2, 37, 2)).astype(np.float32)
+    on = rng.random((2, 37)) < 0.85
+    slopes = np.asarray(alibi_slopes(4), np.float32)
+    dist = np.sqrt(((pos[:, :, None] - pos[:, None]) ** 2).sum(-1)) * (on[:, :, None] & on[:, None])
+    want = naive_attention(q, k, v, valid, seg, -slopes[None, :, None, None] * dist[:, None])
+    bias = DistanceBias(slopes, pos, on)
+    run = lambda impl, bq, bk: lambda q, k, v: attention(q, k, v, valid, seg, seg, impl=impl, block_q=bq, block_k=bk,
+                                                         bias=bias)
+    for impl, bq, bk in (("blockwise", 8, 16), ("blockwise", 64, 64), ("xla", 0, 0)):
+        np.testing.assert_allclose(run(impl, bq, bk)(q, k, v), want, atol=2e-6)
+    assert not np.allclose(attention(q, k, v, valid, seg, seg), want, atol=1e-3)
+    w = rng.standard_normal(q.shape).astype(np.float32)
+    grads = [jax.grad(lambda *a: jnp.sum(run(*spec)(*a) * w), argnums=(0, 1, 2))(q, k, v)
+             for spec in (("blockwise", 8, 16), ("xla", 0, 0))]
+    for g, r in zip(*grads):
         np.testing.assert_allclose(g, r, atol=2e-5)
 
 
