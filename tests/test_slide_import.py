@@ -377,9 +377,10 @@ def test_titan_layout_against_an_independent_reference(tmp_path):
         assert np.abs(got - reference(slopes=wrong)).max() > 1e-3
     print(f"titan: max |flax - reference| = {np.abs(got - want).max():.2e}")
 
-    # --project (TITAN's zero-shot space), with the export's own one-block kernel
+    # --project: the pooled query × TITAN's proj (its zero-shot space), applied on the right as TITAN does
     import_encoder(tmp_path / "titan.safetensors", "titan", tmp_path / "zs", dataclasses.replace(heads, project=True))
-    np.testing.assert_allclose(run(load_slide_encoder(tmp_path / "zs")[0], f, grid, mask), reference(project=True),
-                               atol=1e-5, rtol=0)
+    zs, zs_cfg, _ = load_slide_encoder(tmp_path / "zs")
+    assert zs_cfg.transformer.coca_proj
+    np.testing.assert_allclose(got @ np.asarray(zs.pool.proj[...]), reference(project=True), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="PyTorch twin does not implement layer_pattern='alibi', readout='coca'"):
         torch_slide.from_export(tmp_path / "titan", project=False)
