@@ -95,9 +95,10 @@ def test_embed_a_trained_run(tmp_path):
     held = splits["heldout"]
     none = ~Cohort.open(cohort_dir).presence().loc[splits["val"], ["slide", "rna", "protein"]].any(axis=1)
     assert none.any()  # the case this exercises
-    tangle = _tangle_export(tmp_path, feature_dim=32)  # a public slide encoder brought in by import-encoder
+    tangle = _tangle_export(tmp_path, feature_dim=32)  # public slide encoders brought in by import-encoder
+    titan = _titan_export(tmp_path, feature_dim=32)
     cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad",
-                          cfg=EmbedConfig(extra_encoders=(str(tangle),)))
+                          cfg=EmbedConfig(extra_encoders=(str(tangle), str(titan))))
     cohort = Cohort.open(cohort_dir)
 
     assert list(cases.obs_names) == list(cohort.cases.index.astype(str))
@@ -126,7 +127,7 @@ def test_embed_a_trained_run(tmp_path):
                                slides[slides.obs["case_id"] == case].obsm["slide"].mean(0), atol=1e-6)
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["slide_random"].shape[0] == cases.n_obs
 
-    _extra_encoder_column_and_probe(tmp_path, tangle, cases, slides, bag, g, frag)
+    _extra_encoder_column_and_probe(tmp_path, (tangle, titan), cases, slides, bag, g, frag)
 
     # `mmfm embed`: by default only the run's held-out cases; --baselines "[]" skips the baselines
     from mmfm.cli import main
@@ -159,23 +160,48 @@ def _tangle_export(tmp_path, feature_dim, h=16, a=8, seed=0):
     return out
 
 
-def _extra_encoder_column_and_probe(tmp_path, tangle, cases, slides, bag, g, frag):
-    """The imported encoder embeds the same whole bags as obsm['slide_tangle'], equal to that encoder on the
-    slide's bag, and a probe table holds it beside the run's `slide`; an export on other tile features, or
-    whose column is taken, is refused, naming it."""
+def _titan_export(tmp_path, feature_dim, w=16, seed=0):
+    """A TITAN-layout checkpoint (width 16, one block of 4 heads, a 2-head contrastive pooler) with random weights,
+    imported by `import-encoder` (2D ALiBi over the bags' grid, CoCa readout)."""
+    from safetensors.numpy import save_file
+
+    from mmfm.bridges.slide_import import LayoutOptions, import_encoder
+
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    lin = lambda name, o, i: {f"{name}.weight": r(o, i), f"{name}.bias": r(o)}
+    norm = lambda name: {f"{name}.weight": 1 + r(w), f"{name}.bias": r(w)}
+    b, p = "blocks.modules_list.0", "attn_pool_contrastive"
+    state = {**lin("patch_embed.0", w, feature_dim), "cls_token": r(1, 1, w), **norm("norm"),
+             **norm(f"{b}.norm1"), **norm(f"{b}.norm2"), **lin(f"{b}.attn.qkv", 3 * w, w),
+             **lin(f"{b}.attn.proj", w, w), **lin(f"{b}.mlp.fc1", 4 * w, w), **lin(f"{b}.mlp.fc2", w, 4 * w),
+             f"{p}.query": r(1, w), **norm(f"{p}.ln_q"), **norm(f"{p}.ln_k"), f"{p}.attn.in_proj_weight": r(3 * w, w),
+             f"{p}.attn.in_proj_bias": r(3 * w), **lin(f"{p}.attn.out_proj", w, w)}
+    save_file(state, str(tmp_path / "titan.safetensors"))
+    import_encoder(tmp_path / "titan.safetensors", "titan", tmp_path / "titan", LayoutOptions(n_heads=4, pool_heads=2))
+    return tmp_path / "titan"
+
+
+def _extra_encoder_column_and_probe(tmp_path, exports, cases, slides, bag, g, frag):
+    """Each imported encoder (TANGLE's ABMIL, TITAN's ALiBi transformer) embeds the same whole bags as
+    obsm['slide_<name>'], equal to that encoder on the slide's bag, and a probe table holds them beside the run's
+    `slide`; an export on other tile features, or whose column is taken, is refused, naming it."""
     from mmfm.eval.embed import _extra_encoders
     from mmfm.eval.probe import probe
     from mmfm.models.export_format import load_slide_encoder
 
-    enc, _, _ = load_slide_encoder(tangle)
-    direct = enc(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
-                 frag[None].astype(np.int32)).embedding
-    np.testing.assert_allclose(slides.obsm["slide_tangle"][0], np.asarray(direct)[0], atol=1e-5)
-    assert cases.obsm["slide_tangle"].shape == (cases.n_obs, 16)
+    columns = [f"slide_{e.name}" for e in exports]
+    for export, column in zip(exports, columns):
+        enc, _, _ = load_slide_encoder(export)
+        direct = enc(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
+                     frag[None].astype(np.int32)).embedding
+        np.testing.assert_allclose(slides.obsm[column][0], np.asarray(direct)[0], atol=1e-5)
+        assert cases.obsm[column].shape == (cases.n_obs, 16)
     res = probe(cases, [{"name": "subtype", "type": "classification", "label": "subtype", "folds": 3,
-                         "embeddings": ["slide", "slide_tangle"]}], tmp_path / "probe", allow_overlap=True,
+                         "embeddings": ["slide", *columns]}], tmp_path / "probe", allow_overlap=True,
                 allow_validation_overlap=True, n_bootstrap=10, plots=False)
-    assert set(res.results["embedding"]) == {"slide", "slide_tangle"}
+    assert set(res.results["embedding"]) == {"slide", "slide_tangle", "slide_titan"}
+    tangle = exports[0]
     with pytest.raises(ValueError, match="tangle8: encodes 8-d tile features, the cohort's bags hold 32-d"):
         _extra_encoders((str(_tangle_export(tmp_path, feature_dim=8)),), 32, taken=set())
     with pytest.raises(ValueError, match="its column 'slide_tangle' is already taken"):

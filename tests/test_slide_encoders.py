@@ -8,15 +8,16 @@ import pytest
 from flax import nnx
 
 from mmfm.models.abmil import ABMIL, ABMILConfig
-from mmfm.models.attention import attention
+from mmfm.models.attention import DistanceBias, alibi_slopes, attention
 from mmfm.models.rope import apply_rope, rope_angles
 from mmfm.models.transformer import TransformerConfig, TransformerSlideEncoder
 
 
-def naive_attention(q, k, v, valid, seg):
-    """NumPy reference: dense softmax over allowed keys, zero rows where nothing is allowed."""
+def naive_attention(q, k, v, valid, seg, bias=0.0):
+    """NumPy reference: dense softmax over allowed keys (+ an additive [B, H, N, N] bias), zero rows where nothing
+    is allowed."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
     ok = (np.asarray(valid)[:, None, :] & (np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]))[:, None]
     s = np.where(ok, s, -np.inf)
     mx = np.max(s, -1, keepdims=True)
@@ -58,6 +59,25 @@ def test_attention_matches_naive_forward_and_grad(impl, bq, bk, sorted_segments)
     want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, atol=2e-5)
+
+
+def test_alibi_bias_in_every_kernel_matches_numpy():
+    """2D ALiBi −slope_h·‖p_i − p_j‖₂ between positioned tokens (0 where either has none): blockwise (bias built per
+    block, blocks that do not divide N) = dense = NumPy; ALiBi's slopes. The bias is a constant added to the logits
+    inside the autodiffed kernel (no custom gradient), so its backward pass is JAX's autodiff of this forward."""
+    np.testing.assert_allclose(alibi_slopes(4), [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8], rtol=1e-12)
+    np.testing.assert_allclose(alibi_slopes(12), [2.0 ** -e for e in (1, 2, 3, 4, 5, 6, 7, 8, .5, 1.5, 2.5, 3.5)],
+                               rtol=1e-12)
+    q, k, v, valid, seg = _qkv(5, h=4)
+    rng = np.random.default_rng(6)
+    pos = rng.integers(0, 20, (2, 37, 2)).astype(np.float32)
+    on = rng.random((2, 37)) < 0.85
+    slopes = np.asarray(alibi_slopes(4), np.float32)
+    dist = np.sqrt(((pos[:, :, None] - pos[:, None]) ** 2).sum(-1)) * (on[:, :, None] & on[:, None])
+    want = naive_attention(q, k, v, valid, seg, -slopes[None, :, None, None] * dist[:, None])
+    bias = DistanceBias(slopes, pos, on)
+    np.testing.assert_allclose(attention(q, k, v, valid, seg, seg, block_q=8, block_k=16, bias=bias), want, atol=2e-6)
+    np.testing.assert_allclose(attention(q, k, v, valid, seg, seg, impl="xla", bias=bias), want, atol=2e-6)
 
 
 def test_attention_query_without_allowed_key_is_zero():

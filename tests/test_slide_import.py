@@ -72,10 +72,10 @@ class ViTBlock(nn.Module):
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(w, hidden), nn.Linear(hidden, w)
 
-    def forward(self, x, key_mask):
+    def forward(self, x, key_mask, bias=0.0):
         b, n, w = x.shape
         q, k, v = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        bias = torch.where(key_mask[:, None, None, :], 0.0, float("-inf"))
+        bias = bias + torch.where(key_mask[:, None, None, :], 0.0, float("-inf"))
         a = torch.softmax(q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5 + bias, -1) @ v
         x = x + self.attn.proj(a.transpose(1, 2).reshape(b, n, w))
         return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
@@ -101,6 +101,56 @@ class ViT(nn.Module):
         for blk in self.blocks:
             t = blk(t, key_mask)
         return self.norm(t)[:, 0]
+
+
+# ALiBi's slopes for 12 heads (Press et al.): the 8-head sequence 2^-1 … 2^-8, then every other one of the 16-head
+# sequence (2^-0.5, 2^-1.5, …) — TITAN's get_slopes; not the geometric 2^(-8(h+1)/12) a power-of-two rule would give.
+TITAN_SLOPES = [2.0 ** -e for e in (1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5)]
+
+
+class Pooler(nn.Module):
+    """CoCa attentional pooler: LayerNorm'd learned queries attend over LayerNorm'd tokens (torch's multi-head
+    attention, default LayerNorm ε 1e-5), as TITAN's `attn_pool` / `attn_pool_contrastive`."""
+
+    def __init__(self, w, heads, queries):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, w))
+        self.attn = nn.MultiheadAttention(w, heads)
+        self.ln_q, self.ln_k = nn.LayerNorm(w), nn.LayerNorm(w)
+
+    def forward(self, x):  # [1, N, W] → [1, queries, W]
+        kv = self.ln_k(x).transpose(0, 1)
+        return self.attn(self.ln_q(self.query)[:, None], kv, kv, need_weights=False)[0].transpose(0, 1)
+
+
+class Titan(nn.Module):
+    """TITAN's slide encoder with its public key names, small (width 48, depth 2; TITAN: 768, 6), TITAN's 12 heads
+    and 8 pooler heads: Linear + GELU patch embedding, class token, timm blocks whose logits get 2D ALiBi
+    −slope_h · ‖g_i − g_j‖₂ between tiles (0 for the class token), grid g = ⌊(xy − min xy) / patch_size_lv0⌋,
+    final LayerNorm, contrastive pooler (1 query) over class token + tiles, × proj only for the zero-shot space.
+    One slide at a time and only its tiles, as TITAN runs at batch size 1."""
+
+    def __init__(self, w=48, depth=2, heads=12, pool_heads=8):
+        super().__init__()
+        self.patch_embed = nn.Sequential(nn.Linear(D, w), nn.GELU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, w))
+        self.blocks = nn.Module()
+        self.blocks.modules_list = nn.ModuleList(ViTBlock(w, heads, 4 * w) for _ in range(depth))
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.attn_pool = Pooler(w, pool_heads, 4)  # captioning queries for the report decoder: not the embedding
+        self.attn_pool_contrastive = Pooler(w, pool_heads, 1)
+        self.proj = nn.Parameter(torch.randn(w, w))
+
+    def forward(self, features, coords, patch_size_lv0, slopes=TITAN_SLOPES, project=False):
+        grid = torch.div(coords - coords.min(0).values, patch_size_lv0, rounding_mode="floor").double()
+        dist = ((grid[:, None] - grid[None]) ** 2).sum(-1).sqrt().float()
+        bias = torch.zeros(len(slopes), len(grid) + 1, len(grid) + 1)
+        bias[:, 1:, 1:] = -torch.tensor(slopes)[:, None, None] * dist
+        t = torch.cat([self.cls_token[0], self.patch_embed(features)])[None]
+        for blk in self.blocks.modules_list:
+            t = blk(t, torch.ones(1, t.shape[1], dtype=torch.bool), bias)
+        pooled = self.attn_pool_contrastive(self.norm(t))[0, 0]
+        return pooled @ self.proj if project else pooled
 
 
 def randomised(module, seed=0):
@@ -266,3 +316,71 @@ def test_an_imported_encoder_initialises_a_model_of_the_same_architecture(tmp_pa
     other = dataclasses.replace(slide, abmil=dataclasses.replace(slide.abmil, act="gelu"))
     with pytest.raises(ExportFormatError, match="act: export 'relu' vs config 'gelu'"):
         init_slide_encoder(model.encoders["slide"], other, tmp_path / "clam")
+
+
+def titan_bags(seed=0, lengths=(30, 11), n=40, ps=512):
+    """Padded bags: real tiles at level-0 px on a lattice of stride ps from an arbitrary origin, one per cell."""
+    rng = np.random.default_rng(seed)
+    f = (30 * rng.standard_normal((len(lengths), n, D))).astype(np.float32)
+    px = rng.integers(0, 10 ** 6, (len(lengths), n, 2))
+    mask = np.zeros((len(lengths), n), bool)
+    for b, m in enumerate(lengths):
+        pos, cells = rng.choice(n, m, replace=False), rng.choice(64, m, replace=False)
+        mask[b, pos] = True
+        f[b, pos] = rng.standard_normal((m, D))
+        px[b, pos] = rng.integers(0, 3000, 2) + ps * np.stack([cells // 8, cells % 8], 1)
+    return f, px, mask
+
+
+def test_titan_layout_against_an_independent_reference(tmp_path):
+    """TITAN's key names (under `vision_encoder.`, beside a text tower) → mmfm's transformer with 2D ALiBi and the
+    CoCa readout: the slide embedding of padded bags equals the reference on each slide's own tiles, with the
+    dense-in-one-block and the many-block kernel; ALiBi's slopes and the bias itself are what makes it equal."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from mmfm.data.bags import grid_indices
+    from mmfm.models.transformer import TransformerSlideEncoder
+
+    ref = randomised(Titan(), seed=5)
+    state = {f"vision_encoder.{k}": v.contiguous() for k, v in ref.state_dict().items()}
+    state["text_encoder.text_projection"] = torch.ones(2, 2)
+    save_file(state, str(tmp_path / "titan.safetensors"))
+    with pytest.raises(PortingError, match="width 48 is not TITAN's 768; set n_heads and pool_heads"):
+        import_encoder(tmp_path / "titan.safetensors", "titan", tmp_path / "o")
+    heads = LayoutOptions(n_heads=12, pool_heads=8)
+    res = import_encoder(tmp_path / "titan.safetensors", "titan", tmp_path / "titan", heads)
+    t = res["slide"]["transformer"]
+    assert res["left_alone"] == ["text_encoder.text_projection"] and res["feature_dim"] == D
+    assert (t["depth"], t["layer_pattern"], t["readout"], t["readout_heads"], t["n_registers"]) == (
+        2, "alibi", "coca", 8, 1)
+
+    enc, slide_cfg, _ = load_slide_encoder(tmp_path / "titan")
+    enc_blocks = TransformerSlideEncoder(dataclasses.replace(slide_cfg.transformer, block_q=8, block_k=16), D,
+                                         rngs=nnx.Rngs(1))  # ALiBi built per 8 × 16 block, blocks overlapping N
+    nnx.update(enc_blocks, nnx.state(enc))
+    f, px, mask = titan_bags()
+    grid = np.zeros(px.shape, np.int32)
+    for b in range(len(f)):
+        grid[b, mask[b]] = grid_indices(px[b, mask[b]], 512)  # as `mmfm embed` reads a bag
+    run = nnx.jit(lambda e, f, c, m: e(f, c, m).embedding)
+
+    def reference(**kw):
+        with torch.no_grad():
+            return np.stack([ref(torch.from_numpy(f[b, mask[b]]), torch.from_numpy(px[b, mask[b]]), 512, **kw).numpy()
+                             for b in range(len(f))])
+
+    want, got = reference(), np.asarray(run(enc_blocks, f, grid, mask))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    for wrong in ([2 ** (-8 * (h + 1) / 12) for h in range(12)], [0.0] * 12):  # geometric slopes; no bias
+        assert np.abs(got - reference(slopes=wrong)).max() > 1e-3
+    print(f"titan: max |flax - reference| = {np.abs(got - want).max():.2e}")
+
+    # --project: the pooled query × TITAN's proj (its zero-shot space), applied on the right as TITAN does
+    import_encoder(tmp_path / "titan.safetensors", "titan", tmp_path / "zs", dataclasses.replace(heads, project=True))
+    zs, zs_cfg, _ = load_slide_encoder(tmp_path / "zs")
+    assert zs_cfg.transformer.coca_proj
+    np.testing.assert_allclose(got @ np.asarray(zs.pool.proj[...]), reference(project=True), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="PyTorch twin does not implement layer_pattern='alibi', readout='coca'"):
+        torch_slide.from_export(tmp_path / "titan", project=False)

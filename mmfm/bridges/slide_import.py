@@ -1,7 +1,7 @@
 """A user's PyTorch slide-encoder checkpoint → an mmfm export directory (Flax-loadable): `mmfm import-encoder`.
 
 Reads a safetensors file or a `torch.load(weights_only=True)` state dict (`mmfm.bridges.encoders.read_state_dict`),
-maps it through a public layout (`mmfm/models/slide_layouts.py`: clam, tangle, vit), loads it into mmfm's Flax
+maps it through a public layout (`mmfm/models/slide_layouts.py`: clam, tangle, vit, titan), loads it into mmfm's Flax
 slide encoder — every tensor placed with its shape checked, or a `PortingError` naming each missing / unexpected /
 mis-shaped key — and writes the export format (`mmfm/models/export_format.py`) holding just that slide encoder.
 From there `mmfm.models.export_format.load_slide_encoder` gives the Flax encoder, `train.init_slide_encoder`
@@ -12,7 +12,7 @@ downloads or ships converted weights (data_cards/public_slide_encoders.md lists 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +22,12 @@ Positions = Literal["none", "alternate", "rope"]  # an alias keeps the field lin
 @dataclass(frozen=True)
 class LayoutOptions:
     prefix: str = "auto"          # key prefix of the slide encoder (e.g. 'wsi_embedder.'); auto: found by the layout
-    n_heads: int = 0              # vit only: attention heads (not recorded in a state dict)
+    n_heads: int = 0              # vit, titan: attention heads (not recorded in a state dict; titan: 0 = TITAN's 12)
     layer_pattern: Positions = "none"  # vit only: position scheme of the blocks
     fragment_local: bool = True   # vit only: RoPE layers attend within one tissue fragment
     rope_base: float = 100.0      # vit only: RoPE frequency base
+    pool_heads: int = 0           # titan only: heads of the CoCa pooler (0 = TITAN's 8)
+    project: bool = False         # titan only: embed × TITAN's `proj` (its zero-shot space), not its slide embedding
 
 
 def import_encoder(checkpoint: str | Path, layout: str, out: str | Path,
@@ -45,9 +47,7 @@ def import_encoder(checkpoint: str | Path, layout: str, out: str | Path,
 
     state = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
              for k, v in read_state_dict(checkpoint).items()}
-    conv, outside = convert(state, layout, options.prefix, n_heads=options.n_heads,
-                            layer_pattern=options.layer_pattern, fragment_local=options.fragment_local,
-                            rope_base=options.rope_base)
+    conv, outside = convert(state, layout, **asdict(options))
     encoder = build_slide_encoder(conv.slide, conv.feature_dim, dtype=jnp.float32, rngs=nnx.Rngs(0))
     port_state_dict(encoder, conv.state, conv.name_map, source=f"{checkpoint} (layout {layout})")
     source = {"checkpoint": str(Path(checkpoint).absolute()), "layout": layout, "modalities": ["slide"],

@@ -157,6 +157,12 @@ class Block(nn.Module):
 class TransformerSlideEncoder(nn.Module):
     def __init__(self, cfg: dict, feature_dim: int):
         super().__init__()
+        missing = [f"{key}={cfg.get(key)!r}" for key, twin_has in (
+            ("layer_pattern", cfg["layer_pattern"] != "alibi"), ("readout", cfg["readout"] != "coca"),
+            ("input_act", cfg.get("input_act", "none") == "none")) if not twin_has]
+        if missing:
+            raise ValueError(f"the PyTorch twin does not implement {', '.join(missing)} (a TITAN-style encoder): "
+                             "use the Flax encoder (mmfm.models.export_format.load_slide_encoder, mmfm embed)")
         self.cfg, w = cfg, cfg["width"]
         self.proj = nn.Linear(feature_dim, w)
         self.proj_norm = nn.LayerNorm(w, eps=1e-6) if cfg.get("input_norm", True) else None

@@ -13,9 +13,17 @@ blocks that no query of the block may attend (all padding, or fragment ranges th
 skipped by `lax.cond`, which makes fragment-local layers over fragment-sorted tiles cheap.
 impl="xla" / "cudnn": `jax.nn.dot_product_attention` with a dense [B, 1, N, N] mask — for small N
 (training bags of a few thousand tiles); "cudnn" needs a GPU and runs in bf16.
+
+`bias=DistanceBias(slopes, pos, on)` adds 2D ALiBi (TITAN, after Press et al.'s ALiBi): the logit of token i to
+token j gets −slope_h · ‖pos_i − pos_j‖₂ (Euclidean distance of grid cells) when both tokens have a position,
+0 when either has none (class token, registers). The dense kernels build it [B, H, N, N]; the blockwise kernel
+builds it per [block_q, block_k] block from the blocks' positions, so it never exists N×N either.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +32,36 @@ IMPLS = ("blockwise", "xla", "cudnn")
 _NEG = -1e30  # finite, so fully masked blocks never produce inf - inf
 
 
+class DistanceBias(NamedTuple):
+    """2D ALiBi of a self-attention: slopes [H], grid positions pos [B, N, 2] (float), on [B, N] (has a position)."""
+    slopes: jax.Array
+    pos: jax.Array
+    on: jax.Array
+
+    def block(self, q_pos, q_on, k_pos, k_on) -> jax.Array:
+        """[B, H, q, k] fp32 bias between the given query and key tokens."""
+        diff = q_pos[:, :, None, :].astype(jnp.float32) - k_pos[:, None, :, :].astype(jnp.float32)
+        dist = jnp.sqrt(jnp.sum(diff * diff, -1))
+        dist = jnp.where(q_on[:, :, None] & k_on[:, None, :], dist, 0.0)
+        return -self.slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None]
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi's head slopes (Press et al. 2022): the geometric sequence 2^(-8/n)·… for a power of two n; otherwise
+    those of the power of two below, then every other slope of the power of two above (TITAN uses these)."""
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    low = 2 ** math.floor(math.log2(n_heads))
+    return power_of_two(low) + power_of_two(2 * low)[0::2][:n_heads - low]
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array,
               q_segment: jax.Array | None = None, kv_segment: jax.Array | None = None, *,
-              impl: str = "blockwise", block_q: int = 512, block_k: int = 1024) -> jax.Array:
-    """Softmax(q kᵀ / √d + mask) v over allowed pairs; returns [B, N, H, d] in q.dtype."""
+              impl: str = "blockwise", block_q: int = 512, block_k: int = 1024,
+              bias: DistanceBias | None = None) -> jax.Array:
+    """Softmax(q kᵀ / √d + bias + mask) v over allowed pairs; returns [B, N, H, d] in q.dtype."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}; choose one of {IMPLS}")
     if (q_segment is None) != (kv_segment is None):
@@ -36,8 +70,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array,
         q_segment = jnp.zeros(q.shape[:2], jnp.int32)
         kv_segment = jnp.zeros(k.shape[:2], jnp.int32)
     if impl == "blockwise":
-        return _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k)
-    return _dense(q, k, v, kv_valid, q_segment, kv_segment, impl)
+        return _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k, bias)
+    return _dense(q, k, v, kv_valid, q_segment, kv_segment, impl, bias)
 
 
 def allowed_mask(kv_valid, q_segment, kv_segment) -> jax.Array:
@@ -45,16 +79,17 @@ def allowed_mask(kv_valid, q_segment, kv_segment) -> jax.Array:
     return kv_valid[:, None, :] & (q_segment[:, :, None] == kv_segment[:, None, :])
 
 
-def _dense(q, k, v, kv_valid, q_segment, kv_segment, impl):
+def _dense(q, k, v, kv_valid, q_segment, kv_segment, impl, bias):
     allowed = allowed_mask(kv_valid, q_segment, kv_segment)
     dtype = jnp.bfloat16 if impl == "cudnn" else q.dtype
-    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+    dense_bias = None if bias is None else bias.block(bias.pos, bias.on, bias.pos, bias.on).astype(dtype)
+    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=dense_bias,
                                        mask=allowed[:, None], implementation=impl)
     has_key = jnp.any(allowed, axis=-1)[:, :, None, None]
     return jnp.where(has_key, out, 0).astype(q.dtype)
 
 
-def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k):
+def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k, bias):
     b, n, h, d = q.shape
     s = k.shape[1]
     bq, bk = min(block_q, n), min(block_k, s)
@@ -67,12 +102,15 @@ def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k):
         start = jnp.minimum(j * bk, s - bk)
         fresh = start + jnp.arange(bk) >= j * bk
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, bk, axis=1)
-        return cut(k), cut(v), cut(kv_valid) & fresh[None], cut(kv_segment)
+        kpos = None if bias is None else (cut(bias.pos), cut(bias.on))
+        return cut(k), cut(v), cut(kv_valid) & fresh[None], cut(kv_segment), kpos
 
     @jax.checkpoint
-    def key_step(qb, qsb, state, kk, vv, valid, seg):
+    def key_step(qb, qsb, qpos, state, kk, vv, valid, seg, kpos):
         m, l, acc = state
         logits = jnp.einsum("bqhd,bkhd->bhqk", qb, kk, preferred_element_type=jnp.float32)
+        if bias is not None:
+            logits = logits + bias.block(*qpos, *kpos)
         ok = (valid[:, None, :] & (qsb[:, :, None] == seg[:, None, :]))[:, None]
         logits = jnp.where(ok, logits, _NEG)
         m_new = jnp.maximum(m, logits.max(-1))
@@ -85,15 +123,17 @@ def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k):
     @jax.checkpoint
     def query_block(i, out):
         start = jnp.minimum(i * bq, n - bq)  # the last block overlaps its neighbour: recomputed, same values
-        qb = jax.lax.dynamic_slice_in_dim(q, start, bq, axis=1) * scale
-        qsb = jax.lax.dynamic_slice_in_dim(q_segment, start, bq, axis=1)
+        cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, bq, axis=1)
+        qb, qsb = cut(q) * scale, cut(q_segment)
+        qpos = None if bias is None else (cut(bias.pos), cut(bias.on))
         qmin, qmax = qsb.min(), qsb.max()
 
         def step(j, state):
-            kk, vv, valid, seg = key_block(j)
+            kk, vv, valid, seg, kpos = key_block(j)
             lo, hi = jnp.where(valid, seg, big).min(), jnp.where(valid, seg, -big).max()
             needed = (lo <= qmax) & (hi >= qmin)  # skip blocks no query here may attend
-            return jax.lax.cond(needed, lambda st: key_step(qb, qsb, st, kk, vv, valid, seg), lambda st: st, state)
+            return jax.lax.cond(needed, lambda st: key_step(qb, qsb, qpos, st, kk, vv, valid, seg, kpos),
+                                lambda st: st, state)
 
         init = (jnp.full((b, h, bq), _NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
                 jnp.zeros((b, h, bq, d), jnp.float32))

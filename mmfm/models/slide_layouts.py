@@ -25,6 +25,15 @@ attributes; no code was copied.
           scheme (ALiBi: MOOZY; dilated LongNet: Prov-GigaPath) has different keys or different maths, and
           imports, if at all, as an initialisation — only position-free ("none") or mmfm's own 2D RoPE
           blocks reproduce the source model's function.
+  titan   TITAN's slide encoder (Ding et al. 2025; HF `MahmoodLab/TITAN`, keys under `vision_encoder.`):
+          `patch_embed.0` = Linear(D→W) followed by exact GELU, `cls_token` [1, 1, W], timm-style blocks under
+          `blocks.modules_list.<i>.*` (LayerNorm ε 1e-6, qkv bias, exact GELU), final `norm`, 2D ALiBi in every
+          layer (no position tensor: layer_pattern "alibi"), and the CoCa poolers: `attn_pool_contrastive`
+          (1 query; `query`, `ln_q`, `ln_k`, `attn.in_proj_*`, `attn.out_proj`) gives the slide embedding
+          (`encode_slide_from_patch_features`, what TRIDENT returns); `proj` maps it into TITAN's text-aligned
+          space (its zero-shot use; imported with `project`); `attn_pool` (128 captioning queries for the
+          removed report decoder) is ignored. Heads are not in the state dict: TITAN's 12 (blocks) and 8
+          (poolers) unless `n_heads` / `pool_heads` say otherwise.
 """
 
 from __future__ import annotations
@@ -123,6 +132,26 @@ def _tangle(state: State, **_) -> Converted:
     return Converted(SlideConfig(kind="abmil", abmil=cfg), feature_dim, state, NameMap(tuple(rules), ignore))
 
 
+def _timm_blocks(src: str) -> tuple[Rule, ...]:
+    """timm ViT blocks `<src>.<i>.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}` → mmfm's Block."""
+    b = re.escape(src) + r"\.(\d+)\."
+    return (Rule(b + r"norm1\.weight", r"blocks.\1.norm1.scale"), Rule(b + r"norm1\.bias", r"blocks.\1.norm1.bias"),
+            Rule(b + r"norm2\.weight", r"blocks.\1.norm2.scale"), Rule(b + r"norm2\.bias", r"blocks.\1.norm2.bias"),
+            Rule(b + r"attn\.qkv\.weight", r"blocks.\1.qkv.kernel", transpose),
+            Rule(b + r"attn\.qkv\.bias", r"blocks.\1.qkv.bias"),
+            Rule(b + r"attn\.proj\.weight", r"blocks.\1.out.kernel", transpose),
+            Rule(b + r"attn\.proj\.bias", r"blocks.\1.out.bias"),
+            Rule(b + r"mlp\.fc(1|2)\.weight", r"blocks.\1.fc\2.kernel", transpose),
+            Rule(b + r"mlp\.fc(1|2)\.bias", r"blocks.\1.fc\2.bias"))
+
+
+def _mlp_ratio(state: State, fc1: str, width: int, layout: str) -> float:
+    hidden = _need(state, fc1, 2, layout).shape[0]
+    if int(width * (hidden / width)) != hidden:
+        raise PortingError(f"layout {layout}: MLP width {hidden} is not representable as width {width} × mlp_ratio")
+    return hidden / width
+
+
 def _vit(state: State, *, n_heads: int = 0, layer_pattern: str = "none", fragment_local: bool = True,
          rope_base: float = 100.0, **_) -> Converted:
     if n_heads < 1:
@@ -134,27 +163,44 @@ def _vit(state: State, *, n_heads: int = 0, layer_pattern: str = "none", fragmen
     proj = "patch_embed.proj" if "patch_embed.proj.weight" in state else "patch_embed"
     w_in = _need(state, f"{proj}.weight", 2, "vit")
     depth = len({m.group(1) for k in state if (m := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.weight", k))})
-    hidden = _need(state, "blocks.0.mlp.fc1.weight", 2, "vit").shape[0]
     width = w_in.shape[0]
-    if int(width * (hidden / width)) != hidden:
-        raise PortingError(f"layout vit: MLP width {hidden} is not representable as width {width} × mlp_ratio")
-    cfg = TransformerConfig(width=width, depth=depth, n_heads=n_heads, mlp_ratio=hidden / width,
+    cfg = TransformerConfig(width=width, depth=depth, n_heads=n_heads,
+                            mlp_ratio=_mlp_ratio(state, "blocks.0.mlp.fc1.weight", width, "vit"),
                             n_registers=len(state["registers"]), layer_pattern=layer_pattern,
                             fragment_local=fragment_local, rope_base=rope_base, readout="cls", act="gelu_exact",
                             input_norm="patch_embed.norm.weight" in state)
     cfg.validate()
-    b = r"blocks\.(\d+)\."
     rules = (*_linear(proj, "proj"), *_norm("patch_embed.norm", "proj_norm"), Rule("registers", "registers"),
-             Rule(b + r"norm1\.weight", r"blocks.\1.norm1.scale"), Rule(b + r"norm1\.bias", r"blocks.\1.norm1.bias"),
-             Rule(b + r"norm2\.weight", r"blocks.\1.norm2.scale"), Rule(b + r"norm2\.bias", r"blocks.\1.norm2.bias"),
-             Rule(b + r"attn\.qkv\.weight", r"blocks.\1.qkv.kernel", transpose),
-             Rule(b + r"attn\.qkv\.bias", r"blocks.\1.qkv.bias"),
-             Rule(b + r"attn\.proj\.weight", r"blocks.\1.out.kernel", transpose),
-             Rule(b + r"attn\.proj\.bias", r"blocks.\1.out.bias"),
-             Rule(b + r"mlp\.fc(1|2)\.weight", r"blocks.\1.fc\2.kernel", transpose),
-             Rule(b + r"mlp\.fc(1|2)\.bias", r"blocks.\1.fc\2.bias"), *_norm("norm", "norm"))
+             *_timm_blocks("blocks"), *_norm("norm", "norm"))
     return Converted(SlideConfig(kind="transformer", transformer=cfg), w_in.shape[1], state,
                      NameMap(rules, ignore=(r"head\..*",)))
+
+
+def _titan(state: State, *, n_heads: int = 0, pool_heads: int = 0, project: bool = False, **_) -> Converted:
+    w_in = _need(state, "patch_embed.0.weight", 2, "titan")
+    width = w_in.shape[0]
+    if width != 768 and not (n_heads and pool_heads):
+        raise PortingError(f"layout titan: width {width} is not TITAN's 768; set n_heads and pool_heads")
+    state = dict(state)
+    state["registers"] = _need(state, "cls_token", 3, "titan").reshape(-1, width)
+    del state["cls_token"]
+    depth = len({m.group(1) for k in state
+                 if (m := re.fullmatch(r"blocks\.modules_list\.(\d+)\.attn\.qkv\.weight", k))})
+    _need(state, "attn_pool_contrastive.query", 2, "titan")
+    cfg = TransformerConfig(width=width, depth=depth, n_heads=n_heads or 12, dropout=0.0,
+                            mlp_ratio=_mlp_ratio(state, "blocks.modules_list.0.mlp.fc1.weight", width, "titan"),
+                            n_registers=1, layer_pattern="alibi", readout="coca", readout_heads=pool_heads or 8,
+                            coca_proj=project, act="gelu_exact", input_norm=False, input_act="gelu_exact")
+    cfg.validate()
+    pool = "attn_pool_contrastive"
+    rules = (*_linear("patch_embed.0", "proj"), Rule("registers", "registers"), *_timm_blocks("blocks.modules_list"),
+             *_norm("norm", "norm"), Rule(re.escape(f"{pool}.query"), "pool.query"),
+             *_norm(f"{pool}.ln_q", "pool.ln_q"), *_norm(f"{pool}.ln_k", "pool.ln_k"),
+             Rule(re.escape(f"{pool}.attn.in_proj_weight"), "pool.in_proj.kernel", transpose),
+             Rule(re.escape(f"{pool}.attn.in_proj_bias"), "pool.in_proj.bias"),
+             *_linear(f"{pool}.attn.out_proj", "pool.out"), *((Rule("proj", "pool.proj"),) if project else ()))
+    ignore = (r"attn_pool\..*",) + (() if project else ("proj",))
+    return Converted(SlideConfig(kind="transformer", transformer=cfg), w_in.shape[1], state, NameMap(rules, ignore))
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -167,6 +213,11 @@ LAYOUTS: dict[str, Layout] = {
         (r"fc_norm\..*", "average-pool readout norm: mmfm reads the class token"),
         (r"blocks\.\d+\.ls[12]\..*", "LayerScale is not part of mmfm's blocks"),
         (r"blocks\.\d+\.attn\.[qk]_norm\..*", "QK-norm is not part of mmfm's blocks"))),
+    "titan": Layout(r"blocks\.modules_list\.0\.attn\.qkv\.weight", _titan, (
+        (r"pos_embed", "absolute position embeddings (pos_encode_type 'abs'): the layout reproduces TITAN's ALiBi"),
+        (r"fc_norm\..*", "average-pool readout norm (global_pool 'avg'): TITAN reads its CoCa pooler"),
+        (r"blocks\.modules_list\.\d+\.ls[12]\..*", "LayerScale is not part of mmfm's blocks"),
+        (r"blocks\.modules_list\.\d+\.attn\.[qk]_norm\..*", "QK-norm is not part of mmfm's blocks"))),
 }
 
 
