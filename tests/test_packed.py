@@ -19,6 +19,7 @@ from mmfm.data.bags import read_bag
 from mmfm.data.cohort import Cohort, CohortError
 from mmfm.data.packed import PACKED_DIR, PackedReader, pack_cohort
 
+SLIDE_ID = {_slide_no(c, j): f"{c}_s{j}" for c, sizes in SLIDES.items() for j in range(len(sizes))}  # coords y → id
 SHARD_GB = 100 * 8 * 2 / 2**30  # ≤ 100 tiles of D=8 fp16 per shard: four shards
 
 
@@ -62,7 +63,6 @@ def test_windows_of_the_stored_permutation(packed):
     stored = _stored(packed)
     bags = {_slide_no(c, j): read_bag(packed.root / "bags" / f"{c}_s{j}.h5")
             for c, sizes in SLIDES.items() for j in range(len(sizes))}
-    sid_of = {_slide_no(c, j): f"{c}_s{j}" for c, sizes in SLIDES.items() for j in range(len(sizes))}
     window, h5 = _loader(packed, modalities=("slide",)), _loader(packed, modalities=("slide",), tile_store="h5")
     assert window.tile_store.startswith("packed") and h5.tile_store == "h5"
     starts, padded = set(), 0
@@ -79,7 +79,7 @@ def test_windows_of_the_stored_permutation(packed):
                     np.testing.assert_array_equal(b[key][r], ref[key][r], err_msg=key)
                 continue
             assert np.all(np.diff(rows) > 0)  # bag-row order, no repeats
-            at = set(np.argsort(stored[sid_of[slide[0]]][1]["row"])[rows].tolist())  # stored positions emitted
+            at = set(np.argsort(stored[SLIDE_ID[slide[0]]][1]["row"])[rows].tolist())  # stored positions emitted
             first = [p for p in at if (p - 1) % n not in at] or [0]  # where the window starts (k = n: anywhere)
             assert len(first) == 1 and at == {(first[0] + j) % n for j in range(K)}, (step, r)
             starts.add((slide[0], first[0]))
@@ -125,7 +125,6 @@ def test_each_process_reads_only_its_rows(packed, monkeypatch, multi_slide):
     kw = {"modalities": ("slide",), "multi_slide": multi_slide, "tiles_per_slide": 12}
     whole = _loader(packed, **kw)
     parts = [_loader(packed, process_index=i, process_count=2, **kw) for i in range(2)]
-    sid_of = {_slide_no(c, j): f"{c}_s{j}" for c, sizes in SLIDES.items() for j in range(len(sizes))}
     for step in range(2 * whole.steps_per_epoch):
         full = whole.batch(step)
         got = []
@@ -136,7 +135,7 @@ def test_each_process_reads_only_its_rows(packed, monkeypatch, multi_slide):
             for r in range(2 * i, 2 * i + 2):
                 mask = full["slide/tile_mask"][r]
                 for s in np.unique(full["slide/coords"][r, :, 1][full["slide/present"][r]]):
-                    e, meta = index[sid_of[s]], stored[sid_of[s]][1]
+                    e, meta = index[SLIDE_ID[s]], stored[SLIDE_ID[s]][1]
                     at = np.argsort(meta["row"])
                     rows = full["slide/coords"][r, :, 0][full["slide/coords"][r, :, 1] == s]
                     use = np.arange(e["n_tiles"]) if not mask.all() else at[rows]
