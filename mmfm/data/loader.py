@@ -134,12 +134,15 @@ class _MakeBatch:
                 if len(slides) > 1 and not len(pos):
                     continue  # a pooled slide none of whose tiles was drawn: its bag is not even opened
                 if t.slide_packed[s, 0] >= 0:
-                    got = self._packed(s, local[pos], rng, padded=not tile_mask[r].all())
+                    into = (None if not tile_mask[r].all()  # padded: the whole slide is read
+                            else feats[r, pos if len(slides) == 1 else slice(pos[0], pos[-1] + 1)])
+                    got = self._packed(s, local[pos], rng, into)
                 else:
                     got = self.reader.read(t.slide_path[s], local[pos])
-                if not len(got["features"]):
+                if not len(got["coords"]):
                     continue
-                feats[r, pos] = got["features"]
+                if "features" in got:  # else already in place
+                    feats[r, pos] = got["features"]
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
                 slide_index[r, pos] = q
                 frag = got.get("fragment")
@@ -153,14 +156,16 @@ class _MakeBatch:
         return {"slide/features": feats, "slide/coords": coords, "slide/tile_mask": tile_mask,
                 "slide/fragment": fragment, "slide/slide_index": slide_index, "slide/present": present}
 
-    def _packed(self, s: int, rows: np.ndarray, rng: np.random.Generator, padded: bool) -> dict[str, np.ndarray]:
+    def _packed(self, s: int, rows: np.ndarray, rng: np.random.Generator,
+                into: np.ndarray | None) -> dict[str, np.ndarray]:
         """Slide `s`'s share of a sample from the packed store. The uniform sample fixes how many tiles each slide
         gives; those are one window of the stored permutation (`window_positions`), emitted in bag-row order like
-        `sample_tiles`' rows. A padded sample (fewer tiles than k: every tile, plus masked repeats) reads the whole
-        slide and takes exactly `rows`, as the h5 path does."""
+        `sample_tiles`' rows, their features gathered straight into `into` (the batch's slots; one copy fewer). A
+        padded sample (`into` None: fewer tiles than k, so every tile plus masked repeats) reads the whole slide and
+        takes exactly `rows`, as the h5 path does."""
         n = int(self.t.slide_tiles[s])
         shard, offset = (int(v) for v in self.t.slide_packed[s])
-        if padded:
+        if into is None:
             got = self.packed.read(shard, offset, np.arange(n))
             at = np.empty(n, np.int64)
             at[got["row"]] = np.arange(n)  # bag row -> stored position
@@ -168,6 +173,8 @@ class _MakeBatch:
         else:
             got = self.packed.read(shard, offset, window_positions(n, len(rows), rng))
             take = np.argsort(got["row"], kind="stable")
+            if into.dtype == got["features"].dtype:
+                np.take(got.pop("features"), take, axis=0, out=into)
         return {k: v[take] for k, v in got.items() if k != "row"}
 
 
