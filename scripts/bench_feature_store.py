@@ -191,13 +191,13 @@ def loader_round(cohort, cfg: LoaderConfig, steps: int, process_index: int = 0, 
                            process_index=process_index, process_count=process_count)
     if barrier is not None:
         barrier.wait()
-    disk0 = disk_read_bytes()
+    disk0, cpu0 = disk_read_bytes(), time.process_time()
     t0 = time.monotonic()
     stamps, real_tiles = [], 0
     for _ in range(steps):
         real_tiles += int(next(loader)["slide/tile_mask"].sum())
         stamps.append(time.monotonic())
-    disk = disk_read_bytes() - disk0
+    disk, cpu = disk_read_bytes() - disk0, time.process_time() - cpu0
     loader.close()
     skip = cfg.workers
     timed = steps - skip
@@ -207,7 +207,9 @@ def loader_round(cohort, cfg: LoaderConfig, steps: int, process_index: int = 0, 
            "timed_batches": timed, "t0": t0, "t_end": stamps[-1], "bytes": feature_bytes}
     if not cfg.workers:  # grain workers read in their own processes: not counted here
         all_bytes = real_tiles * cohort.spec.feature_dim * np.dtype(cfg.feature_dtype).itemsize
-        out.update(disk_read_mb=disk / MiB, disk_per_delivered=disk / max(all_bytes, 1))
+        # CPU seconds (user + system, all threads) per delivered MB: the rate with a core to itself, whatever the load
+        out.update(disk_read_mb=disk / MiB, disk_per_delivered=disk / max(all_bytes, 1), cpu_s=cpu,
+                   mb_per_cpu_s=all_bytes / MiB / max(cpu, 1e-9))
     return out
 
 
@@ -234,6 +236,7 @@ def processes_round(root: Path, cfg: LoaderConfig, steps: int, count: int) -> di
     total = sum(r["bytes"] for r in rounds)
     return {"processes": count, "mb_per_s": total / MiB / seconds, "batches_per_s": steps / seconds,
             "seconds": seconds, "late_start_s": late, "disk_per_delivered": [r.get("disk_per_delivered") for r in rounds],
+            "mb_per_cpu_s": [r.get("mb_per_cpu_s") for r in rounds],
             "per_process_mb_per_s": [r["mb_per_s"] for r in rounds],
             "peak_rss_mb": [m["peak_rss_mb"] for _, _, m in sorted(got, key=lambda g: g[0])]}
 
@@ -425,7 +428,8 @@ def main(argv=None) -> int:
                     rounds.append(r)
                     print(f"{layout} workers={workers} {cache} readahead={readahead}: {r['mb_per_s']:.0f} MB/s delivered, "
                           f"{r['batches_per_s']:.2f} batches/s, ratio {r['ratio_delivered']:.2f} (swept "
-                          f"{r['ratio_swept']:.2f}), disk/delivered {r.get('disk_per_delivered', float('nan')):.2f}",
+                          f"{r['ratio_swept']:.2f}), disk/delivered {r.get('disk_per_delivered', float('nan')):.2f}, "
+                          f"MB per CPU s {r.get('mb_per_cpu_s', float('nan')):.0f}",
                           flush=True)
         res["rounds"] = rounds
         if a.processes > 1:
