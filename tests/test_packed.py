@@ -6,6 +6,7 @@ tiny shards so slides sit at non-zero offsets and windows wrap.
 """
 
 import json
+import os
 import pickle
 import shutil
 
@@ -165,15 +166,16 @@ def test_damaged_or_stale_store_is_named(packed, tmp_path):
         _loader(lenient, tile_store="packed")
 
 
-def test_pack_resumes_keeping_complete_shards(packed, tmp_path, monkeypatch):
+def test_pack_resumes_keeping_complete_shards(packed, tmp_path):
     root = shutil.copytree(packed.root, tmp_path / "cohort")
     d = root / PACKED_DIR
     shutil.rmtree(d)
-    monkeypatch.setenv(faults.ENV, "write:shard-00001.meta.npy@1:raise")  # killed while writing the 2nd shard
-    faults.arm("write:shard-00001.meta.npy@1:raise")
-    with pytest.raises(faults.InjectedFault):
-        pack_cohort(Cohort.open(root, packed=False), seed=3, shard_gb=SHARD_GB, log=lambda _: None)
-    faults.arm(None)
+    faults.arm("write:shard-00001.meta.npy@1:raise")  # fails while writing the 2nd shard
+    try:
+        with pytest.raises(faults.InjectedFault):
+            pack_cohort(Cohort.open(root, packed=False), seed=3, shard_gb=SHARD_GB, log=lambda _: None)
+    finally:
+        faults.arm(os.environ.get(faults.ENV))
     assert not (d / "index.json").exists() and not list(d.glob("shard-00001*")) and not list(d.glob(".*tmp"))
     first = (d / "shard-00000.features.npy").stat().st_ino
     assert main(["pack", str(root), "--seed", "3", "--shard-gb", str(SHARD_GB)]) == 0
@@ -182,3 +184,6 @@ def test_pack_resumes_keeping_complete_shards(packed, tmp_path, monkeypatch):
         assert (d / name).read_bytes() == (packed.root / PACKED_DIR / name).read_bytes(), name
     assert main(["pack", str(root), "--seed", "3", "--shard-gb", str(SHARD_GB)]) == 0  # all kept
     assert (d / "shard-00000.features.npy").stat().st_ino == first
+    pack_cohort(Cohort.open(root, packed=False), seed=3, shard_gb=1.0, log=lambda _: None)  # fewer, larger shards
+    assert sorted(p.name for p in d.glob("shard-*")) == [f"shard-00000.{x}" for x in ("features.npy", "json", "meta.npy")]
+    assert len(Cohort.open(root).packed.shards) == 1

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfm.data.bags import read_bag
+from mmfm.data.bags import read_bag, read_header
 from mmfm.io import atomic_path, write_json
 
 FORMAT = "mmfm-packed/1"
@@ -113,8 +113,8 @@ def pack_cohort(cohort, seed: int = 0, shard_gb: float = 1.0, log=print) -> Path
     slides_df = cohort.slides[cohort.slides["n_tiles"] > 0]
     if not len(slides_df):
         raise ValueError(f"{cohort.root}: no slide with tiles to pack")
-    dtypes = {np.dtype(h) for h in _bag_dtypes(slides_df["path"])}
-    dtype = np.dtype(np.float32) if np.dtype(np.float32) in dtypes else np.dtype(np.float16)
+    wide = any(read_header(p).dtype == np.float32 for p in slides_df["path"])
+    dtype = np.dtype(np.float32 if wide else np.float16)  # float16 → float32 is exact, the other way is not
     dim = int(cohort.spec.feature_dim)
     root = Path(cohort.root)
     slides = [{"slide_id": str(sid), "path": str(p), "n_tiles": int(n), **_bag_facts(Path(p))}
@@ -128,6 +128,7 @@ def pack_cohort(cohort, seed: int = 0, shard_gb: float = 1.0, log=print) -> Path
         if _complete(out, name, want):
             log(f"{name}: complete, kept ({len(members)} slides)")
         else:
+            (out / f"{name}.json").unlink(missing_ok=True)  # an old record never vouches for new files
             files = _write_shard(out, name, members, dim, dtype, seed)
             write_json(out / f"{name}.json", {**want, "files": files})
             log(f"{name}: written ({len(members)} slides, {sum(s['n_tiles'] for s in members)} tiles)")
@@ -139,18 +140,12 @@ def pack_cohort(cohort, seed: int = 0, shard_gb: float = 1.0, log=print) -> Path
                                            "bag_size": s["bag_size"], "bag_mtime_ns": s["bag_mtime_ns"]}
             at += s["n_tiles"]
         shards.append({"name": name, "rows": at})
-    for old in sorted(out.glob("shard-*.json"))[len(plan):]:  # a previous, larger pack's tail
-        for f in out.glob(f"{old.name.removesuffix('.json')}.*"):
-            f.unlink()
+    for old in out.glob("shard-*"):  # a previous, larger pack's tail
+        if int(old.name[len("shard-"):].split(".")[0]) >= len(plan):
+            old.unlink()
     write_json(out / "index.json", {"format": FORMAT, "seed": seed, "dim": dim, "dtype": dtype.str,
                                     "shards": shards, "slides": index_slides}, indent=None)
     return out
-
-
-def _bag_dtypes(paths) -> list[str]:
-    from mmfm.data.bags import read_header
-
-    return sorted({read_header(p).dtype.str for p in paths})
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
