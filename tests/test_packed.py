@@ -150,7 +150,7 @@ def test_damaged_or_stale_store_is_named(packed, tmp_path):
     root = shutil.copytree(packed.root, tmp_path / "cohort")
     bag = root / "bags" / "c05_s0.h5"
     bag.touch()  # a bag newer than its pack: read from the bag, with a warning
-    c = Cohort.open(root)
+    c = Cohort.open(root, scan_features=False)
     assert any("c05_s0" in w and "mmfm pack" in w for w in c.validation.warnings)
     t = _loader(c)._tables
     from_bag = [p.endswith("c05_s0.h5") for p in t.slide_path]
@@ -159,8 +159,8 @@ def test_damaged_or_stale_store_is_named(packed, tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 5)
     with pytest.raises(CohortError, match=r"packed/shard-00001\.features\.npy: damaged or partial"):
-        Cohort.open(root)
-    lenient = Cohort.open(root, strict=False)
+        Cohort.open(root, scan_features=False)
+    lenient = Cohort.open(root, strict=False, scan_features=False)
     assert lenient.packed is None and _loader(lenient).tile_store == "h5"
     with pytest.raises(ValueError, match="no usable packed store"):
         _loader(lenient, tile_store="packed")
