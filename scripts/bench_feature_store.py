@@ -1,23 +1,30 @@
-"""Feature-store throughput: the loader's sampled row reads against the disk's own sequential bandwidth.
+"""Feature-store throughput: the loader's sampled row reads against the disk's own sequential bandwidth, for both
+layouts side by side: the TRIDENT h5 bags and the packed store `mmfm pack` writes (`mmfm.data.packed`).
 
 Writes a synthetic store in the cohort layout (cohort.yaml, cases.csv, slides.csv, bags/*.h5 via
-`write_bag`: random fp16, one slide per case), then measures in one run
-  (a) raw bandwidth: every bag read whole, sequentially (8 MiB reads), page cache dropped per file first,
-  (b) the loader (`TileBagLoader`, slide modality only) over one epoch's steps: delivered feature bytes/s
-      and batches/s, cold (cache dropped before the round) and warm (the same steps again), for each
-      grain worker count, plus two OS processes each reading its half of every global batch,
+`write_bag`: random fp16, one slide per case), packs it, then measures in one run
+  (a) raw bandwidth: every bag read whole, sequentially (8 MiB reads), page cache dropped per file first
+      (the disk's rate; the shards' sequential read is reported beside it as a check),
+  (b) the loader (`TileBagLoader`, slide modality only) over one epoch's steps, for each layout: delivered
+      feature bytes/s and batches/s, cold (cache dropped before the round) and warm (the same steps again), for
+      each grain worker count, plus two OS processes each reading its half of every global batch; in-process
+      rounds also count the bytes the kernel read from the disk (/proc/self/io read_bytes),
   (c) (b) / (a), both for delivered bytes and for bag bytes swept (k of n rows sampled: the disk reads
-      pages, not rows, so delivered bytes ≤ k/n of what a sweep moves),
+      pages, not rows, so from h5 bags delivered bytes ≤ k/n of what a sweep moves; a packed window reads
+      only the rows it delivers),
   (d) memory: per round, the peak RSS of this process and its grain workers together, anonymous (what the
       loader holds) apart from file-mapped (memory-mapped bags: page cache, reclaimable, bounded by
       `open_bags` × bag size per process), and RSS after every round, to see whether it stays flat,
-plus a profile of one cold in-process round (where the time goes).
+plus a profile of one cold in-process round per layout (where the time goes), and (e) the container choice for
+the packed store: the same windows read cold from the .npy shard with pread (what mmfm uses) and with memmap,
+from zarr v3 (zarr-python and tensorstore, one array, 256-row uncompressed chunks) and from array-record (one
+record per tile, 256-record groups, uncompressed): MB/s, CPU seconds, bytes read from disk per byte delivered.
 
 The page cache is dropped with posix_fadvise(DONTNEED) (no root); `fincore` checks that it worked. On a VM
 the host may still cache the virtual disk: "cold" means cold in this kernel. Default size is the issue's
 (2,000 slides × 4,096 tiles × 1,536 ≈ 25 GB); the script refuses to fill the disk.
 
-  python scripts/bench_feature_store.py --json out/bench_feature_store.json --slides 256 --tiles 4096
+  python scripts/bench_feature_store.py --json out/bench_feature_store.json --slides 256 --tiles 4096 --workers 0 1 2
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import pandas as pd
 from mmfm.data.bags import write_bag
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import LoaderConfig, TileBagLoader
+from mmfm.data.packed import PackedReader, pack_cohort
 from mmfm.data.sampling import READAHEAD
 from mmfm.io import write_json
 
@@ -75,11 +83,14 @@ def write_store(root: Path, slides: int, tiles: int, dim: int, seed: int = 0) ->
     return paths
 
 
-def drop_cache(paths) -> None:
-    """Evict the files' clean pages from the page cache (no root needed; dirty pages were fsynced)."""
+def drop_cache(paths, sync: bool = False) -> None:
+    """Evict the files' clean pages from the page cache (no root needed; dirty pages must be fsynced first, `sync`;
+    pages mapped by a live memory map stay)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            if sync:
+                os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -93,6 +104,14 @@ def resident_fraction(paths) -> float | None:
                          capture_output=True, text=True, check=True).stdout.split()
     res, size = np.array(out, np.int64).reshape(-1, 2).sum(0)
     return float(res / max(size, 1))
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (page-cache hits excluded)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 def raw_bandwidth(paths, block: int = 8 * MiB) -> dict:
@@ -172,18 +191,26 @@ def loader_round(cohort, cfg: LoaderConfig, steps: int, process_index: int = 0, 
                            process_index=process_index, process_count=process_count)
     if barrier is not None:
         barrier.wait()
+    disk0, cpu0 = disk_read_bytes(), time.process_time()
     t0 = time.monotonic()
     stamps, real_tiles = [], 0
     for _ in range(steps):
         real_tiles += int(next(loader)["slide/tile_mask"].sum())
         stamps.append(time.monotonic())
+    disk, cpu = disk_read_bytes() - disk0, time.process_time() - cpu0
     loader.close()
     skip = cfg.workers
     timed = steps - skip
     seconds = stamps[-1] - (stamps[skip - 1] if skip else t0)
     feature_bytes = real_tiles * cohort.spec.feature_dim * np.dtype(cfg.feature_dtype).itemsize * timed / steps
-    return {"batches_per_s": timed / seconds, "mb_per_s": feature_bytes / MiB / seconds, "seconds": seconds,
-            "timed_batches": timed, "t0": t0, "t_end": stamps[-1], "bytes": feature_bytes}
+    out = {"batches_per_s": timed / seconds, "mb_per_s": feature_bytes / MiB / seconds, "seconds": seconds,
+           "timed_batches": timed, "t0": t0, "t_end": stamps[-1], "bytes": feature_bytes}
+    if not cfg.workers:  # grain workers read in their own processes: not counted here
+        all_bytes = real_tiles * cohort.spec.feature_dim * np.dtype(cfg.feature_dtype).itemsize
+        # CPU seconds (user + system, all threads) per delivered MB: the rate with a core to itself, whatever the load
+        out.update(disk_read_mb=disk / MiB, disk_per_delivered=disk / max(all_bytes, 1), cpu_s=cpu,
+                   mb_per_cpu_s=all_bytes / MiB / max(cpu, 1e-9))
+    return out
 
 
 def _process_main(root: str, cfg: LoaderConfig, steps: int, index: int, count: int, barrier, queue):
@@ -208,7 +235,8 @@ def processes_round(root: Path, cfg: LoaderConfig, steps: int, count: int) -> di
     seconds = max(r["t_end"] for r in rounds) - start
     total = sum(r["bytes"] for r in rounds)
     return {"processes": count, "mb_per_s": total / MiB / seconds, "batches_per_s": steps / seconds,
-            "seconds": seconds, "late_start_s": late,
+            "seconds": seconds, "late_start_s": late, "disk_per_delivered": [r.get("disk_per_delivered") for r in rounds],
+            "mb_per_cpu_s": [r.get("mb_per_cpu_s") for r in rounds],
             "per_process_mb_per_s": [r["mb_per_s"] for r in rounds],
             "peak_rss_mb": [m["peak_rss_mb"] for _, _, m in sorted(got, key=lambda g: g[0])]}
 
@@ -229,6 +257,85 @@ def profile_round(cohort, cfg: LoaderConfig, steps: int, paths, top: int = 12) -
     return {"total_s": total, "top_own_time": [
         {"function": f"{Path(f).name}:{line}({name})", "own_s": round(v[2], 3), "calls": v[1]}
         for (f, line, name), v in rows]}
+
+
+def _windows(n_slides: int, n: int, k: int, seed: int = 1) -> list[tuple[int, int]]:
+    """(first stored row, rows) runs of one k-row window per slide (random start, wrapped into ≤ 2 runs)."""
+    rng, runs = np.random.default_rng(seed), []
+    for i in range(n_slides):
+        start = int(rng.integers(n))
+        head = min(k, n - start)
+        runs += [(i * n + start, head)] + ([(i * n, k - head)] if k > head else [])
+    return runs
+
+
+def containers_round(shard: Path, work: Path, n_slides: int, n: int, k: int, dim: int) -> list[dict]:
+    """The same windows (the first `n_slides` slides of a packed shard, one k-row window each) read cold from each
+    candidate container; zarr, tensorstore and array-record come with the project's dependencies (anndata,
+    orbax, grain), none is a new one."""
+    import tensorstore as ts
+    import zarr
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    from mmfm.data.packed import PackedStore
+
+    store = PackedStore.open(shard.parent)
+    src = np.array(np.load(shard, mmap_mode="r")[: n_slides * n])  # a copy: a live map would pin the pages
+    runs = _windows(n_slides, n, k)
+    zdir, adir = work / "windows.zarr", work / "windows.array_record"
+    t0 = time.perf_counter()
+    z = zarr.create_array(store=str(zdir), shape=src.shape, chunks=(256, dim), dtype=src.dtype, compressors=None,
+                          fill_value=0)
+    for lo in range(0, len(src), 4096):
+        z[lo: lo + 4096] = src[lo: lo + 4096]
+    zarr_write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    w = ArrayRecordWriter(str(adir), "group_size:256,uncompressed")
+    for row in src:
+        w.write(row.tobytes())
+    w.close()
+    ar_write_s = time.perf_counter() - t0
+    del src
+    reader = PackedReader(store.shards, store.dim, store.dtype.str)
+    mm = np.load(shard, mmap_mode="r")
+    zr = zarr.open_array(str(zdir), mode="r")
+    tsa = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(zdir)}}).result()
+    ar = ArrayRecordReader(str(adir), "readahead_buffer_size:0")
+
+    def frombytes(records):
+        return np.frombuffer(b"".join(records), store.dtype).reshape(-1, dim)
+
+    readers = {  # name: (read one run (first, rows), files to drop)
+        "npy_pread (mmfm)": (lambda a, m: reader.read(0, a, np.arange(m))["features"], [shard]),
+        "npy_memmap": (lambda a, m: np.array(mm[a: a + m]), [shard]),
+        "zarr_v3 (zarr-python)": (lambda a, m: zr[a: a + m], sorted(p for p in zdir.rglob("*") if p.is_file())),
+        "zarr_v3 (tensorstore)": (lambda a, m: tsa[a: a + m].read().result(),
+                                  sorted(p for p in zdir.rglob("*") if p.is_file())),
+        "array_record": (lambda a, m: frombytes(ar.read(a, a + m)), [adir]),
+    }
+    out = []
+    for name, (read, files) in readers.items():
+        drop_cache(files, sync=True)
+        disk0, cpu0, t0 = disk_read_bytes(), time.process_time(), time.perf_counter()
+        delivered = 0
+        for a, m in runs:
+            got = read(a, m)
+            assert got.shape == (m, dim)
+            delivered += got.nbytes
+        seconds = time.perf_counter() - t0
+        disk = disk_read_bytes() - disk0
+        out.append({"container": name, "mb_per_s": delivered / MiB / seconds, "cpu_s": time.process_time() - cpu0,
+                    "seconds": seconds, "disk_per_delivered": disk / delivered, "windows": n_slides})
+        print(f"container {name}: {out[-1]['mb_per_s']:.0f} MB/s cold, cpu {out[-1]['cpu_s']:.2f} s, "
+              f"disk/delivered {out[-1]['disk_per_delivered']:.2f}", flush=True)
+    check = [read(*runs[0]) for read, _ in readers.values()]
+    assert all(np.array_equal(check[0], c) for c in check[1:]), "containers disagree"
+    reader.close()
+    ar.close()
+    out.append({"write_s": {"zarr_v3": zarr_write_s, "array_record": ar_write_s}})
+    shutil.rmtree(zdir)
+    adir.unlink()
+    return out
 
 
 def _run(*cmd) -> str | None:
@@ -259,18 +366,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=0, help="batches per round (default: one epoch)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
-    p.add_argument("--readahead", nargs="+", default=list(READAHEAD), choices=READAHEAD,
-                   help="LoaderConfig.readahead modes timed cold, side by side")
+    p.add_argument("--readahead", nargs="+", default=["willneed"], choices=READAHEAD,
+                   help="LoaderConfig.readahead modes timed cold on the h5 bags, side by side")
     p.add_argument("--processes", type=int, default=2, help="OS processes for the aggregate round (0: skip)")
+    p.add_argument("--shard-gb", type=float, default=1.0, help="`mmfm pack --shard-gb`")
+    p.add_argument("--container-slides", type=int, default=32, help="slides whose windows each container reads "
+                   "(0: skip the container comparison)")
     p.add_argument("--dir", help="where the store goes (default: a temp dir); it is removed after")
     a = p.parse_args(argv)
 
-    size = a.slides * a.tiles * a.dim * 2
+    size = a.slides * a.tiles * a.dim * 2 * 2 + 2 * a.container_slides * a.tiles * a.dim * 2  # bags, shards, containers
     work = Path(tempfile.mkdtemp(prefix="bench_feature_store_", dir=a.dir))
     free = shutil.disk_usage(work).free
     if size * 1.1 + 4 * 2**30 > free:
         work.rmdir()
-        raise SystemExit(f"store of {size / 2**30:.1f} GiB would leave under 4 GiB of {free / 2**30:.1f} GiB "
+        raise SystemExit(f"stores of {size / 2**30:.1f} GiB would leave under 4 GiB of {free / 2**30:.1f} GiB "
                          f"free at {work.parent}: pass fewer --slides/--tiles or another --dir")
     res: dict = {"machine": machine(), "disk": disk(work)}
     try:
@@ -289,40 +399,63 @@ def main(argv=None) -> int:
         res.update(raw_bandwidth(paths))
         res["memory_after_raw"] = memory()
 
+        t0 = time.perf_counter()
+        packed_dir = pack_cohort(Cohort.open(root, scan_features=False, packed=False), shard_gb=a.shard_gb,
+                                 log=lambda _: None)
+        res["pack_s"] = time.perf_counter() - t0
+        shards = sorted(packed_dir.glob("shard-*.npy"))
+        res["packed_gb"] = sum(p.stat().st_size for p in shards) / 2**30
+        res["raw_packed"] = raw_bandwidth(shards)
+        cohort = Cohort.open(root, scan_features=False)
+
         sampled = min(a.k, a.tiles) / a.tiles  # fraction of each bag's rows a step delivers
         cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=2)
         rounds = []
-        for workers in a.workers:  # cold for each readahead side by side, then warm (the same steps again)
-            for cache, readahead in [("cold", m) for m in a.readahead] + [("warm", "kernel")]:
-                if cache == "cold":
-                    drop_cache(paths)
-                with PeakMemory() as peak:
-                    r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers,
-                                                             "readahead": readahead}), steps)
-                r = {"workers": workers, "cache": cache, "readahead": readahead,
-                     **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
-                     "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],
-                     "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"],
-                     "memory": {**memory(), **peak.mb()}}
-                rounds.append(r)
-                print(f"workers={workers} {cache} readahead={readahead}: {r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} "
-                      f"batches/s, ratio {r['ratio_delivered']:.2f} (swept {r['ratio_swept']:.2f})", flush=True)
+        for layout in ("h5", "packed"):
+            modes = a.readahead if layout == "h5" else ["willneed"]  # readahead is a bag-reader setting
+            for workers in a.workers:  # cold (each readahead mode), then warm (the same steps again)
+                for cache, readahead in [("cold", m) for m in modes] + [("warm", "kernel" if layout == "h5" else "willneed")]:
+                    if cache == "cold":
+                        drop_cache(paths + shards)
+                    with PeakMemory() as peak:
+                        r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers, "tile_store": layout,
+                                                                 "readahead": readahead}), steps)
+                    r = {"layout": layout, "workers": workers, "cache": cache, "readahead": readahead,
+                         **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
+                         "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],
+                         "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"],
+                         "memory": {**memory(), **peak.mb()}}
+                    rounds.append(r)
+                    print(f"{layout} workers={workers} {cache} readahead={readahead}: {r['mb_per_s']:.0f} MB/s delivered, "
+                          f"{r['batches_per_s']:.2f} batches/s, ratio {r['ratio_delivered']:.2f} (swept "
+                          f"{r['ratio_swept']:.2f}), disk/delivered {r.get('disk_per_delivered', float('nan')):.2f}, "
+                          f"MB per CPU s {r.get('mb_per_cpu_s', float('nan')):.0f}",
+                          flush=True)
         res["rounds"] = rounds
         if a.processes > 1:
-            drop_cache(paths)
-            pr = processes_round(root, cfg, steps, a.processes)
-            pr["ratio_delivered"] = pr["mb_per_s"] / res["raw_mb_per_s"]
-            pr["ratio_swept"] = pr["mb_per_s"] / sampled / res["raw_mb_per_s"]
-            res["processes_round"] = pr
-            print(f"{a.processes} processes cold: {pr['mb_per_s']:.0f} MB/s together, ratio {pr['ratio_delivered']:.2f}")
-        res["profile_cold_in_process"] = profile_round(cohort, cfg, min(steps, 4), paths)
+            res["processes_rounds"] = []
+            for layout in ("h5", "packed"):
+                drop_cache(paths + shards)
+                pr = processes_round(root, LoaderConfig(**{**cfg.__dict__, "tile_store": layout}), steps, a.processes)
+                pr.update(layout=layout, ratio_delivered=pr["mb_per_s"] / res["raw_mb_per_s"],
+                          ratio_swept=pr["mb_per_s"] / sampled / res["raw_mb_per_s"])
+                res["processes_rounds"].append(pr)
+                print(f"{layout}: {a.processes} processes cold: {pr['mb_per_s']:.0f} MB/s together, "
+                      f"ratio {pr['ratio_delivered']:.2f}", flush=True)
+        res["profile_cold_in_process"] = {
+            layout: profile_round(cohort, LoaderConfig(**{**cfg.__dict__, "tile_store": layout}), min(steps, 4),
+                                  paths + shards) for layout in ("h5", "packed")}
+        if a.container_slides:
+            n_slides = min(a.container_slides, int(cohort.packed.index["shards"][0]["rows"]) // a.tiles)
+            res["containers"] = containers_round(packed_dir / "shard-00000.features.npy", work, n_slides, a.tiles,
+                                                 min(a.k, a.tiles), a.dim)
         res["memory_end"] = memory()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["settings"] = {"slides": a.slides, "tiles_per_bag": a.tiles, "dim": a.dim, "dtype": "float16",
                        "tiles_per_slide": a.k, "sampled_fraction": sampled, "batch_size": a.batch_size,
                        "steps_per_round": steps, "prefetch": cfg.prefetch,
-                       "bag_chunks": "write_bag default (256-row chunks, uncompressed)",
+                       "bag_chunks": "write_bag default (256-row chunks, uncompressed)", "shard_gb": a.shard_gb,
                        "raw": "sequential 8 MiB reads of every bag, each dropped from the page cache first",
                        "workers_timing": "rates skip the first `workers` batches (worker start-up)"}
     res["machine"]["uptime_end"] = machine()["uptime"]

@@ -25,6 +25,7 @@ COMMANDS = {
     "simulate": "simulate a cohort with latent truth",
     "validate": "check a cohort directory and report every problem",
     "extract": "whole-slide images → tile-feature bags (PyTorch)",
+    "pack": "a cohort's h5 bags → packed shards the loader reads in contiguous windows",
     "pretrain": "sharded multimodal pretraining",
     "launch": "pretrain as a SLURM / local job that re-queues itself (submitit)",
     "embed": "slide/case embeddings for every modality → AnnData",

@@ -583,9 +583,32 @@ class _Parts:
     rna: Any
     protein: Any
     reports: pd.Series | None
+    packed: Any = None
 
 
-def _check(root: Path, scan_features: bool = True, scan_cache: bool = True) -> tuple[ValidationReport, _Parts]:
+def _read_packed(root: Path, slides: pd.DataFrame | None, rep: ValidationReport):
+    """The packed store `mmfm pack` wrote (`mmfm.data.packed`), checked whole, or None. Damaged, it is an error the
+    non-strict open repairs by reading the h5 bags; slides packed from an older bag (or not at all) are read from
+    their bag, with a warning."""
+    from mmfm.data.packed import PACKED_DIR, PackedStore
+
+    d = root / PACKED_DIR
+    if not (d / "index.json").exists() or slides is None:
+        return None
+    try:
+        store = PackedStore.open(d)
+    except ValueError as e:
+        rep.error(str(e).replace(str(root) + os.sep, ""), exclude=f"{PACKED_DIR}/ (the loader reads the h5 bags)")
+        return None
+    _, stale = store.usable(slides)
+    if stale:
+        rep.warn(f"{PACKED_DIR}/index.json: {len(stale)} slide(s) not packed, or whose bag changed since `mmfm pack` "
+                 f"(size or mtime; the loader reads their h5 bags; re-run `mmfm pack`): {id_list(stale, LIST_MAX)}")
+    return store
+
+
+def _check(root: Path, scan_features: bool = True, scan_cache: bool = True,
+           packed: bool = True) -> tuple[ValidationReport, _Parts]:
     rep = ValidationReport(root=root)
     if not root.is_dir():
         rep.error(f"{root}: not a directory")
@@ -598,7 +621,7 @@ def _check(root: Path, scan_features: bool = True, scan_cache: bool = True) -> t
         scan.save()
     parts = _Parts(spec=spec, cases=cases, slides=slides,
                    rna=_read_omics(root, "rna", cases, rep), protein=_read_omics(root, "protein", cases, rep),
-                   reports=_read_reports(root, cases, rep))
+                   reports=_read_reports(root, cases, rep), packed=_read_packed(root, slides, rep) if packed else None)
     if parts.slides is not None:
         _warn_mixed_preservation(parts.slides, rep)
     if cases is not None and parts.slides is not None:
@@ -658,6 +681,7 @@ class Cohort:
         self.protein = parts.protein
         self.reports: pd.Series | None = parts.reports
         self.validation = validation
+        self.packed = parts.packed  # mmfm.data.packed.PackedStore or None
         self.mutation_columns = [c for c in self.cases.columns if c.startswith("mut_")]
         self.case_index = {c: i for i, c in enumerate(self.cases.index)}
         self._presence = _presence(parts)
@@ -665,12 +689,12 @@ class Cohort:
 
     @classmethod
     def open(cls, path: str | Path, strict: bool = True, scan_features: bool = True,
-             scan_cache: bool = True) -> Cohort:
+             scan_cache: bool = True, packed: bool = True) -> Cohort:
         """Validate and load. strict=True raises CohortError on any error; strict=False drops what is
         invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left.
-        scan_features, scan_cache: as in `validate`."""
+        scan_features, scan_cache: as in `validate`; packed=False ignores `packed/` (`mmfm pack` rewrites it)."""
         root = Path(path).resolve()
-        rep, parts = _check(root, scan_features, scan_cache)
+        rep, parts = _check(root, scan_features, scan_cache, packed)
         if rep.fatal or (strict and rep.errors):
             raise CohortError(rep)
         return cls(root, parts, rep)

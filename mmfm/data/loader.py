@@ -8,7 +8,9 @@ tiles from an RNG seeded by (seed, e, case_index). Hence a batch depends only on
   * process i of P computes only rows [i·B/P, (i+1)·B/P) of every global batch, every process
     runs the same steps, and a run may resume on a different process count,
   * grain workers (`workers > 0`, spawned processes) are a pure speed-up: same batches for any count.
-Only the sampled tile rows are read (`mmfm.data.sampling`). Omics are transformed once, at
+Only the sampled tile rows are read (`mmfm.data.sampling`); from a packed store (`mmfm pack`, `mmfm.data.packed`,
+used when present unless `tile_store: h5`) each slide's sample is one contiguous window of its stored permutation,
+still a pure function of (seed, step) and of the pack (its digest is part of the resume state). Omics are transformed once, at
 construction, with transforms fitted on this loader's cases unless given (e.g. restored from a run).
 """
 
@@ -24,10 +26,12 @@ import numpy as np
 
 from mmfm import MODALITIES
 from mmfm.data.batch import BatchShapes
-from mmfm.data.sampling import READAHEAD, BagReader, sample_tiles
+from mmfm.data.packed import PackedReader
+from mmfm.data.sampling import READAHEAD, BagReader, sample_tiles, window_positions
 
 log = logging.getLogger(__name__)
 
+TILE_STORES = ("auto", "h5", "packed")
 _ORDER_STREAM = 0x5EED  # keeps the case-permutation RNG stream apart from the per-case streams
 
 
@@ -46,10 +50,13 @@ class LoaderConfig:
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
     readahead: str = "willneed"  # willneed | kernel | random: how cold bag pages are read (sampling.BagReader)
+    tile_store: str = "auto"  # auto: <cohort>/packed/ when `mmfm pack` wrote it (window samples), else the h5 bags
 
     def __post_init__(self):
         if self.readahead not in READAHEAD:
             raise ValueError(f"LoaderConfig.readahead must be one of {READAHEAD}, got {self.readahead!r}")
+        if self.tile_store not in TILE_STORES:
+            raise ValueError(f"LoaderConfig.tile_store must be one of {TILE_STORES}, got {self.tile_store!r}")
         if self.multi_slide not in ("sample", "pool"):
             raise ValueError(f"LoaderConfig.multi_slide must be 'sample' or 'pool', got {self.multi_slide!r}")
         for key in ("batch_size", "tiles_per_slide"):
@@ -66,6 +73,7 @@ class _Tables:
     slide_path: list[str]
     slide_tiles: np.ndarray  # [n_slides] int64
     slide_patch: np.ndarray  # [n_slides] int64, patch_size_level0
+    slide_packed: np.ndarray  # [n_slides, 2] int64 (shard, offset) in the packed store; shard -1: read the h5 bag
     dense: dict[str, np.ndarray]  # batch key -> [n, ...] per-case array (omics, report, mutation, presence)
 
 
@@ -73,12 +81,13 @@ class _MakeBatch:
     """step -> this process's rows of global batch `step`. Pure: runs identically in any worker."""
 
     def __init__(self, tables: _Tables, cfg: LoaderConfig, feature_dim: int, emit_slide: bool,
-                 process_index: int, process_count: int):
+                 process_index: int, process_count: int, packed: PackedReader | None = None):
         self.t, self.cfg, self.dim, self.emit_slide = tables, cfg, feature_dim, emit_slide
         self.rows = cfg.batch_size // process_count
         self.first_row = process_index * self.rows
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
         self.reader = BagReader(cfg.open_bags, cfg.readahead)
+        self.packed = packed  # PackedReader or None
         self._order = (-1, None)
 
     def cases(self, step: int) -> tuple[int, np.ndarray]:
@@ -124,10 +133,16 @@ class _MakeBatch:
                 pos = np.flatnonzero(which == q) if len(slides) > 1 else slice(None)
                 if len(slides) > 1 and not len(pos):
                     continue  # a pooled slide none of whose tiles was drawn: its bag is not even opened
-                got = self.reader.read(t.slide_path[s], local[pos])
-                if not len(got["features"]):
+                if t.slide_packed[s, 0] >= 0:
+                    into = (None if not tile_mask[r].all()  # padded: the whole slide is read
+                            else feats[r, pos if len(slides) == 1 else slice(pos[0], pos[-1] + 1)])
+                    got = self._packed(s, local[pos], rng, into)
+                else:
+                    got = self.reader.read(t.slide_path[s], local[pos])
+                if not len(got["coords"]):
                     continue
-                feats[r, pos] = got["features"]
+                if "features" in got:  # else already in place
+                    feats[r, pos] = got["features"]
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
                 slide_index[r, pos] = q
                 frag = got.get("fragment")
@@ -140,6 +155,27 @@ class _MakeBatch:
             present[r] = True
         return {"slide/features": feats, "slide/coords": coords, "slide/tile_mask": tile_mask,
                 "slide/fragment": fragment, "slide/slide_index": slide_index, "slide/present": present}
+
+    def _packed(self, s: int, rows: np.ndarray, rng: np.random.Generator,
+                into: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Slide `s`'s share of a sample from the packed store. The uniform sample fixes how many tiles each slide
+        gives; those are one window of the stored permutation (`window_positions`), emitted in bag-row order like
+        `sample_tiles`' rows, their features gathered straight into `into` (the batch's slots; one copy fewer). A
+        padded sample (`into` None: fewer tiles than k, so every tile plus masked repeats) reads the whole slide and
+        takes exactly `rows`, as the h5 path does."""
+        n = int(self.t.slide_tiles[s])
+        shard, offset = (int(v) for v in self.t.slide_packed[s])
+        if into is None:
+            got = self.packed.read(shard, offset, np.arange(n))
+            at = np.empty(n, np.int64)
+            at[got["row"]] = np.arange(n)  # bag row -> stored position
+            take = at[rows]
+        else:
+            got = self.packed.read(shard, offset, window_positions(n, len(rows), rng))
+            take = np.argsort(got["row"], kind="stable")
+            if into.dtype == got["features"].dtype:
+                np.take(got.pop("features"), take, axis=0, out=into)
+        return {k: v[take] for k, v in got.items() if k != "row"}
 
 
 def _omics(name: str, adata, case_ids: list[str], transform, fit_kwargs: dict):
@@ -302,16 +338,23 @@ class TileBagLoader:
         has = present.get("slide", np.zeros(len(self.case_ids), bool))
         per_case = [list(by_case.get(c, [])) if h else [] for c, h in zip(self.case_ids, has)]
         order = [s for ids in per_case for s in ids]
+        store = self._tile_store(cohort, cfg) if order else None
+        packed = np.full((len(order), 2), -1, np.int64)
+        if store is not None:
+            where, _ = store.usable(slides.loc[order])
+            packed[:] = [where.get(str(s), (-1, -1)) for s in order]
+        self.tile_store = "h5" if store is None else f"packed {store.digest}"
         self._tables = _Tables(
             case_index=np.array([cohort.case_index[c] for c in self.case_ids], np.int32),
             slide_start=np.concatenate([[0], np.cumsum([len(ids) for ids in per_case])]).astype(np.int64),
             slide_path=[str(p) for p in slides.loc[order, "path"]],
             slide_tiles=slides.loc[order, "n_tiles"].to_numpy(np.int64),
             slide_patch=slides.loc[order, "patch_size_level0"].to_numpy(np.int64),
-            dense=dense)
+            slide_packed=packed, dense=dense)
         feature_dim = int(cohort.spec.feature_dim)
         self._make = _MakeBatch(self._tables, cfg, feature_dim, "slide" in self.modalities,
-                                process_index, process_count)
+                                process_index, process_count,
+                                None if store is None else PackedReader(store.shards, store.dim, store.dtype.str))
         self.steps_per_epoch = self._make.steps_per_epoch
         self.local_batch_size = self._make.rows
         self.shapes = BatchShapes(
@@ -323,6 +366,15 @@ class TileBagLoader:
             n_mutations=len(self.mutation_names))
         self._step = 0
         self._it = None
+
+    @staticmethod
+    def _tile_store(cohort, cfg: LoaderConfig):
+        """The cohort's packed store when the config allows it (`Cohort.packed`, checked at open), else None."""
+        store = getattr(cohort, "packed", None)
+        if cfg.tile_store == "packed" and store is None:
+            raise ValueError(f"{cohort.root}: LoaderConfig.tile_store='packed' but the cohort has no usable packed "
+                             f"store (run `mmfm pack {cohort.root}`; `mmfm validate` says why one is not used)")
+        return None if cfg.tile_store == "h5" else store
 
     # -- iteration ---------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -360,6 +412,8 @@ class TileBagLoader:
             self._it.close()
             self._it = None
         self._make.reader.close()
+        if self._make.packed is not None:
+            self._make.packed.close()
 
     def __enter__(self):
         return self
@@ -373,7 +427,7 @@ class TileBagLoader:
         cases = hashlib.sha1("\n".join(self.case_ids).encode()).hexdigest()[:16]
         return {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
                 "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids),
-                "cases_sha1": cases}
+                "cases_sha1": cases, "tile_store": self.tile_store}
 
     def get_state(self) -> dict:
         """JSON-able; `set_state` on a loader built with the same config and cases resumes exactly."""
@@ -381,10 +435,13 @@ class TileBagLoader:
 
     def set_state(self, state: dict) -> None:
         ours = self._identity()
-        bad = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) != v}
+        saved = {"tile_store": "h5", **state}  # states written before the packed store read the h5 bags
+        bad = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
         if bad:
             raise ValueError("loader state does not match this loader (key: saved, current): "
-                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in bad.items()))
+                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in bad.items())
+                             + (" — the tiles would be sampled from another store; set loader.tile_store (h5 | "
+                                "packed) to the saved one, or re-pack with the same seed" if "tile_store" in bad else ""))
         if self._it is not None:
             self.close()
         self._step = int(state["step"])

@@ -45,6 +45,18 @@ def sample_tiles(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     return rows, np.arange(k) < n
 
 
+def window_positions(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` ≤ n consecutive stored positions of a packed slide (`mmfm.data.packed`) from a uniform random start,
+    wrapping past the end: one contiguous read (two when it wraps) instead of `count` scattered rows.
+
+    Each tile is still drawn with probability count/n, but subsets are not independent: only n windows exist per
+    pack, and tiles close in the stored (seeded random) permutation co-occur more often than under `sample_tiles`.
+    """
+    if not 0 < count <= n:
+        raise ValueError(f"a window of {count} tiles does not fit a slide of {n}")
+    return (int(rng.integers(n)) + np.arange(count)) % n
+
+
 @dataclass(frozen=True)
 class _Runs:
     """Where a dataset's rows lie in the file: runs of consecutive rows at byte offsets."""
