@@ -47,12 +47,14 @@ def test_two_srun_tasks_initialise_jax_distributed_from_slurm_variables_alone(tm
     """What `srun mmfm pretrain` does on each task: no flags, JAX's SLURM detection finds the coordinator."""
     script = tmp_path / "task.py"
     script.write_text(textwrap.dedent("""
+        import pathlib, sys
         import jax, jax.numpy as jnp, numpy as np
         from jax.experimental import multihost_utils
         from mmfm.train.sharding import initialize_distributed
         cluster = initialize_distributed()
         total = multihost_utils.process_allgather(np.array([jax.process_index() + 1]))
-        print(cluster.kind, jax.process_count(), jax.process_index(), len(jax.devices()), int(total.sum()))
+        result = (cluster.kind, jax.process_count(), jax.process_index(), len(jax.devices()), int(total.sum()))
+        pathlib.Path(sys.argv[1]).write_text(" ".join(map(str, result)))
     """))
     job = str(random.randrange(100000, 900000))  # JAX puts the coordinator on port 61440 + job id % 4096
     procs = []
@@ -60,12 +62,13 @@ def test_two_srun_tasks_initialise_jax_distributed_from_slurm_variables_alone(tm
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(REPO), SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
                    SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]  # stdout apart: gloo's logs on stderr never split a line
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"task{i}.txt")], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    result = [[line for line in out.splitlines() if line.startswith("slurm ")] for out, _ in outs]
-    assert result == [["slurm 2 0 4 3"], ["slurm 2 1 4 3"]], outs
+    # each task writes its answer to a file of its own: gloo's C++ logging shares the tasks' stdout and may split a line
+    result = [(tmp_path / f"task{i}.txt").read_text() for i in range(2)]
+    assert result == ["slurm 2 0 4 3", "slurm 2 1 4 3"], outs
 
 
 def test_launch_slurm_writes_a_requeueing_job_of_one_process_per_gpu(tmp_path, monkeypatch):
