@@ -425,7 +425,8 @@ class TileBagLoader:
 
     def set_state(self, state: dict) -> None:
         ours = self._identity()
-        bad = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) != v}
+        keys = set(ours) | ({"site_balance", "site_augment"} & set(state))  # switched on in one of them only
+        bad = {k: (state.get(k), ours.get(k)) for k in sorted(keys) if state.get(k) != ours.get(k)}
         if bad:
             raise ValueError("loader state does not match this loader (key: saved, current): "
                              + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in bad.items()))
