@@ -422,8 +422,11 @@ def test_prefetch_and_workers_do_not_change_batches(cohort):
 SITE = {c: int(c[1:]) % 3 for c in SLIDES}  # site code of each case (names s0 < s1 < s2)
 
 
-def test_site_quotas_water_fill():
-    from mmfm.data.site import site_quotas
+def test_site_codes_and_quotas_water_fill():
+    from mmfm.data.site import site_codes, site_quotas
+
+    codes, names = site_codes(["b", None, float("nan"), "a", "", "b", 7])
+    assert codes.tolist() == [2, -1, -1, 1, -1, 2, 0] and names == ["7", "a", "b"]
 
     assert site_quotas([3, 4, 4], 4).tolist() == [1, 1, 2]  # B mod S rows to the largest strata
     assert site_quotas([1, 5, 10], 9).tolist() == [1, 4, 4]  # a site smaller than its share gives all it has

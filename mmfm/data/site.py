@@ -20,7 +20,7 @@ resumed run sees the same batches:
   to another training site t drawn uniformly: x ↦ x − μ_s + μ_t, or with `site_augment_scale`
   x ↦ μ_t + (x − μ_s)·σ_t/σ_s — the first- and second-order part of the additive stain/scanner shift that
   separates sites in tile-feature space. Drawn from an RNG seeded by (seed, step, case, slide). Slides with
-  no known training site are left as they are.
+  no known training site are left as they are; a training site none of whose cases has a slide is no target.
 
 Site ids: `site_codes` numbers the sites of a case list 0..S−1 (sorted names); −1 = unknown, which the
 objective never counts as "same site".
@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 _BALANCE_STREAM = 0xBA1A  # RNG streams of this module, apart from the loader's own
 _AUGMENT_STREAM = 0x57A1
@@ -39,7 +40,7 @@ _FIT_STREAM = 0xF175
 
 def site_codes(sites) -> tuple[np.ndarray, list[str]]:
     """([n] int32 codes, sorted site names): code i = index of the case's site in the names; −1 = no site."""
-    sites = [None if s is None or (isinstance(s, float) and np.isnan(s)) or str(s) == "" else str(s) for s in sites]
+    sites = [None if pd.isna(s) or str(s) == "" else str(s) for s in sites]
     names = sorted({s for s in sites if s is not None})
     index = {s: i for i, s in enumerate(names)}
     return np.array([index.get(s, -1) if s is not None else -1 for s in sites], np.int32), names
@@ -90,6 +91,7 @@ class SiteStyle:
     std: np.ndarray
     p: float
     scale: bool
+    fitted: np.ndarray  # [S] bool: the site had tiles to fit on
 
     @classmethod
     def fit(cls, read, slides_of_case: list[np.ndarray], slide_tiles: np.ndarray, case_site: np.ndarray,
@@ -111,23 +113,20 @@ class SiteStyle:
                 total[s] += x.sum(0)
                 squares[s] += (x * x).sum(0)
                 count[s] += len(x)
-        missing = np.flatnonzero(count == 0)
-        if len(missing):
-            raise ValueError(f"loader.site_augment: training sites {missing.tolist()} have no tiles to fit on")
-        mean = total / count[:, None]
-        std = np.sqrt(np.maximum(squares / count[:, None] - mean**2, 0.0)) + 1e-6
-        return cls(mean.astype(np.float32), std.astype(np.float32), p, scale)
+        n = np.maximum(count, 1)[:, None]  # a site whose cases have no slide keeps zeros and is never a target
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 0.0)) + 1e-6
+        return cls(mean.astype(np.float32), std.astype(np.float32), p, scale, count > 0)
 
     def __call__(self, x: np.ndarray, site: int, seed: int, step: int, case: int, slide: int) -> np.ndarray:
         """`x` [n, D] of one slide of a case at `site`, transferred to another site or returned unchanged."""
-        n_sites = len(self.mean)
-        if site < 0 or n_sites < 2:
+        others = np.flatnonzero(self.fitted & (np.arange(len(self.fitted)) != site))
+        if site < 0 or not len(others):
             return x
         rng = np.random.default_rng([seed, _AUGMENT_STREAM, step, case, slide])
         if rng.random() >= self.p:
             return x
-        t = int(rng.integers(n_sites - 1))
-        t += t >= site  # uniform over the other sites
+        t = int(others[rng.integers(len(others))])  # uniform over the other sites
         y = x.astype(np.float32) - self.mean[site]
         if self.scale:
             y *= self.std[t] / self.std[site]
