@@ -154,9 +154,9 @@ PAIR = (("slide", "rna"),)
 ALL_PAIRS = (("slide", "rna"), ("slide", "protein"), ("rna", "protein"))
 
 
-def pair_loss(same_w, other_w, site):
+def pair_loss(same_w, other_w, site, kind="siglip"):
     emb, present, ci = batch()
-    cfg = ObjectiveConfig(pairs=PAIR, same_site_weight=same_w, other_site_weight=other_w)
+    cfg = ObjectiveConfig(kind=kind, pairs=PAIR, same_site_weight=same_w, other_site_weight=other_w)
     lp = LogitParams(cfg, MODS, rngs=nnx.Rngs(0))
     return float(jax.jit(lambda e: multimodal_loss(e, present, ci, lp, cfg, axis=None, site=site)[0])(emb))
 
@@ -169,6 +169,28 @@ def test_site_weighted_siglip_matches_numpy(same_w, other_w):
     np.testing.assert_allclose(pair_loss(same_w, other_w, site), want, rtol=1e-5)
     assert abs(want - site_weighted_reference(emb, present, ci, site, 1.0, 1.0, PAIR)) > 1e-3  # weights matter
 
+
+def test_infonce_with_other_site_negatives_masked_matches_numpy():
+    """InfoNCE's softmax over the kept columns only: positives and same-site (or unknown-site) negatives."""
+    emb, present, ci = batch()
+    site = sites_of(ci)
+    z = 1 / 0.07 * emb["slide"].astype(np.float64) @ emb["rna"].astype(np.float64).T
+    pos = ci[:, None] == ci[None, :]
+    other = ~pos & (site[:, None] >= 0) & (site[None, :] >= 0) & (site[:, None] != site[None, :])
+
+    def reference(mask):
+        losses = []
+        for zz, va, vb, m in ((z, present["slide"], present["rna"], mask), (z.T, present["rna"], present["slide"],
+                                                                             mask.T)):
+            keep = ((va & (ci >= 0))[:, None] & (vb & (ci >= 0))[None, :]) & ~m
+            rows = [np.logaddexp.reduce(zz[i][keep[i]]) - zz[i][keep[i] & pos[i]].mean()
+                    for i in range(len(ci)) if (keep[i] & pos[i]).any()]
+            losses.append(np.mean(rows))
+        return np.mean(losses)
+
+    want = reference(other)
+    np.testing.assert_allclose(pair_loss(1.0, 0.0, site, "infonce"), want, rtol=1e-5)
+    assert abs(want - reference(np.zeros_like(other))) > 1e-3  # the mask matters
 
 def test_plain_weights_ignore_sites_and_sites_are_required_otherwise():
     emb, present, ci = batch()
