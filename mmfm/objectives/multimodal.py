@@ -66,7 +66,7 @@ class ObjectiveConfig:
     infonce_tau: float = 0.07
     learn_tau: bool = False
     impl: Literal["global", "gather", "ring"] = "global"
-    same_site_weight: float = 1.0      # weight of same-site negative pairs (0 = masked, 1 = plain; see above)
+    same_site_weight: float = 1.0      # weight of same-site negative pairs (0 = masked, 1 = plain; module docstring)
     other_site_weight: float = 1.0     # weight of negative pairs from two different known sites (0 = masked)
     site_adversary: float = 0.0        # λ of the gradient-reversed site head on the slide embedding (0 = off)
     site_adversary_warmup: int = 0     # λ ramps linearly from 0 over this many optimizer steps (0 = constant)
