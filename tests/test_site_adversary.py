@@ -45,7 +45,7 @@ def test_site_loss_accuracy_chance_and_schedule():
 
 
 def test_tiny_pretraining_with_every_site_switch(cohort, tmp_path):
-    sets = tiny_sets(cohort, "train.steps=3", "train.ckpt_every=3",
+    sets = tiny_sets(cohort, "train.steps=3", "train.ckpt_every=3", "data.modalities=[slide, rna]",
                      "loader.site_balance=true", "loader.site_augment=0.5", "loader.site_augment_scale=true",
                      "objective.same_site_weight=2.0", "objective.other_site_weight=0.5",
                      "objective.site_adversary=0.5", "objective.site_adversary_warmup=2")
