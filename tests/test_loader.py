@@ -107,12 +107,15 @@ def test_batches_follow_the_contract(cohort):
     loader = _loader(cohort)
     assert loader.skipped_cases == ["c03"] and loader.steps_per_epoch == 11 // 4
     assert loader.shapes == BatchShapes(batch_size=4, tiles_per_slide=K, feature_dim=D, n_genes=10,
-                                        n_proteins=6, report_len=12, n_mutations=2)
+                                        n_proteins=6, report_len=12, n_mutations=2, n_sites=3)
+    assert loader.site_names == ["s0", "s1", "s2"]
     assert loader.mutation_names == ["TP53", "KRAS"] and len(loader.gene_names) == 10
     assert sorted(loader.protein_names) == [f"P{i}" for i in range(6)]
     ref = random_batch(loader.shapes)
     for batch in _take(loader, 3):
         assert batch.keys() == ref.keys()
+        np.testing.assert_array_equal(batch["site_index"], [int(cohort.cases.index[c][1:]) % 3
+                                                            for c in batch["case_index"]])
         for k, v in batch.items():
             assert v.shape == ref[k].shape, k
             want = np.float16 if k == "slide/features" else ref[k].dtype
@@ -150,7 +153,7 @@ def test_presence_masks_follow_the_cohort(cohort):
 def test_modalities_config_restricts_the_batch(cohort):
     loader = _loader(cohort, modalities=("slide", "mutation"))
     batch = next(loader)
-    assert set(batch) == {"case_index", "mutation/values", "mutation/mask", "mutation/present",
+    assert set(batch) == {"case_index", "site_index", "mutation/values", "mutation/mask", "mutation/present",
                           "slide/features", "slide/coords", "slide/tile_mask", "slide/fragment", "slide/slide_index",
                           "slide/present"}
     assert loader.shapes.n_genes == 0 and loader.transforms == {}
@@ -413,6 +416,91 @@ def test_prefetch_and_workers_do_not_change_batches(cohort):
     with _loader(cohort, workers=2, prefetch=1) as workers:
         for x, y in zip(ref, _take(workers, 3)):
             _same(x, y)
+
+
+# ------------------------------------------------------------------------------------------- sites
+SITE = {c: int(c[1:]) % 3 for c in SLIDES}  # site code of each case (names s0 < s1 < s2)
+
+
+def test_site_codes_and_quotas_water_fill():
+    from mmfm.data.site import site_codes, site_quotas
+
+    codes, names = site_codes(["b", None, float("nan"), "a", "", "b", 7])
+    assert codes.tolist() == [2, -1, -1, 1, -1, 2, 0] and names == ["7", "a", "b"]
+
+    assert site_quotas([3, 4, 4], 4).tolist() == [1, 1, 2]  # B mod S rows to the largest strata
+    assert site_quotas([1, 5, 10], 9).tolist() == [1, 4, 4]  # a site smaller than its share gives all it has
+    assert site_quotas([2, 2, 20], 12).tolist() == [2, 2, 8]
+    with pytest.raises(ValueError, match="at least as many cases"):
+        site_quotas([1, 2], 4)
+
+
+def test_site_balanced_batches_over_many_passes(cohort):
+    """11 cases: s0 has 3, s1 and s2 have 4; batch 4 → quotas 1, 1, 2 every batch. Each site's cases are visited
+    in passes (a permutation per pass), the small site oversampled, never a case twice in one batch."""
+    loader = _loader(cohort, site_balance=True, modalities=("rna", "mutation"))  # the same 11 cases, no bags read
+    n_steps, seen = 24, {0: [], 1: [], 2: []}
+    for step in range(n_steps):
+        batch = loader.batch(step)
+        cases = [cohort.cases.index[i] for i in batch["case_index"]]
+        assert len(set(cases)) == 4
+        np.testing.assert_array_equal(batch["site_index"], [SITE[c] for c in cases])
+        assert sorted(SITE[c] for c in cases) == [0, 1, 2, 2]
+        for c in cases:
+            seen[SITE[c]].append(c)
+    members = {s: sorted(c for c in loader.case_ids if SITE[c] == s) for s in seen}
+    for s, per_pass in ((0, 3), (1, 4), (2, 4)):  # a pass visits every case of its site once
+        for k in range(0, len(seen[s]), per_pass):
+            assert sorted(seen[s][k: k + per_pass]) == members[s], s
+    assert len(seen[0]) // 3 == 8 and len(seen[1]) // 4 == 6  # s0's cases come 8 times, s1's 6 times
+    assert len({tuple(seen[0][k: k + 3]) for k in range(0, 24, 3)}) > 1  # passes are reshuffled
+
+
+def test_site_balanced_loader_resumes_and_splits_over_processes(cohort):
+    a = _loader(cohort, site_balance=True)
+    _take(a, 5)
+    b = _loader(cohort, site_balance=True)
+    b.set_state(json.loads(json.dumps(a.get_state())))
+    for x, y in zip(_take(a, 2), _take(b, 2)):
+        _same(x, y)
+    with pytest.raises(ValueError, match="site_balance"):
+        _loader(cohort).set_state(a.get_state())
+    parts = [_loader(cohort, site_balance=True, process_index=i, process_count=2) for i in range(2)]
+    for step in (0, 7):
+        full = a.batch(step)
+        _same(full, {k: np.concatenate([p.batch(step)[k] for p in parts]) for k in full})
+
+
+def test_site_style_is_fitted_on_training_cases_only_and_moves_slides_between_sites(cohort, bags):
+    """μ_s, σ_s equal NumPy's over every tile of the loader's cases; the held-out cases (c05, c10) would change
+    them. With p = 1 each slide's features are exactly μ_t + (x − μ_s)·σ_t/σ_s for one other site t."""
+    train = [c for c in ALL if c not in ("c05", "c10")]
+    cfg = LoaderConfig(batch_size=4, tiles_per_slide=K, prefetch=0, feature_dtype="float32", site_augment=1.0,
+                       site_augment_scale=True, site_augment_fit_tiles=1000)
+    loader = TileBagLoader(cohort, cfg, train, modalities=("slide",))
+    style = loader._make.style
+
+    def stats(cases):
+        out = []
+        for s in range(3):
+            x = np.concatenate([bags[_slide_no(c, j)]["features"].astype(np.float64)
+                                for c in cases if SITE[c] == s for j in range(len(SLIDES[c]))])
+            out.append((x.mean(0), x.std(0)))
+        return np.array([m for m, _ in out]), np.array([d for _, d in out])
+
+    mean, std = stats(train)
+    np.testing.assert_allclose(style.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(style.std, std, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stats(ALL)[0], mean, atol=1e-3)  # the held-out cases' tiles would have moved μ
+    for step in range(3):
+        batch = loader.batch(step)
+        np.testing.assert_array_equal(batch["slide/features"], loader.batch(step)["slide/features"])
+        for r, s in enumerate(batch["site_index"]):
+            slide, row = _tiles(batch, r)
+            x = bags[slide[0]]["features"][row].astype(np.float64)
+            y = batch["slide/features"][r].astype(np.float64)
+            fits = [t for t in range(3) if np.allclose(y, mean[t] + (x - mean[s]) * std[t] / std[s], atol=1e-3)]
+            assert len(fits) == 1 and fits[0] != s, (step, r, fits)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -3,7 +3,8 @@
 Rows are cases. Global batch `s` belongs to epoch e = s // steps_per_epoch and holds the cases at
 positions [(s mod steps_per_epoch)·B, +B) of epoch e's case permutation (seeded by (seed, e); the
 epoch's last partial batch is dropped, so a batch never repeats a case). Row r draws its slide and
-tiles from an RNG seeded by (seed, e, case_index). Hence a batch depends only on (seed, step):
+tiles from an RNG seeded by (seed, e, case_index). With `site_balance` the rows come instead from per-site
+streams (`mmfm.data.site`), e being the row's pass through its site. Hence a batch depends only on (seed, step):
   * resume is exact and the state is just the step (JSON; orbax: `ocp.args.JsonSave(state)`),
   * process i of P computes only rows [i·B/P, (i+1)·B/P) of every global batch, every process
     runs the same steps, and a run may resume on a different process count,
@@ -28,6 +29,7 @@ from mmfm import MODALITIES
 from mmfm.data.batch import BatchShapes
 from mmfm.data.packed import PackedReader
 from mmfm.data.sampling import READAHEAD, BagReader, sample_tiles, window_positions
+from mmfm.data.site import BalancedOrder, SiteStyle, site_codes
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,17 @@ class LoaderConfig:
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
     readahead: str = "willneed"  # willneed | kernel | random: how cold bag pages are read (sampling.BagReader)
     tile_store: str = "auto"  # auto: <cohort>/packed/ when `mmfm pack` wrote it (window samples), else the h5 bags
+    # Site-robustness switches (mathematics in mmfm.data.site; all off by default; training loader only):
+    site_balance: bool = False  # every batch takes ~B/S rows from each training site (per-site streams)
+    site_augment: float = 0.0  # per-slide probability of moving its tile features to another training site's style
+    site_augment_scale: bool = False  # the transfer also rescales per dimension (σ_t/σ_s), not only shifts the mean
+    site_augment_fit_tiles: int = 256  # tiles sampled per training slide to fit the per-site mean/std
 
     def __post_init__(self):
+        if not 0.0 <= self.site_augment <= 1.0:
+            raise ValueError(f"LoaderConfig.site_augment is a probability in [0, 1], got {self.site_augment}")
+        if self.site_augment_fit_tiles < 1:
+            raise ValueError(f"LoaderConfig.site_augment_fit_tiles must be ≥ 1, got {self.site_augment_fit_tiles}")
         if self.readahead not in READAHEAD:
             raise ValueError(f"LoaderConfig.readahead must be one of {READAHEAD}, got {self.readahead!r}")
         if self.tile_store not in TILE_STORES:
@@ -74,6 +85,7 @@ class _Tables:
     slide_tiles: np.ndarray  # [n_slides] int64
     slide_patch: np.ndarray  # [n_slides] int64, patch_size_level0
     slide_packed: np.ndarray  # [n_slides, 2] int64 (shard, offset) in the packed store; shard -1: read the h5 bag
+    site: np.ndarray  # [n] int32 site code (index into the loader's site_names), -1 = unknown
     dense: dict[str, np.ndarray]  # batch key -> [n, ...] per-case array (omics, report, mutation, presence)
 
 
@@ -81,17 +93,27 @@ class _MakeBatch:
     """step -> this process's rows of global batch `step`. Pure: runs identically in any worker."""
 
     def __init__(self, tables: _Tables, cfg: LoaderConfig, feature_dim: int, emit_slide: bool,
-                 process_index: int, process_count: int, packed: PackedReader | None = None):
-        self.t, self.cfg, self.dim, self.emit_slide = tables, cfg, feature_dim, emit_slide
+                 process_index: int, process_count: int, packed: PackedReader | None = None,
+                 style: SiteStyle | None = None):
+        self.t, self.cfg, self.dim, self.emit_slide, self.style = tables, cfg, feature_dim, emit_slide, style
         self.rows = cfg.batch_size // process_count
         self.first_row = process_index * self.rows
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
         self.reader = BagReader(cfg.open_bags, cfg.readahead)
         self.packed = packed  # PackedReader or None
         self._order = (-1, None)
+        self.balanced = None
+        if cfg.site_balance:
+            strata = [np.flatnonzero(tables.site == s) for s in range(int(tables.site.max()) + 1)]
+            self.balanced = BalancedOrder(strata + [np.flatnonzero(tables.site < 0)], cfg.batch_size, cfg.seed)
 
-    def cases(self, step: int) -> tuple[int, np.ndarray]:
-        """(epoch, loader case numbers of this process's rows) for global step `step`."""
+    def cases(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch of each row, loader case numbers of this process's rows) for global step `step`; with
+        `site_balance`, a row's epoch is its pass through its site's stream."""
+        rows = slice(self.first_row, self.first_row + self.rows)
+        if self.balanced is not None:
+            cases, passes = self.balanced(step)
+            return passes[rows], cases[rows]
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._order[0] != epoch:
             n = len(self.t.case_index)
@@ -99,17 +121,17 @@ class _MakeBatch:
                     if self.cfg.shuffle else np.arange(n))
             self._order = (epoch, perm)
         start = i * self.cfg.batch_size + self.first_row
-        return epoch, self._order[1][start: start + self.rows]
+        return np.full(self.rows, epoch), self._order[1][start: start + self.rows]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        epoch, cases = self.cases(int(step))
-        out = {"case_index": self.t.case_index[cases]}
+        epochs, cases = self.cases(int(step))
+        out = {"case_index": self.t.case_index[cases], "site_index": self.t.site[cases]}
         if self.emit_slide:
-            out.update(self._slides(epoch, cases))
+            out.update(self._slides(int(step), epochs, cases))
         out.update({k: v[cases] for k, v in self.t.dense.items()})
         return out
 
-    def _slides(self, epoch: int, cases: np.ndarray) -> dict[str, np.ndarray]:
+    def _slides(self, step: int, epochs: np.ndarray, cases: np.ndarray) -> dict[str, np.ndarray]:
         b, k, t = len(cases), self.cfg.tiles_per_slide, self.t
         feats = np.zeros((b, k, self.dim), self.cfg.feature_dtype)  # calloc: rows without slides stay 0
         coords = np.zeros((b, k, 2), np.int32)
@@ -121,7 +143,7 @@ class _MakeBatch:
             slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
             if not len(slides):
                 continue
-            rng = np.random.default_rng([self.cfg.seed, epoch, int(t.case_index[c])])
+            rng = np.random.default_rng([self.cfg.seed, int(epochs[r]), int(t.case_index[c])])
             if self.cfg.multi_slide == "sample":
                 slides = slides[[rng.integers(len(slides))]]
             ends = np.cumsum(t.slide_tiles[slides])
@@ -143,6 +165,9 @@ class _MakeBatch:
                     continue
                 if "features" in got:  # else already in place
                     feats[r, pos] = got["features"]
+                if self.style is not None:
+                    feats[r, pos] = self.style(feats[r, pos], int(t.site[c]), self.cfg.seed, step,
+                                               int(t.case_index[c]), int(s))
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
                 slide_index[r, pos] = q
                 frag = got.get("fragment")
@@ -344,17 +369,19 @@ class TileBagLoader:
             where, _ = store.usable(slides.loc[order])
             packed[:] = [where.get(str(s), (-1, -1)) for s in order]
         self.tile_store = "h5" if store is None else f"packed {store.digest}"
+        site, self.site_names = site_codes(cohort.cases.loc[self.case_ids, "site"].tolist())
         self._tables = _Tables(
             case_index=np.array([cohort.case_index[c] for c in self.case_ids], np.int32),
             slide_start=np.concatenate([[0], np.cumsum([len(ids) for ids in per_case])]).astype(np.int64),
             slide_path=[str(p) for p in slides.loc[order, "path"]],
             slide_tiles=slides.loc[order, "n_tiles"].to_numpy(np.int64),
             slide_patch=slides.loc[order, "patch_size_level0"].to_numpy(np.int64),
-            slide_packed=packed, dense=dense)
+            slide_packed=packed, site=site, dense=dense)
         feature_dim = int(cohort.spec.feature_dim)
         self._make = _MakeBatch(self._tables, cfg, feature_dim, "slide" in self.modalities,
                                 process_index, process_count,
-                                None if store is None else PackedReader(store.shards, store.dim, store.dtype.str))
+                                None if store is None else PackedReader(store.shards, store.dim, store.dtype.str),
+                                self._site_style(feature_dim))
         self.steps_per_epoch = self._make.steps_per_epoch
         self.local_batch_size = self._make.rows
         self.shapes = BatchShapes(
@@ -363,7 +390,7 @@ class TileBagLoader:
             feature_dim=feature_dim if "slide" in self.modalities else 0,
             n_genes=len(self.gene_names), n_proteins=len(self.protein_names),
             report_len=cfg.report_max_len if "report" in self.modalities else 0,
-            n_mutations=len(self.mutation_names))
+            n_mutations=len(self.mutation_names), n_sites=len(self.site_names))
         self._step = 0
         self._it = None
 
@@ -375,6 +402,22 @@ class TileBagLoader:
             raise ValueError(f"{cohort.root}: LoaderConfig.tile_store='packed' but the cohort has no usable packed "
                              f"store (run `mmfm pack {cohort.root}`; `mmfm validate` says why one is not used)")
         return None if cfg.tile_store == "h5" else store
+
+    def _site_style(self, feature_dim: int) -> SiteStyle | None:
+        """`loader.site_augment`'s per-site statistics, fitted on this loader's (the training) cases only."""
+        cfg, t = self.cfg, self._tables
+        if cfg.site_augment == 0.0:
+            return None
+        if "slide" not in self.modalities:
+            raise ValueError("LoaderConfig.site_augment transfers tile features: data.modalities needs 'slide'")
+        reader = BagReader(cfg.open_bags, cfg.readahead)
+        try:
+            return SiteStyle.fit(lambda s, rows: reader.read(t.slide_path[s], rows)["features"],
+                                 [np.arange(t.slide_start[c], t.slide_start[c + 1]) for c in range(len(t.site))],
+                                 t.slide_tiles, t.site, t.case_index, len(self.site_names), feature_dim,
+                                 cfg.site_augment_fit_tiles, cfg.site_augment, cfg.site_augment_scale)
+        finally:
+            reader.close()
 
     # -- iteration ---------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -425,9 +468,14 @@ class TileBagLoader:
     def _identity(self) -> dict:
         c = self.cfg
         cases = hashlib.sha1("\n".join(self.case_ids).encode()).hexdigest()[:16]
-        return {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
-                "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids),
-                "cases_sha1": cases, "tile_store": self.tile_store}
+        out = {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
+               "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids),
+               "cases_sha1": cases, "tile_store": self.tile_store}
+        if c.site_balance:  # only when on: states saved before these switches existed still match
+            out["site_balance"] = True
+        if c.site_augment:
+            out["site_augment"] = [c.site_augment, c.site_augment_scale, c.site_augment_fit_tiles]
+        return out
 
     def get_state(self) -> dict:
         """JSON-able; `set_state` on a loader built with the same config and cases resumes exactly."""
@@ -436,7 +484,8 @@ class TileBagLoader:
     def set_state(self, state: dict) -> None:
         ours = self._identity()
         saved = {"tile_store": "h5", **state}  # states written before the packed store read the h5 bags
-        bad = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+        keys = set(ours) | ({"site_balance", "site_augment"} & set(saved))  # switched on in one of them only
+        bad = {k: (saved.get(k), ours.get(k)) for k in sorted(keys) if saved.get(k) != ours.get(k)}
         if bad:
             raise ValueError("loader state does not match this loader (key: saved, current): "
                              + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in bad.items())
