@@ -1,7 +1,7 @@
 """A user's PyTorch slide-encoder checkpoint → an mmfm export directory (Flax-loadable): `mmfm import-encoder`.
 
 Reads a safetensors file or a `torch.load(weights_only=True)` state dict (`mmfm.bridges.encoders.read_state_dict`),
-maps it through a public layout (`mmfm/models/slide_layouts.py`: clam, tangle, vit), loads it into mmfm's Flax
+maps it through a public layout (`mmfm/models/slide_layouts.py`: clam, tangle, vit, gigapath), loads it into mmfm's Flax
 slide encoder — every tensor placed with its shape checked, or a `PortingError` naming each missing / unexpected /
 mis-shaped key — and writes the export format (`mmfm/models/export_format.py`) holding just that slide encoder.
 From there `mmfm.models.export_format.load_slide_encoder` gives the Flax encoder, `train.init_slide_encoder`
@@ -12,6 +12,7 @@ downloads or ships converted weights (data_cards/public_slide_encoders.md lists 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,10 +23,14 @@ Positions = Literal["none", "alternate", "rope"]  # an alias keeps the field lin
 @dataclass(frozen=True)
 class LayoutOptions:
     prefix: str = "auto"          # key prefix of the slide encoder (e.g. 'wsi_embedder.'); auto: found by the layout
-    n_heads: int = 0              # vit only: attention heads (not recorded in a state dict)
+    n_heads: int = 0              # vit: attention heads (not recorded in a state dict); gigapath: 0 = the released 16
     layer_pattern: Positions = "none"  # vit only: position scheme of the blocks
     fragment_local: bool = True   # vit only: RoPE layers attend within one tissue fragment
     rope_base: float = 100.0      # vit only: RoPE frequency base
+    segment_lengths: tuple[int, ...] = ()  # gigapath only: LongNet segment lengths; () = the released model's
+    dilation_ratios: tuple[int, ...] = ()  # gigapath only: one per segment length; () = (1, 2, 4, 8, 16)
+    layer: int = 11               # gigapath only: blocks whose output is read (TRIDENT: 11); -1 = final output
+    global_pool: bool = True      # gigapath only: mean of tile tokens (TRIDENT), false = the class token
 
 
 def import_encoder(checkpoint: str | Path, layout: str, out: str | Path,
@@ -45,9 +50,7 @@ def import_encoder(checkpoint: str | Path, layout: str, out: str | Path,
 
     state = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
              for k, v in read_state_dict(checkpoint).items()}
-    conv, outside = convert(state, layout, options.prefix, n_heads=options.n_heads,
-                            layer_pattern=options.layer_pattern, fragment_local=options.fragment_local,
-                            rope_base=options.rope_base)
+    conv, outside = convert(state, layout, **dataclasses.asdict(options))
     encoder = build_slide_encoder(conv.slide, conv.feature_dim, dtype=jnp.float32, rngs=nnx.Rngs(0))
     port_state_dict(encoder, conv.state, conv.name_map, source=f"{checkpoint} (layout {layout})")
     source = {"checkpoint": str(Path(checkpoint).absolute()), "layout": layout, "modalities": ["slide"],

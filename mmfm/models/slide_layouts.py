@@ -25,6 +25,11 @@ attributes; no code was copied.
           scheme (ALiBi: MOOZY; dilated LongNet: Prov-GigaPath) has different keys or different maths, and
           imports, if at all, as an initialisation — only position-free ("none") or mmfm's own 2D RoPE
           blocks reproduce the source model's function.
+  gigapath Prov-GigaPath's slide encoder (`LongNetViT`, mmfm/models/gigapath.py): `patch_embed.proj`, `cls_token`,
+          `encoder.layers.<i>.self_attn.{q,k,v,out}_proj` + `.inner_attn_ln`, `.self_attn_layer_norm`,
+          `.ffn.{fc1, ffn_layernorm, fc2}`, `.final_layer_norm`, `encoder.layer_norm`, `norm`. Heads, segment
+          lengths and dilation ratios are not in a state dict: the released model's (16; 1024 … 1048576;
+          1, 2, 4, 8, 16) unless given. Its fixed sin-cos `pos_embed` is recomputed, never read.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 
 from mmfm.models.abmil import ABMILConfig
 from mmfm.models.config import SlideConfig
+from mmfm.models.gigapath import GigaPathConfig
 from mmfm.models.transformer import TransformerConfig
 from mmfm.models.weight_porting import NameMap, PortingError, Rule, identity, transpose
 
@@ -157,6 +163,39 @@ def _vit(state: State, *, n_heads: int = 0, layer_pattern: str = "none", fragmen
                      NameMap(rules, ignore=(r"head\..*",)))
 
 
+def _gigapath(state: State, *, n_heads: int = 0, segment_lengths: tuple[int, ...] = (),
+              dilation_ratios: tuple[int, ...] = (), layer: int = 11, global_pool: bool = True, **_) -> Converted:
+    state = dict(state)
+    w_in = _need(state, "patch_embed.proj.weight", 2, "gigapath")
+    state["cls_token"] = _need(state, "cls_token", 3, "gigapath").reshape(1, -1)
+    depth = len({m.group(1) for k in state if (m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight", k))})
+    default = GigaPathConfig()
+    cfg = GigaPathConfig(width=w_in.shape[0], depth=depth, n_heads=n_heads or default.n_heads,
+                         ffn_dim=_need(state, "encoder.layers.0.ffn.fc1.weight", 2, "gigapath").shape[0],
+                         segment_lengths=tuple(segment_lengths) or default.segment_lengths,
+                         dilation_ratios=tuple(dilation_ratios) or default.dilation_ratios, layer=layer,
+                         global_pool=global_pool)
+    cfg.validate()
+    b, a = r"encoder\.layers\.(\d+)\.", r"encoder\.layers\.(\d+)\.self_attn\."
+    rules = (*_linear("patch_embed.proj", "proj"), Rule("cls_token", "cls"),
+             Rule(a + r"(q|k|v)_proj\.weight", r"blocks.\1.\2.kernel", transpose),
+             Rule(a + r"(q|k|v)_proj\.bias", r"blocks.\1.\2.bias"),
+             Rule(a + r"out_proj\.weight", r"blocks.\1.out.kernel", transpose), Rule(a + r"out_proj\.bias", r"blocks.\1.out.bias"),
+             Rule(b + r"ffn\.fc(1|2)\.weight", r"blocks.\1.fc\2.kernel", transpose),
+             Rule(b + r"ffn\.fc(1|2)\.bias", r"blocks.\1.fc\2.bias"),
+             *(Rule(src + r"\.weight", rf"blocks.\1.{dst}.scale") for src, dst in _GIGAPATH_NORMS),
+             *(Rule(src + r"\.bias", rf"blocks.\1.{dst}.bias") for src, dst in _GIGAPATH_NORMS),
+             *_norm("encoder.layer_norm", "encoder_norm"), *_norm("norm", "norm"))
+    return Converted(SlideConfig(kind="gigapath", gigapath=cfg), w_in.shape[1], state,
+                     NameMap(rules, ignore=(r"pos_embed",)))
+
+
+_GIGAPATH_NORMS = ((r"encoder\.layers\.(\d+)\.self_attn_layer_norm", "attn_norm"),
+                   (r"encoder\.layers\.(\d+)\.self_attn\.inner_attn_ln", "inner_norm"),
+                   (r"encoder\.layers\.(\d+)\.final_layer_norm", "ffn_norm"),
+                   (r"encoder\.layers\.(\d+)\.ffn\.ffn_layernorm", "ffn_inner_norm"))
+
+
 LAYOUTS: dict[str, Layout] = {
     "clam": Layout(r"attention_net\.\d+\.attention_a\.0\.weight", _clam),
     "tangle": Layout(r"pre_attn\.0\.weight", _tangle, (
@@ -167,6 +206,7 @@ LAYOUTS: dict[str, Layout] = {
         (r"fc_norm\..*", "average-pool readout norm: mmfm reads the class token"),
         (r"blocks\.\d+\.ls[12]\..*", "LayerScale is not part of mmfm's blocks"),
         (r"blocks\.\d+\.attn\.[qk]_norm\..*", "QK-norm is not part of mmfm's blocks"))),
+    "gigapath": Layout(r"encoder\.layers\.0\.self_attn\.q_proj\.weight", _gigapath),
 }
 
 
