@@ -39,58 +39,68 @@ def head_offsets(n_heads: int, ratio: int) -> np.ndarray:
     return np.arange(n_heads) // -(-n_heads // ratio)
 
 
-def _branch(q, k, v, length, seg_len: int, ratio: int, block_q: int, block_k: int):
-    """One (segment length, dilation) branch → (out [B, T, H, d], lse [B, T, H]); off-lattice queries get out 0
-    and lse -1e30."""
-    b, t, h, d = q.shape
-    span = min(seg_len, t)                      # positions of one segment present in the padded sequence
-    n_seg, per_seg = -(-t // seg_len), -(-span // ratio)
-    off = head_offsets(h, ratio)                                               # [H]
-    within = off[:, None, None] + ratio * np.arange(per_seg)[None, None, :]    # [H, 1, m]
-    pos = np.arange(n_seg)[None, :, None] * seg_len + within                   # [H, n_seg, m]
-    exists = ((within < span) & (pos < t)).reshape(h, -1)                      # slot holds a real position
-    pos = np.minimum(pos, t - 1).reshape(h, -1)
-    seg_id = jnp.asarray(np.repeat(np.arange(n_seg), per_seg), jnp.int32)
+class _Lattice:
+    """Static (NumPy) layout of one (segment length w, dilation r) branch over T tokens: per head the positions of
+    its lattice, segment after segment, m slots per segment (slots past the segment or the sequence are empty)."""
 
-    def gather(x):  # [B, T, H, d] → [B·H, M, 1, d], head j reading its own lattice
-        xs = jnp.take_along_axis(jnp.moveaxis(x, 2, 1), jnp.asarray(pos)[None, :, :, None], axis=2)
-        return xs.reshape(b * h, -1, 1, d)
+    def __init__(self, t: int, h: int, seg_len: int, ratio: int):
+        span = min(seg_len, t)                  # positions of one segment present in the padded sequence
+        self.seg_len, self.ratio, self.n_seg, self.per_seg = seg_len, ratio, -(-t // seg_len), -(-span // ratio)
+        self.off = head_offsets(h, ratio)                                                 # [H]
+        within = self.off[:, None, None] + ratio * np.arange(self.per_seg)[None, None, :]  # [H, 1, m]
+        pos = np.arange(self.n_seg)[None, :, None] * seg_len + within                     # [H, n_seg, m]
+        self.exists = ((within < span) & (pos < t)).reshape(h, -1)
+        self.pos = np.minimum(pos, t - 1).reshape(h, -1)
+        self.seg = np.repeat(np.arange(self.n_seg), self.per_seg)
+        rel = np.arange(t)[None, :] % seg_len - self.off[:, None]                         # [H, T]
+        self.on = rel % ratio == 0              # token p is on head j's lattice, at slot (p // w)·m + rel / r
+        self.slot = np.where(self.on, (np.arange(t) // seg_len)[None] * self.per_seg + rel // ratio, 0)
 
-    valid = jnp.asarray(exists)[None] & (jnp.asarray(pos)[None] < length[:, None, None])   # [B, H, M]
-    segs = jnp.broadcast_to(seg_id, (b * h, seg_id.shape[0]))
-    out, lse = attention(gather(q), gather(k), gather(v), valid.reshape(b * h, -1), segs, segs,
-                         block_q=block_q, block_k=block_k, return_lse=True)
-    out, lse = out.reshape(b, h, -1, d), lse.reshape(b, h, -1)
-
-    # zero keys of the reference's padding: per (row, head, segment), lattice points in [filled, padded end)
-    seg_start = jnp.asarray(np.arange(n_seg) * seg_len)
-    filled = jnp.clip(length[:, None] - seg_start[None], 0, seg_len)                        # [B, n_seg]
-    end = jnp.where(length >= seg_len, -(-seg_len // ratio), -(-length // ratio)) * ratio   # [B]
-    count = lambda x: jnp.maximum(0, (x[:, None, :] - jnp.asarray(off)[None, :, None] + ratio - 1) // ratio)
-    zeros = jnp.maximum(count(jnp.broadcast_to(end[:, None], filled.shape)) - count(filled), 0)  # [B, H, n_seg]
-    zeros = jnp.repeat(zeros, per_seg, axis=2)                                              # [B, H, M]
-    merged = jnp.logaddexp(lse, jnp.where(zeros > 0, jnp.log(jnp.maximum(zeros, 1)), _NEG))
-    out = out * jnp.exp(lse - merged)[..., None].astype(out.dtype)
-
-    # back to token order: token p of head j sits at slot (p // w)·m + (p mod w − o_j) / r of its lattice
-    p = np.arange(t)
-    rel = p[None, :] % seg_len - off[:, None]                                               # [H, T]
-    on = jnp.asarray(rel % ratio == 0)
-    slot = jnp.asarray(np.where(rel % ratio == 0, (p // seg_len)[None] * per_seg + rel // ratio, 0))
-    dense_out = jnp.take_along_axis(out, slot[None, :, :, None], axis=2)                    # [B, H, T, d]
-    dense_lse = jnp.take_along_axis(merged, slot[None], axis=2)
-    dense_out = jnp.where(on[None, :, :, None], dense_out, 0)
-    dense_lse = jnp.where(on[None], dense_lse, _NEG)
-    return jnp.moveaxis(dense_out, 1, 2), jnp.moveaxis(dense_lse, 1, 2)
+    def zero_keys(self, length: jax.Array) -> jax.Array:
+        """[B, H, M]: zero vectors the reference pads into each (row, head, segment): lattice points in
+        [filled, padded end), the end being ⌈min(w, L)/r⌉·r."""
+        w, r = self.seg_len, self.ratio
+        filled = jnp.clip(length[:, None] - jnp.asarray(np.arange(self.n_seg) * w)[None], 0, w)   # [B, n_seg]
+        end = jnp.broadcast_to((-(-jnp.minimum(length, w) // r) * r)[:, None], filled.shape)
+        count = lambda x: jnp.maximum(0, (x[:, None, :] - jnp.asarray(self.off)[None, :, None] + r - 1) // r)
+        return jnp.repeat(jnp.maximum(count(end) - count(filled), 0), self.per_seg, axis=2)
 
 
 def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array, segment_lengths: Sequence[int],
                       dilation_ratios: Sequence[int], *, block_q: int = 512, block_k: int = 1024) -> jax.Array:
-    """q, k, v [B, T, H, d] with each row's `length` [B] valid tokens first → [B, T, H, d] in q.dtype."""
+    """q, k, v [B, T, H, d] with each row's `length` [B] valid tokens first → [B, T, H, d] in q.dtype.
+
+    All branches' lattices run as one `attention` call (branch and segment as the segment id), so one blockwise
+    kernel serves every branch."""
     if len(segment_lengths) != len(dilation_ratios) or not segment_lengths:
         raise ValueError(f"segment_lengths {segment_lengths} and dilation_ratios {dilation_ratios}: one per branch")
-    outs, lses = zip(*(_branch(q, k, v, length, w, r, block_q, block_k)
-                       for w, r in zip(segment_lengths, dilation_ratios)))
-    weights = jax.nn.softmax(jax.lax.stop_gradient(jnp.stack(lses)), axis=0)               # [n_branch, B, T, H]
-    out = sum(o.astype(jnp.float32) * w[..., None] for o, w in zip(outs, weights))
-    return out.astype(q.dtype)
+    b, t, h, d = q.shape
+    lats = [_Lattice(t, h, w, r) for w, r in zip(segment_lengths, dilation_ratios)]
+    pos = jnp.asarray(np.concatenate([lat.pos for lat in lats], 1))                        # [H, ΣM]
+    seg_ids, first = [], 0
+    for lat in lats:
+        seg_ids.append(lat.seg + first)
+        first += lat.n_seg
+    segs = jnp.broadcast_to(jnp.asarray(np.concatenate(seg_ids), jnp.int32), (b * h, pos.shape[1]))
+    exists = jnp.asarray(np.concatenate([lat.exists for lat in lats], 1))
+    valid = (exists[None] & (pos[None] < length[:, None, None])).reshape(b * h, -1)
+
+    def gather(x):  # [B, T, H, d] → [B·H, ΣM, 1, d], head j reading its own lattices
+        return jnp.take_along_axis(jnp.moveaxis(x, 2, 1), pos[None, :, :, None], axis=2).reshape(b * h, -1, 1, d)
+
+    out, lse = attention(gather(q), gather(k), gather(v), valid, segs, segs, block_q=block_q, block_k=block_k,
+                         return_lse=True)
+    out, lse = out.reshape(b, h, -1, d), lse.reshape(b, h, -1)
+    outs, lses, first = [], [], 0
+    for lat in lats:
+        o, l = out[:, :, first:first + lat.pos.shape[1]], lse[:, :, first:first + lat.pos.shape[1]]
+        first += lat.pos.shape[1]
+        zeros = lat.zero_keys(length)
+        merged = jnp.logaddexp(l, jnp.where(zeros > 0, jnp.log(jnp.maximum(zeros, 1)), _NEG))
+        o = o * jnp.exp(l - merged)[..., None].astype(o.dtype)
+        slot, on = jnp.asarray(lat.slot), jnp.asarray(lat.on)
+        outs.append(jnp.where(on[None, :, :, None], jnp.take_along_axis(o, slot[None, :, :, None], axis=2), 0))
+        lses.append(jnp.where(on[None], jnp.take_along_axis(merged, slot[None], axis=2), _NEG))     # [B, H, T]
+    weights = jax.nn.softmax(jax.lax.stop_gradient(jnp.stack(lses)), axis=0)
+    out = sum(o.astype(jnp.float32) * w[..., None] for o, w in zip(outs, weights))               # [B, H, T, d]
+    return jnp.moveaxis(out, 1, 2).astype(q.dtype)

@@ -129,11 +129,24 @@ class GigaPathSlideEncoder(nnx.Module):
         cls = jnp.broadcast_to(self.cls[...].astype(x.dtype)[None], (b, 1, cfg.width))
         x = jnp.concatenate([cls, x], 1)
         length = 1 + mask.sum(1).astype(jnp.int32)
-        for block in self.blocks[:cfg.depth if cfg.layer < 0 else cfg.layer]:
-            x = block(x, length, deterministic=deterministic)
+        blocks = self.blocks[:cfg.depth if cfg.layer < 0 else cfg.layer]
+        if deterministic and len(blocks) > 1:
+            x = _scan_blocks(blocks, x, length)
+        else:
+            for block in blocks:
+                x = block(x, length, deterministic=deterministic)
         if cfg.layer < 0:
             x = self.encoder_norm(x)
         sorted_mask = take(mask)
         tokens = jnp.zeros_like(x[:, 1:]).at[jnp.arange(b)[:, None], order].set(x[:, 1:])  # original tile order
         pooled = masked_mean(x[:, 1:], sorted_mask) if cfg.global_pool else x[:, 0].astype(jnp.float32)
         return SlideOutput(self.norm(pooled).astype(jnp.float32), tokens, None)
+
+
+def _scan_blocks(blocks, x, length):
+    """Inference: the blocks as one `lax.scan` over their stacked weights — one compiled block instead of `depth`
+    (each holds a blockwise attention per LongNet branch), and one block's buffers reused (as the transformer)."""
+    splits = [nnx.split(block) for block in blocks]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[state for _, state in splits])
+    body = lambda x, state: (nnx.merge(splits[0][0], state)(x, length, deterministic=True), None)
+    return jax.lax.scan(body, x, stacked)[0]
