@@ -1,5 +1,5 @@
-"""Prov-GigaPath's slide encoder (`import-encoder --layout gigapath`) against an independent PyTorch LongNetViT written
-here from the documented behaviour: MAE 2D sin-cos positions indexed ⌊px/256⌋·ngrids + ⌊py/256⌋ + 1, torchscale's
+"""Prov-GigaPath's slide encoder (`import-encoder --layout gigapath`) against an independent PyTorch LongNetViT
+written here from the documented behaviour: MAE 2D sin-cos positions indexed ⌊px/256⌋·ngrids + ⌊py/256⌋ + 1, torchscale's
 sub-LN encoder layer, and LongNet dilated attention computed naively — per branch, per segment, per head an explicit
 index gather of the head's lattice (zero-padded as the reference pads), a dense softmax, then the branches merged by
 their log-sum-exp. Small shapes (stated in `ARCH`); random weights with the checkpoint's key names and shapes."""

@@ -22,7 +22,7 @@ attributes; no code was copied.
           attn.proj, norm2, mlp.fc1, mlp.fc2}`, final `norm`; readout = the final class token; exact GELU,
           LayerNorm ε = 1e-6. Attention heads are not in a state dict (`n_heads`), nor is the positional scheme:
           a checkpoint with `pos_embed` (absolute positions) is refused; one trained with another relative
-          scheme (ALiBi: MOOZY; dilated LongNet: Prov-GigaPath) has different keys or different maths, and
+          scheme (ALiBi: MOOZY; Prov-GigaPath has its own layout below) has different keys or maths, and
           imports, if at all, as an initialisation — only position-free ("none") or mmfm's own 2D RoPE
           blocks reproduce the source model's function.
   gigapath Prov-GigaPath's slide encoder (`LongNetViT`, mmfm/models/gigapath.py): `patch_embed.proj`, `cls_token`,
@@ -168,7 +168,8 @@ def _gigapath(state: State, *, n_heads: int = 0, segment_lengths: tuple[int, ...
     state = dict(state)
     w_in = _need(state, "patch_embed.proj.weight", 2, "gigapath")
     state["cls_token"] = _need(state, "cls_token", 3, "gigapath").reshape(1, -1)
-    depth = len({m.group(1) for k in state if (m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight", k))})
+    layer_re = r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"
+    depth = len({m.group(1) for k in state if (m := re.fullmatch(layer_re, k))})
     default = GigaPathConfig()
     cfg = GigaPathConfig(width=w_in.shape[0], depth=depth, n_heads=n_heads or default.n_heads,
                          ffn_dim=_need(state, "encoder.layers.0.ffn.fc1.weight", 2, "gigapath").shape[0],
@@ -180,7 +181,8 @@ def _gigapath(state: State, *, n_heads: int = 0, segment_lengths: tuple[int, ...
     rules = (*_linear("patch_embed.proj", "proj"), Rule("cls_token", "cls"),
              Rule(a + r"(q|k|v)_proj\.weight", r"blocks.\1.\2.kernel", transpose),
              Rule(a + r"(q|k|v)_proj\.bias", r"blocks.\1.\2.bias"),
-             Rule(a + r"out_proj\.weight", r"blocks.\1.out.kernel", transpose), Rule(a + r"out_proj\.bias", r"blocks.\1.out.bias"),
+             Rule(a + r"out_proj\.weight", r"blocks.\1.out.kernel", transpose),
+             Rule(a + r"out_proj\.bias", r"blocks.\1.out.bias"),
              Rule(b + r"ffn\.fc(1|2)\.weight", r"blocks.\1.fc\2.kernel", transpose),
              Rule(b + r"ffn\.fc(1|2)\.bias", r"blocks.\1.fc\2.bias"),
              *(Rule(src + r"\.weight", rf"blocks.\1.{dst}.scale") for src, dst in _GIGAPATH_NORMS),
