@@ -39,31 +39,30 @@ def head_offsets(n_heads: int, ratio: int) -> np.ndarray:
     return np.arange(n_heads) // -(-n_heads // ratio)
 
 
-class _Lattice:
-    """Static (NumPy) layout of one (segment length w, dilation r) branch over T tokens: per head the positions of
-    its lattice, segment after segment, m slots per segment (slots past the segment or the sequence are empty)."""
-
-    def __init__(self, t: int, h: int, seg_len: int, ratio: int):
-        span = min(seg_len, t)                  # positions of one segment present in the padded sequence
-        self.seg_len, self.ratio, self.n_seg, self.per_seg = seg_len, ratio, -(-t // seg_len), -(-span // ratio)
-        self.off = head_offsets(h, ratio)                                                 # [H]
-        within = self.off[:, None, None] + ratio * np.arange(self.per_seg)[None, None, :]  # [H, 1, m]
-        pos = np.arange(self.n_seg)[None, :, None] * seg_len + within                     # [H, n_seg, m]
-        self.exists = ((within < span) & (pos < t)).reshape(h, -1)
-        self.pos = np.minimum(pos, t - 1).reshape(h, -1)
-        self.seg = np.repeat(np.arange(self.n_seg), self.per_seg)
-        rel = np.arange(t)[None, :] % seg_len - self.off[:, None]                         # [H, T]
-        self.on = rel % ratio == 0              # token p is on head j's lattice, at slot (p // w)·m + rel / r
-        self.slot = np.where(self.on, (np.arange(t) // seg_len)[None] * self.per_seg + rel // ratio, 0)
-
-    def zero_keys(self, length: jax.Array) -> jax.Array:
-        """[B, H, M]: zero vectors the reference pads into each (row, head, segment): lattice points in
-        [filled, padded end), the end being ⌈min(w, L)/r⌉·r."""
-        w, r = self.seg_len, self.ratio
-        filled = jnp.clip(length[:, None] - jnp.asarray(np.arange(self.n_seg) * w)[None], 0, w)   # [B, n_seg]
-        end = jnp.broadcast_to((-(-jnp.minimum(length, w) // r) * r)[:, None], filled.shape)
-        count = lambda x: jnp.maximum(0, (x[:, None, :] - jnp.asarray(self.off)[None, :, None] + r - 1) // r)
-        return jnp.repeat(jnp.maximum(count(end) - count(filled), 0), self.per_seg, axis=2)
+def _lattices(t: int, h: int, segment_lengths: Sequence[int], ratios: Sequence[int]) -> dict[str, np.ndarray]:
+    """Static layout of all branches over T tokens, as NumPy arrays built at trace time. Per head, each branch's
+    lattice slots, segment after segment (m = ⌈min(w, T)/r⌉ slots per segment), concatenated over branches
+    ([H, S]): `pos` (token read), `exists` (a token of the segment and sequence), `seg` (segment id, unique across
+    branches), and per slot the branch's w, r, the segment's start and the head's offset o (for the zero keys);
+    `slot` [n_branch, H, T]: where token p of head j sits in the concatenation, `on`: whether it is on a lattice."""
+    parts, slots, ons, first, n_seg_before = [], [], [], 0, 0
+    for w, r in zip(segment_lengths, ratios):
+        span, n_seg = min(w, t), -(-t // w)
+        m = -(-span // r)
+        off = head_offsets(h, r)[:, None, None]                                           # [H, 1, 1]
+        within = off + r * np.arange(m)[None, None, :]                                    # [H, 1, m]
+        start = np.arange(n_seg)[None, :, None] * w                                       # [1, n_seg, 1]
+        shape = (h, n_seg, m)
+        parts.append({"pos": np.minimum(start + within, t - 1), "exists": (within < span) & (start + within < t),
+                      "seg": n_seg_before + np.arange(n_seg)[None, :, None], "w": np.full(shape, w),
+                      "r": np.full(shape, r), "start": start, "off": off})
+        rel = np.arange(t)[None, :] % w - off[:, :, 0]                                    # [H, T]
+        ons.append(rel % r == 0)
+        slots.append(first + np.where(rel % r == 0, (np.arange(t) // w)[None] * m + rel // r, 0))
+        first, n_seg_before = first + n_seg * m, n_seg_before + n_seg
+    lat = {k: np.concatenate([np.broadcast_to(p[k], (h, *p["w"].shape[1:])).reshape(h, -1) for p in parts], 1)
+           for k in parts[0]}
+    return {**lat, "slot": np.stack(slots), "on": np.stack(ons)}
 
 
 def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array, segment_lengths: Sequence[int],
@@ -75,32 +74,30 @@ def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Arra
     if len(segment_lengths) != len(dilation_ratios) or not segment_lengths:
         raise ValueError(f"segment_lengths {segment_lengths} and dilation_ratios {dilation_ratios}: one per branch")
     b, t, h, d = q.shape
-    lats = [_Lattice(t, h, w, r) for w, r in zip(segment_lengths, dilation_ratios)]
-    pos = jnp.asarray(np.concatenate([lat.pos for lat in lats], 1))                        # [H, ΣM]
-    seg_ids, first = [], 0
-    for lat in lats:
-        seg_ids.append(lat.seg + first)
-        first += lat.n_seg
-    segs = jnp.broadcast_to(jnp.asarray(np.concatenate(seg_ids), jnp.int32), (b * h, pos.shape[1]))
-    exists = jnp.asarray(np.concatenate([lat.exists for lat in lats], 1))
-    valid = (exists[None] & (pos[None] < length[:, None, None])).reshape(b * h, -1)
+    lat = {key: jnp.asarray(a) for key, a in _lattices(t, h, segment_lengths, dilation_ratios).items()}
+    n_slots = lat["pos"].shape[1]
+    valid = (lat["exists"][None] & (lat["pos"][None] < length[:, None, None])).reshape(b * h, n_slots)
+    segs = jnp.broadcast_to(lat["seg"].astype(jnp.int32), (b, h, n_slots)).reshape(b * h, n_slots)
 
-    def gather(x):  # [B, T, H, d] → [B·H, ΣM, 1, d], head j reading its own lattices
-        return jnp.take_along_axis(jnp.moveaxis(x, 2, 1), pos[None, :, :, None], axis=2).reshape(b * h, -1, 1, d)
+    def gather(x):  # [B, T, H, d] → [B·H, S, 1, d], head j reading its own lattices
+        return jnp.take_along_axis(jnp.moveaxis(x, 2, 1), lat["pos"][None, :, :, None], axis=2).reshape(b * h, -1, 1, d)
 
     out, lse = attention(gather(q), gather(k), gather(v), valid, segs, segs, block_q=block_q, block_k=block_k,
                          return_lse=True)
-    out, lse = out.reshape(b, h, -1, d), lse.reshape(b, h, -1)
-    outs, lses, first = [], [], 0
-    for lat in lats:
-        o, l = out[:, :, first:first + lat.pos.shape[1]], lse[:, :, first:first + lat.pos.shape[1]]
-        first += lat.pos.shape[1]
-        zeros = lat.zero_keys(length)
-        merged = jnp.logaddexp(l, jnp.where(zeros > 0, jnp.log(jnp.maximum(zeros, 1)), _NEG))
-        o = o * jnp.exp(l - merged)[..., None].astype(o.dtype)
-        slot, on = jnp.asarray(lat.slot), jnp.asarray(lat.on)
-        outs.append(jnp.where(on[None, :, :, None], jnp.take_along_axis(o, slot[None, :, :, None], axis=2), 0))
-        lses.append(jnp.where(on[None], jnp.take_along_axis(merged, slot[None], axis=2), _NEG))     # [B, H, T]
-    weights = jax.nn.softmax(jax.lax.stop_gradient(jnp.stack(lses)), axis=0)
-    out = sum(o.astype(jnp.float32) * w[..., None] for o, w in zip(outs, weights))               # [B, H, T, d]
-    return jnp.moveaxis(out, 1, 2).astype(q.dtype)
+    out, lse = out.reshape(b, h, n_slots, d), lse.reshape(b, h, n_slots)
+
+    # the reference's zero keys: lattice points of a segment in [filled, ⌈min(w, L)/r⌉·r)
+    w, r, off, L = lat["w"][None], lat["r"][None], lat["off"][None], length[:, None, None]
+    filled = jnp.clip(L - lat["start"][None], 0, w)
+    count = lambda x: jnp.maximum(0, (x - off + r - 1) // r)
+    zeros = jnp.maximum(count(-(-jnp.minimum(L, w) // r) * r) - count(filled), 0)             # [B, H, S]
+    merged = jnp.logaddexp(lse, jnp.where(zeros > 0, jnp.log(jnp.maximum(zeros, 1)), _NEG))
+    out = out.astype(jnp.float32) * jnp.exp(lse - merged)[..., None]
+
+    # back to token order, one [B, H, n_branch·T] gather; branches merged by the softmax of their lse
+    idx = jnp.moveaxis(lat["slot"], 0, 1).reshape(h, -1)                                       # [H, n_branch·T]
+    on = jnp.moveaxis(lat["on"], 0, 1)[None]                                                   # [1, H, nb, T]
+    dense_out = jnp.take_along_axis(out, idx[None, :, :, None], axis=2).reshape(b, h, -1, t, d)
+    dense_lse = jnp.where(on, jnp.take_along_axis(merged, idx[None], axis=2).reshape(b, h, -1, t), _NEG)
+    weights = jax.nn.softmax(jax.lax.stop_gradient(dense_lse), axis=2) * on                    # [B, H, nb, T]
+    return jnp.moveaxis((dense_out * weights[..., None]).sum(2), 1, 2).astype(q.dtype)
