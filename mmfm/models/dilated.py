@@ -4,18 +4,19 @@ For each branch (segment length w, dilation r) the sequence is cut into segments
 segment, head j attends only among the tokens at positions t ≡ o_j (mod r), t counted from the segment start,
 with the per-head offset o_j = j // ⌈H/r⌉ (heads are split into r groups, group g taking offset g, so the heads
 together cover every position). A query gets an output from a branch only on its head's lattice; the branches'
-outputs are merged with weights softmax_b(lse_b) over the branches covering it (lse = log-sum-exp of its logits),
-which equals one softmax over the union of the branches' key sets. Weights are not differentiated
-(`stop_gradient`), as in LongNet's reference implementation (torchscale).
+outputs are merged with weights softmax_b(lse_b) over the branches covering it (lse = log-sum-exp of its
+logits), which equals one softmax over all the branches' keys (a key in several branches counted once per
+branch). Weights are not differentiated (`stop_gradient`), as in LongNet's reference implementation (torchscale).
 
 The reference pads the sequence with zero vectors to a multiple of min(w, L) and each segment to a multiple of
 r; a zero key has logit 0 and value 0, so it adds exp(0) to its query's denominator. Here those keys are not
 materialised: each (row, head, segment) counts them from the row's true length L and adds log(count) to the lse.
 Valid tokens must come first in each row (`length` = how many); the rest is padding that never takes part.
 
-Each branch gathers its lattices ([B·H, ~N/r] tokens, one index array per head, built with NumPy at trace
-time) and runs `mmfm.models.attention` (blockwise) with the segments as segment ids, so no branch holds more than
-[B·H, block_q, block_k] logits and key blocks outside a query block's segments are skipped.
+Every branch's lattices are gathered ([B·H, ≈N/r] tokens each, indices computed from iotas) into
+one sequence that runs through `mmfm.models.attention` (blockwise) with (branch, segment) as the segment id: at
+most [B·H, block_q, block_k] logits exist at once, key blocks outside a query block's segments are skipped, and
+one kernel serves all branches. Memory grows with N (≈2N gathered tokens per q, k, v), never with N².
 
 Known difference: when w is not a multiple of r and the sequence spans several segments, the reference shifts
 the outputs of later segments (its scatter assumes segments of the padded length ⌈w/r⌉·r); this module keeps
@@ -30,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfm.models.attention import _NEG, attention
+from mmfm.models.attention import attention
+
+_NEG = -1e30  # the lse of "no key" (as mmfm.models.attention reports it): weight 0 after the merge softmax
 
 
 def head_offsets(n_heads: int, ratio: int) -> np.ndarray:
@@ -39,30 +42,32 @@ def head_offsets(n_heads: int, ratio: int) -> np.ndarray:
     return np.arange(n_heads) // -(-n_heads // ratio)
 
 
-def _lattices(t: int, h: int, segment_lengths: Sequence[int], ratios: Sequence[int]) -> dict[str, np.ndarray]:
-    """Static layout of all branches over T tokens, as NumPy arrays built at trace time. Per head, each branch's
-    lattice slots, segment after segment (m = ⌈min(w, T)/r⌉ slots per segment), concatenated over branches
-    ([H, S]): `pos` (token read), `exists` (a token of the segment and sequence), `seg` (segment id, unique across
-    branches), and per slot the branch's w, r, the segment's start and the head's offset o (for the zero keys);
-    `slot` [n_branch, H, T]: where token p of head j sits in the concatenation, `on`: whether it is on a lattice."""
+def _lattices(t: int, h: int, segment_lengths: Sequence[int], ratios: Sequence[int]) -> dict[str, jax.Array]:
+    """Layout of all branches over T tokens, from iotas (fused by XLA, never stored as constants of size T). Per
+    head, each branch's lattice slots, segment after segment (m = ⌈min(w, T)/r⌉ slots per segment), concatenated
+    over branches ([H, S]): `pos` (token read), `exists` (a token of the segment and sequence), `seg` (segment id,
+    unique across branches), and per slot the branch's w, r, the segment's start and the head's offset o (for the
+    zero keys); `slot` [n_branch, H, T]: where token p of head j sits in the concatenation, `on`: whether it is on
+    a lattice."""
     parts, slots, ons, first, n_seg_before = [], [], [], 0, 0
+    p = jnp.arange(t)[None, :]                                                            # [1, T]
     for w, r in zip(segment_lengths, ratios):
         span, n_seg = min(w, t), -(-t // w)
         m = -(-span // r)
-        off = head_offsets(h, r)[:, None, None]                                           # [H, 1, 1]
-        within = off + r * np.arange(m)[None, None, :]                                    # [H, 1, m]
-        start = np.arange(n_seg)[None, :, None] * w                                       # [1, n_seg, 1]
-        shape = (h, n_seg, m)
-        parts.append({"pos": np.minimum(start + within, t - 1), "exists": (within < span) & (start + within < t),
-                      "seg": n_seg_before + np.arange(n_seg)[None, :, None], "w": np.full(shape, w),
-                      "r": np.full(shape, r), "start": start, "off": off})
-        rel = np.arange(t)[None, :] % w - off[:, :, 0]                                    # [H, T]
+        off = jnp.asarray(head_offsets(h, r), jnp.int32)[:, None, None]                   # [H, 1, 1]
+        within = off + r * jnp.arange(m)[None, None, :]                                   # [H, 1, m]
+        start = jnp.arange(n_seg)[None, :, None] * w                                      # [1, n_seg, 1]
+        full = lambda x: jnp.broadcast_to(x, (h, n_seg, m)).reshape(h, -1)
+        parts.append({"pos": full(jnp.minimum(start + within, t - 1)),
+                      "exists": full((within < span) & (start + within < t)),
+                      "seg": full(n_seg_before + jnp.arange(n_seg)[None, :, None]), "w": full(jnp.asarray(w)),
+                      "r": full(jnp.asarray(r)), "start": full(start), "off": full(off)})
+        rel = p % w - off[:, :, 0]                                                        # [H, T]
         ons.append(rel % r == 0)
-        slots.append(first + np.where(rel % r == 0, (np.arange(t) // w)[None] * m + rel // r, 0))
+        slots.append(first + jnp.where(rel % r == 0, (p // w) * m + rel // r, 0))
         first, n_seg_before = first + n_seg * m, n_seg_before + n_seg
-    lat = {k: np.concatenate([np.broadcast_to(p[k], (h, *p["w"].shape[1:])).reshape(h, -1) for p in parts], 1)
-           for k in parts[0]}
-    return {**lat, "slot": np.stack(slots), "on": np.stack(ons)}
+    lat = {k: jnp.concatenate([part[k] for part in parts], 1) for k in parts[0]}
+    return {**lat, "slot": jnp.stack(slots), "on": jnp.stack(ons)}
 
 
 def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array, segment_lengths: Sequence[int],
@@ -74,7 +79,7 @@ def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Arra
     if len(segment_lengths) != len(dilation_ratios) or not segment_lengths:
         raise ValueError(f"segment_lengths {segment_lengths} and dilation_ratios {dilation_ratios}: one per branch")
     b, t, h, d = q.shape
-    lat = {key: jnp.asarray(a) for key, a in _lattices(t, h, segment_lengths, dilation_ratios).items()}
+    lat = _lattices(t, h, segment_lengths, dilation_ratios)
     n_slots = lat["pos"].shape[1]
     valid = (lat["exists"][None] & (lat["pos"][None] < length[:, None, None])).reshape(b * h, n_slots)
     segs = jnp.broadcast_to(lat["seg"].astype(jnp.int32), (b, h, n_slots)).reshape(b * h, n_slots)
