@@ -145,7 +145,7 @@ class GigaPathSlideEncoder(nnx.Module):
 
 def _scan_blocks(blocks, x, length):
     """Inference: the blocks as one `lax.scan` over their stacked weights — one compiled block instead of `depth`
-    (each holds a blockwise attention per LongNet branch), and one block's buffers reused (as the transformer)."""
+    (each holds the dilated attention's blockwise kernel), and one block's buffers reused (as the transformer)."""
     splits = [nnx.split(block) for block in blocks]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[state for _, state in splits])
     body = lambda x, state: (nnx.merge(splits[0][0], state)(x, length, deterministic=True), None)
