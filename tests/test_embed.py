@@ -97,8 +97,9 @@ def test_embed_a_trained_run(tmp_path):
     assert none.any()  # the case this exercises
     tangle = _tangle_export(tmp_path, feature_dim=32)  # public slide encoders brought in by import-encoder
     titan = _titan_export(tmp_path, feature_dim=32)
+    gigapath = _gigapath_export(tmp_path, feature_dim=32)  # Prov-GigaPath-style LongNet
     cases, slides = embed(tmp_path / "run", cohort_dir, tmp_path / "e.h5ad",
-                          cfg=EmbedConfig(extra_encoders=(str(tangle), str(titan))))
+                          cfg=EmbedConfig(extra_encoders=(str(tangle), str(titan), str(gigapath))))
     cohort = Cohort.open(cohort_dir)
 
     assert list(cases.obs_names) == list(cohort.cases.index.astype(str))
@@ -127,7 +128,7 @@ def test_embed_a_trained_run(tmp_path):
                                slides[slides.obs["case_id"] == case].obsm["slide"].mean(0), atol=1e-6)
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["slide_random"].shape[0] == cases.n_obs
 
-    _extra_encoder_column_and_probe(tmp_path, (tangle, titan), cases, slides, bag, g, frag)
+    _extra_encoder_column_and_probe(tmp_path, (tangle, titan, gigapath), cases, slides, bag, g, frag)
 
     # `mmfm embed`: by default only the run's held-out cases; --baselines "[]" skips the baselines
     from mmfm.cli import main
@@ -182,25 +183,52 @@ def _titan_export(tmp_path, feature_dim, w=16, seed=0):
     return tmp_path / "titan"
 
 
+def _gigapath_export(tmp_path, feature_dim, w=16, ffn=32, seed=0):
+    """A Prov-GigaPath-layout checkpoint (one LongNet layer, 4 heads, branches (64, 1) and (256, 4)) with random
+    weights, imported by `import-encoder` into an export directory."""
+    from safetensors.numpy import save_file
+
+    from mmfm.bridges.slide_import import LayoutOptions, import_encoder
+
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    state = {"patch_embed.proj.weight": r(w, feature_dim), "patch_embed.proj.bias": r(w), "cls_token": r(1, 1, w)}
+    shapes = {**{f"self_attn.{p}_proj": (w, w) for p in "qkvo"}, "ffn.fc1": (ffn, w), "ffn.fc2": (w, ffn)}
+    for name, shape in shapes.items():
+        name = name.replace("o_proj", "out_proj")
+        state |= {f"encoder.layers.0.{name}.weight": r(*shape), f"encoder.layers.0.{name}.bias": r(shape[0])}
+    for name, n in {"encoder.layers.0.self_attn.inner_attn_ln": w, "encoder.layers.0.self_attn_layer_norm": w,
+                    "encoder.layers.0.ffn.ffn_layernorm": ffn, "encoder.layers.0.final_layer_norm": w,
+                    "encoder.layer_norm": w, "norm": w}.items():
+        state |= {f"{name}.weight": 1 + r(n), f"{name}.bias": r(n)}
+    save_file(state, str(tmp_path / "gigapath.safetensors"))
+    import_encoder(tmp_path / "gigapath.safetensors", "gigapath", tmp_path / "gigapath",
+                   LayoutOptions(n_heads=4, segment_lengths=(64, 256), dilation_ratios=(1, 4), layer=1))
+    return tmp_path / "gigapath"
+
+
 def _extra_encoder_column_and_probe(tmp_path, exports, cases, slides, bag, g, frag):
-    """Each imported encoder (TANGLE's ABMIL, TITAN's ALiBi transformer) embeds the same whole bags as
-    obsm['slide_<name>'], equal to that encoder on the slide's bag, and a probe table holds them beside the run's
-    `slide`; an export on other tile features, or whose column is taken, is refused, naming it."""
+    """Each imported encoder (TANGLE's ABMIL, TITAN's ALiBi transformer, GigaPath's LongNet) embeds the same whole
+    bags as obsm['slide_<name>'] (equal to that encoder on the slide's bag; for GigaPath: tests/test_gigapath.py),
+    and a probe table holds them beside the run's `slide`; an export on other tile features, or whose column is
+    taken, is refused, naming it."""
     from mmfm.eval.embed import _extra_encoders
     from mmfm.eval.probe import probe
     from mmfm.models.export_format import load_slide_encoder
 
     columns = [f"slide_{e.name}" for e in exports]
     for export, column in zip(exports, columns):
+        assert cases.obsm[column].shape == (cases.n_obs, 16)
+        if export.name == "gigapath":
+            continue  # no eager run of the LongNet here
         enc, _, _ = load_slide_encoder(export)
         direct = enc(bag["features"][None].astype(np.float32), g[None], np.ones((1, len(g)), bool),
                      frag[None].astype(np.int32)).embedding
         np.testing.assert_allclose(slides.obsm[column][0], np.asarray(direct)[0], atol=1e-5)
-        assert cases.obsm[column].shape == (cases.n_obs, 16)
     res = probe(cases, [{"name": "subtype", "type": "classification", "label": "subtype", "folds": 3,
                          "embeddings": ["slide", *columns]}], tmp_path / "probe", allow_overlap=True,
                 allow_validation_overlap=True, n_bootstrap=10, plots=False)
-    assert set(res.results["embedding"]) == {"slide", "slide_tangle", "slide_titan"}
+    assert set(res.results["embedding"]) == {"slide", "slide_tangle", "slide_titan", "slide_gigapath"}
     tangle = exports[0]
     with pytest.raises(ValueError, match="tangle8: encodes 8-d tile features, the cohort's bags hold 32-d"):
         _extra_encoders((str(_tangle_export(tmp_path, feature_dim=8)),), 32, taken=set())

@@ -1,9 +1,10 @@
 """A user's PyTorch slide-encoder checkpoint → an mmfm export directory (Flax-loadable): `mmfm import-encoder`.
 
 Reads a safetensors file or a `torch.load(weights_only=True)` state dict (`mmfm.bridges.encoders.read_state_dict`),
-maps it through a public layout (`mmfm/models/slide_layouts.py`: clam, tangle, vit, titan), loads it into mmfm's Flax
-slide encoder — every tensor placed with its shape checked, or a `PortingError` naming each missing / unexpected /
-mis-shaped key — and writes the export format (`mmfm/models/export_format.py`) holding just that slide encoder.
+maps it through a public layout (`mmfm/models/slide_layouts.py`: clam, tangle, vit, titan, gigapath), loads it
+into mmfm's Flax slide encoder — every tensor placed with its shape checked, or a `PortingError` naming each
+missing / unexpected / mis-shaped key — and writes the export format (`mmfm/models/export_format.py`) holding
+just that slide encoder.
 From there `mmfm.models.export_format.load_slide_encoder` gives the Flax encoder, `train.init_slide_encoder`
 starts pretraining from it, and `mmfm.bridges.torch_slide.from_export(..., project=False)` gives its PyTorch twin.
 Conversion happens on the user's machine, from weights the user obtained under their licence; mmfm never
@@ -22,12 +23,16 @@ Positions = Literal["none", "alternate", "rope"]  # an alias keeps the field lin
 @dataclass(frozen=True)
 class LayoutOptions:
     prefix: str = "auto"          # key prefix of the slide encoder (e.g. 'wsi_embedder.'); auto: found by the layout
-    n_heads: int = 0              # vit, titan: attention heads (not recorded in a state dict; titan: 0 = TITAN's 12)
+    n_heads: int = 0              # vit/titan/gigapath: heads (not in a state dict); 0: TITAN's 12, GigaPath's 16
     layer_pattern: Positions = "none"  # vit only: position scheme of the blocks
     fragment_local: bool = True   # vit only: RoPE layers attend within one tissue fragment
     rope_base: float = 100.0      # vit only: RoPE frequency base
     pool_heads: int = 0           # titan only: heads of the CoCa pooler (0 = TITAN's 8)
     project: bool = False         # titan only: embed × TITAN's `proj` (its zero-shot space), not its slide embedding
+    segment_lengths: tuple[int, ...] = ()  # gigapath only: LongNet segment lengths; () = the released model's
+    dilation_ratios: tuple[int, ...] = ()  # gigapath only: one per segment length; () = (1, 2, 4, 8, 16)
+    layer: int = 11               # gigapath only: blocks whose output is read (TRIDENT: 11); -1 = final output
+    global_pool: bool = True      # gigapath only: mean of tile tokens (TRIDENT), false = the class token
 
 
 def import_encoder(checkpoint: str | Path, layout: str, out: str | Path,

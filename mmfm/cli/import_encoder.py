@@ -14,17 +14,19 @@ Convert a slide-encoder checkpoint you have on disk (.safetensors, or a PyTorch 
 weights_only=True; nothing is downloaded) into mmfm's Flax slide encoder and write it as an export directory
 (the format of `mmfm export`). Layouts: clam (gated ABMIL of CLAM / CHIEF), tangle (TANGLE's ABMIL), vit (a
 timm-style slide ViT with a class token; give --n_heads), titan (TITAN's slide encoder: 2D ALiBi, CoCa pooler;
---project true for its zero-shot space). Every tensor is placed with its shape checked; a
-mismatch names each missing, unexpected and mis-shaped key. Use the result to continue pretraining
-(`mmfm pretrain --train.init_slide_encoder OUT` with the same model.slide) or in PyTorch
-(`mmfm.bridges.torch_slide.from_export(OUT, project=False)`). Licences: data_cards/public_slide_encoders.md.
+--project true for its zero-shot space), gigapath (Prov-GigaPath's LongNet slide encoder, slide_encoder.pth:
+layer 11 mean-pooled as TRIDENT reads it; --layer, --global_pool; no PyTorch twin). Every tensor is placed
+with its shape checked; a mismatch names each missing, unexpected and mis-shaped key. Use the result to continue
+pretraining (`mmfm pretrain --train.init_slide_encoder OUT` with the same model.slide), in `mmfm embed
+--extra_encoders`, or in PyTorch (`mmfm.bridges.torch_slide.from_export(OUT, project=False)`).
+Licences: data_cards/public_slide_encoders.md.
 Needs the PyTorch extra: pip install 'mmfm[bridges]'.
 
 example: mmfm import-encoder --checkpoint tangle_brca.pt --layout tangle --out exports/tangle_brca"""
 
 
 # an alias keeps the field line free of quotes (draccus reads its comment)
-Layout = Literal["clam", "tangle", "vit", "titan"]
+Layout = Literal["clam", "tangle", "vit", "titan", "gigapath"]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 `attention(q, k, v, kv_valid, q_segment, kv_segment, impl=...)` with q, k, v [B, N, H, d]. Query i may
 attend key j iff key j is valid and, when segments are given, segment_q[i] == segment_kv[j] (tissue
 fragments; registers get their own segment). A query with no allowed key returns zeros.
+`return_lse=True` (blockwise only) also returns each query's log-sum-exp of its allowed logits [B, N, H] (-1e30
+with no allowed key), which lets a caller merge attention over several key sets exactly (LongNet's dilated
+branches, `mmfm.models.dilated`).
 
 impl="blockwise" (default, any backend): flash-style online softmax in pure JAX. A `fori_loop` over query
 blocks runs a `fori_loop` over key blocks carrying the running max m, normaliser l and fp32 accumulator;
@@ -60,17 +63,20 @@ def alibi_slopes(n_heads: int) -> list[float]:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array,
               q_segment: jax.Array | None = None, kv_segment: jax.Array | None = None, *,
               impl: str = "blockwise", block_q: int = 512, block_k: int = 1024,
-              bias: DistanceBias | None = None) -> jax.Array:
-    """Softmax(q kᵀ / √d + bias + mask) v over allowed pairs; returns [B, N, H, d] in q.dtype."""
+              bias: DistanceBias | None = None, return_lse: bool = False):
+    """Softmax(q kᵀ / √d + bias + mask) v over allowed pairs; returns [B, N, H, d] in q.dtype (and the lse)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}; choose one of {IMPLS}")
+    if return_lse and impl != "blockwise":
+        raise ValueError(f"return_lse needs impl='blockwise' (got {impl!r})")
     if (q_segment is None) != (kv_segment is None):
         raise ValueError("give both q_segment and kv_segment, or neither")
     if q_segment is None:
         q_segment = jnp.zeros(q.shape[:2], jnp.int32)
         kv_segment = jnp.zeros(k.shape[:2], jnp.int32)
     if impl == "blockwise":
-        return _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k, bias)
+        out, lse = _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k, bias)
+        return (out, lse) if return_lse else out
     return _dense(q, k, v, kv_valid, q_segment, kv_segment, impl, bias)
 
 
@@ -121,7 +127,7 @@ def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k, bias)
         return m_new, l, acc * corr[..., None] + pv
 
     @jax.checkpoint
-    def query_block(i, out):
+    def query_block(i, bufs):
         start = jnp.minimum(i * bq, n - bq)  # the last block overlaps its neighbour: recomputed, same values
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, bq, axis=1)
         qb, qsb = cut(q) * scale, cut(q_segment)
@@ -137,8 +143,9 @@ def _blockwise(q, k, v, kv_valid, q_segment, kv_segment, block_q, block_k, bias)
 
         init = (jnp.full((b, h, bq), _NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
                 jnp.zeros((b, h, bq, d), jnp.float32))
-        _, l, acc = jax.lax.fori_loop(0, -(-s // bk), step, init)
+        m, l, acc = jax.lax.fori_loop(0, -(-s // bk), step, init)
         o = jnp.moveaxis(acc / jnp.where(l > 0, l, 1.0)[..., None], 1, 2).astype(q.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
+        lse = jnp.moveaxis(jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG), 1, 2)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(buf, x, start, axis=1) for buf, x in zip(bufs, (o, lse)))
 
-    return jax.lax.fori_loop(0, -(-n // bq), query_block, jnp.zeros_like(q))
+    return jax.lax.fori_loop(0, -(-n // bq), query_block, (jnp.zeros_like(q), jnp.zeros((b, n, h), jnp.float32)))

@@ -13,6 +13,7 @@ from typing import Literal
 
 from mmfm.models.abmil import ABMILConfig
 from mmfm.models.case import CaseConfig
+from mmfm.models.gigapath import GigaPathConfig
 from mmfm.models.omics import OmicsConfig
 from mmfm.models.transformer import TransformerConfig
 
@@ -35,9 +36,10 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class SlideConfig:
-    kind: Literal["abmil", "transformer"] = "abmil"
+    kind: Literal["abmil", "transformer", "gigapath"] = "abmil"
     abmil: ABMILConfig = field(default_factory=ABMILConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    gigapath: GigaPathConfig = field(default_factory=GigaPathConfig)  # Prov-GigaPath's LongNet (import-encoder)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from mmfm.data.batch import BatchShapes, present_key
 from mmfm.models.abmil import ABMIL
 from mmfm.models.case import CaseEncoder
 from mmfm.models.config import ModelConfig, SlideConfig
+from mmfm.models.gigapath import GigaPathSlideEncoder
 from mmfm.models.heads import ProjectionHead, l2_normalize
 from mmfm.models.layers import compute_dtype
 from mmfm.models.omics import build_omics_encoder
@@ -43,7 +44,9 @@ def build_slide_encoder(cfg: SlideConfig, feature_dim: int, *, dtype, rngs: nnx.
         return ABMIL(cfg.abmil, feature_dim, dtype=dtype, rngs=rngs)
     if cfg.kind == "transformer":
         return TransformerSlideEncoder(cfg.transformer, feature_dim, dtype=dtype, rngs=rngs)
-    raise ValueError(f"model.slide.kind={cfg.kind!r}; choose abmil or transformer")
+    if cfg.kind == "gigapath":
+        return GigaPathSlideEncoder(cfg.gigapath, feature_dim, dtype=dtype, rngs=rngs)
+    raise ValueError(f"model.slide.kind={cfg.kind!r}; choose abmil, transformer or gigapath")
 
 
 def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs, weights: dict | None):

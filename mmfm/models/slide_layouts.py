@@ -22,7 +22,7 @@ attributes; no code was copied.
           attn.proj, norm2, mlp.fc1, mlp.fc2}`, final `norm`; readout = the final class token; exact GELU,
           LayerNorm ε = 1e-6. Attention heads are not in a state dict (`n_heads`), nor is the positional scheme:
           a checkpoint with `pos_embed` (absolute positions) is refused; one trained with another relative
-          scheme (ALiBi: MOOZY; dilated LongNet: Prov-GigaPath) has different keys or different maths, and
+          scheme (ALiBi: MOOZY; Prov-GigaPath has its own layout below) has different keys or maths, and
           imports, if at all, as an initialisation — only position-free ("none") or mmfm's own 2D RoPE
           blocks reproduce the source model's function.
   titan   TITAN's slide encoder (Ding et al. 2025; HF `MahmoodLab/TITAN`, keys under `vision_encoder.`):
@@ -34,6 +34,11 @@ attributes; no code was copied.
           space (its zero-shot use; imported with `project`); `attn_pool` (128 captioning queries for the
           removed report decoder) is ignored. Heads are not in the state dict: TITAN's 12 (blocks) and 8
           (poolers) unless `n_heads` / `pool_heads` say otherwise.
+  gigapath Prov-GigaPath's slide encoder (`LongNetViT`, mmfm/models/gigapath.py): `patch_embed.proj`, `cls_token`,
+          `encoder.layers.<i>.self_attn.{q,k,v,out}_proj` + `.inner_attn_ln`, `.self_attn_layer_norm`,
+          `.ffn.{fc1, ffn_layernorm, fc2}`, `.final_layer_norm`, `encoder.layer_norm`, `norm`. Heads, segment
+          lengths and dilation ratios are not in a state dict: the released model's (16; 1024 … 1048576;
+          1, 2, 4, 8, 16) unless given. Its fixed sin-cos `pos_embed` is recomputed, never read.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import numpy as np
 
 from mmfm.models.abmil import ABMILConfig
 from mmfm.models.config import SlideConfig
+from mmfm.models.gigapath import GigaPathConfig
 from mmfm.models.transformer import TransformerConfig
 from mmfm.models.weight_porting import NameMap, PortingError, Rule, identity, transpose
 
@@ -201,6 +207,39 @@ def _titan(state: State, *, n_heads: int = 0, pool_heads: int = 0, project: bool
              *_linear(f"{pool}.attn.out_proj", "pool.out"), *((Rule("proj", "pool.proj"),) if project else ()))
     ignore = (r"attn_pool\..*",) + (() if project else ("proj",))
     return Converted(SlideConfig(kind="transformer", transformer=cfg), w_in.shape[1], state, NameMap(rules, ignore))
+def _gigapath(state: State, *, n_heads: int = 0, segment_lengths: tuple[int, ...] = (),
+              dilation_ratios: tuple[int, ...] = (), layer: int = 11, global_pool: bool = True, **_) -> Converted:
+    state = dict(state)
+    w_in = _need(state, "patch_embed.proj.weight", 2, "gigapath")
+    state["cls_token"] = _need(state, "cls_token", 3, "gigapath").reshape(1, -1)
+    layer_re = r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.weight"
+    depth = len({m.group(1) for k in state if (m := re.fullmatch(layer_re, k))})
+    default = GigaPathConfig()
+    cfg = GigaPathConfig(width=w_in.shape[0], depth=depth, n_heads=n_heads or default.n_heads,
+                         ffn_dim=_need(state, "encoder.layers.0.ffn.fc1.weight", 2, "gigapath").shape[0],
+                         segment_lengths=tuple(segment_lengths) or default.segment_lengths,
+                         dilation_ratios=tuple(dilation_ratios) or default.dilation_ratios, layer=layer,
+                         global_pool=global_pool)
+    cfg.validate()
+    b, a = r"encoder\.layers\.(\d+)\.", r"encoder\.layers\.(\d+)\.self_attn\."
+    rules = (*_linear("patch_embed.proj", "proj"), Rule("cls_token", "cls"),
+             Rule(a + r"(q|k|v)_proj\.weight", r"blocks.\1.\2.kernel", transpose),
+             Rule(a + r"(q|k|v)_proj\.bias", r"blocks.\1.\2.bias"),
+             Rule(a + r"out_proj\.weight", r"blocks.\1.out.kernel", transpose),
+             Rule(a + r"out_proj\.bias", r"blocks.\1.out.bias"),
+             Rule(b + r"ffn\.fc(1|2)\.weight", r"blocks.\1.fc\2.kernel", transpose),
+             Rule(b + r"ffn\.fc(1|2)\.bias", r"blocks.\1.fc\2.bias"),
+             *(Rule(src + r"\.weight", rf"blocks.\1.{dst}.scale") for src, dst in _GIGAPATH_NORMS),
+             *(Rule(src + r"\.bias", rf"blocks.\1.{dst}.bias") for src, dst in _GIGAPATH_NORMS),
+             *_norm("encoder.layer_norm", "encoder_norm"), *_norm("norm", "norm"))
+    return Converted(SlideConfig(kind="gigapath", gigapath=cfg), w_in.shape[1], state,
+                     NameMap(rules, ignore=(r"pos_embed",)))
+
+
+_GIGAPATH_NORMS = ((r"encoder\.layers\.(\d+)\.self_attn_layer_norm", "attn_norm"),
+                   (r"encoder\.layers\.(\d+)\.self_attn\.inner_attn_ln", "inner_norm"),
+                   (r"encoder\.layers\.(\d+)\.final_layer_norm", "ffn_norm"),
+                   (r"encoder\.layers\.(\d+)\.ffn\.ffn_layernorm", "ffn_inner_norm"))
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -218,6 +257,7 @@ LAYOUTS: dict[str, Layout] = {
         (r"fc_norm\..*", "average-pool readout norm (global_pool 'avg'): TITAN reads its CoCa pooler"),
         (r"blocks\.modules_list\.\d+\.ls[12]\..*", "LayerScale is not part of mmfm's blocks"),
         (r"blocks\.modules_list\.\d+\.attn\.[qk]_norm\..*", "QK-norm is not part of mmfm's blocks"))),
+    "gigapath": Layout(r"encoder\.layers\.0\.self_attn\.q_proj\.weight", _gigapath),
 }
 
 
