@@ -107,12 +107,15 @@ def test_batches_follow_the_contract(cohort):
     loader = _loader(cohort)
     assert loader.skipped_cases == ["c03"] and loader.steps_per_epoch == 11 // 4
     assert loader.shapes == BatchShapes(batch_size=4, tiles_per_slide=K, feature_dim=D, n_genes=10,
-                                        n_proteins=6, report_len=12, n_mutations=2)
+                                        n_proteins=6, report_len=12, n_mutations=2, n_sites=3)
+    assert loader.site_names == ["s0", "s1", "s2"]
     assert loader.mutation_names == ["TP53", "KRAS"] and len(loader.gene_names) == 10
     assert sorted(loader.protein_names) == [f"P{i}" for i in range(6)]
     ref = random_batch(loader.shapes)
     for batch in _take(loader, 3):
         assert batch.keys() == ref.keys()
+        np.testing.assert_array_equal(batch["site_index"], [int(cohort.cases.index[c][1:]) % 3
+                                                            for c in batch["case_index"]])
         for k, v in batch.items():
             assert v.shape == ref[k].shape, k
             want = np.float16 if k == "slide/features" else ref[k].dtype
@@ -150,7 +153,7 @@ def test_presence_masks_follow_the_cohort(cohort):
 def test_modalities_config_restricts_the_batch(cohort):
     loader = _loader(cohort, modalities=("slide", "mutation"))
     batch = next(loader)
-    assert set(batch) == {"case_index", "mutation/values", "mutation/mask", "mutation/present",
+    assert set(batch) == {"case_index", "site_index", "mutation/values", "mutation/mask", "mutation/present",
                           "slide/features", "slide/coords", "slide/tile_mask", "slide/fragment", "slide/slide_index",
                           "slide/present"}
     assert loader.shapes.n_genes == 0 and loader.transforms == {}

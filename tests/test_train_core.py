@@ -42,7 +42,7 @@ def build(seed=0):
 def siglip_loss(mesh=None, impl="global"):
     ocfg = ObjectiveConfig(impl=impl)
 
-    def loss_fn(module, batch):
+    def loss_fn(module, batch, step):
         emb = module.model(batch, deterministic=False)
         return multimodal_loss(emb, {m: batch[f"{m}/present"] for m in emb}, batch["case_index"], module.logit,
                                ocfg, mesh=mesh, axis=sharding.BATCH_AXES)
@@ -172,7 +172,7 @@ def test_sharded_4x2_ring_matches_one_device():
 
 def test_grad_accum_equals_full_batch_for_a_row_mean_loss():
     """For a loss that is a mean over rows, 2 micro-batches give the full-batch update exactly."""
-    def row_mean(module, batch):
+    def row_mean(module, batch, step):
         emb = module.model(batch, deterministic=True)
         loss = jnp.mean(jnp.sum((emb["slide"] - emb["rna"]) ** 2, -1))
         return loss, {}

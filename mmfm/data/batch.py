@@ -8,6 +8,7 @@ one case are all positives for that case's RNA). Padding rows have case_index = 
 
   key                        shape      dtype          meaning
   case_index                 [B]        int32          case identity (row in Cohort.cases), -1 = padding row
+  site_index                 [B]        int32          tissue-source site (index into the loader's site_names), -1 = unknown
   slide/features             [B, K, D]  float16/32     sampled tile features
   slide/coords               [B, K, 2]  int32          grid (col, row) = level-0 (x, y) // patch_size_level0
   slide/tile_mask            [B, K]     bool           True = real tile, False = padding
@@ -62,6 +63,7 @@ class BatchShapes:
     n_proteins: int = 0
     report_len: int = 0
     n_mutations: int = 0
+    n_sites: int = 0  # distinct known sites among the training cases (`site_index` < n_sites)
 
 
 def random_batch(shapes: BatchShapes, seed: int = 0, n_cases: int | None = None,
@@ -112,4 +114,5 @@ def random_batch(shapes: BatchShapes, seed: int = 0, n_cases: int | None = None,
         out["mutation/values"] = (rng.random((b, s.n_mutations)) < 0.2).astype(np.float32)
         out["mutation/mask"] = np.ones((b, s.n_mutations), bool)
         out["mutation/present"] = present()
+    out["site_index"] = (rng.integers(0, s.n_sites, size=b) if s.n_sites else np.full(b, -1)).astype(np.int32)
     return out

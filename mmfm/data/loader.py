@@ -3,7 +3,8 @@
 Rows are cases. Global batch `s` belongs to epoch e = s // steps_per_epoch and holds the cases at
 positions [(s mod steps_per_epoch)·B, +B) of epoch e's case permutation (seeded by (seed, e); the
 epoch's last partial batch is dropped, so a batch never repeats a case). Row r draws its slide and
-tiles from an RNG seeded by (seed, e, case_index). Hence a batch depends only on (seed, step):
+tiles from an RNG seeded by (seed, e, case_index). With `site_balance` the rows come instead from per-site
+streams (`mmfm.data.site`), e being the row's pass through its site. Hence a batch depends only on (seed, step):
   * resume is exact and the state is just the step (JSON; orbax: `ocp.args.JsonSave(state)`),
   * process i of P computes only rows [i·B/P, (i+1)·B/P) of every global batch, every process
     runs the same steps, and a run may resume on a different process count,
@@ -25,6 +26,7 @@ import numpy as np
 from mmfm import MODALITIES
 from mmfm.data.batch import BatchShapes
 from mmfm.data.sampling import READAHEAD, BagReader, sample_tiles
+from mmfm.data.site import BalancedOrder, SiteStyle, site_codes
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,17 @@ class LoaderConfig:
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
     readahead: str = "willneed"  # willneed | kernel | random: how cold bag pages are read (sampling.BagReader)
+    # Site-robustness switches (mathematics in mmfm.data.site; all off by default; training loader only):
+    site_balance: bool = False  # every batch takes ~B/S rows from each training site (per-site streams)
+    site_augment: float = 0.0  # per-slide probability of moving its tile features to another training site's style
+    site_augment_scale: bool = False  # the transfer also rescales per dimension (σ_t/σ_s), not only shifts the mean
+    site_augment_fit_tiles: int = 256  # tiles sampled per training slide to fit the per-site mean/std
 
     def __post_init__(self):
+        if not 0.0 <= self.site_augment <= 1.0:
+            raise ValueError(f"LoaderConfig.site_augment is a probability in [0, 1], got {self.site_augment}")
+        if self.site_augment_fit_tiles < 1:
+            raise ValueError(f"LoaderConfig.site_augment_fit_tiles must be ≥ 1, got {self.site_augment_fit_tiles}")
         if self.readahead not in READAHEAD:
             raise ValueError(f"LoaderConfig.readahead must be one of {READAHEAD}, got {self.readahead!r}")
         if self.multi_slide not in ("sample", "pool"):
@@ -66,6 +77,7 @@ class _Tables:
     slide_path: list[str]
     slide_tiles: np.ndarray  # [n_slides] int64
     slide_patch: np.ndarray  # [n_slides] int64, patch_size_level0
+    site: np.ndarray  # [n] int32 site code (index into the loader's site_names), -1 = unknown
     dense: dict[str, np.ndarray]  # batch key -> [n, ...] per-case array (omics, report, mutation, presence)
 
 
@@ -73,16 +85,25 @@ class _MakeBatch:
     """step -> this process's rows of global batch `step`. Pure: runs identically in any worker."""
 
     def __init__(self, tables: _Tables, cfg: LoaderConfig, feature_dim: int, emit_slide: bool,
-                 process_index: int, process_count: int):
-        self.t, self.cfg, self.dim, self.emit_slide = tables, cfg, feature_dim, emit_slide
+                 process_index: int, process_count: int, style: SiteStyle | None = None):
+        self.t, self.cfg, self.dim, self.emit_slide, self.style = tables, cfg, feature_dim, emit_slide, style
         self.rows = cfg.batch_size // process_count
         self.first_row = process_index * self.rows
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
         self.reader = BagReader(cfg.open_bags, cfg.readahead)
         self._order = (-1, None)
+        self.balanced = None
+        if cfg.site_balance:
+            strata = [np.flatnonzero(tables.site == s) for s in range(int(tables.site.max()) + 1)]
+            self.balanced = BalancedOrder(strata + [np.flatnonzero(tables.site < 0)], cfg.batch_size, cfg.seed)
 
-    def cases(self, step: int) -> tuple[int, np.ndarray]:
-        """(epoch, loader case numbers of this process's rows) for global step `step`."""
+    def cases(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch of each row, loader case numbers of this process's rows) for global step `step`; with
+        `site_balance`, a row's epoch is its pass through its site's stream."""
+        rows = slice(self.first_row, self.first_row + self.rows)
+        if self.balanced is not None:
+            cases, passes = self.balanced(step)
+            return passes[rows], cases[rows]
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._order[0] != epoch:
             n = len(self.t.case_index)
@@ -90,17 +111,17 @@ class _MakeBatch:
                     if self.cfg.shuffle else np.arange(n))
             self._order = (epoch, perm)
         start = i * self.cfg.batch_size + self.first_row
-        return epoch, self._order[1][start: start + self.rows]
+        return np.full(self.rows, epoch), self._order[1][start: start + self.rows]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        epoch, cases = self.cases(int(step))
-        out = {"case_index": self.t.case_index[cases]}
+        epochs, cases = self.cases(int(step))
+        out = {"case_index": self.t.case_index[cases], "site_index": self.t.site[cases]}
         if self.emit_slide:
-            out.update(self._slides(epoch, cases))
+            out.update(self._slides(int(step), epochs, cases))
         out.update({k: v[cases] for k, v in self.t.dense.items()})
         return out
 
-    def _slides(self, epoch: int, cases: np.ndarray) -> dict[str, np.ndarray]:
+    def _slides(self, step: int, epochs: np.ndarray, cases: np.ndarray) -> dict[str, np.ndarray]:
         b, k, t = len(cases), self.cfg.tiles_per_slide, self.t
         feats = np.zeros((b, k, self.dim), self.cfg.feature_dtype)  # calloc: rows without slides stay 0
         coords = np.zeros((b, k, 2), np.int32)
@@ -112,7 +133,7 @@ class _MakeBatch:
             slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
             if not len(slides):
                 continue
-            rng = np.random.default_rng([self.cfg.seed, epoch, int(t.case_index[c])])
+            rng = np.random.default_rng([self.cfg.seed, int(epochs[r]), int(t.case_index[c])])
             if self.cfg.multi_slide == "sample":
                 slides = slides[[rng.integers(len(slides))]]
             ends = np.cumsum(t.slide_tiles[slides])
@@ -127,7 +148,8 @@ class _MakeBatch:
                 got = self.reader.read(t.slide_path[s], local[pos])
                 if not len(got["features"]):
                     continue
-                feats[r, pos] = got["features"]
+                feats[r, pos] = got["features"] if self.style is None else self.style(
+                    got["features"], int(t.site[c]), self.cfg.seed, step, int(t.case_index[c]), int(s))
                 coords[r, pos] = got["coords"] // t.slide_patch[s]
                 slide_index[r, pos] = q
                 frag = got.get("fragment")
@@ -302,16 +324,17 @@ class TileBagLoader:
         has = present.get("slide", np.zeros(len(self.case_ids), bool))
         per_case = [list(by_case.get(c, [])) if h else [] for c, h in zip(self.case_ids, has)]
         order = [s for ids in per_case for s in ids]
+        site, self.site_names = site_codes(cohort.cases.loc[self.case_ids, "site"].tolist())
         self._tables = _Tables(
             case_index=np.array([cohort.case_index[c] for c in self.case_ids], np.int32),
             slide_start=np.concatenate([[0], np.cumsum([len(ids) for ids in per_case])]).astype(np.int64),
             slide_path=[str(p) for p in slides.loc[order, "path"]],
             slide_tiles=slides.loc[order, "n_tiles"].to_numpy(np.int64),
             slide_patch=slides.loc[order, "patch_size_level0"].to_numpy(np.int64),
-            dense=dense)
+            site=site, dense=dense)
         feature_dim = int(cohort.spec.feature_dim)
         self._make = _MakeBatch(self._tables, cfg, feature_dim, "slide" in self.modalities,
-                                process_index, process_count)
+                                process_index, process_count, self._site_style(feature_dim))
         self.steps_per_epoch = self._make.steps_per_epoch
         self.local_batch_size = self._make.rows
         self.shapes = BatchShapes(
@@ -320,9 +343,25 @@ class TileBagLoader:
             feature_dim=feature_dim if "slide" in self.modalities else 0,
             n_genes=len(self.gene_names), n_proteins=len(self.protein_names),
             report_len=cfg.report_max_len if "report" in self.modalities else 0,
-            n_mutations=len(self.mutation_names))
+            n_mutations=len(self.mutation_names), n_sites=len(self.site_names))
         self._step = 0
         self._it = None
+
+    def _site_style(self, feature_dim: int) -> SiteStyle | None:
+        """`loader.site_augment`'s per-site statistics, fitted on this loader's (the training) cases only."""
+        cfg, t = self.cfg, self._tables
+        if cfg.site_augment == 0.0:
+            return None
+        if "slide" not in self.modalities:
+            raise ValueError("LoaderConfig.site_augment transfers tile features: data.modalities needs 'slide'")
+        reader = BagReader(cfg.open_bags, cfg.readahead)
+        try:
+            return SiteStyle.fit(lambda s, rows: reader.read(t.slide_path[s], rows)["features"],
+                                 [np.arange(t.slide_start[c], t.slide_start[c + 1]) for c in range(len(t.site))],
+                                 t.slide_tiles, t.site, t.case_index, len(self.site_names), feature_dim,
+                                 cfg.site_augment_fit_tiles, cfg.site_augment, cfg.site_augment_scale)
+        finally:
+            reader.close()
 
     # -- iteration ---------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -371,9 +410,14 @@ class TileBagLoader:
     def _identity(self) -> dict:
         c = self.cfg
         cases = hashlib.sha1("\n".join(self.case_ids).encode()).hexdigest()[:16]
-        return {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
-                "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids),
-                "cases_sha1": cases}
+        out = {"seed": c.seed, "batch_size": c.batch_size, "tiles_per_slide": c.tiles_per_slide,
+               "multi_slide": c.multi_slide, "shuffle": c.shuffle, "n_cases": len(self.case_ids),
+               "cases_sha1": cases}
+        if c.site_balance:  # only when on: states saved before these switches existed still match
+            out["site_balance"] = True
+        if c.site_augment:
+            out["site_augment"] = [c.site_augment, c.site_augment_scale, c.site_augment_fit_tiles]
+        return out
 
     def get_state(self) -> dict:
         """JSON-able; `set_state` on a loader built with the same config and cases resumes exactly."""

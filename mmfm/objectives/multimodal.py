@@ -14,6 +14,16 @@ Definitions (the trainer, the tests and the paper methods section all rely on th
   valid rows contributes exactly 0 (and a zero, finite gradient).
 * Total. loss = Σ_pairs w_ab · L_ab (a weighted SUM; weights default to 1, set them to 1/n_pairs
   for a mean).
+* Site-conditional contrast (`same_site_weight` w_s, `other_site_weight` w_o; needs `site` [B], −1 = unknown).
+  A negative pair (i, j) (different cases) whose rows both have a known site enters with weight c_ij = w_s if
+  site_i = site_j, w_o otherwise; every other pair (positives — same case, hence same site — and pairs with an
+  unknown site) weighs 1: SigLIP L_ab = Σ_{valid i,j} c_ij · (−log σ(y_ij z_ij)) / N_ab. A weight 0 masks those
+  pairs out entirely (they leave the valid set, so an anchor left with no valid column leaves N_ab and the logit
+  statistics); InfoNCE takes weights 0 or 1 only (its softmax then runs over the kept columns). Two readings,
+  which the site-robustness comparison tests: other-site negatives can be told apart by the hospital alone,
+  so w_o < 1 (or w_s > 1) conditions the contrast on site (negatives drawn within the confounder's level,
+  Ma et al. 2021, "conditional contrastive learning"); same-site cases often share biology in a confounded
+  cohort, so w_s = 0 removes those likely false negatives. w_s = w_o = 1 is plain contrast (bit-identical).
 
 Implementations (`ObjectiveConfig.impl`): 'global' computes the full logit matrices (under jit with
 batch-sharded inputs XLA inserts the gathers); 'gather' and 'ring' run the same arithmetic inside
@@ -56,8 +66,22 @@ class ObjectiveConfig:
     infonce_tau: float = 0.07
     learn_tau: bool = False
     impl: Literal["global", "gather", "ring"] = "global"
+    same_site_weight: float = 1.0      # weight of same-site negative pairs (0 = masked, 1 = plain; see above)
+    other_site_weight: float = 1.0     # weight of negative pairs from two different known sites (0 = masked)
+    site_adversary: float = 0.0        # λ of the gradient-reversed site head on the slide embedding (0 = off)
+    site_adversary_warmup: int = 0     # λ ramps linearly from 0 over this many optimizer steps (0 = constant)
+    site_adversary_hidden: int = 128   # site head MLP width (0 = a linear head)
 
     def __post_init__(self):
+        for key in ("same_site_weight", "other_site_weight"):
+            w = getattr(self, key)
+            if w < 0:
+                raise ValueError(f"objective.{key} must be ≥ 0, got {w}")
+            if self.kind == "infonce" and w not in (0.0, 1.0):
+                raise ValueError(f"objective.{key}={w}: InfoNCE takes only 0 (masked) or 1; re-weighting is "
+                                 f"SigLIP's (kind: siglip)")
+        if self.site_adversary < 0 or self.site_adversary_warmup < 0 or self.site_adversary_hidden < 0:
+            raise ValueError("objective.site_adversary, site_adversary_warmup and site_adversary_hidden must be ≥ 0")
         if self.kind not in KINDS:
             raise ValueError(f"objective.kind must be one of {sorted(KINDS)}, got {self.kind!r}")
         if self.impl not in sharded.SWEEPS:
@@ -129,20 +153,29 @@ class LogitParams(nnx.Module):
         return log_t, (jnp.zeros_like(log_t) if self.bias is None else self.bias[...])
 
 
-def _pair_loss(kind, sweep, axis, xa, xb, ci, va, vb, scale, bias):
+def _pair_loss(kind, sweep, axis, xa, xb, ci, va, vb, scale, bias, site, site_weights):
     """Loss, anchor count and logit statistics of one pair on this device's (or the global) rows."""
 
     def direction(x, vx, y, vy):
-        def block(y, cj, vj):
+        def block(y, cj, vj, sj):
             logits = sharded.pair_logits(x, y, scale, bias)
             pos = ci[:, None] == cj[None, :]
             valid = vx[:, None] & vj[None, :]
-            return kind.rows(logits, pos, valid), diagnostics.logit_stats(logits, pos, valid)
+            if site_weights != (1.0, 1.0):
+                known_neg = ~pos & (site[:, None] >= 0) & (sj[None, :] >= 0)
+                same = site[:, None] == sj[None, :]
+                c = jnp.where(known_neg, jnp.where(same, site_weights[0], site_weights[1]), 1.0)
+                valid = valid & (c > 0)
+            if set(site_weights) - {0.0, 1.0}:  # weights other than masks (SigLIP only)
+                rows = kind.rows(logits, pos, valid, c)
+            else:
+                rows = kind.rows(logits, pos, valid)
+            return rows, diagnostics.logit_stats(logits, pos, valid)
 
         def merge(a, b):
             return kind.merge(a[0], b[0]), diagnostics.merge_stats(a[1], b[1])
 
-        acc, stats = sweep(block, merge, (y, ci, vy), axis)
+        acc, stats = sweep(block, merge, (y, ci, vy, site), axis)
         loss_rows, anchor = kind.row_loss(acc)
         total = sharded.psum(jnp.sum(jnp.where(anchor, loss_rows, 0.0)), axis)
         n = sharded.psum(jnp.sum(anchor, dtype=jnp.float32), axis)
@@ -154,7 +187,8 @@ def _pair_loss(kind, sweep, axis, xa, xb, ci, va, vb, scale, bias):
     return loss, n, diagnostics.finalize_stats(stats, axis)
 
 
-def _objective(emb, present, case_index, log_t, bias, *, pairs, slots, weights, kind, sweep, axis):
+def _objective(emb, present, case_index, site, log_t, bias, *, pairs, slots, weights, kind, sweep, axis,
+               site_weights):
     valid = {m: present[m] & (case_index >= 0) for m in emb}
     loss = jnp.zeros((), jnp.float32)
     diag = {}
@@ -162,7 +196,7 @@ def _objective(emb, present, case_index, log_t, bias, *, pairs, slots, weights, 
         name = pair_name(a, b)
         scale = jnp.exp(log_t[s])
         pl, n, stats = _pair_loss(kind, sweep, axis, emb[a], emb[b], case_index, valid[a], valid[b],
-                                  scale, bias[s])
+                                  scale, bias[s], site, site_weights)
         loss = loss + w * pl
         diag[f"loss/{name}"] = pl
         diag[f"valid_rows/{name}"] = n
@@ -176,7 +210,7 @@ def _objective(emb, present, case_index, log_t, bias, *, pairs, slots, weights, 
 def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Array], case_index: jax.Array,
                     logit_params: LogitParams, cfg: ObjectiveConfig, *, axis: sharded.Axis,
                     mesh: jax.sharding.Mesh | None = None, norms: Mapping[str, jax.Array] | None = None,
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    site: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum over pairs of masked, multi-positive contrastive losses (see module docstring).
 
     emb: modality → [B, E] L2-normalised embeddings (any float dtype; the loss runs in float32).
@@ -187,6 +221,7 @@ def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Arra
     (one device, or the 'global' impl). For 'ring'/'gather', B must divide by the axes' size.
     mesh: the mesh for 'ring'/'gather' (the trainer passes its own; default: the one set by
     `jax.set_mesh`; with neither, the global computation runs). Ignored for 'global'.
+    site: [B] int32 site ids (−1 = unknown), required when a site weight of `cfg` is ≠ 1, unused otherwise.
     Returns (scalar float32 loss, flat dict of float32 scalar diagnostics).
     """
     missing = [m for m in emb if m not in present]
@@ -203,15 +238,20 @@ def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Arra
     emb = {m: x.astype(jnp.promote_types(x.dtype, jnp.float32)) for m, x in emb.items()}
     present = {m: jnp.asarray(present[m], bool) for m in emb}
     case_index = jnp.asarray(case_index, jnp.int32)
+    site_weights = (float(cfg.same_site_weight), float(cfg.other_site_weight))
+    if site is None and site_weights != (1.0, 1.0):
+        raise ValueError(f"objective.same_site_weight/other_site_weight = {site_weights} need the rows' sites "
+                         f"(batch key 'site_index')")
+    site = jnp.full_like(case_index, -1) if site is None else jnp.asarray(site, jnp.int32)
     log_t, bias = logit_params.values()
 
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     impl = "global" if mesh.empty else cfg.impl  # no mesh = one device, where every impl is the global one
     fn = partial(_objective, pairs=pairs, slots=tuple(logit_params.slot(p) for p in pairs),
                  weights=tuple(weight_of.get(pair_name(*p), 1.0) for p in pairs),
-                 kind=KINDS[cfg.kind], sweep=sharded.SWEEPS[impl])
+                 kind=KINDS[cfg.kind], sweep=sharded.SWEEPS[impl], site_weights=site_weights)
     if impl == "global":
-        loss, diag = fn(emb, present, case_index, log_t, bias, axis=None)
+        loss, diag = fn(emb, present, case_index, site, log_t, bias, axis=None)
     else:
         if axis is None:
             raise ValueError(f"objective.impl={cfg.impl!r} on a mesh needs the batch's mesh axes (axis=...), "
@@ -223,8 +263,8 @@ def multimodal_loss(emb: Mapping[str, jax.Array], present: Mapping[str, jax.Arra
                              f"of size {size}")
         rows = P(axis)
         loss, diag = jax.shard_map(partial(fn, axis=axis), mesh=mesh,
-                                   in_specs=(rows, rows, rows, P(), P()), out_specs=(P(), P()))(
-            emb, present, case_index, log_t, bias)
+                                   in_specs=(rows, rows, rows, rows, P(), P()), out_specs=(P(), P()))(
+            emb, present, case_index, site, log_t, bias)
 
     for m in sorted({m for p in pairs for m in p}):
         rows_m = present[m] & (case_index >= 0)

@@ -17,9 +17,11 @@ DIRECTIONS = 1
 """The sigmoid loss over all (i, j) already covers both directions of a pair."""
 
 
-def rows(logits: jax.Array, pos: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
-    """Per-anchor-row partial sums for one block of columns."""
+def rows(logits: jax.Array, pos: jax.Array, valid: jax.Array, weight: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per-anchor-row partial sums for one block of columns; `weight` multiplies each (i, j) term."""
     nll = -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
+    if weight is not None:
+        nll = nll * weight
     return {"nll": jnp.sum(jnp.where(valid, nll, 0.0), axis=1),
             "n_cols": jnp.sum(valid, axis=1, dtype=jnp.float32)}
 

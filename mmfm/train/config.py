@@ -94,6 +94,11 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.modalities: needs distinct entries from {MODALITIES}, got {cfg.data.modalities}")
     if (t.mesh.data == -1) and (t.mesh.fsdp == -1):
         raise ConfigError("train.mesh: at most one axis may be -1")
+    for key, on in (("loader.site_augment", cfg.loader.site_augment > 0),
+                    ("objective.site_adversary", cfg.objective.site_adversary > 0)):
+        if on and "slide" not in cfg.data.modalities:
+            raise ConfigError(f"{key} acts on tile features / the slide embedding: data.modalities needs 'slide', "
+                              f"got {list(cfg.data.modalities)}")
     if t.init_slide_encoder and "slide" not in cfg.data.modalities:
         raise ConfigError(f"train.init_slide_encoder initialises the slide encoder: data.modalities needs 'slide', "
                           f"got {list(cfg.data.modalities)}")

@@ -113,7 +113,7 @@ class HeldOutEvaluator:
             raise ValueError(f"data.val_fraction: {len(ids)} validation cases cannot fill one batch on "
                              f"{mesh.size} devices; raise it or set train.eval_every=0")
         lcfg = dataclasses.replace(cfg.loader, batch_size=self.batch_size, shuffle=False, seed=cfg.train.seed,
-                                   workers=0, prefetch=0)
+                                   workers=0, prefetch=0, site_balance=False, site_augment=0.0)  # training only
         starts = list(range(0, len(ids) - self.batch_size + 1, self.batch_size))
         if starts[-1] + self.batch_size < len(ids):
             starts.append(len(ids) - self.batch_size)

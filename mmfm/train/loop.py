@@ -35,7 +35,7 @@ from mmfm import faults
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader
 from mmfm.data.splits import split_cases
-from mmfm.objectives import multimodal_loss
+from mmfm.objectives import adversary, multimodal_loss
 from mmfm.train import evaluate, rundir
 from mmfm.train.checkpoint import Checkpointer, gather_json
 from mmfm.train.config import ConfigError, RunConfig, load_config
@@ -56,7 +56,8 @@ def _micro_batches(batch: dict, n: int) -> dict:
 
 
 def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: int = 1):
-    """Jitted `(state, batch) -> (state, metrics)`; `loss_fn(module, batch) -> (loss, dict)`.
+    """Jitted `(state, batch) -> (state, metrics)`; `loss_fn(module, batch, step) -> (loss, dict)`, `step` the
+    number of optimizer updates done (int32 scalar; for loss-side schedules).
 
     Gradient accumulation scans over micro-batches (contrastive negatives come from the micro-
     batch, as with optax.MultiSteps). Mixed precision is the model's own `model.compute_dtype`
@@ -67,11 +68,12 @@ def make_train_step(ts: TrainState, loss_fn, mesh, *, lr_schedule, grad_accum: i
     def step(state, batch):
         module, opt = nnx.merge(graphdef, state)
         mdef, params, rest = nnx.split(module, nnx.Param, ...)
-        lr = lr_schedule(opt.step[...])
+        n_updates = opt.step[...]
+        lr = lr_schedule(n_updates)
 
         def micro(params, rest, mb):
             m = nnx.merge(mdef, params, rest, copy=True)  # fresh Variables at this trace level
-            loss, metrics = loss_fn(m, mb)
+            loss, metrics = loss_fn(m, mb, n_updates)
             return loss.astype(jnp.float32), (metrics, nnx.state(m, nnx.Not(nnx.Param)))
 
         grad_fn = jax.value_and_grad(micro, has_aux=True)
@@ -100,12 +102,23 @@ def objective_loss(cfg: RunConfig, mesh):
     """The production loss: encoders → L2-normalised embeddings → multimodal objective.
 
     objective.impl 'gather'/'ring' run the objective inside shard_map over every device of the mesh
-    (the recipes' choice); 'global' leaves the cross-device gathers to XLA."""
-    def loss_fn(module, batch):
+    (the recipes' choice); 'global' leaves the cross-device gathers to XLA. With `objective.site_adversary`,
+    the gradient-reversed site head's cross-entropy is added (`mmfm.objectives.adversary`)."""
+    o = cfg.objective
+
+    def loss_fn(module, batch, step):
         emb, norms = module.model(batch, deterministic=False, with_norms=True)
         present = {m: batch[f"{m}/present"] for m in emb}
-        return multimodal_loss(emb, present, batch["case_index"], module.logit, cfg.objective,
-                               mesh=mesh, axis=BATCH_AXES, norms=norms)
+        loss, diag = multimodal_loss(emb, present, batch["case_index"], module.logit, o, mesh=mesh,
+                                     axis=BATCH_AXES, norms=norms, site=batch.get("site_index"))
+        if module.site_head is not None:
+            lam = adversary.schedule(step, o.site_adversary, o.site_adversary_warmup)
+            logits = module.site_head(adversary.grad_reverse(emb["slide"], lam), deterministic=False,
+                                      normalize=False)
+            site_loss, site_diag = adversary.site_loss(logits, batch["site_index"],
+                                                       present["slide"] & (batch["case_index"] >= 0))
+            loss, diag = loss + site_loss, dict(diag, **site_diag, **{"site_adv/lambda": lam})
+        return loss, diag
     return loss_fn
 
 
@@ -236,6 +249,11 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                                process_index=jax.process_index(), process_count=jax.process_count())
     except ValueError as e:  # too few usable cases for a batch, a modality no case has
         raise ConfigError(f"{cfg.data.cohort}: {e}") from e
+    try:
+        build = build_module(cfg, loader.shapes, loader.modalities)  # checks objective.site_adversary's sites
+    except ValueError as e:
+        loader.close()
+        raise ConfigError(f"{cfg.data.cohort}: {e}") from e
     init_weights = None  # checked against model.slide before the run directory is touched; unused on resume
     if t.init_slide_encoder:
         from mmfm.train.export import slide_weights
@@ -267,7 +285,6 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
             rundir.save_transforms(out / "transforms", loader.transforms)
 
         tx = make_optimizer(t)
-        build = build_module(cfg, shapes, modalities)
         ckpt = Checkpointer(out, t)
         start = 0
         if resume and ckpt.latest_step() is not None:  # the checkpoint holds every value: nothing initialised

@@ -11,6 +11,7 @@ from flax import nnx
 
 from mmfm.data.batch import BatchShapes
 from mmfm.models import MultimodalModel
+from mmfm.models.heads import ProjectionHead
 from mmfm.models.multimodal import pretrained_weights
 from mmfm.objectives import LogitParams
 from mmfm.train.checkpoint import abstract_target
@@ -19,11 +20,13 @@ from mmfm.train.sharding import state_shardings
 
 
 class TrainModule(nnx.Module):
-    """What the optimizer updates: the encoders plus the objective's per-pair (t′, b)."""
+    """What the optimizer updates: the encoders plus the objective's per-pair (t′, b), and the adversarial site
+    head when `objective.site_adversary` > 0 (`mmfm.objectives.adversary`; None otherwise)."""
 
-    def __init__(self, model: nnx.Module, logit: nnx.Module):
+    def __init__(self, model: nnx.Module, logit: nnx.Module, site_head: nnx.Module | None = None):
         self.model = model
         self.logit = logit
+        self.site_head = site_head
 
 
 @dataclass
@@ -67,10 +70,18 @@ def _creator(build, tx):
 
 def build_module(cfg: RunConfig, shapes: BatchShapes, modalities: Sequence[str]) -> Callable[..., TrainModule]:
     """`build(pretrained=None)`: the fresh TrainModule; `pretrained` as `pretrained_inputs` gives."""
+    o = cfg.objective
+    if o.site_adversary > 0 and ("slide" not in modalities or shapes.n_sites < 2):
+        raise ValueError(f"objective.site_adversary predicts the site from the slide embedding: it needs 'slide' "
+                         f"among the modalities ({list(modalities)}) and ≥ 2 training sites (got {shapes.n_sites})")
+
     def build(pretrained=None):
         rngs = nnx.Rngs(jax.random.key(cfg.train.seed, impl=cfg.train.prng_impl))
-        return TrainModule(MultimodalModel(cfg.model, shapes, modalities, rngs=rngs, pretrained=pretrained),
-                           LogitParams(cfg.objective, tuple(modalities), rngs=rngs))
+        model = MultimodalModel(cfg.model, shapes, modalities, rngs=rngs, pretrained=pretrained)
+        logit = LogitParams(o, tuple(modalities), rngs=rngs)
+        site_head = None if o.site_adversary == 0 else ProjectionHead(
+            cfg.model.embed_dim, shapes.n_sites, o.site_adversary_hidden or None, rngs=rngs)
+        return TrainModule(model, logit, site_head)
     return build
 
 
