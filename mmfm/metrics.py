@@ -66,7 +66,7 @@ def paired_recall(query: np.ndarray, gallery: np.ndarray, ks=KS) -> dict[int, fl
     return {k: recall_at_k(hits, k) for k in ks}
 
 
-# ---------------------------------------------------------------- robustness index (PathoROB; eval/probes/robustness.py)
+# ---------------------------------------------------------------- robustness index (eval/probes/robustness.py)
 
 KINDS = ("SS", "SO", "OS", "OO")
 

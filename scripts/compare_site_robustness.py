@@ -57,8 +57,8 @@ METRICS = {"ri": ("site_ri", "robustness_index@10"), "chance_ri": ("site_ri", "c
 
 
 def _recipe(cohort: Path, steps: int, seed: int, arm: str) -> list[str]:
-    sets = [f"data.cohort={cohort}", f"train.steps={steps}", f"train.seed={seed}", f"train.warmup={max(1, steps // 10)}",
-            "train.eval_every=0", f"train.ckpt_every={steps}", "train.keep_last=1", f"train.log_every={steps}",
+    sets = [f"data.cohort={cohort}", f"train.steps={steps}", f"train.seed={seed}",
+            f"train.warmup={max(1, steps // 10)}", "train.eval_every=0", f"train.ckpt_every={steps}", "train.keep_last=1", f"train.log_every={steps}",
             "train.progress=false", "data.heldout_fraction=0.4", "data.val_fraction=0.15", "loader.batch_size=16",
             "loader.tiles_per_slide=32", "loader.n_genes=200"]
     return sets + [s.format(quarter=max(1, steps // 4)) for s in ARMS[arm]]
