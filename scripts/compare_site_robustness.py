@@ -2,7 +2,7 @@
 site confounding (held-out cases only).
 
     python scripts/compare_site_robustness.py --json scripts/results/compare_site_robustness.json \
-        --md scripts/results/compare_site_robustness.md [--cases 200 --steps 40 --seeds 3 --confounding 1 0.25]
+        --md scripts/results/compare_site_robustness.md [--cases 160 --steps 150 --seeds 3 --confounding 1 0.25]
 
 Settings: the default simulator (`site_confounding` 4.0, the Dirichlet concentration of each site's subtype mix)
 and each `--confounding` value (lower = each site holds fewer subtypes, so site predicts biology more). Per setting
@@ -193,8 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=RESULTS / "compare_site_robustness.json")
     p.add_argument("--md", type=Path, default=RESULTS / "compare_site_robustness.md")
     p.add_argument("--work", type=Path, default=Path("out/compare_site_robustness"))
-    p.add_argument("--cases", type=int, default=200)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--cases", type=int, default=160)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--confounding", type=float, nargs="*", default=[1.0, 0.25],
                    help="site_confounding values beside the default simulator's (lower = stronger)")
