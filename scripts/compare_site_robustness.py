@@ -6,7 +6,7 @@ site confounding (held-out cases only).
 
 Settings: the default simulator (`site_confounding` 4.0, the Dirichlet concentration of each site's subtype mix)
 and each `--confounding` value (lower = each site holds fewer subtypes, so site predicts biology more). Per setting
-and seed (the cohort's seed and the pretraining seed; the unit of every interval here), one cohort is simulated and
+and seed (the cohort's seed and the pretraining seed: the unit of the intervals), one cohort is simulated and
 the demo recipe (configs/demo.yaml at demo --quick sizes) is pretrained once per arm on the same split:
 
     plain           the recipe as shipped
@@ -21,7 +21,8 @@ Each arm's held-out case embedding goes through `mmfm probe` on the same folds: 
 label = subtype, site = cases.csv site) with the random-ranking chance and a site-only embedding's value on the same
 rows, subtype AUROC (5-fold linear probe) and overall-survival C-index (5-fold CoxNet); the mean-pool of raw tile
 features is the untrained reference row. Reported per setting: each arm's mean over seeds [95% t-interval over
-seeds], and the paired per-seed difference arm − plain [95% t-interval, paired t-test p]. Work files (cohorts, runs,
+seeds], and the paired per-seed difference arm − plain [95% t-interval, paired t-test p]; a run with one seed gives
+within-seed intervals instead (`summarise`), which leave the pretraining seed's variance out. Work files (cohorts, runs,
 probe outputs) stay in --work and are reused when the script runs again.
 """
 
@@ -49,6 +50,10 @@ ARMS = {
     "augment": ["loader.site_augment=0.5", "loader.site_augment_scale=true"],
     "adversary": ["objective.site_adversary=0.1", "objective.site_adversary_warmup={quarter}"],
 }
+INTERVALS = {True: "intervals: 95% t over seeds, p = paired t-test over seeds",
+             False: "one seed, so within-seed intervals: RI by {n_boot} bootstrap resamples of the held-out cases (Δ on the "
+                    "same resamples, bootstrap p), AUROC and C by a t-interval over the 5 folds (Δ paired by fold, "
+                    "paired t p); the pretraining seed's variance is not in them"}
 POSTHOC = {"combat": "plain"}  # arm → the run it corrects
 REFERENCE = "meanpool"  # mean of raw tile features: no training
 METRICS = {"ri": ("site_ri", "robustness_index@10"), "chance_ri": ("site_ri", "chance_robustness_index@10"),
@@ -73,8 +78,9 @@ def _run(cohort: Path, out: Path, steps: int, seed: int, arm: str) -> Path:
     return out
 
 
-def one_seed(work: Path, setting: str, confounding: float | None, seed: int, args) -> pd.DataFrame:
-    """Per arm (and the reference), the five metrics of one cohort: rows arm × metric, one `value` each."""
+def one_seed(work: Path, setting: str, confounding: float | None, seed: int, args) -> Path:
+    """Simulate one cohort, pretrain and embed every arm, probe them on the same folds; returns the cohort's folder
+    (its probe/ holds the results). A folder whose probe finished is reused."""
     import anndata as ad
 
     from mmfm.eval.embed import EmbedConfig, embed
@@ -82,9 +88,8 @@ def one_seed(work: Path, setting: str, confounding: float | None, seed: int, arg
     from mmfm.simulate import SimConfig, simulate_cohort
 
     base = work / setting / f"seed{seed}"
-    done = base / "values.csv"
-    if done.exists():
-        return pd.read_csv(done)
+    if (base / "probe" / "results.csv").exists():
+        return base
     sim = SimConfig(n_cases=args.cases, seed=seed, **SIM,
                     **({} if confounding is None else {"site_confounding": confounding}))
     cohort = simulate_cohort(base / "cohort", sim)
@@ -109,36 +114,58 @@ def one_seed(work: Path, setting: str, confounding: float | None, seed: int, arg
               "seed": seed},
              {"name": "os", "type": "survival", "time": "os_days", "event": "os_event", "embeddings": names,
               "models": ["coxnet"], "folds": 5, "seed": seed}]
-    res = probe(adata, tasks, base / "probe", n_bootstrap=args.n_boot, plots=False).results
-    rows = []
-    for arm in names:
-        for key, (task, metric) in METRICS.items():
-            v = res[(res.task == task) & (res.embedding == arm) & (res.metric == metric)].value
-            rows.append({"setting": setting, "seed": seed, "arm": arm, "metric": key, "value": float(v.mean())})
-    out = pd.DataFrame(rows)
-    out.to_csv(done, index=False)
-    return out
+    probe(adata, tasks, base / "probe", n_bootstrap=args.n_boot, plots=False)
+    return base
 
 
-def summarise(values: pd.DataFrame, arms: list[str]) -> dict:
-    """Per setting: each arm's mean [t-CI over seeds] and its paired per-seed difference against plain."""
-    from mmfm.eval.stats import paired
+def seed_result(base: Path) -> tuple[dict, dict]:
+    """One cohort's probe as (arm, metric) → point estimate (RI: all held-out cases; AUROC, C: mean over the 5
+    folds) and (arm, metric) → the values of its within-seed unit (RI: the bootstrap resamples of the held-out cases,
+    the same resamples for every arm; AUROC, C: the folds, the same for every arm)."""
+    r = pd.read_csv(base / "probe" / "results.csv", dtype={"fold": str})
+    b = pd.read_csv(base / "probe" / "bootstrap.csv")
+    points, units = {}, {}
+    for key, (task, metric) in METRICS.items():
+        rows = r[(r.task == task) & (r.metric == metric) & (r.fold != "pooled")]  # survival also pools its folds
+        for arm, g in rows.groupby("embedding"):
+            points[(arm, key)] = float(g.value.mean())
+            units[(arm, key)] = (b[(b.task == task) & (b.metric == metric) & (b.embedding == arm)]
+                                 .sort_values("boot").value.to_numpy() if task == "site_ri"
+                                 else g.sort_values("fold").value.to_numpy())
+    return points, units
+
+
+def summarise(results: dict[str, list[tuple[dict, dict]]], arms: list[str]) -> dict:
+    """Per setting: each arm's mean and its paired difference against plain. Several seeds: t-intervals over seeds
+    (the seed is the unit: cohort and pretraining both vary). One seed: within-seed intervals only — RI by the
+    bootstrap of the held-out cases (paired: same resamples), AUROC and C by a t-interval over the 5 folds (paired:
+    same folds) — which leave the pretraining seed's variance out."""
+    from mmfm.eval.stats import paired, paired_bootstrap
 
     out = {}
-    for setting, v in values.groupby("setting", sort=False):
-        table = {}
-        wide = v.pivot_table(index=["arm", "seed"], columns="metric", values="value")
+    for setting, seeds in results.items():
+        table, multi = {}, len(seeds) > 1
         for arm in [*arms, *POSTHOC, REFERENCE]:
-            if arm not in wide.index.get_level_values(0):
+            if (arm, "ri") not in seeds[0][0]:
                 continue
-            row = {"n_seeds": int(len(wide.loc[arm]))}
-            for m in METRICS:
-                own = wide.loc[arm, m]
-                est = paired(own.to_numpy(), np.zeros(len(own)))
-                row[m] = {"mean": est.mean, "ci95": [est.lo, est.hi], "per_seed": own.round(4).tolist()}
-                if arm != "plain" and not m.startswith(("chance", "site_only")):
-                    d = paired(own.to_numpy(), wide.loc["plain", m].reindex(own.index).to_numpy())
-                    row[f"delta_{m}"] = {"mean": d.mean, "ci95": [d.lo, d.hi], "p": d.p}
+            row = {"n_seeds": len(seeds), "interval": "t over seeds" if multi else "within one seed"}
+            for m, (task, _) in METRICS.items():
+                vals = np.array([pts[(arm, m)] for pts, _ in seeds])
+                own = seeds[0][1][(arm, m)]
+                if multi:
+                    est = paired(vals, np.zeros(len(vals)))
+                elif task == "site_ri":
+                    est = paired_bootstrap(own, np.zeros(len(own)))
+                else:
+                    est = paired(own, np.zeros(len(own)))
+                row[m] = {"mean": float(vals.mean()), "ci95": [est.lo, est.hi], "per_seed": vals.round(4).tolist()}
+                if arm == "plain" or m.startswith(("chance", "site_only")):
+                    continue
+                ref = seeds[0][1][("plain", m)]
+                d = (paired(vals, np.array([pts[("plain", m)] for pts, _ in seeds])) if multi else
+                     paired_bootstrap(own, ref) if task == "site_ri" else paired(own, ref))
+                row[f"delta_{m}"] = {"mean": float(vals.mean() - np.mean([pts[("plain", m)] for pts, _ in seeds])),
+                                     "ci95": [d.lo, d.hi], "p": d.p, "method": d.method}
             table[arm] = row
         out[setting] = table
     return out
@@ -157,12 +184,12 @@ def markdown(result: dict) -> str:
     lines = [f"# Site robustness: pretraining options and ComBat vs the plain recipe", "",
              f"{a['cases']} simulated cases per cohort (40% held out for the probes), {a['steps']} pretraining steps "
              f"(demo recipe at demo --quick sizes), seeds {result['seeds']} (cohort and pretraining seed; "
-             f"intervals are 95% t-intervals over seeds). Machine: {result['machine']}. Wall: "
+             f"{INTERVALS[len(result['seeds']) > 1].format(n_boot=a['n_boot'])}). Machine: {result['machine']}. Wall: "
              f"{result['wall_s']:.0f} s.", "",
              "RI@10: robustness index at k=10 on the held-out cases (label subtype, site = cases.csv site); "
              "chance = a random ranking of the same rows, site-only = an embedding that ranks same-site cases "
-             "first. AUROC: subtype, 5-fold linear probe. C: overall survival, 5-fold CoxNet. Δ = arm − plain per "
-             "seed, mean [95% t-interval], p = paired t-test over seeds.", ""]
+             "first. AUROC: subtype, 5-fold linear probe. C: overall survival, 5-fold CoxNet (mean over folds). "
+             "Δ = arm − plain on the same cases and folds.", ""]
     for setting, table in result["settings"].items():
         ref = table.get("plain", next(iter(table.values())))
         lines += [f"## {setting}", "",
@@ -199,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--confounding", type=float, nargs="*", default=[1.0, 0.25],
                    help="site_confounding values beside the default simulator's (lower = stronger)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--n-boot", type=int, default=20, help="bootstrap resamples of the probes' single-fold rows")
+    p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples of the held-out cases for RI")
     args = p.parse_args(argv)
     if "plain" not in args.arms:
         p.error("--arms: 'plain' is the reference every difference is paired against")
@@ -210,20 +237,18 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     t0 = time.perf_counter()
     settings = [("default (site_confounding 4.0)", None)] + [(f"site_confounding {c:g}", c) for c in args.confounding]
-    values = []
+    results: dict[str, list] = {name: [] for name, _ in settings}
     for seed in range(args.seeds):
         for name, conf in settings:
-            values.append(one_seed(args.work, name.split(" (")[0].replace(" ", "_"), conf, seed, args))
+            base = one_seed(args.work, name.split(" (")[0].replace(" ", "_"), conf, seed, args)
+            results[name].append(seed_result(base))
             print(f"[compare_site_robustness] {name} seed {seed} done at {time.perf_counter() - t0:.0f}s", flush=True)
-    values = pd.concat(values, ignore_index=True)
-    labels = {name.split(" (")[0].replace(" ", "_"): name for name, _ in settings}
-    values["setting"] = values["setting"].map(labels)
     load = os.getloadavg()
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "seeds": list(range(args.seeds)), "wall_s": time.perf_counter() - t0,
               "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, load average "
                          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end",
-              "settings": summarise(values, args.arms), "values": values.to_dict("records")}
+              "settings": summarise(results, args.arms)}
     write_json(args.json, result)
     write_text(args.md, markdown(result) + "\n")
     print(markdown(result))
