@@ -23,11 +23,12 @@ QUICK = str(PIPELINES / "demo_quick.yaml")
 RECIPE = {"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2, "train.progress": "false",
           "loader.batch_size": 8, "loader.tiles_per_slide": 16, "loader.n_genes": 50, "model.embed_dim": 16,
           "model.slide.abmil.hidden": 16, "model.slide.abmil.attn_dim": 8, "model.rna.hidden": 16,
-          "model.protein.hidden": 16, "data.eval_max_cases": 16}
+          "model.protein.hidden": 16, "data.eval_max_cases": 16, "loader.site_balance": "true"}
 DEMO = ["--cases", "60", "--sim.feature_dim", "16", "--sim.bag_size_median", "40", "--sim.n_genes", "300",
-        "--n_bootstrap", "5", "--no-plots", "--seeds", "2", *[a for k, v in RECIPE.items() for a in ("--set", f"{k}={v}")]]
+        "--n_bootstrap", "5", "--no-plots", "--seeds", "2", "--embed.combat", "[slide]", *[a for k, v in RECIPE.items() for a in ("--set", f"{k}={v}")]]
 RUN = ["--cohort.simulate.n_cases=60", "--cohort.simulate.feature_dim=16", "--cohort.simulate.bag_size_median=40",
        "--cohort.simulate.n_genes=300", "--probe.n_bootstrap=5", "--report.plots=false", "--pretrain.seeds=2",
+       "--embed.combat=[slide]",
        *[f"--pretrain.overrides.{k}={v}" for k, v in RECIPE.items()]]
 
 
@@ -67,7 +68,8 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     readme = (demo / "report" / "README.md").read_text()
     assert "## Chance · baselines · model · oracle" in readme
     assert ("| task | target | metric | chance | baseline: slide_meanpool | baseline: slide_random | "
-            "baseline: baseline:grade | model: slide | model: slide_backbone | model: rna | model: report | "
+            "baseline: baseline:grade | model: slide | model: slide_combat | model: slide_backbone | model: rna | "
+            "model: report | "
             "supervised: mil:abmil | supervised: mil:finetune | oracle |") in readme  # MIL rows beside the linear ones
     # report text is a modality of the demo: slide↔report retrieval and zero-shot rows beside the linear probes
     assert "model: slide->report" in readme and "model: report->slide" in readme
@@ -76,6 +78,12 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
     refs = pd.read_csv(demo / "report" / "references_seeds.csv", keep_default_na=False).set_index("task")
     assert refs.loc["subtype", "chance"] == "0.500" and refs.loc["overall survival", "chance"] == "0.500"
     assert "site-only" in refs.loc["site robustness", "chance"]  # RI is read against a site-only embedding too
+    # a site option of the recipe is named, and ComBat is a column of its own in the robustness row
+    assert "site-robustness options: loader.site_balance=True;" in readme
+    assert "`slide_combat` = `slide` ComBat-corrected for site" in readme
+    ri = [_fold_means(demo / "report" / d / "results.csv", "site robustness", "robustness_index@10", "slide_combat")
+          for d in ("", "seed-1")]  # refitted per seed, on that run's pretraining cases
+    assert refs.loc["site robustness", "model: slide_combat"] == f"{np.mean(ri):.3f} ± {np.std(ri, ddof=1):.3f}"
     # every model cell = mean ± SD (ddof=1) over the seeds of each seed's own fold mean (results.csv)
     per_seed = [_fold_means(demo / "report" / d / "results.csv", "subtype", "auroc", "slide") for d in ("", "seed-1")]
     assert refs.loc["subtype", "model: slide"] == f"{np.mean(per_seed):.3f} ± {np.std(per_seed, ddof=1):.3f}"

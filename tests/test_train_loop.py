@@ -8,6 +8,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 from flax import nnx
 
@@ -70,14 +71,18 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cohort, jit_cache, t
 
 def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path, monkeypatch):
     sets = overrides(cohort, "train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.mesh.fsdp=2",
-                     "data.val_fraction=0.25",
-                     "train.best_metric=recall@5/slide->rna", "model.compute_dtype=bfloat16")
-    evaluated = []  # the cases held-out evaluation (and so `best`) sees
+                     "data.val_fraction=0.25", "data.eval_robustness_label=subtype",
+                     "train.best_metric=robustness_index@10/slide", "model.compute_dtype=bfloat16")
+    evaluated, embedded = [], []  # the cases held-out evaluation (and so `best`) sees; their embeddings per eval
 
     class Spy(loop.evaluate.HeldOutEvaluator):
         def __init__(self, cohort, cfg, ids, *args):
             evaluated.extend(ids)
             super().__init__(cohort, cfg, ids, *args)
+
+        def case_embeddings(self, state):
+            embedded.append(super().case_embeddings(state))
+            return embedded[-1]
 
     monkeypatch.setattr(loop.evaluate, "HeldOutEvaluator", Spy)
     res = loop.pretrain(config.load_config(REPO / "configs/demo.yaml", sets), tmp_path / "run")
@@ -95,6 +100,20 @@ def test_load_for_inference_on_other_meshes_and_run_files(cohort, tmp_path, monk
     assert [r["step"] for r in ev] == [2, 4]
     assert all(0 <= r["recall@1/slide->rna"] <= r["recall@5/slide->rna"] <= r["recall@10/slide->rna"] <= 1
                for r in ev)
+    # validation RI@k: the validation cases only, equal to a brute-force count on the same case embeddings
+    cases = pd.read_csv(cohort / "cases.csv", dtype={"case_id": str}).set_index("case_id")
+    for r, emb in zip(ev, embedded):
+        slide = emb["slide"]
+        assert sorted(cases.index[list(slide)]) == splits["val"] and r["n_robustness_cases/slide"] == 12
+        z = np.stack([slide[c] for c in sorted(slide)])
+        bio, site = (cases[k].to_numpy()[sorted(slide)] for k in ("subtype", "site"))
+        near = np.argsort(-(z @ z.T) + 9 * np.eye(len(z)), axis=1)[:, :10]  # cosine ranking, self excluded
+        so = ((bio[near] == bio[:, None]) & (site[near] != site[:, None])).sum()
+        os_ = ((bio[near] != bio[:, None]) & (site[near] == site[:, None])).sum()
+        assert r["robustness_index@10/slide"] == pytest.approx(so / (so + os_))
+        assert 0 <= r["chance_robustness_index@10/slide"] <= 1 and "site_only_robustness_index@5/rna" in r
+    best_ri = max(ev, key=lambda r: r["robustness_index@10/slide"])["step"]  # train.best_metric picks `best`
+    assert rundir.resolve_step(run, config.load_config(run / "config.yaml"), "best", [2, 4]) == best_ri
     assert config.load_config(run / "config.yaml").train.mesh.fsdp == 2  # resolved config reloads
     model4, cfg, transforms = load_for_inference(run)                       # latest, all 8 devices
     model2, _, _ = load_for_inference(run, step=2, mesh=sharding.make_mesh(MeshConfig(1, 1),

@@ -16,6 +16,9 @@ one row per slide. By default only the run's held-out cases are embedded — the
 --cases all embeds every case, --cases FILE those listed (one case_id per line). --extra_encoders "[DIR, …]"
 adds the slide encoders of export directories (a public checkpoint brought in by `mmfm import-encoder`) as
 obsm['slide_<DIR name>'], so `mmfm probe` compares them with the run's encoder (embeddings: [slide, slide_<name>]).
+--combat "[slide]" adds obsm['slide_combat']: the embedding corrected for cases.csv `site` (--combat_site) by
+ComBat fitted on the run's pretraining cases only (embedded for the fit, not written), so the probes' test cases
+never enter the fit.
 
 example: mmfm embed --run runs/demo --cohort cohort --out runs/demo/embeddings.h5ad"""
 

@@ -11,6 +11,10 @@ reuses finished steps (the cohort is deterministic for its config; pretraining r
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
 the recipe and task file it names are relative to the file too, paths given on the command line to the current
 directory.
+
+Site robustness: the recipe's site options (`loader.site_balance`, `objective.site_adversary`, …; set them with
+`pretrain.overrides`) are named in the report's setup line, and `embed.combat: [slide]` adds the ComBat-corrected
+embedding (mmfm.eval.combat, fitted on the pretraining cases only) as its own column of every task's row.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from mmfm.train.config import RunConfig
 
 PIPELINES = Path(str(resources.files("mmfm") / "configs" / "pipelines"))  # package data: works from a wheel
 MODEL = "slide"  # the pretrained embedding the report compares with the baselines
+SITE_OPTIONS = ("loader.site_balance", "loader.site_augment", "loader.site_augment_scale",
+                "objective.same_site_weight", "objective.other_site_weight", "objective.site_adversary")
 ORACLE = "oracle"  # the simulator's latent programmes + subtype, probed on the same cases (the ceiling)
 
 
@@ -50,6 +56,12 @@ class PretrainStep:
     recipe: str = ""                   # the pretraining recipe (YAML; data.cohort is set by the pipeline)
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys changed here, nested like the recipe
     seeds: int = 1                     # pretraining seeds (train.seed, +1, …); the report gives their spread
+
+
+@dataclass
+class EmbedStep:
+    combat: list[str] = field(default_factory=list)  # columns also ComBat-corrected for site → '<col>_combat' rows
+    #                                    beside '<col>' in every task (fitted on the pretraining cases only)
 
 
 @dataclass
@@ -75,6 +87,7 @@ class Pipeline:
     out: str = ""                      # output folder (cohort, runs, embeddings, report/)
     cohort: CohortStep = field(default_factory=CohortStep)
     pretrain: PretrainStep = field(default_factory=PretrainStep)
+    embed: EmbedStep = field(default_factory=EmbedStep)
     probe: ProbeStep = field(default_factory=ProbeStep)
     heatmaps: HeatmapStep = field(default_factory=HeatmapStep)
     report: ReportStep = field(default_factory=ReportStep)
@@ -153,7 +166,7 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
     t = step(about, t0)
     validated(cohort_dir, log)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
-    tasks = with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks)
+    tasks = with_combat(with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks), p.embed.combat)
 
     base_cfg = recipe(p)
     base_cfg = check_run(dataclasses.replace(base_cfg, data=dataclasses.replace(base_cfg.data,
@@ -168,7 +181,7 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
         t = step(f"pretrain (seed {seed})", t)
         splits = json.loads((run_dir / "splits.json").read_text())
         adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
-                                 first, truth)
+                                 first, truth, combat=tuple(p.embed.combat))
         first = first if first is not None else adata
         t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
         results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
@@ -217,6 +230,28 @@ def with_oracle(path: str) -> list:
             for s in load_tasks(path)]
 
 
+def with_combat(specs: list, columns: list[str]) -> list:
+    """Each ComBat-corrected column '<col>_combat' right after '<col>' wherever a task lists it (not retrieval or
+    zero-shot: their other side stays in the uncorrected shared space)."""
+    def beside(embs):
+        return tuple(e for c in embs for e in ((c, f"{c}_combat") if c in columns else (c,)))
+
+    return [s if s.type in ("retrieval", "zeroshot") else dataclasses.replace(s, embeddings=beside(s.embeddings))
+            for s in specs]
+
+
+def site_options(cfg: RunConfig) -> str:
+    """The site-robustness switches of the recipe that differ from the plain recipe, as `key=value` (or 'none')."""
+    plain = RunConfig()
+    on = []
+    for key in SITE_OPTIONS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != getattr(getattr(plain, section), name):
+            on.append(f"{key}={value}")
+    return ", ".join(on) or "none (plain recipe)"
+
+
 def pretrain(run_cfg: RunConfig, run_dir: Path) -> None:
     """Train, or reuse a finished run of the same config (resume an unfinished one)."""
     from mmfm.train.config import dump_config
@@ -228,16 +263,18 @@ def pretrain(run_cfg: RunConfig, run_dir: Path) -> None:
     train(run_cfg, run_dir, resume=same_run and (run_dir / "checkpoints").exists())
 
 
-def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first, truth: bool):
+def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first, truth: bool,
+             combat: tuple[str, ...] = ()):
     """The held-out cases' embeddings, with the oracle and the report facts when the cohort has its truth. The
-    baselines do not depend on the pretraining seed: embedded for the first seed, copied to the others."""
+    baselines do not depend on the pretraining seed: embedded for the first seed, copied to the others; the
+    `combat` columns are refitted per seed (on that run's pretraining cases)."""
     from mmfm.eval.embed import EmbedConfig, embed
     from mmfm.eval.references import attach_oracle
     from mmfm.simulate.truth import join_truth
     from mmfm.io import write_h5ad
 
     adata, slides = embed(run_dir, cohort_dir, path, case_ids=held,
-                          cfg=EmbedConfig() if first is None else EmbedConfig(baselines=()))
+                          cfg=EmbedConfig(combat=combat, **({} if first is None else {"baselines": ()})))
     if first is None and truth:
         attach_oracle(adata, cohort_dir, like=MODEL)
     for key in set(first.obsm if first is not None else ()) - set(adata.obsm):
@@ -290,6 +327,7 @@ def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list,
               f"{sim.n_cases} simulated cases (seed {sim.seed})")
     setup = (f"{source}; pretraining on {len(splits['train'])} cases "
              f"({run_cfg.train.steps} steps, {run_cfg.model.slide.kind} slide encoder, {run_cfg.objective.kind}; "
+             f"site-robustness options: {site_options(run_cfg)}; "
              f"{len(seeds)} seed(s)), {len(splits['val'])} validation cases for the training curve and checkpoint "
              f"choice; probes on the {adata.n_obs} held-out cases ({slides.n_obs} slides; a case's slides are "
              f"averaged) that neither saw, patient-level CV (5 folds"
@@ -297,12 +335,14 @@ def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list,
              f"Cells: {spread}.")
     oracle = (f", `{ORACLE}` = the same probe on the simulator's latent programmes and subtype (the ceiling)"
               if truth else "")
+    combat = "".join(f", `{c}_combat` = `{c}` ComBat-corrected for site (fitted on the pretraining cases only)"
+                     for c in p.embed.combat)
     legend = (f"`{MODEL}` = pretrained (projected), `slide_backbone` = pretrained before the head, `slide_meanpool` "
-              f"/ `slide_random` = baselines{oracle}; chance: AUROC and C-index 0.5, retrieval = a random ranking, "
-              "robustness = a random ranking and a site-only embedding of the same query rows, regression (e.g. "
-              "`expression`: mean Pearson r per gene over each training fold's top highly variable genes, and the "
-              "genes significant after Benjamini–Hochberg 5%) = the same model fitted on shuffled training targets; "
-              "`baseline:grade` = the grade covariate alone (an RNA-free baseline).")
+              f"/ `slide_random` = baselines{combat}{oracle}; chance: AUROC and C-index 0.5, retrieval = a random "
+              "ranking, robustness = a random ranking and a site-only embedding of the same query rows, regression "
+              "(e.g. `expression`: mean Pearson r per gene over each training fold's top highly variable genes, and "
+              "the genes significant after Benjamini–Hochberg 5%) = the same model fitted on shuffled training "
+              "targets; `baseline:grade` = the grade covariate alone (an RNA-free baseline).")
     text = [f"# {title}", "", setup, "", legend, "",
             "## Chance · baselines · model · oracle", "", tables["references"], "",
             "Cross-modal retrieval (recall@5):", "", tables["retrieval"], "",
@@ -389,9 +429,9 @@ def training_curves(run_dir: Path, out: Path) -> Path | None:
         ax[0].plot(m["step"], m[c], label=c.removeprefix("loss/"), lw=0.8)
     ax[0].set(xlabel="step", ylabel="loss", title="pretraining loss")
     ax[0].legend(fontsize=7)
-    for c in [c for c in e.columns if "recall@5" in c]:
+    for c in [c for c in e.columns if "recall@5" in c or c.startswith("robustness_index@10/")]:
         ax[1].plot(e["step"], e[c], marker="o", label=c)
-    ax[1].set(xlabel="step", ylabel="recall@5", title="held-out retrieval")
+    ax[1].set(xlabel="step", ylabel="recall@5 / RI@10", title="validation retrieval and site robustness")
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     path = out / "training_curves.png"

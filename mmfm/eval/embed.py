@@ -19,6 +19,8 @@ Written files:
                    obsm['slide_random'] = the same architecture, randomly initialised (baseline),
                    obsm['slide_<name>'] = each `extra_encoders` export (e.g. a public slide encoder imported by
                    `mmfm import-encoder`) on the same whole bags;
+                   obsm['<col>_combat'] = each `combat` column corrected for cases.csv `site` by ComBat fitted on
+                   the run's pretraining cases only (mmfm.eval.combat; uns['combat'] records the fit);
                    uns['pretrain_cases'], uns['validation_cases'] = the run's training and validation cases
                    (the probe's leakage guards read them).
   OUT.slides.h5ad  the same slide embeddings per slide (obs = slides with their case's metadata).
@@ -60,6 +62,9 @@ class EmbedConfig:
     baselines: tuple[Literal["meanpool", "random"], ...] = ("meanpool", "random")  # [] skips them
     random_seed: int = 12345           # seed of the random-init baseline encoder
     extra_encoders: tuple[str, ...] = ()  # export dirs (mmfm import-encoder / export): obsm['slide_<dir name>']
+    combat: tuple[str, ...] = ()       # columns ComBat-corrected → obsm['<col>_combat'], fitted on the run's
+    #                                    pretraining cases only (embedded for the fit, not written; mmfm.eval.combat)
+    combat_site: str = "site"          # cases.csv column of the site effect ComBat removes
 
 
 def bucket_length(n: int, min_bucket: int, per_octave: int = 1) -> int:
@@ -232,9 +237,14 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
 
     run_dir, out = run_path(run_dir), Path(out)  # the run may be remote (gs://…); the cohort and OUT are files
     cohort = Cohort.open(cohort_path)
+    if cfg.combat and cfg.combat_site not in cohort.cases.columns:
+        raise ValueError(f"--combat_site {cfg.combat_site!r}: not a column of {cohort.root}/cases.csv")
     shapes, splits = read_shapes(run_dir), read_splits(run_dir)
     model, run_cfg, transforms = load_for_inference(run_dir, step=step)
     case_ids = [str(c) for c in (case_ids if case_ids is not None else cohort.cases.index)]
+    requested = case_ids  # the cases written; ComBat's fit cases are embedded too, then dropped
+    if cfg.combat:
+        case_ids = requested + sorted(set(map(str, splits["train"])) - set(requested))
     unknown = [c for c in case_ids if c not in cohort.case_index]
     if unknown:
         raise ValueError(f"{cohort.root}: cases not in cases.csv: {unknown[:10]}")
@@ -272,6 +282,13 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
                 full[[case_ids.index(c) for c in pooled_ids]] = e
                 case_embs[name] = full
     case_embs.update(_other_modalities(model, cohort, run_cfg, transforms, case_ids, cfg))
+    combat_record = {}
+    if cfg.combat:
+        case_embs, combat_record = _combat_columns(case_embs, cohort.cases.loc[case_ids, cfg.combat_site],
+                                                   np.isin(case_ids, list(map(str, splits["train"]))), cfg)
+        kept = slides["case_id"].astype(str).isin(requested).to_numpy()
+        slides, slide_embs = slides[kept], {k: v[kept] for k, v in slide_embs.items()}
+        case_ids, case_embs = requested, {k: v[:len(requested)] for k, v in case_embs.items()}
 
     obs = cohort.cases.loc[case_ids].copy()
     obs.index = obs.index.astype(str)
@@ -282,7 +299,8 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
         obs[f"has_{name}"] = np.isfinite(e).all(1)
     meta = {"run_dir": str(run_dir.absolute()), "cohort": str(cohort.root), "step": str(step or "latest"),
             "embed_config": json.dumps(asdict(cfg)), "pretrain_cases": list(map(str, splits["train"])),
-            "validation_cases": list(map(str, splits["val"])), "embed_id": uuid.uuid4().hex}
+            "validation_cases": list(map(str, splits["val"])), "embed_id": uuid.uuid4().hex,
+            **({"combat": json.dumps(combat_record)} if combat_record else {})}
     cases = ad.AnnData(obs=_h5ad_safe(obs), obsm=case_embs, uns=meta)
     slide_obs = slides[["case_id"]].join(cohort.cases, on="case_id")
     slide_obs.index = slide_obs.index.astype(str)
@@ -290,6 +308,24 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
     write_h5ad(out.with_suffix(".slides.h5ad"), slide_ad)  # first: a new OUT.h5ad always has its slides beside it
     write_h5ad(out, cases)
     return cases, slide_ad
+
+
+def _combat_columns(case_embs: dict[str, np.ndarray], site: pd.Series, fit_rows: np.ndarray,
+                    cfg: EmbedConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """'<col>_combat' for each `cfg.combat` column: ComBat fitted on `fit_rows` (the pretraining cases), applied
+    to every row; and the record written to uns['combat'] (fit counts, sites passed through uncorrected)."""
+    from mmfm.eval import combat
+
+    missing = [c for c in cfg.combat if c not in case_embs]
+    if missing:
+        raise ValueError(f"--combat {missing}: not an embedded column (have {sorted(case_embs)})")
+    site = site.astype(str).where(site.notna(), "").to_numpy()
+    out, record = dict(case_embs), {"site_column": cfg.combat_site, "fit": "the run's pretraining cases"}
+    for col in cfg.combat:
+        fitted = combat.fit(case_embs[col][fit_rows & (site != "")], site[fit_rows & (site != "")])
+        out[f"{col}_combat"] = fitted.apply(case_embs[col], site).astype(np.float32)
+        record[col] = {"fit_cases_per_site": fitted.n_fit, "uncorrected_sites": fitted.unfitted(site[~fit_rows])}
+    return out, record
 
 
 def _case_mean(slide_emb: np.ndarray, by_case: pd.Series, case_ids: list[str]) -> np.ndarray:

@@ -59,6 +59,8 @@ class DataConfig:
     split_by_site: bool = False        # whole sites (cases.csv `site`) per partition: held-out centres unseen
     split_seed: int = 0
     eval_max_cases: int = 256          # cap on validation cases evaluated (fixed subset, same every eval)
+    eval_robustness_label: str = ""    # cases.csv column of the biology: validation RI@k against cases.csv `site`
+    #                                    logged beside retrieval (a train.best_metric choice); "" = not computed
 
 
 @dataclass

@@ -13,6 +13,13 @@ top k (ties count against: `mmfm.metrics`, the probes' definition). Reported bot
 `recall@k/a->b` and `recall@k/b->a`, next to the
 chance level k / n. RankMe (Garrido et al. 2023) = exp(entropy of the normalised singular values)
 of the case embeddings of each modality: a collapse detector (TANGLE selects checkpoints by it).
+
+With `data.eval_robustness_label` (a cases.csv column of the biology, e.g. subtype) each modality's case embeddings
+also get PathoROB's robustness index against cases.csv `site` — `robustness_index@k/<modality>`, does a validation
+case's neighbourhood share its biology rather than its hospital (mmfm/eval/probes/robustness.py) — beside the same
+cases' random-ranking (`chance_…`) and site-only (`site_only_…`) references, which move with the validation subset,
+not with the weights. `train.best_metric: robustness_index@10/slide` then chooses the checkpoint by it: on
+validation cases only, so the probes' RI on the held-out cases stays an unbiased read-out.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mmfm.metrics import KS, paired_recall
+import pandas as pd
+
+from mmfm.metrics import KS, paired_recall, robustness_scores
 from mmfm.objectives import resolve_pairs
 from mmfm.objectives.diagnostics import rankme
 from mmfm.train.sharding import batch_sharding, global_batch, replicated
@@ -64,6 +73,22 @@ def retrieval_metrics(cases: dict[str, dict[int, np.ndarray]], pairs, ks=KS) -> 
     return out
 
 
+def robustness_metrics(cases: dict[str, dict[int, np.ndarray]], bio: pd.Series, site: pd.Series,
+                       ks=KS) -> dict[str, float]:
+    """RI@k per modality (and its chance / site-only references) over the cases whose biology and site are known;
+    `bio` and `site` are indexed by case index (row of Cohort.cases)."""
+    out = {}
+    for m, d in cases.items():
+        idx = [c for c in sorted(d) if pd.notna(bio.iloc[c]) and pd.notna(site.iloc[c])]
+        if len(idx) < 2:
+            continue
+        z = np.stack([d[c] for c in idx])
+        b, s = bio.iloc[idx].astype(str).to_numpy(), site.iloc[idx].astype(str).to_numpy()
+        out.update({f"{k}/{m}": v for k, v in robustness_scores(z, b, s, ks).items()})
+        out[f"n_robustness_cases/{m}"] = len(idx)
+    return out
+
+
 def eval_batch_size(n_cases: int, batch_size: int, n_devices: int) -> int:
     """Largest batch ≤ batch_size and ≤ n_cases that splits evenly over the devices (0: too few cases)."""
     return (min(batch_size, n_cases) // n_devices) * n_devices
@@ -97,6 +122,15 @@ class HeldOutEvaluator:
                                       process_index=jax.process_index(), process_count=jax.process_count())
                         for s in starts]
         self.pairs = resolve_pairs(cfg.objective.pairs, modalities)
+        self.bio_site = None
+        if cfg.data.eval_robustness_label:
+            missing = [c for c in (cfg.data.eval_robustness_label, "site") if c not in cohort.cases.columns]
+            if missing:
+                raise ValueError(f"data.eval_robustness_label: {cohort.root}/cases.csv has no column "
+                                 f"{', '.join(map(repr, missing))} (the validation robustness index needs the "
+                                 f"biology column and `site`)")
+            self.bio_site = (cohort.cases[cfg.data.eval_robustness_label].reset_index(drop=True),
+                             cohort.cases["site"].reset_index(drop=True))
         self.mesh = mesh
         graphdef = ts.graphdef
 
@@ -108,6 +142,14 @@ class HeldOutEvaluator:
                              out_shardings=replicated(mesh))
 
     def __call__(self, state) -> dict[str, float]:
+        cases = self.case_embeddings(state)
+        out = retrieval_metrics(cases, self.pairs)
+        if self.bio_site is not None:
+            out.update(robustness_metrics(cases, *self.bio_site))
+        return out
+
+    def case_embeddings(self, state) -> dict[str, dict[int, np.ndarray]]:
+        """modality → case index → the validation case's L2-normalised embedding under the current weights."""
         bsh = batch_sharding(self.mesh)
         rows, present, cidx = {}, {}, []
         for loader in self.loaders:
@@ -119,9 +161,8 @@ class HeldOutEvaluator:
             for m, z in emb.items():
                 rows.setdefault(m, []).append(np.asarray(jax.device_get(z), np.float32))
                 present.setdefault(m, []).append(g[f"{m}/present"])
-        cases = case_embeddings({m: np.concatenate(v) for m, v in rows.items()},
-                                {m: np.concatenate(v) for m, v in present.items()}, np.concatenate(cidx))
-        return retrieval_metrics(cases, self.pairs)
+        return case_embeddings({m: np.concatenate(v) for m, v in rows.items()},
+                               {m: np.concatenate(v) for m, v in present.items()}, np.concatenate(cidx))
 
     def close(self) -> None:
         for loader in self.loaders:
