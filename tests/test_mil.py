@@ -343,16 +343,17 @@ def test_abmil_learns_what_mean_pooling_cannot_on_the_default_simulator():
     """Learnability: on a small default simulated cohort, gated ABMIL trained on subtype beats the mean-pool linear
     probe (sklearn LogisticRegression, C 0.5, balanced — the issue's reference) on the same stratified folds.
 
-    Why it can: the default simulator puts the subtype's own shift on *tumour* tiles only, while programmes also move
-    the tissue composition, so the bag mean mixes the subtype signal with how much tumour a slide holds; a pool that
-    weighs tiles by what they show can undo that. The linear probe on the mean of tumour tiles only (what undoing it
-    is worth to a linear read-out) reaches ≈ +0.10 AUROC over the plain mean at these sizes (+0.135 at 1024-d, 600
-    tiles, the reference's +0.13). Sizes and optimiser are the test's, not the literature's (stated): 256-d features, 128 tiles,
-    hidden 64 / attention 32, 8 cases per step at lr 1e-3 for 40 epochs — the literature's one case per step at 2e-4
-    for 20 epochs needs ~10× the updates, too slow for a unit test. Measured (2 folds, AUROC gain over the mean
-    pool): +0.052 / +0.149; with the attention replaced by uniform weights (a mean of the ReLU projection) +0.027 /
-    +0.086 — much of the gain is the nonlinear projection, the rest is attention — so the bounds (every fold > 0.03,
-    mean ≥ 0.08) sit between the two, and a MIL with broken attention, head or gradients fails them."""
+    Why it can: the default simulator puts the subtype's own shift on *tumour* tiles only, while programmes also
+    move the tissue composition, so the bag mean mixes the subtype signal with how much tumour a slide holds; a pool
+    that weighs tiles by what they show can undo that. The linear probe on the mean of tumour tiles only (what
+    undoing it is worth to a linear read-out) reaches ≈ +0.10 AUROC over the plain mean at these sizes (+0.135 at
+    1024-d, 600 tiles, the reference's +0.13). Sizes and optimiser are the test's, not the literature's (stated):
+    256-d features, 128 tiles, hidden 64 / attention 32, 8 cases per step at lr 1e-3 for 40 epochs — the
+    literature's one case per step at 2e-4 for 20 epochs needs ~10× the updates, too slow for a unit test. Measured
+    (2 folds, AUROC gain over the mean pool): +0.052 / +0.149; with the attention replaced by uniform weights (a
+    mean of the ReLU projection) +0.027 / +0.086 — much of the gain is the nonlinear projection, the rest is
+    attention — so the bounds (every fold > 0.03, mean ≥ 0.08) sit between the two, and a MIL with broken attention,
+    head or gradients fails them."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
