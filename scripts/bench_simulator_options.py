@@ -92,14 +92,16 @@ def run_option(name: str, overrides: dict, a: argparse.Namespace, root: Path, ta
     res = probe(adata, tasks or TASKS, root / f"probe-{name}", n_bootstrap=a.n_bootstrap, plots=False)
     clock.lap("probe")
     refs = pd.read_csv(root / f"probe-{name}" / "references.csv", keep_default_na=False)
-    genes = per_target_r(pd.read_csv(root / f"probe-{name}" / "per_target.csv"), "slide", "slide_meanpool")
+    per_target = root / f"probe-{name}" / "per_target.csv"  # written only when `tasks` hold a regression task
+    genes = per_target_r(pd.read_csv(per_target), "slide", "slide_meanpool") if per_target.exists() else None
     paired = pd.read_csv(root / f"probe-{name}" / "paired.csv")
     return {"sim": dataclasses.asdict(sim), "n_probe_cases": int(np.isfinite(adata.obsm["slide"]).all(1).sum()),
             "seconds": clock.seconds,
             "references": refs.to_dict("records"), "paired": paired.to_dict("records"),
-            "per_gene_r": {"genes": len(genes), "slide_mean": float(genes.slide.mean()),
-                           "slide_meanpool_mean": float(genes.slide_meanpool.mean()),
-                           "slide_above_meanpool": int((genes.slide > genes.slide_meanpool).sum())},
+            "per_gene_r": None if genes is None else {
+                "genes": len(genes), "slide_mean": float(genes.slide.mean()),
+                "slide_meanpool_mean": float(genes.slide_meanpool.mean()),
+                "slide_above_meanpool": int((genes.slide > genes.slide_meanpool).sum())},
             "summary": res.summary[["task", "target", "embedding", "metric", "mean", "se", "lo", "hi", "n"]]
             .to_dict("records")}
 

@@ -336,3 +336,53 @@ def test_mse_loss_matches_numpy():
     out, y, valid = r.standard_normal((5, 3)), r.standard_normal((5, 3)), np.array([1, 1, 0, 1, 0], np.float32)
     got = mil.loss_fn("mse")(jnp.asarray(out), {"y": jnp.asarray(y), "valid": jnp.asarray(valid)}, {})
     np.testing.assert_allclose(float(got), ((out - y) ** 2).mean(1)[valid > 0].mean(), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_abmil_learns_what_mean_pooling_cannot_on_the_default_simulator():
+    """Learnability: on a small default simulated cohort, gated ABMIL trained on subtype beats the mean-pool linear
+    probe (sklearn LogisticRegression, C 0.5, balanced — the issue's reference) on the same stratified folds.
+
+    Why it can: the default simulator puts the subtype's own shift on *tumour* tiles only, while programmes also
+    move the tissue composition, so the bag mean mixes the subtype signal with how much tumour a slide holds; a pool
+    that weighs tiles by what they show can undo that. The linear probe on the mean of tumour tiles only (what
+    undoing it is worth to a linear read-out) reaches ≈ +0.10 AUROC over the plain mean at these sizes (+0.135 at
+    1024-d, 600 tiles, the reference's +0.13). Sizes and optimiser are the test's, not the literature's (stated):
+    256-d features, 128 tiles, hidden 64 / attention 32, 8 cases per step at lr 1e-3 for 40 epochs — the
+    literature's one case per step at 2e-4 for 20 epochs needs ~10× the updates, too slow for a unit test. Measured
+    (2 folds, AUROC gain over the mean pool): +0.052 / +0.149; with the attention replaced by uniform weights (a
+    mean of the ReLU projection) +0.027 / +0.086 — much of the gain is the nonlinear projection, the rest is
+    attention — so the bounds (every fold > 0.03, mean ≥ 0.08) sit between the two, and a MIL with broken attention,
+    head or gradients fails them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    from mmfm.eval.embed import Bag
+    from mmfm.simulate import SimConfig
+    from mmfm.simulate.tile_features import simulate_slide
+    from mmfm.simulate.world import draw_case, make_world
+
+    sim = SimConfig(n_cases=150, seed=7, feature_dim=256, bag_size_median=128, n_genes=8, n_proteins=4)
+    world = make_world(sim)
+    cases = [c for c in (draw_case(sim, world, i) for i in range(sim.n_cases)) if c.n_slides]
+    bags = [[Bag(s.features.astype(np.float32), s.coords // sim.patch_size_level0, s.fragment)
+             for s in (simulate_slide(sim, world, c, j) for j in range(c.n_slides))] for c in cases]
+    y = np.array([c.subtype for c in cases])
+    meanpool = np.stack([np.mean([b.features.mean(0) for b in bs], 0) for bs in bags])
+    data = mil.CaseSet([c.case_id for c in cases], bags, y)
+    cfg = mil.MilConfig(epochs=40, lr=1e-3, batch_size=8, hidden=64, attn_dim=32, max_tiles=64)
+
+    gains = []
+    for k, (tr, te) in enumerate(StratifiedKFold(5, shuffle=True, random_state=0).split(meanpool, y)):
+        if k == 2:
+            break
+        lin = LogisticRegression(C=0.5, class_weight="balanced", max_iter=10000).fit(meanpool[tr], y[tr])
+        auc_lin = roc_auc_score(y[te], lin.predict_proba(meanpool[te]), multi_class="ovr")
+        make = lambda: MILModel(clam_abmil(256, hidden=64, attn_dim=32, rngs=nnx.Rngs(k)), 4,  # noqa: E731
+                                dropout=cfg.dropout, rngs=nnx.Rngs(k + 1))
+        fitted = mil.fit(make, "class", data.take(tr), (None, None), cfg, seed=k, n_classes=4)  # select last
+        out = mil.predict(fitted.model, data.take(te), cfg)
+        auc_mil = roc_auc_score(y[te], jax.nn.softmax(out, -1), multi_class="ovr")
+        gains.append(auc_mil - auc_lin)
+    assert min(gains) > 0.03 and np.mean(gains) >= 0.08, gains
