@@ -37,6 +37,32 @@ def test_shipped_pipelines_decode_typed_and_quick_states_only_its_differences():
     run = recipe(quick)
     assert run.train.steps == 20 and run.loader.tiles_per_slide == 32  # quick's overrides
     assert tuple(run.data.modalities) == ("slide", "rna", "protein", "report") and run.model.embed_dim == 64  # the recipe's
+    assert quick.fast_compile and not full.fast_compile  # the full demo's table is compiled as ever
+
+
+def test_fast_compile_holds_for_the_run_only(monkeypatch):
+    """`fast_compile` sets jax_disable_most_optimizations while the steps run (they read it at each compile) and
+    puts the setting back afterwards, also when a step fails, so a notebook or test process is left as it was."""
+    import jax
+
+    from mmfm.cli import pipeline
+
+    seen = []
+
+    def steps(p, log):
+        seen.append(jax.config.read("jax_disable_most_optimizations"))
+        if log == "fail":
+            raise RuntimeError("a step failed")
+        return {}
+
+    monkeypatch.setattr(pipeline, "_run_steps", steps)
+    quick = load_pipeline(QUICK)
+    assert not jax.config.read("jax_disable_most_optimizations")
+    pipeline.run_pipeline(quick)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        pipeline.run_pipeline(quick, log="fail")
+    pipeline.run_pipeline(replace(quick, fast_compile=False))
+    assert seen == [True, True, False] and not jax.config.read("jax_disable_most_optimizations")
 
 
 def test_unknown_keys_are_refused_naming_the_file_and_dotted_key(tmp_path, capsys):

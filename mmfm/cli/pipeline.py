@@ -91,6 +91,8 @@ class Pipeline:
     probe: ProbeStep = field(default_factory=ProbeStep)
     heatmaps: HeatmapStep = field(default_factory=HeatmapStep)
     report: ReportStep = field(default_factory=ReportStep)
+    fast_compile: bool = False         # jax_disable_most_optimizations: for runs so short that XLA's optimisation
+    #                                    passes cost more than they save (demo --quick); numbers move in the last bits
 
 
 FILE_PATHS = (("pretrain", "recipe"), ("probe", "tasks"))  # relative to the pipeline file that names them
@@ -149,6 +151,17 @@ def recipe(p: Pipeline) -> RunConfig:
 
 def run_pipeline(p: Pipeline, log: str = "run") -> dict:
     """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", before or p.fast_compile)  # read at each compile
+    try:
+        return _run_steps(p, log)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _run_steps(p: Pipeline, log: str) -> dict:
     from mmfm.train.config import check as check_run
 
     out = Path(p.out)
