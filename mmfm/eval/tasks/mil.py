@@ -193,10 +193,14 @@ class _Encoders:
 
 
 def init_settings(init: str, cfg: mil.MilConfig) -> dict:
-    """How `init` trains its encoder: lr scale, warm-up epochs, frozen."""
+    """How `init` trains its encoder: lr scale, warm-up epochs, frozen, and whether its fresh head starts at the
+    linear probe of the pretrained embedding (LP-FT, `mil.fit_head`)."""
+    probe_head = cfg.probe_head and init in ("finetune", "frozen")
     if init == "finetune":
-        return {"encoder_lr_scale": cfg.encoder_lr_scale, "warmup_epochs": cfg.warmup_epochs, "frozen": False}
-    return {"encoder_lr_scale": 0.0 if init == "frozen" else 1.0, "warmup_epochs": 0.0, "frozen": init == "frozen"}
+        return {"encoder_lr_scale": cfg.encoder_lr_scale, "warmup_epochs": cfg.warmup_epochs, "frozen": False,
+                "probe_head": probe_head}
+    return {"encoder_lr_scale": 0.0 if init == "frozen" else 1.0, "warmup_epochs": 0.0, "frozen": init == "frozen",
+            "probe_head": probe_head}
 
 
 # ---------------------------------------------------------------- data
