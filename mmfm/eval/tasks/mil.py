@@ -13,6 +13,7 @@ entry is a row, its embedding named `mil:<init>`:
     finetune  `run`'s slide encoder (a run directory or an `mmfm export` / `mmfm import-encoder` directory),
               trained end to end with a fresh head (encoder lr × encoder_lr_scale, warm-up)
     frozen    that encoder frozen, only the head trained (the bridge to the linear probe)
+  (finetune and frozen start their head at the linear probe of the encoder's case embeddings: LP-FT, `train.probe_head`)
 
 Per outer fold: an inner validation split of the training fold (fold 0 of `train.val_folds` patient-level folds
 of the training cases, stratified like the outer ones) chooses the epoch; the test fold is predicted once, with
