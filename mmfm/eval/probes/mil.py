@@ -307,8 +307,11 @@ def fit_head(model: MILModel, kind: Kind, cases: CaseSet, outcome: dict, class_w
     e = case_embeddings(model, cases, cfg).astype(np.float64)
     mu, sd = e.mean(0), e.std(0)
     sd = np.where(sd > 1e-8, sd, 1.0)
-    z = jnp.asarray((e - mu) / sd, jnp.float32)
-    batch = {**{k: jnp.asarray(v) for k, v in outcome.items()}, "valid": jnp.ones(len(e), jnp.float32)}
+    rows = bucket_length(len(e), 16)  # padded (valid 0) to a few shapes: one compile serves many folds
+    pad = lambda a: np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])  # noqa: E731
+    z = jnp.asarray(pad((e - mu) / sd), jnp.float32)
+    batch = {**{k: jnp.asarray(pad(v)) for k, v in outcome.items()},
+             "valid": jnp.asarray(pad(np.ones(len(e), np.float32)))}
     lam = 1.0 / (cfg.probe_c * len(e))  # mean-loss form of sklearn's objective (balanced weights sum to n)
     params = _lbfgs_probe(kind, cfg.probe_steps, model.head.kernel.shape[1], z, batch, jnp.asarray(class_w), lam)
     w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
