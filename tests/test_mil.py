@@ -386,3 +386,40 @@ def test_abmil_learns_what_mean_pooling_cannot_on_the_default_simulator():
         auc_mil = roc_auc_score(y[te], jax.nn.softmax(out, -1), multi_class="ovr")
         gains.append(auc_mil - auc_lin)
     assert min(gains) > 0.03 and np.mean(gains) >= 0.08, gains
+
+
+def test_frozen_and_finetune_heads_start_at_the_linear_probe_of_the_embedding():
+    """LP-FT: `fit_head` sets the fresh head to sklearn's balanced, C=1 logistic regression on the z-scored case
+    embeddings (every tile, deterministic). The regime that left `frozen` / `finetune` at chance: embeddings with a
+    large common mean and a small class signal, where a random head moved by AdamW at 2e-4 barely learns."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    from mmfm.eval.embed import Bag
+
+    rng = np.random.default_rng(0)
+    d, n, k = 6, 36, 3
+    y = np.arange(n) % k
+    shift = rng.normal(size=(k, d)).astype(np.float32)
+    bags = []
+    for i in range(n):
+        t = int(rng.integers(5, 12))
+        f = (3.0 + 0.2 * rng.normal(size=(t, d)) + 0.15 * shift[y[i]]).astype(np.float32)
+        bags.append([Bag(f, np.zeros((t, 2), np.int32), np.zeros(t, np.int32))])
+    cases = mil.CaseSet([f"c{i}" for i in range(n)], bags, y=y)
+    cfg = mil.MilConfig(epochs=1, max_tiles=16, min_bucket=16)
+    model = MILModel(clam_abmil(d, hidden=8, attn_dim=4, dropout=0.0, rngs=nnx.Rngs(0)), k, rngs=nnx.Rngs(1))
+    emb = mil.case_embeddings(model, cases, cfg)
+    mil.fit_head(model, "class", cases, {"y": y.astype(np.int32)}, mil.balanced_weights(y, k), cfg)
+    out = mil.predict(model, cases, cfg)
+    proba = np.exp(out - out.max(1, keepdims=True))
+    proba /= proba.sum(1, keepdims=True)
+    z = StandardScaler().fit_transform(emb)
+    ref = LogisticRegression(C=1.0, class_weight="balanced", max_iter=10000, tol=1e-10).fit(z, y).predict_proba(z)
+    np.testing.assert_allclose(proba, ref, atol=2e-3)
+    assert roc_auc_score(y, ref, multi_class="ovr") > 0.8  # the probe has a signal to start from
+
+    fitted = mil.train(model, "class", cases, None, cfg, seed=0, frozen=True, n_classes=k, probe_head=True)
+    out = mil.predict(fitted.model, cases, cfg)
+    assert roc_auc_score(y, np.exp(out) / np.exp(out).sum(1, keepdims=True), multi_class="ovr") > 0.8

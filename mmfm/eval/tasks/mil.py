@@ -13,6 +13,7 @@ entry is a row, its embedding named `mil:<init>`:
     finetune  `run`'s slide encoder (a run directory or an `mmfm export` / `mmfm import-encoder` directory),
               trained end to end with a fresh head (encoder lr × encoder_lr_scale, warm-up)
     frozen    that encoder frozen, only the head trained (the bridge to the linear probe)
+  (finetune and frozen start their head at the linear probe of the encoder's case embeddings: LP-FT, `train.probe_head`)
 
 Per outer fold: an inner validation split of the training fold (fold 0 of `train.val_folds` patient-level folds
 of the training cases, stratified like the outer ones) chooses the epoch; the test fold is predicted once, with
@@ -193,10 +194,14 @@ class _Encoders:
 
 
 def init_settings(init: str, cfg: mil.MilConfig) -> dict:
-    """How `init` trains its encoder: lr scale, warm-up epochs, frozen."""
+    """How `init` trains its encoder: lr scale, warm-up epochs, frozen, and whether its fresh head starts at the
+    linear probe of the pretrained embedding (LP-FT, `mil.fit_head`)."""
+    probe_head = cfg.probe_head and init in ("finetune", "frozen")
     if init == "finetune":
-        return {"encoder_lr_scale": cfg.encoder_lr_scale, "warmup_epochs": cfg.warmup_epochs, "frozen": False}
-    return {"encoder_lr_scale": 0.0 if init == "frozen" else 1.0, "warmup_epochs": 0.0, "frozen": init == "frozen"}
+        return {"encoder_lr_scale": cfg.encoder_lr_scale, "warmup_epochs": cfg.warmup_epochs, "frozen": False,
+                "probe_head": probe_head}
+    return {"encoder_lr_scale": 0.0 if init == "frozen" else 1.0, "warmup_epochs": 0.0, "frozen": init == "frozen",
+            "probe_head": probe_head}
 
 
 # ---------------------------------------------------------------- data
