@@ -117,16 +117,16 @@ def test_config_round_trip_and_clear_errors():
     with pytest.raises(ValueError, match=r"model: unknown config key\(s\) slide\.transformer\.widht"):
         mconfig.decode(ModelConfig, bad, "model")
     bad = mconfig.to_dict(cfg)
-    bad["slide"]["kind"] = "gigapath"
-    with pytest.raises(ValueError, match=r"slide\.kind: Cannot convert 'gigapath'"):
+    bad["slide"]["kind"] = "perceiver"
+    with pytest.raises(ValueError, match=r"slide\.kind: Cannot convert 'perceiver'"):
         mconfig.decode(ModelConfig, bad)
     with pytest.raises(ValueError, match="n_proteins=0"):
         MultimodalModel(cfg, BatchShapes(batch_size=2, tiles_per_slide=4, feature_dim=12, n_genes=20,
                                          n_mutations=5), MODS, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"data\.modalities: unknown 'dna'"):
         MultimodalModel(cfg, SHAPES, ("slide", "dna"), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="slide.kind='gigapath'"):  # built in code, past the decoder
-        MultimodalModel(ModelConfig(slide=SlideConfig(kind="gigapath")), SHAPES, ("slide", "rna"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="slide.kind='perceiver'"):  # built in code, past the decoder
+        MultimodalModel(ModelConfig(slide=SlideConfig(kind="perceiver")), SHAPES, ("slide", "rna"), rngs=nnx.Rngs(0))
 
 
 def test_report_modality_uses_the_pretrained_text_encoder():
