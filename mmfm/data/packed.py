@@ -234,44 +234,89 @@ class PackedStore:
         return ok, stale
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv call may fill
+
+
+def _preadv(fd: int, path: str, bufs: list[memoryview], offset: int) -> None:
+    """Fill `bufs` (byte views) from consecutive file bytes at `offset`: the kernel copies each row straight to
+    its buffer (no gather copy after), IOV_MAX buffers a call, short reads resumed."""
+    want, done, i = sum(b.nbytes for b in bufs), 0, 0
+    while i < len(bufs):
+        got = os.preadv(fd, bufs[i: i + IOV_MAX], offset + done)
+        if got == 0:
+            raise ValueError(f"{path}: ends at byte {offset + done}, before the {want}-byte run at {offset} "
+                             f"(truncated since it was opened? re-run `mmfm pack`)")
+        done += got
+        while i < len(bufs) and got >= bufs[i].nbytes:
+            got -= bufs[i].nbytes
+            i += 1
+        if got:
+            bufs[i] = bufs[i][got:]
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) spans of `positions` that are consecutive stored rows (a window: one, or two when it wraps)."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(positions)].tolist()))
+
+
 class PackedReader:
     """Reads runs of stored rows with `preadv` straight into the output arrays: a window costs one call per file and
-    contiguous run (two when it wraps). Holds no open files when pickled (grain workers open their own)."""
+    contiguous run (two when it wraps). Thread-safe, and reads run concurrently (`preadv` releases the GIL): the
+    loader issues a batch's windows from a thread pool, so the disk sees many requests at once instead of one
+    waiting for the last. Holds no open files when pickled (grain workers open their own)."""
 
     def __init__(self, shards: list[_Shard], dim: int, dtype: str):
         self.shards, self.dim, self.dtype = shards, dim, np.dtype(dtype)
         self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the file table only
 
     def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
 
-    def _pread(self, path: str, buf: np.ndarray, offset: int) -> None:
-        view, done = memoryview(buf).cast("B"), 0
-        while done < len(view):
-            got = os.preadv(self._fd(path), [view[done:]], offset + done)
-            if got == 0:
-                raise ValueError(f"{path}: ends at byte {offset + done}, before the {len(view)}-byte run at {offset} "
-                                 f"(truncated since it was opened? re-run `mmfm pack`)")
-            done += got
+    def _meta(self, sh: _Shard, offset: int, positions: np.ndarray, spans) -> np.ndarray:
+        meta = np.empty(len(positions), META)
+        for lo, hi in spans:
+            _preadv(self._fd(sh.meta), sh.meta, [memoryview(meta[lo:hi]).cast("B")],
+                    sh.meta_offset + (offset + int(positions[lo])) * META.itemsize)
+        return meta
 
     def read(self, shard: int, offset: int, positions: np.ndarray) -> dict[str, np.ndarray]:
         """Stored rows `offset + positions` of `shard`, in the order of `positions`: features, coords, fragment, row."""
         positions = np.asarray(positions, np.int64)
-        sh = self.shards[shard]
+        sh, spans = self.shards[shard], _runs(positions)
         feats = np.empty((len(positions), self.dim), self.dtype)
-        meta = np.empty(len(positions), META)
-        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-        with self._lock:
-            for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(positions)]):
-                first = offset + int(positions[lo])
-                self._pread(sh.features, feats[lo:hi], sh.features_offset + first * feats.itemsize * self.dim)
-                self._pread(sh.meta, meta[lo:hi], sh.meta_offset + first * META.itemsize)
+        meta = self._meta(sh, offset, positions, spans)
+        for lo, hi in spans:
+            _preadv(self._fd(sh.features), sh.features, [memoryview(feats[lo:hi]).cast("B")],
+                    sh.features_offset + (offset + int(positions[lo])) * feats.itemsize * self.dim)
         return {"features": feats, "coords": meta["coords"], "fragment": meta["fragment"],
                 "row": meta["row"].astype(np.int64)}
+
+    def read_by_row(self, shard: int, offset: int, positions: np.ndarray, into: np.ndarray) -> dict[str, np.ndarray]:
+        """Stored rows `offset + positions` (distinct) of `shard` in bag-row order — the order of the h5 path, which
+        position-aware slide encoders (GigaPath's dilated attention) rely on: the meta first, then the features
+        scattered by the kernel straight into `into` ([len(positions), D], C order, the store's dtype), one row
+        per iovec. Returns coords, fragment, row, in that order."""
+        positions = np.asarray(positions, np.int64)
+        if into.shape != (len(positions), self.dim) or into.dtype != self.dtype or not into.flags.c_contiguous:
+            raise ValueError(f"read_by_row: `into` must be C-ordered {self.dtype} of shape "
+                             f"{(len(positions), self.dim)}, got {into.dtype} {into.shape}")
+        sh, spans = self.shards[shard], _runs(positions)
+        meta = self._meta(sh, offset, positions, spans)
+        order = np.argsort(meta["row"], kind="stable")
+        slot = np.empty(len(order), np.int64)
+        slot[order] = np.arange(len(order))  # stored position i goes to batch row slot[i]
+        flat, rb = memoryview(into.reshape(-1)).cast("B"), self.dim * self.dtype.itemsize
+        for lo, hi in spans:
+            _preadv(self._fd(sh.features), sh.features, [flat[j * rb: (j + 1) * rb] for j in slot[lo:hi].tolist()],
+                    sh.features_offset + (offset + int(positions[lo])) * rb)
+        meta = meta[order]
+        return {"coords": meta["coords"], "fragment": meta["fragment"], "row": meta["row"].astype(np.int64)}
 
     def close(self):
         with self._lock:
