@@ -276,6 +276,8 @@ class PackedReader:
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # reads are exact windows: kernel read-ahead only reads past them
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             return fd
 
     def _meta(self, sh: _Shard, offset: int, positions: np.ndarray, spans) -> np.ndarray:
