@@ -161,13 +161,17 @@ def test_read_threads_give_the_serial_batches(packed, tile_store):
 
 
 def test_short_reads_are_resumed(packed, monkeypatch):
-    """preadv may return fewer bytes than asked: the reader continues mid-row until every buffer is full."""
+    """preadv may return fewer bytes than asked: the reader continues mid-row until every buffer is full; a file
+    that ends early is named."""
     from mmfm.data import packed as packed_mod
 
     want = _loader(packed, modalities=("slide",)).batch(0)
     real = os.preadv
     monkeypatch.setattr(packed_mod.os, "preadv", lambda fd, bufs, off: real(fd, [memoryview(bufs[0])[:5]], off))
     _same(_loader(packed, modalities=("slide",)).batch(0), want)
+    monkeypatch.setattr(packed_mod.os, "preadv", lambda fd, bufs, off: 0)  # the file ends early (truncated)
+    with pytest.raises(ValueError, match=r"packed/shard-0000\d\.meta\.npy: ends at byte \d+"):
+        _loader(packed, modalities=("slide",)).batch(0)
 
 
 def test_damaged_or_stale_store_is_named(packed, tmp_path):

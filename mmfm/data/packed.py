@@ -237,21 +237,19 @@ class PackedStore:
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv call may fill
 
 
-def _preadv(fd: int, path: str, bufs: list[memoryview], offset: int) -> None:
-    """Fill `bufs` (byte views) from consecutive file bytes at `offset`: the kernel copies each row straight to
-    its buffer (no gather copy after), IOV_MAX buffers a call, short reads resumed."""
-    want, done, i = sum(b.nbytes for b in bufs), 0, 0
-    while i < len(bufs):
-        got = os.preadv(fd, bufs[i: i + IOV_MAX], offset + done)
-        if got == 0:
-            raise ValueError(f"{path}: ends at byte {offset + done}, before the {want}-byte run at {offset} "
-                             f"(truncated since it was opened? re-run `mmfm pack`)")
-        done += got
-        while i < len(bufs) and got >= bufs[i].nbytes:
-            got -= bufs[i].nbytes
-            i += 1
-        if got:
-            bufs[i] = bufs[i][got:]
+def _preadv(fd: int, path: str, bufs: list, offset: int, size: int) -> None:
+    """Fill `bufs` (C-ordered buffers of `size` bytes each) from consecutive file bytes at `offset`: the kernel copies
+    each straight to its place (no gather copy after), IOV_MAX buffers a call, short reads resumed mid-buffer."""
+    for c in range(0, len(bufs), IOV_MAX):
+        chunk, at, done = bufs[c: c + IOV_MAX], offset + c * size, 0
+        while done < len(chunk) * size:
+            i, part = divmod(done, size)
+            rest = chunk[i:] if not part else [memoryview(chunk[i]).cast("B")[part:], *chunk[i + 1:]]
+            got = os.preadv(fd, rest, at + done)
+            if got == 0:
+                raise ValueError(f"{path}: ends at byte {at + done}, before the {len(bufs) * size}-byte run at "
+                                 f"{offset} (truncated since it was opened? re-run `mmfm pack`)")
+            done += got
 
 
 def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
@@ -283,8 +281,8 @@ class PackedReader:
     def _meta(self, sh: _Shard, offset: int, positions: np.ndarray, spans) -> np.ndarray:
         meta = np.empty(len(positions), META)
         for lo, hi in spans:
-            _preadv(self._fd(sh.meta), sh.meta, [memoryview(meta[lo:hi]).cast("B")],
-                    sh.meta_offset + (offset + int(positions[lo])) * META.itemsize)
+            _preadv(self._fd(sh.meta), sh.meta, [meta[lo:hi]], sh.meta_offset + (offset + int(positions[lo])) *
+                    META.itemsize, (hi - lo) * META.itemsize)
         return meta
 
     def read(self, shard: int, offset: int, positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -293,9 +291,10 @@ class PackedReader:
         sh, spans = self.shards[shard], _runs(positions)
         feats = np.empty((len(positions), self.dim), self.dtype)
         meta = self._meta(sh, offset, positions, spans)
+        rb = self.dim * self.dtype.itemsize
         for lo, hi in spans:
-            _preadv(self._fd(sh.features), sh.features, [memoryview(feats[lo:hi]).cast("B")],
-                    sh.features_offset + (offset + int(positions[lo])) * feats.itemsize * self.dim)
+            _preadv(self._fd(sh.features), sh.features, [feats[lo:hi]],
+                    sh.features_offset + (offset + int(positions[lo])) * rb, (hi - lo) * rb)
         return {"features": feats, "coords": meta["coords"], "fragment": meta["fragment"],
                 "row": meta["row"].astype(np.int64)}
 
@@ -313,10 +312,10 @@ class PackedReader:
         order = np.argsort(meta["row"], kind="stable")
         slot = np.empty(len(order), np.int64)
         slot[order] = np.arange(len(order))  # stored position i goes to batch row slot[i]
-        flat, rb = memoryview(into.reshape(-1)).cast("B"), self.dim * self.dtype.itemsize
+        rows, rb = list(into), self.dim * self.dtype.itemsize  # row views: one iovec each
         for lo, hi in spans:
-            _preadv(self._fd(sh.features), sh.features, [flat[j * rb: (j + 1) * rb] for j in slot[lo:hi].tolist()],
-                    sh.features_offset + (offset + int(positions[lo])) * rb)
+            _preadv(self._fd(sh.features), sh.features, list(map(rows.__getitem__, slot[lo:hi].tolist())),
+                    sh.features_offset + (offset + int(positions[lo])) * rb, rb)
         meta = meta[order]
         return {"coords": meta["coords"], "fragment": meta["fragment"], "row": meta["row"].astype(np.int64)}
 
