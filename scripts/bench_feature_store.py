@@ -424,9 +424,10 @@ def main(argv=None) -> int:
                 for cache, readahead in [("cold", m) for m in modes] + [("warm", "kernel" if layout == "h5" else "willneed")]:
                     if cache == "cold":
                         drop_cache(paths + shards)
+                    run = LoaderConfig(**{**cfg.__dict__, "workers": workers, "tile_store": layout,
+                                          "readahead": readahead, "read_threads": threads})
                     with PeakMemory() as peak:
-                        r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers, "tile_store": layout,
-                                                                 "readahead": readahead, "read_threads": threads}), steps)
+                        r = loader_round(cohort, run, steps)
                     r = {"layout": layout, "workers": workers, "read_threads": threads, "cache": cache,
                          "readahead": readahead, **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
                          "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],

@@ -43,7 +43,8 @@ if [ "$CPU" = 1 ]; then
     SLIDES=(--n 1000 --alternate-max-n 1000 --dense-n 1000 --series local alternate dense --width 96 --depth 2
             --dim 64 --region 500)
     EXTRACT=(--copies 1 --workers 0 --batch-size 16)
-    STORE=(--slides 24 --tiles 512 --dim 256 --k 256 --batch-size 4 --workers 0 2 --read-threads 8 1 --container-slides 0)
+    STORE=(--slides 24 --tiles 512 --dim 256 --k 256 --batch-size 4 --workers 0 2 --read-threads 8 1
+           --container-slides 0)
     E2E=(--encoder vit-test --device cpu --workers 1 --batch-size 16)
     COPIES=2
 else
