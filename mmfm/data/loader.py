@@ -8,7 +8,8 @@ streams (`mmfm.data.site`), e being the row's pass through its site. Hence a bat
   * resume is exact and the state is just the step (JSON; orbax: `ocp.args.JsonSave(state)`),
   * process i of P computes only rows [i·B/P, (i+1)·B/P) of every global batch, every process
     runs the same steps, and a run may resume on a different process count,
-  * grain workers (`workers > 0`, spawned processes) are a pure speed-up: same batches for any count.
+  * grain workers (`workers > 0`, spawned processes) are a pure speed-up: same batches for any count; so are the
+    read threads that fill a batch's rows concurrently (`read_threads`; each row has its own RNG and slots).
 Only the sampled tile rows are read (`mmfm.data.sampling`); from a packed store (`mmfm pack`, `mmfm.data.packed`,
 used when present unless `tile_store: h5`) each slide's sample is one contiguous window of its stored permutation,
 still a pure function of (seed, step) and of the pack (its digest is part of the resume state). Omics are transformed once, at
