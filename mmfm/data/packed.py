@@ -19,7 +19,7 @@ chunks) for 0.15-0.18 CPU s through tensorstore and about half the rate through 
 (read-around on faults); array-record 1.7-1.8 at 0.24 CPU s. Rates were within noise of each other at that load.
 Reading: the loader issues a batch's windows from a thread pool (`LoaderConfig.read_threads`), each scattered by the
 kernel straight into the batch in bag-row order (`PackedReader.read_by_row`), with read-ahead off on the shards
-(concurrent reads of one file otherwise looked sequential to it: 1.5 bytes read per byte delivered, now 1.01).
+(otherwise its read-ahead reads past the windows: 1.15-1.5 bytes read per byte delivered, now 1.01).
 """
 
 from __future__ import annotations
