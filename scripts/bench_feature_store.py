@@ -7,7 +7,8 @@ Writes a synthetic store in the cohort layout (cohort.yaml, cases.csv, slides.cs
       (the disk's rate; the shards' sequential read is reported beside it as a check),
   (b) the loader (`TileBagLoader`, slide modality only) over one epoch's steps, for each layout: delivered
       feature bytes/s and batches/s, cold (cache dropped before the round) and warm (the same steps again), for
-      each grain worker count, plus two OS processes each reading its half of every global batch; in-process
+      each grain worker count (in-process: for each `--read-threads`, the loader's concurrent row reads; 1 reads
+      the rows one after another), plus two OS processes each reading its half of every global batch; in-process
       rounds also count the bytes the kernel read from the disk (/proc/self/io read_bytes),
   (c) (b) / (a), both for delivered bytes and for bag bytes swept (k of n rows sampled: the disk reads
       pages, not rows, so from h5 bags delivered bytes ≤ k/n of what a sweep moves; a packed window reads
@@ -242,8 +243,10 @@ def processes_round(root: Path, cfg: LoaderConfig, steps: int, count: int) -> di
 
 
 def profile_round(cohort, cfg: LoaderConfig, steps: int, paths, top: int = 12) -> dict:
-    """cProfile of one cold in-process round: the functions with the most own time."""
+    """cProfile of one cold in-process round: the functions with the most own time. Rows are read one after another
+    (read_threads 1): cProfile sees only its own thread, and the threads overlap waits, not work."""
     drop_cache(paths)
+    cfg = LoaderConfig(**{**cfg.__dict__, "read_threads": 1})
     loader = TileBagLoader(cohort, cfg, list(cohort.cases.index), modalities=("slide",))
     prof = cProfile.Profile()
     prof.enable()
@@ -366,6 +369,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=0, help="batches per round (default: one epoch)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--read-threads", type=int, nargs="+", default=[LoaderConfig.read_threads],
+                   help="LoaderConfig.read_threads: in-process rounds run once per value (1: rows read one after "
+                        "another), rounds with grain workers use the first")
     p.add_argument("--readahead", nargs="+", default=["willneed"], choices=READAHEAD,
                    help="LoaderConfig.readahead modes timed cold on the h5 bags, side by side")
     p.add_argument("--processes", type=int, default=2, help="OS processes for the aggregate round (0: skip)")
@@ -411,26 +417,29 @@ def main(argv=None) -> int:
         sampled = min(a.k, a.tiles) / a.tiles  # fraction of each bag's rows a step delivers
         cfg = LoaderConfig(batch_size=a.batch_size, tiles_per_slide=a.k, prefetch=2)
         rounds = []
+        combos = [(0, t) for t in a.read_threads if 0 in a.workers] + [(w, a.read_threads[0]) for w in a.workers if w]
         for layout in ("h5", "packed"):
             modes = a.readahead if layout == "h5" else ["willneed"]  # readahead is a bag-reader setting
-            for workers in a.workers:  # cold (each readahead mode), then warm (the same steps again)
+            for workers, threads in combos:  # cold (each readahead mode), then warm (the same steps again)
                 for cache, readahead in [("cold", m) for m in modes] + [("warm", "kernel" if layout == "h5" else "willneed")]:
                     if cache == "cold":
                         drop_cache(paths + shards)
+                    run = LoaderConfig(**{**cfg.__dict__, "workers": workers, "tile_store": layout,
+                                          "readahead": readahead, "read_threads": threads})
                     with PeakMemory() as peak:
-                        r = loader_round(cohort, LoaderConfig(**{**cfg.__dict__, "workers": workers, "tile_store": layout,
-                                                                 "readahead": readahead}), steps)
-                    r = {"layout": layout, "workers": workers, "cache": cache, "readahead": readahead,
-                         **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
+                        r = loader_round(cohort, run, steps)
+                    r = {"layout": layout, "workers": workers, "read_threads": threads, "cache": cache,
+                         "readahead": readahead, **{k: v for k, v in r.items() if k not in ("t0", "t_end")},
                          "ratio_delivered": r["mb_per_s"] / res["raw_mb_per_s"],
                          "ratio_swept": r["mb_per_s"] / sampled / res["raw_mb_per_s"],
                          "memory": {**memory(), **peak.mb()}}
                     rounds.append(r)
-                    print(f"{layout} workers={workers} {cache} readahead={readahead}: {r['mb_per_s']:.0f} MB/s delivered, "
-                          f"{r['batches_per_s']:.2f} batches/s, ratio {r['ratio_delivered']:.2f} (swept "
-                          f"{r['ratio_swept']:.2f}), disk/delivered {r.get('disk_per_delivered', float('nan')):.2f}, "
-                          f"MB per CPU s {r.get('mb_per_cpu_s', float('nan')):.0f}",
-                          flush=True)
+                    print(f"{layout} workers={workers} read_threads={threads} {cache} readahead={readahead}: "
+                          f"{r['mb_per_s']:.0f} MB/s delivered, {r['batches_per_s']:.2f} batches/s, ratio "
+                          f"{r['ratio_delivered']:.2f} (swept {r['ratio_swept']:.2f}), disk/delivered "
+                          f"{r.get('disk_per_delivered', float('nan')):.2f}, MB per CPU s "
+                          f"{r.get('mb_per_cpu_s', float('nan')):.0f}, peak anon {peak.mb()['peak_anon_mb']:.0f} MB, "
+                          f"RSS anon after {r['memory']['rss_anon_mb']:.0f} MB", flush=True)
         res["rounds"] = rounds
         if a.processes > 1:
             res["processes_rounds"] = []
@@ -454,7 +463,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     res["settings"] = {"slides": a.slides, "tiles_per_bag": a.tiles, "dim": a.dim, "dtype": "float16",
                        "tiles_per_slide": a.k, "sampled_fraction": sampled, "batch_size": a.batch_size,
-                       "steps_per_round": steps, "prefetch": cfg.prefetch,
+                       "steps_per_round": steps, "prefetch": cfg.prefetch, "read_threads": a.read_threads,
                        "bag_chunks": "write_bag default (256-row chunks, uncompressed)", "shard_gb": a.shard_gb,
                        "raw": "sequential 8 MiB reads of every bag, each dropped from the page cache first",
                        "workers_timing": "rates skip the first `workers` batches (worker start-up)"}

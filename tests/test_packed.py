@@ -118,9 +118,10 @@ def test_packed_batches_are_deterministic_and_resume_exactly(packed):
 def test_each_process_reads_only_its_rows(packed, monkeypatch, multi_slide):
     """Process i of 2 reads exactly the stored rows of its own rows' tiles (a padded slide: the whole slide)."""
     read = []
-    real = PackedReader.read
-    monkeypatch.setattr(PackedReader, "read", lambda self, shard, offset, pos: read.extend(
-        (shard, offset + int(p)) for p in pos) or real(self, shard, offset, pos))
+    for method in ("read", "read_by_row"):
+        real = getattr(PackedReader, method)
+        monkeypatch.setattr(PackedReader, method, lambda self, shard, offset, pos, *a, real=real: read.extend(
+            (shard, offset + int(p)) for p in pos) or real(self, shard, offset, pos, *a))
     stored = _stored(packed)
     index = packed.packed.index["slides"]
     kw = {"modalities": ("slide",), "multi_slide": multi_slide, "tiles_per_slide": 12}
@@ -144,6 +145,33 @@ def test_each_process_reads_only_its_rows(packed, monkeypatch, multi_slide):
             assert len(read) == len(set(read)) and set(read) == want, (step, i)
             got.append(want)
         assert not got[0] & got[1]
+
+
+@pytest.mark.parametrize("tile_store", ["packed", "h5"])
+def test_read_threads_give_the_serial_batches(packed, tile_store):
+    """A batch's rows read concurrently (the default) equal the rows read one after another, for both stores and a
+    pooled multi-slide case; a float16 batch from the store's dtype and a float32 one (cast) both."""
+    for kw in ({}, {"multi_slide": "pool", "feature_dtype": "float32"}):
+        one = _loader(packed, tile_store=tile_store, read_threads=1, batch_size=10, **kw)
+        many = _loader(packed, tile_store=tile_store, read_threads=4, batch_size=10, **kw)
+        for step in range(2):
+            _same(one.batch(step), many.batch(step))
+        many.close()
+        _same(one.batch(2), many.batch(2))  # closed: the next batch starts the threads again
+
+
+def test_short_reads_are_resumed(packed, monkeypatch):
+    """preadv may return fewer bytes than asked: the reader continues mid-row until every buffer is full; a file
+    that ends early is named."""
+    from mmfm.data import packed as packed_mod
+
+    want = _loader(packed, modalities=("slide",)).batch(0)
+    real = os.preadv
+    monkeypatch.setattr(packed_mod.os, "preadv", lambda fd, bufs, off: real(fd, [memoryview(bufs[0])[:5]], off))
+    _same(_loader(packed, modalities=("slide",)).batch(0), want)
+    monkeypatch.setattr(packed_mod.os, "preadv", lambda fd, bufs, off: 0)  # the file ends early (truncated)
+    with pytest.raises(ValueError, match=r"packed/shard-0000\d\.meta\.npy: ends at byte \d+"):
+        _loader(packed, modalities=("slide",)).batch(0)
 
 
 def test_damaged_or_stale_store_is_named(packed, tmp_path):

@@ -8,7 +8,8 @@ streams (`mmfm.data.site`), e being the row's pass through its site. Hence a bat
   * resume is exact and the state is just the step (JSON; orbax: `ocp.args.JsonSave(state)`),
   * process i of P computes only rows [i·B/P, (i+1)·B/P) of every global batch, every process
     runs the same steps, and a run may resume on a different process count,
-  * grain workers (`workers > 0`, spawned processes) are a pure speed-up: same batches for any count.
+  * grain workers (`workers > 0`, spawned processes) are a pure speed-up: same batches for any count; so are the
+    read threads that fill a batch's rows concurrently (`read_threads`; each row has its own RNG and slots).
 Only the sampled tile rows are read (`mmfm.data.sampling`); from a packed store (`mmfm pack`, `mmfm.data.packed`,
 used when present unless `tile_store: h5`) each slide's sample is one contiguous window of its stored permutation,
 still a pure function of (seed, step) and of the pack (its digest is part of the resume state). Omics are transformed once, at
@@ -20,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grain
@@ -50,6 +53,7 @@ class LoaderConfig:
     shuffle: bool = True
     feature_dtype: str = "float16"
     prefetch: int = 2  # batches computed ahead (per worker when workers > 0)
+    read_threads: int = 8  # a batch's rows read concurrently (per worker): the disk gets many requests at once
     open_bags: int = 128  # bags kept memory-mapped per worker (file descriptors); reopening is cheap
     readahead: str = "willneed"  # willneed | kernel | random: how cold bag pages are read (sampling.BagReader)
     tile_store: str = "auto"  # auto: <cohort>/packed/ when `mmfm pack` wrote it (window samples), else the h5 bags
@@ -70,7 +74,7 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.tile_store must be one of {TILE_STORES}, got {self.tile_store!r}")
         if self.multi_slide not in ("sample", "pool"):
             raise ValueError(f"LoaderConfig.multi_slide must be 'sample' or 'pool', got {self.multi_slide!r}")
-        for key in ("batch_size", "tiles_per_slide"):
+        for key in ("batch_size", "tiles_per_slide", "read_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"LoaderConfig.{key} must be ≥ 1, got {getattr(self, key)}")
 
@@ -101,6 +105,8 @@ class _MakeBatch:
         self.steps_per_epoch = len(tables.case_index) // cfg.batch_size
         self.reader = BagReader(cfg.open_bags, cfg.readahead)
         self.packed = packed  # PackedReader or None
+        self._threads: ThreadPoolExecutor | None = None  # read threads, started on the first batch
+        self._pool_lock = threading.Lock()
         self._order = (-1, None)
         self.balanced = None
         if cfg.site_balance:
@@ -132,75 +138,108 @@ class _MakeBatch:
         return out
 
     def _slides(self, step: int, epochs: np.ndarray, cases: np.ndarray) -> dict[str, np.ndarray]:
-        b, k, t = len(cases), self.cfg.tiles_per_slide, self.t
-        feats = np.zeros((b, k, self.dim), self.cfg.feature_dtype)  # calloc: rows without slides stay 0
-        coords = np.zeros((b, k, 2), np.int32)
-        fragment = np.zeros((b, k), np.int32)
-        tile_mask = np.zeros((b, k), bool)
-        slide_index = np.zeros((b, k), np.int32)  # which of the case's slides a tile comes from
-        present = np.zeros(b, bool)
-        for r, c in enumerate(cases):
-            slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
-            if not len(slides):
+        b, k = len(cases), self.cfg.tiles_per_slide
+        out = {"slide/features": np.zeros((b, k, self.dim), self.cfg.feature_dtype),  # calloc: rows without slides
+               "slide/coords": np.zeros((b, k, 2), np.int32),                         # stay 0
+               "slide/tile_mask": np.zeros((b, k), bool),
+               "slide/fragment": np.zeros((b, k), np.int32),
+               "slide/slide_index": np.zeros((b, k), np.int32),  # which of the case's slides a tile comes from
+               "slide/present": np.zeros(b, bool)}
+        fill = lambda r: self._fill_row(out, r, int(cases[r]), int(epochs[r]), step)  # noqa: E731
+        if self.cfg.read_threads > 1 and b > 1:  # rows write disjoint slices: any completion order, same batch
+            list(self._pool().map(fill, range(b)))
+        else:
+            for r in range(b):
+                fill(r)
+        return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(self.cfg.read_threads, thread_name_prefix="mmfm-read")
+            return self._threads
+
+    def _fill_row(self, out: dict[str, np.ndarray], r: int, c: int, epoch: int, step: int) -> None:
+        """Row `r` (loader case `c`) of the batch's slide arrays, in place: its RNG is its own, so rows are
+        independent of each other and of the thread that fills them."""
+        k, t = self.cfg.tiles_per_slide, self.t
+        slides = np.arange(t.slide_start[c], t.slide_start[c + 1])
+        if not len(slides):
+            return
+        feats, tile_mask = out["slide/features"], out["slide/tile_mask"]
+        rng = np.random.default_rng([self.cfg.seed, epoch, int(t.case_index[c])])
+        if self.cfg.multi_slide == "sample":
+            slides = slides[[rng.integers(len(slides))]]
+        ends = np.cumsum(t.slide_tiles[slides])
+        rows, tile_mask[r] = sample_tiles(int(ends[-1]), k, rng)
+        which = np.searchsorted(ends, rows, side="right")
+        local = rows - (ends - t.slide_tiles[slides])[which]
+        frag_base = 0  # pooled slides never share a fragment id
+        for q, s in enumerate(slides):
+            pos = np.flatnonzero(which == q) if len(slides) > 1 else slice(None)
+            if len(slides) > 1 and not len(pos):
+                continue  # a pooled slide none of whose tiles was drawn: its bag is not even opened
+            if t.slide_packed[s, 0] >= 0:
+                into = (None if not tile_mask[r].all()  # padded: the whole slide is read
+                        else feats[r, pos if len(slides) == 1 else slice(pos[0], pos[-1] + 1)])
+                got = self._packed(s, local[pos], rng, into)
+            else:
+                got = self.reader.read(t.slide_path[s], local[pos])
+            if not len(got["coords"]):
                 continue
-            rng = np.random.default_rng([self.cfg.seed, int(epochs[r]), int(t.case_index[c])])
-            if self.cfg.multi_slide == "sample":
-                slides = slides[[rng.integers(len(slides))]]
-            ends = np.cumsum(t.slide_tiles[slides])
-            rows, tile_mask[r] = sample_tiles(int(ends[-1]), k, rng)
-            which = np.searchsorted(ends, rows, side="right")
-            local = rows - (ends - t.slide_tiles[slides])[which]
-            frag_base = 0  # pooled slides never share a fragment id
-            for q, s in enumerate(slides):
-                pos = np.flatnonzero(which == q) if len(slides) > 1 else slice(None)
-                if len(slides) > 1 and not len(pos):
-                    continue  # a pooled slide none of whose tiles was drawn: its bag is not even opened
-                if t.slide_packed[s, 0] >= 0:
-                    into = (None if not tile_mask[r].all()  # padded: the whole slide is read
-                            else feats[r, pos if len(slides) == 1 else slice(pos[0], pos[-1] + 1)])
-                    got = self._packed(s, local[pos], rng, into)
-                else:
-                    got = self.reader.read(t.slide_path[s], local[pos])
-                if not len(got["coords"]):
-                    continue
-                if "features" in got:  # else already in place
-                    feats[r, pos] = got["features"]
-                if self.style is not None:
-                    feats[r, pos] = self.style(feats[r, pos], int(t.site[c]), self.cfg.seed, step,
-                                               int(t.case_index[c]), int(s))
-                coords[r, pos] = got["coords"] // t.slide_patch[s]
-                slide_index[r, pos] = q
-                frag = got.get("fragment")
-                if frag is not None:
-                    fragment[r, pos] = frag + frag_base
-                    frag_base += int(frag.max()) + 1
-                else:
-                    fragment[r, pos] = frag_base
-                    frag_base += 1
-            present[r] = True
-        return {"slide/features": feats, "slide/coords": coords, "slide/tile_mask": tile_mask,
-                "slide/fragment": fragment, "slide/slide_index": slide_index, "slide/present": present}
+            if "features" in got:  # else already in place
+                feats[r, pos] = got["features"]
+            if self.style is not None:
+                feats[r, pos] = self.style(feats[r, pos], int(t.site[c]), self.cfg.seed, step,
+                                           int(t.case_index[c]), int(s))
+            out["slide/coords"][r, pos] = got["coords"] // t.slide_patch[s]
+            out["slide/slide_index"][r, pos] = q
+            frag = got.get("fragment")
+            if frag is not None:
+                out["slide/fragment"][r, pos] = frag + frag_base
+                frag_base += int(frag.max()) + 1
+            else:
+                out["slide/fragment"][r, pos] = frag_base
+                frag_base += 1
+        out["slide/present"][r] = True
 
     def _packed(self, s: int, rows: np.ndarray, rng: np.random.Generator,
                 into: np.ndarray | None) -> dict[str, np.ndarray]:
         """Slide `s`'s share of a sample from the packed store. The uniform sample fixes how many tiles each slide
         gives; those are one window of the stored permutation (`window_positions`), emitted in bag-row order like
-        `sample_tiles`' rows, their features gathered straight into `into` (the batch's slots; one copy fewer). A
-        padded sample (`into` None: fewer tiles than k, so every tile plus masked repeats) reads the whole slide and
-        takes exactly `rows`, as the h5 path does."""
+        `sample_tiles`' rows, their features read by the kernel straight into `into` (the batch's slots; no copy
+        after). A padded sample (`into` None: fewer tiles than k, so every tile plus masked repeats) reads the
+        whole slide and takes exactly `rows`, as the h5 path does."""
         n = int(self.t.slide_tiles[s])
         shard, offset = (int(v) for v in self.t.slide_packed[s])
         if into is None:
             got = self.packed.read(shard, offset, np.arange(n))
             at = np.empty(n, np.int64)
             at[got["row"]] = np.arange(n)  # bag row -> stored position
-            take = at[rows]
-        else:
-            got = self.packed.read(shard, offset, window_positions(n, len(rows), rng))
-            take = np.argsort(got["row"], kind="stable")
-            if into.dtype == got["features"].dtype:
-                np.take(got.pop("features"), take, axis=0, out=into)
-        return {k: v[take] for k, v in got.items() if k != "row"}
+            return {k: v[at[rows]] for k, v in got.items() if k != "row"}
+        window = window_positions(n, len(rows), rng)
+        if into.dtype == self.packed.dtype:
+            return self.packed.read_by_row(shard, offset, window, into)
+        buf = np.empty(into.shape, self.packed.dtype)  # e.g. a float32 store into a float16 batch: cast once
+        got = self.packed.read_by_row(shard, offset, window, buf)
+        into[...] = buf
+        return got
+
+    def close(self) -> None:
+        """Close files and stop the read threads; a later batch reopens and restarts them."""
+        self.reader.close()
+        if self.packed is not None:
+            self.packed.close()
+        with self._pool_lock:
+            threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown()
+
+    def __getstate__(self):  # what grain ships to a spawned worker: no threads, no lock
+        return {k: v for k, v in self.__dict__.items() if k not in ("_threads", "_pool_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _threads=None, _pool_lock=threading.Lock())
 
 
 def _omics(name: str, adata, case_ids: list[str], transform, fit_kwargs: dict):
@@ -454,9 +493,7 @@ class TileBagLoader:
         if self._it is not None:
             self._it.close()
             self._it = None
-        self._make.reader.close()
-        if self._make.packed is not None:
-            self._make.packed.close()
+        self._make.close()
 
     def __enter__(self):
         return self

@@ -17,6 +17,9 @@ reads the same cold windows from each candidate (3 runs, scripts/results/bench_f
 1.11 bytes from the disk per byte delivered at 0.09-0.11 CPU s per 192 MB; zarr v3 reads as few bytes (256-row
 chunks) for 0.15-0.18 CPU s through tensorstore and about half the rate through zarr-python; a memory map reads 1.99
 (read-around on faults); array-record 1.7-1.8 at 0.24 CPU s. Rates were within noise of each other at that load.
+Reading: the loader issues a batch's windows from a thread pool (`LoaderConfig.read_threads`), each scattered by the
+kernel straight into the batch in bag-row order (`PackedReader.read_by_row`), with read-ahead off on the shards
+(otherwise its read-ahead reads past the windows: 1.15-1.5 bytes read per byte delivered, now 1.01).
 """
 
 from __future__ import annotations
@@ -234,44 +237,90 @@ class PackedStore:
         return ok, stale
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv call may fill
+
+
+def _preadv(fd: int, path: str, bufs: list, offset: int, size: int) -> None:
+    """Fill `bufs` (C-ordered buffers of `size` bytes each) from consecutive file bytes at `offset`: the kernel copies
+    each straight to its place (no gather copy after), IOV_MAX buffers a call, short reads resumed mid-buffer."""
+    for c in range(0, len(bufs), IOV_MAX):
+        chunk, at, done = bufs[c: c + IOV_MAX], offset + c * size, 0
+        while done < len(chunk) * size:
+            i, part = divmod(done, size)
+            rest = chunk[i:] if not part else [memoryview(chunk[i]).cast("B")[part:], *chunk[i + 1:]]
+            got = os.preadv(fd, rest, at + done)
+            if got == 0:
+                raise ValueError(f"{path}: ends at byte {at + done}, before the {len(bufs) * size}-byte run at "
+                                 f"{offset} (truncated since it was opened? re-run `mmfm pack`)")
+            done += got
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) spans of `positions` that are consecutive stored rows (a window: one, or two when it wraps)."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return list(zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(positions)].tolist()))
+
+
 class PackedReader:
     """Reads runs of stored rows with `preadv` straight into the output arrays: a window costs one call per file and
-    contiguous run (two when it wraps). Holds no open files when pickled (grain workers open their own)."""
+    contiguous run (two when it wraps). Thread-safe, and reads run concurrently (`preadv` releases the GIL): the
+    loader issues a batch's windows from a thread pool, so the disk sees many requests at once instead of one
+    waiting for the last. Holds no open files when pickled (grain workers open their own)."""
 
     def __init__(self, shards: list[_Shard], dim: int, dtype: str):
         self.shards, self.dim, self.dtype = shards, dim, np.dtype(dtype)
         self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the file table only
 
     def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # reads are exact windows: kernel read-ahead only reads past them
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            return fd
 
-    def _pread(self, path: str, buf: np.ndarray, offset: int) -> None:
-        view, done = memoryview(buf).cast("B"), 0
-        while done < len(view):
-            got = os.preadv(self._fd(path), [view[done:]], offset + done)
-            if got == 0:
-                raise ValueError(f"{path}: ends at byte {offset + done}, before the {len(view)}-byte run at {offset} "
-                                 f"(truncated since it was opened? re-run `mmfm pack`)")
-            done += got
+    def _meta(self, sh: _Shard, offset: int, positions: np.ndarray, spans) -> np.ndarray:
+        meta = np.empty(len(positions), META)
+        for lo, hi in spans:
+            _preadv(self._fd(sh.meta), sh.meta, [meta[lo:hi]], sh.meta_offset + (offset + int(positions[lo])) *
+                    META.itemsize, (hi - lo) * META.itemsize)
+        return meta
 
     def read(self, shard: int, offset: int, positions: np.ndarray) -> dict[str, np.ndarray]:
         """Stored rows `offset + positions` of `shard`, in the order of `positions`: features, coords, fragment, row."""
         positions = np.asarray(positions, np.int64)
-        sh = self.shards[shard]
+        sh, spans = self.shards[shard], _runs(positions)
         feats = np.empty((len(positions), self.dim), self.dtype)
-        meta = np.empty(len(positions), META)
-        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-        with self._lock:
-            for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(positions)]):
-                first = offset + int(positions[lo])
-                self._pread(sh.features, feats[lo:hi], sh.features_offset + first * feats.itemsize * self.dim)
-                self._pread(sh.meta, meta[lo:hi], sh.meta_offset + first * META.itemsize)
+        meta = self._meta(sh, offset, positions, spans)
+        rb = self.dim * self.dtype.itemsize
+        for lo, hi in spans:
+            _preadv(self._fd(sh.features), sh.features, [feats[lo:hi]],
+                    sh.features_offset + (offset + int(positions[lo])) * rb, (hi - lo) * rb)
         return {"features": feats, "coords": meta["coords"], "fragment": meta["fragment"],
                 "row": meta["row"].astype(np.int64)}
+
+    def read_by_row(self, shard: int, offset: int, positions: np.ndarray, into: np.ndarray) -> dict[str, np.ndarray]:
+        """Stored rows `offset + positions` (distinct) of `shard` in bag-row order — the order of the h5 path, which
+        position-aware slide encoders (GigaPath's dilated attention) rely on: the meta first, then the features
+        scattered by the kernel straight into `into` ([len(positions), D], C order, the store's dtype), one row
+        per iovec. Returns coords, fragment, row, in that order."""
+        positions = np.asarray(positions, np.int64)
+        if into.shape != (len(positions), self.dim) or into.dtype != self.dtype or not into.flags.c_contiguous:
+            raise ValueError(f"read_by_row: `into` must be C-ordered {self.dtype} of shape "
+                             f"{(len(positions), self.dim)}, got {into.dtype} {into.shape}")
+        sh, spans = self.shards[shard], _runs(positions)
+        meta = self._meta(sh, offset, positions, spans)
+        order = np.argsort(meta["row"], kind="stable")
+        slot = np.empty(len(order), np.int64)
+        slot[order] = np.arange(len(order))  # stored position i goes to batch row slot[i]
+        rows, rb = list(into), self.dim * self.dtype.itemsize  # row views: one iovec each
+        for lo, hi in spans:
+            _preadv(self._fd(sh.features), sh.features, list(map(rows.__getitem__, slot[lo:hi].tolist())),
+                    sh.features_offset + (offset + int(positions[lo])) * rb, rb)
+        meta = meta[order]
+        return {"coords": meta["coords"], "fragment": meta["fragment"], "row": meta["row"].astype(np.int64)}
 
     def close(self):
         with self._lock:

@@ -154,15 +154,10 @@ class _OpenBag:
             self.views = {name: _MappedRows(np.frombuffer(mm, np.uint8), runs, mm if readahead == "willneed" else None)
                           for name, runs in layout.items()}
 
-    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        if self.h5 is not None:
-            return read_rows(self.path, rows, self.h5)
-        return {name: view[rows] for name, view in self.views.items()}
-
     def close(self):
+        """Close the h5py handle; memory maps stay valid (a thread may still be reading) until dropped."""
         if self.h5 is not None:
             self.h5.close()
-        self.views = {}
 
 
 READAHEAD = ("willneed", "kernel", "random")
@@ -182,7 +177,8 @@ class BagReader:
     A bag's byte layout is remembered after its first open (a few numbers per dataset), so
     reopening one that fell out of the cache is just a memory map, not an HDF5 metadata walk.
     Holds no open files when pickled (grain ships it to spawned workers), so each worker opens
-    its own handles lazily. Thread-safe (a prefetch thread and a direct `batch()` call may overlap).
+    its own handles lazily. Thread-safe, and memory-mapped gathers of several threads run concurrently (the loader
+    reads a batch's rows from a thread pool); h5py fallback reads are serialised.
     """
 
     def __init__(self, max_open: int = 128, readahead: str = "willneed"):
@@ -197,24 +193,36 @@ class BagReader:
         """features/coords(/fragment) at `rows` (any order, repeats allowed); only those rows are read."""
         path, rows = str(path), np.asarray(rows, dtype=np.int64)
         try:
-            with self._lock:
-                return self._read(path, rows)
+            bag = self._bag(path)
+            if len(rows) and (rows.min() < 0 or rows.max() >= bag.n_rows):
+                raise ValueError(f"rows outside [0, {bag.n_rows})")
+            if bag.h5 is not None:
+                with self._lock:  # h5py one at a time; a handle another thread's eviction closed is reopened
+                    return read_rows(path, rows, bag.h5 if bag.h5.id.valid else None)
+            # The gather (page faults; numpy drops the GIL) runs unlocked: threads read bags concurrently.
+            return {name: view[rows] for name, view in bag.views.items()}
         except (OSError, KeyError, ValueError) as e:
             raise OSError(f"{Path(path)}: cannot read tile rows: {e}") from e
 
-    def _read(self, path: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-        bag = self._open.pop(path, None)
-        if bag is None:
-            st = os.stat(path)
-            key = (path, st.st_mtime_ns, st.st_size)  # a rewritten bag gets a fresh layout
-            bag = _OpenBag(path, self._layouts.get(key), self.readahead)
-            self._layouts[key] = bag.layout
-        self._open[path] = bag
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)[1].close()
-        if len(rows) and (rows.min() < 0 or rows.max() >= bag.n_rows):
-            raise ValueError(f"rows outside [0, {bag.n_rows})")
-        return bag.read(rows)
+    def _bag(self, path: str) -> _OpenBag:
+        """The open bag at `path`, opened outside the lock if it is not (a cold HDF5 metadata walk waits on the
+        disk: other threads' reads go on meanwhile)."""
+        with self._lock:
+            bag = self._open.get(path)
+            if bag is not None:
+                self._open.move_to_end(path)
+                return bag
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)  # a rewritten bag gets a fresh layout
+        new = _OpenBag(path, self._layouts.get(key), self.readahead)
+        with self._lock:
+            self._layouts[key] = new.layout
+            bag = self._open.setdefault(path, new)
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        if bag is not new:  # another thread opened it first
+            new.close()
+        return bag
 
     def close(self):
         with self._lock:
