@@ -288,10 +288,14 @@ def site_options(cfg: RunConfig) -> str:
 
 def report_features(cfg: RunConfig) -> bool:
     """Fill the frozen report trunk's feature cache (`loader.report_cache`, what pretraining reads) before
-    pretraining, always with XLA's optimisations: a BERT forward over every report is compute-bound, unoptimised
-    (`fast_compile`) it costs more than optimising it does. False when the recipe caches no report features."""
+    pretraining. Computed once per machine: rows are copied from the table beside the compilation cache
+    (`jit_cache.machine_dir`; a row is a report text's hash, the table's key the trunk's weights and length, so
+    a row is never stale), which gets what it lacks. Always with XLA's optimisations: a BERT forward over every
+    report is compute-bound, unoptimised (`fast_compile`) it costs more than optimising it does. False when the
+    recipe caches no report features."""
+    from mmfm.cli.jit_cache import machine_dir
+    from mmfm.data import report_cache
     from mmfm.data.cohort import Cohort
-    from mmfm.data.report_cache import resolve_folder
     from mmfm.models.text_cache import fill_report_cache
 
     if not (cfg.loader.report_cache and "report" in cfg.data.modalities):
@@ -299,9 +303,16 @@ def report_features(cfg: RunConfig) -> bool:
     cohort = Cohort.open(cfg.data.cohort, scan_features=False, scan_cache=False)
     if cohort.reports is None:
         return False
+    folder = report_cache.resolve_folder(cohort.root, cfg.loader.report_cache)
+    shared = machine_dir("report-features")
     with xla_optimisations(True):
-        fill_report_cache(cohort, cfg.model.report, resolve_folder(cohort.root, cfg.loader.report_cache),
-                          cfg.loader.report_max_len)
+        fill = fill_report_cache(cohort, cfg.model.report, shared or folder, cfg.loader.report_max_len)
+    if shared is not None:
+        texts = cohort.reports.astype(str).tolist()
+        if not report_cache.lookup(folder, fill.key, texts)[1].all():
+            report_cache.store(folder, fill.key, texts, report_cache.lookup(shared, fill.key, texts)[0],
+                               meta={"weights_dir": cfg.model.report.weights_dir,
+                                     "max_len": cfg.loader.report_max_len})
     return True
 
 
