@@ -288,11 +288,12 @@ def site_options(cfg: RunConfig) -> str:
 
 def report_features(cfg: RunConfig) -> bool:
     """Fill the frozen report trunk's feature cache (`loader.report_cache`, what pretraining reads) before
-    pretraining. Computed once per machine: rows are copied from the table beside the compilation cache
-    (`jit_cache.machine_dir`; a row is a report text's hash, the table's key the trunk's weights and length, so
-    a row is never stale), which gets what it lacks. Always with XLA's optimisations: a BERT forward over every
-    report is compute-bound, unoptimised (`fast_compile`) it costs more than optimising it does. False when the
-    recipe caches no report features."""
+    pretraining. Computed once per machine and cohort: copied from a table beside the compilation cache
+    (`jit_cache.machine_dir`), one per set of report texts — a report's features depend in their last bits on the
+    batch it was computed in, so rows are only shared between identical cohorts (a second demo), which compute them
+    in the same batches. Always with XLA's optimisations: a BERT forward over every report is compute-bound,
+    unoptimised (`fast_compile`) it costs more than optimising it does. False when the recipe caches no report
+    features."""
     from mmfm.cli.jit_cache import machine_dir
     from mmfm.data import report_cache
     from mmfm.data.cohort import Cohort
@@ -304,11 +305,13 @@ def report_features(cfg: RunConfig) -> bool:
     if cohort.reports is None:
         return False
     folder = report_cache.resolve_folder(cohort.root, cfg.loader.report_cache)
+    texts = cohort.reports.astype(str).tolist()
     shared = machine_dir("report-features")
+    if shared is not None:
+        shared = shared / hashlib.sha256(report_cache.text_digests(texts).tobytes()).hexdigest()[:20]
     with xla_optimisations(True):
         fill = fill_report_cache(cohort, cfg.model.report, shared or folder, cfg.loader.report_max_len)
     if shared is not None:
-        texts = cohort.reports.astype(str).tolist()
         if not report_cache.lookup(folder, fill.key, texts)[1].all():
             report_cache.store(folder, fill.key, texts, report_cache.lookup(shared, fill.key, texts)[0],
                                meta={"weights_dir": cfg.model.report.weights_dir,
