@@ -257,10 +257,11 @@ def with_oracle(path: str) -> list:
 
 
 def cv_folds(specs: list) -> str:
-    """The k of the fitted tasks' k-fold CV as the report's setup line states it ('5', or '3/5' when they differ)."""
+    """The k of the fitted tasks' k-fold CV as the report's setup line states it ('5', or '3/5' when they differ;
+    retrieval and zero-shot fit nothing: every case is a test case)."""
     from mmfm.eval.tasks.base import FoldSpec
 
-    ks = sorted({s.folds for s in specs if isinstance(s, FoldSpec) and s.type != "zeroshot"})
+    ks = sorted({s.folds for s in specs if isinstance(s, FoldSpec) and s.type not in ("retrieval", "zeroshot")})
     return "/".join(map(str, ks)) or "no"
 
 
