@@ -29,10 +29,15 @@ def test_shipped_pipelines_decode_typed_and_quick_states_only_its_differences():
     # quick: its own keys over demo.yaml's, the rest inherited key by key (seed, task file, recipe, queries)
     assert quick.cohort.simulate.n_cases < 500 and quick.cohort.simulate.seed == full.cohort.simulate.seed == 0
     assert (quick.pretrain.recipe, quick.heatmaps.queries) == (full.pretrain.recipe, full.heatmaps.queries)
-    # its task file: the full demo's tasks (same rows), the MIL row's bags padded to one length
-    same_bags = lambda s: replace(s, train=replace(s.train, min_bucket=128)) if s.type == "mil" else s  # noqa: E731
-    assert [same_bags(s) for s in load_tasks(quick.probe.tasks)] == [same_bags(s) for s in load_tasks(full.probe.tasks)]
+    # its task file: the full demo's tasks (same rows) with 3 folds, the MIL row's bags padded to one length and
+    # encoded 16 (of 128 tiles) per evaluation call
+    def same(s):
+        s = replace(s, folds=5) if hasattr(s, "folds") else s
+        return replace(s, train=replace(s.train, min_bucket=128, max_tiles_per_call=2048)) if s.type == "mil" else s
+    assert [same(s) for s in load_tasks(quick.probe.tasks)] == [same(s) for s in load_tasks(full.probe.tasks)]
     assert [s.train.min_bucket for s in load_tasks(quick.probe.tasks) if s.type == "mil"] == [128]
+    fitted = [s for s in load_tasks(quick.probe.tasks) if s.type not in ("retrieval", "zeroshot", "robustness")]
+    assert {s.folds for s in fitted} == {3}
     assert Path(full.pretrain.recipe) == (PIPELINES.parent / "demo_report.yaml").resolve()  # relative to the file
     run = recipe(quick)
     assert run.train.steps == 20 and run.loader.tiles_per_slide == 32  # quick's overrides

@@ -54,6 +54,16 @@ def configure(value: str | None = None, environ=os.environ) -> str | None:
     return path
 
 
+def machine_dir(name: str, environ=os.environ) -> Path | None:
+    """`<compilation cache>/<name>`: where a command keeps other results computed once per machine (the frozen
+    report trunk's features, `mmfm.cli.pipeline.report_features`); None when the cache is off or not a local
+    folder. JAX's size bound and eviction only count its own `*-cache` files at the top level."""
+    where = environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if environ.get("JAX_ENABLE_COMPILATION_CACHE", "true").lower() in ("false", "0") or not where or "://" in where:
+        return None
+    return Path(where) / name
+
+
 def pop_flag(argv: list[str]) -> tuple[list[str], str | None]:
     """argv without `--compilation-cache VALUE` / `--compilation-cache=VALUE` / `--no-compilation-cache`, and VALUE."""
     rest, value, i = [], None, 0

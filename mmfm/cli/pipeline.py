@@ -19,6 +19,7 @@ embedding (mmfm.eval.combat, fitted on the pretraining cases only) as its own co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -153,10 +154,19 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
     """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
     import jax
 
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", before or p.fast_compile)  # read at each compile
-    try:
+    with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)):
         return _run_steps(p, log)
+
+
+@contextlib.contextmanager
+def xla_optimisations(on: bool):
+    """XLA's optimisation passes on or off (`jax_disable_most_optimizations`, read at each compile) inside."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", not on)
+    try:
+        yield
     finally:
         jax.config.update("jax_disable_most_optimizations", before)
 
@@ -184,6 +194,8 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     base_cfg = recipe(p)
     base_cfg = check_run(dataclasses.replace(base_cfg, data=dataclasses.replace(base_cfg.data,
                                                                                 cohort=str(cohort_dir))))
+    if report_features(base_cfg):
+        t = step("report features", t)
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
     results, first = [], None
     for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
@@ -208,7 +220,8 @@ def _run_steps(p: Pipeline, log: str) -> dict:
             heat = heatmaps(out / "run", cohort_dir, shown, p.heatmaps.queries, out / "report" / "heatmaps")
             t = step(f"heatmaps ({', '.join(shown)})", t)
     tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
-    text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth)
+    text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth,
+                       cv_folds(tasks))
     text.append(f"Total time: {time.perf_counter() - t0:.0f}s")
     write_text(out / "report" / "README.md", "\n".join(text) + "\n")
     print("\n".join(text))
@@ -243,6 +256,15 @@ def with_oracle(path: str) -> list:
             for s in load_tasks(path)]
 
 
+def cv_folds(specs: list) -> str:
+    """The k of the fitted tasks' k-fold CV as the report's setup line states it ('5', or '3/5' when they differ;
+    retrieval and zero-shot fit nothing: every case is a test case)."""
+    from mmfm.eval.tasks.base import FoldSpec
+
+    ks = sorted({s.folds for s in specs if isinstance(s, FoldSpec) and s.type not in ("retrieval", "zeroshot")})
+    return "/".join(map(str, ks)) or "no"
+
+
 def with_combat(specs: list, columns: list[str]) -> list:
     """Each ComBat-corrected column '<col>_combat' right after '<col>' wherever a task lists it (not retrieval or
     zero-shot: their other side stays in the uncorrected shared space)."""
@@ -263,6 +285,39 @@ def site_options(cfg: RunConfig) -> str:
         if value != getattr(getattr(plain, section), name):
             on.append(f"{key}={value}")
     return ", ".join(on) or "none (plain recipe)"
+
+
+def report_features(cfg: RunConfig) -> bool:
+    """Fill the frozen report trunk's feature cache (`loader.report_cache`, what pretraining reads) before
+    pretraining. Computed once per machine and cohort: copied from a table beside the compilation cache
+    (`jit_cache.machine_dir`), one per set of report texts — a report's features depend in their last bits on the
+    batch it was computed in, so rows are only shared between identical cohorts (a second demo), which compute them
+    in the same batches. Always with XLA's optimisations: a BERT forward over every report is compute-bound,
+    unoptimised (`fast_compile`) it costs more than optimising it does. False when the recipe caches no report
+    features."""
+    from mmfm.cli.jit_cache import machine_dir
+    from mmfm.data import report_cache
+    from mmfm.data.cohort import Cohort
+    from mmfm.models.text_cache import fill_report_cache
+
+    if not (cfg.loader.report_cache and "report" in cfg.data.modalities):
+        return False
+    cohort = Cohort.open(cfg.data.cohort, scan_features=False, scan_cache=False)
+    if cohort.reports is None:
+        return False
+    folder = report_cache.resolve_folder(cohort.root, cfg.loader.report_cache)
+    texts = cohort.reports.astype(str).tolist()
+    shared = machine_dir("report-features")
+    if shared is not None:
+        shared = shared / hashlib.sha256(report_cache.text_digests(texts).tobytes()).hexdigest()[:20]
+    with xla_optimisations(True):
+        fill = fill_report_cache(cohort, cfg.model.report, shared or folder, cfg.loader.report_max_len)
+    if shared is not None:
+        if not report_cache.lookup(folder, fill.key, texts)[1].all():
+            report_cache.store(folder, fill.key, texts, report_cache.lookup(shared, fill.key, texts)[0],
+                               meta={"weights_dir": cfg.model.report.weights_dir,
+                                     "max_len": cfg.loader.report_max_len})
+    return True
 
 
 def pretrain(run_cfg: RunConfig, run_dir: Path) -> None:
@@ -327,7 +382,7 @@ def heatmaps(run_dir: Path, cohort_dir: Path, slide_ids: list[str], queries: lis
 
 
 def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list, seeds: list[int], run_cfg: RunConfig,
-                splits: dict, adata, slides, heat: list[Path], truth: bool) -> list[str]:
+                splits: dict, adata, slides, heat: list[Path], truth: bool, folds: str) -> list[str]:
     """report/README.md: the setup, the reference and paired tables, reading notes, plots and heatmaps."""
     from mmfm.eval.report import plot_captions, reading_notes
 
@@ -343,7 +398,7 @@ def report_text(title: str, p: Pipeline, out: Path, tables: dict, results: list,
              f"site-robustness options: {site_options(run_cfg)}; "
              f"{len(seeds)} seed(s)), {len(splits['val'])} validation cases for the training curve and checkpoint "
              f"choice; probes on the {adata.n_obs} held-out cases ({slides.n_obs} slides; a case's slides are "
-             f"averaged) that neither saw, patient-level CV (5 folds"
+             f"averaged) that neither saw, patient-level CV ({folds} folds"
              f"{'; fewer where a task has few cases, see the notes in summary.md' if fewer else ''}). "
              f"Cells: {spread}.")
     oracle = (f", `{ORACLE}` = the same probe on the simulator's latent programmes and subtype (the ceiling)"

@@ -158,10 +158,21 @@ def _fold_values(g: pd.DataFrame, emb: str) -> pd.Series:
     return v.groupby("fold").value.mean()
 
 
-def _test_sizes(book: pd.DataFrame, key: tuple, emb: str) -> pd.DataFrame:
+SIZE_KEY = ["task", "target", "model", "embedding"]
+
+
+def _size_book(results: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
+    """(task, target, model, embedding) → fold × {n_test, n_train}, pivoted once (per pair it cost ~10 ms each)."""
+    book = results[results.metric.isin(["n_test", "n_train"])]
+    if book.empty:
+        return {}
+    wide = book.pivot_table(index=[*SIZE_KEY, "fold"], columns="metric", values="value", aggfunc="first")
+    return {k: g.droplevel(SIZE_KEY).dropna(axis=1, how="all") for k, g in wide.groupby(level=SIZE_KEY, sort=False)}
+
+
+def _test_sizes(book: dict[tuple, pd.DataFrame], key: tuple, emb: str) -> pd.DataFrame:
     task, _, target, model, _, _ = key
-    b = book[(book.task == task) & (book.target == target) & (book.model == model) & (book.embedding == emb)]
-    return b.pivot_table(index="fold", columns="metric", values="value", aggfunc="first")
+    return book.get((task, target, model, emb), pd.DataFrame(index=pd.Index([], name="fold")))
 
 
 def paired_table(results: pd.DataFrame, boot: pd.DataFrame, roles: dict[str, str] | None = None) -> pd.DataFrame:
@@ -173,7 +184,7 @@ def paired_table(results: pd.DataFrame, boot: pd.DataFrame, roles: dict[str, str
     (`mil:*`, trained on the labels) are paired against each model embedding (the pretrained linear probe).
     """
     res = results[[_in_table(t, m) and m not in COSTS for t, m in zip(results.type, results.metric)]]
-    book = results[results.metric.isin(["n_test", "n_train"])]
+    book = _size_book(results)
     rows = []
     for key, g in res.groupby(ROW, sort=False):
         embs = list(dict.fromkeys(g.embedding))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mmfm.data import report_cache
-from mmfm.models.text import TextConfig, load_pretrained, tokenize
+from mmfm.models.text import TextConfig, TextEncoder, load_pretrained, pretrained_weights, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch_size: int = 32,
                       length_step: int = 32) -> np.ndarray:
     """[n, hidden] float32 mean-pooled last hidden states of the pretrained trunk (eval mode), batched by length."""
-    trunk = load_pretrained(dataclasses.replace(cfg, compute_dtype="float32"))
-    graphdef, state = nnx.split(trunk)
+    graphdef, state = _pretrained_trunk(dataclasses.replace(cfg, compute_dtype="float32"))
 
     @jax.jit
     def run(state, ids, mask):
@@ -37,6 +36,14 @@ def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch
 
     ids, mask = tokenize(list(texts), max_len, cfg.weights_dir)
     return by_length(lambda i, m: run(state, i, m), ids, mask, batch_size, length_step)
+
+
+def _pretrained_trunk(cfg: TextConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The pretrained trunk split, built inside one jit with the weights as arguments: the constructor's random
+    initialisation is dead code there and XLA drops it (eagerly, each weight shape compiled and ran an initializer,
+    ~3 CPU-s per process with the 30522 × 384 token table)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, jax.jit(lambda w: nnx.state(load_pretrained(cfg, weights=w)))(pretrained_weights(cfg))
 
 
 def by_length(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32, length_step: int = 32) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import jax
@@ -113,9 +114,7 @@ class MetricsWriter:
             if (self.run_dir / name).exists():
                 write_text(self.run_dir / name, _jsonl(rows))
         if tensorboard:  # tensorboardX writes gs:// itself (with google-cloud-storage installed)
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
+            self.tb = _summary_writer()(str(self.run_dir / "tb"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -155,6 +154,23 @@ class MetricsWriter:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet: tensorboardX imports it
+    only to accept torch tensors (the loop logs floats), and that import costs ~2 CPU-s in every training process.
+    While tensorboardX loads, `import torch` raises ImportError, which tensorboardX catches; torch itself stays
+    importable afterwards."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # the import system's "not importable" marker
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _plain(v):
