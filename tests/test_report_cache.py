@@ -120,3 +120,47 @@ def test_loader_emits_cached_features_and_falls_back_without_them(tmp_path, capl
                                sentence_features(texts, TextConfig(trainable="frozen"), 64), atol=1e-5)
     assert (feats[~present["report"]] == 0).all()
     shutil.rmtree(tmp_path / "c" / "cache")
+
+
+def test_report_features_are_computed_once_per_machine(report_run, tmp_path, monkeypatch):
+    """`mmfm run` fills the report cache before pretraining from a table per machine (beside the compilation cache,
+    one per set of report texts): a second cohort with the same reports computes nothing and gets the same rows;
+    with the compilation cache off, every cohort computes its own."""
+    from conftest import writable_copy
+
+    from mmfm.cli.pipeline import report_features
+    from mmfm.data.cohort import Cohort
+    from mmfm.models import text_cache
+    from mmfm.train.config import load_config
+
+    cohort, run = report_run
+    computed = []
+
+    def fake(texts, cfg, max_len, batch_size=32):  # the trunk is tested above; here only who computes what
+        computed.append(len(texts))
+        return np.stack([np.full(8, len(t) + i, np.float32) for i, t in enumerate(texts)])
+
+    monkeypatch.setattr(text_cache, "sentence_features", fake)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)
+
+    def fill(name):
+        c = writable_copy(cohort, tmp_path / name)
+        cfg = load_config(run / "config.yaml", [f"data.cohort={c}"])
+        folder = rc.resolve_folder(c, cfg.loader.report_cache)
+        shutil.rmtree(folder, ignore_errors=True)  # the fixture's run filled it
+        assert report_features(cfg)
+        texts = Cohort.open(c, scan_features=False, scan_cache=False).reports.astype(str).tolist()
+        got, found = rc.lookup(folder, rc.cache_key(cfg.model.report.weights_dir, cfg.loader.report_max_len), texts)
+        assert found.all()
+        return got, len(texts)
+
+    first, n = fill("a")
+    assert computed == [n]
+    second, _ = fill("b")
+    assert computed == [n]  # nothing computed for the second cohort
+    np.testing.assert_array_equal(second, first)
+    assert len(list((tmp_path / "jax" / "report-features").iterdir())) == 1
+    monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
+    fill("c")
+    assert computed == [n, n]
