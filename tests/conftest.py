@@ -23,6 +23,14 @@ from mmfm.cli import jit_cache  # noqa: E402
 
 jit_cache.configure()
 
+import jax  # noqa: E402
+
+# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this
+# process. Not exported: `mmfm` subprocesses (signals, kills, several processes) compile as users' do.
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
+jax.config.update("jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower()
+                  not in ("0", "false"))
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
