@@ -122,6 +122,25 @@ def report_run(tmp_path_factory) -> tuple[Path, Path]:
     return base / "cohort", base / "run"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xla_optimized: compiled with XLA's optimisations (a test whose compiled "
+                                       "loops run long enough to repay them)")
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimized(request):
+    """Turns jax_disable_most_optimizations off for the duration of a test marked `xla_optimized`."""
+    if request.node.get_closest_marker("xla_optimized") is None:
+        yield
+        return
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
 def pytest_unconfigure(config):
     if _RUN_CACHE is not None:  # only the process that made it (the controller under xdist) removes it
         shutil.rmtree(_RUN_CACHE, ignore_errors=True)
