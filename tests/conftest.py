@@ -23,6 +23,14 @@ from mmfm.cli import jit_cache  # noqa: E402
 
 jit_cache.configure()
 
+import jax  # noqa: E402
+
+# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this
+# process. Not exported: `mmfm` subprocesses (signals, kills, several processes) compile as users' do.
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
+jax.config.update("jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower()
+                  not in ("0", "false"))
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -112,6 +120,25 @@ def report_run(tmp_path_factory) -> tuple[Path, Path]:
 
     base = built_once(tmp_path_factory, "report_run", tiny_report_run)
     return base / "cohort", base / "run"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xla_optimized: compiled with XLA's optimisations (a test whose compiled "
+                                       "loops run long enough to repay them)")
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimized(request):
+    """Turns jax_disable_most_optimizations off for the duration of a test marked `xla_optimized`."""
+    if request.node.get_closest_marker("xla_optimized") is None:
+        yield
+        return
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_unconfigure(config):

@@ -339,6 +339,7 @@ def test_mse_loss_matches_numpy():
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # 40 epochs: 0.84x CPU optimised; the rest of the file 0.7x unoptimised
 def test_abmil_learns_what_mean_pooling_cannot_on_the_default_simulator():
     """Learnability: on a small default simulated cohort, gated ABMIL trained on subtype beats the mean-pool linear
     probe (sklearn LogisticRegression, C 0.5, balanced — the issue's reference) on the same stratified folds.

@@ -45,6 +45,7 @@ def test_shipped_pipelines_decode_typed_and_quick_states_only_its_differences():
     assert quick.fast_compile and not full.fast_compile  # the full demo's table is compiled as ever
 
 
+@pytest.mark.xla_optimized  # starts from a process compiling with XLA's optimisations, as a user's does
 def test_fast_compile_holds_for_the_run_only(monkeypatch):
     """`fast_compile` sets jax_disable_most_optimizations while the steps run (they read it at each compile) and
     puts the setting back afterwards, also when a step fails, so a notebook or test process is left as it was."""
