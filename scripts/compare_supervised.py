@@ -10,9 +10,11 @@ chance · mean-pool linear · random-encoder linear · pretrained linear (`slide
 scratch, CLAM sizes) · `mil:scratch` (the run's slide-encoder architecture, random init) · `mil:finetune` (the
 run's slide encoder fine-tuned) · `mil:frozen` (frozen encoder, head trained) · oracle. Paired per-fold differences
 of every MIL row against the pretrained linear probe come from the probe's paired table (95% t-interval over folds,
-Nadeau–Bengio p). Writes the JSON (every option × seed: reference and paired tables, seconds per phase) and
-a markdown table beside it (`.md`): per option the mean over seeds of each row and of each MIL − slide difference,
-with the per-seed values.
+Nadeau–Bengio p); `finetune − frozen` and `finetune − scratch` are paired the same way per fold (`mil_paired`).
+Runs go seed-major (every option's first seed before any second seed). After every finished option × seed the JSON
+(reference and paired tables, seconds per phase) and the markdown beside it (`.md`: per option the mean over seeds
+of each row and of each MIL − slide difference, with the per-seed values; which cells finished) are rewritten; a
+rerun with the same sizes and `--json` skips the finished cells.
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_simulator_options import Clock, run_option  # noqa: E402
 
 from mmfm.simulate import HARDER  # noqa: E402
+from mmfm.eval import stats  # noqa: E402
 from mmfm.eval.report import markdown_table  # noqa: E402
 from mmfm.io import write_json, write_text  # noqa: E402
 
 LINEAR = ["slide_meanpool", "slide_random", "slide", "oracle"]
 INITS = ["abmil", "scratch", "finetune", "frozen"]
+MIL_PAIRS = [("finetune", "frozen"), ("finetune", "scratch")]
+RESUMABLE = {"json", "work", "options", "seeds"}  # may change between a run and its resumption
 
 
 def tasks(a) -> list[dict]:
@@ -44,11 +49,13 @@ def tasks(a) -> list[dict]:
 
 
 def rows(option: str, seed: int, r: dict, inits: list[str]) -> list[dict]:
-    """AUROC of every row and each MIL − slide difference, for one option × seed."""
+    """AUROC of every row (chance first) and each MIL − slide difference, for one option × seed."""
     s = pd.DataFrame(r["summary"])
     s = s[(s.task == "subtype") & (s.metric.isin(["auroc", "wall_s"]))]
     paired = pd.DataFrame(r["paired"])
-    out = []
+    chance = [float(x["chance"]) for x in r["references"] if x["task"] == "subtype" and x["metric"] == "auroc"]
+    out = [{"option": option, "seed": seed, "row": "chance", "auroc": chance[0] if chance else 0.5,
+            "wall_s": float("nan")}]
     for emb in LINEAR + [f"mil:{i}" for i in inits]:
         v = s[s.embedding == emb].set_index("metric")["mean"]
         row = {"option": option, "seed": seed, "row": emb, "auroc": float(v.get("auroc", np.nan)),
@@ -61,21 +68,55 @@ def rows(option: str, seed: int, r: dict, inits: list[str]) -> list[dict]:
     return out
 
 
-def markdown(table: pd.DataFrame, a) -> str:
+def mil_paired(results_csv: Path, inits: list[str]) -> list[dict]:
+    """Per-fold paired AUROC differences between MIL rows (the probe pairs each only with the linear probe):
+    finetune − frozen (does fine-tuning beat the frozen encoder + head) and finetune − scratch (same architecture,
+    pretrained vs random start); 95% t-interval over folds, Nadeau–Bengio p from the folds' n_test / n_train."""
+    res = pd.read_csv(results_csv)
+    res = res[res.task == "subtype"]
+    out = []
+    for m, b in MIL_PAIRS:
+        if m not in inits or b not in inits:
+            continue
+        fold = {e: res[(res.embedding == f"mil:{e}") & (res.metric == k)].groupby("fold").value.mean()
+                for e in (m, b) for k in ["auroc"]}
+        book = res[(res.embedding == f"mil:{m}")].pivot_table(index="fold", columns="metric", values="value",
+                                                              aggfunc="first")
+        a, c = fold[m].align(fold[b], join="inner")
+        est = stats.paired(a, c, test_train_ratio=float((book["n_test"] / book["n_train"]).mean()))
+        out.append({"embedding": f"mil:{m}", "baseline": f"mil:{b}", "mean": est.mean, "lo": est.lo, "hi": est.hi,
+                    "p": est.p, "p_corrected": est.p_corrected, "n": est.n, "text": est.format(),
+                    "folds": {str(k): [float(a[k]), float(c[k])] for k in a.index}})
+    return out
+
+
+def markdown(table: pd.DataFrame, out: dict, a) -> str:
     agg = table.groupby(["option", "row"], sort=False).agg(
         auroc=("auroc", "mean"), delta=("delta_vs_slide", "mean"), wall_s=("wall_s", "mean"),
+        seeds=("seed", lambda v: ", ".join(map(str, v))),
         per_seed=("auroc", lambda v: ", ".join(f"{x:.3f}" for x in v)),
         delta_per_seed=("delta_text", lambda v: "; ".join(str(x) for x in v if isinstance(x, str)))).reset_index()
     agg["auroc"] = agg.auroc.map("{:.3f}".format)
     agg["delta"] = agg.delta.map(lambda x: "—" if not np.isfinite(x) else f"{x:+.3f}")
-    agg["wall_s"] = agg.wall_s.map("{:.1f}".format)
-    agg.columns = ["option", "row", "AUROC (mean over seeds)", "Δ vs pretrained linear", "s per fold",
+    agg["wall_s"] = agg.wall_s.map(lambda x: "—" if not np.isfinite(x) else f"{x:.1f}")
+    agg.columns = ["option", "row", "AUROC (mean over seeds)", "Δ vs pretrained linear", "s per fold", "seeds",
                    "AUROC per seed", "Δ [95% CI] per seed"]
+    pairs = pd.DataFrame([{"option": k.split("/")[0], "seed": int(k.split("-")[-1]),
+                           "pair": f"{p['embedding']} − {p['baseline']}", "mean": p["mean"], "text": p["text"],
+                           "folds": " / ".join(f"{x:.3f} vs {y:.3f}" for x, y in p["folds"].values())}
+                          for k, r in out["runs"].items() for p in r.get("mil_paired", [])])
     sizes = (f"{a.cases} simulated cases (half pretrain, half probed), {a.steps} pretraining steps, {a.feature_dim}-d "
-             f"tile features, median {a.bag_size_median} tiles, {a.folds} folds, seeds {a.seeds}; mil: {a.epochs} "
-             f"epochs, ≤ {a.max_tiles} tiles per slide per step, train {a.train}")
-    return ("# Subtype: supervised MIL and fine-tuning beside the linear probes\n\n" + sizes + "\n\n"
+             f"tile features, median {a.bag_size_median} tiles, {a.folds} folds; mil: {a.epochs} epochs, ≤ "
+             f"{a.max_tiles} tiles per slide per step, train {a.train}, inits {a.inits}")
+    planned = [f"{o}/seed-{s}" for s in a.seeds for o in a.options]
+    missing = [k for k in planned if k not in out["runs"]]
+    text = ("# Subtype: supervised MIL and fine-tuning beside the linear probes\n\n" + sizes + "\n\n"
+            + f"Finished (option/seed): {', '.join(out['runs'])}. Not finished: {', '.join(missing) or 'none'}.\n\n"
             + markdown_table(agg) + "\n")
+    if len(pairs):
+        text += ("\n## Between MIL rows, paired per fold (AUROC Δ [95% CI]; fold values m vs b)\n\n"
+                 + markdown_table(pairs.assign(mean=pairs["mean"].map("{:+.3f}".format))) + "\n")
+    return text
 
 
 def main(argv=None) -> int:
@@ -97,22 +138,48 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.n_bootstrap = 0
     root = Path(a.work or Path(a.json).with_suffix("")).absolute()
-    clock = Clock()
-    out = {"args": vars(a), "tasks": tasks(a), "runs": {}, "table": []}
-    for name in a.options:
-        for seed in a.seeds:
+    out = resume(a)
+    for seed in a.seeds:  # seed-major: every option's first seed before any second seed
+        for name in a.options:
+            key = f"{name}/seed-{seed}"
+            if key in out["runs"]:
+                print(f"[compare] {key}: done in {a.json}, skipped", flush=True)
+                continue
             a.seed = seed
+            clock = Clock()
             r = run_option(name, {} if name == "default" else HARDER[name], a, root / f"seed-{seed}", out["tasks"])
-            out["runs"][f"{name}/seed-{seed}"] = r
+            r["mil_paired"] = mil_paired(root / f"seed-{seed}" / f"probe-{name}" / "results.csv", a.inits)
+            clock.lap("total")
+            r["seconds"]["total"] = clock.seconds["total"]
+            out["runs"][key] = r
             out["table"] += rows(name, seed, r, a.inits)
-            write_json(a.json, out)  # partial results survive an interrupted run
-    clock.lap("total")
-    out["total_seconds"] = clock.seconds["total"]
-    write_json(a.json, out)
-    md = markdown(pd.DataFrame(out["table"]), a)
-    write_text(Path(a.json).with_suffix(".md"), md)
-    print(md)
+            save(out, a)  # every finished option × seed is on disk: a rerun resumes after it
+            print(f"[compare] {key}: " + ", ".join(f"{k} {v['wall']:.0f}s (cpu {v['cpu']:.0f}s)"
+                                                   for k, v in r["seconds"].items()), flush=True)
+    print(Path(a.json).with_suffix(".md").read_text())
     return 0
+
+
+def resume(a) -> dict:
+    """The finished option × seed runs of an earlier run with the same sizes (`--json` exists), or a fresh record."""
+    out = {"args": {k: v for k, v in vars(a).items() if k not in RESUMABLE}, "tasks": tasks(a), "runs": {},
+           "table": []}
+    path = Path(a.json)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("args") != out["args"] or old.get("tasks") != out["tasks"]:
+            raise SystemExit(f"{path} holds a run with other sizes or tasks ({old.get('args')}); "
+                             "pass another --json or remove it")
+        out["runs"], out["table"] = old["runs"], old["table"]
+    return out
+
+
+def save(out: dict, a) -> None:
+    out["options"], out["seeds"] = a.options, a.seeds
+    out["finished"] = list(out["runs"])
+    out["total_seconds"] = {k: sum(r["seconds"]["total"][k] for r in out["runs"].values()) for k in ("wall", "cpu")}
+    write_json(a.json, out)
+    write_text(Path(a.json).with_suffix(".md"), markdown(pd.DataFrame(out["table"]), out, a))
 
 
 if __name__ == "__main__":
