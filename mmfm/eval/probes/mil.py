@@ -41,16 +41,17 @@ in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0
 
 Fast path: a step takes `batch_size` cases, their slides as rows (masks on padding), as one jitted step with donated
 parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data parallel,
-parameters replicated). Gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL) pads every slide to one
-length — the fold's longest sampled slide, rounded up to a power of two — and pools `chunk` tiles at a time,
-skipping chunks that are padding in every row (`ABMIL.embed_chunked`), so a fold compiles one step per row count
-instead of one per length bucket: on scripts/bench_mil.py's fold, 30 step compilations (~33 s of a 41 s fold on two
-idle cores) became 3, shared by every fold. Other encoders, and folds whose sampled slides all fall in one bucket,
-take cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest sampled slide, ≤ 25% padding;
-`chunk: 0` puts ABMIL back on it: ~15% less CPU per step — no recomputation in the backward pass — but one compile
-per bucket). Evaluation reads every tile of every slide through `mmfm.eval.embed.encode_bags`
-(length buckets, as `mmfm embed`). A case with several slides is the mean of its slide embeddings (late fusion, as
-the linear probe's embeddings). Same seed, same batches, same result.
+parameters replicated). At one case per step, gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL) pads
+every slide to one length — the fold's longest sampled slide, rounded up to a power of two — and pools `chunk` tiles
+at a time, skipping chunks that are padding in every row (`ABMIL.embed_chunked`): a fold compiles one step per row
+count instead of one per length bucket (scripts/bench_mil.py's fold: 30 step compilations, ~33 s of a 41 s fold on
+two idle cores, became 3, shared by every fold). Other encoders, steps of several cases, and folds whose sampled
+slides all fall in one bucket take cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
+sampled slide, ≤ 25% padding, cases of similar lengths together; `chunk: 0` puts ABMIL back on it: ~15% less CPU
+per step — the chunked backward pass recomputes the forward — but one compile per bucket). Evaluation reads every
+tile of every slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several
+slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches,
+same result.
 """
 
 from __future__ import annotations
@@ -181,10 +182,12 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
 
 
 def _padded_length(model: MILModel, cases: CaseSet, cfg: MilConfig) -> tuple[int, int | None]:
-    """(chunk, length) of the training step: an encoder that pools chunk by chunk, on cases whose sampled slides
-    span several length buckets, trains every slide padded to one length (a power of two ≥ the longest sampled
-    slide, a multiple of the chunk; one compiled step); otherwise (0, None): length buckets."""
-    chunk = model.chunk_size(cfg.chunk)
+    """(chunk, length) of the training step: an encoder that pools chunk by chunk, one case per step, on cases
+    whose sampled slides span several length buckets, trains every slide padded to one length (a power of two ≥
+    the longest sampled slide, a multiple of the chunk; one compiled step); otherwise (0, None): length buckets,
+    which also keep the cases of a multi-case step of similar lengths (a chunk is skipped only if every row is
+    padding there)."""
+    chunk = model.chunk_size(cfg.chunk) if cfg.batch_size == 1 else 0
     longest = [min(max(len(b.features) for b in bags), cfg.max_tiles) for bags in cases.bags]
     if not chunk or len({bucket_length(n, cfg.min_bucket, cfg.buckets_per_octave) for n in longest}) < 2:
         return 0, None
