@@ -183,13 +183,14 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
 
 def _padded_length(model: MILModel, cases: CaseSet, cfg: MilConfig) -> tuple[int, int | None]:
     """(chunk, length) of the training step: an encoder that pools chunk by chunk, one case per step, on cases
-    whose sampled slides span several length buckets, trains every slide padded to one length (a power of two ≥
-    the longest sampled slide, a multiple of the chunk; one compiled step); otherwise (0, None): length buckets,
-    which also keep the cases of a multi-case step of similar lengths (a chunk is skipped only if every row is
-    padding there)."""
+    whose sampled slides span several length buckets and chunks, trains every slide padded to one length (a power
+    of two ≥ the longest sampled slide, a multiple of the chunk; one compiled step); otherwise (0, None): length
+    buckets, which also keep the cases of a multi-case step of similar lengths (a chunk is skipped only if every
+    row is padding there)."""
     chunk = model.chunk_size(cfg.chunk) if cfg.batch_size == 1 else 0
     longest = [min(max(len(b.features) for b in bags), cfg.max_tiles) for bags in cases.bags]
-    if not chunk or len({bucket_length(n, cfg.min_bucket, cfg.buckets_per_octave) for n in longest}) < 2:
+    if (not chunk or max(longest) <= chunk
+            or len({bucket_length(n, cfg.min_bucket, cfg.buckets_per_octave) for n in longest}) < 2):
         return 0, None
     return chunk, -(-bucket_length(max(longest), chunk) // chunk) * chunk
 
