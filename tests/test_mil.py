@@ -40,13 +40,16 @@ def _torch_mil(p: dict, x, mask, case_of_row, row_valid):
     return case @ p["wh"] + p["bh"]
 
 
-def test_gated_attention_mil_and_gradients_match_torch():
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_gated_attention_mil_and_gradients_match_torch(chunk):
+    """The whole-bag pooling and the chunked one of the training step (`chunk` tiles at a time, online softmax, a
+    chunk of padding in every row skipped — here tiles 8-9 — and its own backward pass)."""
     rng = np.random.default_rng(0)
-    d, n, r = 12, 7, 4
+    d, n, r = 12, 10, 4
     model = MILModel(clam_abmil(d, hidden=8, attn_dim=6, dropout=0.0, rngs=nnx.Rngs(0)), 3, rngs=nnx.Rngs(1))
     x = rng.normal(size=(r, n, d)).astype(np.float32)
     mask = np.ones((r, n), bool)
-    mask[1, 4:] = mask[2, 2:] = False
+    mask[1, 4:] = mask[2, 2:] = mask[:, 7:] = False
     x[~mask] = 99.0  # padding must not matter
     case_of_row = np.array([0, 0, 1, 0], np.int32)  # case 0 = rows 0 and 1 (two slides), case 1 = row 2
     row_valid = np.array([True, True, True, False])
@@ -59,7 +62,7 @@ def test_gated_attention_mil_and_gradients_match_torch():
     def loss(params):
         m = nnx.merge(graphdef, params, rest)
         out = m(jnp.asarray(x), jnp.zeros((r, n, 2), jnp.int32), jnp.asarray(mask), None, jnp.asarray(case_of_row),
-                jnp.asarray(row_valid))
+                jnp.asarray(row_valid), chunk=chunk)
         return weighted_ce(out, jnp.asarray(y), jnp.asarray(w), jnp.asarray(valid)), out
 
     (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -81,6 +84,32 @@ def test_gated_attention_mil_and_gradients_match_torch():
     gflat = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
     for k, v in names.items():
         np.testing.assert_allclose(gflat[v], tp[k].grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_chunked_training_step_trains_what_length_buckets_train():
+    """Without dropout, the one-length chunked step (padding chunks skipped, its own backward pass) and the
+    length-bucketed step make the same updates in the same order: same model. (Several rows per case: the chunked
+    pooling's torch test.)"""
+    from mmfm.eval.embed import Bag
+
+    rng = np.random.default_rng(0)
+    d, lengths = 8, [20, 50, 19, 17, 50, 20, 18, 49]  # two length buckets: 20 and 56
+    bag = lambda n: Bag(rng.normal(size=(n, d)).astype(np.float32), np.zeros((n, 2), np.int32),  # noqa: E731
+                        np.zeros(n, np.int32))
+    bags = [[bag(n)] for n in lengths]
+    cases = mil.CaseSet([f"c{i}" for i in range(len(bags))], bags, np.arange(len(bags)) % 2)
+    params = lambda m: {k: np.asarray(v.get_value())  # noqa: E731
+                        for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    outs = []
+    for chunk in (0, 16):
+        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, dropout=0.0, min_bucket=8, chunk=chunk)
+        model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, dropout=0.0, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+        assert mil._padded_length(model, cases, cfg) == ((16, 64) if chunk else (0, None))
+        start = params(model)
+        outs.append(params(mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2).model))
+    for k, v in outs[0].items():
+        np.testing.assert_allclose(outs[1][k], v, rtol=1e-4, atol=1e-6, err_msg=str(k))
+    assert any(not np.allclose(v, start[k]) for k, v in outs[0].items())  # it trained
 
 
 def _nll_reference(logits, bins, event, alpha=0.0, eps=1e-7):

@@ -91,19 +91,18 @@ class Dropout(nnx.Dropout):
     values are scaled by the exact keep fraction, so the layer stays unbiased.
     """
 
+    def key(self, rngs=None) -> jax.Array:
+        """The next key of `rngs` (default: the layer's own stream), as a call would draw it."""
+        stream = rngs if rngs is not None else self.rngs
+        return stream[self.rng_collection]() if isinstance(stream, nnx.Rngs) else stream()
+
     def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
         deterministic = self.deterministic if deterministic is None else deterministic
         if deterministic or self.rate == 0.0:
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
-        stream = rngs if rngs is not None else self.rngs
-        if isinstance(stream, nnx.Rngs):
-            key = stream[self.rng_collection]()
-        elif isinstance(stream, jax.Array):
-            key = stream
-        else:
-            key = stream()
+        key = rngs if isinstance(rngs, jax.Array) else self.key(rngs)
         threshold = round(self.rate * 256)
         shape = inputs.shape
         if shape and shape[-1] % 4 == 0:  # keep the array's layout: bytes of one word sit on the last axis
@@ -126,11 +125,11 @@ class MLPBlock(nnx.Module):
         self.act = activation(act)
         self.drop = Dropout(dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
         x = self.linear(x)
         if self.norm is not None:
             x = self.norm(x)
-        return self.drop(self.act(x), deterministic=deterministic)
+        return self.drop(self.act(x), deterministic=deterministic, rngs=rngs)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis: int = 1) -> jax.Array:

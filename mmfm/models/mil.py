@@ -34,20 +34,27 @@ class MILModel(nnx.Module):
         self.drop = Dropout(dropout, rngs=rngs)
         self.head = Dense(encoder.out_dim, n_out, (EMBED, JOINT), rngs=rngs)
 
-    def embed(self, features, coords, mask, fragment=None, *, deterministic: bool = True) -> jax.Array:
-        """[R, out_dim] fp32 slide embeddings of the rows (every tile of a row that its mask keeps)."""
+    def embed(self, features, coords, mask, fragment=None, *, deterministic: bool = True, chunk: int = 0) -> jax.Array:
+        """[R, out_dim] fp32 slide embeddings of the rows (every tile of a row that its mask keeps). `chunk` > 0:
+        through the encoder's `embed_chunked` (padding chunks skipped; see `chunk_size`)."""
+        if chunk:
+            return self.encoder.embed_chunked(features, mask, chunk, deterministic=deterministic).astype(jnp.float32)
         return self.encoder(features, coords, mask, fragment, deterministic=deterministic).embedding.astype(
             jnp.float32)
+
+    def chunk_size(self, chunk: int) -> int:
+        """`chunk` if the encoder can skip padding chunk by chunk (`embed_chunked`: gated ABMIL), else 0."""
+        return chunk if hasattr(self.encoder, "embed_chunked") else 0
 
     def predict(self, case_emb: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """[C, n_out] fp32 outputs from case embeddings."""
         return self.head(self.drop(case_emb, deterministic=deterministic)).astype(jnp.float32)
 
     def __call__(self, features, coords, mask, fragment, case_of_row, row_valid, *, deterministic: bool = True,
-                 frozen: bool = False) -> jax.Array:
+                 frozen: bool = False, chunk: int = 0) -> jax.Array:
         """[R, n_out] outputs per case slot (slot c = mean of the valid rows with case_of_row == c). `frozen`: the
         encoder runs deterministic and passes no gradient (only the head trains)."""
-        emb = self.embed(features, coords, mask, fragment, deterministic=deterministic or frozen)
+        emb = self.embed(features, coords, mask, fragment, deterministic=deterministic or frozen, chunk=chunk)
         if frozen:
             emb = jax.lax.stop_gradient(emb)
         r = emb.shape[0]

@@ -39,12 +39,19 @@ One case per step is the literature's setting; batches of B cases (lr·√B) mak
 in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0.813 / 0.822, mean-pool linear
 0.766 / 0.769 (select inner): the batch size is not what separates mmfm from the reference.
 
-Fast path: a step takes `batch_size` cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
-sampled slide, ≤ 25% padding and few compiled shapes; masks on padding), their slides as rows, as one jitted step
-with donated parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data
-parallel, parameters replicated). Evaluation reads every tile of every slide through `mmfm.eval.embed.encode_bags`
-(length buckets, as `mmfm embed`). A case with several slides is the mean of its slide embeddings (late fusion, as
-the linear probe's embeddings). Same seed, same batches, same result.
+Fast path: a step takes `batch_size` cases, their slides as rows (masks on padding), as one jitted step with donated
+parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data parallel,
+parameters replicated). At one case per step, gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL) pads
+every slide to one length — the fold's longest sampled slide, rounded up to a power of two — and pools `chunk` tiles
+at a time, skipping chunks that are padding in every row (`ABMIL.embed_chunked`): a fold compiles one step per row
+count instead of one per length bucket (scripts/bench_mil.py's fold: 30 step compilations, ~33 s of a 41 s fold on
+two idle cores, became 3, shared by every fold). Other encoders, steps of several cases, and folds whose sampled
+slides all fall in one bucket take cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
+sampled slide, ≤ 25% padding, cases of similar lengths together; `chunk: 0` puts ABMIL back on it: ~15% less CPU
+per step — the chunked backward pass recomputes the forward — but one compile per bucket). Evaluation reads every
+tile of every slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several
+slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches,
+same result.
 """
 
 from __future__ import annotations
@@ -97,12 +104,15 @@ class MilConfig:
     select: Literal["inner", "refit", "last"] = "last"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
     buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
+    chunk: int = 128  # encoders that skip padding (gated ABMIL): tiles per chunk of one padded length (0: buckets)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
         for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
+        if self.chunk < 0:
+            raise ValueError(f"train.chunk={self.chunk} must be >= 0")
         if self.val_folds < 2:
             raise ValueError(f"train.val_folds={self.val_folds} must be >= 2")
 
@@ -146,25 +156,43 @@ def _n_devices(cfg: MilConfig) -> int:
     return max(d for d in range(1, n_dev + 1) if n_dev % d == 0 and d <= cfg.batch_size)
 
 
-def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict) -> list[dict]:
-    """One epoch of padded batches: cases shuffled, grouped by the length bucket of their longest sampled slide,
-    packed `cfg.batch_size` cases per batch (rows: their slides, padded by `_rows`), batch order
-    shuffled. `outcome`: per-case arrays placed in case slots."""
+def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict,
+                  length: int | None = None) -> list[dict]:
+    """One epoch of padded batches: cases shuffled, grouped by the length bucket of their longest sampled slide
+    (every case: `length`, if given), packed `cfg.batch_size` cases per batch (rows: their slides, padded by
+    `_rows`), batch order shuffled. `outcome`: per-case arrays placed in case slots."""
     picks, bucket = [], []
     for bags in cases.bags:
         idx = [sample_tiles(len(b.features), min(len(b.features), cfg.max_tiles), rng)[0] for b in bags]
         picks.append(idx)
-        bucket.append(bucket_length(max(len(i) for i in idx), cfg.min_bucket, cfg.buckets_per_octave))
+        bucket.append(length or bucket_length(max(len(i) for i in idx), cfg.min_bucket, cfg.buckets_per_octave))
     groups: dict[int, list[list[int]]] = {}
-    for c in rng.permutation(len(cases.ids)):
+    perm = rng.permutation(len(cases.ids))
+    for c in perm:
         chunks = groups.setdefault(bucket[c], [[]])
         if len(chunks[-1]) == cfg.batch_size:
             chunks.append([])
         chunks[-1].append(int(c))
-    batches = [(length, chunk) for length, chunks in groups.items() for chunk in chunks]
+    pos = np.argsort(perm)  # batches listed by their first case's draw: the order does not depend on the bucketing
+    batches = sorted(((length, chunk) for length, chunks in groups.items() for chunk in chunks),
+                     key=lambda b: pos[b[1][0]])
     order = rng.permutation(len(batches))
     return [_pack(cases, picks, length, chunk, _rows(cases, chunk, n_dev, cfg), outcome)
             for length, chunk in (batches[i] for i in order)]
+
+
+def _padded_length(model: MILModel, cases: CaseSet, cfg: MilConfig) -> tuple[int, int | None]:
+    """(chunk, length) of the training step: an encoder that pools chunk by chunk, one case per step, on cases
+    whose sampled slides span several length buckets and chunks, trains every slide padded to one length (a power
+    of two ≥ the longest sampled slide, a multiple of the chunk; one compiled step); otherwise (0, None): length
+    buckets, which also keep the cases of a multi-case step of similar lengths (a chunk is skipped only if every
+    row is padding there)."""
+    chunk = model.chunk_size(cfg.chunk) if cfg.batch_size == 1 else 0
+    longest = [min(max(len(b.features) for b in bags), cfg.max_tiles) for bags in cases.bags]
+    if (not chunk or max(longest) <= chunk
+            or len({bucket_length(n, cfg.min_bucket, cfg.buckets_per_octave) for n in longest}) < 2):
+        return 0, None
+    return chunk, -(-bucket_length(max(longest), chunk) // chunk) * chunk
 
 
 def _rows(cases: CaseSet, chunk: list[int], n_dev: int, cfg: MilConfig) -> int:
@@ -239,19 +267,27 @@ def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int, cases: int)
 ENCODER = nnx.All(nnx.Param, nnx.PathContains("encoder"))
 
 
-@functools.cache
-def _step_fn(graphdef, kind: Kind, frozen: bool, weight_decay: float):
-    """The jitted train step of one architecture × loss: AdamW with the learning rates passed in per step (so the
-    schedule never recompiles), encoder and head with their own rates, parameters and optimiser state donated."""
-    tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))  # adamw without its lr
-    loss = loss_fn(kind)
+def _adamw(weight_decay: float) -> optax.GradientTransformation:
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))  # adamw without its lr
 
-    @partial(jax.jit, donate_argnums=(0, 1, 2, 3, 4))
-    def step(enc, head, rest, opt_enc, opt_head, batch, aux):
+
+@functools.cache
+def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float, chunk: int):
+    """The jitted train step of one architecture × loss: AdamW with the learning rates passed in per step (so the
+    schedule never recompiles), encoder and head with their own rates, parameters and optimiser state donated.
+    The state travels as the flat list of leaves of (enc, head, rest, opt_enc, opt_head) (`treedef`): a call then
+    skips rebuilding NNX Variables, ~1 ms of Python per step. `chunk` > 0: the encoder skips padding chunk by chunk
+    (`MILModel.embed`)."""
+    tx, loss = _adamw(weight_decay), loss_fn(kind)
+
+    @partial(jax.jit, donate_argnums=0)
+    def step(leaves, batch, aux):
+        enc, head, rest, opt_enc, opt_head = jax.tree.unflatten(treedef, leaves)
+
         def f(enc, head, rest):
             m = nnx.merge(graphdef, enc, head, rest, copy=True)  # fresh Variables at this trace level
             out = m(batch["features"], batch["coords"], batch["mask"], batch["fragment"], batch["case_of_row"],
-                    batch["row_valid"], deterministic=False, frozen=frozen)
+                    batch["row_valid"], deterministic=False, frozen=frozen, chunk=chunk)
             return loss(out, batch, aux), nnx.state(m, nnx.Not(nnx.Param))
 
         (value, new_rest), (g_enc, g_head) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(enc, head, rest)
@@ -259,9 +295,9 @@ def _step_fn(graphdef, kind: Kind, frozen: bool, weight_decay: float):
         u_head, opt_head = tx.update(g_head, opt_head, head)
         enc = jax.tree.map(lambda p, u: p - aux["lr_enc"] * u, enc, u_enc)
         head = jax.tree.map(lambda p, u: p - aux["lr_head"] * u, head, u_head)
-        return enc, head, new_rest, opt_enc, opt_head, value
+        return jax.tree.leaves((enc, head, new_rest, opt_enc, opt_head)), value
 
-    return step, tx
+    return step
 
 
 @functools.cache
@@ -371,7 +407,8 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     out_tr = outcome_arrays(kind, tr, bins)
     n_dev = _n_devices(cfg)
     rng = np.random.default_rng(seed)
-    n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr))  # steps per epoch (approx.)
+    chunk, length = _padded_length(model, tr, cfg)
+    n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr, length))  # per epoch (approx.)
     sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
     lrs = np.asarray(jax.device_get(jax.vmap(sched)(jnp.arange(n_steps * (cfg.epochs + 1)))), np.float32)
     enc_scale = 0.0 if frozen else encoder_lr_scale
@@ -382,9 +419,10 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_dev])
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
-    step, tx = _step_fn(graphdef, kind, frozen, cfg.weight_decay)
-    enc, head, rest = jax.device_put((enc, head, rest), replicated)
-    opt_enc, opt_head = jax.device_put((tx.init(enc), tx.init(head)), replicated)
+    tx = _adamw(cfg.weight_decay)
+    leaves, treedef = jax.tree.flatten(jax.device_put((enc, head, rest, tx.init(enc), tx.init(head)), replicated))
+    step = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, chunk)
+    model_state = lambda: jax.tree.unflatten(treedef, leaves)[:3]  # noqa: E731  (enc, head, rest) now
     loss = loss_fn(kind)
     if va is not None:
         va_batch = {**{k: jnp.asarray(v) for k, v in outcome_arrays(kind, va, bins).items()},
@@ -393,12 +431,11 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     best, history, steps, epoch_s = None, [], 0, []
     for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
-        for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr):
+        for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr, length):
             lr = lrs[min(steps, len(lrs) - 1)]  # one array, not a dispatched schedule call per step
             aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
                                   "lr_head": np.float32(lr)}, replicated)
-            enc, head, rest, opt_enc, opt_head, value = step(enc, head, rest, opt_enc, opt_head,
-                                                             jax.device_put(batch, sharded), aux)
+            leaves, value = step(leaves, jax.device_put(batch, sharded), aux)
             losses.append(value)
             steps += 1
         jax.block_until_ready(losses)
@@ -406,13 +443,13 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
         history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses)))})
         if va is None:
             continue
-        current = nnx.merge(graphdef, enc, head, rest)
+        current = nnx.merge(graphdef, *model_state())
         val_loss = float(loss(jnp.asarray(predict(current, va, cfg)), va_batch, {"class_w": jnp.asarray(class_w)}))
         history[-1]["val_loss"] = val_loss
         if best is None or val_loss < best[1]:
-            best = (epoch, val_loss, jax.device_get((enc, head, rest)))
+            best = (epoch, val_loss, jax.device_get(model_state()))
         log.debug("mil epoch %d: train %.4f val %.4f", epoch, history[-1]["train_loss"], val_loss)
-    epoch, _, (enc, head, rest) = best or (len(history), None, (enc, head, rest))
+    epoch, _, (enc, head, rest) = best or (len(history), None, model_state())
     return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0,
                   epoch_s)
 
