@@ -42,8 +42,9 @@ def _torch_mil(p: dict, x, mask, case_of_row, row_valid):
 
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_gated_attention_mil_and_gradients_match_torch(chunk):
-    """The whole-bag pooling and the chunked one of the training step (`chunk` tiles at a time, online softmax, a
-    chunk of padding in every row skipped — here tiles 8-9 — and its own backward pass)."""
+    """The whole-bag pooling with slides as rows, and the chunked one of the training step with a case's slides
+    packed back to back in one row (`chunk` tiles at a time, online softmax per slide, a slide starting mid-chunk,
+    the chunk past the last tile — tiles 12-13 — never visited, and its own backward pass)."""
     rng = np.random.default_rng(0)
     d, n, r = 12, 10, 4
     model = MILModel(clam_abmil(d, hidden=8, attn_dim=6, dropout=0.0, rngs=nnx.Rngs(0)), 3, rngs=nnx.Rngs(1))
@@ -56,13 +57,24 @@ def test_gated_attention_mil_and_gradients_match_torch(chunk):
     y = np.array([2, 0, 0, 0], np.int32)
     valid = np.array([1, 1, 0, 0], np.float32)
     w = np.array([0.5, 1.0, 2.0], np.float32)
+    packed = np.full((2, 14, d), 99.0, np.float32), np.zeros((2, 14), bool), np.zeros((2, 14), np.int32)
+    for case, rows in enumerate([[0, 1], [2]]):  # case 0: 7 + 4 tiles, case 1: 2 tiles, then padding
+        start = 0
+        for j, row in enumerate(rows):
+            t = x[row][mask[row]]
+            packed[0][case, start:start + len(t)], packed[1][case, start:start + len(t)] = t, True
+            packed[2][case, start:start + len(t)] = j
+            start += len(t)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
         m = nnx.merge(graphdef, params, rest)
+        if chunk:
+            out = m.packed(*map(jnp.asarray, packed), 2, chunk)
+            return weighted_ce(out, jnp.asarray(y[:2]), jnp.asarray(w), jnp.asarray(valid[:2])), out
         out = m(jnp.asarray(x), jnp.zeros((r, n, 2), jnp.int32), jnp.asarray(mask), None, jnp.asarray(case_of_row),
-                jnp.asarray(row_valid), chunk=chunk)
+                jnp.asarray(row_valid))
         return weighted_ce(out, jnp.asarray(y), jnp.asarray(w), jnp.asarray(valid)), out
 
     (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -104,7 +116,7 @@ def test_chunked_training_step_trains_what_length_buckets_train():
     for chunk in (0, 16):
         cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, dropout=0.0, min_bucket=8, chunk=chunk)
         model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, dropout=0.0, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
-        assert mil._padded_length(model, cases, cfg) == ((16, 64) if chunk else (0, None))
+        assert mil.packed_layout(model, cases, cfg) == (mil.Layout(16, 64, 1, 16) if chunk else None)
         start = params(model)
         outs.append(params(mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2).model))
     for k, v in outs[0].items():

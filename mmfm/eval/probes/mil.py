@@ -104,11 +104,12 @@ class MilConfig:
     select: Literal["inner", "refit", "last"] = "last"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
     buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
-    chunk: int = 128  # encoders that skip padding (gated ABMIL): tiles per chunk of one padded length (0: buckets)
+    chunk: int = 128  # encoders that pool chunk by chunk (gated ABMIL): tiles per chunk of packed cases (0: buckets)
+    steps_per_call: int = 16  # packed cases: training steps run as one call (fewer if their tiles pass GROUP_BYTES)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
-        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave"):
+        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave", "steps_per_call"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
         if self.chunk < 0:
@@ -149,6 +150,9 @@ class Fitted:
 # ---------------------------------------------------------------- batches
 
 
+GROUP_BYTES = 64 << 20  # tile features of one group of packed steps (host and device copies each)
+
+
 def _n_devices(cfg: MilConfig) -> int:
     """Devices a step shards its rows over: the most that divide the device count and have a case each (one case
     per step runs on one device — no padded rows)."""
@@ -156,11 +160,11 @@ def _n_devices(cfg: MilConfig) -> int:
     return max(d for d in range(1, n_dev + 1) if n_dev % d == 0 and d <= cfg.batch_size)
 
 
-def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict,
-                  length: int | None = None) -> list[dict]:
-    """One epoch of padded batches: cases shuffled, grouped by the length bucket of their longest sampled slide
-    (every case: `length`, if given), packed `cfg.batch_size` cases per batch (rows: their slides, padded by
-    `_rows`), batch order shuffled. `outcome`: per-case arrays placed in case slots."""
+def epoch_plan(cases: CaseSet, cfg: MilConfig, rng: np.random.Generator,
+               length: int | None = None) -> tuple[list[tuple[int, list[int]]], list[list[np.ndarray]]]:
+    """One epoch's steps in order, each (padded length, its cases' positions), and the tiles sampled from every
+    slide of every case (at most cfg.max_tiles). Cases are shuffled, grouped by the length bucket of their longest
+    sampled slide (every case: `length`, if given), `cfg.batch_size` per step; the step order is shuffled."""
     picks, bucket = [], []
     for bags in cases.bags:
         idx = [sample_tiles(len(b.features), min(len(b.features), cfg.max_tiles), rng)[0] for b in bags]
@@ -173,26 +177,54 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
         if len(chunks[-1]) == cfg.batch_size:
             chunks.append([])
         chunks[-1].append(int(c))
-    pos = np.argsort(perm)  # batches listed by their first case's draw: the order does not depend on the bucketing
-    batches = sorted(((length, chunk) for length, chunks in groups.items() for chunk in chunks),
-                     key=lambda b: pos[b[1][0]])
-    order = rng.permutation(len(batches))
-    return [_pack(cases, picks, length, chunk, _rows(cases, chunk, n_dev, cfg), outcome)
-            for length, chunk in (batches[i] for i in order)]
+    pos = np.argsort(perm)  # steps listed by their first case's draw: the order does not depend on the bucketing
+    steps = sorted(((length, chunk) for length, chunks in groups.items() for chunk in chunks),
+                   key=lambda b: pos[b[1][0]])
+    return [steps[i] for i in rng.permutation(len(steps))], picks
 
 
-def _padded_length(model: MILModel, cases: CaseSet, cfg: MilConfig) -> tuple[int, int | None]:
-    """(chunk, length) of the training step: an encoder that pools chunk by chunk, one case per step, on cases
-    whose sampled slides span several length buckets and chunks, trains every slide padded to one length (a power
-    of two ≥ the longest sampled slide, a multiple of the chunk; one compiled step); otherwise (0, None): length
-    buckets, which also keep the cases of a multi-case step of similar lengths (a chunk is skipped only if every
-    row is padding there)."""
+def epoch_groups(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict,
+                 layout: Layout | None) -> list[dict]:
+    """One epoch (`epoch_plan`) as groups of steps to run in one call each (arrays with a leading step axis, and
+    `active`: False pads the last group). Slides as rows (`layout` None): one step per group, its rows padded by
+    `_rows`. `layout`: each step's cases one per row, their slides' sampled tiles back to back (`_pack_cases`),
+    `layout.steps` steps per group. `outcome`: per-case arrays placed in case slots."""
+    steps, picks = epoch_plan(cases, cfg, rng, layout and layout.length)
+    if layout is None:
+        return [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, chunk,
+                                                         _rows(cases, chunk, n_dev, cfg), outcome)),
+                 "active": np.ones(1, bool)} for length, chunk in steps]
+    k = layout.steps
+    return [_pack_cases(cases, picks, [c for _, c in steps[i:i + k]], k, cfg.batch_size, layout, outcome)
+            for i in range(0, len(steps), k)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Cases packed one per row (`MILModel.packed`): `chunk` tiles pooled at a time, rows of `length` tiles holding
+    at most `n_slides` slides, `steps` steps per call."""
+
+    chunk: int
+    length: int
+    n_slides: int
+    steps: int
+
+
+def packed_layout(model: MILModel, cases: CaseSet, cfg: MilConfig) -> Layout | None:
+    """The packed layout of the training step if the encoder pools chunk by chunk and a step takes one case: every
+    step then has one shape (one compilation, steps grouped into one call each) and costs its case's own tiles
+    (rounded up to a chunk) — rows of slides would pad a case's slides to a power-of-two count of its longest.
+    Rows are a power of two ≥ the largest sampled case, a multiple of the chunk (folds share the compilation).
+    None: slides as rows in length buckets (other encoders; several cases per step, whose rows would each run
+    to the longest)."""
     chunk = model.chunk_size(cfg.chunk) if cfg.batch_size == 1 else 0
-    longest = [min(max(len(b.features) for b in bags), cfg.max_tiles) for bags in cases.bags]
-    if (not chunk or max(longest) <= chunk
-            or len({bucket_length(n, cfg.min_bucket, cfg.buckets_per_octave) for n in longest}) < 2):
-        return 0, None
-    return chunk, -(-bucket_length(max(longest), chunk) // chunk) * chunk
+    if not chunk:
+        return None
+    most = max(sum(min(len(b.features), cfg.max_tiles) for b in bags) for bags in cases.bags)
+    length = -(-bucket_length(most, chunk) // chunk) * chunk
+    d = cases.bags[0][0].features.shape[1]
+    steps = max(1, min(cfg.steps_per_call, GROUP_BYTES // (length * d * 4)))
+    return Layout(chunk, length, max(len(bags) for bags in cases.bags), steps)
 
 
 def _rows(cases: CaseSet, chunk: list[int], n_dev: int, cfg: MilConfig) -> int:
@@ -220,6 +252,31 @@ def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outco
             b["mask"][r, :n], b["fragment"][r, :n] = True, bag.fragment[idx]
             b["case_of_row"][r], b["row_valid"][r] = slot, True
             r += 1
+    return b
+
+
+def _pack_cases(cases: CaseSet, picks, steps: list[list[int]], k: int, rows: int, layout: Layout,
+                outcome: dict) -> dict:
+    """`k` steps of `rows` case slots each ([k, rows, ...]): a case's slides' tiles (`picks`: all when None) back to
+    back in its row, `slide` saying whose; steps past `steps` inactive. Padding tiles are zeros (finite: the pool
+    multiplies them by a zero weight)."""
+    d = cases.bags[steps[0][0]][0].features.shape[1]
+    b = {"features": np.zeros((k, rows, layout.length, d), np.float32),
+         "mask": np.zeros((k, rows, layout.length), bool), "slide": np.zeros((k, rows, layout.length), np.int32),
+         "valid": np.zeros((k, rows), np.float32), "active": np.arange(k) < len(steps)}
+    b.update({key: np.zeros((k, rows, *v.shape[1:]), v.dtype) for key, v in outcome.items()})
+    for s, chunk in enumerate(steps):
+        for slot, c in enumerate(chunk):
+            b["valid"][s, slot] = 1.0
+            for key, v in outcome.items():
+                b[key][s, slot] = v[c]
+            start = 0
+            for j, bag in enumerate(cases.bags[c]):
+                x = bag.features if picks is None else bag.features[picks[c][j]]
+                b["features"][s, slot, start:start + len(x)] = x
+                b["mask"][s, slot, start:start + len(x)] = True
+                b["slide"][s, slot, start:start + len(x)] = j
+                start += len(x)
     return b
 
 
@@ -252,13 +309,17 @@ def loss_fn(kind: Kind) -> Callable[[jax.Array, dict, dict], jax.Array]:
     return lambda out, b, aux: cox_nll(out[:, 0], b["time"], b["event"], b["valid"])
 
 
-def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int, cases: int) -> optax.Schedule:
-    """Linear warm-up (if any), then cosine to 0 at the last step (Patho-Bench's cosine schedule). The literature's
-    rates are for one case per step; `cases` per step take lr·√cases, the square-root scaling rule for Adam
-    (Malladi et al. 2022). That rule does not restore the number of updates: B cases per step make B× fewer."""
+def lr_steps(cfg: MilConfig, total_steps: int, warmup_steps: int, cases: int) -> np.ndarray:
+    """[total_steps + 1] float32 learning rate of each step: linear warm-up from 0 (if any), then cosine to 0 at the
+    last step (Patho-Bench's cosine schedule; optax's warmup_cosine_decay_schedule, in NumPy: no device work or
+    compilation per fold). The literature's rates are for one case per step; `cases` per step take lr·√cases, the
+    square-root scaling rule for Adam (Malladi et al. 2022). That rule does not restore the number of updates: B
+    cases per step make B× fewer."""
     lr = cfg.lr * (np.sqrt(cases) if cfg.lr_scaling == "sqrt" else 1.0)
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
-                                              max(total_steps, warmup_steps + 1))
+    t = np.arange(total_steps + 1, dtype=np.float64)
+    decay = max(total_steps, warmup_steps + 1) - warmup_steps
+    cosine = 0.5 * lr * (1 + np.cos(np.pi * np.clip(t - warmup_steps, 0, decay) / decay))
+    return np.where(t < warmup_steps, lr * t / max(warmup_steps, 1), cosine).astype(np.float32)
 
 
 # ---------------------------------------------------------------- training
@@ -272,47 +333,73 @@ def _adamw(weight_decay: float) -> optax.GradientTransformation:
 
 
 @functools.cache
-def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float, chunk: int):
-    """The jitted train step of one architecture × loss: AdamW with the learning rates passed in per step (so the
-    schedule never recompiles), encoder and head with their own rates, parameters and optimiser state donated.
-    The state travels as the flat list of leaves of (enc, head, rest, opt_enc, opt_head) (`treedef`): a call then
-    skips rebuilding NNX Variables, ~1 ms of Python per step. `chunk` > 0: the encoder skips padding chunk by chunk
-    (`MILModel.embed`)."""
+def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float, packed: tuple[int, int] | None):
+    """The jitted training call of one architecture × loss × layout: a group of steps (arrays with a leading step
+    axis; `active` False = no step) as one scan — one dispatch and one host-to-device copy for up to
+    `Layout.steps` steps —, AdamW with the learning rates passed in per step (so the schedule never recompiles),
+    encoder and head with their own rates, parameters and optimiser state donated. The state travels as the flat
+    list of leaves of (enc, head, rest, opt_enc, opt_head) (`treedef`): a call then skips rebuilding NNX
+    Variables. `packed` = (chunk, n_slides): rows are cases (`MILModel.packed`); None: rows are slides."""
     tx, loss = _adamw(weight_decay), loss_fn(kind)
 
-    @partial(jax.jit, donate_argnums=0)
-    def step(leaves, batch, aux):
+    def outputs(m: MILModel, b: dict) -> jax.Array:
+        if packed:
+            return m.packed(b["features"], b["mask"], b["slide"], packed[1], packed[0], deterministic=False,
+                            frozen=frozen)
+        return m(b["features"], b["coords"], b["mask"], b["fragment"], b["case_of_row"], b["row_valid"],
+                 deterministic=False, frozen=frozen)
+
+    def step(leaves, b, lr_enc, lr_head, class_w):
         enc, head, rest, opt_enc, opt_head = jax.tree.unflatten(treedef, leaves)
 
         def f(enc, head, rest):
             m = nnx.merge(graphdef, enc, head, rest, copy=True)  # fresh Variables at this trace level
-            out = m(batch["features"], batch["coords"], batch["mask"], batch["fragment"], batch["case_of_row"],
-                    batch["row_valid"], deterministic=False, frozen=frozen, chunk=chunk)
-            return loss(out, batch, aux), nnx.state(m, nnx.Not(nnx.Param))
+            return loss(outputs(m, b), b, {"class_w": class_w}), nnx.state(m, nnx.Not(nnx.Param))
 
         (value, new_rest), (g_enc, g_head) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(enc, head, rest)
         u_enc, opt_enc = tx.update(g_enc, opt_enc, enc)
         u_head, opt_head = tx.update(g_head, opt_head, head)
-        enc = jax.tree.map(lambda p, u: p - aux["lr_enc"] * u, enc, u_enc)
-        head = jax.tree.map(lambda p, u: p - aux["lr_head"] * u, head, u_head)
+        enc = jax.tree.map(lambda p, u: p - lr_enc * u, enc, u_enc)
+        head = jax.tree.map(lambda p, u: p - lr_head * u, head, u_head)
         return jax.tree.leaves((enc, head, new_rest, opt_enc, opt_head)), value
 
-    return step
+    @partial(jax.jit, donate_argnums=0)
+    def steps(leaves, group, lr_enc, lr_head, class_w):
+        def body(leaves, x):
+            b, lr_e, lr_h = x
+            return jax.lax.cond(b["active"], lambda: step(leaves, b, lr_e, lr_h, class_w),
+                                lambda: (leaves, jnp.zeros((), jnp.float32)))
+
+        return jax.lax.scan(body, leaves, (group, lr_enc, lr_head))
+
+    return steps
 
 
 @functools.cache
 def _infer_fns(graphdef):
-    """Jitted (slide embeddings, head) of one architecture, compiled once per bucket shape for every fold."""
+    """Jitted (slide embeddings of rows of slides, case embeddings of packed rows, head) of one architecture,
+    compiled once per shape for every fold."""
     embed = jax.jit(lambda state, f, c, m, fr: nnx.merge(graphdef, state).embed(f, c, m, fr))
+    packed = jax.jit(lambda state, f, m, s, n_slides, chunk: nnx.merge(graphdef, state).embed_packed(
+        f, m, s, n_slides, chunk), static_argnums=(4, 5))
     head = jax.jit(lambda state, e: nnx.merge(graphdef, state).predict(e))
-    return embed, head
+    return embed, packed, head
 
 
 def case_embeddings(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
-    """[n_cases, out_dim] case embeddings from every tile of every slide (deterministic; mean over a case's slides)."""
+    """[n_cases, out_dim] case embeddings from every tile of every slide (deterministic; mean over a case's slides).
+    An encoder that pools chunk by chunk takes one case per call, its slides packed in a row of one length for all
+    (one compilation; the chunks past a case's tiles cost nothing); others take slides in length buckets
+    (`encode_bags`, as `mmfm embed`)."""
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])  # inference on one device: no replicated work
-    enc, _ = _infer_fns(graphdef)
+    enc, packed, _ = _infer_fns(graphdef)
+    if chunk := model.chunk_size(cfg.chunk):
+        most = max(sum(len(b.features) for b in bags) for bags in cases.bags)
+        layout = Layout(chunk, -(-bucket_length(most, chunk) // chunk) * chunk, max(map(len, cases.bags)), 1)
+        rows = (_pack_cases(cases, None, [[i]], 1, 1, layout, {}) for i in range(len(cases.ids)))
+        return np.concatenate([np.asarray(packed(state, r["features"][0], r["mask"][0], r["slide"][0],
+                                                 layout.n_slides, chunk)) for r in rows])
     flat = [b for bags in cases.bags for b in bags]
     emb = encode_bags(lambda f, c, m, fr: enc(state, f, c, m, fr), flat,
                       EmbedConfig(min_bucket=cfg.min_bucket, max_tiles_per_call=cfg.max_tiles_per_call), desc="mil")
@@ -324,7 +411,7 @@ def predict(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
     """[n_cases, n_out] outputs from every tile of every slide (slides → embeddings → case means → head)."""
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])
-    _, head = _infer_fns(graphdef)
+    head = _infer_fns(graphdef)[2]
     case_emb = case_embeddings(model, cases, cfg)
     n = len(case_emb)
     padded = np.zeros((bucket_length(n, 16), case_emb.shape[1]), np.float32)  # a few shapes across folds
@@ -407,21 +494,21 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     out_tr = outcome_arrays(kind, tr, bins)
     n_dev = _n_devices(cfg)
     rng = np.random.default_rng(seed)
-    chunk, length = _padded_length(model, tr, cfg)
-    n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr, length))  # per epoch (approx.)
-    sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
-    lrs = np.asarray(jax.device_get(jax.vmap(sched)(jnp.arange(n_steps * (cfg.epochs + 1)))), np.float32)
+    layout = packed_layout(model, tr, cfg)
+    n_steps = len(epoch_plan(tr, cfg, np.random.default_rng(seed), layout and layout.length)[0])  # per epoch (≈)
+    lrs = lr_steps(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
     enc_scale = 0.0 if frozen else encoder_lr_scale
     class_w = balanced_weights(tr.y, n_classes) if kind == "class" else np.zeros(1, np.float32)
     if probe_head:
         fit_head(model, kind, tr, out_tr, class_w, cfg)
 
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_dev])
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
     tx = _adamw(cfg.weight_decay)
     leaves, treedef = jax.tree.flatten(jax.device_put((enc, head, rest, tx.init(enc), tx.init(head)), replicated))
-    step = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, chunk)
+    run = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, layout and (layout.chunk, layout.n_slides))
+    class_w_dev = jax.device_put(class_w, replicated)
     model_state = lambda: jax.tree.unflatten(treedef, leaves)[:3]  # noqa: E731  (enc, head, rest) now
     loss = loss_fn(kind)
     if va is not None:
@@ -431,16 +518,18 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     best, history, steps, epoch_s = None, [], 0, []
     for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
-        for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr, length):
-            lr = lrs[min(steps, len(lrs) - 1)]  # one array, not a dispatched schedule call per step
-            aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
-                                  "lr_head": np.float32(lr)}, replicated)
-            leaves, value = step(leaves, jax.device_put(batch, sharded), aux)
-            losses.append(value)
-            steps += 1
+        for group in epoch_groups(tr, n_dev, cfg, rng, out_tr, layout):
+            k, active = len(group["active"]), int(group["active"].sum())
+            lr = np.zeros(k, np.float32)
+            lr[:active] = lrs[np.minimum(np.arange(steps, steps + active), len(lrs) - 1)]  # past the end: 0
+            lr_dev = jax.device_put((lr * np.float32(enc_scale), lr), replicated)
+            group = jax.device_put(group, {k: sharded if v.ndim > 1 else replicated for k, v in group.items()})
+            leaves, values = run(leaves, group, *lr_dev, class_w_dev)
+            losses.append(values[:active])
+            steps += active
         jax.block_until_ready(losses)
         epoch_s.append(time.perf_counter() - t_epoch)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses)))})
+        history.append({"epoch": epoch, "train_loss": float(np.mean(np.concatenate(jax.device_get(losses))))})
         if va is None:
             continue
         current = nnx.merge(graphdef, *model_state())
