@@ -40,11 +40,11 @@ def _torch_mil(p: dict, x, mask, case_of_row, row_valid):
     return case @ p["wh"] + p["bh"]
 
 
-@pytest.mark.parametrize("chunk", [0, 2])
-def test_gated_attention_mil_and_gradients_match_torch(chunk):
+@pytest.mark.parametrize("chunks", [(), (8, 2)])
+def test_gated_attention_mil_and_gradients_match_torch(chunks):
     """The whole-bag pooling with slides as rows, and the chunked one of the training step with a case's slides
-    packed back to back in one row (`chunk` tiles at a time, online softmax per slide, a slide starting mid-chunk,
-    the chunk past the last tile — tiles 12-13 — never visited, and its own backward pass)."""
+    packed back to back in one row (a chunk of 8 tiles then chunks of 2, online softmax per slide, a slide starting
+    mid-chunk, the tiles past the last — 12-13 — never visited, and its own backward pass)."""
     rng = np.random.default_rng(0)
     d, n, r = 12, 10, 4
     model = MILModel(clam_abmil(d, hidden=8, attn_dim=6, dropout=0.0, rngs=nnx.Rngs(0)), 3, rngs=nnx.Rngs(1))
@@ -70,8 +70,8 @@ def test_gated_attention_mil_and_gradients_match_torch(chunk):
 
     def loss(params):
         m = nnx.merge(graphdef, params, rest)
-        if chunk:
-            out = m.packed(*map(jnp.asarray, packed), 2, chunk)
+        if chunks:
+            out = m.packed(*map(jnp.asarray, packed), 2, chunks)
             return weighted_ce(out, jnp.asarray(y[:2]), jnp.asarray(w), jnp.asarray(valid[:2])), out
         out = m(jnp.asarray(x), jnp.zeros((r, n, 2), jnp.int32), jnp.asarray(mask), None, jnp.asarray(case_of_row),
                 jnp.asarray(row_valid))
@@ -116,7 +116,7 @@ def test_chunked_training_step_trains_what_length_buckets_train():
     for chunk in (0, 16):
         cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, dropout=0.0, min_bucket=8, chunk=chunk)
         model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, dropout=0.0, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
-        assert mil.packed_layout(model, cases, cfg) == (mil.Layout(16, 64, 1, 16) if chunk else None)
+        assert mil.packed_layout(model, cases, cfg) == (mil.Layout((16,), 64, 1, 16) if chunk else None)
         start = params(model)
         outs.append(params(mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2).model))
     for k, v in outs[0].items():

@@ -97,14 +97,15 @@ class ABMIL(nnx.Module):
         """[..., heads, dim] → [..., out_dim]."""
         return pooled.reshape(*pooled.shape[:-2], -1) if self.merge == "concat" else pooled.mean(-2)
 
-    def embed_chunked(self, features: jax.Array, mask: jax.Array, slide: jax.Array, n_slides: int, chunk: int, *,
-                      deterministic: bool = True) -> jax.Array:
+    def embed_chunked(self, features: jax.Array, mask: jax.Array, slide: jax.Array, n_slides: int,
+                      chunks: tuple[int, ...], *, deterministic: bool = True) -> jax.Array:
         """[B, n_slides, out_dim] embeddings of the slides whose tiles share a row back to back (`slide` [B, N]: which
-        of the row's slides each tile belongs to), as `__call__(...).embedding` of each slide alone, computed `chunk`
-        tiles at a time (`chunked_attention_pool`): the chunks past a row's last tile cost nothing and one row holds
-        a case's slides without padding between them, so one padded length serves cases of every size, each at the
-        cost of its own tiles — one compiled training step instead of one per length bucket and slide count.
-        Dropout draws one key per layer per call (as `__call__`) and folds in the chunk index."""
+        of the row's slides each tile belongs to), as `__call__(...).embedding` of each slide alone, computed a chunk
+        of tiles at a time (`chunked_attention_pool`, chunks of the sizes `chunks`): the tiles past a row's last cost
+        nothing and one row holds a case's slides without padding between them, so one padded length serves cases
+        of every size, each at the cost of its own tiles — one compiled training step instead of one per length
+        bucket and slide count. Dropout draws one key per layer per call (as `__call__`) and folds in the chunk's
+        first tile."""
         drops = [blk.drop for blk in self.pre] + [self.pool.drop]
         keys = [None if deterministic or not d.rate else d.key() for d in drops]
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
@@ -118,40 +119,51 @@ class ABMIL(nnx.Module):
                 x = block(x, deterministic=deterministic, rngs=key(j))
             return x, m.pool.logits(x, deterministic=deterministic, rngs=key(-1))
 
-        return self._merge(chunked_attention_pool(score, chunk, n_slides, params, (rest, keys), features, mask, slide))
+        return self._merge(chunked_attention_pool(score, chunks, n_slides, params, (rest, keys), features, mask, slide))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def chunked_attention_pool(score, chunk: int, n_segments: int, params, aux, features: jax.Array, mask: jax.Array,
+def chunked_attention_pool(score, chunks: tuple[int, ...], n_segments: int, params, aux, features: jax.Array, mask: jax.Array,
                            segment: jax.Array) -> jax.Array:
     """[B, n_segments, heads, dim] attention pooling of each segment of each row (`segment` [B, N] in [0, n_segments);
-    softmax over the segment's `mask`ed tiles) of `score(params, aux, x, i) -> (tiles [B, chunk, dim], logits
-    [B, heads, chunk])` over the chunks i of `features` [B, N, D]: an online softmax (running max, normaliser and
-    weighted sum per segment, as flash attention) in a loop that stops after the last chunk holding a valid tile
-    in some row. The backward pass recomputes each of those chunks: JAX's own derivative of a scan stores every
-    chunk's intermediates, padding included (about 2× slower at 2048 padded tiles for 330 real ones). Gradients
-    reach `params` only — none to the tile features (training never asks). A segment without tiles pools to 0."""
-    return _pool_fwd(score, chunk, n_segments, params, aux, features, mask, segment)[0]
+    softmax over the segment's `mask`ed tiles) of `score(params, aux, x, start) -> (tiles [B, size, dim], logits
+    [B, heads, size])` over the chunks of `features` [B, N, D] (`_chunks`: sizes `chunks`, from the first tile to
+    the last valid one): an online softmax (running max, normaliser and weighted sum per segment, as flash
+    attention). The backward pass recomputes each chunk: JAX's own derivative of a scan stores every chunk's
+    intermediates, padding included (about 2× slower at 2048 padded tiles for 330 real ones), and loops with a
+    data-dependent trip count have none. Gradients reach `params` only — none to the tile features (training never
+    asks). A segment without tiles pools to 0."""
+    return _pool_fwd(score, chunks, n_segments, params, aux, features, mask, segment)[0]
 
 
-def _chunks(chunk: int, features: jax.Array, mask: jax.Array, segment: jax.Array, n_segments: int, visit, carry):
-    """`visit(x, valid, onehot, i, carry)` over the chunks i of `features` up to the last that holds a valid tile
-    (a while loop: its trip count is data); `onehot` [B, chunk, n_segments] marks each valid tile's segment."""
-    if features.shape[1] % chunk:
-        raise ValueError(f"chunked pooling: bag length {features.shape[1]} is not a multiple of chunk={chunk}")
+def _chunks(chunks: tuple[int, ...], features: jax.Array, mask: jax.Array, segment: jax.Array, n_segments: int,
+            visit, carry):
+    """`visit(x, valid, onehot, start, carry)` over consecutive chunks of `features` from tile 0 to the last valid
+    tile of any row (rounded up to the last chunk size): as many of the largest chunk size as fit, then of the next
+    — large matrix products for the bulk of a bag, little padding at its end (while loops: their trip counts are
+    data). `onehot` [B, size, n_segments] marks each valid tile's segment; `start` is the chunk's first tile."""
+    if features.shape[1] % chunks[-1]:
+        raise ValueError(f"chunked pooling: bag length {features.shape[1]} is not a multiple of chunk={chunks[-1]}")
     end = jnp.max(jnp.where(mask, jnp.arange(1, mask.shape[1] + 1), 0))  # one past the last valid tile
+    end = (end + chunks[-1] - 1) // chunks[-1] * chunks[-1]
+    first = jnp.zeros((), end.dtype)
+    for size in chunks:
 
-    def body(i, carry):
-        x = jax.lax.dynamic_slice_in_dim(features, i * chunk, chunk, axis=1)
-        valid = jax.lax.dynamic_slice_in_dim(mask, i * chunk, chunk, axis=1)
-        seg = jax.lax.dynamic_slice_in_dim(segment, i * chunk, chunk, axis=1)
-        onehot = ((seg[..., None] == jnp.arange(n_segments)) & valid[..., None]).astype(jnp.float32)
-        return visit(x, valid, onehot, i, carry)
+        def body(i, carry, first=first, size=size):
+            start = first + i * size
+            x = jax.lax.dynamic_slice_in_dim(features, start, size, axis=1)
+            valid = jax.lax.dynamic_slice_in_dim(mask, start, size, axis=1)
+            seg = jax.lax.dynamic_slice_in_dim(segment, start, size, axis=1)
+            onehot = ((seg[..., None] == jnp.arange(n_segments)) & valid[..., None]).astype(jnp.float32)
+            return visit(x, valid, onehot, start, carry)
 
-    return jax.lax.fori_loop(0, (end + chunk - 1) // chunk, body, carry)
+        n = (end - first) // size
+        carry = jax.lax.fori_loop(0, n, body, carry)
+        first = first + n * size
+    return carry
 
 
-def _pool_fwd(score, chunk, n_segments, params, aux, features, mask, segment):
+def _pool_fwd(score, chunks, n_segments, params, aux, features, mask, segment):
     def visit(x, valid, onehot, i, carry):
         top, total, acc = carry  # [B, S, heads] ×2, [B, S, heads, dim]
         h, logits = score(params, aux, x, i)
@@ -164,16 +176,16 @@ def _pool_fwd(score, chunk, n_segments, params, aux, features, mask, segment):
         return new_top, total * rescale + jnp.einsum("bhn,bns->bsh", p, onehot), acc
 
     b = features.shape[0]
-    h, logits = jax.eval_shape(lambda: score(params, aux, features[:, :chunk], 0))
+    h, logits = jax.eval_shape(lambda: score(params, aux, features[:, :chunks[-1]], 0))
     heads, dim = logits.shape[1], h.shape[2]
     init = (jnp.full((b, n_segments, heads), -1e30, jnp.float32), jnp.zeros((b, n_segments, heads), jnp.float32),
             jnp.zeros((b, n_segments, heads, dim), jnp.float32))
-    top, total, acc = _chunks(chunk, features, mask, segment, n_segments, visit, init)
+    top, total, acc = _chunks(chunks, features, mask, segment, n_segments, visit, init)
     pooled = acc / jnp.maximum(total, 1e-30)[..., None]  # a segment without valid tiles: 0, as masked_softmax
     return pooled, (params, aux, features, mask, segment, top, total, pooled)
 
 
-def _pool_bwd(score, chunk, n_segments, res, g):
+def _pool_bwd(score, chunks, n_segments, res, g):
     params, aux, features, mask, segment, top, total, pooled = res
     inv = 1.0 / jnp.maximum(total, 1e-30)
     g_pooled = (g * pooled).sum(-1)  # [B, S, heads]
@@ -188,7 +200,7 @@ def _pool_bwd(score, chunk, n_segments, res, g):
         d_logits = a * (jnp.einsum("bnd,bhnd->bhn", h.astype(jnp.float32), g_tile) - tile(g_pooled))
         return jax.tree.map(jnp.add, grads, vjp((d_h.astype(h.dtype), d_logits.astype(logits.dtype)))[0])
 
-    grads = _chunks(chunk, features, mask, segment, n_segments, visit, jax.tree.map(jnp.zeros_like, params))
+    grads = _chunks(chunks, features, mask, segment, n_segments, visit, jax.tree.map(jnp.zeros_like, params))
     return grads, None, None, None, None
 
 

@@ -39,17 +39,17 @@ class MILModel(nnx.Module):
         return self.encoder(features, coords, mask, fragment, deterministic=deterministic).embedding.astype(
             jnp.float32)
 
-    def chunk_size(self, chunk: int) -> int:
-        """`chunk` if the encoder can pool slides packed in a row chunk by chunk (`embed_chunked`: gated ABMIL),
-        else 0."""
-        return chunk if hasattr(self.encoder, "embed_chunked") else 0
+    def chunk_sizes(self, chunks: tuple[int, ...]) -> tuple[int, ...]:
+        """`chunks` if the encoder can pool slides packed in a row chunk by chunk (`embed_chunked`: gated ABMIL),
+        else ()."""
+        return chunks if hasattr(self.encoder, "embed_chunked") else ()
 
-    def embed_packed(self, features, mask, slide, n_slides: int, chunk: int, *,
+    def embed_packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *,
                      deterministic: bool = True) -> jax.Array:
         """[C, out_dim] fp32 embeddings of C cases, each a row holding its slides' tiles back to back (`slide`: which
         of its ≤ n_slides slides a tile is of): the mean of the embeddings of the slides with a tile (late fusion, as
-        `__call__`), pooled `chunk` tiles at a time by the encoder's `embed_chunked`."""
-        emb = self.encoder.embed_chunked(features, mask, slide, n_slides, chunk, deterministic=deterministic)
+        `__call__`), pooled chunk by chunk (sizes `chunks`) by the encoder's `embed_chunked`."""
+        emb = self.encoder.embed_chunked(features, mask, slide, n_slides, chunks, deterministic=deterministic)
         present = ((slide[..., None] == jnp.arange(n_slides)) & mask[..., None]).any(1).astype(jnp.float32)
         return (jnp.einsum("csd,cs->cd", emb.astype(jnp.float32), present)
                 / jnp.maximum(present.sum(1, keepdims=True), 1.0))
@@ -67,10 +67,10 @@ class MILModel(nnx.Module):
         member = ((case_of_row[None, :] == jnp.arange(r)[:, None]) & row_valid[None, :]).astype(jnp.float32)
         return self._head(member @ emb / jnp.maximum(member.sum(1, keepdims=True), 1.0), frozen, deterministic)
 
-    def packed(self, features, mask, slide, n_slides: int, chunk: int, *, deterministic: bool = True,
+    def packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *, deterministic: bool = True,
                frozen: bool = False) -> jax.Array:
         """[C, n_out] outputs of C cases packed one per row (`embed_packed`); `frozen` as `__call__`."""
-        emb = self.embed_packed(features, mask, slide, n_slides, chunk, deterministic=deterministic or frozen)
+        emb = self.embed_packed(features, mask, slide, n_slides, chunks, deterministic=deterministic or frozen)
         return self._head(emb, frozen, deterministic)
 
     def _head(self, case_emb: jax.Array, frozen: bool, deterministic: bool) -> jax.Array:

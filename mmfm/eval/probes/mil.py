@@ -59,7 +59,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Literal
 
@@ -105,6 +105,7 @@ class MilConfig:
     min_bucket: int = 64  # smallest padded bag length
     buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
     chunk: int = 128  # encoders that pool chunk by chunk (gated ABMIL): tiles per chunk of packed cases (0: buckets)
+    chunk_large: int = 512  # ...and per chunk while a case has that many left (larger products: fewer, faster; 0: off)
     steps_per_call: int = 16  # packed cases: training steps run as one call (fewer if their tiles pass GROUP_BYTES)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
@@ -112,8 +113,9 @@ class MilConfig:
         for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave", "steps_per_call"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
-        if self.chunk < 0:
-            raise ValueError(f"train.chunk={self.chunk} must be >= 0")
+        if self.chunk < 0 or self.chunk_large < 0 or (self.chunk and self.chunk_large % self.chunk):
+            raise ValueError(f"train.chunk={self.chunk}, chunk_large={self.chunk_large}: both >= 0, chunk_large a "
+                             "multiple of chunk")
         if self.val_folds < 2:
             raise ValueError(f"train.val_folds={self.val_folds} must be >= 2")
 
@@ -173,12 +175,12 @@ def epoch_plan(cases: CaseSet, cfg: MilConfig, rng: np.random.Generator,
     groups: dict[int, list[list[int]]] = {}
     perm = rng.permutation(len(cases.ids))
     for c in perm:
-        chunks = groups.setdefault(bucket[c], [[]])
-        if len(chunks[-1]) == cfg.batch_size:
-            chunks.append([])
-        chunks[-1].append(int(c))
+        group = groups.setdefault(bucket[c], [[]])
+        if len(group[-1]) == cfg.batch_size:
+            group.append([])
+        group[-1].append(int(c))
     pos = np.argsort(perm)  # steps listed by their first case's draw: the order does not depend on the bucketing
-    steps = sorted(((length, chunk) for length, chunks in groups.items() for chunk in chunks),
+    steps = sorted(((length, members) for length, group in groups.items() for members in group),
                    key=lambda b: pos[b[1][0]])
     return [steps[i] for i in rng.permutation(len(steps))], picks
 
@@ -191,9 +193,9 @@ def epoch_groups(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gene
     `layout.steps` steps per group. `outcome`: per-case arrays placed in case slots."""
     steps, picks = epoch_plan(cases, cfg, rng, layout and layout.length)
     if layout is None:
-        return [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, chunk,
-                                                         _rows(cases, chunk, n_dev, cfg), outcome)),
-                 "active": np.ones(1, bool)} for length, chunk in steps]
+        return [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, members,
+                                                         _rows(cases, members, n_dev, cfg), outcome)),
+                 "active": np.ones(1, bool)} for length, members in steps]
     k = layout.steps
     return [_pack_cases(cases, picks, [c for _, c in steps[i:i + k]], k, cfg.batch_size, layout, outcome)
             for i in range(0, len(steps), k)]
@@ -201,48 +203,59 @@ def epoch_groups(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gene
 
 @dataclass(frozen=True)
 class Layout:
-    """Cases packed one per row (`MILModel.packed`): `chunk` tiles pooled at a time, rows of `length` tiles holding
-    at most `n_slides` slides, `steps` steps per call."""
+    """Cases packed one per row (`MILModel.packed`): rows of `length` tiles holding at most `n_slides` slides,
+    pooled chunk by chunk (sizes `chunks`), `steps` training steps per call."""
 
-    chunk: int
+    chunks: tuple[int, ...]
     length: int
     n_slides: int
-    steps: int
+    steps: int = 1
+
+
+def chunk_sizes(model: MILModel, cfg: MilConfig) -> tuple[int, ...]:
+    """The chunk sizes the model's encoder pools packed cases with, largest first; () if it cannot (or chunk 0)."""
+    return model.chunk_sizes(tuple(sorted({c for c in (cfg.chunk_large, cfg.chunk) if c}, reverse=True))
+                             if cfg.chunk else ())
+
+
+def _layout(chunks: tuple[int, ...], cases: CaseSet, max_tiles: int | None, steps: int = 1) -> Layout:
+    """Rows for `cases` with at most `max_tiles` per slide: a power of two ≥ the largest case, a multiple of the
+    smallest chunk (other folds and cohorts mostly land on the same length: the compilation is shared)."""
+    most = max(sum(min(len(b.features), max_tiles or len(b.features)) for b in bags) for bags in cases.bags)
+    length = -(-bucket_length(most, chunks[-1]) // chunks[-1]) * chunks[-1]
+    return Layout(tuple(c for c in chunks if c <= length), length, max(map(len, cases.bags)), steps)
 
 
 def packed_layout(model: MILModel, cases: CaseSet, cfg: MilConfig) -> Layout | None:
     """The packed layout of the training step if the encoder pools chunk by chunk and a step takes one case: every
-    step then has one shape (one compilation, steps grouped into one call each) and costs its case's own tiles
-    (rounded up to a chunk) — rows of slides would pad a case's slides to a power-of-two count of its longest.
-    Rows are a power of two ≥ the largest sampled case, a multiple of the chunk (folds share the compilation).
-    None: slides as rows in length buckets (other encoders; several cases per step, whose rows would each run
-    to the longest)."""
-    chunk = model.chunk_size(cfg.chunk) if cfg.batch_size == 1 else 0
-    if not chunk:
+    step then has one shape (one compilation; `steps` steps per call, as many as GROUP_BYTES of tiles allow, up to
+    cfg.steps_per_call) and costs its case's own tiles, rounded up to a chunk — rows of slides would pad a case's
+    slides to a power-of-two count of its longest. None: slides as rows in length buckets (other encoders; several
+    cases per step, whose rows would each run to the longest)."""
+    chunks = chunk_sizes(model, cfg) if cfg.batch_size == 1 else ()
+    if not chunks:
         return None
-    most = max(sum(min(len(b.features), cfg.max_tiles) for b in bags) for bags in cases.bags)
-    length = -(-bucket_length(most, chunk) // chunk) * chunk
+    layout = _layout(chunks, cases, cfg.max_tiles)
     d = cases.bags[0][0].features.shape[1]
-    steps = max(1, min(cfg.steps_per_call, GROUP_BYTES // (length * d * 4)))
-    return Layout(chunk, length, max(len(bags) for bags in cases.bags), steps)
+    return replace(layout, steps=max(1, min(cfg.steps_per_call, GROUP_BYTES // (layout.length * d * 4))))
 
 
-def _rows(cases: CaseSet, chunk: list[int], n_dev: int, cfg: MilConfig) -> int:
+def _rows(cases: CaseSet, members: list[int], n_dev: int, cfg: MilConfig) -> int:
     """A batch's rows: its slides padded to a power of two (at least the batch size's), a multiple of n_dev — a few
     shapes, so the step compiles a few times per task rather than once per slide count."""
-    slides = sum(len(cases.bags[c]) for c in chunk)
+    slides = sum(len(cases.bags[c]) for c in members)
     return -(-bucket_length(slides, bucket_length(cfg.batch_size, 1)) // n_dev) * n_dev
 
 
-def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outcome: dict) -> dict:
-    d = cases.bags[chunk[0]][0].features.shape[1]
+def _pack(cases: CaseSet, picks, length: int, members: list[int], rows: int, outcome: dict) -> dict:
+    d = cases.bags[members[0]][0].features.shape[1]
     b = {"features": np.zeros((rows, length, d), np.float32), "coords": np.zeros((rows, length, 2), np.int32),
          "mask": np.zeros((rows, length), bool), "fragment": np.zeros((rows, length), np.int32),
          "case_of_row": np.zeros(rows, np.int32), "row_valid": np.zeros(rows, bool),
          "valid": np.zeros(rows, np.float32)}
     b.update({k: np.zeros((rows, *v.shape[1:]), v.dtype) for k, v in outcome.items()})
     r = 0
-    for slot, c in enumerate(chunk):
+    for slot, c in enumerate(members):
         b["valid"][slot] = 1.0
         for k, v in outcome.items():
             b[k][slot] = v[c]
@@ -265,8 +278,8 @@ def _pack_cases(cases: CaseSet, picks, steps: list[list[int]], k: int, rows: int
          "mask": np.zeros((k, rows, layout.length), bool), "slide": np.zeros((k, rows, layout.length), np.int32),
          "valid": np.zeros((k, rows), np.float32), "active": np.arange(k) < len(steps)}
     b.update({key: np.zeros((k, rows, *v.shape[1:]), v.dtype) for key, v in outcome.items()})
-    for s, chunk in enumerate(steps):
-        for slot, c in enumerate(chunk):
+    for s, members in enumerate(steps):
+        for slot, c in enumerate(members):
             b["valid"][s, slot] = 1.0
             for key, v in outcome.items():
                 b[key][s, slot] = v[c]
@@ -333,13 +346,14 @@ def _adamw(weight_decay: float) -> optax.GradientTransformation:
 
 
 @functools.cache
-def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float, packed: tuple[int, int] | None):
+def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
+             packed: tuple[tuple[int, ...], int] | None):
     """The jitted training call of one architecture × loss × layout: a group of steps (arrays with a leading step
     axis; `active` False = no step) as one scan — one dispatch and one host-to-device copy for up to
     `Layout.steps` steps —, AdamW with the learning rates passed in per step (so the schedule never recompiles),
     encoder and head with their own rates, parameters and optimiser state donated. The state travels as the flat
     list of leaves of (enc, head, rest, opt_enc, opt_head) (`treedef`): a call then skips rebuilding NNX
-    Variables. `packed` = (chunk, n_slides): rows are cases (`MILModel.packed`); None: rows are slides."""
+    Variables. `packed` = (chunks, n_slides): rows are cases (`MILModel.packed`); None: rows are slides."""
     tx, loss = _adamw(weight_decay), loss_fn(kind)
 
     def outputs(m: MILModel, b: dict) -> jax.Array:
@@ -380,8 +394,8 @@ def _infer_fns(graphdef):
     """Jitted (slide embeddings of rows of slides, case embeddings of packed rows, head) of one architecture,
     compiled once per shape for every fold."""
     embed = jax.jit(lambda state, f, c, m, fr: nnx.merge(graphdef, state).embed(f, c, m, fr))
-    packed = jax.jit(lambda state, f, m, s, n_slides, chunk: nnx.merge(graphdef, state).embed_packed(
-        f, m, s, n_slides, chunk), static_argnums=(4, 5))
+    packed = jax.jit(lambda state, f, m, s, n_slides, chunks: nnx.merge(graphdef, state).embed_packed(
+        f, m, s, n_slides, chunks), static_argnums=(4, 5))
     head = jax.jit(lambda state, e: nnx.merge(graphdef, state).predict(e))
     return embed, packed, head
 
@@ -394,12 +408,11 @@ def case_embeddings(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarr
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])  # inference on one device: no replicated work
     enc, packed, _ = _infer_fns(graphdef)
-    if chunk := model.chunk_size(cfg.chunk):
-        most = max(sum(len(b.features) for b in bags) for bags in cases.bags)
-        layout = Layout(chunk, -(-bucket_length(most, chunk) // chunk) * chunk, max(map(len, cases.bags)), 1)
+    if chunks := chunk_sizes(model, cfg):
+        layout = _layout(chunks, cases, None)
         rows = (_pack_cases(cases, None, [[i]], 1, 1, layout, {}) for i in range(len(cases.ids)))
         return np.concatenate([np.asarray(packed(state, r["features"][0], r["mask"][0], r["slide"][0],
-                                                 layout.n_slides, chunk)) for r in rows])
+                                                 layout.n_slides, layout.chunks)) for r in rows])
     flat = [b for bags in cases.bags for b in bags]
     emb = encode_bags(lambda f, c, m, fr: enc(state, f, c, m, fr), flat,
                       EmbedConfig(min_bucket=cfg.min_bucket, max_tiles_per_call=cfg.max_tiles_per_call), desc="mil")
@@ -507,7 +520,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
     tx = _adamw(cfg.weight_decay)
     leaves, treedef = jax.tree.flatten(jax.device_put((enc, head, rest, tx.init(enc), tx.init(head)), replicated))
-    run = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, layout and (layout.chunk, layout.n_slides))
+    run = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, layout and (layout.chunks, layout.n_slides))
     class_w_dev = jax.device_put(class_w, replicated)
     model_state = lambda: jax.tree.unflatten(treedef, leaves)[:3]  # noqa: E731  (enc, head, rest) now
     loss = loss_fn(kind)
@@ -525,11 +538,11 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
             lr_dev = jax.device_put((lr * np.float32(enc_scale), lr), replicated)
             group = jax.device_put(group, {k: sharded if v.ndim > 1 else replicated for k, v in group.items()})
             leaves, values = run(leaves, group, *lr_dev, class_w_dev)
-            losses.append(values[:active])
+            losses.append((values, active))
             steps += active
-        jax.block_until_ready(losses)
+        losses = [v[:n] for v, n in jax.device_get(losses)]
         epoch_s.append(time.perf_counter() - t_epoch)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(np.concatenate(jax.device_get(losses))))})
+        history.append({"epoch": epoch, "train_loss": float(np.mean(np.concatenate(losses)))})
         if va is None:
             continue
         current = nnx.merge(graphdef, *model_state())
