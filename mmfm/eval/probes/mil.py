@@ -186,19 +186,21 @@ def epoch_plan(cases: CaseSet, cfg: MilConfig, rng: np.random.Generator,
 
 
 def epoch_groups(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict,
-                 layout: Layout | None) -> list[dict]:
+                 layout: Layout | None) -> tuple[np.ndarray | None, list[dict]]:
     """One epoch (`epoch_plan`) as groups of steps to run in one call each (arrays with a leading step axis, and
-    `active`: False pads the last group). Slides as rows (`layout` None): one step per group, its rows padded by
-    `_rows`. `layout`: each step's cases one per row, their slides' sampled tiles back to back (`_pack_cases`),
-    `layout.steps` steps per group. `outcome`: per-case arrays placed in case slots."""
+    `active`: False pads the last group). Slides as rows (`layout` None): one step per group, its rows' tiles padded
+    by `_rows`. `layout`: `layout.steps` steps per group, each case one row of indices into the epoch's tile table
+    (`tile_table`, returned first: one host-to-device copy per epoch, of sampled tiles only). `outcome`: per-case
+    arrays placed in case slots."""
     steps, picks = epoch_plan(cases, cfg, rng, layout and layout.length)
     if layout is None:
-        return [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, members,
-                                                         _rows(cases, members, n_dev, cfg), outcome)),
-                 "active": np.ones(1, bool)} for length, members in steps]
+        return None, [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, members,
+                                                               _rows(cases, members, n_dev, cfg), outcome)),
+                       "active": np.ones(1, bool)} for length, members in steps]
+    tiles, where = tile_table(cases, picks)
     k = layout.steps
-    return [_pack_cases(cases, picks, [c for _, c in steps[i:i + k]], k, cfg.batch_size, layout, outcome)
-            for i in range(0, len(steps), k)]
+    return tiles, [_pack_cases(where, [c for _, c in steps[i:i + k]], k, cfg.batch_size, layout, outcome)
+                   for i in range(0, len(steps), k)]
 
 
 @dataclass(frozen=True)
@@ -268,15 +270,29 @@ def _pack(cases: CaseSet, picks, length: int, members: list[int], rows: int, out
     return b
 
 
-def _pack_cases(cases: CaseSet, picks, steps: list[list[int]], k: int, rows: int, layout: Layout,
+def tile_table(cases: CaseSet, picks=None) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """([T + 1, D] float32 tiles of every slide of every case — `picks`: sampled rows, None: all — then one zero row
+    for padding, and for each case and slide the rows of its tiles in that table)."""
+    parts, where, n = [], [], 0
+    for c, bags in enumerate(cases.bags):
+        where.append([])
+        for j, bag in enumerate(bags):
+            parts.append(bag.features if picks is None else bag.features[picks[c][j]])
+            where[-1].append(np.arange(n, n + len(parts[-1])))
+            n += len(parts[-1])
+    parts.append(np.zeros((1, parts[0].shape[1]), np.float32))  # finite: the pool multiplies it by a zero weight
+    return np.concatenate(parts, dtype=np.float32), where
+
+
+def _pack_cases(where: list[list[np.ndarray]], steps: list[list[int]], k: int, rows: int, layout: Layout,
                 outcome: dict) -> dict:
-    """`k` steps of `rows` case slots each ([k, rows, ...]): a case's slides' tiles (`picks`: all when None) back to
-    back in its row, `slide` saying whose; steps past `steps` inactive. Padding tiles are zeros (finite: the pool
-    multiplies them by a zero weight)."""
-    d = cases.bags[steps[0][0]][0].features.shape[1]
-    b = {"features": np.zeros((k, rows, layout.length, d), np.float32),
-         "mask": np.zeros((k, rows, layout.length), bool), "slide": np.zeros((k, rows, layout.length), np.int32),
-         "valid": np.zeros((k, rows), np.float32), "active": np.arange(k) < len(steps)}
+    """`k` steps of `rows` case slots each ([k, rows, ...]): a case's tiles (`where`: rows of its slides' tiles in
+    the tile table, `tile_table`) back to back in its row, then the table's zero row; `slide` says whose a tile is;
+    steps past `steps` inactive."""
+    pad = sum(len(w) for ws in where for w in ws)
+    b = {"tile": np.full((k, rows, layout.length), pad, np.int32), "mask": np.zeros((k, rows, layout.length), bool),
+         "slide": np.zeros((k, rows, layout.length), np.int32), "valid": np.zeros((k, rows), np.float32),
+         "active": np.arange(k) < len(steps)}
     b.update({key: np.zeros((k, rows, *v.shape[1:]), v.dtype) for key, v in outcome.items()})
     for s, members in enumerate(steps):
         for slot, c in enumerate(members):
@@ -284,12 +300,11 @@ def _pack_cases(cases: CaseSet, picks, steps: list[list[int]], k: int, rows: int
             for key, v in outcome.items():
                 b[key][s, slot] = v[c]
             start = 0
-            for j, bag in enumerate(cases.bags[c]):
-                x = bag.features if picks is None else bag.features[picks[c][j]]
-                b["features"][s, slot, start:start + len(x)] = x
-                b["mask"][s, slot, start:start + len(x)] = True
-                b["slide"][s, slot, start:start + len(x)] = j
-                start += len(x)
+            for j, w in enumerate(where[c]):
+                b["tile"][s, slot, start:start + len(w)] = w
+                b["mask"][s, slot, start:start + len(w)] = True
+                b["slide"][s, slot, start:start + len(w)] = j
+                start += len(w)
     return b
 
 
@@ -356,19 +371,19 @@ def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
     Variables. `packed` = (chunks, n_slides): rows are cases (`MILModel.packed`); None: rows are slides."""
     tx, loss = _adamw(weight_decay), loss_fn(kind)
 
-    def outputs(m: MILModel, b: dict) -> jax.Array:
+    def outputs(m: MILModel, tiles, b: dict) -> jax.Array:
         if packed:
-            return m.packed(b["features"], b["mask"], b["slide"], packed[1], packed[0], deterministic=False,
+            return m.packed(tiles[b["tile"]], b["mask"], b["slide"], packed[1], packed[0], deterministic=False,
                             frozen=frozen)
         return m(b["features"], b["coords"], b["mask"], b["fragment"], b["case_of_row"], b["row_valid"],
                  deterministic=False, frozen=frozen)
 
-    def step(leaves, b, lr_enc, lr_head, class_w):
+    def step(leaves, tiles, b, lr_enc, lr_head, class_w):
         enc, head, rest, opt_enc, opt_head = jax.tree.unflatten(treedef, leaves)
 
         def f(enc, head, rest):
             m = nnx.merge(graphdef, enc, head, rest, copy=True)  # fresh Variables at this trace level
-            return loss(outputs(m, b), b, {"class_w": class_w}), nnx.state(m, nnx.Not(nnx.Param))
+            return loss(outputs(m, tiles, b), b, {"class_w": class_w}), nnx.state(m, nnx.Not(nnx.Param))
 
         (value, new_rest), (g_enc, g_head) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(enc, head, rest)
         u_enc, opt_enc = tx.update(g_enc, opt_enc, enc)
@@ -378,10 +393,10 @@ def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
         return jax.tree.leaves((enc, head, new_rest, opt_enc, opt_head)), value
 
     @partial(jax.jit, donate_argnums=0)
-    def steps(leaves, group, lr_enc, lr_head, class_w):
+    def steps(leaves, tiles, group, lr_enc, lr_head, class_w):
         def body(leaves, x):
             b, lr_e, lr_h = x
-            return jax.lax.cond(b["active"], lambda: step(leaves, b, lr_e, lr_h, class_w),
+            return jax.lax.cond(b["active"], lambda: step(leaves, tiles, b, lr_e, lr_h, class_w),
                                 lambda: (leaves, jnp.zeros((), jnp.float32)))
 
         return jax.lax.scan(body, leaves, (group, lr_enc, lr_head))
@@ -394,8 +409,8 @@ def _infer_fns(graphdef):
     """Jitted (slide embeddings of rows of slides, case embeddings of packed rows, head) of one architecture,
     compiled once per shape for every fold."""
     embed = jax.jit(lambda state, f, c, m, fr: nnx.merge(graphdef, state).embed(f, c, m, fr))
-    packed = jax.jit(lambda state, f, m, s, n_slides, chunks: nnx.merge(graphdef, state).embed_packed(
-        f, m, s, n_slides, chunks), static_argnums=(4, 5))
+    packed = jax.jit(lambda state, tiles, b, n_slides, chunks: nnx.merge(graphdef, state).embed_packed(
+        tiles[b["tile"]], b["mask"], b["slide"], n_slides, chunks), static_argnums=(3, 4))
     head = jax.jit(lambda state, e: nnx.merge(graphdef, state).predict(e))
     return embed, packed, head
 
@@ -410,9 +425,10 @@ def case_embeddings(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarr
     enc, packed, _ = _infer_fns(graphdef)
     if chunks := chunk_sizes(model, cfg):
         layout = _layout(chunks, cases, None)
-        rows = (_pack_cases(cases, None, [[i]], 1, 1, layout, {}) for i in range(len(cases.ids)))
-        return np.concatenate([np.asarray(packed(state, r["features"][0], r["mask"][0], r["slide"][0],
-                                                 layout.n_slides, layout.chunks)) for r in rows])
+        tiles, where = tile_table(cases)
+        tiles = jax.device_put(tiles, jax.local_devices()[0])
+        rows = ({k: v[0] for k, v in _pack_cases(where, [[i]], 1, 1, layout, {}).items()} for i in range(len(where)))
+        return np.concatenate([np.asarray(packed(state, tiles, r, layout.n_slides, layout.chunks)) for r in rows])
     flat = [b for bags in cases.bags for b in bags]
     emb = encode_bags(lambda f, c, m, fr: enc(state, f, c, m, fr), flat,
                       EmbedConfig(min_bucket=cfg.min_bucket, max_tiles_per_call=cfg.max_tiles_per_call), desc="mil")
@@ -531,13 +547,15 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     best, history, steps, epoch_s = None, [], 0, []
     for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
-        for group in epoch_groups(tr, n_dev, cfg, rng, out_tr, layout):
+        tiles, groups = epoch_groups(tr, n_dev, cfg, rng, out_tr, layout)
+        tiles = jax.device_put(tiles, replicated)
+        for group in groups:
             k, active = len(group["active"]), int(group["active"].sum())
             lr = np.zeros(k, np.float32)
             lr[:active] = lrs[np.minimum(np.arange(steps, steps + active), len(lrs) - 1)]  # past the end: 0
             lr_dev = jax.device_put((lr * np.float32(enc_scale), lr), replicated)
             group = jax.device_put(group, {k: sharded if v.ndim > 1 else replicated for k, v in group.items()})
-            leaves, values = run(leaves, group, *lr_dev, class_w_dev)
+            leaves, values = run(leaves, tiles, group, *lr_dev, class_w_dev)
             losses.append((values, active))
             steps += active
         losses = [v[:n] for v, n in jax.device_get(losses)]
