@@ -124,6 +124,44 @@ def test_chunked_training_step_trains_what_length_buckets_train():
     assert any(not np.allclose(v, start[k]) for k, v in outs[0].items())  # it trained
 
 
+def test_steps_grouped_in_one_call_train_what_single_steps_train():
+    """Packed cases (several slides each), with dropout: `steps_per_call` steps as one scanned call — the last group
+    padded with inactive steps — make the same updates, dropout masks included, as one step per call."""
+    from mmfm.eval.embed import Bag
+
+    rng = np.random.default_rng(1)
+    d = 8
+    bag = lambda n: Bag(rng.normal(size=(n, d)).astype(np.float32), np.zeros((n, 2), np.int32),  # noqa: E731
+                        np.zeros(n, np.int32))
+    bags = [[bag(n) for n in lens] for lens in ([20], [9, 30], [17], [40, 5, 12], [25], [33], [8, 8])]
+    cases = mil.CaseSet([f"c{i}" for i in range(len(bags))], bags, np.arange(len(bags)) % 2)
+    outs = []
+    for per_call in (1, 3):  # 7 steps per epoch: groups of 3, 3 and 1 + 2 inactive
+        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, max_tiles=24, chunk=8, chunk_large=16,
+                            steps_per_call=per_call)
+        model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, rngs=nnx.Rngs(0)), 2, dropout=0.25, rngs=nnx.Rngs(1))
+        assert mil.packed_layout(model, cases, cfg) == mil.Layout((16, 8), 64, 3, per_call)
+        fitted = mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2)
+        assert fitted.steps == 14
+        outs.append((fitted.history, {k: np.asarray(v.get_value())
+                                      for k, v in nnx.to_flat_state(nnx.state(fitted.model, nnx.Param))}))
+    assert [h["train_loss"] for h in outs[0][0]] == pytest.approx([h["train_loss"] for h in outs[1][0]], rel=1e-5)
+    for k, v in outs[0][1].items():
+        np.testing.assert_allclose(outs[1][1][k], v, rtol=1e-5, atol=1e-7, err_msg=str(k))
+
+
+def test_learning_rates_follow_optax_warmup_cosine():
+    """The per-step learning rates (NumPy, so no device work per fold) are optax's warm-up + cosine schedule."""
+    import optax
+
+    cfg = mil.MilConfig(lr=3e-4)
+    for total, warmup, cases in ((50, 0, 1), (50, 7, 4), (5, 5, 1)):
+        ref = optax.warmup_cosine_decay_schedule(0.0 if warmup else 3e-4 * np.sqrt(cases), 3e-4 * np.sqrt(cases),
+                                                 warmup, max(total, warmup + 1))
+        np.testing.assert_allclose(mil.lr_steps(cfg, total, warmup, cases), [float(ref(t)) for t in range(total + 1)],
+                                   rtol=1e-5, atol=1e-9)
+
+
 def _nll_reference(logits, bins, event, alpha=0.0, eps=1e-7):
     """Patho-Bench / Patch-GCN NLLSurvLoss written with NumPy and its clamp."""
     h = 1 / (1 + np.exp(-logits))

@@ -59,7 +59,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Literal
 
@@ -106,7 +106,7 @@ class MilConfig:
     buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
     chunk: int = 128  # encoders that pool chunk by chunk (gated ABMIL): tiles per chunk of packed cases (0: buckets)
     chunk_large: int = 512  # ...and per chunk while a case has that many left (larger products: fewer, faster; 0: off)
-    steps_per_call: int = 16  # packed cases: training steps run as one call (fewer if their tiles pass GROUP_BYTES)
+    steps_per_call: int = 16  # packed cases: training steps run as one call (one dispatch, one copy of indices)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
@@ -147,12 +147,10 @@ class Fitted:
     steps: int = 0
     train_s: float = 0.0
     epoch_s: list[float] = field(default_factory=list)  # training time of each epoch (validation excluded)
+    host_s: list[float] = field(default_factory=list)  # of which building and copying its batches (the rest: steps)
 
 
 # ---------------------------------------------------------------- batches
-
-
-GROUP_BYTES = 64 << 20  # tile features of one group of packed steps (host and device copies each)
 
 
 def _n_devices(cfg: MilConfig) -> int:
@@ -230,16 +228,12 @@ def _layout(chunks: tuple[int, ...], cases: CaseSet, max_tiles: int | None, step
 
 def packed_layout(model: MILModel, cases: CaseSet, cfg: MilConfig) -> Layout | None:
     """The packed layout of the training step if the encoder pools chunk by chunk and a step takes one case: every
-    step then has one shape (one compilation; `steps` steps per call, as many as GROUP_BYTES of tiles allow, up to
-    cfg.steps_per_call) and costs its case's own tiles, rounded up to a chunk — rows of slides would pad a case's
-    slides to a power-of-two count of its longest. None: slides as rows in length buckets (other encoders; several
-    cases per step, whose rows would each run to the longest)."""
+    step then has one shape (one compilation; cfg.steps_per_call steps per call) and costs its case's own tiles,
+    rounded up to a chunk — rows of slides would pad a case's slides to a power-of-two count of its longest. None:
+    slides as rows in length buckets (other encoders; several cases per step, whose rows would each run to the
+    longest)."""
     chunks = chunk_sizes(model, cfg) if cfg.batch_size == 1 else ()
-    if not chunks:
-        return None
-    layout = _layout(chunks, cases, cfg.max_tiles)
-    d = cases.bags[0][0].features.shape[1]
-    return replace(layout, steps=max(1, min(cfg.steps_per_call, GROUP_BYTES // (layout.length * d * 4))))
+    return _layout(chunks, cases, cfg.max_tiles, cfg.steps_per_call) if chunks else None
 
 
 def _rows(cases: CaseSet, members: list[int], n_dev: int, cfg: MilConfig) -> int:
@@ -505,7 +499,7 @@ def fit(make_model: Callable[[], MILModel], kind: Kind, tr: CaseSet, inner: tupl
         return chosen
     refit = train(make_model(), kind, tr, None, cfg, stop_epoch=chosen.epoch, **kw)
     return Fitted(refit.model, chosen.epoch, chosen.history, refit.bins, chosen.steps + refit.steps,
-                  chosen.train_s + refit.train_s, chosen.epoch_s + refit.epoch_s)
+                  chosen.train_s + refit.train_s, chosen.epoch_s + refit.epoch_s, chosen.host_s + refit.host_s)
 
 
 def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: MilConfig, *, seed: int,
@@ -544,22 +538,26 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
         va_batch = {**{k: jnp.asarray(v) for k, v in outcome_arrays(kind, va, bins).items()},
                     "valid": jnp.ones(len(va.ids), jnp.float32)}
 
-    best, history, steps, epoch_s = None, [], 0, []
+    best, history, steps, epoch_s, host_s = None, [], 0, [], []
     for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
         tiles, groups = epoch_groups(tr, n_dev, cfg, rng, out_tr, layout)
         tiles = jax.device_put(tiles, replicated)
+        host = time.perf_counter() - t_epoch
         for group in groups:
+            t_host = time.perf_counter()
             k, active = len(group["active"]), int(group["active"].sum())
             lr = np.zeros(k, np.float32)
             lr[:active] = lrs[np.minimum(np.arange(steps, steps + active), len(lrs) - 1)]  # past the end: 0
             lr_dev = jax.device_put((lr * np.float32(enc_scale), lr), replicated)
             group = jax.device_put(group, {k: sharded if v.ndim > 1 else replicated for k, v in group.items()})
+            host += time.perf_counter() - t_host
             leaves, values = run(leaves, tiles, group, *lr_dev, class_w_dev)
             losses.append((values, active))
             steps += active
         losses = [v[:n] for v, n in jax.device_get(losses)]
         epoch_s.append(time.perf_counter() - t_epoch)
+        host_s.append(host)
         history.append({"epoch": epoch, "train_loss": float(np.mean(np.concatenate(losses)))})
         if va is None:
             continue
@@ -571,7 +569,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
         log.debug("mil epoch %d: train %.4f val %.4f", epoch, history[-1]["train_loss"], val_loss)
     epoch, _, (enc, head, rest) = best or (len(history), None, model_state())
     return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0,
-                  epoch_s)
+                  epoch_s, host_s)
 
 
 def head_size(kind: Kind, n_classes: int, cfg: MilConfig) -> int:
