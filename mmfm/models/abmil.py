@@ -5,8 +5,8 @@ attention a = w_hᵀ(tanh(V h) ⊙ σ(U h)), softmax over the bag's *valid* tile
 embeddings with those weights. Heads are concatenated (or averaged). Memory and time are linear in N,
 padding tiles get exactly zero weight (padding-invariant), and the weights are returned for heatmaps.
 `GatedAttentionPool` is also the readout of the transformer slide encoder and the gene-set encoder.
-`ABMIL.embed_chunked` computes the same embedding a chunk of tiles at a time, skipping padding, for the `mil`
-probe's training step (one padded length, one compilation; mmfm.eval.probes.mil).
+`ABMIL.embed_chunked` computes the same embeddings a chunk of tiles at a time for slides packed back to back in a
+row, stopping at the row's last tile, for the `mil` probe (one padded length, one compilation; mmfm.eval.probes.mil).
 """
 
 from __future__ import annotations

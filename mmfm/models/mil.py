@@ -1,8 +1,9 @@
 """A supervised MIL predictor: any slide encoder, late fusion of a case's slides, dropout and a linear head.
 
-Rows of a batch are slides; `case_of_row` says which case slot each row belongs to. A case's embedding is the mean
-of its slides' encoder embeddings — the late fusion `mmfm embed` uses for the linear probes — so a multi-slide case
-is treated by the MIL rows as by the linear rows. `clam_abmil` is the from-scratch baseline at CLAM's sizes:
+Rows of a batch are slides; `case_of_row` says which case slot each row belongs to (`packed`: rows are cases, their
+slides' tiles back to back, for encoders that pool chunk by chunk). A case's embedding is the mean of its slides'
+encoder embeddings — the late fusion `mmfm embed` uses for the linear probes — so a multi-slide case is treated by
+the MIL rows as by the linear rows. `clam_abmil` is the from-scratch baseline at CLAM's sizes:
 Linear(D → 512) + ReLU + dropout 0.25, one gated attention branch of 256, dropout 0.25 (CLAM `Attn_Net_Gated`,
 models/model_clam.py; Lu et al. 2021), classifier Linear(512 → K).
 """

@@ -39,19 +39,26 @@ One case per step is the literature's setting; batches of B cases (lr·√B) mak
 in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0.813 / 0.822, mean-pool linear
 0.766 / 0.769 (select inner): the batch size is not what separates mmfm from the reference.
 
-Fast path: a step takes `batch_size` cases, their slides as rows (masks on padding), as one jitted step with donated
-parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data parallel,
-parameters replicated). At one case per step, gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL) pads
-every slide to one length — the fold's longest sampled slide, rounded up to a power of two — and pools `chunk` tiles
-at a time, skipping chunks that are padding in every row (`ABMIL.embed_chunked`): a fold compiles one step per row
-count instead of one per length bucket (scripts/bench_mil.py's fold: 30 step compilations, ~33 s of a 41 s fold on
-two idle cores, became 3, shared by every fold). Other encoders, steps of several cases, and folds whose sampled
-slides all fall in one bucket take cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
-sampled slide, ≤ 25% padding, cases of similar lengths together; `chunk: 0` puts ABMIL back on it: ~15% less CPU
-per step — the chunked backward pass recomputes the forward — but one compile per bucket). Evaluation reads every
-tile of every slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several
-slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches,
-same result.
+Fast path. One case per step with gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL): each case is one
+row holding its slides' sampled tiles back to back, `slide` saying whose (`MILModel.packed`), pooled per slide
+chunk by chunk — chunks of `chunk_large` tiles while a case has that many left, then of `chunk` — up to its last
+tile only (`ABMIL.embed_chunked`), so a step costs the case's own tiles rounded up to a chunk whatever the padded
+length: every step of a fold has one shape and one compilation, shared by the folds. `steps_per_call` steps run as
+one jitted call (a scan; parameters and optimiser state donated); a step sends only indices into the epoch's table
+of sampled tiles, copied to the device once per epoch. Profile of scripts/bench_mil.py's fold (256-d, 92 training
+cases, 570 sampled tiles per case on average, 10 cases with 3 slides; 2 shared cores) before this layout: each
+slide was a row padded to the fold's longest, rows padded to a power of two (3 slides → 4 rows), a chunk computed
+wherever any row had a tile — 1.50× the sampled tiles (packed: 1.12×); host work (zero-filled [rows, 2048, 256]
+batches, their copy) ~3.5 of ~35 ms per step under load; 47 compilations in the fold, 3 of them the step (one per
+row count). In the step itself, dropout masks are ~25% of the CPU time and the backward pass recomputes each chunk
+(~27% of the matrix FLOPs; see `chunked_attention_pool`); products of 128-tile chunks use one core however many
+there are, 512-tile ones run ~1.5× faster on two — hence the two chunk sizes. Other encoders and steps of several
+cases take slides as rows in length buckets (masks on padding; a ladder of 4 sizes per power of two ≥ the longest
+sampled slide, ≤ 25% padding, cases of similar lengths together; rows sharded over the local devices, data
+parallel): one compilation per bucket; `chunk: 0` puts ABMIL there too. Evaluation reads every tile of every slide,
+packed one case per call for ABMIL, else through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A
+case with several slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same
+seed, same batches, same result.
 """
 
 from __future__ import annotations
