@@ -21,7 +21,9 @@ from mmfm.eval.tasks.mil import read_bags
 from mmfm.models.mil import MILModel, clam_abmil
 from mmfm.objectives.supervised import assign_bins, cox_nll, survival_nll, time_bins, weighted_ce
 
-TINY_TRAIN = {"epochs": 2, "hidden": 16, "attn_dim": 8, "max_tiles": 64}
+# chunk 0: slides as rows in length buckets, the step these few-tile probe runs took before cases were packed; the
+# packed step (its chunk loops compile ~3× longer) has its own tests below
+TINY_TRAIN = {"epochs": 2, "hidden": 16, "attn_dim": 8, "max_tiles": 64, "chunk": 0}
 
 
 # ---------------------------------------------------------------- model and losses vs independent references
@@ -99,9 +101,9 @@ def test_gated_attention_mil_and_gradients_match_torch(chunks):
 
 
 def test_chunked_training_step_trains_what_length_buckets_train():
-    """Without dropout, the one-length chunked step (padding chunks skipped, its own backward pass) and the
-    length-bucketed step make the same updates in the same order: same model. (Several rows per case: the chunked
-    pooling's torch test.)"""
+    """Without dropout, the packed step (one length, chunks of 64, 32 and 16 tiles up to a case's last, its own
+    backward pass, 16 steps per call) and the length-bucketed step (one step per call) make the same updates in the
+    same order: same model. (Several slides per case: the chunked pooling's torch test.)"""
     from mmfm.eval.embed import Bag
 
     rng = np.random.default_rng(0)
@@ -116,7 +118,7 @@ def test_chunked_training_step_trains_what_length_buckets_train():
     for chunk in (0, 16):
         cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, dropout=0.0, min_bucket=8, chunk=chunk)
         model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, dropout=0.0, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
-        assert mil.packed_layout(model, cases, cfg) == (mil.Layout((16,), 64, 1, 16) if chunk else None)
+        assert mil.packed_layout(model, cases, cfg) == (mil.Layout((64, 32, 16), 64, 1, 16) if chunk else None)
         start = params(model)
         outs.append(params(mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2).model))
     for k, v in outs[0].items():
@@ -137,10 +139,10 @@ def test_steps_grouped_in_one_call_train_what_single_steps_train():
     cases = mil.CaseSet([f"c{i}" for i in range(len(bags))], bags, np.arange(len(bags)) % 2)
     outs = []
     for per_call in (1, 3):  # 7 steps per epoch: groups of 3, 3 and 1 + 2 inactive
-        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, max_tiles=24, chunk=8, chunk_large=16,
+        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, max_tiles=24, chunk=4, chunk_large=16,
                             steps_per_call=per_call)
         model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, rngs=nnx.Rngs(0)), 2, dropout=0.25, rngs=nnx.Rngs(1))
-        assert mil.packed_layout(model, cases, cfg) == mil.Layout((16, 8), 64, 3, per_call)
+        assert mil.packed_layout(model, cases, cfg) == mil.Layout((16, 8, 4), 64, 4, per_call)
         fitted = mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2)
         assert fitted.steps == 14
         outs.append((fitted.history, {k: np.asarray(v.get_value())

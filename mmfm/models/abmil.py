@@ -6,7 +6,8 @@ embeddings with those weights. Heads are concatenated (or averaged). Memory and 
 padding tiles get exactly zero weight (padding-invariant), and the weights are returned for heatmaps.
 `GatedAttentionPool` is also the readout of the transformer slide encoder and the gene-set encoder.
 `ABMIL.embed_chunked` computes the same embeddings a chunk of tiles at a time for slides packed back to back in a
-row, stopping at the row's last tile, for the `mil` probe (one padded length, one compilation; mmfm.eval.probes.mil).
+row, stopping at the row's last tile, for the `mil` probe's training step (one padded length, one compilation;
+mmfm.eval.probes.mil).
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class ABMIL(nnx.Module):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def chunked_attention_pool(score, chunks: tuple[int, ...], n_segments: int, params, aux, features: jax.Array, mask: jax.Array,
-                           segment: jax.Array) -> jax.Array:
+def chunked_attention_pool(score, chunks: tuple[int, ...], n_segments: int, params, aux, features: jax.Array,
+                           mask: jax.Array, segment: jax.Array) -> jax.Array:
     """[B, n_segments, heads, dim] attention pooling of each segment of each row (`segment` [B, N] in [0, n_segments);
     softmax over the segment's `mask`ed tiles) of `score(params, aux, x, start) -> (tiles [B, size, dim], logits
     [B, heads, size])` over the chunks of `features` [B, N, D] (`_chunks`: sizes `chunks`, from the first tile to

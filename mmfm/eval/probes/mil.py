@@ -41,24 +41,26 @@ in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0
 
 Fast path. One case per step with gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL): each case is one
 row holding its slides' sampled tiles back to back, `slide` saying whose (`MILModel.packed`), pooled per slide
-chunk by chunk — chunks of `chunk_large` tiles while a case has that many left, then of `chunk` — up to its last
-tile only (`ABMIL.embed_chunked`), so a step costs the case's own tiles rounded up to a chunk whatever the padded
-length: every step of a fold has one shape and one compilation, shared by the folds. `steps_per_call` steps run as
-one jitted call (a scan; parameters and optimiser state donated); a step sends only indices into the epoch's table
-of sampled tiles, copied to the device once per epoch. Profile of scripts/bench_mil.py's fold (256-d, 92 training
-cases, 570 sampled tiles per case on average, 10 cases with 3 slides; 2 shared cores) before this layout: each
-slide was a row padded to the fold's longest, rows padded to a power of two (3 slides → 4 rows), a chunk computed
-wherever any row had a tile — 1.50× the sampled tiles (packed: 1.12×); host work (zero-filled [rows, 2048, 256]
-batches, their copy) ~3.5 of ~35 ms per step under load; 47 compilations in the fold, 3 of them the step (one per
-row count). In the step itself, dropout masks are ~25% of the CPU time and the backward pass recomputes each chunk
-(~27% of the matrix FLOPs; see `chunked_attention_pool`); products of 128-tile chunks use one core however many
-there are, 512-tile ones run ~1.5× faster on two — hence the two chunk sizes. Other encoders and steps of several
-cases take slides as rows in length buckets (masks on padding; a ladder of 4 sizes per power of two ≥ the longest
-sampled slide, ≤ 25% padding, cases of similar lengths together; rows sharded over the local devices, data
-parallel): one compilation per bucket; `chunk: 0` puts ABMIL there too. Evaluation reads every tile of every slide,
-packed one case per call for ABMIL, else through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A
-case with several slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same
-seed, same batches, same result.
+chunk by chunk — chunks of `chunk_large` tiles while a case has that many left, then halving down to `chunk` — up
+to its last tile only (`ABMIL.embed_chunked`), so a step costs the case's own tiles rounded up to a chunk whatever
+the padded length: every step of a fold has one shape and one compilation, shared by the folds. `steps_per_call`
+steps run as one jitted call (a scan; parameters and optimiser state donated); a step sends only indices into the
+epoch's table of sampled tiles, copied to the device once per epoch. Profile of scripts/bench_mil.py's fold (256-d,
+92 training cases, 570 sampled tiles per case on average, 10 cases with 3 slides; 2 shared cores) before this
+layout: each slide was a row padded to the fold's longest, rows padded to a power of two (3 slides → 4 rows), a
+chunk computed wherever any row had a tile — 1.50× the sampled tiles (packed: 1.12×); host work (zero-filled
+[rows, 2048, 256] batches and their copy) ~3.5 of ~35 ms per step under load (now ~1); 47 compilations in the
+fold, 3 of them the step (one per row count). In the step itself, dropout masks take ~25% of the CPU time and the
+backward pass recomputes each chunk (~27% of the matrix FLOPs; see `chunked_attention_pool`); products of
+128-tile chunks use one core however many there are, 512-tile ones run ~1.5× faster on two — hence large chunks
+for the bulk of a case (512, 256, 128: ~20% faster steps than 128 alone on the bench fold under load, for ~1 s
+more compilation). Other encoders, steps of several cases, and cases that all fit one chunk take slides as rows in
+length buckets (masks on padding; a ladder of 4 sizes per power of two ≥ the longest sampled slide, ≤ 25% padding,
+cases of similar lengths together; rows sharded over the local devices, data parallel): one compilation per
+bucket; `chunk: 0` puts ABMIL there too. Evaluation reads every tile of every slide through
+`mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`: a forward pass alone compiles fast). A case with
+several slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same
+batches, same result.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class MilConfig:
     min_bucket: int = 64  # smallest padded bag length
     buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
     chunk: int = 128  # encoders that pool chunk by chunk (gated ABMIL): tiles per chunk of packed cases (0: buckets)
-    chunk_large: int = 512  # ...and per chunk while a case has that many left (larger products: fewer, faster; 0: off)
+    chunk_large: int = 512  # ...and chunk_large while a case has that many left, then halving (faster products; 0: off)
     steps_per_call: int = 16  # packed cases: training steps run as one call (one dispatch, one copy of indices)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
@@ -120,9 +122,11 @@ class MilConfig:
         for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave", "steps_per_call"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
-        if self.chunk < 0 or self.chunk_large < 0 or (self.chunk and self.chunk_large % self.chunk):
-            raise ValueError(f"train.chunk={self.chunk}, chunk_large={self.chunk_large}: both >= 0, chunk_large a "
-                             "multiple of chunk")
+        ratio = self.chunk_large // max(self.chunk, 1)
+        if self.chunk < 0 or self.chunk_large < 0 or (self.chunk and self.chunk_large and (
+                self.chunk_large % self.chunk or ratio & (ratio - 1))):
+            raise ValueError(f"train.chunk={self.chunk}, chunk_large={self.chunk_large}: both >= 0, chunk_large "
+                             "chunk × a power of two (or 0)")
         if self.val_folds < 2:
             raise ValueError(f"train.val_folds={self.val_folds} must be >= 2")
 
@@ -220,27 +224,31 @@ class Layout:
 
 
 def chunk_sizes(model: MILModel, cfg: MilConfig) -> tuple[int, ...]:
-    """The chunk sizes the model's encoder pools packed cases with, largest first; () if it cannot (or chunk 0)."""
-    return model.chunk_sizes(tuple(sorted({c for c in (cfg.chunk_large, cfg.chunk) if c}, reverse=True))
-                             if cfg.chunk else ())
-
-
-def _layout(chunks: tuple[int, ...], cases: CaseSet, max_tiles: int | None, steps: int = 1) -> Layout:
-    """Rows for `cases` with at most `max_tiles` per slide: a power of two ≥ the largest case, a multiple of the
-    smallest chunk (other folds and cohorts mostly land on the same length: the compilation is shared)."""
-    most = max(sum(min(len(b.features), max_tiles or len(b.features)) for b in bags) for bags in cases.bags)
-    length = -(-bucket_length(most, chunks[-1]) // chunks[-1]) * chunks[-1]
-    return Layout(tuple(c for c in chunks if c <= length), length, max(map(len, cases.bags)), steps)
+    """The chunk sizes the model's encoder pools packed cases with: chunk_large, halving down to chunk (a case's
+    tiles then take as many of the largest as fit and at most one of each smaller); () if it cannot (or chunk 0)."""
+    sizes = [cfg.chunk] if cfg.chunk else []
+    while sizes and sizes[0] * 2 <= cfg.chunk_large:
+        sizes.insert(0, sizes[0] * 2)
+    return model.chunk_sizes(tuple(sizes))
 
 
 def packed_layout(model: MILModel, cases: CaseSet, cfg: MilConfig) -> Layout | None:
     """The packed layout of the training step if the encoder pools chunk by chunk and a step takes one case: every
     step then has one shape (one compilation; cfg.steps_per_call steps per call) and costs its case's own tiles,
-    rounded up to a chunk — rows of slides would pad a case's slides to a power-of-two count of its longest. None:
-    slides as rows in length buckets (other encoders; several cases per step, whose rows would each run to the
-    longest)."""
+    rounded up to a chunk — rows of slides would pad a case's slides to a power-of-two count of its longest. Rows:
+    a power of two ≥ the largest sampled case, a multiple of the smallest chunk, up to a power of two of slides
+    (other folds mostly land on the same shape: the compilation is shared). None: slides as rows in length buckets
+    — other encoders; several cases per step, whose rows would each run to the longest; cases that all fit one
+    chunk, where there is nothing to skip and a plain step compiles ~3× faster than the chunk loops."""
     chunks = chunk_sizes(model, cfg) if cfg.batch_size == 1 else ()
-    return _layout(chunks, cases, cfg.max_tiles, cfg.steps_per_call) if chunks else None
+    if not chunks:
+        return None
+    most = max(sum(min(len(b.features), cfg.max_tiles) for b in bags) for bags in cases.bags)
+    length = -(-bucket_length(most, chunks[-1]) // chunks[-1]) * chunks[-1]
+    if length <= chunks[-1]:
+        return None
+    return Layout(tuple(c for c in chunks if c <= length), length, bucket_length(max(map(len, cases.bags)), 1),
+                  cfg.steps_per_call)
 
 
 def _rows(cases: CaseSet, members: list[int], n_dev: int, cfg: MilConfig) -> int:
@@ -271,14 +279,14 @@ def _pack(cases: CaseSet, picks, length: int, members: list[int], rows: int, out
     return b
 
 
-def tile_table(cases: CaseSet, picks=None) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-    """([T + 1, D] float32 tiles of every slide of every case — `picks`: sampled rows, None: all — then one zero row
-    for padding, and for each case and slide the rows of its tiles in that table)."""
+def tile_table(cases: CaseSet, picks) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """([T + 1, D] float32: the sampled tiles (`picks`) of every slide of every case, then one zero row for padding;
+    for each case and slide the rows of its tiles in that table)."""
     parts, where, n = [], [], 0
     for c, bags in enumerate(cases.bags):
         where.append([])
         for j, bag in enumerate(bags):
-            parts.append(bag.features if picks is None else bag.features[picks[c][j]])
+            parts.append(bag.features[picks[c][j]])
             where[-1].append(np.arange(n, n + len(parts[-1])))
             n += len(parts[-1])
     parts.append(np.zeros((1, parts[0].shape[1]), np.float32))  # finite: the pool multiplies it by a zero weight
@@ -407,29 +415,18 @@ def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
 
 @functools.cache
 def _infer_fns(graphdef):
-    """Jitted (slide embeddings of rows of slides, case embeddings of packed rows, head) of one architecture,
-    compiled once per shape for every fold."""
+    """Jitted (slide embeddings, head) of one architecture, compiled once per bucket shape for every fold."""
     embed = jax.jit(lambda state, f, c, m, fr: nnx.merge(graphdef, state).embed(f, c, m, fr))
-    packed = jax.jit(lambda state, tiles, b, n_slides, chunks: nnx.merge(graphdef, state).embed_packed(
-        tiles[b["tile"]], b["mask"], b["slide"], n_slides, chunks), static_argnums=(3, 4))
     head = jax.jit(lambda state, e: nnx.merge(graphdef, state).predict(e))
-    return embed, packed, head
+    return embed, head
 
 
 def case_embeddings(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
-    """[n_cases, out_dim] case embeddings from every tile of every slide (deterministic; mean over a case's slides).
-    An encoder that pools chunk by chunk takes one case per call, its slides packed in a row of one length for all
-    (one compilation; the chunks past a case's tiles cost nothing); others take slides in length buckets
-    (`encode_bags`, as `mmfm embed`)."""
+    """[n_cases, out_dim] case embeddings from every tile of every slide (deterministic; mean over a case's slides;
+    slides in length buckets, `encode_bags`, as `mmfm embed`: the forward pass alone compiles fast for each)."""
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])  # inference on one device: no replicated work
-    enc, packed, _ = _infer_fns(graphdef)
-    if chunks := chunk_sizes(model, cfg):
-        layout = _layout(chunks, cases, None)
-        tiles, where = tile_table(cases)
-        tiles = jax.device_put(tiles, jax.local_devices()[0])
-        rows = ({k: v[0] for k, v in _pack_cases(where, [[i]], 1, 1, layout, {}).items()} for i in range(len(where)))
-        return np.concatenate([np.asarray(packed(state, tiles, r, layout.n_slides, layout.chunks)) for r in rows])
+    enc, _ = _infer_fns(graphdef)
     flat = [b for bags in cases.bags for b in bags]
     emb = encode_bags(lambda f, c, m, fr: enc(state, f, c, m, fr), flat,
                       EmbedConfig(min_bucket=cfg.min_bucket, max_tiles_per_call=cfg.max_tiles_per_call), desc="mil")
@@ -441,7 +438,7 @@ def predict(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
     """[n_cases, n_out] outputs from every tile of every slide (slides → embeddings → case means → head)."""
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])
-    head = _infer_fns(graphdef)[2]
+    _, head = _infer_fns(graphdef)
     case_emb = case_embeddings(model, cases, cfg)
     n = len(case_emb)
     padded = np.zeros((bucket_length(n, 16), case_emb.shape[1]), np.float32)  # a few shapes across folds
