@@ -139,10 +139,10 @@ def test_steps_grouped_in_one_call_train_what_single_steps_train():
     cases = mil.CaseSet([f"c{i}" for i in range(len(bags))], bags, np.arange(len(bags)) % 2)
     outs = []
     for per_call in (1, 3):  # 7 steps per epoch: groups of 3, 3 and 1 + 2 inactive
-        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, max_tiles=24, chunk=4, chunk_large=16,
+        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, max_tiles=24, chunk=8, chunk_large=16,
                             steps_per_call=per_call)
         model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, rngs=nnx.Rngs(0)), 2, dropout=0.25, rngs=nnx.Rngs(1))
-        assert mil.packed_layout(model, cases, cfg) == mil.Layout((16, 8, 4), 64, 4, per_call)
+        assert mil.packed_layout(model, cases, cfg) == mil.Layout((16, 8), 64, 4, per_call)
         fitted = mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2)
         assert fitted.steps == 14
         outs.append((fitted.history, {k: np.asarray(v.get_value())
