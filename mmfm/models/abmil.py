@@ -111,10 +111,10 @@ class ABMIL(nnx.Module):
         keys = [None if deterministic or not d.rate else d.key() for d in drops]
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
 
-        def score(params, aux, x, i):
+        def score(params, aux, x, start):
             rest, keys = aux
             m = nnx.merge(graphdef, params, rest, copy=True)
-            key = lambda j: None if keys[j] is None else jax.random.fold_in(keys[j], i)  # noqa: E731
+            key = lambda j: None if keys[j] is None else jax.random.fold_in(keys[j], start)  # noqa: E731
             x = x.astype(m.dtype)
             for j, block in enumerate(m.pre):
                 x = block(x, deterministic=deterministic, rngs=key(j))
@@ -165,9 +165,9 @@ def _chunks(chunks: tuple[int, ...], features: jax.Array, mask: jax.Array, segme
 
 
 def _pool_fwd(score, chunks, n_segments, params, aux, features, mask, segment):
-    def visit(x, valid, onehot, i, carry):
+    def visit(x, valid, onehot, start, carry):
         top, total, acc = carry  # [B, S, heads] ×2, [B, S, heads, dim]
-        h, logits = score(params, aux, x, i)
+        h, logits = score(params, aux, x, start)
         seg_logits = jnp.where(onehot[:, None] > 0, logits[..., None], -jnp.inf)  # [B, heads, n, S]
         new_top = jnp.maximum(top, seg_logits.max(2).transpose(0, 2, 1))  # starts at -1e30: exp(top - new_top) finite
         tile_top = jnp.einsum("bns,bsh->bhn", onehot, new_top)  # each valid tile's segment max (padding: 0)
@@ -191,8 +191,8 @@ def _pool_bwd(score, chunks, n_segments, res, g):
     inv = 1.0 / jnp.maximum(total, 1e-30)
     g_pooled = (g * pooled).sum(-1)  # [B, S, heads]
 
-    def visit(x, valid, onehot, i, grads):
-        (h, logits), vjp = jax.vjp(lambda p: score(p, aux, x, i), params)
+    def visit(x, valid, onehot, start, grads):
+        (h, logits), vjp = jax.vjp(lambda p: score(p, aux, x, start), params)
         tile = lambda a: jnp.einsum("bns,bsh->bhn", onehot, a)  # noqa: E731  per-segment value at each valid tile
         a = jnp.where(valid[:, None, :], jnp.exp(jnp.where(valid[:, None, :], logits, 0.0) - tile(top)), 0.0)
         a = a * tile(inv)  # the attention weights of this chunk's tiles within their segments
