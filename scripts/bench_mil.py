@@ -4,16 +4,18 @@
 
 One process, one simulated default cohort, one outer fold (fold 0 of 5, patient-level, stratified on subtype). Both
 sides train `--epochs` epochs on the whole training fold (`select: last`) with at most `--max-tiles` sampled tiles
-per slide per step and predict the test fold once with every tile. mmfm: `mmfm.eval.probes.mil.train` (length-bucketed,
-masked, jitted donated step over `--batch` slide rows, every local device). PyTorch: the CLAM recipe as it is
-usually run — eager, one bag per step (a case's slides concatenated), AdamW, the same lr / weight decay /
-dropout / sizes, balanced class weights. Reported per side: training bags/s (median over epochs after the first,
-which holds mmfm's compilation), fold wall time, test AUROC, and the fraction of the machine's GEMM rate the
-training reaches (analytic matmul FLOPs of forward + backward ÷ the best float32 GEMM rate measured here by
-JAX and by torch on [4096, D] × [D, 512]). `ratio` = mmfm bags/s ÷ torch bags/s, measured side by side;
-`wall_ratio` = torch fold wall ÷ mmfm fold wall (compilation included). mmfm's XLA compilations during its fold
+per slide per step and predict the test fold once with every tile. mmfm: `mmfm.eval.probes.mil.train` (one case per
+step: its slides' sampled tiles packed in one row, pooled chunk by chunk, `steps_per_call` steps per jitted call
+over indices into the epoch's tile table; `--batch` > 1: length-bucketed rows of slides, data parallel over the
+local devices). PyTorch: the CLAM recipe as it is usually run — eager, one bag per step (a case's slides
+concatenated), AdamW, the same lr / weight decay / dropout / sizes, balanced class weights. Reported per side:
+training bags/s (median over epochs after the first, which holds mmfm's compilation), fold wall time and CPU
+seconds, test AUROC, and the fraction of the machine's GEMM rate the training reaches (analytic matmul FLOPs of
+forward + backward ÷ the best float32 GEMM rate measured here by JAX and by torch on [4096, D] × [D, 512]). `ratio` = mmfm bags/s ÷ torch bags/s, measured side by side;
+`wall_ratio` = torch fold wall ÷ mmfm fold wall (compilation included); `cpu_ratio` = torch fold CPU-seconds ÷
+mmfm's (steadier than wall on a loaded machine; torch's idle threads spin). mmfm's XLA compilations during its fold
 (count and seconds of tracing, lowering and backend compiling, from JAX's monitoring events) are recorded as
-`compiles` / `compile_s`.
+`compiles` / `compile_s`, its per-epoch host time (building and copying batches) as `host_s` / `host_fraction`.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def run_torch(tr, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
         with torch.no_grad():
             return np.concatenate([model(torch.from_numpy(x)).numpy() for x in xs])
 
-    t0, epoch_s = time.perf_counter(), []
+    t0, cpu0, epoch_s = time.perf_counter(), time.process_time(), []
     for _ in range(cfg.epochs):
         model.train()
         t = time.perf_counter()
@@ -117,7 +119,8 @@ def run_torch(tr, te, cfg: mil.MilConfig, k: int, seed: int) -> dict:
     out = predict(xte)
     wall = time.perf_counter() - t0
     p = np.exp(out - out.max(1, keepdims=True))
-    return {"epoch_s": epoch_s, "wall_s": wall, "auroc": classification.auroc(te.y, p / p.sum(1, keepdims=True))}
+    return {"epoch_s": epoch_s, "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+            "auroc": classification.auroc(te.y, p / p.sum(1, keepdims=True))}
 
 
 class CompileLog:
@@ -138,7 +141,7 @@ class CompileLog:
 
 def run_mmfm(tr, te, cfg: mil.MilConfig, k: int, seed: int, compiles: CompileLog) -> dict:
     compiles.active = True
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model = MILModel(clam_abmil(tr.bags[0][0].features.shape[1], hidden=cfg.hidden, attn_dim=cfg.attn_dim,
                                 dropout=cfg.dropout, rngs=nnx.Rngs(seed)), k, dropout=cfg.dropout,
                      rngs=nnx.Rngs(seed + 1))
@@ -147,7 +150,8 @@ def run_mmfm(tr, te, cfg: mil.MilConfig, k: int, seed: int, compiles: CompileLog
     wall = time.perf_counter() - t0
     compiles.active = False
     p = np.exp(out - out.max(1, keepdims=True))
-    return {"epoch_s": fitted.epoch_s, "wall_s": wall, "steps": fitted.steps, "compiles": compiles.count,
+    return {"epoch_s": fitted.epoch_s, "host_s": fitted.host_s, "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+            "steps": fitted.steps, "compiles": compiles.count,
             "compile_s": compiles.seconds,
             "auroc": classification.auroc(te.y, p / p.sum(1, keepdims=True))}
 
@@ -179,6 +183,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="mmfm: cases per step (torch: always one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, help="mmfm: MilConfig.chunk (default: MilConfig's)")
+    ap.add_argument("--chunk-large", type=int, help="mmfm: MilConfig.chunk_large (default: MilConfig's)")
+    ap.add_argument("--steps-per-call", type=int, help="mmfm: MilConfig.steps_per_call (default: MilConfig's)")
     a = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -195,8 +201,9 @@ def main() -> None:
     folds = folds_mod.generate_folds(labels.index, labels, None, k=5, seed=a.seed, site_preserved=False,
                                      test_size=None)
     tr, te = fold_sides(folds, "fold_0", labels.index)
+    given = {"chunk": a.chunk, "chunk_large": a.chunk_large, "steps_per_call": a.steps_per_call}
     cfg = mil.MilConfig(epochs=a.epochs, max_tiles=a.max_tiles, batch_size=a.batch, select="last",
-                        **({} if a.chunk is None else {"chunk": a.chunk}))
+                        **{k: v for k, v in given.items() if v is not None})
     pos = {c: i for i, c in enumerate(ids)}
     take = lambda idx: full.take([pos[c] for c in idx])  # noqa: E731
     sets = take(tr), take(te)
@@ -213,13 +220,15 @@ def main() -> None:
         steady = s["epoch_s"][1:] or s["epoch_s"]
         s["bags_per_s"] = n_train / statistics.median(steady)
         s["gemm_fraction"] = s["bags_per_s"] * flops / rate["best"]
+    sides["mmfm"]["host_fraction"] = sum(sides["mmfm"]["host_s"][1:]) / sum(sides["mmfm"]["epoch_s"][1:] or [1.0])
     out = {"cpu": platform.processor(), "load": os.getloadavg(), "devices": jax.device_count(),
            "platform": jax.default_backend(), "torch_threads": torch.get_num_threads(), "cases": len(ids),
            "train_cases": n_train, "test_cases": len(te), "feature_dim": a.dim,
            "mean_sampled_tiles": tiles, "epochs": a.epochs, "gemm_flops_per_s": rate, "train_flops_per_bag": flops,
            "meanpool_linear_auroc": meanpool,
            **sides, "ratio": sides["mmfm"]["bags_per_s"] / sides["torch"]["bags_per_s"],
-           "wall_ratio": sides["torch"]["wall_s"] / sides["mmfm"]["wall_s"]}
+           "wall_ratio": sides["torch"]["wall_s"] / sides["mmfm"]["wall_s"],
+           "cpu_ratio": sides["torch"]["cpu_s"] / sides["mmfm"]["cpu_s"]}
     try:
         import subprocess
         out["cpu"] = next(line.split(":", 1)[1].strip() for line in subprocess.run(
@@ -228,11 +237,13 @@ def main() -> None:
         pass
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
-    print(json.dumps({k: out[k] for k in ("ratio", "wall_ratio", "load", "cpu", "meanpool_linear_auroc")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("ratio", "wall_ratio", "cpu_ratio", "load", "cpu", "meanpool_linear_auroc")},
+                     indent=1))
     for k, s in sides.items():
         print(f"{k}: {s['bags_per_s']:.1f} bags/s, {100 * s['gemm_fraction']:.1f}% of GEMM rate, "
-              f"fold {s['wall_s']:.1f}s, test AUROC {s['auroc']:.3f}"
-              + (f", {s['compiles']} compiles {s['compile_s']:.1f}s" if "compiles" in s else ""))
+              f"fold {s['wall_s']:.1f}s ({s['cpu_s']:.1f} CPU-s), test AUROC {s['auroc']:.3f}"
+              + (f", {s['compiles']} compiles {s['compile_s']:.1f}s, host {100 * s['host_fraction']:.0f}% of an "
+                 "epoch" if "compiles" in s else ""))
 
 
 if __name__ == "__main__":

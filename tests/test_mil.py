@@ -21,7 +21,9 @@ from mmfm.eval.tasks.mil import read_bags
 from mmfm.models.mil import MILModel, clam_abmil
 from mmfm.objectives.supervised import assign_bins, cox_nll, survival_nll, time_bins, weighted_ce
 
-TINY_TRAIN = {"epochs": 2, "hidden": 16, "attn_dim": 8, "max_tiles": 64}
+# chunk 0: slides as rows in length buckets, the step these few-tile probe runs took before cases were packed; the
+# packed step (its chunk loops compile ~3× longer) has its own tests below
+TINY_TRAIN = {"epochs": 2, "hidden": 16, "attn_dim": 8, "max_tiles": 64, "chunk": 0}
 
 
 # ---------------------------------------------------------------- model and losses vs independent references
@@ -40,10 +42,11 @@ def _torch_mil(p: dict, x, mask, case_of_row, row_valid):
     return case @ p["wh"] + p["bh"]
 
 
-@pytest.mark.parametrize("chunk", [0, 2])
-def test_gated_attention_mil_and_gradients_match_torch(chunk):
-    """The whole-bag pooling and the chunked one of the training step (`chunk` tiles at a time, online softmax, a
-    chunk of padding in every row skipped — here tiles 8-9 — and its own backward pass)."""
+@pytest.mark.parametrize("chunks", [(), (8, 2)])
+def test_gated_attention_mil_and_gradients_match_torch(chunks):
+    """The whole-bag pooling with slides as rows, and the chunked one of the training step with a case's slides
+    packed back to back in one row (a chunk of 8 tiles then chunks of 2, online softmax per slide, a slide starting
+    mid-chunk, the tiles past the last — 12-13 — never visited, and its own backward pass)."""
     rng = np.random.default_rng(0)
     d, n, r = 12, 10, 4
     model = MILModel(clam_abmil(d, hidden=8, attn_dim=6, dropout=0.0, rngs=nnx.Rngs(0)), 3, rngs=nnx.Rngs(1))
@@ -56,13 +59,24 @@ def test_gated_attention_mil_and_gradients_match_torch(chunk):
     y = np.array([2, 0, 0, 0], np.int32)
     valid = np.array([1, 1, 0, 0], np.float32)
     w = np.array([0.5, 1.0, 2.0], np.float32)
+    packed = np.full((2, 14, d), 99.0, np.float32), np.zeros((2, 14), bool), np.zeros((2, 14), np.int32)
+    for case, rows in enumerate([[0, 1], [2]]):  # case 0: 7 + 4 tiles, case 1: 2 tiles, then padding
+        start = 0
+        for j, row in enumerate(rows):
+            t = x[row][mask[row]]
+            packed[0][case, start:start + len(t)], packed[1][case, start:start + len(t)] = t, True
+            packed[2][case, start:start + len(t)] = j
+            start += len(t)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
         m = nnx.merge(graphdef, params, rest)
+        if chunks:
+            out = m.packed(*map(jnp.asarray, packed), 2, chunks)
+            return weighted_ce(out, jnp.asarray(y[:2]), jnp.asarray(w), jnp.asarray(valid[:2])), out
         out = m(jnp.asarray(x), jnp.zeros((r, n, 2), jnp.int32), jnp.asarray(mask), None, jnp.asarray(case_of_row),
-                jnp.asarray(row_valid), chunk=chunk)
+                jnp.asarray(row_valid))
         return weighted_ce(out, jnp.asarray(y), jnp.asarray(w), jnp.asarray(valid)), out
 
     (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -87,9 +101,9 @@ def test_gated_attention_mil_and_gradients_match_torch(chunk):
 
 
 def test_chunked_training_step_trains_what_length_buckets_train():
-    """Without dropout, the one-length chunked step (padding chunks skipped, its own backward pass) and the
-    length-bucketed step make the same updates in the same order: same model. (Several rows per case: the chunked
-    pooling's torch test.)"""
+    """Without dropout, the packed step (one length, chunks of 64, 32 and 16 tiles up to a case's last, its own
+    backward pass, 16 steps per call) and the length-bucketed step (one step per call) make the same updates in the
+    same order: same model. (Several slides per case: the chunked pooling's torch test.)"""
     from mmfm.eval.embed import Bag
 
     rng = np.random.default_rng(0)
@@ -104,12 +118,50 @@ def test_chunked_training_step_trains_what_length_buckets_train():
     for chunk in (0, 16):
         cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, dropout=0.0, min_bucket=8, chunk=chunk)
         model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, dropout=0.0, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
-        assert mil._padded_length(model, cases, cfg) == ((16, 64) if chunk else (0, None))
+        assert mil.packed_layout(model, cases, cfg) == (mil.Layout((64, 32, 16), 64, 1, 16) if chunk else None)
         start = params(model)
         outs.append(params(mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2).model))
     for k, v in outs[0].items():
         np.testing.assert_allclose(outs[1][k], v, rtol=1e-4, atol=1e-6, err_msg=str(k))
     assert any(not np.allclose(v, start[k]) for k, v in outs[0].items())  # it trained
+
+
+def test_steps_grouped_in_one_call_train_what_single_steps_train():
+    """Packed cases (several slides each), with dropout: `steps_per_call` steps as one scanned call — the last group
+    padded with inactive steps — make the same updates, dropout masks included, as one step per call."""
+    from mmfm.eval.embed import Bag
+
+    rng = np.random.default_rng(1)
+    d = 8
+    bag = lambda n: Bag(rng.normal(size=(n, d)).astype(np.float32), np.zeros((n, 2), np.int32),  # noqa: E731
+                        np.zeros(n, np.int32))
+    bags = [[bag(n) for n in lens] for lens in ([20], [9, 30], [17], [40, 5, 12], [25], [33], [8, 8])]
+    cases = mil.CaseSet([f"c{i}" for i in range(len(bags))], bags, np.arange(len(bags)) % 2)
+    outs = []
+    for per_call in (1, 3):  # 7 steps per epoch: groups of 3, 3 and 1 + 2 inactive
+        cfg = mil.MilConfig(epochs=2, hidden=16, attn_dim=8, max_tiles=24, chunk=8, chunk_large=16,
+                            steps_per_call=per_call)
+        model = MILModel(clam_abmil(d, hidden=16, attn_dim=8, rngs=nnx.Rngs(0)), 2, dropout=0.25, rngs=nnx.Rngs(1))
+        assert mil.packed_layout(model, cases, cfg) == mil.Layout((16, 8), 64, 4, per_call)
+        fitted = mil.train(model, "class", cases, None, cfg, seed=0, n_classes=2)
+        assert fitted.steps == 14
+        outs.append((fitted.history, {k: np.asarray(v.get_value())
+                                      for k, v in nnx.to_flat_state(nnx.state(fitted.model, nnx.Param))}))
+    assert [h["train_loss"] for h in outs[0][0]] == pytest.approx([h["train_loss"] for h in outs[1][0]], rel=1e-5)
+    for k, v in outs[0][1].items():
+        np.testing.assert_allclose(outs[1][1][k], v, rtol=1e-5, atol=1e-7, err_msg=str(k))
+
+
+def test_learning_rates_follow_optax_warmup_cosine():
+    """The per-step learning rates (NumPy, so no device work per fold) are optax's warm-up + cosine schedule."""
+    import optax
+
+    cfg = mil.MilConfig(lr=3e-4)
+    for total, warmup, cases in ((50, 0, 1), (50, 7, 4), (5, 5, 1)):
+        ref = optax.warmup_cosine_decay_schedule(0.0 if warmup else 3e-4 * np.sqrt(cases), 3e-4 * np.sqrt(cases),
+                                                 warmup, max(total, warmup + 1))
+        np.testing.assert_allclose(mil.lr_steps(cfg, total, warmup, cases), [float(ref(t)) for t in range(total + 1)],
+                                   rtol=1e-5, atol=1e-9)
 
 
 def _nll_reference(logits, bins, event, alpha=0.0, eps=1e-7):

@@ -5,8 +5,9 @@ attention a = w_hᵀ(tanh(V h) ⊙ σ(U h)), softmax over the bag's *valid* tile
 embeddings with those weights. Heads are concatenated (or averaged). Memory and time are linear in N,
 padding tiles get exactly zero weight (padding-invariant), and the weights are returned for heatmaps.
 `GatedAttentionPool` is also the readout of the transformer slide encoder and the gene-set encoder.
-`ABMIL.embed_chunked` computes the same embedding a chunk of tiles at a time, skipping padding, for the `mil`
-probe's training step (one padded length, one compilation; mmfm.eval.probes.mil).
+`ABMIL.embed_chunked` computes the same embeddings a chunk of tiles at a time for slides packed back to back in a
+row, stopping at the row's last tile, for the `mil` probe's training step (one padded length, one compilation;
+mmfm.eval.probes.mil).
 """
 
 from __future__ import annotations
@@ -94,90 +95,114 @@ class ABMIL(nnx.Module):
         return SlideOutput(self._merge(pooled), h, attn)
 
     def _merge(self, pooled: jax.Array) -> jax.Array:
-        return pooled.reshape(pooled.shape[0], -1) if self.merge == "concat" else pooled.mean(1)
+        """[..., heads, dim] → [..., out_dim]."""
+        return pooled.reshape(*pooled.shape[:-2], -1) if self.merge == "concat" else pooled.mean(-2)
 
-    def embed_chunked(self, features: jax.Array, mask: jax.Array, chunk: int, *,
-                      deterministic: bool = True) -> jax.Array:
-        """`__call__(...).embedding`, computed `chunk` tiles at a time (`chunked_attention_pool`): a chunk that is
-        padding in every row costs nothing, so one padded length serves bags of every size, each at the cost of its
-        own tiles — one compiled training step instead of one per length bucket. Dropout draws one key per layer
-        per call (as `__call__`) and folds in the chunk index."""
+    def embed_chunked(self, features: jax.Array, mask: jax.Array, slide: jax.Array, n_slides: int,
+                      chunks: tuple[int, ...], *, deterministic: bool = True) -> jax.Array:
+        """[B, n_slides, out_dim] embeddings of the slides whose tiles share a row back to back (`slide` [B, N]: which
+        of the row's slides each tile belongs to), as `__call__(...).embedding` of each slide alone, computed a chunk
+        of tiles at a time (`chunked_attention_pool`, chunks of the sizes `chunks`): the tiles past a row's last cost
+        nothing and one row holds a case's slides without padding between them, so one padded length serves cases
+        of every size, each at the cost of its own tiles — one compiled training step instead of one per length
+        bucket and slide count. Dropout draws one key per layer per call (as `__call__`) and folds in the chunk's
+        first tile."""
         drops = [blk.drop for blk in self.pre] + [self.pool.drop]
         keys = [None if deterministic or not d.rate else d.key() for d in drops]
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
 
-        def score(params, aux, x, i):
+        def score(params, aux, x, start):
             rest, keys = aux
             m = nnx.merge(graphdef, params, rest, copy=True)
-            key = lambda j: None if keys[j] is None else jax.random.fold_in(keys[j], i)  # noqa: E731
+            key = lambda j: None if keys[j] is None else jax.random.fold_in(keys[j], start)  # noqa: E731
             x = x.astype(m.dtype)
             for j, block in enumerate(m.pre):
                 x = block(x, deterministic=deterministic, rngs=key(j))
             return x, m.pool.logits(x, deterministic=deterministic, rngs=key(-1))
 
-        return self._merge(chunked_attention_pool(score, chunk, params, (rest, keys), features, mask))
+        return self._merge(chunked_attention_pool(score, chunks, n_slides, params, (rest, keys), features, mask, slide))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def chunked_attention_pool(score, chunk: int, params, aux, features: jax.Array, mask: jax.Array) -> jax.Array:
-    """[B, heads, dim] attention pooling of `score(params, aux, x, i) -> (tiles [B, chunk, dim], logits
-    [B, heads, chunk])` over the chunks i of `features` [B, N, D], softmax over `mask`: an online softmax (running
-    max, normaliser and weighted sum per row, as flash attention) in a scan whose chunks that are padding in every
-    row are skipped (lax.cond). The backward pass recomputes each busy chunk and skips the others too: JAX's own
-    derivative of the scan stores every chunk's intermediates, padding included (about 2× slower at 2048 padded
-    tiles for 330 real ones). Gradients reach `params` only — none to the tile features (training never asks)."""
-    return _pool_fwd(score, chunk, params, aux, features, mask)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def chunked_attention_pool(score, chunks: tuple[int, ...], n_segments: int, params, aux, features: jax.Array,
+                           mask: jax.Array, segment: jax.Array) -> jax.Array:
+    """[B, n_segments, heads, dim] attention pooling of each segment of each row (`segment` [B, N] in [0, n_segments);
+    softmax over the segment's `mask`ed tiles) of `score(params, aux, x, start) -> (tiles [B, size, dim], logits
+    [B, heads, size])` over the chunks of `features` [B, N, D] (`_chunks`: sizes `chunks`, from the first tile to
+    the last valid one): an online softmax (running max, normaliser and weighted sum per segment, as flash
+    attention). The backward pass recomputes each chunk: JAX's own derivative of a scan stores every chunk's
+    intermediates, padding included (about 2× slower at 2048 padded tiles for 330 real ones), and loops with a
+    data-dependent trip count have none. Gradients reach `params` only — none to the tile features (training never
+    asks). A segment without tiles pools to 0."""
+    return _pool_fwd(score, chunks, n_segments, params, aux, features, mask, segment)[0]
 
 
-def _chunks(chunk: int, features: jax.Array, mask: jax.Array, visit, carry):
-    """scan `visit(x, valid, i, carry)` over the chunks of `features` that hold a valid tile in some row."""
-    if features.shape[1] % chunk:
-        raise ValueError(f"chunked pooling: bag length {features.shape[1]} is not a multiple of chunk={chunk}")
+def _chunks(chunks: tuple[int, ...], features: jax.Array, mask: jax.Array, segment: jax.Array, n_segments: int,
+            visit, carry):
+    """`visit(x, valid, onehot, start, carry)` over consecutive chunks of `features` from tile 0 to the last valid
+    tile of any row (rounded up to the last chunk size): as many of the largest chunk size as fit, then of the next
+    — large matrix products for the bulk of a bag, little padding at its end (while loops: their trip counts are
+    data). `onehot` [B, size, n_segments] marks each valid tile's segment; `start` is the chunk's first tile."""
+    if features.shape[1] % chunks[-1]:
+        raise ValueError(f"chunked pooling: bag length {features.shape[1]} is not a multiple of chunk={chunks[-1]}")
+    end = jnp.max(jnp.where(mask, jnp.arange(1, mask.shape[1] + 1), 0))  # one past the last valid tile
+    end = (end + chunks[-1] - 1) // chunks[-1] * chunks[-1]
+    first = jnp.zeros((), end.dtype)
+    for size in chunks:
 
-    def body(carry, i):
-        x = jax.lax.dynamic_slice_in_dim(features, i * chunk, chunk, axis=1)
-        valid = jax.lax.dynamic_slice_in_dim(mask, i * chunk, chunk, axis=1)
-        return jax.lax.cond(valid.any(), partial(visit, x, valid, i), lambda c: c, carry), None
+        def body(i, carry, first=first, size=size):
+            start = first + i * size
+            x = jax.lax.dynamic_slice_in_dim(features, start, size, axis=1)
+            valid = jax.lax.dynamic_slice_in_dim(mask, start, size, axis=1)
+            seg = jax.lax.dynamic_slice_in_dim(segment, start, size, axis=1)
+            onehot = ((seg[..., None] == jnp.arange(n_segments)) & valid[..., None]).astype(jnp.float32)
+            return visit(x, valid, onehot, start, carry)
 
-    return jax.lax.scan(body, carry, jnp.arange(features.shape[1] // chunk))[0]
+        n = (end - first) // size
+        carry = jax.lax.fori_loop(0, n, body, carry)
+        first = first + n * size
+    return carry
 
 
-def _pool_fwd(score, chunk, params, aux, features, mask):
-    def visit(x, valid, i, carry):
-        top, total, acc = carry
-        h, logits = score(params, aux, x, i)
-        logits = jnp.where(valid[:, None, :], logits, -jnp.inf)
-        new_top = jnp.maximum(top, logits.max(-1))  # starts at -1e30: finite, so exp(top - new_top) is never nan
-        p = jnp.exp(logits - new_top[..., None])  # padding: exp(-inf) = 0
+def _pool_fwd(score, chunks, n_segments, params, aux, features, mask, segment):
+    def visit(x, valid, onehot, start, carry):
+        top, total, acc = carry  # [B, S, heads] ×2, [B, S, heads, dim]
+        h, logits = score(params, aux, x, start)
+        seg_logits = jnp.where(onehot[:, None] > 0, logits[..., None], -jnp.inf)  # [B, heads, n, S]
+        new_top = jnp.maximum(top, seg_logits.max(2).transpose(0, 2, 1))  # starts at -1e30: exp(top - new_top) finite
+        tile_top = jnp.einsum("bns,bsh->bhn", onehot, new_top)  # each valid tile's segment max (padding: 0)
+        p = jnp.where(valid[:, None, :], jnp.exp(jnp.where(valid[:, None, :], logits, 0.0) - tile_top), 0.0)
         rescale = jnp.exp(top - new_top)
-        acc = acc * rescale[..., None] + jnp.einsum("bhn,bnd->bhd", p, h.astype(jnp.float32))
-        return new_top, total * rescale + p.sum(-1), acc
+        acc = acc * rescale[..., None] + jnp.einsum("bhn,bns,bnd->bshd", p, onehot, h.astype(jnp.float32))
+        return new_top, total * rescale + jnp.einsum("bhn,bns->bsh", p, onehot), acc
 
     b = features.shape[0]
-    h, logits = jax.eval_shape(lambda: score(params, aux, features[:, :chunk], 0))
+    h, logits = jax.eval_shape(lambda: score(params, aux, features[:, :chunks[-1]], 0))
     heads, dim = logits.shape[1], h.shape[2]
-    init = (jnp.full((b, heads), -1e30, jnp.float32), jnp.zeros((b, heads), jnp.float32),
-            jnp.zeros((b, heads, dim), jnp.float32))
-    top, total, acc = _chunks(chunk, features, mask, visit, init)
-    pooled = acc / jnp.maximum(total, 1e-30)[..., None]  # a row without valid tiles: 0, as masked_softmax
-    return pooled, (params, aux, features, mask, top, total, pooled)
+    init = (jnp.full((b, n_segments, heads), -1e30, jnp.float32), jnp.zeros((b, n_segments, heads), jnp.float32),
+            jnp.zeros((b, n_segments, heads, dim), jnp.float32))
+    top, total, acc = _chunks(chunks, features, mask, segment, n_segments, visit, init)
+    pooled = acc / jnp.maximum(total, 1e-30)[..., None]  # a segment without valid tiles: 0, as masked_softmax
+    return pooled, (params, aux, features, mask, segment, top, total, pooled)
 
 
-def _pool_bwd(score, chunk, res, g):
-    params, aux, features, mask, top, total, pooled = res
+def _pool_bwd(score, chunks, n_segments, res, g):
+    params, aux, features, mask, segment, top, total, pooled = res
     inv = 1.0 / jnp.maximum(total, 1e-30)
-    g_pooled = (g * pooled).sum(-1)  # [B, heads]
+    g_pooled = (g * pooled).sum(-1)  # [B, S, heads]
 
-    def visit(x, valid, i, grads):
-        (h, logits), vjp = jax.vjp(lambda p: score(p, aux, x, i), params)
-        a = jnp.where(valid[:, None, :], jnp.exp(jnp.where(valid[:, None, :], logits, 0.0) - top[..., None]), 0.0)
-        a = a * inv[..., None]  # the attention weights of this chunk's tiles
-        d_h = jnp.einsum("bhn,bhd->bnd", a, g)
-        d_logits = a * (jnp.einsum("bnd,bhd->bhn", h.astype(jnp.float32), g) - g_pooled[..., None])
+    def visit(x, valid, onehot, start, grads):
+        (h, logits), vjp = jax.vjp(lambda p: score(p, aux, x, start), params)
+        tile = lambda a: jnp.einsum("bns,bsh->bhn", onehot, a)  # noqa: E731  per-segment value at each valid tile
+        a = jnp.where(valid[:, None, :], jnp.exp(jnp.where(valid[:, None, :], logits, 0.0) - tile(top)), 0.0)
+        a = a * tile(inv)  # the attention weights of this chunk's tiles within their segments
+        g_tile = jnp.einsum("bns,bshd->bhnd", onehot, g)  # each tile's segment's cotangent
+        d_h = jnp.einsum("bhn,bhnd->bnd", a, g_tile)
+        d_logits = a * (jnp.einsum("bnd,bhnd->bhn", h.astype(jnp.float32), g_tile) - tile(g_pooled))
         return jax.tree.map(jnp.add, grads, vjp((d_h.astype(h.dtype), d_logits.astype(logits.dtype)))[0])
 
-    grads = _chunks(chunk, features, mask, visit, jax.tree.map(jnp.zeros_like, params))
-    return grads, None, None, None
+    grads = _chunks(chunks, features, mask, segment, n_segments, visit, jax.tree.map(jnp.zeros_like, params))
+    return grads, None, None, None, None
 
 
 chunked_attention_pool.defvjp(_pool_fwd, _pool_bwd)

@@ -1,8 +1,9 @@
 """A supervised MIL predictor: any slide encoder, late fusion of a case's slides, dropout and a linear head.
 
-Rows of a batch are slides; `case_of_row` says which case slot each row belongs to. A case's embedding is the mean
-of its slides' encoder embeddings — the late fusion `mmfm embed` uses for the linear probes — so a multi-slide case
-is treated by the MIL rows as by the linear rows. `clam_abmil` is the from-scratch baseline at CLAM's sizes:
+Rows of a batch are slides; `case_of_row` says which case slot each row belongs to (`packed`: rows are cases, their
+slides' tiles back to back, for encoders that pool chunk by chunk). A case's embedding is the mean of its slides'
+encoder embeddings — the late fusion `mmfm embed` uses for the linear probes — so a multi-slide case is treated by
+the MIL rows as by the linear rows. `clam_abmil` is the from-scratch baseline at CLAM's sizes:
 Linear(D → 512) + ReLU + dropout 0.25, one gated attention branch of 256, dropout 0.25 (CLAM `Attn_Net_Gated`,
 models/model_clam.py; Lu et al. 2021), classifier Linear(512 → K).
 """
@@ -34,30 +35,44 @@ class MILModel(nnx.Module):
         self.drop = Dropout(dropout, rngs=rngs)
         self.head = Dense(encoder.out_dim, n_out, (EMBED, JOINT), rngs=rngs)
 
-    def embed(self, features, coords, mask, fragment=None, *, deterministic: bool = True, chunk: int = 0) -> jax.Array:
-        """[R, out_dim] fp32 slide embeddings of the rows (every tile of a row that its mask keeps). `chunk` > 0:
-        through the encoder's `embed_chunked` (padding chunks skipped; see `chunk_size`)."""
-        if chunk:
-            return self.encoder.embed_chunked(features, mask, chunk, deterministic=deterministic).astype(jnp.float32)
+    def embed(self, features, coords, mask, fragment=None, *, deterministic: bool = True) -> jax.Array:
+        """[R, out_dim] fp32 slide embeddings of the rows (every tile of a row that its mask keeps)."""
         return self.encoder(features, coords, mask, fragment, deterministic=deterministic).embedding.astype(
             jnp.float32)
 
-    def chunk_size(self, chunk: int) -> int:
-        """`chunk` if the encoder can skip padding chunk by chunk (`embed_chunked`: gated ABMIL), else 0."""
-        return chunk if hasattr(self.encoder, "embed_chunked") else 0
+    def chunk_sizes(self, chunks: tuple[int, ...]) -> tuple[int, ...]:
+        """`chunks` if the encoder can pool slides packed in a row chunk by chunk (`embed_chunked`: gated ABMIL),
+        else ()."""
+        return chunks if hasattr(self.encoder, "embed_chunked") else ()
+
+    def embed_packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *,
+                     deterministic: bool = True) -> jax.Array:
+        """[C, out_dim] fp32 embeddings of C cases, each a row holding its slides' tiles back to back (`slide`: which
+        of its ≤ n_slides slides a tile is of): the mean of the embeddings of the slides with a tile (late fusion, as
+        `__call__`), pooled chunk by chunk (sizes `chunks`) by the encoder's `embed_chunked`."""
+        emb = self.encoder.embed_chunked(features, mask, slide, n_slides, chunks, deterministic=deterministic)
+        present = ((slide[..., None] == jnp.arange(n_slides)) & mask[..., None]).any(1).astype(jnp.float32)
+        return (jnp.einsum("csd,cs->cd", emb.astype(jnp.float32), present)
+                / jnp.maximum(present.sum(1, keepdims=True), 1.0))
 
     def predict(self, case_emb: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """[C, n_out] fp32 outputs from case embeddings."""
         return self.head(self.drop(case_emb, deterministic=deterministic)).astype(jnp.float32)
 
     def __call__(self, features, coords, mask, fragment, case_of_row, row_valid, *, deterministic: bool = True,
-                 frozen: bool = False, chunk: int = 0) -> jax.Array:
+                 frozen: bool = False) -> jax.Array:
         """[R, n_out] outputs per case slot (slot c = mean of the valid rows with case_of_row == c). `frozen`: the
         encoder runs deterministic and passes no gradient (only the head trains)."""
-        emb = self.embed(features, coords, mask, fragment, deterministic=deterministic or frozen, chunk=chunk)
-        if frozen:
-            emb = jax.lax.stop_gradient(emb)
+        emb = self.embed(features, coords, mask, fragment, deterministic=deterministic or frozen)
         r = emb.shape[0]
         member = ((case_of_row[None, :] == jnp.arange(r)[:, None]) & row_valid[None, :]).astype(jnp.float32)
-        case_emb = (member @ emb) / jnp.maximum(member.sum(1, keepdims=True), 1.0)
-        return self.predict(case_emb, deterministic=deterministic)
+        return self._head(member @ emb / jnp.maximum(member.sum(1, keepdims=True), 1.0), frozen, deterministic)
+
+    def packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *, deterministic: bool = True,
+               frozen: bool = False) -> jax.Array:
+        """[C, n_out] outputs of C cases packed one per row (`embed_packed`); `frozen` as `__call__`."""
+        emb = self.embed_packed(features, mask, slide, n_slides, chunks, deterministic=deterministic or frozen)
+        return self._head(emb, frozen, deterministic)
+
+    def _head(self, case_emb: jax.Array, frozen: bool, deterministic: bool) -> jax.Array:
+        return self.predict(jax.lax.stop_gradient(case_emb) if frozen else case_emb, deterministic=deterministic)

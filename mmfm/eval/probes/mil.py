@@ -39,19 +39,28 @@ One case per step is the literature's setting; batches of B cases (lr·√B) mak
 in about the same wall time; AUROC one case per step 0.828 / 0.729, 8 per step 0.813 / 0.822, mean-pool linear
 0.766 / 0.769 (select inner): the batch size is not what separates mmfm from the reference.
 
-Fast path: a step takes `batch_size` cases, their slides as rows (masks on padding), as one jitted step with donated
-parameters and optimiser state; with `batch_size` > 1 the rows are sharded over the local devices (data parallel,
-parameters replicated). At one case per step, gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL) pads
-every slide to one length — the fold's longest sampled slide, rounded up to a power of two — and pools `chunk` tiles
-at a time, skipping chunks that are padding in every row (`ABMIL.embed_chunked`): a fold compiles one step per row
-count instead of one per length bucket (scripts/bench_mil.py's fold: 30 step compilations, ~33 s of a 41 s fold on
-two idle cores, became 3, shared by every fold). Other encoders, steps of several cases, and folds whose sampled
-slides all fall in one bucket take cases of one length bucket (a ladder of 4 sizes per power of two ≥ the longest
-sampled slide, ≤ 25% padding, cases of similar lengths together; `chunk: 0` puts ABMIL back on it: ~15% less CPU
-per step — the chunked backward pass recomputes the forward — but one compile per bucket). Evaluation reads every
-tile of every slide through `mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`). A case with several
-slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same batches,
-same result.
+Fast path. One case per step with gated ABMIL (`abmil`, and any run whose slide encoder is ABMIL): each case is one
+row holding its slides' sampled tiles back to back, `slide` saying whose (`MILModel.packed`), pooled per slide
+chunk by chunk — chunks of `chunk_large` tiles while a case has that many left, then halving down to `chunk` — up
+to its last tile only (`ABMIL.embed_chunked`), so a step costs the case's own tiles rounded up to a chunk whatever
+the padded length: every step of a fold has one shape and one compilation, shared by the folds. `steps_per_call`
+steps run as one jitted call (a scan; parameters and optimiser state donated); a step sends only indices into the
+epoch's table of sampled tiles, copied to the device once per epoch. Profile of scripts/bench_mil.py's fold (256-d,
+92 training cases, 570 sampled tiles per case on average, 10 cases with 3 slides; 2 shared cores) before this
+layout: each slide was a row padded to the fold's longest, rows padded to a power of two (3 slides → 4 rows), a
+chunk computed wherever any row had a tile — 1.50× the sampled tiles (packed: 1.12×); host work (zero-filled
+[rows, 2048, 256] batches and their copy) ~3.5 of ~35 ms per step under load (now ~1); 47 compilations in the
+fold, 3 of them the step (one per row count). In the step itself, dropout masks take ~25% of the CPU time and the
+backward pass recomputes each chunk (~27% of the matrix FLOPs; see `chunked_attention_pool`); products of
+128-tile chunks use one core however many there are, 512-tile ones run ~1.5× faster on two — hence large chunks
+for the bulk of a case (512, 256, 128: ~20% faster steps than 128 alone on the bench fold under load, for ~1 s
+more compilation). Other encoders, steps of several cases, and cases that all fit one chunk take slides as rows in
+length buckets (masks on padding; a ladder of 4 sizes per power of two ≥ the longest sampled slide, ≤ 25% padding,
+cases of similar lengths together; rows sharded over the local devices, data parallel): one compilation per
+bucket; `chunk: 0` puts ABMIL there too. Evaluation reads every tile of every slide through
+`mmfm.eval.embed.encode_bags` (length buckets, as `mmfm embed`: a forward pass alone compiles fast). A case with
+several slides is the mean of its slide embeddings (late fusion, as the linear probe's embeddings). Same seed, same
+batches, same result.
 """
 
 from __future__ import annotations
@@ -104,15 +113,20 @@ class MilConfig:
     select: Literal["inner", "refit", "last"] = "last"  # model selection inside the training fold (docstring)
     min_bucket: int = 64  # smallest padded bag length
     buckets_per_octave: int = 4  # training bag lengths 1, 1.25, 1.5, 1.75 × 2^k (≤ 25% padding, 4 shapes/octave)
-    chunk: int = 128  # encoders that skip padding (gated ABMIL): tiles per chunk of one padded length (0: buckets)
+    chunk: int = 128  # encoders that pool chunk by chunk (gated ABMIL): tiles per chunk of packed cases (0: buckets)
+    chunk_large: int = 512  # ...and chunk_large while a case has that many left, then halving (faster products; 0: off)
+    steps_per_call: int = 16  # packed cases: training steps run as one call (one dispatch, one copy of indices)
     max_tiles_per_call: int = 65536  # evaluation: rows × bucket length per encoder call (memory bound)
 
     def __post_init__(self):
-        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave"):
+        for k in ("epochs", "max_tiles", "batch_size", "n_bins", "min_bucket", "buckets_per_octave", "steps_per_call"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k}={getattr(self, k)} must be >= 1")
-        if self.chunk < 0:
-            raise ValueError(f"train.chunk={self.chunk} must be >= 0")
+        ratio = self.chunk_large // max(self.chunk, 1)
+        if self.chunk < 0 or self.chunk_large < 0 or (self.chunk and self.chunk_large and (
+                self.chunk_large % self.chunk or ratio & (ratio - 1))):
+            raise ValueError(f"train.chunk={self.chunk}, chunk_large={self.chunk_large}: both >= 0, chunk_large "
+                             "chunk × a power of two (or 0)")
         if self.val_folds < 2:
             raise ValueError(f"train.val_folds={self.val_folds} must be >= 2")
 
@@ -144,6 +158,7 @@ class Fitted:
     steps: int = 0
     train_s: float = 0.0
     epoch_s: list[float] = field(default_factory=list)  # training time of each epoch (validation excluded)
+    host_s: list[float] = field(default_factory=list)  # of which building and copying its batches (the rest: steps)
 
 
 # ---------------------------------------------------------------- batches
@@ -156,11 +171,11 @@ def _n_devices(cfg: MilConfig) -> int:
     return max(d for d in range(1, n_dev + 1) if n_dev % d == 0 and d <= cfg.batch_size)
 
 
-def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict,
-                  length: int | None = None) -> list[dict]:
-    """One epoch of padded batches: cases shuffled, grouped by the length bucket of their longest sampled slide
-    (every case: `length`, if given), packed `cfg.batch_size` cases per batch (rows: their slides, padded by
-    `_rows`), batch order shuffled. `outcome`: per-case arrays placed in case slots."""
+def epoch_plan(cases: CaseSet, cfg: MilConfig, rng: np.random.Generator,
+               length: int | None = None) -> tuple[list[tuple[int, list[int]]], list[list[np.ndarray]]]:
+    """One epoch's steps in order, each (padded length, its cases' positions), and the tiles sampled from every
+    slide of every case (at most cfg.max_tiles). Cases are shuffled, grouped by the length bucket of their longest
+    sampled slide (every case: `length`, if given), `cfg.batch_size` per step; the step order is shuffled."""
     picks, bucket = [], []
     for bags in cases.bags:
         idx = [sample_tiles(len(b.features), min(len(b.features), cfg.max_tiles), rng)[0] for b in bags]
@@ -169,48 +184,89 @@ def epoch_batches(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gen
     groups: dict[int, list[list[int]]] = {}
     perm = rng.permutation(len(cases.ids))
     for c in perm:
-        chunks = groups.setdefault(bucket[c], [[]])
-        if len(chunks[-1]) == cfg.batch_size:
-            chunks.append([])
-        chunks[-1].append(int(c))
-    pos = np.argsort(perm)  # batches listed by their first case's draw: the order does not depend on the bucketing
-    batches = sorted(((length, chunk) for length, chunks in groups.items() for chunk in chunks),
-                     key=lambda b: pos[b[1][0]])
-    order = rng.permutation(len(batches))
-    return [_pack(cases, picks, length, chunk, _rows(cases, chunk, n_dev, cfg), outcome)
-            for length, chunk in (batches[i] for i in order)]
+        group = groups.setdefault(bucket[c], [[]])
+        if len(group[-1]) == cfg.batch_size:
+            group.append([])
+        group[-1].append(int(c))
+    pos = np.argsort(perm)  # steps listed by their first case's draw: the order does not depend on the bucketing
+    steps = sorted(((length, members) for length, group in groups.items() for members in group),
+                   key=lambda b: pos[b[1][0]])
+    return [steps[i] for i in rng.permutation(len(steps))], picks
 
 
-def _padded_length(model: MILModel, cases: CaseSet, cfg: MilConfig) -> tuple[int, int | None]:
-    """(chunk, length) of the training step: an encoder that pools chunk by chunk, one case per step, on cases
-    whose sampled slides span several length buckets and chunks, trains every slide padded to one length (a power
-    of two ≥ the longest sampled slide, a multiple of the chunk; one compiled step); otherwise (0, None): length
-    buckets, which also keep the cases of a multi-case step of similar lengths (a chunk is skipped only if every
-    row is padding there)."""
-    chunk = model.chunk_size(cfg.chunk) if cfg.batch_size == 1 else 0
-    longest = [min(max(len(b.features) for b in bags), cfg.max_tiles) for bags in cases.bags]
-    if (not chunk or max(longest) <= chunk
-            or len({bucket_length(n, cfg.min_bucket, cfg.buckets_per_octave) for n in longest}) < 2):
-        return 0, None
-    return chunk, -(-bucket_length(max(longest), chunk) // chunk) * chunk
+def epoch_groups(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Generator, outcome: dict,
+                 layout: Layout | None) -> tuple[np.ndarray | None, list[dict]]:
+    """One epoch (`epoch_plan`) as groups of steps to run in one call each (arrays with a leading step axis, and
+    `active`: False pads the last group). Slides as rows (`layout` None): one step per group, its rows' tiles padded
+    by `_rows`. `layout`: `layout.steps` steps per group, each case one row of indices into the epoch's tile table
+    (`tile_table`, returned first: one host-to-device copy per epoch, of sampled tiles only; `_gather` reads a
+    group's rows on the device). `outcome`: per-case arrays placed in case slots."""
+    steps, picks = epoch_plan(cases, cfg, rng, layout and layout.length)
+    if layout is None:
+        return None, [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, members,
+                                                               _rows(cases, members, n_dev, cfg), outcome)),
+                       "active": np.ones(1, bool)} for length, members in steps]
+    tiles, where = tile_table(cases, picks)
+    k = layout.steps
+    return tiles, [_pack_cases(where, [c for _, c in steps[i:i + k]], k, cfg.batch_size, layout, outcome)
+                   for i in range(0, len(steps), k)]
 
 
-def _rows(cases: CaseSet, chunk: list[int], n_dev: int, cfg: MilConfig) -> int:
+@dataclass(frozen=True)
+class Layout:
+    """Cases packed one per row (`MILModel.packed`): rows of `length` tiles holding at most `n_slides` slides,
+    pooled chunk by chunk (sizes `chunks`), `steps` training steps per call."""
+
+    chunks: tuple[int, ...]
+    length: int
+    n_slides: int
+    steps: int
+
+
+def chunk_sizes(model: MILModel, cfg: MilConfig) -> tuple[int, ...]:
+    """The chunk sizes the model's encoder pools packed cases with: chunk_large, halving down to chunk (a case's
+    tiles then take as many of the largest as fit and at most one of each smaller); () if it cannot (or chunk 0)."""
+    sizes = [cfg.chunk] if cfg.chunk else []
+    while sizes and sizes[0] * 2 <= cfg.chunk_large:
+        sizes.insert(0, sizes[0] * 2)
+    return model.chunk_sizes(tuple(sizes))
+
+
+def packed_layout(model: MILModel, cases: CaseSet, cfg: MilConfig) -> Layout | None:
+    """The packed layout of the training step if the encoder pools chunk by chunk and a step takes one case: every
+    step then has one shape (one compilation; cfg.steps_per_call steps per call) and costs its case's own tiles,
+    rounded up to a chunk — rows of slides would pad a case's slides to a power-of-two count of its longest. Rows:
+    a power of two ≥ the largest sampled case, a multiple of the smallest chunk, up to a power of two of slides
+    (other folds mostly land on the same shape: the compilation is shared). None: slides as rows in length buckets
+    — other encoders; several cases per step, whose rows would each run to the longest; cases that all fit one
+    chunk, where there is nothing to skip and a plain step compiles ~3× faster than the chunk loops."""
+    chunks = chunk_sizes(model, cfg) if cfg.batch_size == 1 else ()
+    if not chunks:
+        return None
+    most = max(sum(min(len(b.features), cfg.max_tiles) for b in bags) for bags in cases.bags)
+    length = -(-bucket_length(most, chunks[-1]) // chunks[-1]) * chunks[-1]
+    if length <= chunks[-1]:
+        return None
+    return Layout(tuple(c for c in chunks if c <= length), length, bucket_length(max(map(len, cases.bags)), 1),
+                  cfg.steps_per_call)
+
+
+def _rows(cases: CaseSet, members: list[int], n_dev: int, cfg: MilConfig) -> int:
     """A batch's rows: its slides padded to a power of two (at least the batch size's), a multiple of n_dev — a few
     shapes, so the step compiles a few times per task rather than once per slide count."""
-    slides = sum(len(cases.bags[c]) for c in chunk)
+    slides = sum(len(cases.bags[c]) for c in members)
     return -(-bucket_length(slides, bucket_length(cfg.batch_size, 1)) // n_dev) * n_dev
 
 
-def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outcome: dict) -> dict:
-    d = cases.bags[chunk[0]][0].features.shape[1]
+def _pack(cases: CaseSet, picks, length: int, members: list[int], rows: int, outcome: dict) -> dict:
+    d = cases.bags[members[0]][0].features.shape[1]
     b = {"features": np.zeros((rows, length, d), np.float32), "coords": np.zeros((rows, length, 2), np.int32),
          "mask": np.zeros((rows, length), bool), "fragment": np.zeros((rows, length), np.int32),
          "case_of_row": np.zeros(rows, np.int32), "row_valid": np.zeros(rows, bool),
          "valid": np.zeros(rows, np.float32)}
     b.update({k: np.zeros((rows, *v.shape[1:]), v.dtype) for k, v in outcome.items()})
     r = 0
-    for slot, c in enumerate(chunk):
+    for slot, c in enumerate(members):
         b["valid"][slot] = 1.0
         for k, v in outcome.items():
             b[k][slot] = v[c]
@@ -220,6 +276,44 @@ def _pack(cases: CaseSet, picks, length: int, chunk: list[int], rows: int, outco
             b["mask"][r, :n], b["fragment"][r, :n] = True, bag.fragment[idx]
             b["case_of_row"][r], b["row_valid"][r] = slot, True
             r += 1
+    return b
+
+
+def tile_table(cases: CaseSet, picks) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """([T + 1, D] float32: the sampled tiles (`picks`) of every slide of every case, then one zero row for padding;
+    for each case and slide the rows of its tiles in that table)."""
+    parts, where, n = [], [], 0
+    for c, bags in enumerate(cases.bags):
+        where.append([])
+        for j, bag in enumerate(bags):
+            parts.append(bag.features[picks[c][j]])
+            where[-1].append(np.arange(n, n + len(parts[-1])))
+            n += len(parts[-1])
+    parts.append(np.zeros((1, parts[0].shape[1]), np.float32))  # finite: the pool multiplies it by a zero weight
+    return np.concatenate(parts, dtype=np.float32), where
+
+
+def _pack_cases(where: list[list[np.ndarray]], steps: list[list[int]], k: int, rows: int, layout: Layout,
+                outcome: dict) -> dict:
+    """`k` steps of `rows` case slots each ([k, rows, ...]): a case's tiles (`where`: rows of its slides' tiles in
+    the tile table, `tile_table`) back to back in its row, then the table's zero row; `slide` says whose a tile is;
+    steps past `steps` inactive."""
+    pad = sum(len(w) for ws in where for w in ws)
+    b = {"tile": np.full((k, rows, layout.length), pad, np.int32), "mask": np.zeros((k, rows, layout.length), bool),
+         "slide": np.zeros((k, rows, layout.length), np.int32), "valid": np.zeros((k, rows), np.float32),
+         "active": np.arange(k) < len(steps)}
+    b.update({key: np.zeros((k, rows, *v.shape[1:]), v.dtype) for key, v in outcome.items()})
+    for s, members in enumerate(steps):
+        for slot, c in enumerate(members):
+            b["valid"][s, slot] = 1.0
+            for key, v in outcome.items():
+                b[key][s, slot] = v[c]
+            start = 0
+            for j, w in enumerate(where[c]):
+                b["tile"][s, slot, start:start + len(w)] = w
+                b["mask"][s, slot, start:start + len(w)] = True
+                b["slide"][s, slot, start:start + len(w)] = j
+                start += len(w)
     return b
 
 
@@ -252,13 +346,17 @@ def loss_fn(kind: Kind) -> Callable[[jax.Array, dict, dict], jax.Array]:
     return lambda out, b, aux: cox_nll(out[:, 0], b["time"], b["event"], b["valid"])
 
 
-def lr_schedule(cfg: MilConfig, total_steps: int, warmup_steps: int, cases: int) -> optax.Schedule:
-    """Linear warm-up (if any), then cosine to 0 at the last step (Patho-Bench's cosine schedule). The literature's
-    rates are for one case per step; `cases` per step take lr·√cases, the square-root scaling rule for Adam
-    (Malladi et al. 2022). That rule does not restore the number of updates: B cases per step make B× fewer."""
+def lr_steps(cfg: MilConfig, total_steps: int, warmup_steps: int, cases: int) -> np.ndarray:
+    """[total_steps + 1] float32 learning rate of each step: linear warm-up from 0 (if any), then cosine to 0 at the
+    last step (Patho-Bench's cosine schedule; optax's warmup_cosine_decay_schedule, in NumPy: no device work or
+    compilation per fold). The literature's rates are for one case per step; `cases` per step take lr·√cases, the
+    square-root scaling rule for Adam (Malladi et al. 2022). That rule does not restore the number of updates: B
+    cases per step make B× fewer."""
     lr = cfg.lr * (np.sqrt(cases) if cfg.lr_scaling == "sqrt" else 1.0)
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else lr, lr, warmup_steps,
-                                              max(total_steps, warmup_steps + 1))
+    t = np.arange(total_steps + 1, dtype=np.float64)
+    decay = max(total_steps, warmup_steps + 1) - warmup_steps
+    cosine = 0.5 * lr * (1 + np.cos(np.pi * np.clip(t - warmup_steps, 0, decay) / decay))
+    return np.where(t < warmup_steps, lr * t / max(warmup_steps, 1), cosine).astype(np.float32)
 
 
 # ---------------------------------------------------------------- training
@@ -272,32 +370,54 @@ def _adamw(weight_decay: float) -> optax.GradientTransformation:
 
 
 @functools.cache
-def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float, chunk: int):
-    """The jitted train step of one architecture × loss: AdamW with the learning rates passed in per step (so the
-    schedule never recompiles), encoder and head with their own rates, parameters and optimiser state donated.
-    The state travels as the flat list of leaves of (enc, head, rest, opt_enc, opt_head) (`treedef`): a call then
-    skips rebuilding NNX Variables, ~1 ms of Python per step. `chunk` > 0: the encoder skips padding chunk by chunk
-    (`MILModel.embed`)."""
+def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
+             packed: tuple[tuple[int, ...], int] | None):
+    """The jitted training call of one architecture × loss × layout: a group of steps (arrays with a leading step
+    axis; `active` False = no step) as one scan — one dispatch and one host-to-device copy for up to
+    `Layout.steps` steps —, AdamW with the learning rates passed in per step (so the schedule never recompiles),
+    encoder and head with their own rates, parameters and optimiser state donated. The state travels as the flat
+    list of leaves of (enc, head, rest, opt_enc, opt_head) (`treedef`): a call then skips rebuilding NNX
+    Variables. `packed` = (chunks, n_slides): rows are cases (`MILModel.packed`); None: rows are slides."""
     tx, loss = _adamw(weight_decay), loss_fn(kind)
 
-    @partial(jax.jit, donate_argnums=0)
-    def step(leaves, batch, aux):
+    def outputs(m: MILModel, b: dict) -> jax.Array:
+        if packed:
+            return m.packed(b["features"], b["mask"], b["slide"], packed[1], packed[0], deterministic=False,
+                            frozen=frozen)
+        return m(b["features"], b["coords"], b["mask"], b["fragment"], b["case_of_row"], b["row_valid"],
+                 deterministic=False, frozen=frozen)
+
+    def step(leaves, b, lr_enc, lr_head, class_w):
         enc, head, rest, opt_enc, opt_head = jax.tree.unflatten(treedef, leaves)
 
         def f(enc, head, rest):
             m = nnx.merge(graphdef, enc, head, rest, copy=True)  # fresh Variables at this trace level
-            out = m(batch["features"], batch["coords"], batch["mask"], batch["fragment"], batch["case_of_row"],
-                    batch["row_valid"], deterministic=False, frozen=frozen, chunk=chunk)
-            return loss(out, batch, aux), nnx.state(m, nnx.Not(nnx.Param))
+            return loss(outputs(m, b), b, {"class_w": class_w}), nnx.state(m, nnx.Not(nnx.Param))
 
         (value, new_rest), (g_enc, g_head) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(enc, head, rest)
         u_enc, opt_enc = tx.update(g_enc, opt_enc, enc)
         u_head, opt_head = tx.update(g_head, opt_head, head)
-        enc = jax.tree.map(lambda p, u: p - aux["lr_enc"] * u, enc, u_enc)
-        head = jax.tree.map(lambda p, u: p - aux["lr_head"] * u, head, u_head)
+        enc = jax.tree.map(lambda p, u: p - lr_enc * u, enc, u_enc)
+        head = jax.tree.map(lambda p, u: p - lr_head * u, head, u_head)
         return jax.tree.leaves((enc, head, new_rest, opt_enc, opt_head)), value
 
-    return step
+    @partial(jax.jit, donate_argnums=0)
+    def steps(leaves, group, lr_enc, lr_head, class_w):
+        def body(leaves, x):
+            b, lr_e, lr_h = x
+            return jax.lax.cond(b["active"], lambda: step(leaves, b, lr_e, lr_h, class_w),
+                                lambda: (leaves, jnp.zeros((), jnp.float32)))
+
+        return jax.lax.scan(body, leaves, (group, lr_enc, lr_head))
+
+    return steps
+
+
+@jax.jit
+def _gather(tiles: jax.Array, rows: jax.Array) -> jax.Array:
+    """tiles[rows], a jitted call of its own: the training step then sees one shape whatever the fold's number of
+    sampled tiles (it would compile again for each), this compiles in ~0.1 s per table size."""
+    return tiles[rows]
 
 
 @functools.cache
@@ -309,7 +429,8 @@ def _infer_fns(graphdef):
 
 
 def case_embeddings(model: MILModel, cases: CaseSet, cfg: MilConfig) -> np.ndarray:
-    """[n_cases, out_dim] case embeddings from every tile of every slide (deterministic; mean over a case's slides)."""
+    """[n_cases, out_dim] case embeddings from every tile of every slide (deterministic; mean over a case's slides;
+    slides in length buckets, `encode_bags`, as `mmfm embed`: the forward pass alone compiles fast for each)."""
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, jax.local_devices()[0])  # inference on one device: no replicated work
     enc, _ = _infer_fns(graphdef)
@@ -389,7 +510,7 @@ def fit(make_model: Callable[[], MILModel], kind: Kind, tr: CaseSet, inner: tupl
         return chosen
     refit = train(make_model(), kind, tr, None, cfg, stop_epoch=chosen.epoch, **kw)
     return Fitted(refit.model, chosen.epoch, chosen.history, refit.bins, chosen.steps + refit.steps,
-                  chosen.train_s + refit.train_s, chosen.epoch_s + refit.epoch_s)
+                  chosen.train_s + refit.train_s, chosen.epoch_s + refit.epoch_s, chosen.host_s + refit.host_s)
 
 
 def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: MilConfig, *, seed: int,
@@ -407,40 +528,50 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
     out_tr = outcome_arrays(kind, tr, bins)
     n_dev = _n_devices(cfg)
     rng = np.random.default_rng(seed)
-    chunk, length = _padded_length(model, tr, cfg)
-    n_steps = len(epoch_batches(tr, n_dev, cfg, np.random.default_rng(seed), out_tr, length))  # per epoch (approx.)
-    sched = lr_schedule(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
-    lrs = np.asarray(jax.device_get(jax.vmap(sched)(jnp.arange(n_steps * (cfg.epochs + 1)))), np.float32)
+    layout = packed_layout(model, tr, cfg)
+    n_steps = len(epoch_plan(tr, cfg, np.random.default_rng(seed), layout and layout.length)[0])  # per epoch (≈)
+    lrs = lr_steps(cfg, n_steps * cfg.epochs, int(round(warmup_epochs * n_steps)), cfg.batch_size)
     enc_scale = 0.0 if frozen else encoder_lr_scale
     class_w = balanced_weights(tr.y, n_classes) if kind == "class" else np.zeros(1, np.float32)
     if probe_head:
         fit_head(model, kind, tr, out_tr, class_w, cfg)
 
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_dev])
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
     graphdef, enc, head, rest = nnx.split(model, ENCODER, nnx.Param, ...)
     tx = _adamw(cfg.weight_decay)
     leaves, treedef = jax.tree.flatten(jax.device_put((enc, head, rest, tx.init(enc), tx.init(head)), replicated))
-    step = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, chunk)
+    run = _step_fn(graphdef, treedef, kind, frozen, cfg.weight_decay, layout and (layout.chunks, layout.n_slides))
+    class_w_dev = jax.device_put(class_w, replicated)
     model_state = lambda: jax.tree.unflatten(treedef, leaves)[:3]  # noqa: E731  (enc, head, rest) now
     loss = loss_fn(kind)
     if va is not None:
         va_batch = {**{k: jnp.asarray(v) for k, v in outcome_arrays(kind, va, bins).items()},
                     "valid": jnp.ones(len(va.ids), jnp.float32)}
 
-    best, history, steps, epoch_s = None, [], 0, []
+    best, history, steps, epoch_s, host_s = None, [], 0, [], []
     for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
         losses, t_epoch = [], time.perf_counter()
-        for batch in epoch_batches(tr, n_dev, cfg, rng, out_tr, length):
-            lr = lrs[min(steps, len(lrs) - 1)]  # one array, not a dispatched schedule call per step
-            aux = jax.device_put({"class_w": class_w, "lr_enc": np.float32(lr * enc_scale),
-                                  "lr_head": np.float32(lr)}, replicated)
-            leaves, value = step(leaves, jax.device_put(batch, sharded), aux)
-            losses.append(value)
-            steps += 1
-        jax.block_until_ready(losses)
+        tiles, groups = epoch_groups(tr, n_dev, cfg, rng, out_tr, layout)
+        tiles = jax.device_put(tiles, replicated)
+        host = time.perf_counter() - t_epoch
+        for group in groups:
+            t_host = time.perf_counter()
+            k, active = len(group["active"]), int(group["active"].sum())
+            lr = np.zeros(k, np.float32)
+            lr[:active] = lrs[np.minimum(np.arange(steps, steps + active), len(lrs) - 1)]  # past the end: 0
+            lr_dev = jax.device_put((lr * np.float32(enc_scale), lr), replicated)
+            group = jax.device_put(group, {k: sharded if v.ndim > 1 else replicated for k, v in group.items()})
+            if layout:  # on the device: [steps, 1, length, D] tiles of the group's cases
+                group["features"] = _gather(tiles, group.pop("tile"))
+            host += time.perf_counter() - t_host
+            leaves, values = run(leaves, group, *lr_dev, class_w_dev)
+            losses.append((values, active))
+            steps += active
+        losses = [v[:n] for v, n in jax.device_get(losses)]
         epoch_s.append(time.perf_counter() - t_epoch)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses)))})
+        host_s.append(host)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(np.concatenate(losses)))})
         if va is None:
             continue
         current = nnx.merge(graphdef, *model_state())
@@ -451,7 +582,7 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
         log.debug("mil epoch %d: train %.4f val %.4f", epoch, history[-1]["train_loss"], val_loss)
     epoch, _, (enc, head, rest) = best or (len(history), None, model_state())
     return Fitted(nnx.merge(graphdef, enc, head, rest), epoch, history, bins, steps, time.perf_counter() - t0,
-                  epoch_s)
+                  epoch_s, host_s)
 
 
 def head_size(kind: Kind, n_classes: int, cfg: MilConfig) -> int:
