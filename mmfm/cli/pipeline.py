@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from mmfm import memo
 from mmfm.config import ConfigError, apply_override, decode, inherit, merge, read_yaml
 from mmfm.simulate import SimConfig
 from mmfm.eval.tasks import load_tasks
@@ -154,7 +155,8 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
     """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
     import jax
 
-    with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)):
+    with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
+            memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
         return _run_steps(p, log)
 
 
