@@ -70,6 +70,7 @@ class EmbedStep:
 class ProbeStep:
     tasks: str = ""                    # the probe task file (YAML list of tasks)
     n_bootstrap: int = 100             # bootstrap resamples for single-fold probes
+    workers: int = 2                   # tasks run at a time (threads; the results are the same for any number)
 
 
 @dataclass
@@ -359,7 +360,7 @@ def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool):
     from mmfm.eval.probe import probe
 
     return probe(adata, tasks, out, n_bootstrap=p.probe.n_bootstrap, plots=p.report.plots and plots,
-                 projection=p.report.projection)
+                 projection=p.report.projection, workers=p.probe.workers)
 
 
 def heatmap_slides(adata, slides, cfg: HeatmapStep) -> list[str]:
