@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -200,28 +201,32 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     if report_features(base_cfg):
         t = step("report features", t)
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
-    results, first = [], None
-    for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
-        tag = "" if i == 0 else f"-seed{seed}"
-        run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
-        run_dir = out / f"run{tag}"
-        pretrain(run_cfg, run_dir)
-        t = step(f"pretrain (seed {seed})", t)
-        splits = json.loads((run_dir / "splits.json").read_text())
-        adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
-                                 first, truth, combat=tuple(p.embed.combat))
-        first = first if first is not None else adata
-        t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
-        results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
-        t = step(f"probe (seed {seed})", t)
+    results, first, shown, pending = [], None, [], None
+    with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside:  # exits once the heatmaps are done
+        for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
+            tag = "" if i == 0 else f"-seed{seed}"
+            run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
+            run_dir = out / f"run{tag}"
+            pretrain(run_cfg, run_dir)
+            t = step(f"pretrain (seed {seed})", t)
+            splits = json.loads((run_dir / "splits.json").read_text())
+            adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
+                                     first, truth, combat=tuple(p.embed.combat))
+            first = first if first is not None else adata
+            t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
+            if i == 0 and p.report.plots and p.heatmaps.slides:  # the first run's, beside the probes (both only read)
+                shown = heatmap_slides(adata, slides, p.heatmaps)
+                pending = beside.submit(_timed, heatmaps, run_dir, cohort_dir, shown, p.heatmaps.queries,
+                                        out / "report" / "heatmaps")
+            results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
+            t = step(f"probe (seed {seed})", t)
 
-    heat = []
-    if p.report.plots:
-        training_curves(out / "run", out / "report")
-        if p.heatmaps.slides:
-            shown = heatmap_slides(adata, slides, p.heatmaps)
-            heat = heatmaps(out / "run", cohort_dir, shown, p.heatmaps.queries, out / "report" / "heatmaps")
-            t = step(f"heatmaps ({', '.join(shown)})", t)
+        heat = []
+        if p.report.plots:
+            training_curves(out / "run", out / "report")
+        if pending is not None:  # its error, if any, is raised here
+            heat, secs = pending.result()
+            t = step(f"heatmaps ({', '.join(shown)}; {secs:.1f}s beside the probes)", t)
     tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
     text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth,
                        cv_folds(tasks))
@@ -363,6 +368,12 @@ def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool):
                  projection=p.report.projection, workers=p.probe.workers)
 
 
+def _timed(fn, *args):
+    """(fn(*args), its wall seconds): a step run beside another reports its own time."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
 def heatmap_slides(adata, slides, cfg: HeatmapStep) -> list[str]:
     """The first held-out slides whose case has every modality a query names (a heatmap query needs its data)."""
     queried = [k for k in cfg.queries if k in adata.obsm]
@@ -484,17 +495,18 @@ def _p(v) -> str:
 
 
 def training_curves(run_dir: Path, out: Path) -> Path | None:
-    """Loss and held-out recall over steps, from metrics.jsonl / eval.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss and held-out recall over steps, from metrics.jsonl / eval.jsonl (matplotlib's object API, no pyplot:
+    safe beside the heatmaps' thread)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from mmfm.train.monitor import read_jsonl
 
     m = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
     e = pd.DataFrame(read_jsonl(run_dir / "eval.jsonl")) if (run_dir / "eval.jsonl").exists() else pd.DataFrame()
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 2)
     ax[0].plot(m["step"], m["loss"], label="total")
     for c in [c for c in m.columns if c.startswith("loss/")]:
         ax[0].plot(m["step"], m[c], label=c.removeprefix("loss/"), lw=0.8)
@@ -507,5 +519,4 @@ def training_curves(run_dir: Path, out: Path) -> Path | None:
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
