@@ -63,3 +63,23 @@ def test_a_pipeline_checks_its_cohort_once(tmp_path, monkeypatch):
         assert checks == [False, True] and again is not first  # a Cohort of its own around the shared tables
     cohort_mod.Cohort.open(tiny_cohort)
     assert checks == [False, True, True]
+
+
+def test_a_second_thread_waits_for_the_first_answer():
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.2)
+        return object()
+
+    with memo.reusing():
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(memo.once("k", slow))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(calls) == 1 and len(got) == 3 and all(g is got[0] for g in got)
