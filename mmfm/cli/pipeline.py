@@ -7,6 +7,8 @@ the pretrained embedding beside the mean-pool and random-init baselines, chance 
 latent truth (simulated cohorts do) — the simulator's oracle, with CIs and paired differences whatever the numbers
 show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
+Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
+the probes and the probe tasks run `probe.workers` at a time (threads; the results do not depend on it).
 
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
 the recipe and task file it names are relative to the file too, paths given on the command line to the current
