@@ -74,7 +74,7 @@ class ProbeStep:
     tasks: str = ""                    # the probe task file (YAML list of tasks)
     n_bootstrap: int = 100             # bootstrap resamples for single-fold probes
     workers: int = 1                   # tasks run at a time (threads; the same results for any number): 2 overlaps
-    #                                    one task's compiles with another's fits, at 15-30% more CPU (measured loaded)
+    #                                    one task's compiles with another's fits on two idle cores, ~15% more CPU
 
 
 @dataclass
