@@ -141,3 +141,31 @@ def test_mutation_task_with_every_gene_skipped_tests_no_case(tmp_path):
                   tmp_path, plots=False, allow_overlap=True)
     assert "m/mut_A: skipped (1 mutant / 59 wild-type cases, min_positives=2)" in r.notes
     assert list(r.overlap) == ["rob"]  # robustness scores every row; the skipped mutation task scores none
+
+
+def test_tasks_run_two_at_a_time_write_what_one_at_a_time_writes(tmp_path, monkeypatch):
+    """`workers=2` runs tasks in threads, each into its own Collector merged in plan order: results, bootstrap
+    draws and notes are those of the sequential run, row for row (a slow first task finishes last)."""
+    import threading
+    import time
+
+    def slow_centroid(adata, spec, targets, col):
+        if threading.current_thread() is not threading.main_thread() and spec.name == "first":
+            time.sleep(0.5)  # the second task is done long before: merging must not follow completion order
+        run_centroid(adata, spec, targets, col)
+
+    monkeypatch.setitem(TASKS, "centroid", TaskType(CentroidSpec, slow_centroid))
+    a = _adata()
+    tasks = [{"name": "first", "type": "centroid", "label": "cls", "embeddings": ["emb"], "folds": 3},
+             {"name": "cls", "type": "classification", "label": "cls", "embeddings": ["emb"], "folds": 3},
+             {"name": "m", "type": "mutation", "labels": ["mut_*"], "embeddings": ["emb"]},
+             {"name": "rob", "type": "robustness", "label": "cls", "site": "cls", "embeddings": ["emb"]}]
+    one = probe(a, tasks, tmp_path / "one", plots=False, n_bootstrap=5)
+    two = probe(a, tasks, tmp_path / "two", plots=False, n_bootstrap=5, workers=2)
+    drop = ["wall_s", "fit_s"]  # timings
+    same = lambda r: r.results[~r.results.metric.isin(drop)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(same(one), same(two))
+    assert list(one.results.task.drop_duplicates()) == ["first", "cls", "rob"]  # plan order (m: skipped, no rows)
+    assert one.notes == two.notes and any("mut_A" in n for n in two.notes)
+    boot = (tmp_path / "one" / "bootstrap.csv").read_text()
+    assert boot == (tmp_path / "two" / "bootstrap.csv").read_text() and "rob" in boot

@@ -7,6 +7,8 @@ the pretrained embedding beside the mean-pool and random-init baselines, chance 
 latent truth (simulated cohorts do) — the simulator's oracle, with CIs and paired differences whatever the numbers
 show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
+Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
+the probes and the probe tasks run `probe.workers` at a time (threads; the results do not depend on it).
 
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
 the recipe and task file it names are relative to the file too, paths given on the command line to the current
@@ -25,6 +27,7 @@ import hashlib
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from mmfm import memo
 from mmfm.config import ConfigError, apply_override, decode, inherit, merge, read_yaml
 from mmfm.simulate import SimConfig
 from mmfm.eval.tasks import load_tasks
@@ -69,6 +73,8 @@ class EmbedStep:
 class ProbeStep:
     tasks: str = ""                    # the probe task file (YAML list of tasks)
     n_bootstrap: int = 100             # bootstrap resamples for single-fold probes
+    workers: int = 1                   # tasks run at a time (threads; the same results for any number): 2 overlaps
+    #                                    one task's compiles with another's fits on two idle cores, ~15% more CPU
 
 
 @dataclass
@@ -154,7 +160,8 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
     """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
     import jax
 
-    with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)):
+    with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
+            memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
         return _run_steps(p, log)
 
 
@@ -197,28 +204,32 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     if report_features(base_cfg):
         t = step("report features", t)
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
-    results, first = [], None
-    for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
-        tag = "" if i == 0 else f"-seed{seed}"
-        run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
-        run_dir = out / f"run{tag}"
-        pretrain(run_cfg, run_dir)
-        t = step(f"pretrain (seed {seed})", t)
-        splits = json.loads((run_dir / "splits.json").read_text())
-        adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
-                                 first, truth, combat=tuple(p.embed.combat))
-        first = first if first is not None else adata
-        t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
-        results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
-        t = step(f"probe (seed {seed})", t)
+    results, first, shown, pending = [], None, [], None
+    with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside:  # exits once the heatmaps are done
+        for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
+            tag = "" if i == 0 else f"-seed{seed}"
+            run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
+            run_dir = out / f"run{tag}"
+            pretrain(run_cfg, run_dir)
+            t = step(f"pretrain (seed {seed})", t)
+            splits = json.loads((run_dir / "splits.json").read_text())
+            adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
+                                     first, truth, combat=tuple(p.embed.combat))
+            first = first if first is not None else adata
+            t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
+            if i == 0 and p.report.plots and p.heatmaps.slides:  # the first run's, beside the probes (both only read)
+                shown = heatmap_slides(adata, slides, p.heatmaps)
+                pending = beside.submit(_timed, heatmaps, run_dir, cohort_dir, shown, p.heatmaps.queries,
+                                        out / "report" / "heatmaps")
+            results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
+            t = step(f"probe (seed {seed})", t)
 
-    heat = []
-    if p.report.plots:
-        training_curves(out / "run", out / "report")
-        if p.heatmaps.slides:
-            shown = heatmap_slides(adata, slides, p.heatmaps)
-            heat = heatmaps(out / "run", cohort_dir, shown, p.heatmaps.queries, out / "report" / "heatmaps")
-            t = step(f"heatmaps ({', '.join(shown)})", t)
+        heat = []
+        if p.report.plots:
+            training_curves(out / "run", out / "report")
+        if pending is not None:  # its error, if any, is raised here
+            heat, secs = pending.result()
+            t = step(f"heatmaps ({', '.join(shown)}; {secs:.1f}s beside the probes)", t)
     tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
     text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth,
                        cv_folds(tasks))
@@ -357,7 +368,13 @@ def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool):
     from mmfm.eval.probe import probe
 
     return probe(adata, tasks, out, n_bootstrap=p.probe.n_bootstrap, plots=p.report.plots and plots,
-                 projection=p.report.projection)
+                 projection=p.report.projection, workers=p.probe.workers)
+
+
+def _timed(fn, *args):
+    """(fn(*args), its wall seconds): a step run beside another reports its own time."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def heatmap_slides(adata, slides, cfg: HeatmapStep) -> list[str]:
@@ -481,17 +498,18 @@ def _p(v) -> str:
 
 
 def training_curves(run_dir: Path, out: Path) -> Path | None:
-    """Loss and held-out recall over steps, from metrics.jsonl / eval.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss and held-out recall over steps, from metrics.jsonl / eval.jsonl (matplotlib's object API, no pyplot:
+    safe beside the heatmaps' thread)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from mmfm.train.monitor import read_jsonl
 
     m = pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
     e = pd.DataFrame(read_jsonl(run_dir / "eval.jsonl")) if (run_dir / "eval.jsonl").exists() else pd.DataFrame()
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 2)
     ax[0].plot(m["step"], m["loss"], label="total")
     for c in [c for c in m.columns if c.startswith("loss/")]:
         ax[0].plot(m["step"], m[c], label=c.removeprefix("loss/"), lw=0.8)
@@ -504,5 +522,4 @@ def training_curves(run_dir: Path, out: Path) -> Path | None:
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

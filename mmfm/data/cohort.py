@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mmfm import MODALITIES
+from mmfm import MODALITIES, memo
 from mmfm.config import yaml_problem
 from mmfm.data import tcga, tile_encoders
 from mmfm.data.bags import read_header
@@ -666,7 +666,15 @@ def validate(path: str | Path, scan_features: bool = True, scan_cache: bool = Tr
     <cohort>/.feature_scan.json until the bag's size or mtime changes (`mmfm.data.scan_cache`), so only
     new or modified bags are read; scan_cache=False scans every bag again (and remembers the result).
     """
-    return _check(Path(path).resolve(), scan_features, scan_cache)[0]
+    return _checked(Path(path).resolve(), scan_features, scan_cache)[0]
+
+
+def _checked(root: Path, scan_features: bool, scan_cache: bool, packed: bool = True) -> tuple[ValidationReport, _Parts]:
+    """`_check`, once per cohort inside `memo.reusing()` (a pipeline run, which never edits its cohort): every
+    step opens it by path. A scanned answer also serves a request without the scan."""
+    key = ("cohort", str(root), packed)
+    scanned = scan_features or memo.kept((*key, True))
+    return memo.once((*key, scanned), lambda: _check(root, scanned, scan_cache, packed))
 
 
 class Cohort:
@@ -694,7 +702,7 @@ class Cohort:
         invalid (listed in `.validation.excluded`) and raises only when nothing sensible is left.
         scan_features, scan_cache: as in `validate`; packed=False ignores `packed/` (`mmfm pack` rewrites it)."""
         root = Path(path).resolve()
-        rep, parts = _check(root, scan_features, scan_cache, packed)
+        rep, parts = _checked(root, scan_features, scan_cache, packed)
         if rep.fatal or (strict and rep.errors):
             raise CohortError(rep)
         return cls(root, parts, rep)

@@ -160,8 +160,9 @@ def _slide_encoders(model, run_cfg, shapes, cfg: EmbedConfig) -> dict[str, Calla
         fns["slide_meanpool"] = jax.jit(
             lambda f, c, m, fr: (f * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1))
     if "random" in cfg.baselines:
-        rand = build_slide_encoder(run_cfg.model.slide, shapes.feature_dim,
-                                   dtype=compute_dtype(run_cfg.model.compute_dtype), rngs=nnx.Rngs(cfg.random_seed))
+        rand = nnx.jit(lambda: build_slide_encoder(  # initialised in one program, not a compile per eager op
+            run_cfg.model.slide, shapes.feature_dim, dtype=compute_dtype(run_cfg.model.compute_dtype),
+            rngs=nnx.Rngs(cfg.random_seed)))()
         fns["slide_random"] = _jit_slide_encoder(rand, lambda enc, f, c, m, fr: enc(f, c, m, fr).embedding)
     fns.update(_extra_encoders(cfg.extra_encoders, shapes.feature_dim, taken=set("|".join(fns).split("|"))))
     return fns

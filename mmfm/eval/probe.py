@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,8 +94,9 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
           allow_overlap: bool = False, pretrain_cases: set[str] | str | Path | None = None,
           allow_validation_overlap: bool = False, validation_cases: set[str] | str | Path | None = None,
           n_bootstrap: int = 100, plots: bool = True, projection: str = "umap",
-          cohort: str | Path | None = None) -> ProbeResult:
-    """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`."""
+          cohort: str | Path | None = None, workers: int = 1) -> ProbeResult:
+    """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`;
+    `workers` tasks at a time (the same results, see `_run_tasks`)."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
     if cohort is not None:  # tasks reading the cohort (mil, regression): --cohort where the task names none
@@ -121,12 +123,8 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     col = Collector(n_bootstrap=n_bootstrap, plot_dir=out if plots else None, projection=projection,
                     cohort=None if cohort is None else str(cohort))
     with threadpool_limits(1, user_api="blas"):  # hundreds of small fits: BLAS threads only spin (≈15× CPU, loaded)
-        for i, (spec, targets, notes) in enumerate(plans):
-            col.notes += notes
-            t0 = time.perf_counter()
-            log.info("task %d/%d %s (%s) ...", i + 1, len(plans), spec.name, spec.type)
-            TASKS[spec.type].run(adata, spec, targets, col)
-            log.info("task %d/%d %s done in %.1fs", i + 1, len(plans), spec.name, time.perf_counter() - t0)
+        for part in _run_tasks(adata, plans, col, workers):
+            col.merge(part)
 
     results = pd.DataFrame(file_beside(col.rows), columns=["task", "type", "target", "embedding", "model", "shots",
                                                            "draw", "metric", "fold", "value"])
@@ -139,6 +137,28 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
                          robustness_curves=col.robustness_curves if plots else {}, plots=plots,
                          per_target=pd.concat(col.per_target, ignore_index=True) if col.per_target else None)
     return ProbeResult(results, summary, out, col.notes, overlap, val_overlap)
+
+
+def _run_tasks(adata, plans: list, like: Collector, workers: int) -> list[Collector]:
+    """Each task into a Collector of its own, in plan order, `workers` tasks at a time (threads: the fits and XLA
+    release the GIL). Tasks read the embeddings and write only their Collector, and seed their own randomness, so
+    the merged rows are those of one task after another; the `mil` tasks (the longest: tile bags, training) start
+    first. A task's error is raised, in plan order, once the running tasks are done."""
+    def one(i: int, spec, targets, notes) -> Collector:
+        col = dataclasses.replace(like, rows=[], boot=[], survival_preds={}, per_target=[], robustness_curves={},
+                                  notes=list(notes))
+        t0 = time.perf_counter()
+        log.info("task %d/%d %s (%s) ...", i + 1, len(plans), spec.name, spec.type)
+        TASKS[spec.type].run(adata, spec, targets, col)
+        log.info("task %d/%d %s done in %.1fs", i + 1, len(plans), spec.name, time.perf_counter() - t0)
+        return col
+
+    if workers <= 1:
+        return [one(i, *plan) for i, plan in enumerate(plans)]
+    first = sorted(range(len(plans)), key=lambda i: plans[i][0].type != "mil")  # stable: plan order otherwise
+    with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
+        futures = {i: pool.submit(one, i, *plans[i]) for i in first}
+        return [futures[i].result() for i in range(len(plans))]
 
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:

@@ -28,6 +28,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmfm import memo
 from mmfm.config import ConfigError, decode, to_dict, yaml_problem
 from mmfm.data.batch import BatchShapes
 from mmfm.locks import LockedError, OwnerLock
@@ -288,9 +289,17 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
     model is restored onto `mesh` (default: every local device on the data axis), whatever mesh
     it was trained on.
     """
+    run_dir = run_path(run_dir)
+    key = ("load_for_inference", str(run_dir), step, mesh)
+    graphdef, state, cfg, transforms = memo.once(key, lambda: _restore(run_dir, step, mesh))
+    return nnx.merge(graphdef, state)[0].model, cfg, transforms  # new objects around the (immutable) arrays
+
+
+def _restore(run_dir: epath.Path, step: int | str | None, mesh):
+    """(graphdef, state, config, transforms) of a checkpoint: once per run directory and step inside
+    `memo.reusing()` (a pipeline's steps restore the same finished run)."""
     from mmfm.models.multimodal import INPUTS
 
-    run_dir = run_path(run_dir)
     cfg = read_config(run_dir)
     shapes = read_shapes(run_dir)
     ckpt = Checkpointer(run_dir, cfg.train, read_only=True)
@@ -304,5 +313,4 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
         state = ckpt.restore_state(step, ts.abstract)
     finally:
         ckpt.close()
-    module, _ = nnx.merge(ts.graphdef, state)
-    return module.model, cfg, load_transforms(run_dir / "transforms")
+    return ts.graphdef, state, cfg, load_transforms(run_dir / "transforms")

@@ -222,6 +222,15 @@ class Collector:
     robustness_curves: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def merge(self, other: Collector) -> None:
+        """Append what `other` (a task run on its own) collected, as if it had run into this one."""
+        self.rows += other.rows
+        self.boot += other.boot
+        self.survival_preds.update(other.survival_preds)
+        self.per_target += other.per_target
+        self.robustness_curves.update(other.robustness_curves)
+        self.notes += other.notes
+
     def add(self, key: dict, fold, values: dict):
         self.rows += [{**key, "metric": m, "fold": str(fold), "value": float(v)} for m, v in values.items()]
 
