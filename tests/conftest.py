@@ -15,6 +15,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save, in this
+# process and in every `mmfm` subprocess and notebook kernel a test starts (they inherit the variable; JAX reads it
+# at import). What a test checks of a run — curves equal across processes, a resume, a kill — holds at either
+# setting; a test of the optimised path says so (`xla_optimized` below). JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it
+# off everywhere for a comparison.
+_NO_OPT = os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
 if "MMFM_COMPILATION_CACHE" not in os.environ:  # the controller (or a plain run) sets it; xdist workers inherit it
     os.environ["MMFM_COMPILATION_CACHE"] = _RUN_CACHE = tempfile.mkdtemp(prefix="mmfm-pytest-jax-")
 else:
@@ -25,11 +31,7 @@ jit_cache.configure()
 
 import jax  # noqa: E402
 
-# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this
-# process. Not exported: `mmfm` subprocesses (signals, kills, several processes) compile as users' do.
-# JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
-jax.config.update("jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower()
-                  not in ("0", "false"))
+jax.config.update("jax_disable_most_optimizations", _NO_OPT)  # in case a plugin imported jax before this file
 
 from pathlib import Path  # noqa: E402
 
@@ -80,9 +82,12 @@ def run_losses(run_dir) -> dict[int, float]:
 
 def tiny_cohort(tmp_path_factory) -> Path:
     """48 simulated cases with small shapes (default missing rates), the cohort of TINY_RUN runs."""
+    return simulate_tiny(tmp_path_factory.mktemp("tiny") / "cohort")
+
+
+def simulate_tiny(out: Path) -> Path:
     from mmfm.simulate import SimConfig, simulate_cohort
 
-    out = tmp_path_factory.mktemp("tiny") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,
                                    bag_size_median=64, bag_size_max=256))
     return out
@@ -120,6 +125,28 @@ def report_run(tmp_path_factory) -> tuple[Path, Path]:
 
     base = built_once(tmp_path_factory, "report_run", tiny_report_run)
     return base / "cohort", base / "run"
+
+
+REFERENCE_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(cohort, run dir, its output) of one uninterrupted `mmfm pretrain` subprocess: TINY_RUN on a tiny cohort,
+    REFERENCE_STEPS steps, a checkpoint every 2 (kept). The curve the SIGTERM and SIGKILL resume tests must
+    reproduce — built once per pytest run for both (a run's curve does not depend on its checkpoint cadence).
+    Read-only: a test that writes copies it first."""
+
+    def build(out):
+        cohort = simulate_tiny(out / "cohort")
+        proc = pretrain_process(out / "run", tiny_sets(cohort, f"train.steps={REFERENCE_STEPS}", "train.ckpt_every=2",
+                                                       "train.keep_last=10"), cache=out / "jit_cache")
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log
+        (out / "run.log").write_text(log)
+
+    base = built_once(tmp_path_factory, "reference_run", build)
+    return base / "cohort", base / "run", (base / "run.log").read_text()
 
 
 def pytest_configure(config):
