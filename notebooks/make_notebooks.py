@@ -339,14 +339,15 @@ scores.assign(truth=cases.obs["report_necrosis"]).head()
 
 `type: zeroshot` tasks run in `mmfm probe` like any other: class names × templates in the task file, every
 labelled case a test case, bootstrap CIs, `chance_bacc` beside. The linear probes on the same labels test the
-same cases across 5 folds.""",
+same cases across 5 folds (3 in the small run).""",
     """
 from mmfm.eval.probe import probe
 from mmfm.eval.tasks import load_tasks
 
 labels = ("reported grade", "necrosis", "lymphovascular invasion")
 keep = {"cross-modal retrieval", *labels, *(f"{t} (zero-shot)" for t in labels)}
-tasks = [t for t in load_tasks(CONFIGS / "tasks" / "demo_report.yaml") if t.name in keep]
+tasks_file = CONFIGS / "tasks" / ("demo_report_quick.yaml" if SMALL else "demo_report.yaml")  # small: 3 folds
+tasks = [t for t in load_tasks(tasks_file) if t.name in keep]
 res = probe(cases, tasks, OUT / "report", n_bootstrap=20 if SMALL else 100, plots=False)
 s = res.summary
 s[s.type.isin(["classification", "zeroshot"]) & s.metric.isin(["auroc", "bacc", "chance_bacc"])].pivot_table(
