@@ -15,12 +15,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save, in this
-# process and in every `mmfm` subprocess and notebook kernel a test starts (they inherit the variable; JAX reads it
-# at import). What a test checks of a run — curves equal across processes, a resume, a kill — holds at either
-# setting; a test of the optimised path says so (`xla_optimized` below). JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it
-# off everywhere for a comparison.
-_NO_OPT = os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
 if "MMFM_COMPILATION_CACHE" not in os.environ:  # the controller (or a plain run) sets it; xdist workers inherit it
     os.environ["MMFM_COMPILATION_CACHE"] = _RUN_CACHE = tempfile.mkdtemp(prefix="mmfm-pytest-jax-")
 else:
@@ -31,7 +25,12 @@ jit_cache.configure()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_disable_most_optimizations", _NO_OPT)  # in case a plugin imported jax before this file
+# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this process
+# and in the single-process `mmfm pretrain` runs of `pretrain_process` (signals, kills and resumes: what they check
+# holds at either setting). Not exported to other subprocesses: several JAX processes, launchers and the wheel's demo
+# compile as users' do. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
+NO_OPT = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
+jax.config.update("jax_disable_most_optimizations", NO_OPT)
 
 from pathlib import Path  # noqa: E402
 
@@ -56,7 +55,8 @@ def pretrain_process(out, sets, *flags, cache, devices=8, faults: str = "") -> s
     chosen step or write, never a race with the run)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jit_cache_dir(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults)
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults,
+               JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(NO_OPT)))
     cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
            "--out", str(out), *[a for s in sets for a in ("--set", s)], *flags]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
