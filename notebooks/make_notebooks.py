@@ -33,6 +33,8 @@ N_CASES = 48 if SMALL else 400
 SIM = dict(feature_dim=64, bag_size_median=48, bag_size_max=256, n_genes=200, n_proteins=16) if SMALL else {}
 TRAIN = ["train.steps=6", "train.eval_every=3", "train.ckpt_every=3", "loader.batch_size=16",
          "loader.tiles_per_slide=32", "loader.n_genes=64", "data.heldout_fraction=0.5"] if SMALL else []
+TASKS = "demo_quick.yaml" if SMALL else "demo.yaml"  # small: the same rows with 3 folds, cheaper MIL shapes
+PROJECTION = "pca" if SMALL else "umap"  # the robustness plots' 2-D map (small: UMAP's numba compilation is skipped)
 """,
     """md:## 1. A cohort (simulated here; `data_cards/cohort_format.md` describes the contract for your own)""",
     """
@@ -79,12 +81,15 @@ held = json.loads((OUT / "run" / "splits.json").read_text())["heldout"]
 cases, slides = embed(OUT / "run", cohort_dir, OUT / "embeddings.h5ad", case_ids=held)
 cases
 """,
-    """md:## 4. Probes with the field's protocols (Patho-Bench-compatible), baselines side by side""",
+    """md:## 4. Probes with the field's protocols (Patho-Bench-compatible), baselines side by side
+
+The task file `configs/tasks/demo.yaml` (the small run: `demo_quick.yaml`, the same tasks with 3 folds).""",
     """
 from mmfm.eval.probe import probe
 from mmfm.eval.report import headline_table
 
-res = probe(OUT / "embeddings.h5ad", CONFIGS / "tasks" / "demo.yaml", OUT / "report", n_bootstrap=20 if SMALL else 100)
+res = probe(OUT / "embeddings.h5ad", CONFIGS / "tasks" / TASKS, OUT / "report", n_bootstrap=20 if SMALL else 100,
+            projection=PROJECTION)
 headline_table(res.summary)
 """,
     """
@@ -334,14 +339,15 @@ scores.assign(truth=cases.obs["report_necrosis"]).head()
 
 `type: zeroshot` tasks run in `mmfm probe` like any other: class names × templates in the task file, every
 labelled case a test case, bootstrap CIs, `chance_bacc` beside. The linear probes on the same labels test the
-same cases across 5 folds.""",
+same cases across 5 folds (3 in the small run).""",
     """
 from mmfm.eval.probe import probe
 from mmfm.eval.tasks import load_tasks
 
 labels = ("reported grade", "necrosis", "lymphovascular invasion")
 keep = {"cross-modal retrieval", *labels, *(f"{t} (zero-shot)" for t in labels)}
-tasks = [t for t in load_tasks(CONFIGS / "tasks" / "demo_report.yaml") if t.name in keep]
+tasks_file = CONFIGS / "tasks" / ("demo_report_quick.yaml" if SMALL else "demo_report.yaml")  # small: 3 folds
+tasks = [t for t in load_tasks(tasks_file) if t.name in keep]
 res = probe(cases, tasks, OUT / "report", n_bootstrap=20 if SMALL else 100, plots=False)
 s = res.summary
 s[s.type.isin(["classification", "zeroshot"]) & s.metric.isin(["auroc", "bacc", "chance_bacc"])].pivot_table(

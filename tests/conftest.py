@@ -25,11 +25,12 @@ jit_cache.configure()
 
 import jax  # noqa: E402
 
-# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this
-# process. Not exported: `mmfm` subprocesses (signals, kills, several processes) compile as users' do.
-# JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
-jax.config.update("jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower()
-                  not in ("0", "false"))
+# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this process
+# and in the single-process `mmfm pretrain` runs of `pretrain_process` (signals, kills and resumes: what they check
+# holds at either setting). Not exported to other subprocesses: several JAX processes, launchers and the wheel's demo
+# compile as users' do. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
+NO_OPT = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
+jax.config.update("jax_disable_most_optimizations", NO_OPT)
 
 from pathlib import Path  # noqa: E402
 
@@ -54,7 +55,8 @@ def pretrain_process(out, sets, *flags, cache, devices=8, faults: str = "") -> s
     chosen step or write, never a race with the run)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jit_cache_dir(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults)
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults,
+               JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(NO_OPT)))
     cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
            "--out", str(out), *[a for s in sets for a in ("--set", s)], *flags]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -80,9 +82,12 @@ def run_losses(run_dir) -> dict[int, float]:
 
 def tiny_cohort(tmp_path_factory) -> Path:
     """48 simulated cases with small shapes (default missing rates), the cohort of TINY_RUN runs."""
+    return simulate_tiny(tmp_path_factory.mktemp("tiny") / "cohort")
+
+
+def simulate_tiny(out: Path) -> Path:
     from mmfm.simulate import SimConfig, simulate_cohort
 
-    out = tmp_path_factory.mktemp("tiny") / "cohort"
     simulate_cohort(out, SimConfig(n_cases=48, n_sites=3, feature_dim=32, n_genes=64, n_proteins=16,
                                    bag_size_median=64, bag_size_max=256))
     return out
@@ -120,6 +125,28 @@ def report_run(tmp_path_factory) -> tuple[Path, Path]:
 
     base = built_once(tmp_path_factory, "report_run", tiny_report_run)
     return base / "cohort", base / "run"
+
+
+REFERENCE_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(cohort, run dir, its output) of one uninterrupted `mmfm pretrain` subprocess: TINY_RUN on a tiny cohort,
+    REFERENCE_STEPS steps, a checkpoint every 2 (kept). The curve the SIGTERM and SIGKILL resume tests must
+    reproduce — built once per pytest run for both (a run's curve does not depend on its checkpoint cadence).
+    Read-only: a test that writes copies it first."""
+
+    def build(out):
+        cohort = simulate_tiny(out / "cohort")
+        proc = pretrain_process(out / "run", tiny_sets(cohort, f"train.steps={REFERENCE_STEPS}", "train.ckpt_every=2",
+                                                       "train.keep_last=10"), cache=out / "jit_cache")
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, log
+        (out / "run.log").write_text(log)
+
+    base = built_once(tmp_path_factory, "reference_run", build)
+    return base / "cohort", base / "run", (base / "run.log").read_text()
 
 
 def pytest_configure(config):

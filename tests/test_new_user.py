@@ -39,18 +39,22 @@ def small(tmp_path_factory):
 
 
 def test_readme_pipeline_runs_as_written(tmp_path, monkeypatch, capsys):
-    """Each README command, in order, from a fresh folder; only sizes are appended (a 2-core CI budget) and
+    """Each README command, in order, from a fresh folder; only sizes are changed (a 2-core CI budget: options
+    appended, and the probe's task file is configs/tasks/demo_quick.yaml, demo.yaml's tasks with 3 folds) and
     `extract` is left out (it needs slides and a tile encoder's weights: tests/test_bridges_extract.py)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")
     extra = {"simulate": ["--cases", "60", "--feature_dim", "16", "--bag_size_median", "40", "--n_genes", "200"],
              "pretrain": SMALL, "probe": ["--no-plots", "--n_bootstrap", "5"]}
+    smaller = {"configs/tasks/demo.yaml": "configs/tasks/demo_quick.yaml"}
     commands = readme_pipeline()
     assert [c[1] for c in commands] == ["simulate", "extract", "validate", "pretrain", "embed", "probe"]
+    assert set(smaller) <= {a for c in commands for a in c}  # the README's task file, as written
     for argv in commands:
         if argv[1] == "extract":
             continue
-        assert main(argv[1:] + extra.get(argv[1], [])) == 0, f"{shlex.join(argv)} failed:\n{capsys.readouterr()}"
+        assert main([smaller.get(a, a) for a in argv[1:]] + extra.get(argv[1], [])) == 0, \
+            f"{shlex.join(argv)} failed:\n{capsys.readouterr()}"
     # embed took the run's held-out cases (what probe may test), so probe ran without an overlap refusal
     assert (tmp_path / "runs/demo/probe/summary.md").exists()
 

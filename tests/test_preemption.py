@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, pretrain_process, tiny_cohort
+from conftest import REFERENCE_STEPS, REPO, pretrain_process, tiny_cohort
 from conftest import run_losses as losses
 from conftest import tiny_sets as sets
 from mmfm.train import config, loop, monitor
@@ -15,15 +15,13 @@ from mmfm.train.checkpoint import Checkpointer
 cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per module
 
 
-def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(cohort, tmp_path):
+def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(reference_run, tmp_path):
     """SIGTERM (SLURM's / Kubernetes' pre-emption notice) delivered right after step 5 is dispatched (`mmfm.faults`):
     the run finishes step 5, checkpoints it beside the regular checkpoint 4 and exits 75; resumed, the curve is the
-    uninterrupted one."""
-    n, stop, cache = 8, 5, tmp_path / "jit_cache"
+    uninterrupted one (conftest's `reference_run`: the same recipe, cohort and steps)."""
+    cohort, ref, _ = reference_run
+    n, stop, cache = REFERENCE_STEPS, 5, tmp_path / "jit_cache"
     overrides = sets(cohort, f"train.steps={n}", "train.ckpt_every=4", "train.keep_last=10")
-    ref = pretrain_process(tmp_path / "ref", overrides, cache=cache)
-    out, _ = ref.communicate(timeout=600)
-    assert ref.returncode == 0, out
     run = tmp_path / "run"
     proc = pretrain_process(run, overrides, "--resume", "auto", cache=cache,  # auto on a new directory: fresh
                             faults=f"train.step@{stop}:SIGTERM")
@@ -35,7 +33,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_reproduces_the_curve(cohor
     proc = pretrain_process(run, overrides, "--resume", "auto", cache=cache)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    got, want = losses(run), losses(tmp_path / "ref")
+    got, want = losses(run), losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, n + 1))
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
     assert len(set(np.round(list(want.values()), 4))) == n

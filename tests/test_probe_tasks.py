@@ -1,7 +1,7 @@
 """The probe task registry: TASKS.yaml entries decode into typed specs (old files still load, errors name the file,
 task and key), and a new task type is one module + one registry entry, run by the unchanged driver."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -50,6 +50,22 @@ def test_demo_task_file_loads_into_typed_specs():
     assert ret.pairs == (("slide", "rna"), ("rna", "slide"), ("slide", "protein"))
     assert ret.embeddings == ("slide", "rna", "protein")  # default: the keys of the pairs
     assert specs["site robustness"].ks == (5, 10, 20)
+
+
+def test_quick_task_file_is_the_demo_rows_with_3_folds_and_one_mil_bag_length():
+    """configs/tasks/demo_quick.yaml (the quickstart notebook's small run, the README test's probe) states only its
+    sizes: every other key is demo.yaml's."""
+    tasks = REPO / "configs" / "tasks"
+    quick, full = load_tasks(tasks / "demo_quick.yaml"), load_tasks(tasks / "demo.yaml")
+
+    def sized(s, folds, min_bucket, per_call):
+        s = replace(s, folds=folds) if isinstance(s, FoldSpec) and not isinstance(s, RetrievalSpec) else s  # fitted
+        return replace(s, train=replace(s.train, min_bucket=min_bucket, max_tiles_per_call=per_call)) \
+            if isinstance(s, MilSpec) else s
+
+    mil = next(s.train for s in full if isinstance(s, MilSpec))
+    assert [sized(s, 3, 128, 2048) for s in full] == quick
+    assert [sized(s, 5, mil.min_bucket, mil.max_tiles_per_call) for s in quick] == full
 
 
 def test_single_values_where_lists_are_expected_and_defaults():

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-from conftest import REPO, pretrain_process, tiny_cohort
+from conftest import REFERENCE_STEPS, REPO, pretrain_process, tiny_cohort
 from conftest import run_losses as losses
 from conftest import tiny_sets as overrides
 from mmfm.data.batch import BatchShapes, random_batch
@@ -34,13 +34,13 @@ def finish(proc):
     return proc.returncode, out
 
 
-def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(cohort, jit_cache, tmp_path):
+def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(reference_run, jit_cache, tmp_path):
     """kill -9 inside the (synchronous) save of checkpoint 6 (`mmfm.faults`): the partial checkpoint is never listed,
-    `--resume` continues from 4 and reproduces the uninterrupted curve."""
-    n = 8
+    `--resume` continues from 4 and reproduces the uninterrupted curve (conftest's `reference_run`: the same
+    recipe, cohort and checkpoints)."""
+    cohort, ref, out = reference_run
+    n = REFERENCE_STEPS
     sets = overrides(cohort, f"train.steps={n}", "train.ckpt_every=2", "train.keep_last=10")
-    rc, out = finish(pretrain_process(tmp_path / "ref", sets, cache=jit_cache))
-    assert rc == 0, out
     assert json.loads(out.strip().splitlines()[-1])["checkpoints"] == [2, 4, 6, 8]
     killed = tmp_path / "killed"
     rc, out = finish(pretrain_process(killed, sets + ["train.async_checkpoint=false"], cache=jit_cache,
@@ -50,7 +50,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(cohort, jit_cache
     assert [p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("6")]  # the half-written one
     rc, out = finish(pretrain_process(killed, sets, "--resume", cache=jit_cache))
     assert rc == 0, out
-    got, want = losses(killed), losses(tmp_path / "ref")
+    got, want = losses(killed), losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, n + 1))  # one record per step, none duplicated
     # same seed, same data order, restored RNG and optimizer state → the same curve
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)

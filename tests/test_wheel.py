@@ -38,7 +38,7 @@ def installed(tmp_path_factory):
 def test_wheel_ships_recipes_and_task_files(installed):
     _, names = installed
     for f in ("base.yaml", "demo.yaml", "demo_report.yaml", "tangle_like.yaml", "tasks/demo.yaml",
-              "tasks/demo_report.yaml", "tasks/demo_report_quick.yaml", "pipelines/demo.yaml",
+              "tasks/demo_quick.yaml", "tasks/demo_report.yaml", "tasks/demo_report_quick.yaml", "pipelines/demo.yaml",
               "pipelines/demo_quick.yaml"):  # with what they inherit
         assert f"mmfm/configs/{f}" in names
 
