@@ -34,7 +34,6 @@ SIM = dict(feature_dim=64, bag_size_median=48, bag_size_max=256, n_genes=200, n_
 TRAIN = ["train.steps=6", "train.eval_every=3", "train.ckpt_every=3", "loader.batch_size=16",
          "loader.tiles_per_slide=32", "loader.n_genes=64", "data.heldout_fraction=0.5"] if SMALL else []
 TASKS = "demo_quick.yaml" if SMALL else "demo.yaml"  # small: the same rows with 3 folds, cheaper MIL shapes
-PROJECTION = "pca" if SMALL else "umap"  # the robustness plots' 2-D map (small: UMAP's numba compilation is skipped)
 """,
     """md:## 1. A cohort (simulated here; `data_cards/cohort_format.md` describes the contract for your own)""",
     """
@@ -88,8 +87,7 @@ The task file `configs/tasks/demo.yaml` (the small run: `demo_quick.yaml`, the s
 from mmfm.eval.probe import probe
 from mmfm.eval.report import headline_table
 
-res = probe(OUT / "embeddings.h5ad", CONFIGS / "tasks" / TASKS, OUT / "report", n_bootstrap=20 if SMALL else 100,
-            projection=PROJECTION)
+res = probe(OUT / "embeddings.h5ad", CONFIGS / "tasks" / TASKS, OUT / "report", n_bootstrap=20 if SMALL else 100)
 headline_table(res.summary)
 """,
     """
