@@ -230,14 +230,18 @@ def _run_steps(p: Pipeline, log: str) -> dict:
 
 
 def cohort(p: Pipeline, out: Path) -> tuple[Path, str]:
-    """The cohort folder: the existing one, or one simulated per simulator config (same config resumes)."""
-    from mmfm.simulate import simulate_cohort
+    """The cohort folder: the existing one, or one simulated per simulator config (same config resumes). A new one is
+    copied from the machine's cohort cache beside the compilation cache (`jit_cache.machine_dir`, off with it) when
+    this config and simulator code were simulated before: the same bytes (`mmfm.simulate.cache`)."""
+    from mmfm.cli.jit_cache import machine_dir
+    from mmfm.simulate.cache import simulate_cached
 
     if p.cohort.path:
         return Path(p.cohort.path), f"cohort {p.cohort.path} (existing, not simulated)"
     sim = p.cohort.simulate
     key = hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]
-    return simulate_cohort(out / f"cohort-{key}", sim), f"simulate ({sim.n_cases} cases)"
+    path, restored = simulate_cached(out / f"cohort-{key}", sim, machine_dir("cohorts"))
+    return path, f"simulate ({sim.n_cases} cases{', copied from the cohort cache' if restored else ''})"
 
 
 def validated(cohort_dir: Path, log: str) -> None:
