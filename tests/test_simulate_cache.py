@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from mmfm.cli.pipeline import CohortStep, Pipeline, cohort
+from mmfm.data import scan_cache
 from mmfm.simulate import SimConfig, cache, simulate_cohort
 
 TINY = SimConfig(n_cases=6, feature_dim=8, bag_size_median=40, n_genes=40, n_proteins=8, spatial_rate=0.5,
@@ -100,18 +101,28 @@ def test_least_recently_used_entries_go_past_the_bound(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == [cache.cache_key(b)]
 
 
-def test_the_pipeline_restores_unless_the_machine_caches_are_off(tmp_path, monkeypatch):
+def test_the_pipeline_restores_a_validated_cohort_unless_the_machine_caches_are_off(tmp_path, monkeypatch):
     p = Pipeline(cohort=CohortStep(simulate=TINY))
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
     monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "true")
+    monkeypatch.setattr(scan_cache, "RACY_NS", 0)  # the tiny cohort's bags are all younger than 2 s
+    scanned = []
+    result = scan_cache.ScanCache.result
+    monkeypatch.setattr(scan_cache.ScanCache, "result",
+                        lambda self, bag, scan: result(self, bag, lambda: scanned.append(bag.name) or scan()))
     first, about = cohort(p, tmp_path / "one")
-    assert "cohort cache" not in about and (tmp_path / "jax" / "cohorts" / cache.cache_key(TINY)).is_dir()
+    n_bags = len(list((first / "bags").glob("*.h5")))
+    assert "cohort cache" not in about and len(scanned) == n_bags > 0  # validated: every bag's features scanned
+    assert (tmp_path / "jax" / "cohorts" / cache.cache_key(TINY) / scan_cache.FILE).is_file()
     second, about = cohort(p, tmp_path / "two")
     assert "copied from the cohort cache" in about and digests(second) == digests(first)
+    assert len(scanned) == n_bags  # the restored bags (same bytes, same mtimes) are not scanned again
     again, about = cohort(p, tmp_path / "two")  # an existing cohort resumes in place
     assert "cohort cache" not in about and again == second
 
     shutil.rmtree(tmp_path / "jax")
     monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")  # --compilation-cache off
     third, about = cohort(p, tmp_path / "three")
-    assert "cohort cache" not in about and not (tmp_path / "jax").exists() and digests(third) == digests(first)
+    assert "cohort cache" not in about and not (tmp_path / "jax").exists()
+    assert {k: v for k, v in digests(third).items() if k != scan_cache.FILE} == {  # scanned at another time
+        k: v for k, v in digests(first).items() if k != scan_cache.FILE}

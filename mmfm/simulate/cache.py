@@ -7,9 +7,11 @@ versions of the libraries that write the files; any change is a different key, n
 
 Writes are atomic (a complete copy under a temporary name, then one rename): a reader sees a whole entry or none,
 and of several processes storing the same key one wins, the others drop their copy. A restore copies the entry
-(`shutil.copytree`, the kernel's file copy) to a temporary folder beside the destination, then renames it there:
-a real copy, never hard links, because a caller may rewrite a cohort file in place (h5py "w" truncates the same
-inode) and must not reach the cache. Entries are dropped least recently used past `MAX_BYTES`; an entry whose files
+(`shutil.copytree`: the kernel's file copy, modification times kept, as `cp -a`) to a temporary folder beside the
+destination, then renames it there: a real copy, never hard links, because a caller may rewrite a cohort file in
+place (h5py "w" truncates the same inode) and must not reach the cache. A cohort is stored after the caller's
+`check` (the pipeline validates it), so what that leaves in the folder comes back too: `validate`'s NaN scan of
+every bag (`.feature_scan.json`, keyed by each bag's size and mtime) holds for the copy, whose bags are the same. Entries are dropped least recently used past `MAX_BYTES`; an entry whose files
 do not match its manifest (cut short or edited by hand) is a miss and removed.
 """
 
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from mmfm.io import write_json
 from mmfm.simulate.sim_config import SimConfig
@@ -109,7 +112,7 @@ def _copy_to(src: Path, dst: Path, ignore=None) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=ignore, copy_function=shutil.copyfile)
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=ignore)
         if dst.is_dir() and not any(dst.iterdir()):
             dst.rmdir()
         os.rename(tmp, dst)
@@ -148,7 +151,7 @@ def store(folder: str | Path, cfg: SimConfig, cohort: str | Path) -> Path | None
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=folder))
     try:
         if not entry.exists():
-            shutil.copytree(cohort, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
+            shutil.copytree(cohort, tmp, dirs_exist_ok=True)
             write_json(tmp / MANIFEST, {"format": FORMAT, "code": code_fingerprint(),
                                         "config": dataclasses.asdict(cfg), "files": files})
             os.rename(tmp, entry)  # fails when another process stored the same key first: theirs is as good
@@ -178,16 +181,20 @@ def _evict(folder: Path, keep: Path) -> None:
             total -= sizes[p]
 
 
-def simulate_cached(out: str | Path, cfg: SimConfig, folder: str | Path | None) -> tuple[Path, bool]:
-    """`simulate_cohort(out, cfg)` through the cache at `folder` (None: no cache); (out, restored from the cache).
-    A cohort already at `out` resumes as ever; only a new one is restored or stored."""
+def simulate_cached(out: str | Path, cfg: SimConfig, folder: str | Path | None,
+                    check: Callable[[Path], object] | None = None) -> tuple[Path, bool]:
+    """`simulate_cohort(out, cfg)` through the cache at `folder` (None: no cache), then `check(out)` (raising: not
+    stored); (out, restored from the cache). A cohort already at `out` resumes as ever; only a new one is restored
+    or stored."""
     out = Path(out)
-    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
-    if folder is None or not fresh:
-        return simulate_cohort(out, cfg), False
-    cfg.check()
-    if restore(folder, cfg, out):
-        return out, True
-    simulate_cohort(out, cfg)
-    store(folder, cfg, out)
-    return out, False
+    use = folder is not None and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
+    if use:
+        cfg.check()
+    restored = use and restore(folder, cfg, out)
+    if not restored:
+        simulate_cohort(out, cfg)
+    if check is not None:
+        check(out)
+    if use and not restored:
+        store(folder, cfg, out)
+    return out, restored
