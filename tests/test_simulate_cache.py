@@ -70,7 +70,7 @@ def test_key_follows_every_knob_and_the_simulator_code(tmp_path, monkeypatch):
     assert found[0] != found[1]
 
 
-def test_a_damaged_entry_is_a_miss_and_concurrent_writers_leave_one_whole_entry(tmp_path):
+def test_concurrent_writers_leave_one_whole_entry_and_a_damaged_entry_is_a_miss(tmp_path):
     src = simulate_cohort(tmp_path / "src", TINY)
     folder = tmp_path / "cache"
     threads = [threading.Thread(target=cache.store, args=(folder, TINY, src)) for _ in range(3)]
@@ -86,6 +86,10 @@ def test_a_damaged_entry_is_a_miss_and_concurrent_writers_leave_one_whole_entry(
     assert not entry.exists() and not (tmp_path / "out").exists()
     out, restored = cache.simulate_cached(tmp_path / "out", TINY, folder)  # simulated again, stored again
     assert not restored and digests(out) == digests(src) and entry.exists()
+
+    (tmp_path / "a-file").write_text("")  # a cache folder that cannot be written: the run goes on, uncached
+    out, restored = cache.simulate_cached(tmp_path / "out2", TINY, tmp_path / "a-file")
+    assert not restored and digests(out) == digests(src)
 
 
 def test_least_recently_used_entries_go_past_the_bound(tmp_path, monkeypatch):

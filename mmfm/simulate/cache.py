@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,6 +41,7 @@ MAX_BYTES = 8 << 30  # the demo's 500-case cohort is 1.6 GiB
 STALE_SECS = 86400  # a temporary folder this old belongs to no live process
 LIBRARIES = ("numpy", "pandas", "h5py", "anndata", "PyYAML")  # they write the bytes (HDF5 layout, CSV floats, YAML)
 PKG = Path(__file__).resolve().parents[1]
+_PARSING = threading.Lock()
 
 
 def _module_file(name: str) -> Path | None:
@@ -75,8 +77,10 @@ def code_fingerprint() -> str:
     """SHA-256 of the simulator's source files and of the writing libraries' versions."""
     from importlib.metadata import version
 
+    with _PARSING:  # CPython 3.11's ast.parse is not safe in two threads at once
+        files = code_files()
     h = hashlib.sha256(FORMAT.encode())
-    for path in code_files():
+    for path in files:
         h.update(f"{os.path.relpath(path, PKG.parent)}:".encode() + hashlib.sha256(path.read_bytes()).digest())
     for lib in LIBRARIES:
         h.update(f"{lib}={version(lib)};".encode())
@@ -130,8 +134,8 @@ def restore(folder: str | Path, cfg: SimConfig, out: str | Path) -> bool:
             raise ValueError("files differ from the manifest")
         os.utime(entry)  # recently used: the last to be evicted
         _copy_to(entry, Path(out), ignore=shutil.ignore_patterns(MANIFEST))
-    except (FileNotFoundError, shutil.Error):
-        return False  # no entry, or evicted while we copied it
+    except OSError:
+        return False  # no entry, evicted while we copied it, or no cache folder to read
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         print(f"[cohort cache] {entry}: {e}; removing it and simulating again", file=sys.stderr)
         _remove(entry)
@@ -146,11 +150,11 @@ def store(folder: str | Path, cfg: SimConfig, cohort: str | Path) -> Path | None
     files = _manifest(cohort)
     if sum(files.values()) > MAX_BYTES:
         return None
-    entry = folder / cache_key(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=folder))
+    entry, tmp = folder / cache_key(cfg), None
     try:
         if not entry.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=folder))
             shutil.copytree(cohort, tmp, dirs_exist_ok=True)
             write_json(tmp / MANIFEST, {"format": FORMAT, "code": code_fingerprint(),
                                         "config": dataclasses.asdict(cfg), "files": files})
@@ -161,7 +165,8 @@ def store(folder: str | Path, cfg: SimConfig, cohort: str | Path) -> Path | None
             print(f"[cohort cache] not stored in {folder} ({type(e).__name__}: {e})", file=sys.stderr)
             return None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return entry
 
 
