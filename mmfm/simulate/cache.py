@@ -11,8 +11,9 @@ and of several processes storing the same key one wins, the others drop their co
 destination, then renames it there: a real copy, never hard links, because a caller may rewrite a cohort file in
 place (h5py "w" truncates the same inode) and must not reach the cache. A cohort is stored after the caller's
 `check` (the pipeline validates it), so what that leaves in the folder comes back too: `validate`'s NaN scan of
-every bag (`.feature_scan.json`, keyed by each bag's size and mtime) holds for the copy, whose bags are the same. Entries are dropped least recently used past `MAX_BYTES`; an entry whose files
-do not match its manifest (cut short or edited by hand) is a miss and removed.
+every bag (`.feature_scan.json`, keyed by each bag's size and mtime) holds for the copy, whose bags are the same.
+Entries are dropped least recently used past `MAX_BYTES`; an entry whose files do not match its manifest (cut short
+or edited by hand) is a miss and removed. A cache folder that cannot be read or written is a miss, never an error.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from mmfm.simulate.writer import simulate_cohort
 
 FORMAT = "mmfm-cohort-cache-v1"
 MANIFEST = ".mmfm-cohort-cache.json"  # in the entry only, never copied out: relative path → size in bytes
-MAX_BYTES = 8 << 30  # the demo's 500-case cohort is 1.6 GiB
+MAX_BYTES = 8 << 30  # the demo's 500-case cohort is 1.93 GB
 STALE_SECS = 86400  # a temporary folder this old belongs to no live process
 LIBRARIES = ("numpy", "pandas", "h5py", "anndata", "PyYAML")  # they write the bytes (HDF5 layout, CSV floats, YAML)
 PKG = Path(__file__).resolve().parents[1]
