@@ -4,9 +4,9 @@ function) apart from everything else, and what a second demo on the same machine
     python scripts/profile_demo.py --json out/profile_demo.json [--cases 60] [--runs 2] [--cache DIR|off] \
         [-- --set train.steps=100 ...]
 
-Each run is a fresh process and a fresh --out folder (so only the machine's caches carry over — compiled programs
-and the report trunk's features, both in the compilation cache directory — not the demo's own reuse of finished
-steps); by default the runs share a new, empty cache directory, so run 1 is cold and run 2 warm. Stages are the demo's own `[demo] <stage> done in` lines; compile figures are JAX's monitoring events
+Each run is a fresh process and a fresh --out folder (so only the machine's caches carry over — compiled programs,
+the report trunk's features and the simulated cohort, all in the compilation cache directory — not the demo's own
+reuse of finished steps); by default the runs share a new, empty cache directory, so run 1 is cold and run 2 warm. Stages are the demo's own `[demo] <stage> done in` lines; compile figures are JAX's monitoring events
 (/jax/core/compile/*_duration, /jax/compilation_cache/*), attributed to the stage they happened in. CPU seconds
 sit beside wall seconds because a shared machine inflates wall time.
 """

@@ -23,7 +23,8 @@ from pathlib import Path
 ENV = "MMFM_COMPILATION_CACHE"
 OFF = ("off", "0", "false", "no", "none", "")
 MAX_SIZE = 4 << 30  # bytes; a finite bound also turns on JAX's cross-process file lock
-MIN_COMPILE_SECS = 0.1  # JAX's default (1 s) skips most functions of a CPU run; reading a hit costs milliseconds
+MIN_COMPILE_SECS = 0.0  # JAX's default (1 s) skips most functions of a CPU run, 0.1 s still ~80 of the demo's 200
+#                        compiles (small eager ops: 0.05–0.1 s each, more on a loaded machine); a hit costs milliseconds
 
 
 def default_dir(environ=os.environ) -> Path:
@@ -56,8 +57,9 @@ def configure(value: str | None = None, environ=os.environ) -> str | None:
 
 def machine_dir(name: str, environ=os.environ) -> Path | None:
     """`<compilation cache>/<name>`: where a command keeps other results computed once per machine (the frozen
-    report trunk's features, `mmfm.cli.pipeline.report_features`); None when the cache is off or not a local
-    folder. JAX's size bound and eviction only count its own `*-cache` files at the top level."""
+    report trunk's features, `mmfm.cli.pipeline.report_features`; simulated cohorts, `mmfm.simulate.cache`); None
+    when the cache is off or not a local folder. JAX's size bound and eviction only count its own `*-cache` files
+    at the top level."""
     where = environ.get("JAX_COMPILATION_CACHE_DIR", "")
     if environ.get("JAX_ENABLE_COMPILATION_CACHE", "true").lower() in ("false", "0") or not where or "://" in where:
         return None

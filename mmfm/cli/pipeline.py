@@ -192,9 +192,8 @@ def _run_steps(p: Pipeline, log: str) -> dict:
         cpu[0] = used
         return now
 
-    cohort_dir, about = cohort(p, out)
+    cohort_dir, about = cohort(p, out, log)
     t = step(about, t0)
-    validated(cohort_dir, log)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
     tasks = with_combat(with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks), p.embed.combat)
 
@@ -240,15 +239,22 @@ def _run_steps(p: Pipeline, log: str) -> dict:
             "report": out / "report"}
 
 
-def cohort(p: Pipeline, out: Path) -> tuple[Path, str]:
-    """The cohort folder: the existing one, or one simulated per simulator config (same config resumes)."""
-    from mmfm.simulate import simulate_cohort
+def cohort(p: Pipeline, out: Path, log: str = "run") -> tuple[Path, str]:
+    """The cohort folder, validated: the existing one, or one simulated per simulator config (same config resumes).
+    A new one is copied from the machine's cohort cache beside the compilation cache (`jit_cache.machine_dir`, off
+    with it) when this config and simulator code were simulated and validated before: the same bytes, and the
+    validation's scan of every bag with them (`mmfm.simulate.cache`)."""
+    from mmfm.cli.jit_cache import machine_dir
+    from mmfm.simulate.cache import simulate_cached
 
     if p.cohort.path:
+        validated(Path(p.cohort.path), log)
         return Path(p.cohort.path), f"cohort {p.cohort.path} (existing, not simulated)"
     sim = p.cohort.simulate
     key = hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]
-    return simulate_cohort(out / f"cohort-{key}", sim), f"simulate ({sim.n_cases} cases)"
+    path, restored = simulate_cached(out / f"cohort-{key}", sim, machine_dir("cohorts"),
+                                     check=lambda d: validated(d, log))
+    return path, f"simulate ({sim.n_cases} cases{', copied from the cohort cache' if restored else ''})"
 
 
 def validated(cohort_dir: Path, log: str) -> None:
