@@ -45,12 +45,14 @@ class MILModel(nnx.Module):
         else ()."""
         return chunks if hasattr(self.encoder, "embed_chunked") else ()
 
-    def embed_packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *,
+    def embed_packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *, index=None,
                      deterministic: bool = True) -> jax.Array:
         """[C, out_dim] fp32 embeddings of C cases, each a row holding its slides' tiles back to back (`slide`: which
         of its ≤ n_slides slides a tile is of): the mean of the embeddings of the slides with a tile (late fusion, as
-        `__call__`), pooled chunk by chunk (sizes `chunks`) by the encoder's `embed_chunked`."""
-        emb = self.encoder.embed_chunked(features, mask, slide, n_slides, chunks, deterministic=deterministic)
+        `__call__`), pooled chunk by chunk (sizes `chunks`) by the encoder's `embed_chunked` (`index`: `features` is
+        a table of tiles, `index` [C, N] their rows)."""
+        emb = self.encoder.embed_chunked(features, mask, slide, n_slides, chunks, index=index,
+                                         deterministic=deterministic)
         present = ((slide[..., None] == jnp.arange(n_slides)) & mask[..., None]).any(1).astype(jnp.float32)
         return (jnp.einsum("csd,cs->cd", emb.astype(jnp.float32), present)
                 / jnp.maximum(present.sum(1, keepdims=True), 1.0))
@@ -68,10 +70,11 @@ class MILModel(nnx.Module):
         member = ((case_of_row[None, :] == jnp.arange(r)[:, None]) & row_valid[None, :]).astype(jnp.float32)
         return self._head(member @ emb / jnp.maximum(member.sum(1, keepdims=True), 1.0), frozen, deterministic)
 
-    def packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *, deterministic: bool = True,
-               frozen: bool = False) -> jax.Array:
+    def packed(self, features, mask, slide, n_slides: int, chunks: tuple[int, ...], *, index=None,
+               deterministic: bool = True, frozen: bool = False) -> jax.Array:
         """[C, n_out] outputs of C cases packed one per row (`embed_packed`); `frozen` as `__call__`."""
-        emb = self.embed_packed(features, mask, slide, n_slides, chunks, deterministic=deterministic or frozen)
+        emb = self.embed_packed(features, mask, slide, n_slides, chunks, index=index,
+                                deterministic=deterministic or frozen)
         return self._head(emb, frozen, deterministic)
 
     def _head(self, case_emb: jax.Array, frozen: bool, deterministic: bool) -> jax.Array:

@@ -199,8 +199,8 @@ def epoch_groups(cases: CaseSet, n_dev: int, cfg: MilConfig, rng: np.random.Gene
     """One epoch (`epoch_plan`) as groups of steps to run in one call each (arrays with a leading step axis, and
     `active`: False pads the last group). Slides as rows (`layout` None): one step per group, its rows' tiles padded
     by `_rows`. `layout`: `layout.steps` steps per group, each case one row of indices into the epoch's tile table
-    (`tile_table`, returned first: one host-to-device copy per epoch, of sampled tiles only; `_gather` reads a
-    group's rows on the device). `outcome`: per-case arrays placed in case slots."""
+    (`tile_table`, returned first: one host-to-device copy per epoch, of sampled tiles only; the step reads a case's
+    tiles from it a chunk at a time). `outcome`: per-case arrays placed in case slots."""
     steps, picks = epoch_plan(cases, cfg, rng, layout and layout.length)
     if layout is None:
         return None, [{**jax.tree.map(lambda a: a[None], _pack(cases, picks, length, members,
@@ -280,8 +280,9 @@ def _pack(cases: CaseSet, picks, length: int, members: list[int], rows: int, out
 
 
 def tile_table(cases: CaseSet, picks) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-    """([T + 1, D] float32: the sampled tiles (`picks`) of every slide of every case, then one zero row for padding;
-    for each case and slide the rows of its tiles in that table)."""
+    """([R, D] float32: the sampled tiles (`picks`) of every slide of every case, then zero rows for padding — at
+    least one, R on `bucket_length`'s ladder so that folds share the training step's compilation —; for each case
+    and slide the rows of its tiles in that table)."""
     parts, where, n = [], [], 0
     for c, bags in enumerate(cases.bags):
         where.append([])
@@ -289,7 +290,8 @@ def tile_table(cases: CaseSet, picks) -> tuple[np.ndarray, list[list[np.ndarray]
             parts.append(bag.features[picks[c][j]])
             where[-1].append(np.arange(n, n + len(parts[-1])))
             n += len(parts[-1])
-    parts.append(np.zeros((1, parts[0].shape[1]), np.float32))  # finite: the pool multiplies it by a zero weight
+    # finite: the pool multiplies it by a zero weight
+    parts.append(np.zeros((bucket_length(n + 1, 1024, 4) - n, parts[0].shape[1]), np.float32))
     return np.concatenate(parts, dtype=np.float32), where
 
 
@@ -382,8 +384,8 @@ def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
 
     def outputs(m: MILModel, b: dict) -> jax.Array:
         if packed:
-            return m.packed(b["features"], b["mask"], b["slide"], packed[1], packed[0], deterministic=False,
-                            frozen=frozen)
+            return m.packed(b["tiles"], b["mask"], b["slide"], packed[1], packed[0], index=b["tile"],
+                            deterministic=False, frozen=frozen)
         return m(b["features"], b["coords"], b["mask"], b["fragment"], b["case_of_row"], b["row_valid"],
                  deterministic=False, frozen=frozen)
 
@@ -402,22 +404,16 @@ def _step_fn(graphdef, treedef, kind: Kind, frozen: bool, weight_decay: float,
         return jax.tree.leaves((enc, head, new_rest, opt_enc, opt_head)), value
 
     @partial(jax.jit, donate_argnums=0)
-    def steps(leaves, group, lr_enc, lr_head, class_w):
+    def steps(leaves, group, lr_enc, lr_head, class_w, tiles):
         def body(leaves, x):
             b, lr_e, lr_h = x
+            b = {**b, "tiles": tiles}
             return jax.lax.cond(b["active"], lambda: step(leaves, b, lr_e, lr_h, class_w),
                                 lambda: (leaves, jnp.zeros((), jnp.float32)))
 
         return jax.lax.scan(body, leaves, (group, lr_enc, lr_head))
 
     return steps
-
-
-@jax.jit
-def _gather(tiles: jax.Array, rows: jax.Array) -> jax.Array:
-    """tiles[rows], a jitted call of its own: the training step then sees one shape whatever the fold's number of
-    sampled tiles (it would compile again for each), this compiles in ~0.1 s per table size."""
-    return tiles[rows]
 
 
 @functools.cache
@@ -562,10 +558,8 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
             lr[:active] = lrs[np.minimum(np.arange(steps, steps + active), len(lrs) - 1)]  # past the end: 0
             lr_dev = jax.device_put((lr * np.float32(enc_scale), lr), replicated)
             group = jax.device_put(group, {k: sharded if v.ndim > 1 else replicated for k, v in group.items()})
-            if layout:  # on the device: [steps, 1, length, D] tiles of the group's cases
-                group["features"] = _gather(tiles, group.pop("tile"))
             host += time.perf_counter() - t_host
-            leaves, values = run(leaves, group, *lr_dev, class_w_dev)
+            leaves, values = run(leaves, group, *lr_dev, class_w_dev, tiles)
             losses.append((values, active))
             steps += active
         losses = [v[:n] for v, n in jax.device_get(losses)]
