@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 
 from mmfm.data.cohort import Cohort
 from mmfm.simulate import SimConfig, simulate_cohort
@@ -42,7 +41,7 @@ from mmfm.eval.probes import classification, mil
 from mmfm.eval.tasks.base import fold_sides
 from mmfm.eval.tasks.classification import encode_labels
 from mmfm.eval.tasks.mil import read_bags
-from mmfm.models.mil import MILModel, clam_abmil
+from mmfm.models.mil import clam_mil
 from mmfm.objectives.supervised import balanced_weights
 
 
@@ -142,9 +141,8 @@ class CompileLog:
 def run_mmfm(tr, te, cfg: mil.MilConfig, k: int, seed: int, compiles: CompileLog) -> dict:
     compiles.active = True
     t0, cpu0 = time.perf_counter(), time.process_time()
-    model = MILModel(clam_abmil(tr.bags[0][0].features.shape[1], hidden=cfg.hidden, attn_dim=cfg.attn_dim,
-                                dropout=cfg.dropout, rngs=nnx.Rngs(seed)), k, dropout=cfg.dropout,
-                     rngs=nnx.Rngs(seed + 1))
+    model = clam_mil(tr.bags[0][0].features.shape[1], k, hidden=cfg.hidden, attn_dim=cfg.attn_dim,
+                     dropout=cfg.dropout, seed=seed)
     fitted = mil.train(model, "class", tr, None, cfg, seed=seed, n_classes=k)
     out = mil.predict(fitted.model, te, cfg)
     wall = time.perf_counter() - t0

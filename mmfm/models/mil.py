@@ -10,6 +10,8 @@ models/model_clam.py; Lu et al. 2021), classifier Linear(512 → K).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +27,25 @@ def clam_abmil(feature_dim: int, *, hidden: int = 512, attn_dim: int = 256, drop
     cfg = ABMILConfig(hidden=hidden, n_heads=1, attn_dim=attn_dim, n_pre_layers=1, act="relu", dropout=dropout,
                       attn_dropout=dropout, merge="concat", pre_norm=False)
     return ABMIL(cfg, feature_dim, rngs=rngs)
+
+
+def clam_mil(feature_dim: int, n_out: int, *, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25,
+             seed: int = 0) -> MILModel:
+    """`MILModel(clam_abmil(..., rngs=nnx.Rngs(seed)), n_out, dropout=dropout, rngs=nnx.Rngs(seed + 1))`, its
+    parameters drawn by one compiled call that every fold and seed of these sizes shares (built eagerly, each
+    initialiser op compiles on its own: ~20 small compilations per process)."""
+    graphdef, init = _clam_init(feature_dim, n_out, hidden, attn_dim, dropout)
+    return nnx.merge(graphdef, init(seed))
+
+
+@functools.cache
+def _clam_init(feature_dim: int, n_out: int, hidden: int, attn_dim: int, dropout: float):
+    def build(seed):  # nnx.Rngs(seed) draws jax.random.key(seed): a traced seed passes that key
+        return MILModel(clam_abmil(feature_dim, hidden=hidden, attn_dim=attn_dim, dropout=dropout,
+                                   rngs=nnx.Rngs(jax.random.key(seed))),
+                        n_out, dropout=dropout, rngs=nnx.Rngs(jax.random.key(seed + 1)))
+
+    return nnx.split(nnx.eval_shape(lambda: build(0)))[0], jax.jit(lambda seed: nnx.state(build(seed)))
 
 
 class MILModel(nnx.Module):

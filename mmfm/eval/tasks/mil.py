@@ -280,7 +280,7 @@ def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, fu
               encoders: _Encoders, col: Collector, values: pd.DataFrame | None = None) -> None:
     from flax import nnx
 
-    from mmfm.models.mil import MILModel
+    from mmfm.models.mil import MILModel, clam_mil
 
     pos = pd.Series(np.arange(len(full.ids)), index=full.ids)
     emb = SUPERVISED_PREFIX + init
@@ -303,8 +303,11 @@ def _run_init(spec: MilSpec, t: Target, init: str, kind: str, n_classes: int, fu
         where_in = pd.Series(np.arange(len(tr)), index=tr)
 
         def make_model():
-            return MILModel(encoders.build(init, seed), mil.head_size(kind, n_classes, spec.train),
-                            dropout=spec.train.dropout, rngs=nnx.Rngs(seed + 1))
+            n_out, cfg = mil.head_size(kind, n_classes, spec.train), spec.train
+            if init == "abmil":  # the same model as the general path, initialised by one compiled call
+                return clam_mil(encoders.feature_dim, n_out, hidden=cfg.hidden, attn_dim=cfg.attn_dim,
+                                dropout=cfg.dropout, seed=seed)
+            return MILModel(encoders.build(init, seed), n_out, dropout=cfg.dropout, rngs=nnx.Rngs(seed + 1))
 
         fitted = mil.fit(make_model, kind, trn, (where_in[itr].to_numpy(), where_in[iva].to_numpy()), spec.train,
                          seed=seed, n_classes=n_classes, **init_settings(init, spec.train))
