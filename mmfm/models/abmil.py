@@ -63,7 +63,7 @@ class GatedAttentionPool(nnx.Module):
     def logits(self, h: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
         """[B, heads, N] fp32 attention scores of every tile, padding included."""
         b, n, _ = h.shape
-        # both branches as one product (twice as wide: faster on CPU than two)
+        # both branches as one product twice as wide: one GEMM (and one in the backward pass) instead of two
         kernel = jnp.concatenate([self.tanh_branch.kernel[...], self.gate_branch.kernel[...]], 1).astype(h.dtype)
         bias = jnp.concatenate([self.tanh_branch.bias[...], self.gate_branch.bias[...]]).astype(h.dtype)
         a, g = jnp.split(h @ kernel + bias, 2, axis=-1)
@@ -139,20 +139,24 @@ def chunked_attention_pool(score, chunks: tuple[int, ...], n_segments: int, para
     """[B, n_segments, heads, dim] attention pooling of each segment of each row (`segment` [B, N] in [0, n_segments);
     softmax over the segment's `mask`ed tiles) of `score(params, aux, x, start) -> (tiles [B, size, dim], logits
     [B, heads, size])` over the chunks of the rows' tiles `table[index]` (`table` [T, D], `index` [B, N]; `_chunks`:
-    sizes `chunks`, from the first tile to the last valid one, each chunk's tiles gathered when it is visited): an online softmax (running max, normaliser and weighted sum per segment, as flash
-    attention). The backward pass recomputes each chunk: JAX's own derivative of a scan stores every chunk's
-    intermediates, padding included (about 2× slower at 2048 padded tiles for 330 real ones), and loops with a
-    data-dependent trip count have none. Gradients reach `params` only — none to the tile features (training never
-    asks). A segment without tiles pools to 0."""
+    sizes `chunks`, from the first tile to the last valid one, each chunk's tiles gathered when it is visited): an
+    online softmax (running max, normaliser and weighted sum per segment, as flash attention). The backward pass
+    recomputes each chunk: JAX's own derivative of a scan stores every chunk's intermediates, padding included
+    (about 2× slower at 2048 padded tiles for 330 real ones), and loops with a data-dependent trip count have none;
+    keeping a chunk's VJP residuals instead (~4.6k floats per tile at CLAM's sizes as `jax.vjp` chooses them: the
+    input, pre-activations, masks, both branches) would need buffers for the padded row zero-filled every step —
+    ~75 MB at 4096 tiles. Gradients reach `params` only — none to the tile features (training never asks). A
+    segment without tiles pools to 0."""
     return _pool_fwd(score, chunks, n_segments, params, aux, table, index, mask, segment)[0]
 
 
 def _chunks(chunks: tuple[int, ...], table: jax.Array, index: jax.Array, mask: jax.Array, segment: jax.Array,
             n_segments: int, visit, carry):
-    """`visit(x, valid, onehot, start, carry)` over consecutive chunks of `features` from tile 0 to the last valid
-    tile of any row (rounded up to the last chunk size; `x` = their rows of `table`): as many of the largest chunk size as fit, then of the next
-    — large matrix products for the bulk of a bag, little padding at its end (while loops: their trip counts are
-    data). `onehot` [B, size, n_segments] marks each valid tile's segment; `start` is the chunk's first tile."""
+    """`visit(x, valid, onehot, start, carry)` over consecutive chunks of the rows' tiles (`x`: their rows of `table`)
+    from tile 0 to the last valid tile of any row (rounded up to the last chunk size): as many of the largest chunk
+    size as fit, then of the next — large matrix products for the bulk of a bag, little padding at its end (while
+    loops: their trip counts are data). `onehot` [B, size, n_segments] marks each valid tile's segment; `start` is
+    the chunk's first tile."""
     if index.shape[1] % chunks[-1]:
         raise ValueError(f"chunked pooling: bag length {index.shape[1]} is not a multiple of chunk={chunks[-1]}")
     end = jnp.max(jnp.where(mask, jnp.arange(1, mask.shape[1] + 1), 0))  # one past the last valid tile

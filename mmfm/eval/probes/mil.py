@@ -45,13 +45,16 @@ chunk by chunk — chunks of `chunk_large` tiles while a case has that many left
 to its last tile only (`ABMIL.embed_chunked`), so a step costs the case's own tiles rounded up to a chunk whatever
 the padded length: every step of a fold has one shape and one compilation, shared by the folds. `steps_per_call`
 steps run as one jitted call (a scan; parameters and optimiser state donated); a step sends only indices into the
-epoch's table of sampled tiles, copied to the device once per epoch. Profile of scripts/bench_mil.py's fold (256-d,
-92 training cases, 570 sampled tiles per case on average, 10 cases with 3 slides; 2 shared cores) before this
+epoch's table of sampled tiles, copied to the device once per epoch, and reads a chunk's tiles from it as it visits
+the chunk (gathering a whole padded row first copied ~4 MB per step at 4096 × 256-d). Profile of
+scripts/bench_mil.py's fold (256-d, 92 training cases, 570 sampled tiles per case on average, 10 cases with 3 slides; 2 shared cores) before this
 layout: each slide was a row padded to the fold's longest, rows padded to a power of two (3 slides → 4 rows), a
 chunk computed wherever any row had a tile — 1.50× the sampled tiles (packed: 1.12×); host work (zero-filled
 [rows, 2048, 256] batches and their copy) ~3.5 of ~35 ms per step under load (now ~1); 47 compilations in the
-fold, 3 of them the step (one per row count). In the step itself, dropout masks take ~25% of the CPU time and the
-backward pass recomputes each chunk (~27% of the matrix FLOPs; see `chunked_attention_pool`); products of
+fold, 3 of them the step (one per row count). In the step itself, dropout masks took ~25% of the CPU time (now 2
+random bits per element at rate 0.25, `mmfm.models.layers.Dropout`: ~5× cheaper masks) and the backward pass
+recomputes each chunk (~27% of the matrix FLOPs; 29% of the step's thread time in an XLA profile of the bench fold
+— its forward products 17.5%, the rest elementwise; see `chunked_attention_pool` for why); products of
 128-tile chunks use one core however many there are, 512-tile ones run ~1.5× faster on two — hence large chunks
 for the bulk of a case (512, 256, 128: ~20% faster steps than 128 alone on the bench fold under load, for ~1 s
 more compilation). Other encoders, steps of several cases, and cases that all fit one chunk take slides as rows in
