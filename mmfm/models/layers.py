@@ -87,7 +87,7 @@ class Dropout(nnx.Dropout):
 
     nnx.Dropout draws one 32-bit threefry word per element; here each word is split into fields of `bits` bits (8,
     or fewer when they hold the rate exactly: 2 for 0.25, 1 for 0.5) and an element is kept iff its field ≥
-    round(rate · 2^bits) — 4 to 16 elements per word instead of one (random bits were ~30% of the ABMIL train step
+    round(rate · 2^bits) — 4 to 32 elements per word instead of one (random bits were ~30% of the ABMIL train step
     on CPU). The rate is thus quantised to 1/256 (0.1 → 0.1016) and kept values are scaled by the exact keep
     fraction, so the layer stays unbiased.
     """
