@@ -86,6 +86,29 @@ def test_several_encoders_share_each_padded_batch():
     np.testing.assert_array_equal(encode_bags(jax.jit(masked_mean), bags, cfg), got["mean"])  # as one call alone
 
 
+def test_a_bag_is_read_once_per_pipeline_run(tmp_path):
+    """Inside a memo scope (a pipeline run) a second `load_bag` of the same file (the MIL probe's, after the embed
+    step's) returns the first object, not a second read; outside it every call reads afresh. Either way the bag holds
+    every tile of the file."""
+    from mmfm import memo
+    from mmfm.data.bags import write_bag
+    from mmfm.data.sampling import BagReader
+    from mmfm.eval.embed import load_bag
+
+    feats = np.random.default_rng(0).normal(size=(37, 8)).astype(np.float16)
+    coords = np.stack([np.arange(37) * 256, np.zeros(37, int)], 1)
+    write_bag(tmp_path / "a.h5", feats, coords, patch_size_level0=256, encoder="test")
+    reader = BagReader()
+    with memo.reusing():
+        first = load_bag(tmp_path / "a.h5", 256, 37, reader)
+        assert load_bag(str(tmp_path / "." / "a.h5"), 256, 37, reader) is first  # the same file by another name
+    again = load_bag(tmp_path / "a.h5", 256, 37, reader)
+    assert again is not first
+    for bag in (first, again):
+        np.testing.assert_array_equal(bag.features, feats)
+        np.testing.assert_array_equal(bag.coords, grid_indices(coords, 256))
+
+
 def test_pooled_bags_keep_slides_apart_on_the_grid():
     a, b = random_bags([5, 7], seed=1)
     a.fragment[:] = [0, 0, 1, 1, 1]

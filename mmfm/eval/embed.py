@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ import pandas as pd
 from flax import nnx
 from tqdm.auto import tqdm
 
+from mmfm import memo
 from mmfm.data.bags import grid_indices
 from mmfm.data.sampling import BagReader
 from mmfm.io import write_h5ad
@@ -85,7 +87,13 @@ class Bag:
 
 def load_bag(path: str | Path, patch_size_level0: int, n_tiles: int, reader: BagReader) -> Bag:
     """Every tile of a bag. Through the loader's reader: TRIDENT's one-row HDF5 chunks make a plain
-    h5py whole-bag read ~25× slower (scripts/bench_loader.py), the memory-mapped runs do not care."""
+    h5py whole-bag read ~25× slower (scripts/bench_loader.py), the memory-mapped runs do not care. Read once per
+    pipeline run (`mmfm.memo`): the embed step's held-out bags are the MIL probe's; callers never write into them."""
+    key = ("bag", os.path.realpath(path), int(patch_size_level0), int(n_tiles))
+    return memo.once(key, lambda: _read_bag(path, patch_size_level0, n_tiles, reader))
+
+
+def _read_bag(path: str | Path, patch_size_level0: int, n_tiles: int, reader: BagReader) -> Bag:
     raw = reader.read(path, np.arange(n_tiles))
     n = len(raw["features"])
     frag = raw.get("fragment")
