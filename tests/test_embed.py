@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmfm.data.bags import grid_indices, read_bag
-from mmfm.eval.embed import Bag, EmbedConfig, bucket_length, encode_bags, pool_bags
+from mmfm.eval.embed import Bag, EmbedConfig, bucket_length, encode_bags, encode_bags_with, pool_bags
 
 
 def masked_mean(f, c, m, fr):
@@ -62,6 +62,51 @@ def test_rows_are_padded_to_a_power_of_two_and_padding_changes_nothing():
         got = encode_bags(encode, bags, EmbedConfig(max_tiles_per_call=8 * 256, min_bucket=256, min_rows=2))
         np.testing.assert_allclose(got, np.stack([b.features.mean(0) for b in bags]), rtol=1e-5, atol=1e-6)
         assert calls == [(min(8, max(2, 1 << (n_bags - 1).bit_length())), 256, 8)]
+
+
+def test_several_encoders_share_each_padded_batch():
+    """Every encoder sees the same batches as it would alone (the same shapes and rows), built once for all:
+    each result is the NumPy reference of its own bags, in input order."""
+    bags = random_bags([3, 700, 1, 300, 2500, 257], seed=2)
+    seen = {"mean": [], "max": []}
+
+    def counted(name, fn):
+        def encode(f, c, m, fr):
+            seen[name].append((f.shape, np.asarray(m).sum()))
+            return jax.jit(fn)(f, c, m, fr)
+        return encode
+
+    cfg = EmbedConfig(max_tiles_per_call=2048, min_bucket=256)
+    got = encode_bags_with({"mean": counted("mean", masked_mean),
+                            "max": counted("max", lambda f, c, m, fr: jnp.where(m[..., None], f, -jnp.inf).max(1))},
+                           bags, cfg)
+    np.testing.assert_allclose(got["mean"], np.stack([b.features.mean(0) for b in bags]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["max"], np.stack([b.features.max(0) for b in bags]))
+    assert seen["mean"] == seen["max"] and len(seen["mean"]) == 4  # the same batches, one per bucket here
+    np.testing.assert_array_equal(encode_bags(jax.jit(masked_mean), bags, cfg), got["mean"])  # as one call alone
+
+
+def test_a_bag_is_read_once_per_pipeline_run(tmp_path):
+    """Inside a memo scope (a pipeline run) a second `load_bag` of the same file (the MIL probe's, after the embed
+    step's) returns the first object, not a second read; outside it every call reads afresh. Either way the bag holds
+    every tile of the file."""
+    from mmfm import memo
+    from mmfm.data.bags import write_bag
+    from mmfm.data.sampling import BagReader
+    from mmfm.eval.embed import load_bag
+
+    feats = np.random.default_rng(0).normal(size=(37, 8)).astype(np.float16)
+    coords = np.stack([np.arange(37) * 256, np.zeros(37, int)], 1)
+    write_bag(tmp_path / "a.h5", feats, coords, patch_size_level0=256, encoder="test")
+    reader = BagReader()
+    with memo.reusing():
+        first = load_bag(tmp_path / "a.h5", 256, 37, reader)
+        assert load_bag(str(tmp_path / "." / "a.h5"), 256, 37, reader) is first  # the same file by another name
+    again = load_bag(tmp_path / "a.h5", 256, 37, reader)
+    assert again is not first
+    for bag in (first, again):
+        np.testing.assert_array_equal(bag.features, feats)
+        np.testing.assert_array_equal(bag.coords, grid_indices(coords, 256))
 
 
 def test_pooled_bags_keep_slides_apart_on_the_grid():

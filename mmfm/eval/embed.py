@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ import pandas as pd
 from flax import nnx
 from tqdm.auto import tqdm
 
+from mmfm import memo
 from mmfm.data.bags import grid_indices
 from mmfm.data.sampling import BagReader
 from mmfm.io import write_h5ad
@@ -85,7 +87,13 @@ class Bag:
 
 def load_bag(path: str | Path, patch_size_level0: int, n_tiles: int, reader: BagReader) -> Bag:
     """Every tile of a bag. Through the loader's reader: TRIDENT's one-row HDF5 chunks make a plain
-    h5py whole-bag read ~25× slower (scripts/bench_loader.py), the memory-mapped runs do not care."""
+    h5py whole-bag read ~25× slower (scripts/bench_loader.py), the memory-mapped runs do not care. Read once per
+    pipeline run (`mmfm.memo`): the embed step's held-out bags are the MIL probe's; callers never write into them."""
+    key = ("bag", os.path.realpath(path), int(patch_size_level0), int(n_tiles))
+    return memo.once(key, lambda: _read_bag(path, patch_size_level0, n_tiles, reader))
+
+
+def _read_bag(path: str | Path, patch_size_level0: int, n_tiles: int, reader: BagReader) -> Bag:
     raw = reader.read(path, np.arange(n_tiles))
     n = len(raw["features"])
     frag = raw.get("fragment")
@@ -107,12 +115,19 @@ def pool_bags(bags: list[Bag]) -> Bag:
 
 def encode_bags(encode: Callable, bags: list[Bag], cfg: EmbedConfig, desc: str = "bags") -> np.ndarray:
     """Run `encode(features, coords, mask, fragment) -> [B, E]` over bags of any lengths, in length buckets."""
+    return encode_bags_with({desc: encode}, bags, cfg)[desc]
+
+
+def encode_bags_with(encoders: dict[str, Callable], bags: list[Bag], cfg: EmbedConfig) -> dict[str, np.ndarray]:
+    """name → `encode_bags(fn, bags, cfg)` for every encoder, each padded batch built and put on the device once
+    for all of them: the padding and the host-to-device copy of every tile, not the encoders, are most of a
+    cheap encoder's time (the mean-pool baseline's). The same batches, so the same values, as one call each."""
     if not bags:
-        return np.zeros((0, 0), np.float32)
+        return {name: np.zeros((0, 0), np.float32) for name in encoders}
     order = np.argsort([len(b.features) for b in bags], kind="stable")
-    out: list[np.ndarray | None] = [None] * len(bags)
+    out: dict[str, list] = {name: [None] * len(bags) for name in encoders}
     d = bags[0].features.shape[1]
-    bar = tqdm(total=len(bags), desc=desc, leave=False, disable=len(bags) < 8)
+    bar = tqdm(total=len(bags), desc=" + ".join(encoders), leave=False, disable=len(bags) < 8)
     i = 0
     while i < len(order):
         length = bucket_length(len(bags[order[i]].features), cfg.min_bucket)
@@ -126,13 +141,15 @@ def encode_bags(encode: Callable, bags: list[Bag], cfg: EmbedConfig, desc: str =
         for r, j in enumerate(group):
             n = len(bags[j].features)
             f[r, :n], c[r, :n], m[r, :n], fr[r, :n] = bags[j].features, bags[j].coords, True, bags[j].fragment
-        emb = np.asarray(encode(f, c, m, fr), np.float32)
-        for r, j in enumerate(group):
-            out[j] = emb[r]
+        batch = jax.device_put((f, c, m, fr)) if len(encoders) > 1 else (f, c, m, fr)
+        for name, encode in encoders.items():
+            emb = np.asarray(encode(*batch), np.float32)
+            for r, j in enumerate(group):
+                out[name][j] = emb[r]
         i += len(group)
         bar.update(len(group))
     bar.close()
-    return np.stack(out)
+    return {name: np.stack(e) for name, e in out.items()}
 
 
 def _jit_slide_encoder(module: nnx.Module, call: Callable) -> Callable:
@@ -265,8 +282,8 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
         bags = {sid: load_bag(r.path, int(r.patch_size_level0), int(r.n_tiles), reader)
                 for sid, r in slides.iterrows()}
         if cfg.multi_slide == "mean":
-            slide_embs = _split_paired({name: encode_bags(fn, list(bags.values()), cfg, desc=name)
-                                        for name, fn in encoders.items()}, run_cfg.model.embed_dim)
+            slide_embs = _split_paired(encode_bags_with(encoders, list(bags.values()), cfg),
+                                       run_cfg.model.embed_dim)
             by_case = pd.Series(np.arange(len(slides)), index=slides["case_id"].astype(str).to_numpy())
             for name, e in slide_embs.items():
                 case_embs[name] = _case_mean(e, by_case, case_ids)
@@ -276,8 +293,7 @@ def embed(run_dir: str | Path, cohort_path: str | Path, out: str | Path, *, cfg:
             groups = slides.groupby(slides["case_id"].astype(str)).groups
             pooled_ids = [c for c in case_ids if c in groups]
             pooled = [pool_bags([bags[s] for s in groups[c]]) for c in pooled_ids]
-            pooled_embs = _split_paired({name: encode_bags(fn, pooled, cfg, desc=name)
-                                         for name, fn in encoders.items()}, run_cfg.model.embed_dim)
+            pooled_embs = _split_paired(encode_bags_with(encoders, pooled, cfg), run_cfg.model.embed_dim)
             for name, e in pooled_embs.items():
                 full = np.full((len(case_ids), e.shape[1]), np.nan, np.float32)
                 full[[case_ids.index(c) for c in pooled_ids]] = e
