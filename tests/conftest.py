@@ -35,6 +35,13 @@ import jax  # noqa: E402
 # compile as users' do. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
 NO_OPT = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
 jax.config.update("jax_disable_most_optimizations", NO_OPT)
+# Likewise XLA:CPU's classic emitters instead of its fusion emitters: half the compile time of these small programs
+# (a recipe's train step 12.9 → 6.5 CPU s), the same math. In this process only: XLA reads XLA_FLAGS once, as the
+# backend starts, so the flag is set for that moment and subprocesses inherit the caller's XLA_FLAGS.
+_xla_flags = os.environ["XLA_FLAGS"]
+os.environ["XLA_FLAGS"] = _xla_flags + (" --xla_cpu_use_fusion_emitters=false" if NO_OPT else "")
+jax.devices()
+os.environ["XLA_FLAGS"] = _xla_flags
 
 from pathlib import Path  # noqa: E402
 

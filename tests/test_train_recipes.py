@@ -37,7 +37,7 @@ def test_recipe_validates_and_trains_one_step(path):
     shapes = BatchShapes(batch_size=8, **{k: v for m in mods for k, v in SIZES[m].items()})
     mesh = sharding.make_mesh(MeshConfig(1, 1), jax.devices()[:1])
     ts = state.init_state(state.build_module(cfg, shapes, mods), optim.make_optimizer(cfg.train), mesh,
-                         cfg.train.axis_rules, cfg.train.shard_min_size)
+                         cfg.train.axis_rules, cfg.train.shard_min_size, state.pretrained_inputs(cfg, mods))
     step = loop.make_train_step(ts, loop.objective_loss(cfg, mesh), mesh, lr_schedule=optim.schedule(cfg.train),
                                 grad_accum=cfg.train.grad_accum)
     batch = sharding.global_batch(random_batch(shapes, seed=0, n_cases=6), sharding.batch_sharding(mesh))
