@@ -161,7 +161,8 @@ class Fitted:
     steps: int = 0
     train_s: float = 0.0
     epoch_s: list[float] = field(default_factory=list)  # training time of each epoch (validation excluded)
-    host_s: list[float] = field(default_factory=list)  # of which building and copying its batches (the rest: steps)
+    host_s: list[float] = field(default_factory=list)  # of which on the host: building and copying batches (the
+    #                                                     next epoch's while this one's steps run)
 
 
 # ---------------------------------------------------------------- batches
@@ -548,12 +549,19 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
         va_batch = {**{k: jnp.asarray(v) for k, v in outcome_arrays(kind, va, bins).items()},
                     "valid": jnp.ones(len(va.ids), jnp.float32)}
 
-    best, history, steps, epoch_s, host_s = None, [], 0, [], []
-    for epoch in range(1, (stop_epoch or cfg.epochs) + 1):
-        losses, t_epoch = [], time.perf_counter()
+    def next_epoch():  # the epoch's sampled tiles and step groups, built on the host, tiles put on the device
         tiles, groups = epoch_groups(tr, n_dev, cfg, rng, out_tr, layout)
-        tiles = jax.device_put(tiles, replicated)
-        host = time.perf_counter() - t_epoch
+        return jax.device_put(tiles, replicated), groups
+
+    best, history, steps, epoch_s, host_s = None, [], 0, [], []
+    n_epochs = stop_epoch or cfg.epochs
+    t_epoch = time.perf_counter()
+    tiles, groups = next_epoch()
+    host = time.perf_counter() - t_epoch
+    for epoch in range(1, n_epochs + 1):
+        if epoch > 1:  # an epoch's time: from the end of the last one's validation to its losses on the host
+            t_epoch, host = time.perf_counter(), 0.0
+        losses = []
         for group in groups:
             t_host = time.perf_counter()
             k, active = len(group["active"]), int(group["active"].sum())
@@ -565,6 +573,10 @@ def train(model: MILModel, kind: Kind, tr: CaseSet, va: CaseSet | None, cfg: Mil
             leaves, values = run(leaves, group, *lr_dev, class_w_dev, tiles)
             losses.append((values, active))
             steps += active
+        t_host = time.perf_counter()
+        if epoch < n_epochs:  # the next epoch built while this one's steps run (dispatch is asynchronous); the
+            tiles, groups = next_epoch()  # generator is drawn in the same order, so the same epochs as built in turn
+        host += time.perf_counter() - t_host
         losses = [v[:n] for v, n in jax.device_get(losses)]
         epoch_s.append(time.perf_counter() - t_epoch)
         host_s.append(host)
