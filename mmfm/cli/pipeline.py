@@ -98,8 +98,9 @@ class Pipeline:
     probe: ProbeStep = field(default_factory=ProbeStep)
     heatmaps: HeatmapStep = field(default_factory=HeatmapStep)
     report: ReportStep = field(default_factory=ReportStep)
-    fast_compile: bool = False         # jax_disable_most_optimizations: for runs so short that XLA's optimisation
-    #                                    passes cost more than they save (demo --quick); numbers move in the last bits
+    fast_compile: bool = False         # jax_disable_most_optimizations and, when the run starts JAX's backend, XLA:CPU's
+    #                                    classic emitters: for runs so short that compiling costs more than it saves
+    #                                    (demo --quick); numbers move in the last bits
 
 
 FILE_PATHS = (("pretrain", "recipe"), ("probe", "tasks"))  # relative to the pipeline file that names them
@@ -160,6 +161,10 @@ def run_pipeline(p: Pipeline, log: str = "run") -> dict:
     """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
     import jax
 
+    from mmfm.cli.jit_cache import start_backend
+
+    if p.fast_compile:
+        start_backend(cheap_emitters=True)
     with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
             memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
         return _run_steps(p, log)
