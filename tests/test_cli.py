@@ -132,3 +132,22 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     (v1, h1), (v2, h2) = (r.stdout.split() for r in runs)
     assert v1 == v2 and int(h1) == 0 and int(h2) >= 1  # same result, the second run compiled nothing
     assert any(p.name.endswith("-cache") for p in (tmp_path / "jit").iterdir())
+
+
+def test_a_short_run_starts_the_backend_with_the_classic_emitters_and_leaves_xla_flags_as_they_were():
+    """`fast_compile`'s `start_backend(cheap_emitters=True)`: every program of the process compiles as with
+    `xla_cpu_use_fusion_emitters=false` (a function may still ask for the fusion emitters), XLA_FLAGS is restored for
+    subprocesses, and a process whose backend already runs is left alone."""
+    code = ("import os, jax, jax.numpy as jnp\n"
+            "from mmfm.cli.jit_cache import start_backend\n"
+            "before = os.environ.get('XLA_FLAGS')\n"
+            "assert start_backend(cheap_emitters=True) and os.environ.get('XLA_FLAGS') == before\n"
+            "assert not start_backend(cheap_emitters=True)  # the backend runs: nothing changes\n"
+            "f = lambda x, w: (jnp.tanh(x @ w) * jnp.exp(-x) + jax.nn.gelu(x)).sum(0)\n"
+            "args = jnp.ones((64, 32)), jnp.ones((32, 32))\n"
+            "hlo = lambda **o: jax.jit(f).lower(*args).compile(o or None).as_text()\n"
+            "print(hlo() == hlo(xla_cpu_use_fusion_emitters=False), hlo() == hlo(xla_cpu_use_fusion_emitters=True))\n")
+    env = dict(os.environ, MMFM_COMPILATION_CACHE="off", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False"]
