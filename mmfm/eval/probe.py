@@ -40,6 +40,7 @@ TASKS.yaml (keys = the fields of the type's spec; unknown keys are an error nami
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -140,25 +141,36 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
 
 
 def _run_tasks(adata, plans: list, like: Collector, workers: int) -> list[Collector]:
-    """Each task into a Collector of its own, in plan order, `workers` tasks at a time (threads: the fits and XLA
-    release the GIL). Tasks read the embeddings and write only their Collector, and seed their own randomness, so
-    the merged rows are those of one task after another; the `mil` tasks (the longest: tile bags, training) start
-    first. A task's error is raised, in plan order, once the running tasks are done."""
-    def one(i: int, spec, targets, notes) -> Collector:
+    """Each task into a Collector of its own, in plan order, `workers` at a time (threads: the fits and XLA release
+    the GIL). With workers, a task whose type splits into pieces (`TaskType.units`: a `mil` task's target × init)
+    runs them as units of their own, into Collectors merged in the task's order. Units read the embeddings and write
+    only their Collector, and seed their own randomness, so the merged rows are those of one task after another;
+    the `mil` units (the longest: tile bags, training) start first. A unit's error is raised, in plan order, once
+    the running ones are done."""
+    def one(i: int, j: int, n: int, spec, work, notes) -> Collector:
         col = dataclasses.replace(like, rows=[], boot=[], survival_preds={}, per_target=[], robustness_curves={},
-                                  notes=list(notes))
+                                  notes=list(notes) if j == 0 else [])
         t0 = time.perf_counter()
-        log.info("task %d/%d %s (%s) ...", i + 1, len(plans), spec.name, spec.type)
-        TASKS[spec.type].run(adata, spec, targets, col)
-        log.info("task %d/%d %s done in %.1fs", i + 1, len(plans), spec.name, time.perf_counter() - t0)
+        part = f" (part {j + 1}/{n})" if n > 1 else ""
+        log.info("task %d/%d %s%s (%s) ...", i + 1, len(plans), spec.name, part, spec.type)
+        work(col)
+        log.info("task %d/%d %s%s done in %.1fs", i + 1, len(plans), spec.name, part, time.perf_counter() - t0)
         return col
 
+    def pieces(spec, targets) -> list:
+        kind = TASKS[spec.type]
+        if workers > 1 and kind.units is not None:
+            return kind.units(adata, spec, targets, like)
+        return [functools.partial(kind.run, adata, spec, targets)]
+
+    units = [(i, j, len(ws), spec, w, notes) for i, (spec, targets, notes) in enumerate(plans)
+             for ws in [pieces(spec, targets)] for j, w in enumerate(ws)]
     if workers <= 1:
-        return [one(i, *plan) for i, plan in enumerate(plans)]
-    first = sorted(range(len(plans)), key=lambda i: plans[i][0].type != "mil")  # stable: plan order otherwise
+        return [one(*u) for u in units]
+    first = sorted(units, key=lambda u: u[3].type != "mil")  # stable: plan order otherwise
     with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
-        futures = {i: pool.submit(one, i, *plans[i]) for i in first}
-        return [futures[i].result() for i in range(len(plans))]
+        futures = {u[:2]: pool.submit(one, *u) for u in first}
+        return [futures[u[:2]].result() for u in units]
 
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:

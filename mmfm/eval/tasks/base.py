@@ -116,10 +116,13 @@ class FoldSpec(TaskSpec):
 
 @dataclass(frozen=True)
 class TaskType:
-    """A registry entry: the spec TASKS.yaml entries of this type decode into, and the function that scores it."""
+    """A registry entry: the spec TASKS.yaml entries of this type decode into, and the function that scores it;
+    `units`, when given, splits a long task into independent pieces (each writes a Collector of its own; run one
+    after another they write what `run` writes) that the probe runs side by side with `workers` > 1."""
 
     spec: type[TaskSpec]
     run: Callable[[ad.AnnData, TaskSpec, list[Target], Collector], None]
+    units: Callable[[ad.AnnData, TaskSpec, list[Target], Collector], list[Callable[[Collector], None]]] | None = None
 
 
 # ---------------------------------------------------------------- data access

@@ -25,6 +25,8 @@ from (`uns['cohort']`), `mmfm probe --cohort`, or the task's `cohort` key. Train
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -151,16 +153,20 @@ class _Encoders:
     source: str | None = None
     _pretrained: tuple | None = None
     _slide_cfg: object = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # a task's pieces may build in threads
 
     def _load(self):
+        with self._lock:
+            if self._pretrained is None:
+                self._read_pretrained()
+
+    def _read_pretrained(self):
         import jax
         from flax import nnx
 
         from mmfm.models.export_format import load_slide_encoder
         from mmfm.train import rundir
 
-        if self._pretrained is not None:
-            return
         path = Path(self.source)
         if (path / "config.json").is_file() and not (path / "config.yaml").is_file():  # an export directory
             enc, self._slide_cfg, dim = load_slide_encoder(path)
@@ -236,16 +242,45 @@ def read_bags(root: Path, cases) -> dict[str, list]:
 
 
 def run(adata, spec: MilSpec, targets: list[Target], col: Collector) -> None:
-    cases = sorted(set().union(*(t.folds.index for t in targets)))
-    bags = read_bags(_cohort_root(spec, adata, col), cases)
-    if not bags:
-        raise TaskError(f"task {spec.name!r}: none of the {len(cases)} cases has a slide with tiles in the cohort")
-    feature_dim = next(iter(bags.values()))[0].features.shape[1]
-    needs_run = [i for i in spec.inits if i != "abmil"]
-    encoders = _Encoders(spec, feature_dim, _run_source(spec, adata) if needs_run else None)
-    outcomes = spec.linear().outcomes(adata) if spec.kind == "survival" else None
-    values = spec.linear().values(adata) if spec.kind == "regression" else None
-    for t in targets:
+    for unit in units(adata, spec, targets, col):
+        unit(col)
+
+
+def units(adata, spec: MilSpec, targets: list[Target], col: Collector) -> list:
+    """The task as one piece per target × init, in `run`'s order: each trains and seeds its own folds, so the
+    probe may run them side by side (`mmfm.eval.probe`); the tile bags are read once, by the first piece."""
+    data = _TaskData(adata, spec, targets, col)
+    return [functools.partial(data.run_init, t, init) for t in targets for init in spec.inits]
+
+
+class _TaskData:
+    """What every piece of a task shares, read on first use (pieces may run in threads): the tile bags, the
+    encoders (pretrained weights read once) and the targets' outcomes."""
+
+    def __init__(self, adata, spec: MilSpec, targets: list[Target], col: Collector):
+        self.adata, self.spec, self.targets, self.root = adata, spec, targets, _cohort_root(spec, adata, col)
+        self._lock, self._read = threading.Lock(), None
+
+    def read(self) -> tuple:
+        with self._lock:
+            if self._read is None:
+                spec, adata = self.spec, self.adata
+                cases = sorted(set().union(*(t.folds.index for t in self.targets)))
+                bags = read_bags(self.root, cases)
+                if not bags:
+                    raise TaskError(f"task {spec.name!r}: none of the {len(cases)} cases has a slide with tiles in "
+                                    "the cohort")
+                feature_dim = next(iter(bags.values()))[0].features.shape[1]
+                needs_run = [i for i in spec.inits if i != "abmil"]
+                encoders = _Encoders(spec, feature_dim, _run_source(spec, adata) if needs_run else None)
+                outcomes = spec.linear().outcomes(adata) if spec.kind == "survival" else None
+                values = spec.linear().values(adata) if spec.kind == "regression" else None
+                self._read = bags, encoders, outcomes, values
+            return self._read
+
+    def run_init(self, t: Target, init: str, col: Collector) -> None:
+        spec = self.spec
+        bags, encoders, outcomes, values = self.read()
         if spec.kind == "survival":
             y, n_classes, kind = None, 0, spec.train.survival_loss
             case_ids = t.folds.index.intersection(outcomes.index)
@@ -261,8 +296,7 @@ def run(adata, spec: MilSpec, targets: list[Target], col: Collector) -> None:
                            y=None if y is None else y[case_ids].to_numpy(),
                            time=None if outcomes is None else outcomes.time[case_ids].to_numpy(float),
                            event=None if outcomes is None else outcomes.event[case_ids].to_numpy(float))
-        for init in spec.inits:
-            _run_init(spec, t, init, kind, n_classes, full, encoders, col, values)
+        _run_init(spec, t, init, kind, n_classes, full, encoders, col, values)
 
 
 def _fold_targets(spec: MilSpec, values: pd.DataFrame, full: mil.CaseSet, train: pd.Index):
