@@ -209,7 +209,9 @@ def _run_steps(p: Pipeline, log: str) -> dict:
         t = step("report features", t)
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
     results, first, shown, pending = [], None, [], None
-    with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside:  # exits once the heatmaps are done
+    with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside, \
+            ThreadPoolExecutor(1, thread_name_prefix="early") as ahead:  # both exit once their work is done
+        started = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap)
         for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
             tag = "" if i == 0 else f"-seed{seed}"
             run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
@@ -225,7 +227,8 @@ def _run_steps(p: Pipeline, log: str) -> dict:
                 shown = heatmap_slides(adata, slides, p.heatmaps)
                 pending = beside.submit(_timed, heatmaps, run_dir, cohort_dir, shown, p.heatmaps.queries,
                                         out / "report" / "heatmaps")
-            results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0))
+            results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0,
+                                  started=started))
             t = step(f"probe (seed {seed})", t)
 
         heat = []
@@ -375,11 +378,29 @@ def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first
     return adata, slides
 
 
-def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool):
+def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool, started: dict | None = None):
     from mmfm.eval.probe import probe
 
     return probe(adata, tasks, out, n_bootstrap=p.probe.n_bootstrap, plots=p.report.plots and plots,
-                 projection=p.report.projection, workers=p.probe.workers)
+                 projection=p.report.projection, workers=p.probe.workers, started=started)
+
+
+def early_probes(tasks: list, cohort_dir: Path, cfg: RunConfig, truth: bool, pool, n_bootstrap: int) -> dict:
+    """The probe pieces that need neither the pretrained run nor the embeddings (a mil task's abmil init: labels
+    and tile bags), started on `pool` beside pretraining, on the cases it holds out (`pretrain_split`: the same
+    split, known before it starts); the probe takes their rows where its folds are theirs (`start_early`)."""
+    import anndata as ad
+
+    from mmfm.data.cohort import Cohort
+    from mmfm.data.splits import pretrain_split
+    from mmfm.eval.probe import start_early
+    from mmfm.simulate.truth import join_truth
+
+    cases = Cohort.open(cohort_dir, scan_features=False, scan_cache=False).cases
+    obs = cases.loc[pretrain_split(cases, cfg.data)[2]].copy()
+    obs.index = obs.index.astype(str)
+    held = ad.AnnData(obs=obs, uns={"cohort": str(cohort_dir)})
+    return start_early(join_truth(held, cohort_dir) if truth else held, tasks, pool, n_bootstrap=n_bootstrap)
 
 
 def _timed(fn, *args):

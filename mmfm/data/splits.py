@@ -65,6 +65,13 @@ def split_cases(case_ids, fraction: float, seed: int, *, val_fraction: float = 0
     return sorted(parts["train"]), sorted(parts["val"]), sorted(parts["heldout"])
 
 
+def pretrain_split(cases: pd.DataFrame, data) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, held-out) as pretraining splits a cohort's `cases` table with a run's `data` config
+    (heldout_fraction, split_seed, val_fraction, split_by_site): known before pretraining starts."""
+    return split_cases(cases.index, data.heldout_fraction, data.split_seed, val_fraction=data.val_fraction,
+                       sites=cases["site"] if data.split_by_site else None)
+
+
 def fold_columns(df: pd.DataFrame) -> list[str]:
     return sorted((c for c in df.columns if FOLD.fullmatch(str(c))), key=lambda c: int(c[5:]))
 

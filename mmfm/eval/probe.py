@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,7 +60,8 @@ from mmfm.eval.tasks.mil import check_beside, file_beside
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LeakageError", "ProbeConfig", "ProbeResult", "TaskError", "load_tasks", "probe", "run_probe"]
+__all__ = ["LeakageError", "ProbeConfig", "ProbeResult", "Started", "TaskError", "load_tasks", "probe", "run_probe",
+           "start_early"]
 
 
 @dataclass
@@ -95,9 +96,10 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
           allow_overlap: bool = False, pretrain_cases: set[str] | str | Path | None = None,
           allow_validation_overlap: bool = False, validation_cases: set[str] | str | Path | None = None,
           n_bootstrap: int = 100, plots: bool = True, projection: str = "umap",
-          cohort: str | Path | None = None, workers: int = 1) -> ProbeResult:
+          cohort: str | Path | None = None, workers: int = 1, started: dict | None = None) -> ProbeResult:
     """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`;
-    `workers` tasks at a time (the same results, see `_run_tasks`)."""
+    `workers` tasks at a time, pieces `started` before (`start_early`) taken as they are (the same results, see
+    `_run_tasks`)."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
     if cohort is not None:  # tasks reading the cohort (mil, regression): --cohort where the task names none
@@ -124,7 +126,7 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     col = Collector(n_bootstrap=n_bootstrap, plot_dir=out if plots else None, projection=projection,
                     cohort=None if cohort is None else str(cohort))
     with threadpool_limits(1, user_api="blas"):  # hundreds of small fits: BLAS threads only spin (≈15× CPU, loaded)
-        for part in _run_tasks(adata, plans, col, workers):
+        for part in _run_tasks(adata, plans, col, workers, started):
             col.merge(part)
 
     results = pd.DataFrame(file_beside(col.rows), columns=["task", "type", "target", "embedding", "model", "shots",
@@ -140,37 +142,94 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
     return ProbeResult(results, summary, out, col.notes, overlap, val_overlap)
 
 
-def _run_tasks(adata, plans: list, like: Collector, workers: int) -> list[Collector]:
+@dataclass
+class Started:
+    """Pieces of a task started before the probe (`start_early`): the targets they were planned on, and by piece
+    index the future of each one's Collector."""
+
+    targets: list
+    units: dict[int, Future]
+
+
+def start_early(cases: ad.AnnData, tasks, pool: Executor, *, n_bootstrap: int = 100) -> dict[str, Started]:
+    """Start on `pool` the task pieces that read only the cases' labels and the cohort (`TaskType.early`: a mil
+    task's abmil init) before the embeddings exist: `cases` holds the probe's cases with their labels (obs) and
+    `uns['cohort']`. `probe(..., started=...)` takes a piece's rows where the targets and folds it plans on the
+    embeddings are the ones the piece ran on, and runs the piece again otherwise."""
+    like = Collector(n_bootstrap=n_bootstrap)
+    out = {}
+    for spec in load_tasks(tasks):
+        kind = TASKS[spec.type]
+        if kind.early is None or kind.units is None:
+            continue
+        try:
+            targets, _ = spec.plan(cases, None)
+        except TaskError:  # a label the cases do not carry yet: the probe runs the whole task
+            continue
+        early = kind.early(spec, targets)
+        if early:
+            pieces = kind.units(cases, spec, targets, like)
+            out[spec.name] = Started(targets, {j: pool.submit(_collect, like, [], pieces[j]) for j in early})
+    return out
+
+
+def _collect(like: Collector, notes: list[str], work) -> Collector:
+    """`work` run into a fresh Collector of `like`'s settings, starting with `notes`."""
+    col = dataclasses.replace(like, rows=[], boot=[], survival_preds={}, per_target=[], robustness_curves={},
+                              notes=list(notes))
+    work(col)
+    return col
+
+
+def _same_targets(a: list, b: list) -> bool:
+    """The same targets, cases, labels and folds."""
+    same = lambda x, y: (x is None and y is None) or (x is not None and y is not None  # noqa: E731
+                                                      and x.sort_index().equals(y.sort_index()))
+    return len(a) == len(b) and all(s.name == t.name and same(s.labels, t.labels) and same(s.folds, t.folds)
+                                    for s, t in zip(a, b))
+
+
+def _run_tasks(adata, plans: list, like: Collector, workers: int, started: dict | None = None) -> list[Collector]:
     """Each task into a Collector of its own, in plan order, `workers` at a time (threads: the fits and XLA release
     the GIL). With workers, a task whose type splits into pieces (`TaskType.units`: a `mil` task's target × init)
-    runs them as units of their own, into Collectors merged in the task's order. Units read the embeddings and write
-    only their Collector, and seed their own randomness, so the merged rows are those of one task after another;
-    the `mil` units (the longest: tile bags, training) start first. A unit's error is raised, in plan order, once
-    the running ones are done."""
+    runs them as units of their own, into Collectors merged in the task's order; a piece in `started` (same targets
+    and folds) is not run again. Units read the embeddings and write only their Collector, and seed their own
+    randomness, so the merged rows are those of one task after another; the `mil` units (the longest: tile bags,
+    training) start first. A unit's error is raised, in plan order, once the running ones are done."""
     def one(i: int, j: int, n: int, spec, work, notes) -> Collector:
-        col = dataclasses.replace(like, rows=[], boot=[], survival_preds={}, per_target=[], robustness_curves={},
-                                  notes=list(notes) if j == 0 else [])
         t0 = time.perf_counter()
         part = f" (part {j + 1}/{n})" if n > 1 else ""
         log.info("task %d/%d %s%s (%s) ...", i + 1, len(plans), spec.name, part, spec.type)
-        work(col)
+        col = _collect(like, notes if j == 0 else [], work)
         log.info("task %d/%d %s%s done in %.1fs", i + 1, len(plans), spec.name, part, time.perf_counter() - t0)
         return col
 
     def pieces(spec, targets) -> list:
         kind = TASKS[spec.type]
-        if workers > 1 and kind.units is not None:
+        if (workers > 1 or spec.name in early) and kind.units is not None:
             return kind.units(adata, spec, targets, like)
         return [functools.partial(kind.run, adata, spec, targets)]
 
+    planned = {spec.name: targets for spec, targets, _ in plans}
+    early = {name: s.units for name, s in (started or {}).items()
+             if name in planned and _same_targets(s.targets, planned[name])}
     units = [(i, j, len(ws), spec, w, notes) for i, (spec, targets, notes) in enumerate(plans)
              for ws in [pieces(spec, targets)] for j, w in enumerate(ws)]
+    todo = [u for u in units if u[1] not in early.get(u[3].name, {})]
+
+    def result(u, futures) -> Collector:
+        done = early.get(u[3].name, {}).get(u[1])
+        if done is None:
+            return futures[u[:2]].result() if futures is not None else one(*u)
+        col = done.result()
+        return dataclasses.replace(col, notes=list(u[5]) + col.notes) if u[1] == 0 else col
+
     if workers <= 1:
-        return [one(*u) for u in units]
-    first = sorted(units, key=lambda u: u[3].type != "mil")  # stable: plan order otherwise
+        return [result(u, None) for u in units]
+    first = sorted(todo, key=lambda u: u[3].type != "mil")  # stable: plan order otherwise
     with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
         futures = {u[:2]: pool.submit(one, *u) for u in first}
-        return [futures[u[:2]].result() for u in units]
+        return [result(u, futures) for u in units]
 
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from mmfm import faults
 from mmfm.data.cohort import Cohort
 from mmfm.data.loader import TileBagLoader
-from mmfm.data.splits import split_cases
+from mmfm.data.splits import pretrain_split
 from mmfm.objectives import adversary, multimodal_loss
 from mmfm.train import evaluate, rundir
 from mmfm.train.checkpoint import Checkpointer, gather_json
@@ -233,9 +233,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
                           f"must be a multiple of the {mesh.size} devices")
     cohort = Cohort.open(cfg.data.cohort)
     try:
-        train_ids, val_ids, held_ids = split_cases(
-            cohort.cases.index, cfg.data.heldout_fraction, cfg.data.split_seed, val_fraction=cfg.data.val_fraction,
-            sites=cohort.cases["site"] if cfg.data.split_by_site else None)
+        train_ids, val_ids, held_ids = pretrain_split(cohort.cases, cfg.data)
     except ValueError as e:
         raise ConfigError(f"data.split_by_site: {cfg.data.cohort}/cases.csv: {e}") from e
     if cfg.loader.report_cache and "report" in cfg.data.modalities and cohort.reports is not None:

@@ -62,7 +62,7 @@ TASKS: dict[str, TaskType] = {
     "retrieval": TaskType(retrieval.RetrievalSpec, retrieval.run),
     "robustness": TaskType(robustness.RobustnessSpec, robustness.run),
     "zeroshot": TaskType(zeroshot.ZeroshotSpec, zeroshot.run),
-    "mil": TaskType(mil.MilSpec, mil.run, mil.units),
+    "mil": TaskType(mil.MilSpec, mil.run, mil.units, mil.early),
     "regression": TaskType(regression.RegressionSpec, regression.run),
     "spots": TaskType(spots.SpotsSpec, spots.run),
 }

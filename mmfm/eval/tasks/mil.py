@@ -253,6 +253,12 @@ def units(adata, spec: MilSpec, targets: list[Target], col: Collector) -> list:
     return [functools.partial(data.run_init, t, init) for t in targets for init in spec.inits]
 
 
+def early(spec: MilSpec, targets: list[Target]) -> list[int]:
+    """The pieces (of `units`) that read only labels and tile bags: an abmil init of a class-label target."""
+    pieces = [init for _ in targets for init in spec.inits]
+    return [j for j, init in enumerate(pieces) if init == "abmil" and spec.kind in ("classification", "mutation")]
+
+
 class _TaskData:
     """What every piece of a task shares, read on first use (pieces may run in threads): the tile bags, the
     encoders (pretrained weights read once) and the targets' outcomes."""
@@ -271,8 +277,7 @@ class _TaskData:
                     raise TaskError(f"task {spec.name!r}: none of the {len(cases)} cases has a slide with tiles in "
                                     "the cohort")
                 feature_dim = next(iter(bags.values()))[0].features.shape[1]
-                needs_run = [i for i in spec.inits if i != "abmil"]
-                encoders = _Encoders(spec, feature_dim, _run_source(spec, adata) if needs_run else None)
+                encoders = _Encoders(spec, feature_dim)
                 outcomes = spec.linear().outcomes(adata) if spec.kind == "survival" else None
                 values = spec.linear().values(adata) if spec.kind == "regression" else None
                 self._read = bags, encoders, outcomes, values
@@ -281,6 +286,8 @@ class _TaskData:
     def run_init(self, t: Target, init: str, col: Collector) -> None:
         spec = self.spec
         bags, encoders, outcomes, values = self.read()
+        if init != "abmil":  # an abmil piece may run on labels alone, before the run exists (`early`)
+            encoders.source = _run_source(spec, self.adata)
         if spec.kind == "survival":
             y, n_classes, kind = None, 0, spec.train.survival_loss
             case_ids = t.folds.index.intersection(outcomes.index)
