@@ -211,13 +211,15 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     results, first, shown, pending = [], None, [], None
     with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside, \
             ThreadPoolExecutor(1, thread_name_prefix="early") as ahead:  # both exit once their work is done
-        started = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap)
+        labels_only = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap)
         for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
             tag = "" if i == 0 else f"-seed{seed}"
             run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
             run_dir = out / f"run{tag}"
             pretrain(run_cfg, run_dir)
             t = step(f"pretrain (seed {seed})", t)
+            started = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap, run_dir,
+                                   labels_only)  # this run's pieces (finetune) beside the embedding
             splits = json.loads((run_dir / "splits.json").read_text())
             adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
                                      first, truth, combat=tuple(p.embed.combat))
@@ -385,22 +387,27 @@ def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool, started: dic
                  projection=p.report.projection, workers=p.probe.workers, started=started)
 
 
-def early_probes(tasks: list, cohort_dir: Path, cfg: RunConfig, truth: bool, pool, n_bootstrap: int) -> dict:
-    """The probe pieces that need neither the pretrained run nor the embeddings (a mil task's abmil init: labels
-    and tile bags), started on `pool` beside pretraining, on the cases it holds out (`pretrain_split`: the same
-    split, known before it starts); the probe takes their rows where its folds are theirs (`start_early`)."""
+def early_probes(tasks: list, cohort_dir: Path, cfg: RunConfig, truth: bool, pool, n_bootstrap: int,
+                 run_dir: Path | None = None, started: dict | None = None) -> dict:
+    """The probe pieces that need no embedding, started on `pool` (`start_early`) on the cases pretraining holds
+    out (`pretrain_split`: the same split, known before it starts): without `run_dir` those that need no run either
+    (a mil task's abmil init: labels and tile bags), beside pretraining; with it, that run's (finetune), beside the
+    embedding. `started` are kept; the probe takes their rows where its folds are theirs."""
     import anndata as ad
 
     from mmfm.data.cohort import Cohort
     from mmfm.data.splits import pretrain_split
     from mmfm.eval.probe import start_early
     from mmfm.simulate.truth import join_truth
+    from mmfm.train.paths import run_path
 
     cases = Cohort.open(cohort_dir, scan_features=False, scan_cache=False).cases
     obs = cases.loc[pretrain_split(cases, cfg.data)[2]].copy()
     obs.index = obs.index.astype(str)
-    held = ad.AnnData(obs=obs, uns={"cohort": str(cohort_dir)})
-    return start_early(join_truth(held, cohort_dir) if truth else held, tasks, pool, n_bootstrap=n_bootstrap)
+    held = ad.AnnData(obs=obs, uns={"cohort": str(cohort_dir),
+                                    **({} if run_dir is None else {"run_dir": str(run_path(run_dir).absolute())})})
+    return start_early(join_truth(held, cohort_dir) if truth else held, tasks, pool, n_bootstrap=n_bootstrap,
+                       started=started)
 
 
 def _timed(fn, *args):

@@ -151,13 +151,15 @@ class Started:
     units: dict[int, Future]
 
 
-def start_early(cases: ad.AnnData, tasks, pool: Executor, *, n_bootstrap: int = 100) -> dict[str, Started]:
+def start_early(cases: ad.AnnData, tasks, pool: Executor, *, n_bootstrap: int = 100,
+                started: dict[str, Started] | None = None) -> dict[str, Started]:
     """Start on `pool` the task pieces that read only the cases' labels and the cohort (`TaskType.early`: a mil
-    task's abmil init) before the embeddings exist: `cases` holds the probe's cases with their labels (obs) and
-    `uns['cohort']`. `probe(..., started=...)` takes a piece's rows where the targets and folds it plans on the
-    embeddings are the ones the piece ran on, and runs the piece again otherwise."""
+    task's abmil init; with `uns['run_dir']`, the pretrained run too: its finetune init) before the embeddings
+    exist: `cases` holds the probe's cases with their labels (obs) and `uns['cohort']`. Returns `started` with
+    them added (those already there are not started again). `probe(..., started=...)` takes a piece's rows where
+    the targets and folds it plans on the embeddings are the ones the piece ran on, and runs it again otherwise."""
     like = Collector(n_bootstrap=n_bootstrap)
-    out = {}
+    out = dict(started or {})
     for spec in load_tasks(tasks):
         kind = TASKS[spec.type]
         if kind.early is None or kind.units is None:
@@ -166,10 +168,12 @@ def start_early(cases: ad.AnnData, tasks, pool: Executor, *, n_bootstrap: int = 
             targets, _ = spec.plan(cases, None)
         except TaskError:  # a label the cases do not carry yet: the probe runs the whole task
             continue
-        early = kind.early(spec, targets)
-        if early:
+        before = out.get(spec.name, Started(targets, {}))
+        new = [j for j in kind.early(spec, targets, "run_dir" in cases.uns) if j not in before.units]
+        if new and _same_targets(before.targets, targets):
             pieces = kind.units(cases, spec, targets, like)
-            out[spec.name] = Started(targets, {j: pool.submit(_collect, like, [], pieces[j]) for j in early})
+            out[spec.name] = Started(targets, {**before.units,
+                                               **{j: pool.submit(_collect, like, [], pieces[j]) for j in new}})
     return out
 
 

@@ -119,13 +119,13 @@ class TaskType:
     """A registry entry: the spec TASKS.yaml entries of this type decode into, and the function that scores it;
     `units`, when given, splits a long task into independent pieces (each writes a Collector of its own; run one
     after another they write what `run` writes) that the probe runs side by side with `workers` > 1; `early` names
-    the pieces that read only the cases' labels and the cohort — no embedding, no run — which may start before the
-    embeddings exist (`mmfm.eval.probe.start_early`)."""
+    the pieces that read only the cases' labels and the cohort (and the pretrained run, when the second argument
+    says it exists) — no embedding — which may start before the embeddings exist (`mmfm.eval.probe.start_early`)."""
 
     spec: type[TaskSpec]
     run: Callable[[ad.AnnData, TaskSpec, list[Target], Collector], None]
     units: Callable[[ad.AnnData, TaskSpec, list[Target], Collector], list[Callable[[Collector], None]]] | None = None
-    early: Callable[[TaskSpec, list[Target]], list[int]] | None = None
+    early: Callable[[TaskSpec, list[Target], bool], list[int]] | None = None
 
 
 # ---------------------------------------------------------------- data access

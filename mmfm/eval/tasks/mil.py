@@ -253,10 +253,12 @@ def units(adata, spec: MilSpec, targets: list[Target], col: Collector) -> list:
     return [functools.partial(data.run_init, t, init) for t in targets for init in spec.inits]
 
 
-def early(spec: MilSpec, targets: list[Target]) -> list[int]:
-    """The pieces (of `units`) that read only labels and tile bags: an abmil init of a class-label target."""
+def early(spec: MilSpec, targets: list[Target], run: bool) -> list[int]:
+    """The pieces (of `units`) of a class-label target that read only labels and tile bags — abmil — and, once
+    the run exists (`run`), every other init's."""
     pieces = [init for _ in targets for init in spec.inits]
-    return [j for j, init in enumerate(pieces) if init == "abmil" and spec.kind in ("classification", "mutation")]
+    return [j for j, init in enumerate(pieces)
+            if (init == "abmil" or run) and spec.kind in ("classification", "mutation")]
 
 
 class _TaskData:
