@@ -272,6 +272,25 @@ def test_mil_is_deterministic_for_a_seed(cohort, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_pieces_started_before_the_embeddings_are_the_probes_rows(cohort, tmp_path, monkeypatch):
+    """`start_early` trains the abmil piece on the cases' labels alone (an AnnData without embeddings, as the demo
+    has beside pretraining); the probe takes its rows (it trains nothing more) and writes what it writes alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmfm.eval.probe import start_early
+
+    adata = _adata(cohort)
+    alone = probe(adata, _tasks(), tmp_path / "alone", n_bootstrap=0, plots=False).results
+    with ThreadPoolExecutor(1) as pool:
+        started = start_early(ad.AnnData(obs=adata.obs, uns=adata.uns), _tasks(), pool, n_bootstrap=0)
+        assert list(started) == ["subtype_mil"] and list(started["subtype_mil"].units) == [0]
+        started["subtype_mil"].units[0].result()
+    monkeypatch.setattr(mil, "train", lambda *a, **k: pytest.fail("a started piece was trained again"))
+    taken = probe(adata, _tasks(), tmp_path / "taken", n_bootstrap=0, plots=False, started=started).results
+    timing = lambda df: df[df.metric != "wall_s"].reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(timing(alone), timing(taken))
+
+
 def test_selection_never_reads_test_labels(cohort):
     """Each `select`: relabelling the test fold changes neither the kept epoch nor a test prediction; relabelling
     training cases does (so the check can fail)."""

@@ -8,7 +8,10 @@ latent truth (simulated cohorts do) — the simulator's oracle, with CIs and pai
 show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
 Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
-the probes and the probe tasks run `probe.workers` at a time (threads; the results do not depend on it).
+the probes and the probe tasks run `probe.workers` at a time (threads; the results do not depend on it). Probe
+pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
+pretraining (labels and tile bags of the cases it holds out), its finetune init beside the embedding; the probe
+takes their rows where its own folds are theirs, so the tables are the same.
 
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
 the recipe and task file it names are relative to the file too, paths given on the command line to the current
