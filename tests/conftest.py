@@ -29,19 +29,24 @@ jit_cache.configure()
 
 import jax  # noqa: E402
 
-# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save in this process
-# and in the single-process `mmfm pretrain` runs of `pretrain_process` (signals, kills and resumes: what they check
-# holds at either setting). Not exported to other subprocesses: several JAX processes, launchers and the wheel's demo
-# compile as users' do. JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off for a comparison.
-NO_OPT = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
+# Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save, and XLA:CPU's
+# classic emitters compile these small programs in half the time of its fusion emitters (a recipe's train step 12.9
+# → 6.5 CPU s), the same math. Both go to this process and, through the environment, to every `mmfm` subprocess,
+# launcher task and notebook kernel a test starts: what those tests check (curves equal across processes or
+# through a resume, a kill, a requeue; a pipeline's outputs) holds at either setting, and both sides of a
+# comparison run alike. A test of the optimised path says so (`xla_optimized` below).
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns both off for a comparison.
+NO_OPT = os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1").lower() not in ("0", "false")
 jax.config.update("jax_disable_most_optimizations", NO_OPT)
-# Likewise XLA:CPU's classic emitters instead of its fusion emitters: half the compile time of these small programs
-# (a recipe's train step 12.9 → 6.5 CPU s), the same math. In this process only: XLA reads XLA_FLAGS once, as the
-# backend starts, so the flag is set for that moment and subprocesses inherit the caller's XLA_FLAGS.
-_xla_flags = os.environ["XLA_FLAGS"]
-os.environ["XLA_FLAGS"] = _xla_flags + (" --xla_cpu_use_fusion_emitters=false" if NO_OPT else "")
-jax.devices()
-os.environ["XLA_FLAGS"] = _xla_flags
+CHEAP_XLA = " --xla_cpu_use_fusion_emitters=false" if NO_OPT else ""
+if CHEAP_XLA not in os.environ["XLA_FLAGS"]:  # xdist workers inherit the controller's
+    os.environ["XLA_FLAGS"] += CHEAP_XLA
+
+
+def host_devices(n: int) -> str:
+    """XLA_FLAGS for a subprocess with `n` CPU devices, compiling as this process does."""
+    return f"--xla_force_host_platform_device_count={n}{CHEAP_XLA}"
+
 
 from pathlib import Path  # noqa: E402
 
@@ -64,10 +69,9 @@ def pretrain_process(out, sets, *flags, cache, devices=8, faults: str = "") -> s
     """`mmfm pretrain` of the demo recipe with `--set` overrides in a subprocess, sharing a persistent compilation
     cache `cache` across runs of the same shapes; `faults`: its $MMFM_FAULTS (`mmfm.faults`: a signal or kill at a
     chosen step or write, never a race with the run)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=host_devices(devices), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jit_cache_dir(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults,
-               JAX_DISABLE_MOST_OPTIMIZATIONS=str(int(NO_OPT)))
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", MMFM_FAULTS=faults)
     cmd = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml"),
            "--out", str(out), *[a for s in sets for a in ("--set", s)], *flags]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

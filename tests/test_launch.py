@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import jit_cache_dir
+from conftest import host_devices, jit_cache_dir
 from mmfm.cli import launch
 from mmfm.config import parse_cli
 from mmfm.train import monitor
@@ -59,7 +59,7 @@ def test_two_srun_tasks_initialise_jax_distributed_from_slurm_variables_alone(tm
     job = str(random.randrange(100000, 900000))  # JAX puts the coordinator on port 61440 + job id % 4096
     procs = []
     for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        env = dict(os.environ, XLA_FLAGS=host_devices(2), JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(REPO), SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
                    SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1")
         procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"task{i}.txt")], env=env, cwd=REPO,
@@ -123,7 +123,7 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
     flags = ["--config", str(REPO / "configs/demo.yaml"), *[a for s in sets for a in ("--set", s)]]
     cache = dict(JAX_COMPILATION_CACHE_DIR=jit_cache_dir(tmp_path / "jit"),
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    for k, v in dict(cache, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    for k, v in dict(cache, XLA_FLAGS=host_devices(1), JAX_PLATFORMS="cpu",
                      MMFM_FAULTS=f"train.step@{stop}:SIGUSR2").items():
         monkeypatch.setenv(k, v)  # what each task inherits: one CPU device per process, the time-out warning
     cfg = parse_cli(launch.Config, ["--executor", "local", "--gpus_per_node", "2", "--time", "30",
@@ -135,7 +135,7 @@ def test_launch_local_two_processes_match_one_process_through_a_requeue(tmp_path
     assert stops == [stop, stop], log  # each task once, after the same step: one re-queue, no second fault
     monkeypatch.delenv("MMFM_FAULTS")
     one = subprocess.run([sys.executable, "-m", "mmfm.cli", "pretrain", "--out", str(tmp_path / "one"), *flags],
-                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"), cwd=REPO,
+                         env=dict(os.environ, XLA_FLAGS=host_devices(2)), cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
     a = monitor.read_jsonl(tmp_path / "two" / "metrics.jsonl")

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
+from conftest import host_devices
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def execute(name: str, out: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    env = {"MMFM_SMALL": "1", "MMFM_NB_OUT": str(out), "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # tiny runs: optimising costs more than it saves
+    env = {"MMFM_SMALL": "1", "MMFM_NB_OUT": str(out), "XLA_FLAGS": host_devices(1)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:

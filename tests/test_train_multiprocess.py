@@ -16,6 +16,8 @@ from mmfm.train import monitor
 sys.path.insert(0, str(Path(__file__).resolve().parent / "multiprocess"))
 from launch import launch  # noqa: E402
 
+from conftest import host_devices  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,9 +39,9 @@ def test_two_processes_match_one_process_with_two_devices(cohort, tmp_path):
             "model.slide.abmil.attn_dim=8", "model.rna.hidden=16", "model.protein.hidden=16"]
     base = [sys.executable, "-m", "mmfm.cli", "pretrain", "--config", str(REPO / "configs/demo.yaml")]
     flags = [a for s in sets for a in ("--set", s)]
-    code, outs = launch(base + ["--out", str(tmp_path / "two")] + flags, n=2, timeout=600)
+    code, outs = launch(base + ["--out", str(tmp_path / "two")] + flags, n=2, timeout=600, xla_flags=host_devices(1))
     assert code == 0, "\n".join(outs)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_devices(2), JAX_PLATFORMS="cpu")
     one = subprocess.run(base + ["--out", str(tmp_path / "one")] + flags, env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import host_devices
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -45,7 +47,7 @@ def test_wheel_ships_recipes_and_task_files(installed):
 
 def test_wheel_installed_demo_runs_outside_the_repo(installed, tmp_path):
     site, _ = installed
-    env = {**os.environ, "PYTHONPATH": str(site), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "PYTHONPATH": str(site), "XLA_FLAGS": host_devices(2)}
     where = subprocess.run([sys.executable, "-c", "import mmfm; print(mmfm.__file__)"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(site)), where  # the wheel's copy, not the checkout

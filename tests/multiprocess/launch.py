@@ -23,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cmd: list[str], n: int, timeout: float = 600.0, env: dict | None = None) -> tuple[int, list[str]]:
-    """→ (exit code, output of each process)."""
+def launch(cmd: list[str], n: int, timeout: float = 600.0, env: dict | None = None,
+           xla_flags: str = "--xla_force_host_platform_device_count=1") -> tuple[int, list[str]]:
+    """→ (exit code, output of each process); `xla_flags`: each process's XLA_FLAGS, giving it one CPU device."""
     port = free_port()
-    base = dict(os.environ if env is None else env, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_PLATFORMS="cpu")
+    base = dict(os.environ if env is None else env, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(cmd + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
                                      "--process-id", str(i)], env=base, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(n)]
