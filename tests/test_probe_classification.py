@@ -1,5 +1,7 @@
 """Linear-probe metrics against sklearn and hand-written NumPy references; few-shot draws; C chosen on train only."""
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
@@ -58,6 +60,38 @@ def test_multiclass_macro_ovr_auroc_and_missing_class():
     assert m["auroc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"), abs=1e-12)
     assert m["kappa"] == pytest.approx(_quadratic_kappa(y, proba.argmax(1), 3))
     assert np.isnan(classification.metrics(y[y < 2], proba[y < 2])["auroc"])  # class 2 absent: undefined, not 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_are_sklearns(seed):
+    """One confusion matrix and a rank statistic, held to sklearn's four metrics: ties in the scores, a class never
+    predicted, a class predicted but absent from y, two or three classes."""
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, f1_score
+
+    rng = np.random.default_rng(seed)
+    k = 2 + seed % 2
+    y = rng.integers(0, k, 40)
+    proba = np.round(rng.dirichlet(np.ones(k), 40), 1)  # rounded: tied scores
+    proba[:, -1] = 1.0 - proba[:, :-1].sum(1)
+    if seed >= 4:
+        y = y[y < k - 1] if k == 3 else y  # the last class absent from y, predicted all the same
+        proba = proba[:len(y)]
+    if seed in (2, 3):
+        proba[:, 0], proba[:, 1:] = 0.0, proba[:, 1:] + 0.1  # class 0 never predicted
+        proba /= proba.sum(1, keepdims=True)
+    m, pred = classification.metrics(y, proba), proba.argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert m["bacc"] == balanced_accuracy_score(y, pred)
+        assert m["f1"] == f1_score(y, pred, average="macro", zero_division=0)
+        kappa = cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(k))
+    assert m["kappa"] == kappa or (np.isnan(m["kappa"]) and not np.isfinite(kappa))
+    if len(np.unique(y)) < k and k > 2:
+        assert np.isnan(m["auroc"])
+    elif k == 2:
+        assert m["auroc"] == pytest.approx(roc_auc_score(y, proba[:, 1]), abs=1e-12)
+    else:
+        assert m["auroc"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"), abs=1e-12)
 
 
 def test_class_absent_from_training_gets_zero_probability():

@@ -38,9 +38,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from mmfm.eval import folds as folds_mod
+from mmfm.eval.probes.classification import binary_auroc
 from mmfm.eval.tasks.base import (Collector, FoldSpec, Target, TaskError, case_features, fold_sides, label_target,
                                   result_key)
 from mmfm.metrics import l2_normalize
@@ -137,7 +137,7 @@ def metrics(y: np.ndarray, scores: np.ndarray, names: Sequence[str]) -> dict[str
     y, scores = np.asarray(y), np.asarray(scores, np.float64)
     n_classes = scores.shape[1]
     centred = scores - scores.mean(1, keepdims=True)  # two classes: column 1 is (s_1 − s_0) / 2
-    per = [float(roc_auc_score(y == c, centred[:, c])) if 0 < (y == c).sum() < len(y) else float("nan")
+    per = [binary_auroc(y == c, centred[:, c]) if 0 < (y == c).sum() < len(y) else float("nan")
            for c in range(n_classes)]
     auroc = per[1] if n_classes == 2 else float(np.mean(per))
     pred = scores.argmax(1)
