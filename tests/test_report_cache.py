@@ -67,6 +67,26 @@ def test_length_bucketed_features_equal_the_trunk_at_full_length(trunk):
     np.testing.assert_allclose(got, np.asarray(trunk(ids, mask, deterministic=True)), atol=2e-5)
 
 
+def test_features_are_compiled_optimised_whatever_the_process_setting():
+    """A short run (`fast_compile`) turns XLA's optimisations off for the process, and this test process compiles
+    with the classic emitters: the report trunk's forward is still compiled as with XLA's defaults (`OPTIMISED`),
+    bit for bit the features of an optimised process."""
+    import jax
+
+    from mmfm.models.text import TextConfig
+    from mmfm.models.text_cache import sentence_features
+
+    cfg, before = TextConfig(trainable="frozen"), jax.config.read("jax_disable_most_optimizations")
+    features = {}
+    try:
+        for off in (True, False):
+            jax.config.update("jax_disable_most_optimizations", off)
+            features[off] = sentence_features(REPORTS[:2], cfg, max_len=32, batch_size=2)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+    np.testing.assert_array_equal(features[True], features[False])
+
+
 def test_model_on_cached_features_equals_model_on_tokens():
     """The exactness claim: training on the cache = the frozen trunk + head on token ids (eval mode)."""
     from flax import nnx

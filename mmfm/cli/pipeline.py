@@ -9,8 +9,9 @@ show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports t
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
 Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
 the probes and the probe tasks run `probe.workers` at a time (threads; the results do not depend on it). Probe
-pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
-pretraining (labels and tile bags of the cases it holds out), its finetune init beside the embedding; the probe
+pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside the
+report features and pretraining (labels and tile bags of the cases it holds out), its finetune init beside the
+embedding; the probe
 takes their rows where its own folds are theirs, so the tables are the same.
 
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
@@ -208,13 +209,13 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     base_cfg = recipe(p)
     base_cfg = check_run(dataclasses.replace(base_cfg, data=dataclasses.replace(base_cfg.data,
                                                                                 cohort=str(cohort_dir))))
-    if report_features(base_cfg):
-        t = step("report features", t)
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
     results, first, shown, pending = [], None, [], None
     with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside, \
             ThreadPoolExecutor(1, thread_name_prefix="early") as ahead:  # both exit once their work is done
         labels_only = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap)
+        if report_features(base_cfg):
+            t = step("report features", t)
         for i, seed in enumerate(seeds):  # same split and folds for every seed: only the pretraining run differs
             tag = "" if i == 0 else f"-seed{seed}"
             run_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, seed=seed))
@@ -322,8 +323,8 @@ def report_features(cfg: RunConfig) -> bool:
     pretraining. Computed once per machine and cohort: copied from a table beside the compilation cache
     (`jit_cache.machine_dir`), one per set of report texts — a report's features depend in their last bits on the
     batch it was computed in, so rows are only shared between identical cohorts (a second demo), which compute them
-    in the same batches. Always with XLA's optimisations: a BERT forward over every report is compute-bound,
-    unoptimised (`fast_compile`) it costs more than optimising it does. False when the recipe caches no report
+    in the same batches. Always with XLA's optimisations (`mmfm.models.text_cache.OPTIMISED`, whatever
+    `fast_compile` says): a BERT forward over every report is compute-bound. False when the recipe caches no report
     features."""
     from mmfm.cli.jit_cache import machine_dir
     from mmfm.data import report_cache
@@ -340,8 +341,7 @@ def report_features(cfg: RunConfig) -> bool:
     shared = machine_dir("report-features")
     if shared is not None:
         shared = shared / hashlib.sha256(report_cache.text_digests(texts).tobytes()).hexdigest()[:20]
-    with xla_optimisations(True):
-        fill = fill_report_cache(cohort, cfg.model.report, shared or folder, cfg.loader.report_max_len)
+    fill = fill_report_cache(cohort, cfg.model.report, shared or folder, cfg.loader.report_max_len)
     if shared is not None:
         if not report_cache.lookup(folder, fill.key, texts)[1].all():
             report_cache.store(folder, fill.key, texts, report_cache.lookup(shared, fill.key, texts)[0],

@@ -24,9 +24,12 @@ from mmfm.data import report_cache
 from mmfm.models.text import TextConfig, TextEncoder, load_pretrained, pretrained_weights, tokenize
 
 log = logging.getLogger(__name__)
-# The BERT forward over every report is compute-bound: XLA:CPU's fusion emitters run it faster than the classic ones
-# a short run may start the backend with (`mmfm.cli.jit_cache.start_backend`), whatever they cost to compile.
-FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
+# The BERT forward over every report is compute-bound: compiled with XLA's optimisations and XLA:CPU's fusion emitters
+# (XLA's defaults) whatever a short run set for the process (`fast_compile`: jax_disable_most_optimizations, the
+# classic emitters of `mmfm.cli.jit_cache.start_backend`), which would make it slower than compiling it well costs.
+# Per function, not a process setting switched for the while: other threads compile beside it.
+OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
+             "xla_cpu_use_fusion_emitters": True}
 
 
 def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch_size: int = 32,
@@ -34,7 +37,7 @@ def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch
     """[n, hidden] float32 mean-pooled last hidden states of the pretrained trunk (eval mode), batched by length."""
     graphdef, state = _pretrained_trunk(dataclasses.replace(cfg, compute_dtype="float32"))
 
-    @partial(jax.jit, compiler_options=FUSION_EMITTERS)
+    @partial(jax.jit, compiler_options=OPTIMISED)
     def run(state, ids, mask):
         return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
 
