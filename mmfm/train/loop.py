@@ -288,7 +288,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
         ckpt = Checkpointer(out, t)
         start = 0
         if resume and ckpt.latest_step() is not None:  # the checkpoint holds every value: nothing initialised
-            ts = abstract_state(build, tx, mesh, t.axis_rules, t.shard_min_size)
+            ts = abstract_state(build, tx, mesh, t.axis_rules, t.shard_min_size, inputs={})
             start, (state, loader_state, _) = rundir.restore_newest_intact(ckpt, ts.abstract)
             # re-materialise through an identity jit so the restored buffers are donatable
             ts.state = jax.jit(lambda s: s, out_shardings=ts.shardings)(state)

@@ -40,7 +40,8 @@ class TrainState:
 def abstract_state(build: Callable[..., TrainModule], tx: optax.GradientTransformation, mesh, rules,
                    min_size: int, inputs=None) -> TrainState:
     """The train state's structure, shardings and restore target, nothing computed (`state` is None): what
-    restoring a checkpoint needs. `inputs`: the arguments `build` takes (see `init_state`)."""
+    restoring a checkpoint needs. `inputs`: the arguments `build` takes (see `init_state`); a restore passes `{}`
+    to a `build_module` build: no encoder reads its pretrained weights, the checkpoint holds every value."""
     graphdef, abstract = nnx.split(nnx.eval_shape(_creator(build, tx), inputs))
     shardings = state_shardings(abstract, mesh, rules, min_size)
     return TrainState(graphdef, None, shardings, abstract_target(abstract, shardings))
@@ -69,7 +70,8 @@ def _creator(build, tx):
 
 
 def build_module(cfg: RunConfig, shapes: BatchShapes, modalities: Sequence[str]) -> Callable[..., TrainModule]:
-    """`build(pretrained=None)`: the fresh TrainModule; `pretrained` as `pretrained_inputs` gives."""
+    """`build(pretrained=None)`: the fresh TrainModule; `pretrained` as `pretrained_inputs` gives (`{}`: random
+    encoders, a restore target's abstract build)."""
     o = cfg.objective
     if o.site_adversary > 0 and ("slide" not in modalities or shapes.n_sites < 2):
         raise ValueError(f"objective.site_adversary predicts the site from the slide embedding: it needs 'slide' "
