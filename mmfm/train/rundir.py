@@ -290,7 +290,7 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
     it was trained on.
     """
     run_dir = run_path(run_dir)
-    key = ("load_for_inference", str(run_dir), step, mesh)
+    key = ("load_for_inference", str(run_dir), None if step == "latest" else step, mesh)  # the same checkpoint
     graphdef, state, cfg, transforms = memo.once(key, lambda: _restore(run_dir, step, mesh))
     return nnx.merge(graphdef, state)[0].model, cfg, transforms  # new objects around the (immutable) arrays
 
