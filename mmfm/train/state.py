@@ -57,9 +57,16 @@ def init_state(build: Callable[..., TrainModule], tx: optax.GradientTransformati
     closed over, they would be compiled into the program as constants.
     """
     ts = abstract_state(build, tx, mesh, rules, min_size, inputs)
-    create = _creator(build, tx)
-    ts.state = jax.jit(lambda inputs: nnx.split(create(inputs))[1], out_shardings=ts.shardings)(inputs)
+    ts.state = materialise(ts, build, tx, inputs)
     return ts
+
+
+def materialise(ts: TrainState, build: Callable[..., TrainModule], tx: optax.GradientTransformation,
+                inputs=None) -> nnx.State:
+    """The state of the abstract `ts` computed (see `init_state`): the training loop runs it beside the train
+    step's compile, which needs only the abstract state."""
+    create = _creator(build, tx)
+    return jax.jit(lambda inputs: nnx.split(create(inputs))[1], out_shardings=ts.shardings)(inputs)
 
 
 def _creator(build, tx):
