@@ -16,7 +16,7 @@ from scipy import stats as sps
 from mmfm.cli import demo as demo_cmd
 from mmfm.cli import main
 from mmfm.cli import run as run_cmd
-from mmfm.cli.pipeline import PIPELINES, Pipeline
+from mmfm.cli.pipeline import PIPELINES, HeatmapStep, Pipeline, heatmap_slides
 from mmfm.config import narrow, parse_cli
 
 QUICK = str(PIPELINES / "demo_quick.yaml")
@@ -125,6 +125,27 @@ def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
     assert row.method == "paired t over seeds" and int(row.n) == 2
     assert float(row["mean"]) == pytest.approx(np.mean(np.subtract(a, b)))
     assert float(row.p) == pytest.approx(t.pvalue)
+
+
+@pytest.mark.slow
+def test_heatmap_slides_from_the_cohort_are_those_whose_embeddings_hold_every_queried_modality(demo):
+    """The heatmaps start before the embed step: their slides, chosen from the cohort and the split, are the first
+    held-out slides whose case's embedding rows are finite for every queried modality of the run."""
+    from mmfm.train.rundir import read_config
+
+    cases, slides = ad.read_h5ad(demo / "embeddings.h5ad"), ad.read_h5ad(demo / "embeddings.slides.h5ad")
+    held = json.loads((demo / "run" / "splits.json").read_text())["heldout"]
+    modalities = read_config(demo / "run").data.modalities
+    skipped = 0
+    for queries in (["rna", "report", "a prompt"], ["protein"], ["a prompt"]):
+        complete = np.all([np.isfinite(cases.obsm[q]).all(1) for q in queries if q in cases.obsm] or
+                          [np.ones(cases.n_obs, bool)], axis=0)
+        skipped += int((~complete).sum())
+        expected = slides.obs_names[slides.obs["case_id"].isin(cases.obs_names[complete])].tolist()
+        for n in (2, len(expected)):
+            chosen = heatmap_slides(demo.parent / "cohort", held, modalities, HeatmapStep(slides=n, queries=queries))
+            assert chosen == expected[:n]
+    assert skipped > 0  # some held-out cases lack a queried modality
 
 
 @pytest.mark.slow

@@ -7,14 +7,11 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 
 from mmfm.cli import main
-from mmfm.cli.pipeline import (PIPELINES, CohortStep, HeatmapStep, Pipeline, heatmap_slides, load_pipeline, recipe,
-                               similarity_to)
+from mmfm.cli.pipeline import PIPELINES, CohortStep, HeatmapStep, Pipeline, load_pipeline, recipe, similarity_to
 from mmfm.config import ConfigError
 from mmfm.eval.tasks import load_tasks
 from mmfm.simulate import SimConfig
@@ -87,18 +84,11 @@ def test_unknown_keys_are_refused_naming_the_file_and_dotted_key(tmp_path, capsy
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
-def test_heatmap_slides_are_held_out_slides_whose_case_has_every_queried_modality():
-    cases = ad.AnnData(np.zeros((3, 2)), obs=pd.DataFrame(index=["a", "b", "c"]))
-    cases.obsm["rna"] = np.array([[np.nan, 1], [1, 1], [1, 1]])
-    cases.obsm["report"] = np.array([[1.0], [np.nan], [1.0]])
-    slides = ad.AnnData(np.zeros((4, 2)), obs=pd.DataFrame({"case_id": ["a", "b", "c", "c"]},
-                                                           index=["a-s0", "b-s0", "c-s0", "c-s1"]))
-    cfg = HeatmapStep(slides=2, queries=["rna", "report", "Tumour necrosis is present."])
-    assert heatmap_slides(cases, slides, cfg) == ["c-s0", "c-s1"]  # a: no RNA, b: no report
-    assert heatmap_slides(cases, slides, HeatmapStep(slides=3, queries=["a prompt"])) == ["a-s0", "b-s0", "c-s0"]
-    assert similarity_to(cfg.queries, cases.obsm) == \
+def test_heatmap_readme_line_names_the_case_modalities_and_the_prompts():
+    embedded = {"rna": np.zeros((3, 2)), "report": np.zeros((3, 2))}  # the case embeddings' obsm
+    assert similarity_to(HeatmapStep().queries, embedded) == \
            "the case's RNA, its report and the prompt 'Tumour necrosis is present.'"  # the demo's README line
-    assert similarity_to(["rna"], cases.obsm) == "the case's RNA"
+    assert similarity_to(["rna"], embedded) == "the case's RNA"
 
 
 def test_existing_cohort_must_exist(tmp_path):

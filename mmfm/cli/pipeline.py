@@ -8,11 +8,10 @@ latent truth (simulated cohorts do) — the simulator's oracle, with CIs and pai
 show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
 Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
-the probes and the probe tasks run `probe.workers` at a time (threads; the results do not depend on it). Probe
-pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside the
-report features and pretraining (labels and tile bags of the cases it holds out), its finetune init beside the
-embedding; the probe
-takes their rows where its own folds are theirs, so the tables are the same.
+the embed and probe steps and the probe tasks run `probe.workers` at a time (threads; the results do not depend on
+it). Probe pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
+the report features and pretraining (labels and tile bags of the cases it holds out), its finetune init beside the
+embedding; the probe takes their rows where its own folds are theirs, so the tables are the same.
 
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
 the recipe and task file it names are relative to the file too, paths given on the command line to the current
@@ -225,14 +224,14 @@ def _run_steps(p: Pipeline, log: str) -> dict:
             started = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap, run_dir,
                                    labels_only)  # this run's pieces (finetune) beside the embedding
             splits = json.loads((run_dir / "splits.json").read_text())
+            if i == 0 and p.report.plots and p.heatmaps.slides:  # the first run's, beside embed and probes (all read)
+                shown = heatmap_slides(cohort_dir, list(splits["heldout"]), run_cfg.data.modalities, p.heatmaps)
+                pending = beside.submit(_timed, heatmaps, run_dir, cohort_dir, shown, p.heatmaps.queries,
+                                        out / "report" / "heatmaps")
             adata, slides = embedded(run_dir, cohort_dir, out / f"embeddings{tag}.h5ad", list(splits["heldout"]),
                                      first, truth, combat=tuple(p.embed.combat))
             first = first if first is not None else adata
             t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
-            if i == 0 and p.report.plots and p.heatmaps.slides:  # the first run's, beside the probes (both only read)
-                shown = heatmap_slides(adata, slides, p.heatmaps)
-                pending = beside.submit(_timed, heatmaps, run_dir, cohort_dir, shown, p.heatmaps.queries,
-                                        out / "report" / "heatmaps")
             results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0,
                                   started=started))
             t = step(f"probe (seed {seed})", t)
@@ -242,7 +241,7 @@ def _run_steps(p: Pipeline, log: str) -> dict:
             training_curves(out / "run", out / "report")
         if pending is not None:  # its error, if any, is raised here
             heat, secs = pending.result()
-            t = step(f"heatmaps ({', '.join(shown)}; {secs:.1f}s beside the probes)", t)
+            t = step(f"heatmaps ({', '.join(shown)}; {secs:.1f}s beside embed and probes)", t)
     tables = report_tables([r.summary for r in results], results[0].results, results[0].out, seeds)
     text = report_text(f"mmfm {log}", p, out, tables, results, seeds, run_cfg, splits, adata, slides, heat, truth,
                        cv_folds(tasks))
@@ -419,12 +418,19 @@ def _timed(fn, *args):
     return fn(*args), time.perf_counter() - t0
 
 
-def heatmap_slides(adata, slides, cfg: HeatmapStep) -> list[str]:
-    """The first held-out slides whose case has every modality a query names (a heatmap query needs its data)."""
-    queried = [k for k in cfg.queries if k in adata.obsm]
-    full = adata.obs_names[np.isfinite(np.hstack([adata.obsm[k] for k in queried])).all(axis=1)] if queried \
-        else adata.obs_names
-    return slides.obs_names[slides.obs["case_id"].astype(str).isin(full)][:cfg.slides].tolist()
+def heatmap_slides(cohort_dir: Path, held: list[str], modalities, cfg: HeatmapStep) -> list[str]:
+    """The first held-out slides (≥ 1 tile, cohort order) whose case has every modality of the run that a query
+    names (a heatmap query needs its data): read from the cohort, as `mmfm embed` reads presence, so the heatmaps
+    need not wait for the embeddings."""
+    from mmfm.data.cohort import Cohort
+    from mmfm.data.loader import case_presence
+
+    cohort = Cohort.open(cohort_dir)
+    queried = [q for q in cfg.queries if q in modalities]
+    present = case_presence(cohort, held, queried)
+    full = [c for i, c in enumerate(held) if all(present[m][i] for m in queried)]
+    return cohort.slides.index[cohort.slides["case_id"].astype(str).isin(full) & (cohort.slides["n_tiles"] > 0)
+                               ][:cfg.slides].astype(str).tolist()
 
 
 def heatmaps(run_dir: Path, cohort_dir: Path, slide_ids: list[str], queries: list[str], out: Path) -> list[Path]:

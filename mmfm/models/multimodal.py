@@ -49,11 +49,15 @@ def build_slide_encoder(cfg: SlideConfig, feature_dim: int, *, dtype, rngs: nnx.
     raise ValueError(f"model.slide.kind={cfg.kind!r}; choose abmil, transformer or gigapath")
 
 
-def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs, weights: dict | None):
-    from mmfm.models.text import load_pretrained  # heavy: only when used
+def _build_report_encoder(cfg: ModelConfig, rngs: nnx.Rngs, pretrained: dict | None):
+    """The text trunk with its weights from `pretrained`, read from files when None; random when `pretrained` lacks
+    them: a restore target's abstract build, whose values come from the checkpoint (reading them cost ~1 s)."""
+    from mmfm.models.text import TextEncoder, load_pretrained  # heavy: only when used
 
     text_cfg = dataclasses.replace(cfg.report, compute_dtype=cfg.compute_dtype)
-    return load_pretrained(text_cfg, rngs, weights)
+    if pretrained is not None and "report" not in pretrained:
+        return TextEncoder(text_cfg, rngs=rngs)
+    return load_pretrained(text_cfg, rngs, None if pretrained is None else pretrained["report"])
 
 
 def pretrained_weights(cfg: ModelConfig, modalities: Sequence[str]) -> dict[str, dict]:
@@ -70,7 +74,8 @@ def pretrained_weights(cfg: ModelConfig, modalities: Sequence[str]) -> dict[str,
 class MultimodalModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, shapes: BatchShapes, modalities: Sequence[str], *, rngs: nnx.Rngs,
                  pretrained: dict[str, dict] | None = None):
-        """`pretrained`: as `pretrained_weights` gives (arrays or a jit's arguments); by default read from files."""
+        """`pretrained`: as `pretrained_weights` gives (arrays or a jit's arguments); by default read from files; an
+        encoder it lacks keeps its random init (`{}`: a restore target, the checkpoint holds every value)."""
         errors = [f"data.modalities: unknown {m!r} (known: {MODALITIES})" for m in modalities if m not in INPUTS]
         errors += [f"data.modalities has {m!r} but the batch shapes give {INPUTS[m][1]}=0"
                    for m in modalities if m in INPUTS and not getattr(shapes, INPUTS[m][1])]
@@ -85,7 +90,7 @@ class MultimodalModel(nnx.Module):
             if m == "slide":
                 enc = build_slide_encoder(cfg.slide, size, dtype=dtype, rngs=rngs)
             elif m == "report":
-                enc = _build_report_encoder(cfg, rngs, (pretrained or {}).get("report"))
+                enc = _build_report_encoder(cfg, rngs, pretrained)
             else:
                 enc = build_omics_encoder(getattr(cfg, m), size, dtype=dtype, rngs=rngs)
             encoders[m] = enc

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from mmfm.train.paths import run_path
 from mmfm.train.preempt import Preempted, StopRequest
 from mmfm.train.prefetch import DevicePrefetcher
 from mmfm.train.sharding import BATCH_AXES, batch_sharding, make_mesh, replicated
-from mmfm.train.state import TrainState, abstract_state, build_module, init_state, pretrained_inputs
+from mmfm.train.state import TrainState, abstract_state, build_module, materialise, pretrained_inputs
 
 FLOAT_INPUTS = ("slide/features", "rna/values", "protein/values", "mutation/values")  # NaN injection targets
 
@@ -131,6 +132,16 @@ class PretrainResult:
     metrics: dict                 # last logged training metrics
     eval: dict | None             # last held-out evaluation
     checkpoints: list[int]
+
+
+def _fresh_state(ts: TrainState, build, tx, inputs, init_weights) -> nnx.State:
+    """The initial state of the abstract `ts` (with `train.init_slide_encoder`'s weights placed)."""
+    ts = TrainState(ts.graphdef, materialise(ts, build, tx, inputs), ts.shardings, ts.abstract)
+    if init_weights is not None:
+        from mmfm.train.export import place_weights
+
+        place_weights(ts, init_weights)
+    return ts.state
 
 
 def _host_metrics(metrics) -> dict:
@@ -274,6 +285,7 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
         raise
     last_eval, evaluator, writer, feed = None, None, None, None
     logs, failed = None, True
+    beside = ThreadPoolExecutor(1, thread_name_prefix="mmfm-init")
     try:
         shapes = loader.shapes
         modalities = loader.modalities
@@ -284,19 +296,17 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
 
         tx = make_optimizer(t)
         ckpt = Checkpointer(out, t)
-        start = 0
+        start, fresh = 0, None
         if resume and ckpt.latest_step() is not None:  # the checkpoint holds every value: nothing initialised
-            ts = abstract_state(build, tx, mesh, t.axis_rules, t.shard_min_size)
+            ts = abstract_state(build, tx, mesh, t.axis_rules, t.shard_min_size, inputs={})
             start, (state, loader_state, _) = rundir.restore_newest_intact(ckpt, ts.abstract)
             # re-materialise through an identity jit so the restored buffers are donatable
             ts.state = jax.jit(lambda s: s, out_shardings=ts.shardings)(state)
             loader.set_state(loader_state)
         else:
-            ts = init_state(build, tx, mesh, t.axis_rules, t.shard_min_size, pretrained_inputs(cfg, modalities))
-            if init_weights is not None:
-                from mmfm.train.export import place_weights
-
-                place_weights(ts, init_weights)
+            inputs = pretrained_inputs(cfg, modalities)
+            ts = abstract_state(build, tx, mesh, t.axis_rules, t.shard_min_size, inputs)
+            fresh = beside.submit(_fresh_state, ts, build, tx, inputs, init_weights)
 
         step_fn = make_train_step(ts, objective_loss(cfg, mesh), mesh, lr_schedule=schedule(t),
                                   grad_accum=t.grad_accum)
@@ -311,6 +321,9 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
             for _ in range(start, t.steps):
                 item = next(feed)
                 step = item.step
+                if fresh is not None:  # the step compiled on its first batch while the state is computed beside
+                    step_fn = step_fn.lower(ts.abstract, item.batch).compile()
+                    ts.state, fresh = fresh.result(), None
                 ts.state, metrics = step_fn(ts.state, item.batch)
                 faults.point("train.step", step)  # testing aid (mmfm.faults): a stop signal here stops after it
                 watch.update(metrics, step)
@@ -339,6 +352,6 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
             logs.fetch()
         failed = False
     finally:
-        close_all([feed and feed.close, writer and writer.close, ckpt and ckpt.close, loader.close,
+        close_all([beside.shutdown, feed and feed.close, writer and writer.close, ckpt and ckpt.close, loader.close,
                    evaluator and evaluator.close, lock and lock.release], failing=failed)
     return PretrainResult(out, t.steps, logs.last, last_eval, ckpt.all_steps())

@@ -290,7 +290,7 @@ def load_for_inference(run_dir: str | Path, step: int | str | None = None, mesh=
     it was trained on.
     """
     run_dir = run_path(run_dir)
-    key = ("load_for_inference", str(run_dir), step, mesh)
+    key = ("load_for_inference", str(run_dir), None if step == "latest" else step, mesh)  # the same checkpoint
     graphdef, state, cfg, transforms = memo.once(key, lambda: _restore(run_dir, step, mesh))
     return nnx.merge(graphdef, state)[0].model, cfg, transforms  # new objects around the (immutable) arrays
 
@@ -309,7 +309,7 @@ def _restore(run_dir: epath.Path, step: int | str | None, mesh):
             mesh = make_mesh(dataclasses.replace(cfg.train.mesh, data=-1, fsdp=1), jax.local_devices())
         modalities = tuple(m for m in cfg.data.modalities if getattr(shapes, INPUTS[m][1]))
         ts = abstract_state(build_module(cfg, shapes, modalities), make_optimizer(cfg.train), mesh,
-                            cfg.train.axis_rules, cfg.train.shard_min_size)  # the checkpoint holds every value
+                            cfg.train.axis_rules, cfg.train.shard_min_size, inputs={})  # the checkpoint holds all
         state = ckpt.restore_state(step, ts.abstract)
     finally:
         ckpt.close()

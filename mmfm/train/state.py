@@ -40,7 +40,8 @@ class TrainState:
 def abstract_state(build: Callable[..., TrainModule], tx: optax.GradientTransformation, mesh, rules,
                    min_size: int, inputs=None) -> TrainState:
     """The train state's structure, shardings and restore target, nothing computed (`state` is None): what
-    restoring a checkpoint needs. `inputs`: the arguments `build` takes (see `init_state`)."""
+    restoring a checkpoint needs. `inputs`: the arguments `build` takes (see `init_state`); a restore passes `{}`
+    to a `build_module` build: no encoder reads its pretrained weights, the checkpoint holds every value."""
     graphdef, abstract = nnx.split(nnx.eval_shape(_creator(build, tx), inputs))
     shardings = state_shardings(abstract, mesh, rules, min_size)
     return TrainState(graphdef, None, shardings, abstract_target(abstract, shardings))
@@ -56,9 +57,16 @@ def init_state(build: Callable[..., TrainModule], tx: optax.GradientTransformati
     closed over, they would be compiled into the program as constants.
     """
     ts = abstract_state(build, tx, mesh, rules, min_size, inputs)
-    create = _creator(build, tx)
-    ts.state = jax.jit(lambda inputs: nnx.split(create(inputs))[1], out_shardings=ts.shardings)(inputs)
+    ts.state = materialise(ts, build, tx, inputs)
     return ts
+
+
+def materialise(ts: TrainState, build: Callable[..., TrainModule], tx: optax.GradientTransformation,
+                inputs=None) -> nnx.State:
+    """The state of the abstract `ts` computed (see `init_state`): the training loop runs it beside the train
+    step's compile, which needs only the abstract state."""
+    create = _creator(build, tx)
+    return jax.jit(lambda inputs: nnx.split(create(inputs))[1], out_shardings=ts.shardings)(inputs)
 
 
 def _creator(build, tx):
@@ -69,7 +77,8 @@ def _creator(build, tx):
 
 
 def build_module(cfg: RunConfig, shapes: BatchShapes, modalities: Sequence[str]) -> Callable[..., TrainModule]:
-    """`build(pretrained=None)`: the fresh TrainModule; `pretrained` as `pretrained_inputs` gives."""
+    """`build(pretrained=None)`: the fresh TrainModule; `pretrained` as `pretrained_inputs` gives (`{}`: random
+    encoders, a restore target's abstract build)."""
     o = cfg.objective
     if o.site_adversary > 0 and ("slide" not in modalities or shapes.n_sites < 2):
         raise ValueError(f"objective.site_adversary predicts the site from the slide embedding: it needs 'slide' "
