@@ -29,6 +29,10 @@ jit_cache.configure()
 
 import jax  # noqa: E402
 
+from mmfm.cli import settle_collector  # noqa: E402
+
+settle_collector()  # the collector as the `mmfm` process sets it: JAX's tracing garbage dies young, no full collections
+
 # Tiny shapes, a few steps per compiled function: XLA's optimisation passes cost more than they save, and XLA:CPU's
 # classic emitters compile these small programs in half the time of its fusion emitters (a recipe's train step 12.9
 # → 6.5 CPU s), the same math. Both go to this process and, through the environment, to every `mmfm` subprocess,
