@@ -31,26 +31,27 @@ def can_fork() -> bool:
 
 
 class Forked:
-    """`fn(*args)` running in a forked child from construction; `result()` waits for it, `stop()` ends it.
-    `wall` and `cpu`: the child's seconds, once `result()` returned."""
+    """`fn(*args)` running in a forked child (`pid`) from construction; `result()` waits for it, `stop()` ends it.
+    `wall` and `cpu`: the child's seconds, once `result()` returned; `answered`: whether it did (or raised)."""
 
     def __init__(self, what: str, fn, *args):
         ctx = multiprocessing.get_context("fork")
-        self.what, self.wall, self.cpu, self._taken = what, 0.0, 0.0, False
+        self.what, self.wall, self.cpu, self.answered = what, 0.0, 0.0, False
         self._answer, send = ctx.Pipe(duplex=False)
         for stream in (sys.stdout, sys.stderr):  # else the child would print the parent's buffered text again
             stream.flush()
         self._child = ctx.Process(target=_run, args=(send, os.getpid(), fn, args), daemon=True,
                                   name=f"mmfm: {what}")
         self._child.start()
+        self.pid = self._child.pid
         send.close()  # the child's end only: EOF once it exits, even without an answer
 
     def result(self):
         """The child's answer (waiting for it); its error raised here as a RuntimeError naming `what`."""
-        self._taken = True
         try:
             ok, value, self.wall, self.cpu = self._answer.recv()
         except EOFError:
+            self.answered = True
             self._child.join()
             code = self._child.exitcode
             why = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else
@@ -58,6 +59,7 @@ class Forked:
             raise RuntimeError(f"{self.what} failed in a child process: {why}") from None
         finally:
             self._answer.close()
+        self.answered = True
         self._child.join()
         if ok:
             return value
@@ -66,16 +68,11 @@ class Forked:
         error.add_note(f"the child's traceback:\n{trace}")
         raise error
 
-    def stop(self) -> bool:
-        """Unless `result()` was asked: end the child if it still runs (SIGTERM) and reap it; True then (the caller
-        discards what the child was writing)."""
-        if self._taken:
-            return False
-        self._taken = True
+    def stop(self) -> None:
+        """End the child if it still runs (SIGTERM) and reap it: the parent gives up on an answer not yet taken."""
         self._child.terminate()
         self._child.join()
         self._answer.close()
-        return True
 
 
 def _run(send, parent: int, fn, args) -> None:

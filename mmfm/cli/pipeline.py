@@ -208,24 +208,25 @@ def cohort_ahead(p: Pipeline, log: str):
     already (a notebook, a test: no imports left to overlap), one core, or a process that cannot fork safely. If the
     run stops before its cohort step (a bad recipe, an interrupt), the child is ended and its unfinished cohort
     folder removed: nothing is left that the run did not take."""
-    from mmfm.cli.forked import Forked, can_fork
+    from mmfm.cli.forked import Forked
     from mmfm.cli.jit_cache import machine_dir
     from mmfm.simulate.cache import cached
 
     out = cohort_path(p.cohort.simulate, Path(p.out)) if not p.cohort.path else None
-    if (out is None or out.exists() or "jax" in sys.modules or not can_fork()
-            or cached(machine_dir("cohorts"), p.cohort.simulate)):
+    if out is None or out.exists() or not imports_ahead() or cached(machine_dir("cohorts"), p.cohort.simulate):
         yield None
         return
-    made = [d for d in (Path(p.out), out) if not d.exists()]
+    fresh = not Path(p.out).exists()
     child = Forked(f"{out}: simulating the cohort", _simulated_and_validation, p.cohort.simulate, out, log)
     try:
         yield child
     finally:
-        if child.stop():  # never taken: the run stopped before its cohort step
+        child.stop()
+        if not child.answered:  # the run stopped before its cohort step had the cohort
             shutil.rmtree(out, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                made[0].rmdir()  # the output folder, if the child made it and nothing else is in it
+            if fresh:
+                with contextlib.suppress(OSError):
+                    Path(p.out).rmdir()  # the output folder the child made, unless something else is in it
 
 
 @contextlib.contextmanager
@@ -239,6 +240,14 @@ def xla_optimisations(on: bool):
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", before)
+
+
+def imports_ahead() -> bool:
+    """Whether this process has JAX's imports still ahead (a fresh `mmfm` process, not a notebook or a test) and
+    can fork (`mmfm.cli.forked.can_fork`)."""
+    from mmfm.cli.forked import can_fork
+
+    return "jax" not in sys.modules and can_fork()
 
 
 def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
