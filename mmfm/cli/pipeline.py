@@ -7,9 +7,10 @@ the pretrained embedding beside the mean-pool and random-init baselines, chance 
 latent truth (simulated cohorts do) — the simulator's oracle, with CIs and paired differences whatever the numbers
 show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
-Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
-the embed and probe steps and the probe tasks run `probe.workers` at a time (threads; the results do not depend on
-it). Probe pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
+A new cohort is simulated in a child process while the `mmfm` process imports JAX and the rest for the later steps
+(`cohort_ahead`: the same files, validated once, in the child). Within a run the cohort is checked and each
+checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside the embed and probe steps and the probe tasks
+run `probe.workers` at a time (threads; the results do not depend on it). Probe pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
 the report features and pretraining (labels and tile bags of the cases it holds out), its finetune init beside the
 embedding; the probe takes their rows where its own folds are theirs, so the tables are the same.
 
