@@ -3,7 +3,10 @@ mmfm.cli.forked): the same files and cache entry as the in-process step, its val
 again), a failing child raised naming the cohort folder with the child's error, a child killed or abandoned leaving
 nothing a later run mistakes for a cohort, no child where nothing is gained, none outliving its parent.
 
-The test process has imported JAX, so `imports_ahead` (a fresh `mmfm` process only) is patched to fork here."""
+The test process has imported JAX, so `imports_ahead` (a fresh `mmfm` process only) is patched to fork here. JAX
+warns at a fork once its backend runs (XLA's threads, copied without their locks); the child here runs no XLA code
+and loads no new library (the simulator, the cohort reader and the prctl call are loaded in this process first), so
+the warning is silenced for this file."""
 
 import dataclasses
 import os
@@ -23,6 +26,8 @@ from mmfm.data import scan_cache
 from mmfm.simulate import cache, writer
 
 from test_simulate_cache import TINY, digests
+
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
 
 @pytest.fixture

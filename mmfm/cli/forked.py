@@ -13,6 +13,7 @@ at exit (a daemon), and when the parent is killed (Linux `PR_SET_PDEATHSIG`); Ct
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -22,6 +23,10 @@ import time
 import traceback
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+try:  # looked up here, not in the child: a lookup takes the dynamic loader's lock, which a fork may leave locked
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: stop() and the daemon flag still end the child
+    _PRCTL = None
 
 
 def can_fork() -> bool:
@@ -92,12 +97,9 @@ def _run(send, parent: int, fn, args) -> None:
 
 
 def _die_with(parent: int) -> None:
-    """SIGTERM when the parent exits, however it exits (Linux); elsewhere `stop()` and the daemon flag end it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
+    """SIGTERM when the parent exits, however it exits (Linux)."""
+    if _PRCTL is None:
         return
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before prctl took effect
         os._exit(1)
