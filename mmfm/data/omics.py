@@ -30,9 +30,9 @@ from mmfm.io import id_list, write_json
 FORMAT = "mmfm.OmicsTransform/1"
 MIN_STD = 1e-6  # a constant feature is centred but not divided by ~0
 
-# scanpy's arithmetic is reproduced below in NumPy/pandas instead of calling it: importing scanpy costs 1.2-1.5 s
-# of GIL-holding start-up in every process that touches omics (the demo, each CLI command, notebook kernels).
-# tests/test_omics.py checks every step against scanpy itself, bit for bit.
+# scanpy's arithmetic is reproduced below in NumPy/pandas instead of calling it: importing scanpy (numba, llvmlite,
+# pyplot) costs about a second of GIL-holding start-up in every process that touches omics (the demo, each CLI
+# command, notebook kernels). tests/test_omics.py checks every step against scanpy itself, bit for bit.
 
 
 def counts_of(adata: AnnData) -> AnnData:
