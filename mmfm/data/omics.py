@@ -92,8 +92,8 @@ def seurat_dispersions(x) -> np.ndarray:
     `dispersions_norm` (Seurat's mean.var.plot). On expm1(x): log(sample variance / mean) (a zero one NaN),
     standardised by the mean and sample std (pandas') of the genes in its bin of log1p(mean) (20 equal-width
     bins, pd.cut); a bin without a std (one gene) uses mean 0 and std = its mean, so a lone gene scores 1.
-    Bit-equal to scanpy for dense input; sparse input is densified (scanpy's sparse mean and variance add per
-    numba thread, so their last bits follow the core count).
+    Bit-equal to scanpy for dense input. Sparse input is densified: scanpy's sparse mean and variance add per
+    numba thread instead, the same bits on every table tested (tests/test_omics.py) but not by construction.
     """
     x = x.toarray() if sp.issparse(x) else np.array(x, order="C")
     np.expm1(x, out=x)
