@@ -57,17 +57,23 @@ def by_length(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32, lengt
     """`fn(ids, mask) -> [b, D]` over token rows [n, L] in fixed-size batches, float32 [n, D] in input order.
 
     Rows run sorted by token count, each batch cut to its longest row rounded up to `length_step` (exact:
-    attention and pooling ignore padding), so short texts do not pay for `L` and few shapes compile."""
+    attention and pooling ignore padding), so short texts do not pay for `L` and few shapes compile. Every batch is
+    dispatched before any result is read: JAX runs them asynchronously, so the next length's compile overlaps the
+    batches already queued (the same numbers, ~1 s less for the quick demo's 174 reports)."""
     order = np.argsort(mask.sum(1), kind="stable")
-    out = None
+    parts = []
     for s in range(0, len(ids), batch_size):
         rows = order[s:s + batch_size]
         length = min(ids.shape[1], -(-max(1, int(mask[rows].sum(1).max())) // length_step) * length_step)
         pad = ((0, batch_size - len(rows)), (0, 0))  # fixed batch: one compile per length step
-        got = np.asarray(fn(np.pad(ids[rows, :length], pad), np.pad(mask[rows, :length], pad)), np.float32)
-        out = np.zeros((len(ids), got.shape[1]), np.float32) if out is None else out
-        out[rows] = got[:len(rows)]
-    return np.zeros((0, 0), np.float32) if out is None else out
+        parts.append((rows, fn(np.pad(ids[rows, :length], pad), np.pad(mask[rows, :length], pad))))
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    got = [np.asarray(y, np.float32) for _, y in parts]
+    out = np.zeros((len(ids), got[0].shape[1]), np.float32)
+    for (rows, _), y in zip(parts, got):
+        out[rows] = y[:len(rows)]
+    return out
 
 
 @dataclass(frozen=True)
