@@ -41,6 +41,7 @@ import pandas as pd
 
 from mmfm import memo
 from mmfm.config import ConfigError, apply_override, decode, inherit, merge, read_yaml
+from mmfm.eval.drawing import Drawer
 from mmfm.simulate import SimConfig
 from mmfm.eval.tasks import load_tasks
 from mmfm.io import write_text
@@ -211,7 +212,8 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
     results, first, shown, pending = [], None, [], None
     with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside, \
-            ThreadPoolExecutor(1, thread_name_prefix="early") as ahead:  # both exit once their work is done
+            ThreadPoolExecutor(1, thread_name_prefix="early") as ahead, \
+            (Drawer() if p.report.plots else contextlib.nullcontext()) as drawer:  # all exit once their work is done
         labels_only = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap)
         if report_features(base_cfg):
             t = step("report features", t)
@@ -233,7 +235,7 @@ def _run_steps(p: Pipeline, log: str) -> dict:
             first = first if first is not None else adata
             t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
             results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0,
-                                  started=started))
+                                  started=started, drawer=drawer))
             t = step(f"probe (seed {seed})", t)
 
         heat = []
@@ -382,11 +384,11 @@ def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first
     return adata, slides
 
 
-def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool, started: dict | None = None):
+def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool, started: dict | None = None, drawer=None):
     from mmfm.eval.probe import probe
 
     return probe(adata, tasks, out, n_bootstrap=p.probe.n_bootstrap, plots=p.report.plots and plots,
-                 projection=p.report.projection, workers=p.probe.workers, started=started)
+                 projection=p.report.projection, workers=p.probe.workers, started=started, drawer=drawer)
 
 
 def early_probes(tasks: list, cohort_dir: Path, cfg: RunConfig, truth: bool, pool, n_bootstrap: int,
