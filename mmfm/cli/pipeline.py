@@ -201,7 +201,10 @@ def _run_steps(p: Pipeline, log: str) -> dict:
         cpu[0] = used
         return now
 
-    cohort_dir, about = cohort(p, out, log)
+    with ThreadPoolExecutor(1, thread_name_prefix="warm") as warm:
+        if caches_reports(planned := recipe(p)):  # the report trunk read beside the cohort step (an error is
+            warm.submit(warm_report_trunk, planned)     # raised again by the report features' own call)
+        cohort_dir, about = cohort(p, out, log)
     t = step(about, t0)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
     tasks = with_combat(with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks), p.embed.combat)
@@ -319,6 +322,18 @@ def site_options(cfg: RunConfig) -> str:
     return ", ".join(on) or "none (plain recipe)"
 
 
+def caches_reports(cfg: RunConfig) -> bool:
+    """Whether pretraining reads the report trunk's cached features (`report_features` fills them first)."""
+    return bool(cfg.loader.report_cache) and "report" in cfg.data.modalities
+
+
+def warm_report_trunk(cfg: RunConfig) -> None:
+    """The report trunk's weights and their digest (`mmfm.models.text_cache.warm`), ready for `report_features`."""
+    from mmfm.models.text_cache import warm
+
+    warm(cfg.model.report, cfg.loader.report_max_len)
+
+
 def report_features(cfg: RunConfig) -> bool:
     """Fill the frozen report trunk's feature cache (`loader.report_cache`, what pretraining reads) before
     pretraining. Computed once per machine and cohort: copied from a table beside the compilation cache
@@ -332,7 +347,7 @@ def report_features(cfg: RunConfig) -> bool:
     from mmfm.data.cohort import Cohort
     from mmfm.models.text_cache import fill_report_cache
 
-    if not (cfg.loader.report_cache and "report" in cfg.data.modalities):
+    if not caches_reports(cfg):
         return False
     cohort = Cohort.open(cfg.data.cohort, scan_features=False, scan_cache=False)
     if cohort.reports is None:

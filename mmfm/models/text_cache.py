@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mmfm import memo
 from mmfm.data import report_cache
 from mmfm.models.text import TextConfig, TextEncoder, load_pretrained, pretrained_weights, tokenize
 
@@ -48,9 +49,21 @@ def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch
 def _pretrained_trunk(cfg: TextConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The pretrained trunk split, built inside one jit with the weights as arguments: the constructor's random
     initialisation is dead code there and XLA drops it (eagerly, each weight shape compiled and ran an initializer,
-    ~3 CPU-s per process with the 30522 × 384 token table)."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0))))
-    return graphdef, jax.jit(lambda w: nnx.state(load_pretrained(cfg, weights=w)))(pretrained_weights(cfg))
+    ~3 CPU-s per process with the 30522 × 384 token table). Once per pipeline run (`mmfm.memo`; see `warm`)."""
+    def build() -> tuple[nnx.GraphDef, nnx.State]:
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0))))
+        return graphdef, jax.jit(lambda w: nnx.state(load_pretrained(cfg, weights=w)))(pretrained_weights(cfg))
+
+    return memo.once(("pretrained text trunk", cfg), build)
+
+
+def warm(text_cfg: TextConfig | None, max_len: int) -> None:
+    """What `fill_report_cache` needs before it reads a report: the cache key's digest of the weights and the
+    trunk in the model's layout (~1 s: reading, hashing and transposing 90 MB, a compile). A pipeline builds them
+    in a thread while its cohort is simulated; the fill then finds them (`mmfm.memo`, the digest's own cache)."""
+    text_cfg = text_cfg or TextConfig()
+    report_cache.cache_key(text_cfg.weights_dir, max_len)
+    _pretrained_trunk(dataclasses.replace(text_cfg, compute_dtype="float32"))
 
 
 def by_length(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32, length_step: int = 32) -> np.ndarray:
