@@ -60,11 +60,19 @@ def test_a_figure_that_fails_raises_the_workers_traceback_after_the_others_are_d
     assert (tmp_path / "again.png").exists()
 
 
-def test_a_failed_run_stops_its_worker_and_a_dead_worker_is_an_error(tmp_path):
+def test_close_draws_what_was_submitted_a_failed_run_does_not_and_a_dead_worker_is_an_error(tmp_path):
+    summary = report.summarize(*_one_task_rows())
+    with Drawer() as drawer:
+        for i in range(3):
+            drawer.submit(report.plot_task, summary, tmp_path / f"kept{i}.png")
+    assert drawer._proc.poll() is not None and len(list(tmp_path.glob("kept*.png"))) == 3  # drawn, then exited
     with pytest.raises(ValueError, match="the run failed"):
         with Drawer() as drawer:
+            for i in range(20):
+                drawer.submit(report.plot_task, summary, tmp_path / f"dropped{i}.png")
             raise ValueError("the run failed")
-    assert drawer._proc.poll() is not None  # killed, not left drawing
+    assert drawer._proc.poll() is not None  # stopped, not left drawing
+    assert len(list(tmp_path.glob("dropped*.png"))) < 20
     with Drawer() as drawer:
         drawer._proc.kill()
         drawer.submit(report.plot_task, report.summarize(*_one_task_rows()), tmp_path / "x.png")

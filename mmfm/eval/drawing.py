@@ -81,8 +81,11 @@ class Drawer:
             raise DrawingError(f"{len(errors)} figure(s) failed; the first:\n{errors[0]}")
 
     def close(self, cancel: bool = False) -> None:
-        """Let the worker finish what was submitted and exit (`cancel`: stop it now, figures left undrawn)."""
-        if cancel:
+        """Let the worker finish what was submitted and exit (`cancel`: stop it now, figures left undrawn). With
+        every figure answered there is nothing left to finish: stopped, not waited through its interpreter's exit."""
+        with self._lock:
+            idle = self._sent == 0
+        if cancel or idle:
             self._proc.kill()
         self._jobs.put(None)
         self._feeder.join()
