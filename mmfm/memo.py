@@ -64,3 +64,12 @@ def kept(key: Hashable) -> bool:
     """Whether the open scope holds an answer for `key`."""
     with _LOCK:
         return _STORE is not None and key in _STORE
+
+
+def offer(key: Hashable, value) -> None:
+    """Keep `value` as the open scope's answer for `key`: its producer already holds what a later `once(key, …)`
+    would compute (a finished training run's state, which a restore would read back). Nothing outside a scope or
+    for a key already answered."""
+    with _LOCK:
+        if _STORE is not None and key not in _STORE:
+            _STORE[key] = value

@@ -51,11 +51,20 @@ def demo(tmp_path_factory) -> Path:
     """`mmfm run` on the cohort `mmfm demo --quick` would simulate, simulated beforehand: no simulation step."""
     from mmfm.simulate import simulate_cohort
 
+    from mmfm.train.checkpoint import Checkpointer
+
     base = tmp_path_factory.mktemp("demo")
     cohort = simulate_cohort(base / "cohort", _pipeline(demo_cmd, ["--quick", *DEMO]).cohort.simulate)
     out = base / "out"
-    assert main(["run", QUICK, "--out", str(out), "--cohort.path", str(cohort), *RUN]) == 0
+    read = Checkpointer.restore_state
+    with pytest.MonkeyPatch.context() as patch:  # every checkpoint the run reads back (RESTORED)
+        patch.setattr(Checkpointer, "restore_state", lambda self, step, target: RESTORED.append(
+            (str(self.directory), step)) or read(self, step, target))
+        assert main(["run", QUICK, "--out", str(out), "--cohort.path", str(cohort), *RUN]) == 0
     return out
+
+
+RESTORED: list[tuple[str, int]] = []
 
 
 def _fold_means(results: Path, task: str, metric: str, embedding: str) -> float:
@@ -106,6 +115,21 @@ def test_report_table_reads_chance_baselines_model_oracle(demo):
 
 
 @pytest.mark.slow
+def test_each_seeds_trained_state_is_handed_to_its_next_steps_not_read_back(demo, tmp_path):
+    """Embed, heatmaps and the MIL probe take the state pretraining ended with (`rundir.offer_trained`): no
+    checkpoint is read back within the run, and the embeddings are those of a restore from the run's files."""
+    from mmfm.eval.embed import EmbedConfig, embed
+
+    assert RESTORED == []
+    held = json.loads((demo / "run" / "splits.json").read_text())["heldout"]
+    again, _ = embed(demo / "run", demo.parent / "cohort", tmp_path / "again.h5ad", case_ids=held,
+                     cfg=EmbedConfig(baselines=()))  # outside the run's scope: restored from the checkpoint
+    e0 = ad.read_h5ad(demo / "embeddings.h5ad")
+    assert list(again.obs_names) == list(e0.obs_names) and {"slide", "rna", "report"} <= set(again.obsm)
+    for key in again.obsm:
+        np.testing.assert_array_equal(again.obsm[key], e0.obsm[key], err_msg=key)
+
+
 def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
     s0, s1 = (json.loads((demo / d / "splits.json").read_text()) for d in ("run", "run-seed1"))
     assert s0 == s1 and s0["val"] and not set(s0["val"]) & set(s0["heldout"])

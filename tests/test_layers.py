@@ -106,6 +106,16 @@ def test_data_layer_imports_no_model_or_trainer():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_pipeline_imports_no_scanpy():
+    """scanpy costs 1.2-1.5 s of start-up in every process; mmfm.data.omics reproduces the three calls it needed.
+    Only the Visium importer may load it, inside its function."""
+    code = ("import sys, mmfm.cli.pipeline, mmfm.cli.demo, mmfm.data.omics, mmfm.eval.probes.regression, "
+            "mmfm.eval.tasks.spots, mmfm.eval.tasks.regression, mmfm.importers;"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'scanpy'); print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_validate_command_stays_light():
     code = ("import sys; from mmfm.cli import load_command; load_command('validate');"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'torch'));"

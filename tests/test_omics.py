@@ -1,6 +1,10 @@
-"""Omics preprocessing against a NumPy reimplementation; fitted on training cases only; vocabulary alignment."""
+"""Omics preprocessing against a NumPy reimplementation and against scanpy itself (bit for bit: mmfm reproduces
+scanpy's normalize_total, log1p and seurat dispersion without importing it); fitted on training cases only;
+vocabulary alignment."""
 
+import contextlib
 import json
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -8,8 +12,9 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
+from conftest import simulate_tiny
 
-from mmfm.data.omics import OmicsTransform
+from mmfm.data.omics import OmicsTransform, counts_of, log_normalize, seurat_dispersions, top_variable
 
 GENES = [f"g{i}" for i in range(8)]
 TRAIN = [f"c{i}" for i in range(10)]
@@ -189,3 +194,88 @@ def test_hvg_on_real_pbmc68k_matches_reference_and_uses_train_only():
     assert mask.all()
     # HVGs chosen on all 700 cells differ: the 200 held-out cells were not consulted
     assert set(OmicsTransform.fit(a, list(a.obs_names), n_top_genes=200).genes) != set(t.genes)
+
+
+@pytest.fixture(scope="module")
+def count_tables(tmp_path_factory):
+    """float32 count matrices the project feeds omics: the simulator's RNA counts, real PBMC counts, fractional
+    values, and one with a zero-count cell, an unexpressed gene, a gene of constant counts, two identical genes (tied
+    dispersions) and genes alone in their mean bin."""
+    sim = ad.read_h5ad(simulate_tiny(tmp_path_factory.mktemp("sim") / "cohort") / "rna.h5ad").X
+    pbmc = _pbmc_counts().X
+    edge = pbmc[:, :120].copy()
+    edge[:, 5], edge[:, 7], edge[:, 11] = 0, 2, edge[:, 10]
+    edge[3] = 0
+    # a row whose float64 total sits on a float32 rounding tie: 2^40 + 2^16, plus 126 values too small to move a
+    # running sum, though a pairwise one keeps them: only scanpy's sequential order gives its size factor
+    wide = np.vstack([np.r_[2.0**40, 2.0**16, np.full(126, 2.0**-14)], pbmc[:3, :128]]).astype(np.float32)
+    return {"simulator": np.asarray(sim, np.float32), "pbmc": pbmc, "edge": edge, "wide range": wide,
+            "fractional": (pbmc[:200, :300] * np.float32(1.37)).astype(np.float32) / 3,
+            "identical rows": np.repeat(sim[:1], 6, axis=0), "one cell": sim[:1]}
+
+
+def _scanpy(x, target_sum=1e4):
+    """scanpy's own normalize_total → log1p on a fresh float32 copy (what mmfm called before)."""
+    out = counts_of(ad.AnnData(x))
+    with pytest.warns(UserWarning, match="zero counts") if (np.asarray(x.sum(axis=1)) == 0).any() else \
+            contextlib.nullcontext():
+        sc.pp.normalize_total(out, target_sum=target_sum)
+    sc.pp.log1p(out)
+    return out
+
+
+def _scanpy_dispersions(a):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # log of a zero-variance gene's NaN, as ours
+        return sc.pp.highly_variable_genes(a, n_top_genes=1, flavor="seurat", inplace=False)
+
+
+def _variants(x):
+    return {"dense": x, "csr": sp.csr_matrix(x)}
+
+
+def test_log_normalize_is_scanpys_to_the_bit(count_tables):
+    for name, counts in count_tables.items():
+        for kind, x in _variants(counts).items():
+            for target_sum in (1e4, 1e6):
+                got, ref = log_normalize(ad.AnnData(x), target_sum=target_sum), _scanpy(x, target_sum)
+                assert sp.issparse(got.X) == sp.issparse(ref.X) and got.X.dtype == ref.X.dtype == np.float32
+                g, r = (m.toarray() if sp.issparse(m) else m for m in (got.X, ref.X))
+                assert np.array_equal(g, r), (name, kind, target_sum, np.abs(g - r).max())
+                assert got.uns["log1p"] == ref.uns["log1p"]
+    assert (log_normalize(ad.AnnData(count_tables["edge"])).X[3] == 0).all()  # an empty cell stays 0
+
+
+def test_seurat_dispersions_are_scanpys_to_the_bit(count_tables):
+    """dispersions_norm equal bit for bit, NaN where scanpy has NaN, and top_variable's order is scanpy's ranking.
+    CSR too, though scanpy's sparse sums go per numba thread: checked with NUMBA_NUM_THREADS=1, 2, 3 and 16."""
+    for name, counts in count_tables.items():
+        for kind, x in _variants(counts).items():
+            ln = _scanpy(x)
+            ref = _scanpy_dispersions(ln)["dispersions_norm"].to_numpy()
+            got = seurat_dispersions(ln.X)
+            assert np.array_equal(got, ref, equal_nan=True), (name, kind, np.nanmax(np.abs(got - ref)))
+            order = np.argsort(-np.nan_to_num(ref, nan=-np.inf), kind="stable")
+            np.testing.assert_array_equal(top_variable(ln, ln.n_vars), order)
+    ln = _scanpy(count_tables["edge"])
+    edge, means = seurat_dispersions(ln.X), _scanpy_dispersions(ln)["means"]
+    codes = pd.cut(means, 20).cat.codes.to_numpy()
+    lone = (np.bincount(codes)[codes] == 1) & ~np.isnan(edge)
+    assert np.isnan(edge[5]) and edge[10] == edge[11]  # unexpressed, tied
+    assert lone.sum() >= 2 and (edge[lone] == 1).all()  # a gene alone in its mean bin scores 1
+
+
+def test_top_variable_takes_exactly_n_ties_in_gene_order(count_tables):
+    """scanpy keeps every gene tied at its cut-off; top_variable keeps exactly n, the earlier gene of a tie."""
+    ln = _scanpy(count_tables["edge"])
+    ref = _scanpy_dispersions(ln)["dispersions_norm"].to_numpy()
+    rank = list(np.argsort(-np.nan_to_num(ref, nan=-np.inf), kind="stable"))
+    n = rank.index(10) + 1  # the cut-off falls between the tied genes 10 and 11
+    assert rank[n] == 11
+    hv = sc.pp.highly_variable_genes(ln, n_top_genes=n, flavor="seurat", inplace=False)["highly_variable"]
+    got = top_variable(ln, n)
+    assert hv.sum() == n + 1 and len(got) == n and 10 in got and 11 not in got
+    assert set(got) < set(np.flatnonzero(hv))
+    assert list(top_variable(ln, 1)) == [int(np.nanargmax(ref))]
+    every = top_variable(ln, ln.n_vars + 5)  # more than there are: all, the NaN (unexpressed) genes last
+    assert sorted(every) == list(range(ln.n_vars)) and every[-1] == 5

@@ -184,3 +184,25 @@ def test_report_features_are_computed_once_per_machine(report_run, tmp_path, mon
     monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
     fill("c")
     assert computed == [n, n]
+
+
+def test_a_warmed_trunk_is_read_once_per_pipeline_scope(monkeypatch):
+    """`text_cache.warm` (a pipeline runs it beside its cohort step) reads and builds the trunk once: inside the
+    pipeline's `memo.reusing()` scope the features read nothing again and are those of a cold call."""
+    from mmfm import memo
+    from mmfm.models import text, text_cache
+    from mmfm.models.text import TextConfig
+
+    cfg = TextConfig(trainable="frozen")
+    cold = text_cache.sentence_features(REPORTS[:3], cfg, max_len=32, batch_size=2)
+    reads = []
+    read = text.load_safetensors
+    monkeypatch.setattr(text, "load_safetensors", lambda p: reads.append(p) or read(p))
+    with memo.reusing():
+        text_cache.warm(cfg, 32)
+        assert len(reads) == 1
+        warm = text_cache.sentence_features(REPORTS[:3], cfg, max_len=32, batch_size=2)
+        assert len(reads) == 1  # the warmed trunk, not a second read
+    np.testing.assert_array_equal(warm, cold)
+    text_cache.sentence_features(REPORTS[:1], cfg, max_len=32, batch_size=2)
+    assert len(reads) == 2  # outside a scope every call reads afresh

@@ -43,6 +43,7 @@ import pandas as pd
 
 from mmfm import memo
 from mmfm.config import ConfigError, apply_override, decode, inherit, merge, read_yaml
+from mmfm.eval.drawing import Drawer
 from mmfm.io import write_text
 from mmfm.simulate.sim_config import SimConfig
 
@@ -266,7 +267,10 @@ def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
         cpu[0] = used
         return now
 
-    cohort_dir, about = cohort(p, out, log, ahead)
+    with ThreadPoolExecutor(1, thread_name_prefix="warm") as warm:
+        if caches_reports(planned := recipe(p)):  # the report trunk read beside the cohort step (an error is
+            warm.submit(warm_report_trunk, planned)     # raised again by the report features' own call)
+        cohort_dir, about = cohort(p, out, log, ahead)
     t = step(about, t0)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
     tasks = with_combat(with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks), p.embed.combat)
@@ -277,7 +281,8 @@ def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
     seeds = [base_cfg.train.seed + i for i in range(p.pretrain.seeds)]
     results, first, shown, pending = [], None, [], None
     with ThreadPoolExecutor(1, thread_name_prefix="heatmaps") as beside, \
-            ThreadPoolExecutor(1, thread_name_prefix="early") as ahead:  # both exit once their work is done
+            ThreadPoolExecutor(1, thread_name_prefix="early") as ahead, \
+            (Drawer() if p.report.plots else contextlib.nullcontext()) as drawer:  # all exit once their work is done
         labels_only = early_probes(tasks, cohort_dir, base_cfg, truth, ahead, p.probe.n_bootstrap)
         if report_features(base_cfg):
             t = step("report features", t)
@@ -299,7 +304,7 @@ def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
             first = first if first is not None else adata
             t = step(f"embed (seed {seed}: {adata.n_obs} held-out cases, {slides.n_obs} slides, all tiles)", t)
             results.append(probed(adata, tasks, out / "report" / (f"seed-{seed}" if i else ""), p, plots=i == 0,
-                                  started=started))
+                                  started=started, drawer=drawer))
             t = step(f"probe (seed {seed})", t)
 
         heat = []
@@ -412,6 +417,18 @@ def site_options(cfg: RunConfig) -> str:
     return ", ".join(on) or "none (plain recipe)"
 
 
+def caches_reports(cfg: RunConfig) -> bool:
+    """Whether pretraining reads the report trunk's cached features (`report_features` fills them first)."""
+    return bool(cfg.loader.report_cache) and "report" in cfg.data.modalities
+
+
+def warm_report_trunk(cfg: RunConfig) -> None:
+    """The report trunk's weights and their digest (`mmfm.models.text_cache.warm`), ready for `report_features`."""
+    from mmfm.models.text_cache import warm
+
+    warm(cfg.model.report, cfg.loader.report_max_len)
+
+
 def report_features(cfg: RunConfig) -> bool:
     """Fill the frozen report trunk's feature cache (`loader.report_cache`, what pretraining reads) before
     pretraining. Computed once per machine and cohort: copied from a table beside the compilation cache
@@ -425,7 +442,7 @@ def report_features(cfg: RunConfig) -> bool:
     from mmfm.data.cohort import Cohort
     from mmfm.models.text_cache import fill_report_cache
 
-    if not (cfg.loader.report_cache and "report" in cfg.data.modalities):
+    if not caches_reports(cfg):
         return False
     cohort = Cohort.open(cfg.data.cohort, scan_features=False, scan_cache=False)
     if cohort.reports is None:
@@ -477,11 +494,11 @@ def embedded(run_dir: Path, cohort_dir: Path, path: Path, held: list[str], first
     return adata, slides
 
 
-def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool, started: dict | None = None):
+def probed(adata, tasks: list, out: Path, p: Pipeline, plots: bool, started: dict | None = None, drawer=None):
     from mmfm.eval.probe import probe
 
     return probe(adata, tasks, out, n_bootstrap=p.probe.n_bootstrap, plots=p.report.plots and plots,
-                 projection=p.report.projection, workers=p.probe.workers, started=started)
+                 projection=p.report.projection, workers=p.probe.workers, started=started, drawer=drawer)
 
 
 def early_probes(tasks: list, cohort_dir: Path, cfg: RunConfig, truth: bool, pool, n_bootstrap: int,

@@ -1,8 +1,8 @@
 """Omics preprocessing fitted on training cases only and saved as JSON, so inference repeats it exactly.
 
-counts (`layers['counts']` if present, else X) → library-size normalisation to `target_sum`
-(`sc.pp.normalize_total`) → `sc.pp.log1p` → a feature vocabulary (highly variable genes of the
-training cases, a fixed panel, or every gene) → per-feature z-score with the training cases' mean
+counts (`layers['counts']` if present, else X) → library-size normalisation to `target_sum` → log1p
+(scanpy's `pp.normalize_total` and `pp.log1p`, to the bit) → a feature vocabulary (highly variable genes of
+the training cases, a fixed panel, or every gene) → per-feature z-score with the training cases' mean
 and standard deviation. Normalisation uses each sample's own library only, so it leaks nothing;
 the vocabulary and the z-score statistics see training cases only.
 
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -31,7 +30,9 @@ from mmfm.io import id_list, write_json
 FORMAT = "mmfm.OmicsTransform/1"
 MIN_STD = 1e-6  # a constant feature is centred but not divided by ~0
 
-
+# scanpy's arithmetic is reproduced below in NumPy/pandas instead of calling it: importing scanpy (numba, llvmlite,
+# pyplot) costs about a second of GIL-holding start-up in every process that touches omics (the demo, each CLI
+# command, notebook kernels). tests/test_omics.py checks every step against scanpy itself, bit for bit.
 
 
 def counts_of(adata: AnnData) -> AnnData:
@@ -51,12 +52,34 @@ def counts_of(adata: AnnData) -> AnnData:
                    var=pd.DataFrame(index=adata.var_names.astype(str)))
 
 
+def _library_sizes(x) -> np.ndarray:
+    """Per-row totals as scanpy's normalize_total takes them: NumPy's float32 row sum for a dense matrix; for CSR
+    its numba kernel's running float64 sum in storage order, rounded to the data's dtype."""
+    if not sp.issparse(x):
+        return np.sum(x, axis=1)
+    length, start = np.diff(x.indptr), x.indptr[:-1]
+    total = np.zeros(x.shape[0])
+    for k in range(length.max(initial=0)):  # k-th stored value of every row that has one: row order kept
+        live = length > k
+        total[live] += x.data[start[live] + k]
+    return total.astype(x.dtype)
+
+
 def log_normalize(adata: AnnData, normalize: bool = True, target_sum: float = 1e4) -> AnnData:
-    """counts → normalize_total(target_sum) → log1p (or the counts unchanged when `normalize` is False)."""
+    """counts → normalize_total(target_sum) → log1p (or the counts unchanged when `normalize` is False).
+
+    scanpy's steps and dtypes: float32 size factors (library size / target_sum, a zero one read as 1, so an
+    empty row stays 0), a float32 division, log1p in place."""
     out = counts_of(adata)
     if normalize:
-        sc.pp.normalize_total(out, target_sum=target_sum)
-        sc.pp.log1p(out)
+        x = out.X
+        scale = _library_sizes(x) / target_sum
+        scale = scale + (scale == 0)
+        if sp.issparse(x):
+            x.data = np.log1p(x.data / np.repeat(scale, np.diff(x.indptr)))
+        else:
+            np.log1p(np.true_divide(x, scale[:, None], out=x), out=x)
+        out.uns["log1p"] = {"base": None}  # what scanpy's log1p records, for scanpy users of the result
     return out
 
 
@@ -64,14 +87,42 @@ def _dense(x) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
+def seurat_dispersions(x) -> np.ndarray:
+    """Normalised dispersion per gene of log1p data `x`: scanpy's `highly_variable_genes(flavor="seurat")`
+    `dispersions_norm` (Seurat's mean.var.plot). On expm1(x): log(sample variance / mean) (a zero one NaN),
+    standardised by the mean and sample std (pandas') of the genes in its bin of log1p(mean) (20 equal-width
+    bins, pd.cut); a bin without a std (one gene) uses mean 0 and std = its mean, so a lone gene scores 1.
+    Bit-equal to scanpy for dense input. Sparse input is densified: scanpy's sparse mean and variance add per
+    numba thread instead, the same bits on every table tested (tests/test_omics.py) but not by construction.
+    """
+    x = x.toarray() if sp.issparse(x) else np.array(x, order="C")
+    np.expm1(x, out=x)
+    n = x.shape[0]
+    mean = x.mean(axis=0, dtype=np.float64)
+    var = (x * x).mean(axis=0, dtype=np.float64) - mean**2
+    if n != 1:
+        var *= n / (n - 1)
+    mean[mean == 0] = 1e-12
+    disp = var / mean
+    disp[disp == 0] = np.nan
+    with np.errstate(invalid="ignore"):  # a constant gene's variance may round below 0: NaN, as in scanpy
+        disp = pd.Series(np.log(disp))
+    bins = pd.cut(pd.Series(np.log1p(mean)), bins=20)
+    stats = disp.groupby(bins, observed=True).agg(["mean", "std"])
+    lone = stats["std"].isnull()
+    stats.loc[lone, "std"] = stats.loc[lone, "mean"]
+    stats.loc[lone, "mean"] = 0
+    stats = stats.loc[bins]
+    return ((disp - stats["mean"].to_numpy()) / stats["std"].to_numpy()).to_numpy()
+
+
 def top_variable(adata: AnnData, n: int) -> np.ndarray:
-    """Column indices of the n genes of highest normalised dispersion (scanpy 'seurat' flavour).
+    """Column indices of the n genes of highest normalised dispersion (`seurat_dispersions`, NaN last).
 
     Exactly n, ties broken by gene order: scanpy's own cut-off keeps every tie, which would make the
     vocabulary size (a static batch shape) depend on the data.
     """
-    stats = sc.pp.highly_variable_genes(adata, n_top_genes=n, flavor="seurat", inplace=False)
-    disp = np.nan_to_num(stats["dispersions_norm"].to_numpy(np.float64), nan=-np.inf)
+    disp = np.nan_to_num(seurat_dispersions(adata.X), nan=-np.inf)
     return np.argsort(-disp, kind="stable")[:n]
 
 

@@ -46,13 +46,14 @@ import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import anndata as ad
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from mmfm.eval import folds, report
+from mmfm.eval.drawing import Drawer
 from mmfm.eval.folds import LeakageError
 from mmfm.eval.tasks import TASKS, load_tasks
 from mmfm.eval.tasks.base import Collector, TaskError, row_features
@@ -96,10 +97,12 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
           allow_overlap: bool = False, pretrain_cases: set[str] | str | Path | None = None,
           allow_validation_overlap: bool = False, validation_cases: set[str] | str | Path | None = None,
           n_bootstrap: int = 100, plots: bool = True, projection: str = "umap",
-          cohort: str | Path | None = None, workers: int = 1, started: dict | None = None) -> ProbeResult:
+          cohort: str | Path | None = None, workers: int = 1, started: dict | None = None,
+          drawer: Drawer | None = None) -> ProbeResult:
     """Run every task on the embeddings and write results.csv, bootstrap.csv, summary.md and plots to `out`;
     `workers` tasks at a time, pieces `started` before (`start_early`) taken as they are (the same results, see
-    `_run_tasks`)."""
+    `_run_tasks`). With a `drawer` (`mmfm.eval.drawing`) the figures are drawn by its process, each task's as soon
+    as its table is complete, while the other tasks run; all are written when this returns."""
     adata = embeddings if isinstance(embeddings, ad.AnnData) else ad.read_h5ad(embeddings)
     specs = load_tasks(tasks)
     if cohort is not None:  # tasks reading the cohort (mil, regression): --cohort where the task names none
@@ -124,22 +127,53 @@ def probe(embeddings: ad.AnnData | str | Path, tasks, out: str | Path, *, splits
             folds.write_folds(t.folds, out / "folds" / f"{report.slug(spec.name, t.name)}.tsv")
 
     col = Collector(n_bootstrap=n_bootstrap, plot_dir=out if plots else None, projection=projection,
-                    cohort=None if cohort is None else str(cohort))
+                    cohort=None if cohort is None else str(cohort), drawer=drawer)
+    apart = plots and drawer is not None  # each task's figures drawn as soon as its table is complete
+    rows_of = {spec.name: {spec.name} | {s.name for s, _, _ in plans if getattr(s, "beside", None) == spec.name}
+               for spec, _, _ in plans}  # the tasks whose rows a task's table holds (`mil` rows filed beside it)
+    done: set[str] = set()
     with threadpool_limits(1, user_api="blas"):  # hundreds of small fits: BLAS threads only spin (≈15× CPU, loaded)
-        for part in _run_tasks(adata, plans, col, workers, started):
-            col.merge(part)
+        for spec, parts in _run_tasks(adata, plans, col, workers, started):
+            for part in parts:
+                col.merge(part)
+            done.add(spec.name)
+            ready = {t for t, needs in rows_of.items() if needs <= done} if apart else set()
+            _draw_tasks(drawer, out, col, ready)
+            rows_of = {t: needs for t, needs in rows_of.items() if t not in ready}
 
-    results = pd.DataFrame(file_beside(col.rows), columns=["task", "type", "target", "embedding", "model", "shots",
-                                                           "draw", "metric", "fold", "value"])
-    boot = pd.DataFrame(file_beside(col.boot), columns=["task", "type", "target", "embedding", "model", "shots",
-                                                        "metric", "boot", "value"])
-    summary = report.summarize(results, boot)
+    results, boot, summary = _tables(col.rows, col.boot)
     report.write_outputs(out, results, boot, summary, notes=col.notes, overlap=overlap,
                          validation_overlap=val_overlap,
                          survival_preds=col.survival_preds if plots else {},
-                         robustness_curves=col.robustness_curves if plots else {}, plots=plots,
+                         robustness_curves=col.robustness_curves if plots else {}, plots=plots and not apart,
                          per_target=pd.concat(col.per_target, ignore_index=True) if col.per_target else None)
+    if apart:
+        drawer.wait()
     return ProbeResult(results, summary, out, col.notes, overlap, val_overlap)
+
+
+RESULT_COLUMNS = ["task", "type", "target", "embedding", "model", "shots", "draw", "metric", "fold", "value"]
+BOOT_COLUMNS = ["task", "type", "target", "embedding", "model", "shots", "metric", "boot", "value"]
+
+
+def _tables(rows: list[dict], boot: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(results, bootstrap, summary) of collected rows (supervised survival rows filed beside each Cox model)."""
+    results = pd.DataFrame(file_beside(rows), columns=RESULT_COLUMNS)
+    boot = pd.DataFrame(file_beside(boot), columns=BOOT_COLUMNS)
+    return results, boot, report.summarize(results, boot)
+
+
+def _draw_tasks(drawer, out: Path, col: Collector, names: set[str]) -> None:
+    """The figures of the tables of tasks `names` (complete), by `drawer`: what `write_outputs` draws of them."""
+    if not names:
+        return
+    mine = lambda key: key[0] in names  # noqa: E731  (survival predictions and curves are keyed by task first)
+    results, _, summary = _tables([r for r in col.rows if r["task"] in names], [b for b in col.boot
+                                                                                 if b["task"] in names])
+    per_target = [g[g.task.isin(names)] for g in col.per_target]
+    report.draw_figures(drawer, out, summary, results, {k: v for k, v in col.survival_preds.items() if mine(k)},
+                        {k: v for k, v in col.robustness_curves.items() if mine(k)},
+                        pd.concat(per_target, ignore_index=True) if per_target else None)
 
 
 @dataclass
@@ -193,13 +227,14 @@ def _same_targets(a: list, b: list) -> bool:
                                     for s, t in zip(a, b))
 
 
-def _run_tasks(adata, plans: list, like: Collector, workers: int, started: dict | None = None) -> list[Collector]:
-    """Each task into a Collector of its own, in plan order, `workers` at a time (threads: the fits and XLA release
-    the GIL). With workers, a task whose type splits into pieces (`TaskType.units`: a `mil` task's target × init)
-    runs them as units of their own, into Collectors merged in the task's order; a piece in `started` (same targets
-    and folds) is not run again. Units read the embeddings and write only their Collector, and seed their own
-    randomness, so the merged rows are those of one task after another; the `mil` units (the longest: tile bags,
-    training) start first. A unit's error is raised, in plan order, once the running ones are done."""
+def _run_tasks(adata, plans: list, like: Collector, workers: int, started: dict | None = None) -> Iterator[tuple]:
+    """Each task into Collectors of its own, yielded with its spec in plan order as each completes (its figures can be
+    drawn while the others run), `workers` at a time (threads: the fits and XLA release the GIL). With workers, a
+    task whose type splits into pieces (`TaskType.units`: a `mil` task's target × init) runs them as units of their
+    own, into Collectors merged in the task's order; a piece in `started` (same targets and folds) is not run again.
+    Units read the embeddings and write only their Collector, and seed their own randomness, so the merged rows are
+    those of one task after another; the `mil` units (the longest: tile bags, training) start first. A unit's error
+    is raised, in plan order, once the running ones are done."""
     def one(i: int, j: int, n: int, spec, work, notes) -> Collector:
         t0 = time.perf_counter()
         part = f" (part {j + 1}/{n})" if n > 1 else ""
@@ -229,11 +264,18 @@ def _run_tasks(adata, plans: list, like: Collector, workers: int, started: dict 
         return dataclasses.replace(col, notes=list(u[5]) + col.notes) if u[1] == 0 else col
 
     if workers <= 1:
-        return [result(u, None) for u in units]
+        yield from _by_task(plans, units, lambda u: result(u, None))
+        return
     first = sorted(todo, key=lambda u: u[3].type != "mil")  # stable: plan order otherwise
     with ThreadPoolExecutor(workers, thread_name_prefix="probe") as pool:
         futures = {u[:2]: pool.submit(one, *u) for u in first}
-        return [result(u, futures) for u in units]
+        yield from _by_task(plans, units, lambda u: result(u, futures))
+
+
+def _by_task(plans: list, units: list, result) -> Iterator[tuple]:
+    """(spec, its Collectors) per task in plan order, each as soon as its last unit is in."""
+    for i, (spec, _, _) in enumerate(plans):
+        yield spec, [result(u) for u in units if u[0] == i]
 
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from mmfm.eval import stats
+from mmfm.eval.drawing import draw
 from mmfm.eval.references import REFERENCE_PREFIXES, ROLES, chance_level, role
 from mmfm.io import atomic_path, write_text
 
@@ -385,22 +386,28 @@ def write_outputs(out: Path, results: pd.DataFrame, boot: pd.DataFrame, summary:
     write_text(out / "summary.md", summary_markdown(summary, results, notes, overlap,
                                                     validation_overlap=validation_overlap, references=references,
                                                     paired=paired))
-    if not plots:
-        return
+    if plots:
+        draw_figures(None, out, summary, results, survival_preds, robustness_curves, per_target, roles)
+
+
+def draw_figures(drawer, out: Path, summary: pd.DataFrame, results: pd.DataFrame, survival_preds: dict,
+                 robustness_curves: dict, per_target: pd.DataFrame | None, roles: dict[str, str] | None = None) -> None:
+    """The figures of these tasks' tables (primary metric per task, Kaplan–Meier per survival model, RI curves,
+    per-target r), drawn by `drawer` (`mmfm.eval.drawing`; None: here)."""
     for task, s in summary.groupby("task", sort=False):
-        plot_task(s, out / f"{slug(task)}.png")
+        draw(drawer, plot_task, s, out / f"{slug(task)}.png")
     for (task, emb, model), pred in survival_preds.items():
         p = results[(results.task == task) & (results.embedding == emb) & (results.model == model)
                     & (results.metric == "logrank_p")].value
-        plot_km(pred, float(p.iloc[0]) if len(p) else float("nan"), out / f"km_{slug(task, emb, model)}.png",
-                f"{task}: {emb} ({model})")
+        draw(drawer, plot_km, pred, float(p.iloc[0]) if len(p) else float("nan"),
+             out / f"km_{slug(task, emb, model)}.png", f"{task}: {emb} ({model})")
     by_task: dict[str, dict] = {}
     for (task, emb), c in robustness_curves.items():
         by_task.setdefault(task, {})[emb] = c
     for task, curves in by_task.items():
-        plot_robustness(curves, out / f"{slug(task)}_ri.png", task)
+        draw(drawer, plot_robustness, curves, out / f"{slug(task)}_ri.png", task)
     for task, g in (per_target.groupby("task", sort=False) if per_target is not None and len(per_target) else ()):
-        plot_per_target(g, out / f"{slug(task)}_per_target.png", task, roles)
+        draw(drawer, plot_per_target, g, out / f"{slug(task)}_per_target.png", task, roles)
 
 
 def per_target_r(per_target: pd.DataFrame, model: str, baseline: str) -> pd.DataFrame:

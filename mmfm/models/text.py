@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmfm import memo
 from mmfm.data.text import minilm_dir, tokenize  # noqa: F401  (re-exported)
 from mmfm.models.config import TextConfig
 from mmfm.models.axes import EMBED, HEADS, HIDDEN, VOCAB
@@ -197,10 +198,15 @@ BERT_NAME_MAP = NameMap(
 
 def pretrained_weights(cfg: TextConfig = TextConfig()) -> dict[str, np.ndarray]:
     """`cfg.weights_dir/model.safetensors` (never a pickle) as {TextEncoder path: host array}, checked against the
-    model without building it."""
-    abstract = nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)))
+    model without building it. Read once per pipeline run (`mmfm.memo`: the report features and pretraining's
+    initial state both start from them; callers copy, never write, the arrays)."""
     weights = cfg.weights_dir / "model.safetensors"
-    return mapped_state_dict(abstract, load_safetensors(weights), BERT_NAME_MAP, source=str(weights))
+
+    def read() -> dict[str, np.ndarray]:
+        abstract = nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)))
+        return mapped_state_dict(abstract, load_safetensors(weights), BERT_NAME_MAP, source=str(weights))
+
+    return memo.once(("text trunk weights", cfg), read)
 
 
 def load_pretrained(cfg: TextConfig = TextConfig(), rngs: nnx.Rngs | None = None,

@@ -354,4 +354,5 @@ def pretrain(config: RunConfig | str | Path, out_dir, resume: rundir.Resume = Fa
     finally:
         close_all([beside.shutdown, feed and feed.close, writer and writer.close, ckpt and ckpt.close, loader.close,
                    evaluator and evaluator.close, lock and lock.release], failing=failed)
+    rundir.offer_trained(out, ts.graphdef, ts.state, mesh)  # a pipeline's next steps need not restore it
     return PretrainResult(out, t.steps, logs.last, last_eval, ckpt.all_steps())

@@ -17,6 +17,7 @@ import pandas as pd
 
 from mmfm.eval import folds as folds_mod
 from mmfm.eval import stats
+from mmfm.eval.drawing import Drawer
 
 
 class TaskError(ValueError):
@@ -221,6 +222,7 @@ class Collector:
     plot_dir: Path | None = None  # where per-task plots go (None: no plots)
     projection: str = "umap"  # robustness embedding plot: 'umap' or 'pca'
     cohort: str | None = None  # where `mil` tasks find the tile bags (None: the cohort the embeddings record)
+    drawer: Drawer | None = None  # the process drawing the figures (`mmfm.eval.drawing`; None: the task's thread)
     rows: list[dict] = field(default_factory=list)
     boot: list[dict] = field(default_factory=list)
     survival_preds: dict = field(default_factory=dict)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mmfm.eval import report
+from mmfm.eval.drawing import draw
 from mmfm.eval.probes import retrieval, robustness
 from mmfm.eval.tasks.base import Collector, Target, TaskError, TaskSpec, column, result_key, row_features, row_groups
 
@@ -49,7 +50,7 @@ def run(adata, spec: RobustnessSpec, targets: list[Target], col: Collector) -> N
         col.robustness_curves[(spec.name, emb)] = robustness.indices(
             pd.DataFrame(qc.sum(0)[ks], columns=list(robustness.KINDS), index=pd.Index(spec.ks, name="k")))
         if col.plot_dir is not None:
-            report.plot_embedding(x[ok], bio[ok], site[ok],
-                                  col.plot_dir / f"{report.slug(spec.name, emb)}_projection.png",
-                                  title=f"{spec.name}: {emb}", method=col.projection, seed=spec.seed)
+            draw(col.drawer, report.plot_embedding, x[ok], bio[ok], site[ok],
+                 col.plot_dir / f"{report.slug(spec.name, emb)}_projection.png",
+                 title=f"{spec.name}: {emb}", method=col.projection, seed=spec.seed)
 
