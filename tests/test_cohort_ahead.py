@@ -168,3 +168,15 @@ def test_the_child_does_not_outlive_a_killed_parent(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+def test_a_fresh_mmfm_process_can_fork_before_its_heavy_imports():
+    """What `mmfm demo` / `mmfm run` import before `cohort_ahead` forks (their modules, the cache probe): none of
+    the libraries the child is meant to overlap, nor the simulator, which the child imports itself."""
+    code = ("import sys; from mmfm.cli import load_command; load_command('demo'); load_command('run'); "
+            "from mmfm.cli.pipeline import imports_ahead; from mmfm.simulate.cache import cached; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'sklearn', 'matplotlib', "
+            "'scanpy', 'torch', 'anndata'}), 'mmfm.simulate.writer' in sys.modules, imports_ahead())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}).stdout
+    assert out.split() == ["[]", "False", str(len(os.sched_getaffinity(0)) > 1)]
