@@ -84,14 +84,16 @@ def test_a_failing_child_is_raised_naming_the_cohort_folder_with_its_error(tmp_p
         pipeline.check_steps(p)
 
 
-def _slow_second_slide(monkeypatch):
-    """A child forked after this writes one bag, then waits (caught mid-simulation); returns the writer's own."""
+def _slow_second_slide(monkeypatch, asleep: Path):
+    """A child forked after this writes its first slide (bag, spots), then waits, saying so in the file `asleep`:
+    it is caught mid-simulation, between two files. Returns the writer's own function."""
     write = writer._write_slide
     calls = []
 
     def slow(*args):
         calls.append(1)
         if len(calls) == 2:
+            asleep.touch()
             time.sleep(60)
         return write(*args)
 
@@ -99,21 +101,22 @@ def _slow_second_slide(monkeypatch):
     return write
 
 
-def _first_bag(folder: Path) -> None:
+def _wait_for(asleep: Path) -> None:
     for _ in range(600):
-        if list((folder / "bags").glob("*.h5")):
+        if asleep.exists():
             return
         time.sleep(0.05)
-    pytest.fail("the child wrote no bag")
+    pytest.fail("the child never reached its second slide")
 
 
 def test_a_killed_child_is_reported_and_the_next_run_resumes_its_cohort(tmp_path, machine, monkeypatch):
     p = Pipeline(out=str(tmp_path / "out"), cohort=CohortStep(simulate=TINY))
     folder = cohort_path(TINY, Path(p.out))
-    write = _slow_second_slide(monkeypatch)
+    write = _slow_second_slide(monkeypatch, tmp_path / "asleep")
     with cohort_ahead(p, "t") as ahead:
         monkeypatch.setattr(writer, "_write_slide", write)  # this process writes as ever
-        _first_bag(folder)
+        _wait_for(tmp_path / "asleep")
+        assert list((folder / "bags").glob("*.h5"))
         os.kill(ahead.pid, signal.SIGKILL)  # the OOM killer, say
         with pytest.raises(RuntimeError, match=f"{folder}: simulating the cohort failed in a child process: "
                                                "killed by SIGKILL"):
@@ -128,10 +131,11 @@ def test_a_killed_child_is_reported_and_the_next_run_resumes_its_cohort(tmp_path
 def test_a_run_stopped_before_its_cohort_step_ends_the_child_and_leaves_no_cohort(tmp_path, machine, monkeypatch):
     p = Pipeline(out=str(tmp_path / "out"), cohort=CohortStep(simulate=TINY))
     folder = cohort_path(TINY, Path(p.out))
-    _slow_second_slide(monkeypatch)
+    _slow_second_slide(monkeypatch, tmp_path / "asleep")
     with pytest.raises(KeyboardInterrupt):
         with cohort_ahead(p, "t") as ahead:
-            _first_bag(folder)
+            _wait_for(tmp_path / "asleep")
+            assert list((folder / "bags").glob("*.h5"))
             raise KeyboardInterrupt  # Ctrl-C, or a bad recipe, while the parent imports
     assert not Path(f"/proc/{ahead.pid}").exists()  # ended and reaped
     assert not Path(p.out).exists()  # its half-written cohort and the output folder it made are gone
