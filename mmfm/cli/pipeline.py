@@ -7,9 +7,10 @@ the pretrained embedding beside the mean-pool and random-init baselines, chance 
 latent truth (simulated cohorts do) — the simulator's oracle, with CIs and paired differences whatever the numbers
 show. `pretrain.seeds: N` pretrains N times (same split and folds) and reports the spread across seeds. Re-running
 reuses finished steps (the cohort is deterministic for its config; pretraining resumes from its last checkpoint).
-Within a run the cohort is checked and each checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside
-the embed and probe steps and the probe tasks run `probe.workers` at a time (threads; the results do not depend on
-it). Probe pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
+A new cohort is simulated in a child process while the `mmfm` process imports JAX and the rest for the later steps
+(`cohort_ahead`: the same files, validated once, in the child). Within a run the cohort is checked and each
+checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside the embed and probe steps and the probe tasks
+run `probe.workers` at a time (threads; the results do not depend on it). Probe pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
 the report features and pretraining (labels and tile bags of the cases it holds out), its finetune init beside the
 embedding; the probe takes their rows where its own folds are theirs, so the tables are the same.
 
@@ -29,12 +30,13 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -42,10 +44,12 @@ import pandas as pd
 from mmfm import memo
 from mmfm.config import ConfigError, apply_override, decode, inherit, merge, read_yaml
 from mmfm.eval.drawing import Drawer
-from mmfm.simulate import SimConfig
-from mmfm.eval.tasks import load_tasks
 from mmfm.io import write_text
-from mmfm.train.config import RunConfig
+from mmfm.simulate.sim_config import SimConfig
+
+if TYPE_CHECKING:  # imported where used: `mmfm demo` simulates its cohort beside these imports (`cohort_ahead`)
+    from mmfm.cli.forked import Forked
+    from mmfm.train.config import RunConfig
 
 PIPELINES = Path(str(resources.files("mmfm") / "configs" / "pipelines"))  # package data: works from a wheel
 MODEL = "slide"  # the pretrained embedding the report compares with the baselines
@@ -135,6 +139,12 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:
 
 def check(p: Pipeline, where: str = "") -> Pipeline:
     """Refuse a pipeline that cannot run before anything is written: no output, no cohort, bad recipe or tasks."""
+    check_files(check_steps(p, where))
+    return p
+
+
+def check_steps(p: Pipeline, where: str = "") -> Pipeline:
+    """`check`'s part that imports nothing heavy: output, cohort, seeds, the files named."""
     prefix = f"{where}: " if where else ""
     if not p.out:
         raise ConfigError(f"{prefix}out: required (the output folder)")
@@ -142,18 +152,31 @@ def check(p: Pipeline, where: str = "") -> Pipeline:
         raise ConfigError(f"{prefix}cohort: give cohort.path (an existing cohort) or cohort.simulate (a SimConfig)")
     if p.cohort.path and not Path(p.cohort.path).is_dir():
         raise ConfigError(f"{prefix}cohort.path: {p.cohort.path} is not a directory")
+    if not p.cohort.path:
+        try:
+            p.cohort.simulate.check()
+        except ValueError as e:
+            raise ConfigError(f"{prefix}cohort.simulate: {e}") from e
     if p.pretrain.seeds < 1:
         raise ConfigError(f"{prefix}pretrain.seeds: {p.pretrain.seeds} must be >= 1")
     for name, value in (("pretrain.recipe", p.pretrain.recipe), ("probe.tasks", p.probe.tasks)):
         if not value:
             raise ConfigError(f"{prefix}{name}: required (a YAML file)")
+    return p
+
+
+def check_files(p: Pipeline) -> None:
+    """`check`'s part that decodes the recipe and the task file (importing JAX)."""
+    from mmfm.eval.tasks import load_tasks
+
     recipe(p)
     load_tasks(p.probe.tasks)
-    return p
 
 
 def recipe(p: Pipeline) -> RunConfig:
     """The pretraining recipe with the pipeline's overrides; an unknown key names pretrain.overrides and its key."""
+    from mmfm.train.config import RunConfig
+
     raw = merge(read_yaml(p.pretrain.recipe), p.pretrain.overrides)
     try:
         return decode(RunConfig, raw)
@@ -161,17 +184,51 @@ def recipe(p: Pipeline) -> RunConfig:
         raise ConfigError(f"pretrain.recipe {p.pretrain.recipe} + pretrain.overrides: {e}") from e
 
 
-def run_pipeline(p: Pipeline, log: str = "run") -> dict:
-    """Every step in order; returns the report's tables, per-seed summaries, seeds, the first run and report dirs."""
-    import jax
+def run_pipeline(p: Pipeline, log: str = "run", where: str = "") -> dict:
+    """`check` (`where`: the pipeline file its errors name), then every step in order; returns the report's tables,
+    per-seed summaries, seeds, the first run and report dirs. A cohort to simulate is simulated in a child process
+    beside the imports of the checks and steps where that gains (`cohort_ahead`)."""
+    with cohort_ahead(check_steps(p, where), log) as ahead:
+        check_files(p)
+        import jax
 
-    from mmfm.cli.jit_cache import start_backend
+        from mmfm.cli.jit_cache import start_backend
 
-    if p.fast_compile:
-        start_backend(cheap_emitters=True)
-    with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
-            memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
-        return _run_steps(p, log)
+        if p.fast_compile:
+            start_backend(cheap_emitters=True)
+        with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
+                memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
+            return _run_steps(p, log, ahead)
+
+
+@contextlib.contextmanager
+def cohort_ahead(p: Pipeline, log: str):
+    """The cohort step's simulation (`simulated`: the same cohort, validation and cohort cache), started now in a
+    forked child process (`mmfm.cli.forked`) to run on a second core while this process imports JAX, flax, sklearn…
+    for the checks and steps; the cohort step takes its answer. None where nothing is gained: a cohort given by
+    path or already in the output folder (it resumes there), a copy from the machine's cohort cache, JAX imported
+    already (a notebook, a test: no imports left to overlap), one core, or a process that cannot fork safely. If the
+    run stops before its cohort step (a bad recipe, an interrupt), the child is ended and its unfinished cohort
+    folder removed: nothing is left that the run did not take."""
+    from mmfm.cli.forked import Forked
+    from mmfm.cli.jit_cache import machine_dir
+    from mmfm.simulate.cache import cached
+
+    out = cohort_path(p.cohort.simulate, Path(p.out)) if not p.cohort.path else None
+    if out is None or out.exists() or not imports_ahead() or cached(machine_dir("cohorts"), p.cohort.simulate):
+        yield None
+        return
+    fresh = not Path(p.out).exists()
+    child = Forked(f"{out}: simulating the cohort", _simulated_and_validation, p.cohort.simulate, out, log)
+    try:
+        yield child
+    finally:
+        child.stop()
+        if not child.answered:  # the run stopped before its cohort step had the cohort
+            shutil.rmtree(out, ignore_errors=True)
+            if fresh:
+                with contextlib.suppress(OSError):
+                    Path(p.out).rmdir()  # the output folder the child made, unless something else is in it
 
 
 @contextlib.contextmanager
@@ -187,7 +244,16 @@ def xla_optimisations(on: bool):
         jax.config.update("jax_disable_most_optimizations", before)
 
 
-def _run_steps(p: Pipeline, log: str) -> dict:
+def imports_ahead() -> bool:
+    """Whether this process has JAX's imports still ahead (a fresh `mmfm` process, not a notebook or a test) and
+    can fork (`mmfm.cli.forked.can_fork`)."""
+    from mmfm.cli.forked import can_fork
+
+    return "jax" not in sys.modules and can_fork()
+
+
+def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
+    from mmfm.eval.tasks import load_tasks
     from mmfm.train.config import check as check_run
 
     out = Path(p.out)
@@ -204,7 +270,7 @@ def _run_steps(p: Pipeline, log: str) -> dict:
     with ThreadPoolExecutor(1, thread_name_prefix="warm") as warm:
         if caches_reports(planned := recipe(p)):  # the report trunk read beside the cohort step (an error is
             warm.submit(warm_report_trunk, planned)     # raised again by the report features' own call)
-        cohort_dir, about = cohort(p, out, log)
+        cohort_dir, about = cohort(p, out, log, ahead)
     t = step(about, t0)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
     tasks = with_combat(with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks), p.embed.combat)
@@ -257,22 +323,47 @@ def _run_steps(p: Pipeline, log: str) -> dict:
             "report": out / "report"}
 
 
-def cohort(p: Pipeline, out: Path, log: str = "run") -> tuple[Path, str]:
-    """The cohort folder, validated: the existing one, or one simulated per simulator config (same config resumes).
-    A new one is copied from the machine's cohort cache beside the compilation cache (`jit_cache.machine_dir`, off
-    with it) when this config and simulator code were simulated and validated before: the same bytes, and the
-    validation's scan of every bag with them (`mmfm.simulate.cache`)."""
-    from mmfm.cli.jit_cache import machine_dir
-    from mmfm.simulate.cache import simulate_cached
+def cohort(p: Pipeline, out: Path, log: str = "run", ahead: Forked | None = None) -> tuple[Path, str]:
+    """The cohort folder, validated: the existing one, or one simulated per simulator config (`simulated`), here or
+    by the child process `ahead` (`cohort_ahead`; its validation then serves this process's later steps)."""
+    from mmfm.data.cohort import adopt_validation
 
     if p.cohort.path:
         validated(Path(p.cohort.path), log)
         return Path(p.cohort.path), f"cohort {p.cohort.path} (existing, not simulated)"
-    sim = p.cohort.simulate
-    key = hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]
-    path, restored = simulate_cached(out / f"cohort-{key}", sim, machine_dir("cohorts"),
-                                     check=lambda d: validated(d, log))
-    return path, f"simulate ({sim.n_cases} cases{', copied from the cohort cache' if restored else ''})"
+    sim, beside = p.cohort.simulate, ""
+    if ahead is None:
+        path, restored = simulated(sim, cohort_path(sim, out), log)
+    else:
+        path, restored, answer = ahead.result()
+        adopt_validation(path, answer)
+        beside = f"; in a child process beside the imports: {ahead.wall:.1f}s, CPU {ahead.cpu:.1f}s"
+    return path, f"simulate ({sim.n_cases} cases{', copied from the cohort cache' if restored else ''}{beside})"
+
+
+def cohort_path(sim: SimConfig, out: Path) -> Path:
+    """OUT/cohort-<hash of the simulator config>: a run with the same config finds its cohort (and resumes it)."""
+    return out / f"cohort-{hashlib.sha1(json.dumps(dataclasses.asdict(sim), sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def simulated(sim: SimConfig, out: Path, log: str) -> tuple[Path, bool]:
+    """The cohort at `out` simulated (resumed if there), validated and (out, copied from the cache): a new one is
+    copied from the machine's cohort cache beside the compilation cache (`jit_cache.machine_dir`, off with it) when
+    this config and simulator code were simulated and validated before: the same bytes, and the validation's scan of
+    every bag with them (`mmfm.simulate.cache`)."""
+    from mmfm.cli.jit_cache import machine_dir
+    from mmfm.simulate.cache import simulate_cached
+
+    return simulate_cached(out, sim, machine_dir("cohorts"), check=lambda d: validated(d, log))
+
+
+def _simulated_and_validation(sim: SimConfig, out: Path, log: str) -> tuple[Path, bool, tuple]:
+    """The child's cohort step (`cohort_ahead`): `simulated`, and its validation for the parent (validated once)."""
+    from mmfm.data.cohort import validation
+
+    with memo.reusing():
+        path, restored = simulated(sim, out, log)
+        return path, restored, validation(path)
 
 
 def validated(cohort_dir: Path, log: str) -> None:
@@ -287,6 +378,8 @@ def validated(cohort_dir: Path, log: str) -> None:
 def with_oracle(path: str) -> list:
     """The task file with the oracle beside every embedding-level task (retrieval pairs and zero-shot, which
     needs the text tower's space, stay as they are)."""
+    from mmfm.eval.tasks import load_tasks
+
     return [s if s.type in ("retrieval", "zeroshot") else dataclasses.replace(s, embeddings=(*s.embeddings, ORACLE))
             for s in load_tasks(path)]
 
@@ -312,6 +405,8 @@ def with_combat(specs: list, columns: list[str]) -> list:
 
 def site_options(cfg: RunConfig) -> str:
     """The site-robustness switches of the recipe that differ from the plain recipe, as `key=value` (or 'none')."""
+    from mmfm.train.config import RunConfig
+
     plain = RunConfig()
     on = []
     for key in SITE_OPTIONS:

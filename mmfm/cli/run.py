@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmfm.cli.pipeline import Pipeline, check, read_pipeline, run_pipeline
+from mmfm.cli.pipeline import Pipeline, read_pipeline, run_pipeline
 from mmfm.config import ConfigError, cli_args, decode, narrow
 
 DESCRIPTION = """\
@@ -36,5 +36,5 @@ def base(argv: list[str]) -> dict:
 
 
 def run(cfg: Config) -> int:
-    run_pipeline(check(narrow(cfg, Pipeline), cfg.pipeline), log="run")
+    run_pipeline(narrow(cfg, Pipeline), log="run", where=cfg.pipeline)
     return 0

@@ -669,10 +669,26 @@ def validate(path: str | Path, scan_features: bool = True, scan_cache: bool = Tr
     return _checked(Path(path).resolve(), scan_features, scan_cache)[0]
 
 
+def validation(path: str | Path) -> tuple:
+    """`validate(path)`'s answer with what it read (inside `memo.reusing()`, the kept one): for `adopt_validation`
+    in another process (a pipeline validates the cohort in the child process that simulated it)."""
+    return _checked(Path(path).resolve(), True, True)
+
+
+def adopt_validation(path: str | Path, answer: tuple) -> None:
+    """Inside `memo.reusing()`: `answer` (`validation`'s, from another process) serves this process's later
+    `validate` and `Cohort.open` of the cohort, as if validated here."""
+    memo.once((*_key(Path(path).resolve(), True), True), lambda: answer)
+
+
+def _key(root: Path, packed: bool) -> tuple:
+    return "cohort", str(root), packed
+
+
 def _checked(root: Path, scan_features: bool, scan_cache: bool, packed: bool = True) -> tuple[ValidationReport, _Parts]:
     """`_check`, once per cohort inside `memo.reusing()` (a pipeline run, which never edits its cohort): every
     step opens it by path. A scanned answer also serves a request without the scan."""
-    key = ("cohort", str(root), packed)
+    key = _key(root, packed)
     scanned = scan_features or memo.kept((*key, True))
     return memo.once((*key, scanned), lambda: _check(root, scanned, scan_cache, packed))
 

@@ -15,12 +15,20 @@ One module per mechanism, in the order of the generative story:
   truth          reading truth/: the oracle embedding, truth columns joined into embeddings
 """
 
-from mmfm.simulate.harder import HARDER, focal_region
-from mmfm.simulate.latent import DRIVERS, PROGRAMMES, SUBTYPES, TILE_TYPES
-from mmfm.simulate.observation import missing_probability
-from mmfm.simulate.sim_config import SimConfig
-from mmfm.simulate.truth import join_truth, oracle_embedding, read_truth
-from mmfm.simulate.writer import simulate_cohort
+import importlib
 
-__all__ = ["DRIVERS", "HARDER", "PROGRAMMES", "SUBTYPES", "TILE_TYPES", "SimConfig", "focal_region", "join_truth",
-           "missing_probability", "oracle_embedding", "read_truth", "simulate_cohort"]
+_WHERE = {"HARDER": "harder", "focal_region": "harder", "DRIVERS": "latent", "PROGRAMMES": "latent",
+          "SUBTYPES": "latent", "TILE_TYPES": "latent", "missing_probability": "observation",
+          "SimConfig": "sim_config", "join_truth": "truth", "oracle_embedding": "truth", "read_truth": "truth",
+          "simulate_cohort": "writer"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    """The package's names, each imported from its module when first asked (PEP 562): `from mmfm.simulate.sim_config
+    import SimConfig` (a pipeline's config) does not import the writer and what it writes with."""
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

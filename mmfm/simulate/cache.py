@@ -34,7 +34,6 @@ from typing import Callable
 
 from mmfm.io import write_json
 from mmfm.simulate.sim_config import SimConfig
-from mmfm.simulate.writer import simulate_cohort
 
 FORMAT = "mmfm-cohort-cache-v1"
 MANIFEST = ".mmfm-cohort-cache.json"  # in the entry only, never copied out: relative path → size in bytes
@@ -55,9 +54,11 @@ def _module_file(name: str) -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def code_files() -> tuple[Path, ...]:
-    """Every mmfm source file the simulator's writer imports, transitively (read from the source, imports inside
-    functions included): the simulate package, the bag writer, the atomic writes, the package constants."""
-    todo, seen = ["mmfm.simulate.writer", "mmfm.simulate"], {}
+    """Every module of the simulate package and every mmfm source file they import, transitively (read from the
+    source, imports inside functions included): the simulator, the bag writer, the atomic writes, the package
+    constants."""
+    todo = ["mmfm.simulate"] + [f"mmfm.simulate.{p.stem}" for p in sorted((PKG / "simulate").glob("*.py"))]
+    seen = {}
     while todo:
         name = todo.pop()
         path = _module_file(name)
@@ -126,6 +127,11 @@ def _copy_to(src: Path, dst: Path, ignore=None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached(folder: str | Path | None, cfg: SimConfig) -> bool:
+    """Whether the cache at `folder` (None: none) holds an entry for `cfg` (`restore` still checks its files)."""
+    return folder is not None and (Path(folder) / cache_key(cfg) / MANIFEST).is_file()
+
+
 def restore(folder: str | Path, cfg: SimConfig, out: str | Path) -> bool:
     """Copy the cached cohort for `cfg` to `out` (absent or empty); False on a miss."""
     entry = Path(folder) / cache_key(cfg)
@@ -192,6 +198,8 @@ def simulate_cached(out: str | Path, cfg: SimConfig, folder: str | Path | None,
     """`simulate_cohort(out, cfg)` through the cache at `folder` (None: no cache), then `check(out)` (raising: not
     stored); (out, restored from the cache). A cohort already at `out` resumes as ever; only a new one is restored
     or stored."""
+    from mmfm.simulate.writer import simulate_cohort
+
     out = Path(out)
     use = folder is not None and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
     if use:
