@@ -52,7 +52,7 @@ def test_fast_compile_holds_for_the_run_only(monkeypatch):
 
     seen = []
 
-    def steps(p, log, ahead=None):
+    def steps(p, log, child=None):
         seen.append(jax.config.read("jax_disable_most_optimizations"))
         if log == "fail":
             raise RuntimeError("a step failed")

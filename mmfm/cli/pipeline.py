@@ -188,7 +188,7 @@ def run_pipeline(p: Pipeline, log: str = "run", where: str = "") -> dict:
     """`check` (`where`: the pipeline file its errors name), then every step in order; returns the report's tables,
     per-seed summaries, seeds, the first run and report dirs. A cohort to simulate is simulated in a child process
     beside the imports of the checks and steps where that gains (`cohort_ahead`)."""
-    with cohort_ahead(check_steps(p, where), log) as ahead:
+    with cohort_ahead(check_steps(p, where), log) as child:
         check_files(p)
         import jax
 
@@ -198,7 +198,7 @@ def run_pipeline(p: Pipeline, log: str = "run", where: str = "") -> dict:
             start_backend(cheap_emitters=True)
         with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
                 memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
-            return _run_steps(p, log, ahead)
+            return _run_steps(p, log, child)
 
 
 @contextlib.contextmanager
@@ -252,7 +252,7 @@ def imports_ahead() -> bool:
     return "jax" not in sys.modules and can_fork()
 
 
-def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
+def _run_steps(p: Pipeline, log: str, child: Forked | None = None) -> dict:
     from mmfm.eval.tasks import load_tasks
     from mmfm.train.config import check as check_run
 
@@ -267,10 +267,11 @@ def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
         cpu[0] = used
         return now
 
-    with ThreadPoolExecutor(1, thread_name_prefix="warm") as warm:
-        if caches_reports(planned := recipe(p)):  # the report trunk read beside the cohort step (an error is
-            warm.submit(warm_report_trunk, planned)     # raised again by the report features' own call)
-        cohort_dir, about = cohort(p, out, log, ahead)
+    warm = ThreadPoolExecutor(1, thread_name_prefix="warm")  # the report trunk read beside the cohort step and on:
+    if caches_reports(planned := recipe(p)):  # the report features take what it built (`mmfm.memo`), or raise its
+        warm.submit(warm_report_trunk, planned)  # error again from their own call
+    warm.shutdown(wait=False)  # its thread ends with that work
+    cohort_dir, about = cohort(p, out, log, child)
     t = step(about, t0)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
     tasks = with_combat(with_oracle(p.probe.tasks) if truth else load_tasks(p.probe.tasks), p.embed.combat)
@@ -323,21 +324,21 @@ def _run_steps(p: Pipeline, log: str, ahead: Forked | None = None) -> dict:
             "report": out / "report"}
 
 
-def cohort(p: Pipeline, out: Path, log: str = "run", ahead: Forked | None = None) -> tuple[Path, str]:
+def cohort(p: Pipeline, out: Path, log: str = "run", child: Forked | None = None) -> tuple[Path, str]:
     """The cohort folder, validated: the existing one, or one simulated per simulator config (`simulated`), here or
-    by the child process `ahead` (`cohort_ahead`; its validation then serves this process's later steps)."""
+    by the child process `child` (`cohort_ahead`; its validation then serves this process's later steps)."""
     from mmfm.data.cohort import adopt_validation
 
     if p.cohort.path:
         validated(Path(p.cohort.path), log)
         return Path(p.cohort.path), f"cohort {p.cohort.path} (existing, not simulated)"
     sim, beside = p.cohort.simulate, ""
-    if ahead is None:
+    if child is None:
         path, restored = simulated(sim, cohort_path(sim, out), log)
     else:
-        path, restored, answer = ahead.result()
+        path, restored, answer = child.result()
         adopt_validation(path, answer)
-        beside = f"; in a child process beside the imports: {ahead.wall:.1f}s, CPU {ahead.cpu:.1f}s"
+        beside = f"; in a child process beside the imports: {child.wall:.1f}s, CPU {child.cpu:.1f}s"
     return path, f"simulate ({sim.n_cases} cases{', copied from the cohort cache' if restored else ''}{beside})"
 
 
