@@ -17,7 +17,6 @@ submitted is written and raises the first drawing error with the worker's traceb
 from __future__ import annotations
 
 import importlib
-import os
 import pickle
 import queue
 import subprocess
@@ -27,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the worker imports this very mmfm
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this mmfm package
 PRELOAD = "mmfm.eval.report"  # what the figures need (matplotlib, pandas, scikit-survival: ~1-2 s), imported at start
 
 
@@ -39,10 +38,9 @@ class Drawer:
     """Figures drawn by one worker process, in submission order; safe to submit from several threads."""
 
     def __init__(self, preload: str = PRELOAD):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
-        command = f"from mmfm.eval.drawing import serve; serve({preload!r})"
-        self._proc = subprocess.Popen([sys.executable, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env)
+        command = (f"import sys; root = {_PACKAGE_ROOT!r}; sys.path[:0] = [] if root in sys.path else [root]; "
+                   f"from mmfm.eval.drawing import serve; serve({preload!r})")  # this very mmfm, wherever it is
+        self._proc = subprocess.Popen([sys.executable, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._jobs: queue.Queue = queue.Queue()
         self._sent = 0
         self._lock = threading.Lock()
