@@ -188,16 +188,19 @@ def run_pipeline(p: Pipeline, log: str = "run", where: str = "") -> dict:
     """`check` (`where`: the pipeline file its errors name), then every step in order; returns the report's tables,
     per-seed summaries, seeds, the first run and report dirs. A cohort to simulate is simulated in a child process
     beside the imports of the checks and steps where that gains (`cohort_ahead`)."""
-    with cohort_ahead(check_steps(p, where), log) as child:
-        check_files(p)
+    with cohort_ahead(check_steps(p, where), log) as child, \
+            memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
         import jax
 
         from mmfm.cli.jit_cache import start_backend
 
         if p.fast_compile:
             start_backend(cheap_emitters=True)
-        with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)), \
-                memo.reusing():  # the cohort is checked and each checkpoint restored once, not at every step
+        warm = ThreadPoolExecutor(1, thread_name_prefix="warm")  # the report trunk read while the checks import the
+        warm.submit(warm_report_trunk, p)  # rest; the report features take what it built (`mmfm.memo`) or raise
+        warm.shutdown(wait=False)          # its error again from their own call; its thread ends with that work
+        check_files(p)
+        with xla_optimisations(not (jax.config.read("jax_disable_most_optimizations") or p.fast_compile)):
             return _run_steps(p, log, child)
 
 
@@ -267,10 +270,6 @@ def _run_steps(p: Pipeline, log: str, child: Forked | None = None) -> dict:
         cpu[0] = used
         return now
 
-    warm = ThreadPoolExecutor(1, thread_name_prefix="warm")  # the report trunk read beside the cohort step and on:
-    if caches_reports(planned := recipe(p)):  # the report features take what it built (`mmfm.memo`), or raise its
-        warm.submit(warm_report_trunk, planned)  # error again from their own call
-    warm.shutdown(wait=False)  # its thread ends with that work
     cohort_dir, about = cohort(p, out, log, child)
     t = step(about, t0)
     truth = (cohort_dir / "truth" / "cases.csv").exists()  # a simulated cohort: oracle and report facts
@@ -423,11 +422,13 @@ def caches_reports(cfg: RunConfig) -> bool:
     return bool(cfg.loader.report_cache) and "report" in cfg.data.modalities
 
 
-def warm_report_trunk(cfg: RunConfig) -> None:
-    """The report trunk's weights and their digest (`mmfm.models.text_cache.warm`), ready for `report_features`."""
+def warm_report_trunk(p: Pipeline) -> None:
+    """The report trunk's weights and their digest (`mmfm.models.text_cache.warm`), ready for `report_features`
+    when the recipe caches report features."""
     from mmfm.models.text_cache import warm
 
-    warm(cfg.model.report, cfg.loader.report_max_len)
+    if caches_reports(cfg := recipe(p)):
+        warm(cfg.model.report, cfg.loader.report_max_len)
 
 
 def report_features(cfg: RunConfig) -> bool:
