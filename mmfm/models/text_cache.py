@@ -36,34 +36,40 @@ OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_pa
 def sentence_features(texts: Sequence[str], cfg: TextConfig, max_len: int, batch_size: int = 32,
                       length_step: int = 32) -> np.ndarray:
     """[n, hidden] float32 mean-pooled last hidden states of the pretrained trunk (eval mode), batched by length."""
-    graphdef, state = _pretrained_trunk(dataclasses.replace(cfg, compute_dtype="float32"))
-
-    @partial(jax.jit, compiler_options=OPTIMISED)
-    def run(state, ids, mask):
-        return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
-
+    run, state = _trunk_forward(dataclasses.replace(cfg, compute_dtype="float32"))
     ids, mask = tokenize(list(texts), max_len, cfg.weights_dir)
     return by_length(lambda i, m: run(state, i, m), ids, mask, batch_size, length_step)
 
 
-def _pretrained_trunk(cfg: TextConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """The pretrained trunk split, built inside one jit with the weights as arguments: the constructor's random
-    initialisation is dead code there and XLA drops it (eagerly, each weight shape compiled and ran an initializer,
-    ~3 CPU-s per process with the 30522 × 384 token table). Once per pipeline run (`mmfm.memo`; see `warm`)."""
-    def build() -> tuple[nnx.GraphDef, nnx.State]:
+def _trunk_forward(cfg: TextConfig):
+    """(the jitted eval-mode forward, the pretrained trunk's state): the trunk split, built inside one jit with the
+    weights as arguments (the constructor's random initialisation is dead code there and XLA drops it; eagerly, each
+    weight shape compiled and ran an initializer, ~3 CPU-s per process with the 30522 × 384 token table). Once per
+    pipeline run (`mmfm.memo`), so the shapes `warm` compiled are not compiled again."""
+    def build():
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0))))
-        return graphdef, jax.jit(lambda w: nnx.state(load_pretrained(cfg, weights=w)))(pretrained_weights(cfg))
+        state = jax.jit(lambda w: nnx.state(load_pretrained(cfg, weights=w)))(pretrained_weights(cfg))
+
+        @partial(jax.jit, compiler_options=OPTIMISED)
+        def run(state, ids, mask):
+            return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
+
+        return run, state
 
     return memo.once(("pretrained text trunk", cfg), build)
 
 
-def warm(text_cfg: TextConfig | None, max_len: int) -> None:
-    """What `fill_report_cache` needs before it reads a report: the cache key's digest of the weights and the
-    trunk in the model's layout (~1 s: reading, hashing and transposing 90 MB, a compile). A pipeline builds them
-    in a thread while its cohort is simulated; the fill then finds them (`mmfm.memo`, the digest's own cache)."""
+def warm(text_cfg: TextConfig | None, max_len: int, batch_size: int = 32) -> None:
+    """What `fill_report_cache` needs before it reads a report: the cache key's digest of the weights, the trunk in
+    the model's layout (~1 s: reading, hashing and transposing 90 MB, a compile) and its forward compiled for the
+    longest length bucket (`max_len`, which reports of real length fill; ~0.7 s, wasted on a cohort of short reports
+    only). A pipeline runs this in a thread from its start; the fill then finds them (`mmfm.memo`, the digest's own
+    cache, the jit's)."""
     text_cfg = text_cfg or TextConfig()
     report_cache.cache_key(text_cfg.weights_dir, max_len)
-    _pretrained_trunk(dataclasses.replace(text_cfg, compute_dtype="float32"))
+    run, state = _trunk_forward(dataclasses.replace(text_cfg, compute_dtype="float32"))
+    ids, mask = np.zeros((batch_size, max_len), np.int32), np.ones((batch_size, max_len), np.int32)
+    run(state, ids, mask).block_until_ready()
 
 
 def by_length(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32, length_step: int = 32) -> np.ndarray:
