@@ -10,9 +10,12 @@ reuses finished steps (the cohort is deterministic for its config; pretraining r
 A new cohort is simulated in a child process while the `mmfm` process imports JAX and the rest for the later steps
 (`cohort_ahead`: the same files, validated once, in the child). Within a run the cohort is checked and each
 checkpoint restored once (`mmfm.memo`), the heatmaps are drawn beside the embed and probe steps and the probe tasks
-run `probe.workers` at a time (threads; the results do not depend on it). Probe pieces that need no embedding start earlier, in a thread (`early_probes`): a mil task's abmil init beside
-the report features and pretraining (labels and tile bags of the cases it holds out), its finetune init beside the
-embedding; the probe takes their rows where its own folds are theirs, so the tables are the same.
+run `probe.workers` at a time (threads; the results do not depend on it). Probe pieces that need no embedding start
+earlier, in a thread (`early_probes`): a mil task's abmil init beside the report features and pretraining (labels
+and tile bags of the cases it holds out), its finetune init beside the embedding; the probe takes their rows where
+its own folds are theirs, so the tables are the same. Pretraining hands its final state to the next steps (no
+checkpoint read back), and the report's figures are drawn by a worker process of their own (`mmfm.eval.drawing`),
+each task's as its table completes.
 
 A pipeline file may start from another (`base: demo.yaml`, relative to the file) and state only its differences;
 the recipe and task file it names are relative to the file too, paths given on the command line to the current
