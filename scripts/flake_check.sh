@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun each process-level test (signals, kills, requeue, several JAX processes) N times in a row, with the
+# Rerun each process-level test (signals, kills, requeue, several JAX processes, forked and worker children) N times in a row, with the
 # compilation cache cold (a fresh JAX_COMPILATION_CACHE_DIR per run) and warm (one cache kept across runs), and
 # print pass counts and seconds per run. A test that decides its outcome by timing shows up here.
 #
@@ -33,6 +33,8 @@ mkdir -p "$logs"
   tests/test_train_loop.py::test_sigkill_and_resume_reproduces_the_uninterrupted_curve
   tests/test_train_multiprocess.py::test_two_processes_match_one_process_with_two_devices
   tests/test_faults.py
+  tests/test_cohort_ahead.py
+  tests/test_drawing.py
 )
 export XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
