@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Rerun each process-level test (signals, kills, requeue, several JAX processes, forked and worker children)
-# N times in a row, with the compilation cache cold (a fresh JAX_COMPILATION_CACHE_DIR per run) and warm (one cache kept across runs), and
-# print pass counts and seconds per run. A test that decides its outcome by timing shows up here.
+# Rerun each process-level test (signals, kills, requeue, several JAX processes, forked and worker children) N times
+# in a row, with the compilation cache cold (a fresh JAX_COMPILATION_CACHE_DIR per run) and warm (one cache kept
+# across runs), and print pass counts and seconds per run. A test that decides its outcome by timing shows up here.
 #
 #   scripts/flake_check.sh [-n N_WARM] [--cold N_COLD] [--suite] [--logs DIR] [TEST_ID ...]
 #
