@@ -79,7 +79,7 @@ def test_gated_attention_mil_and_gradients_match_torch(chunks):
                 jnp.asarray(row_valid))
         return weighted_ce(out, jnp.asarray(y), jnp.asarray(w), jnp.asarray(valid)), out
 
-    (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)  # one compile, not one per op
     flat = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(params)}
     names = {"w1": "encoder.pre.0.linear.kernel", "b1": "encoder.pre.0.linear.bias",
              "wa": "encoder.pool.tanh_branch.kernel", "ba": "encoder.pool.tanh_branch.bias",
