@@ -4,6 +4,8 @@ in model selection, determinism, frozen vs fine-tuned encoders)."""
 
 from __future__ import annotations
 
+import functools
+
 import anndata as ad
 import jax
 import jax.numpy as jnp
@@ -208,7 +210,13 @@ cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per mod
 
 
 def _adata(root) -> ad.AnnData:
-    """Case-level mean-pool embeddings (late fusion of slide means) and the cohort's labels, as `mmfm embed` writes."""
+    """Case-level mean-pool embeddings (late fusion of slide means) and the cohort's labels, as `mmfm embed` writes:
+    read once per cohort (each open checks every bag), a copy per call."""
+    return _read_adata(root).copy()
+
+
+@functools.cache
+def _read_adata(root) -> ad.AnnData:
     from mmfm.data.cohort import Cohort
 
     c = Cohort.open(root)
