@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 PYTEST_ARGS ?=
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n logical --dist loadfile $(PYTEST_ARGS) tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n logical --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	mkdir -p out/bench

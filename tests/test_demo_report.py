@@ -155,20 +155,23 @@ def test_seeds_share_the_split_and_baselines_and_are_compared_pairwise(demo):
 def test_heatmap_slides_from_the_cohort_are_those_whose_embeddings_hold_every_queried_modality(demo):
     """The heatmaps start before the embed step: their slides, chosen from the cohort and the split, are the first
     held-out slides whose case's embedding rows are finite for every queried modality of the run."""
+    from mmfm import memo
     from mmfm.train.rundir import read_config
 
     cases, slides = ad.read_h5ad(demo / "embeddings.h5ad"), ad.read_h5ad(demo / "embeddings.slides.h5ad")
     held = json.loads((demo / "run" / "splits.json").read_text())["heldout"]
     modalities = read_config(demo / "run").data.modalities
     skipped = 0
-    for queries in (["rna", "report", "a prompt"], ["protein"], ["a prompt"]):
-        complete = np.all([np.isfinite(cases.obsm[q]).all(1) for q in queries if q in cases.obsm] or
-                          [np.ones(cases.n_obs, bool)], axis=0)
-        skipped += int((~complete).sum())
-        expected = slides.obs_names[slides.obs["case_id"].isin(cases.obs_names[complete])].tolist()
-        for n in (2, len(expected)):
-            chosen = heatmap_slides(demo.parent / "cohort", held, modalities, HeatmapStep(slides=n, queries=queries))
-            assert chosen == expected[:n]
+    with memo.reusing():  # one scope, as in the pipeline: the cohort is opened (its bags checked) once, not 6 times
+        for queries in (["rna", "report", "a prompt"], ["protein"], ["a prompt"]):
+            complete = np.all([np.isfinite(cases.obsm[q]).all(1) for q in queries if q in cases.obsm] or
+                              [np.ones(cases.n_obs, bool)], axis=0)
+            skipped += int((~complete).sum())
+            expected = slides.obs_names[slides.obs["case_id"].isin(cases.obs_names[complete])].tolist()
+            for n in (2, len(expected)):
+                chosen = heatmap_slides(demo.parent / "cohort", held, modalities,
+                                        HeatmapStep(slides=n, queries=queries))
+                assert chosen == expected[:n]
     assert skipped > 0  # some held-out cases lack a queried modality
 
 

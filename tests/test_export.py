@@ -49,7 +49,7 @@ def abmil_run(cohort, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def case_run(cohort, tmp_path_factory):
-    return _train(cohort, tmp_path_factory, "demo_case_encoder.yaml", "train.eval_every=0",
+    return _train(cohort, tmp_path_factory, "demo_case_encoder.yaml", "train.eval_every=0", "train.ckpt_every=3",
                   "model.slide.kind=transformer",
                   "model.slide.transformer.width=16", "model.slide.transformer.depth=2",
                   "model.slide.transformer.n_heads=2", "model.slide.transformer.n_registers=2",
@@ -79,10 +79,8 @@ def padded_slides(cohort_dir, slide_ids, n_pad=7, seed=0):
     return f, px, mask, frag, grid, np.array([p for _, p in raw])
 
 
-def n_fragments(cohort_dir, slide_id) -> int:
-    from mmfm.data.cohort import Cohort
-
-    return len(np.unique(read_bag(Cohort.open(cohort_dir).slides.loc[slide_id, "path"])["fragment"]))
+def n_fragments(bag_path) -> int:
+    return len(np.unique(read_bag(bag_path)["fragment"]))
 
 
 def _check_twin(model, export, cohort, slide_ids):
@@ -130,7 +128,8 @@ def test_trained_abmil_run_exports_every_tower_exactly(abmil_run, cohort, tmp_pa
 
     from mmfm.data.cohort import Cohort
 
-    ids = [s for s in Cohort.open(cohort).slides.query("n_tiles > 0").index if n_fragments(cohort, s) > 1][:3]
+    slides = Cohort.open(cohort).slides.query("n_tiles > 0")  # opened once: each open validates every bag
+    ids = [s for s in slides.index if n_fragments(slides.loc[s, "path"]) > 1][:3]
     print("abmil run, max |torch - flax| (project, backbone):", _check_twin(model, tmp_path / "export", cohort, ids))
 
 
@@ -145,7 +144,7 @@ def test_case_encoder_run_exports_and_matches_embed(case_run, cohort, tmp_path):
     slides = Cohort.open(cohort).slides.query("n_tiles > 0")
     multi = slides.groupby("case_id").size()
     case = next(c for c in multi[multi > 1].index
-                if any(n_fragments(cohort, s) > 1 for s in slides.index[slides["case_id"] == c]))
+                if any(n_fragments(slides.loc[s, "path"]) > 1 for s in slides.index[slides["case_id"] == c]))
     ids = list(slides.index[slides["case_id"] == case])
     print("transformer + case encoder run, max |torch - flax|:", _check_twin(model, tmp_path / "export", cohort, ids))
 

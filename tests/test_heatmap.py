@@ -61,9 +61,10 @@ def test_abmil_tile_similarity_is_the_one_tile_bag_embedding(heads, merge):
                                                                      merge=merge)))
     q = np.random.default_rng(1).normal(size=8)
     maps = slide_maps(model, f[0], c[0], fr[0], {"similarity_q": q})
-    one_tile = np.asarray(model.encode_slide(f[0][:, None], c[0][:, None], m[0][:, None], fr[0][:, None]).embedding)
+    encode = nnx.jit(lambda model, *bag: model.encode_slide(*bag))  # one compile per shape, not one per eager op
+    one_tile = np.asarray(encode(model, f[0][:, None], c[0][:, None], m[0][:, None], fr[0][:, None]).embedding)
     np.testing.assert_allclose(maps["similarity_q"], one_tile @ (q / np.linalg.norm(q)), atol=1e-5)
-    attn = np.asarray(model.encode_slide(f, c, m, fr).attention)[0]
+    attn = np.asarray(encode(model, f, c, m, fr).attention)[0]
     assert sorted(k for k in maps if k.startswith("attention")) == [f"attention_head{h}" for h in range(heads)]
     for h in range(heads):
         np.testing.assert_allclose(maps[f"attention_head{h}"], attn[h], atol=1e-6)

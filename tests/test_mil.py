@@ -4,6 +4,8 @@ in model selection, determinism, frozen vs fine-tuned encoders)."""
 
 from __future__ import annotations
 
+import functools
+
 import anndata as ad
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,7 @@ def test_gated_attention_mil_and_gradients_match_torch(chunks):
                 jnp.asarray(row_valid))
         return weighted_ce(out, jnp.asarray(y), jnp.asarray(w), jnp.asarray(valid)), out
 
-    (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)  # one compile, not one per op
     flat = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(params)}
     names = {"w1": "encoder.pre.0.linear.kernel", "b1": "encoder.pre.0.linear.bias",
              "wa": "encoder.pool.tanh_branch.kernel", "ba": "encoder.pool.tanh_branch.bias",
@@ -208,7 +210,13 @@ cohort = pytest.fixture(scope="module")(tiny_cohort)  # one fresh cohort per mod
 
 
 def _adata(root) -> ad.AnnData:
-    """Case-level mean-pool embeddings (late fusion of slide means) and the cohort's labels, as `mmfm embed` writes."""
+    """Case-level mean-pool embeddings (late fusion of slide means) and the cohort's labels, as `mmfm embed` writes:
+    read once per cohort (each open checks every bag), a copy per call."""
+    return _read_adata(root).copy()
+
+
+@functools.cache
+def _read_adata(root) -> ad.AnnData:
     from mmfm.data.cohort import Cohort
 
     c = Cohort.open(root)

@@ -40,7 +40,8 @@ def _qkv(seed, b=2, n=37, h=3, d=8, sorted_segments=False):
     ("blockwise", 8, 16, False), ("blockwise", 16, 5, True), ("blockwise", 64, 64, False), ("xla", 0, 0, False)])
 def test_attention_matches_naive_forward_and_grad(impl, bq, bk, sorted_segments):
     q, k, v, valid, seg = _qkv(0, sorted_segments=sorted_segments)
-    out = attention(q, k, v, valid, seg, seg, impl=impl, block_q=bq or 512, block_k=bk or 512)
+    out = jax.jit(lambda q, k, v: attention(q, k, v, valid, seg, seg, impl=impl, block_q=bq or 512,
+                                            block_k=bk or 512))(q, k, v)
     np.testing.assert_allclose(out, naive_attention(q, k, v, valid, seg), atol=2e-6)
 
     w = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
@@ -54,9 +55,9 @@ def test_attention_matches_naive_forward_and_grad(impl, bq, bk, sorted_segments)
         p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s, -1e30), -1), 0)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
-    got = jax.grad(loss(lambda q, k, v: attention(q, k, v, valid, seg, seg, impl=impl, block_q=bq or 512,
-                                                    block_k=bk or 512)), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda q, k, v: attention(q, k, v, valid, seg, seg, impl=impl, block_q=bq or 512,
+                                                            block_k=bk or 512)), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, atol=2e-5)
 
@@ -156,6 +157,7 @@ def _pad(bag, n_pad, seed):
 TINY = dict(width=16, depth=2, n_heads=2, mlp_ratio=2.0, n_registers=3, readout_heads=2, block_q=8, block_k=8,
             mlp_chunk=16)  # N > 16 below: the token-chunked MLP path is what runs
 @nnx.jit
+@nnx.jit  # one compile per encoder and shape, not one per eager op
 def fwd(enc, feats, coords, mask, frag=None):
     return enc(feats, coords, mask, frag)
 
