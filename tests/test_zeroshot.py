@@ -173,13 +173,16 @@ def run(report_run):
 
 
 @pytest.mark.slow
-def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path):
+def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path, caplog):
     """encode_text on a report's text = `mmfm embed`'s report embedding (which trained through the cache), and the
     demo's zero-shot tasks run from the embeddings' own run."""
+    import jax
+
     from mmfm.data.cohort import Cohort
     from mmfm.eval.embed import EmbedConfig, embed
-    from mmfm.eval.text_tower import encode_text, load_tower
+    from mmfm.eval.text_tower import TextTower, encode_text, load_tower
     from mmfm.simulate.truth import join_truth
+    from mmfm.train.rundir import load_for_inference
 
     cohort_dir, run_dir = run
     held = json.loads((run_dir / "splits.json").read_text())["heldout"]
@@ -190,6 +193,12 @@ def test_text_tower_matches_embed_and_zero_shot_runs(run, tmp_path):
     np.testing.assert_allclose(got, cases[with_report].obsm["report"], atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert load_tower(run_dir) is load_tower(run_dir)  # loaded once per run
+    model, run_cfg, _ = load_for_inference(run_dir)  # another tower of the same graph (heatmaps, a second seed) …
+    with jax.log_compiles():
+        caplog.clear()
+        again = TextTower(model, run_cfg.loader.report_max_len)(reports[with_report].tolist())
+    np.testing.assert_array_equal(again, got)  # … runs the forward compiled for the first, no compile of its own
+    assert not [m for m in caplog.messages if m.startswith("Compiling jit(run)")]
 
     classes = {"g1": "grade 1", "g3": ["grade 3", "high grade"]}
     scores = Z.zero_shot(run_dir, cases.obsm["slide"], classes, templates=["{}."])

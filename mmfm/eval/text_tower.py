@@ -26,12 +26,7 @@ class TextTower:
                              "zero-shot text needs a run trained with reports")
         self.max_len, self.batch_size = int(max_len), int(batch_size)
         graphdef, self._state = nnx.split(model)
-
-        @jax.jit
-        def run(state, ids, mask):
-            return nnx.merge(graphdef, state).encode("report", {"report/input_ids": ids, "report/attention_mask": mask})
-
-        self._run = run
+        self._run = _forward(graphdef)
 
     @classmethod
     def load(cls, run_dir: str | Path, step: int | str | None = None) -> TextTower:
@@ -52,6 +47,18 @@ class TextTower:
             raise ValueError("encode_text: no texts given")
         ids, mask = tokenize(texts, self.max_len)
         return by_length(lambda i, m: self._run(self._state, i, m), ids, mask, self.batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _forward(graphdef):
+    """The jitted report branch of one architecture: towers of the same graph (each seed of a pipeline, heatmaps
+    beside zero-shot) share it and compile it once per token-length bucket, not once per tower."""
+
+    @jax.jit
+    def run(state, ids, mask):
+        return nnx.merge(graphdef, state).encode("report", {"report/input_ids": ids, "report/attention_mask": mask})
+
+    return run
 
 
 @functools.lru_cache(maxsize=2)
